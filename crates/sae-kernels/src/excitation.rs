@@ -1,0 +1,459 @@
+//! The SE / SaE excitation: squeeze (global average pool), K parallel reductions,
+//! concatenation, excitation and scaling, as one op.
+//!
+//! For `u` of shape (N, C, H, W):
+//!
+//! ```text
+//! z   = mean_{H,W} u                               (N, C)
+//! h_k = ReLU(W1_k z + b1_k)      k = 1..K          (N, C/r) each
+//! h   = concat(h_1, …, h_K)                        (N, K·C/r)
+//! s   = sigmoid(W2 h + b2)                         (N, C)
+//! out = u ⊙ s         (Gate::S, the original SENet)
+//!     = u + u ⊙ s     (Gate::OnePlusS, the SENetV2 authors' code)
+//! ```
+//!
+//! The K branches all read the same `z`, so their concatenation equals one dense layer whose
+//! weight is the branches' weights stacked row-wise. [`ExcitationWeights::fc1_weight`] is that
+//! stack, (K·C/r, C); models keep one tensor per branch and stack them before calling.
+//!
+//! The fused CPU kernel reads `u` once in the forward pass to pool it and once to scale it,
+//! and in the backward pass reads `u` once and the output gradient twice, which is what the
+//! math requires. The gates `s` are recomputed in the backward pass from the pooled values
+//! (a few kFLOP per image) rather than kept alive between passes.
+
+use crate::cpu::{axpy, dispatch_float, dot, min_planes_per_task, same_dtype, to_f32_vec, Elem, Strided4};
+use crate::Implementation;
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+/// How the gates scale the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum Gate {
+    /// `u ⊙ s`, the original SENet.
+    #[serde(rename = "s")]
+    S,
+    /// `u + u ⊙ s`, as in the SENetV2 authors' published code (the paper presets).
+    #[serde(rename = "one_plus_s")]
+    OnePlusS,
+}
+
+impl Gate {
+    /// The config spelling: `s` or `one_plus_s`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Gate::S => "s",
+            Gate::OnePlusS => "one_plus_s",
+        }
+    }
+
+    /// Scale factor for a gate value `s`.
+    #[inline(always)]
+    fn factor(self, s: f32) -> f32 {
+        match self {
+            Gate::S => s,
+            Gate::OnePlusS => 1.0 + s,
+        }
+    }
+
+    /// Numeric code of the gate mode for the GPU kernels (0: `s`, 1: `one_plus_s`).
+    #[allow(dead_code)]
+    pub(crate) fn code(self) -> u32 {
+        match self {
+            Gate::S => 0,
+            Gate::OnePlusS => 1,
+        }
+    }
+}
+
+impl std::str::FromStr for Gate {
+    type Err = crate::error::Error;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "s" => Ok(Gate::S),
+            "one_plus_s" => Ok(Gate::OnePlusS),
+            other => Err(crate::error::Error::UnknownGate(other.to_string())),
+        }
+    }
+}
+
+/// The dense layers of an SE (K = 1) or SaE (K > 1) module.
+///
+/// # Shapes
+/// * `fc1_weight`: (K·C/r, C) — the K branch weights stacked in branch order
+/// * `fc1_bias`: (K·C/r)
+/// * `fc2_weight`: (C, K·C/r)
+/// * `fc2_bias`: (C)
+#[derive(Debug, Clone, Copy)]
+pub struct ExcitationWeights<'a> {
+    /// Stacked reduction weights, (K·C/r, C).
+    pub fc1_weight: &'a Tensor,
+    /// Stacked reduction biases, (K·C/r).
+    pub fc1_bias: &'a Tensor,
+    /// Excitation weight, (C, K·C/r).
+    pub fc2_weight: &'a Tensor,
+    /// Excitation bias, (C).
+    pub fc2_bias: &'a Tensor,
+}
+
+impl ExcitationWeights<'_> {
+    /// Checks the shapes against `channels` and returns the hidden width K·C/r.
+    fn hidden(&self, channels: usize) -> Result<usize> {
+        let (hidden, c1) = self.fc1_weight.dims2()?;
+        let expect = |t: &Tensor, name: &str, dims: &[usize]| -> Result<()> {
+            if t.dims() != dims {
+                bail!("excitation: {name} must have shape {dims:?}, got {:?}", t.dims())
+            }
+            Ok(())
+        };
+        expect(self.fc1_weight, "fc1_weight", &[hidden, channels])?;
+        if c1 != channels || hidden == 0 {
+            bail!("excitation: fc1_weight must have shape (hidden > 0, {channels}), got {:?}", self.fc1_weight.dims())
+        }
+        expect(self.fc1_bias, "fc1_bias", &[hidden])?;
+        expect(self.fc2_weight, "fc2_weight", &[channels, hidden])?;
+        expect(self.fc2_bias, "fc2_bias", &[channels])?;
+        Ok(hidden)
+    }
+}
+
+/// Applies the excitation with the chosen implementation.
+///
+/// # Shapes
+/// * `x`: (N, C, H, W), any strides; the weights as in [`ExcitationWeights`]
+/// * returns (N, C, H, W), contiguous
+pub fn excitation(x: &Tensor, weights: &ExcitationWeights, gate: Gate, implementation: Implementation) -> Result<Tensor> {
+    match implementation {
+        Implementation::Reference => excitation_reference(x, weights, gate),
+        Implementation::Fused => excitation_fused(x, weights, gate),
+    }
+}
+
+/// The excitation composed of plain Candle ops; the definition the fused op is tested against.
+pub fn excitation_reference(x: &Tensor, weights: &ExcitationWeights, gate: Gate) -> Result<Tensor> {
+    let (_, channels, _, _) = x.dims4()?;
+    weights.hidden(channels)?;
+    let z = x.mean((2, 3))?;
+    let h = z.matmul(&weights.fc1_weight.t()?)?.broadcast_add(weights.fc1_bias)?.relu()?;
+    let a = h.matmul(&weights.fc2_weight.t()?)?.broadcast_add(weights.fc2_bias)?;
+    let s = (a.neg()?.exp()? + 1.0)?.recip()?.unsqueeze(2)?.unsqueeze(3)?;
+    let scaled = x.broadcast_mul(&s)?;
+    match gate {
+        Gate::S => Ok(scaled),
+        Gate::OnePlusS => x + scaled,
+    }
+}
+
+fn excitation_fused(x: &Tensor, weights: &ExcitationWeights, gate: Gate) -> Result<Tensor> {
+    let (_, channels, _, _) = x.dims4()?;
+    let hidden = weights.hidden(channels)?;
+    for (name, t) in [
+        ("fc1_weight", weights.fc1_weight),
+        ("fc1_bias", weights.fc1_bias),
+        ("fc2_weight", weights.fc2_weight),
+        ("fc2_bias", weights.fc2_bias),
+    ] {
+        if t.dtype() != x.dtype() {
+            bail!("excitation: {name} has dtype {:?} but the input has {:?}", t.dtype(), x.dtype())
+        }
+    }
+    // One flat parameter tensor keeps the op at two operands; Candle's `cat` backward splits
+    // the parameter gradient back onto the individual weights.
+    let params = Tensor::cat(
+        &[
+            weights.fc1_weight.flatten_all()?,
+            weights.fc1_bias.clone(),
+            weights.fc2_weight.flatten_all()?,
+            weights.fc2_bias.clone(),
+        ],
+        0,
+    )?;
+    x.apply_op2(&params, Excitation { channels, hidden, gate })
+}
+
+/// Forward op: (x, packed params) → scaled x.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Excitation {
+    pub channels: usize,
+    pub hidden: usize,
+    pub gate: Gate,
+}
+
+/// Backward op: (x, packed params, output gradient) → [dx | dparams] packed in one 1-D tensor.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ExcitationBackward(pub Excitation);
+
+/// Offsets of the four parameter blocks inside the packed parameter vector.
+pub(crate) struct ParamOffsets {
+    pub b1: usize,
+    pub w2: usize,
+    pub b2: usize,
+    pub len: usize,
+}
+
+impl Excitation {
+    pub fn offsets(&self) -> ParamOffsets {
+        let (c, h) = (self.channels, self.hidden);
+        ParamOffsets { b1: h * c, w2: h * c + h, b2: 2 * h * c + h, len: 2 * h * c + h + c }
+    }
+
+    fn check(&self, x: &Strided4, params_len: usize) -> Result<()> {
+        if x.dims[1] != self.channels {
+            bail!("excitation: input has {} channels, weights expect {}", x.dims[1], self.channels)
+        }
+        if params_len != self.offsets().len {
+            bail!("excitation: packed parameters have {params_len} values, expected {}", self.offsets().len)
+        }
+        Ok(())
+    }
+
+    /// Computes hidden activations `h` (N × hidden, after ReLU) and gates `s` (N × C) from the
+    /// pooled means `z` (N × C).
+    fn gates(&self, p: &[f32], z: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let (c, hd) = (self.channels, self.hidden);
+        let o = self.offsets();
+        let n = z.len() / c;
+        let mut h = vec![0f32; n * hd];
+        let mut s = vec![0f32; n * c];
+        h.par_chunks_mut(hd).zip(s.par_chunks_mut(c)).enumerate().for_each(|(i, (h, s))| {
+            let z = &z[i * c..(i + 1) * c];
+            for (j, hj) in h.iter_mut().enumerate() {
+                *hj = (p[o.b1 + j] + dot(&p[j * c..(j + 1) * c], z)).max(0.0);
+            }
+            for (k, sk) in s.iter_mut().enumerate() {
+                let a = p[o.b2 + k] + dot(&p[o.w2 + k * hd..o.w2 + (k + 1) * hd], h);
+                *sk = 1.0 / (1.0 + (-a).exp());
+            }
+        });
+        (h, s)
+    }
+
+    fn cpu_forward<T: Elem>(&self, x: &[T], xl: &Layout, p: &[T], pl: &Layout) -> Result<Vec<T>> {
+        let xs = Strided4::new("excitation", "input", xl)?;
+        let p = to_f32_vec("excitation", "parameters", p, pl)?;
+        self.check(&xs, p.len())?;
+        let [n, c, _, _] = xs.dims;
+        let hw = xs.plane_len();
+        let inv_hw = 1.0 / hw as f32;
+        let min_len = min_planes_per_task(hw);
+        let z: Vec<f32> = (0..n * c)
+            .into_par_iter()
+            .with_min_len(min_len)
+            .map(|plane| {
+                let mut sum = 0f32;
+                xs.for_each_in_plane(x, plane / c, plane % c, |_, v| sum += v.to_f32());
+                sum * inv_hw
+            })
+            .collect();
+        let (_, s) = self.gates(&p, &z);
+        let mut out = vec![T::from_f32(0.0); n * c * hw];
+        out.par_chunks_mut(hw).with_min_len(min_len).enumerate().for_each(|(plane, out)| {
+            let g = self.gate.factor(s[plane]);
+            match xs.contiguous_plane(x, plane / c, plane % c) {
+                Some(src) => {
+                    for (o, &v) in out.iter_mut().zip(src) {
+                        *o = T::from_f32(v.to_f32() * g);
+                    }
+                }
+                None => xs.for_each_in_plane(x, plane / c, plane % c, |k, v| out[k] = T::from_f32(v.to_f32() * g)),
+            }
+        });
+        Ok(out)
+    }
+
+    fn cpu_backward<T: Elem>(
+        &self,
+        x: &[T],
+        xl: &Layout,
+        p: &[T],
+        pl: &Layout,
+        g: &[T],
+        gl: &Layout,
+    ) -> Result<Vec<T>> {
+        let xs = Strided4::new("excitation backward", "input", xl)?;
+        let gs = Strided4::new("excitation backward", "output gradient", gl)?;
+        if gs.dims != xs.dims {
+            bail!("excitation backward: gradient shape {:?} differs from input shape {:?}", gs.dims, xs.dims)
+        }
+        let p = to_f32_vec("excitation backward", "parameters", p, pl)?;
+        self.check(&xs, p.len())?;
+        let [n, c, _, _] = xs.dims;
+        let hd = self.hidden;
+        let o = self.offsets();
+        let hw = xs.plane_len();
+        let inv_hw = 1.0 / hw as f32;
+        let min_len = min_planes_per_task(hw);
+
+        // Pass 1: one read of x and of the gradient per plane gives the pooled mean z and
+        // ds_raw = Σ_hw g ⊙ x, the gradient reaching the gate through the scale.
+        let sums: Vec<(f32, f32)> = (0..n * c)
+            .into_par_iter()
+            .with_min_len(min_len)
+            .map_init(
+                || vec![0f32; hw],
+                |gbuf, plane| {
+                let (ni, ci) = (plane / c, plane % c);
+                gs.for_each_in_plane(g, ni, ci, |k, v| gbuf[k] = v.to_f32());
+                let (mut sx, mut sgx) = (0f32, 0f32);
+                xs.for_each_in_plane(x, ni, ci, |k, v| {
+                    let v = v.to_f32();
+                    sx += v;
+                    sgx += gbuf[k] * v;
+                });
+                (sx * inv_hw, sgx)
+            },
+            )
+            .collect();
+        let z: Vec<f32> = sums.iter().map(|s| s.0).collect();
+        let (h, s) = self.gates(&p, &z);
+
+        // The dense layers, per image: da = ds·s(1−s), dh = W2ᵀda masked by ReLU, dz = W1ᵀdh.
+        let da: Vec<f32> = sums.iter().zip(&s).map(|(&(_, sgx), &s)| sgx * s * (1.0 - s)).collect();
+        let mut dh = vec![0f32; n * hd];
+        let mut dz = vec![0f32; n * c];
+        dh.par_chunks_mut(hd).zip(dz.par_chunks_mut(c)).enumerate().for_each(|(i, (dh, dz))| {
+            for k in 0..c {
+                axpy(da[i * c + k], &p[o.w2 + k * hd..o.w2 + (k + 1) * hd], dh);
+            }
+            for (dhj, &hj) in dh.iter_mut().zip(&h[i * hd..(i + 1) * hd]) {
+                if hj <= 0.0 {
+                    *dhj = 0.0;
+                }
+            }
+            for (j, &dhj) in dh.iter().enumerate() {
+                if dhj != 0.0 {
+                    axpy(dhj, &p[j * c..(j + 1) * c], dz);
+                }
+            }
+        });
+
+        // Parameter gradients, summed over the batch: dW1 = Σ dh zᵀ, db1 = Σ dh,
+        // dW2 = Σ da hᵀ, db2 = Σ da. Rows are independent, so they run in parallel.
+        let mut dp = vec![0f32; o.len];
+        let (dw1b1, dw2b2) = dp.split_at_mut(o.w2);
+        let (dw1, db1) = dw1b1.split_at_mut(o.b1);
+        let (dw2, db2) = dw2b2.split_at_mut(hd * c);
+        dw1.par_chunks_mut(c).zip(db1.par_iter_mut()).enumerate().for_each(|(j, (row, db))| {
+            for i in 0..n {
+                let d = dh[i * hd + j];
+                if d != 0.0 {
+                    axpy(d, &z[i * c..(i + 1) * c], row);
+                    *db += d;
+                }
+            }
+        });
+        dw2.par_chunks_mut(hd).zip(db2.par_iter_mut()).enumerate().for_each(|(k, (row, db))| {
+            for i in 0..n {
+                let d = da[i * c + k];
+                axpy(d, &h[i * hd..(i + 1) * hd], row);
+                *db += d;
+            }
+        });
+
+        // Pass 2: dx = g·gate(s) + dz/HW, written straight into the packed output.
+        let numel = n * c * hw;
+        let mut out = vec![T::from_f32(0.0); numel + o.len];
+        let (dx, dparams) = out.split_at_mut(numel);
+        dx.par_chunks_mut(hw).with_min_len(min_len).enumerate().for_each(|(plane, dx)| {
+            let factor = self.gate.factor(s[plane]);
+            let shift = dz[plane] * inv_hw;
+            gs.for_each_in_plane(g, plane / c, plane % c, |k, v| dx[k] = T::from_f32(v.to_f32() * factor + shift));
+        });
+        for (d, v) in dparams.iter_mut().zip(&dp) {
+            *d = T::from_f32(*v);
+        }
+        Ok(out)
+    }
+}
+
+impl CustomOp2 for Excitation {
+    fn name(&self) -> &'static str {
+        "sae-excitation"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, p: &CpuStorage, pl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = dispatch_float!("excitation", x, |x: T| {
+            let p = same_dtype::<T>("excitation", p)?;
+            T::to_cpu_storage_owned(self.cpu_forward::<T>(x, xl, p, pl)?)
+        });
+        Ok((out, xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        p: &candle_core::CudaStorage,
+        pl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::excitation_forward(self, x, xl, p, pl)
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        x: &candle_core::MetalStorage,
+        xl: &Layout,
+        p: &candle_core::MetalStorage,
+        pl: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        crate::metal::excitation_forward(self, x, xl, p, pl)
+    }
+
+    fn bwd(&self, x: &Tensor, params: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let packed = x.apply_op3_no_bwd(params, grad, &ExcitationBackward(*self))?;
+        let numel = x.elem_count();
+        let dx = packed.narrow(0, 0, numel)?.reshape(x.shape())?;
+        let dparams = packed.narrow(0, numel, params.elem_count())?;
+        Ok((Some(dx), Some(dparams)))
+    }
+}
+
+impl CustomOp3 for ExcitationBackward {
+    fn name(&self) -> &'static str {
+        "sae-excitation-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        p: &CpuStorage,
+        pl: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = dispatch_float!("excitation backward", x, |x: T| {
+            let p = same_dtype::<T>("excitation backward", p)?;
+            let g = same_dtype::<T>("excitation backward", g)?;
+            T::to_cpu_storage_owned(self.0.cpu_backward::<T>(x, xl, p, pl, g, gl)?)
+        });
+        Ok((out, Shape::from(xl.shape().elem_count() + self.0.offsets().len)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        p: &candle_core::CudaStorage,
+        pl: &Layout,
+        g: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::excitation_backward(&self.0, x, xl, p, pl, g, gl)
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        x: &candle_core::MetalStorage,
+        xl: &Layout,
+        p: &candle_core::MetalStorage,
+        pl: &Layout,
+        g: &candle_core::MetalStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        crate::metal::excitation_backward(&self.0, x, xl, p, pl, g, gl)
+    }
+}

@@ -1,0 +1,74 @@
+//! Tensor ops that Candle 0.11 lacks or runs slowly, for SE/SaE networks.
+//!
+//! Every op comes in two implementations behind one switch, [`Implementation`]:
+//!
+//! * `Reference` — composed from ordinary, differentiable Candle ops. It is the definition
+//!   of what the op computes and runs on every device Candle supports.
+//! * `Fused` — a hand-written kernel (`CustomOp`) with its own backward pass: rayon-parallel
+//!   on CPU, `.cu` kernels under the `cuda` feature, `.metal` kernels under `metal`.
+//!
+//! Ops:
+//!
+//! * [`excitation`] — global average pool → K parallel dense layers C → C/r with ReLU →
+//!   concat → dense K·C/r → C → sigmoid → scale (SE when K = 1, SaE when K > 1).
+//! * [`max_pool2d`] — 2-D max-pool with padding and any stride, with a backward pass.
+//! * [`depthwise_conv2d`] — depthwise 2-D convolution (groups = channels), forward and
+//!   backward, without Candle's one-convolution-per-group loop.
+//!
+//! Each fused op is tested for parity with its reference, forward and every gradient.
+
+mod cpu;
+pub mod depthwise;
+pub mod error;
+pub mod excitation;
+pub mod max_pool;
+
+#[cfg(feature = "cuda")]
+mod cuda;
+#[cfg(feature = "metal")]
+mod metal;
+
+pub use depthwise::{depthwise_conv2d, depthwise_conv2d_reference, DepthwiseConfig};
+pub use excitation::{excitation, excitation_reference, ExcitationWeights, Gate};
+pub use max_pool::{max_pool2d, max_pool2d_reference, MaxPoolConfig};
+
+/// Which implementation of an op to run. This is the one switch between the plain
+/// composition of Candle ops and the hand-written kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Implementation {
+    /// Composition of ordinary Candle ops (differentiated by Candle's autograd).
+    Reference,
+    /// Hand-written kernels with hand-written backward passes (the default).
+    #[default]
+    Fused,
+}
+
+impl Implementation {
+    /// Both implementations, reference first.
+    pub const ALL: [Implementation; 2] = [Implementation::Reference, Implementation::Fused];
+
+    /// Lower-case name, as used in configs and benchmark labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            Implementation::Reference => "reference",
+            Implementation::Fused => "fused",
+        }
+    }
+}
+
+impl std::str::FromStr for Implementation {
+    type Err = error::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "reference" => Ok(Implementation::Reference),
+            "fused" => Ok(Implementation::Fused),
+            other => Err(error::Error::UnknownImplementation(other.to_string())),
+        }
+    }
+}
+
+impl std::fmt::Display for Implementation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}

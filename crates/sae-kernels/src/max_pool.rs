@@ -1,0 +1,196 @@
+//! 2-D max-pool with zero-cost padding (padded cells never win) and any stride, with a
+//! backward pass. Candle's own `max_pool2d` has no padding and no backward unless
+//! kernel == stride, which ResNet's 3×3/2 stem pool needs.
+//!
+//! Output size follows PyTorch (`ceil_mode = false`): `(H + 2·padding − kernel) / stride + 1`.
+//! Gradients go to the first maximal element of each window in row-major order; the
+//! reference gives tied elements the gradient each, so the two agree when maxima are unique.
+//!
+//! The fused kernel is CPU-only; on other devices [`max_pool2d`] runs the reference.
+
+use crate::cpu::{dispatch_float, min_planes_per_task, same_dtype, Elem, Strided4};
+use crate::Implementation;
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+/// Square max-pool window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxPoolConfig {
+    /// Window size.
+    pub kernel: usize,
+    /// Step between windows.
+    pub stride: usize,
+    /// Cells of implicit −∞ padding on each side; at most `kernel / 2`.
+    pub padding: usize,
+}
+
+impl MaxPoolConfig {
+    /// Output (height, width) for an input of `h` × `w`, or an error for an invalid config.
+    pub fn output_size(&self, h: usize, w: usize) -> Result<(usize, usize)> {
+        if self.kernel == 0 || self.stride == 0 {
+            bail!("max_pool2d: kernel and stride must be positive, got {self:?}")
+        }
+        if 2 * self.padding > self.kernel {
+            bail!("max_pool2d: padding {} must be at most half the kernel {}", self.padding, self.kernel)
+        }
+        if h + 2 * self.padding < self.kernel || w + 2 * self.padding < self.kernel {
+            bail!("max_pool2d: input {h}×{w} with padding {} is smaller than the kernel {}", self.padding, self.kernel)
+        }
+        let out = |n: usize| (n + 2 * self.padding - self.kernel) / self.stride + 1;
+        Ok((out(h), out(w)))
+    }
+}
+
+/// Max-pools `x` (N, C, H, W) with the chosen implementation.
+pub fn max_pool2d(x: &Tensor, cfg: MaxPoolConfig, implementation: Implementation) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    cfg.output_size(h, w)?;
+    match implementation {
+        Implementation::Fused if x.device().is_cpu() => x.apply_op1(MaxPool(cfg)),
+        _ => max_pool2d_reference(x, cfg),
+    }
+}
+
+/// Max-pool composed of differentiable Candle ops: pad with −∞, gather the K² shifted
+/// strided views with `index_select`, and take their maximum.
+pub fn max_pool2d_reference(x: &Tensor, cfg: MaxPoolConfig) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let (oh, ow) = cfg.output_size(h, w)?;
+    let p = cfg.padding;
+    let x = if p > 0 {
+        let fill = |shape: (usize, usize, usize, usize)| {
+            Tensor::full(f32::NEG_INFINITY, shape, x.device())?.to_dtype(x.dtype())
+        };
+        let rows = fill((n, c, p, w))?;
+        let x = Tensor::cat(&[&rows, x, &rows], 2)?;
+        let cols = fill((n, c, h + 2 * p, p))?;
+        Tensor::cat(&[&cols, &x, &cols], 3)?
+    } else {
+        x.clone()
+    };
+    // `index_select` needs a contiguous source, and `cat` along an inner dim may not give one.
+    let x = x.contiguous()?;
+    let taps = |k: usize, len: usize| -> Result<Tensor> {
+        let idx: Vec<u32> = (0..len).map(|o| (o * cfg.stride + k) as u32).collect();
+        Tensor::new(idx, x.device())
+    };
+    let mut windows = Vec::with_capacity(cfg.kernel * cfg.kernel);
+    for ki in 0..cfg.kernel {
+        let rows = x.index_select(&taps(ki, oh)?, 2)?;
+        for kj in 0..cfg.kernel {
+            windows.push(rows.index_select(&taps(kj, ow)?, 3)?);
+        }
+    }
+    Tensor::stack(&windows, 4)?.max(4)
+}
+
+struct MaxPool(MaxPoolConfig);
+
+/// Backward op: (x, output gradient) → input gradient.
+struct MaxPoolBackward(MaxPoolConfig);
+
+impl MaxPoolConfig {
+    /// Flat index inside the plane, and value, of the first maximum of window (oy, ox).
+    /// `padding ≤ kernel / 2` guarantees every window holds at least one real element.
+    #[inline(always)]
+    fn argmax<T: Elem>(&self, x: &[T], xs: &Strided4, n: usize, c: usize, oy: usize, ox: usize) -> (usize, f32) {
+        let [_, _, h, w] = xs.dims;
+        let base = xs.offset + n * xs.strides[0] + c * xs.strides[1];
+        let y0 = (oy * self.stride) as isize - self.padding as isize;
+        let x0 = (ox * self.stride) as isize - self.padding as isize;
+        let mut best = (usize::MAX, f32::NEG_INFINITY);
+        for ky in 0..self.kernel as isize {
+            let y = y0 + ky;
+            if y < 0 || y >= h as isize {
+                continue;
+            }
+            for kx in 0..self.kernel as isize {
+                let xx = x0 + kx;
+                if xx < 0 || xx >= w as isize {
+                    continue;
+                }
+                let (y, xx) = (y as usize, xx as usize);
+                let v = x[base + y * xs.strides[2] + xx * xs.strides[3]].to_f32();
+                // `!(v <= best)` lets a NaN win, so NaNs propagate as in PyTorch.
+                if best.0 == usize::MAX || !(v <= best.1) {
+                    best = (y * w + xx, v);
+                }
+            }
+        }
+        best
+    }
+}
+
+impl CustomOp1 for MaxPool {
+    fn name(&self) -> &'static str {
+        "sae-max-pool2d"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let cfg = self.0;
+        let xs = Strided4::new("max_pool2d", "input", xl)?;
+        let [n, c, h, w] = xs.dims;
+        let (oh, ow) = cfg.output_size(h, w)?;
+        let out = dispatch_float!("max_pool2d", x, |x: T| {
+            let mut out = vec![T::from_f32(0.0); n * c * oh * ow];
+            out.par_chunks_mut(oh * ow)
+                .with_min_len(min_planes_per_task(h * w))
+                .enumerate()
+                .for_each(|(plane, out)| {
+                    for oy in 0..oh {
+                        for ox in 0..ow {
+                            out[oy * ow + ox] = T::from_f32(cfg.argmax(x, &xs, plane / c, plane % c, oy, ox).1);
+                        }
+                    }
+                });
+            T::to_cpu_storage_owned(out)
+        });
+        Ok((out, Shape::from((n, c, oh, ow))))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(grad, &MaxPoolBackward(self.0))?))
+    }
+}
+
+impl CustomOp2 for MaxPoolBackward {
+    fn name(&self) -> &'static str {
+        "sae-max-pool2d-backward"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, g: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let cfg = self.0;
+        let xs = Strided4::new("max_pool2d backward", "input", xl)?;
+        let gs = Strided4::new("max_pool2d backward", "output gradient", gl)?;
+        let [n, c, h, w] = xs.dims;
+        let (oh, ow) = cfg.output_size(h, w)?;
+        if gs.dims != [n, c, oh, ow] {
+            bail!("max_pool2d backward: gradient shape {:?}, expected {:?}", gs.dims, [n, c, oh, ow])
+        }
+        let out = dispatch_float!("max_pool2d backward", x, |x: T| {
+            let g = same_dtype::<T>("max_pool2d backward", g)?;
+            let mut dx = vec![T::from_f32(0.0); n * c * h * w];
+            dx.par_chunks_mut(h * w)
+                .with_min_len(min_planes_per_task(h * w))
+                .enumerate()
+                .for_each_init(
+                    || vec![0f32; h * w],
+                    |acc, (plane, dx)| {
+                        let (ni, ci) = (plane / c, plane % c);
+                        acc.iter_mut().for_each(|v| *v = 0.0);
+                        gs.for_each_in_plane(g, ni, ci, |k, gv| {
+                            let (idx, _) = cfg.argmax(x, &xs, ni, ci, k / ow, k % ow);
+                            if idx != usize::MAX {
+                                acc[idx] += gv.to_f32();
+                            }
+                        });
+                        for (d, &a) in dx.iter_mut().zip(acc.iter()) {
+                            *d = T::from_f32(a);
+                        }
+                    },
+                );
+            T::to_cpu_storage_owned(dx)
+        });
+        Ok((out, Shape::from((n, c, h, w))))
+    }
+}

@@ -1,0 +1,458 @@
+//! Parity of every fused op with its reference (forward and every gradient), finite-difference
+//! checks of the references, and errors for bad input.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use common::*;
+use sae_kernels::*;
+
+/// Excitation weights for C channels and hidden width `hidden`, as Vars.
+struct Weights {
+    w1: Var,
+    b1: Var,
+    w2: Var,
+    b2: Var,
+}
+
+impl Weights {
+    fn new(seed: u64, c: usize, hidden: usize, dtype: DType) -> Self {
+        Self {
+            w1: var(seed, &[hidden, c], dtype),
+            b1: var(seed + 1, &[hidden], dtype),
+            w2: var(seed + 2, &[c, hidden], dtype),
+            b2: var(seed + 3, &[c], dtype),
+        }
+    }
+    fn get(&self) -> ExcitationWeights<'_> {
+        ExcitationWeights {
+            fc1_weight: &self.w1,
+            fc1_bias: &self.b1,
+            fc2_weight: &self.w2,
+            fc2_bias: &self.b2,
+        }
+    }
+    fn vars(&self) -> [(&'static str, &Var); 4] {
+        [
+            ("fc1_weight", &self.w1),
+            ("fc1_bias", &self.b1),
+            ("fc2_weight", &self.w2),
+            ("fc2_bias", &self.b2),
+        ]
+    }
+}
+
+/// (N, C, H, W, hidden) cases: batch 1, H = W = 1, odd sizes, C/r = 1, the SaE shape
+/// C = 64, K = 4, r = 32 (hidden 8), and one larger plane.
+const EXCITATION_CASES: &[(usize, usize, usize, usize, usize)] = &[
+    (2, 64, 7, 7, 8),
+    (1, 32, 1, 1, 1),
+    (3, 48, 5, 9, 4),
+    (1, 8, 3, 2, 4),
+    (2, 16, 17, 13, 2),
+];
+
+/// Input for a case: a Var and the op's input, which is the Var itself or, when `strided`,
+/// its transpose — the layout BatchNorm's training output has.
+fn input(
+    seed: u64,
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    strided: bool,
+    dtype: DType,
+) -> (Var, Tensor) {
+    if strided {
+        let v = var(seed, &[c, n, h, w], dtype);
+        let t = v.transpose(0, 1).unwrap();
+        assert!(n == 1 || c == 1 || !t.is_contiguous());
+        (v, t)
+    } else {
+        let v = var(seed, &[n, c, h, w], dtype);
+        let t = v.as_tensor().clone();
+        (v, t)
+    }
+}
+
+#[test]
+fn excitation_fused_matches_reference_forward_and_backward() {
+    for (case, &(n, c, h, w, hidden)) in EXCITATION_CASES.iter().enumerate() {
+        for strided in [false, true] {
+            for gate in [Gate::S, Gate::OnePlusS] {
+                let what = format!(
+                    "case {case} {:?} strided={strided} {gate:?}",
+                    (n, c, h, w, hidden)
+                );
+                let (xv, x) = input(10 + case as u64, n, c, h, w, strided, DType::F32);
+                let wts = Weights::new(100 + case as u64, c, hidden, DType::F32);
+                let run = |imp| {
+                    let out = excitation(&x, &wts.get(), gate, imp).unwrap();
+                    let grads = probe_loss(&out, 7).unwrap().backward().unwrap();
+                    (out, grads)
+                };
+                let (out_ref, g_ref) = run(Implementation::Reference);
+                let (out_fused, g_fused) = run(Implementation::Fused);
+                assert_close(&format!("{what} forward"), &out_fused, &out_ref, F32_TOL);
+                assert_close(
+                    &format!("{what} d/dx"),
+                    g_fused.get(&xv).unwrap(),
+                    g_ref.get(&xv).unwrap(),
+                    F32_TOL,
+                );
+                for (name, v) in wts.vars() {
+                    assert_close(
+                        &format!("{what} d/d{name}"),
+                        g_fused.get(v).unwrap(),
+                        g_ref.get(v).unwrap(),
+                        F32_TOL,
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn excitation_fused_matches_reference_in_bf16_and_f16() {
+    for dtype in [DType::BF16, DType::F16] {
+        let (xv, x) = input(3, 2, 64, 5, 5, true, dtype);
+        let wts = Weights::new(4, 64, 8, dtype);
+        let out_ref = excitation_reference(&x, &wts.get(), Gate::OnePlusS).unwrap();
+        let out_fused = excitation(&x, &wts.get(), Gate::OnePlusS, Implementation::Fused).unwrap();
+        assert_eq!(out_fused.dtype(), dtype);
+        assert_close(
+            &format!("{dtype:?} forward"),
+            &out_fused,
+            &out_ref,
+            BF16_TOL,
+        );
+        let g_fused = probe_loss(&out_fused, 1).unwrap().backward().unwrap();
+        let g_ref = probe_loss(&out_ref, 1).unwrap().backward().unwrap();
+        assert_close(
+            &format!("{dtype:?} d/dx"),
+            g_fused.get(&xv).unwrap(),
+            g_ref.get(&xv).unwrap(),
+            BF16_TOL,
+        );
+    }
+}
+
+#[test]
+fn excitation_reference_gradients_match_finite_differences() {
+    for gate in [Gate::S, Gate::OnePlusS] {
+        let (xv, x) = input(1, 2, 6, 3, 2, true, DType::F64);
+        let wts = Weights::new(2, 6, 3, DType::F64);
+        let f = || probe_loss(&excitation_reference(&x, &wts.get(), gate)?, 9);
+        check_finite_differences(&format!("{gate:?} x"), &xv, &f);
+        for (name, v) in wts.vars() {
+            check_finite_differences(&format!("{gate:?} {name}"), v, &f);
+        }
+    }
+}
+
+#[test]
+fn excitation_rejects_bad_shapes_and_dtypes() {
+    let x = randn(1, &[2, 16, 4, 4], DType::F32);
+    let good = Weights::new(1, 16, 4, DType::F32);
+    let wrong_c = Weights::new(1, 8, 4, DType::F32);
+    for imp in Implementation::ALL {
+        let err = excitation(&x, &wrong_c.get(), Gate::S, imp)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("fc1_weight") || err.contains("channels"),
+            "{err}"
+        );
+        let err = excitation(
+            &randn(1, &[2, 16, 4], DType::F32),
+            &good.get(),
+            Gate::S,
+            imp,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("rank") || err.to_string().contains("dims"),
+            "{err}"
+        );
+        let b1 = randn(5, &[5], DType::F32);
+        let bad = ExcitationWeights {
+            fc1_bias: &b1,
+            ..good.get()
+        };
+        let err = excitation(&x, &bad, Gate::S, imp).unwrap_err().to_string();
+        assert!(err.contains("fc1_bias must have shape [4]"), "{err}");
+    }
+    let x64 = x.to_dtype(DType::F64).unwrap();
+    let err = excitation(&x64, &good.get(), Gate::S, Implementation::Fused)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("dtype"), "{err}");
+}
+
+const POOL_CASES: &[(MaxPoolConfig, [usize; 4])] = &[
+    (
+        MaxPoolConfig {
+            kernel: 3,
+            stride: 2,
+            padding: 1,
+        },
+        [2, 3, 9, 9],
+    ),
+    (
+        MaxPoolConfig {
+            kernel: 3,
+            stride: 2,
+            padding: 1,
+        },
+        [1, 2, 8, 7],
+    ),
+    (
+        MaxPoolConfig {
+            kernel: 2,
+            stride: 2,
+            padding: 0,
+        },
+        [2, 2, 6, 4],
+    ),
+    (
+        MaxPoolConfig {
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+        },
+        [1, 4, 5, 5],
+    ),
+    (
+        MaxPoolConfig {
+            kernel: 3,
+            stride: 2,
+            padding: 1,
+        },
+        [1, 1, 1, 1],
+    ),
+];
+
+#[test]
+fn max_pool_fused_matches_reference_forward_and_backward() {
+    for (i, &(cfg, [n, c, h, w])) in POOL_CASES.iter().enumerate() {
+        for strided in [false, true] {
+            let what = format!("{cfg:?} {:?} strided={strided}", [n, c, h, w]);
+            let (xv, x) = input(20 + i as u64, n, c, h, w, strided, DType::F32);
+            let run = |imp| {
+                let out = max_pool2d(&x, cfg, imp).unwrap();
+                let grads = probe_loss(&out, 3).unwrap().backward().unwrap();
+                (out, grads.get(&xv).unwrap().clone())
+            };
+            let (out_ref, dx_ref) = run(Implementation::Reference);
+            let (out_fused, dx_fused) = run(Implementation::Fused);
+            assert_close(&format!("{what} forward"), &out_fused, &out_ref, F32_TOL);
+            assert_close(&format!("{what} d/dx"), &dx_fused, &dx_ref, F32_TOL);
+        }
+    }
+}
+
+#[test]
+fn max_pool_matches_hand_computed_values() {
+    // 1×1×4×4 input 0..16, 3×3 window, stride 2, padding 1: windows centred on (0,0), (0,2),
+    // (2,0), (2,2) have maxima 5, 7, 13, 15.
+    let x = Var::from_tensor(
+        &Tensor::arange(0f32, 16., &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 4, 4))
+            .unwrap(),
+    )
+    .unwrap();
+    let cfg = MaxPoolConfig {
+        kernel: 3,
+        stride: 2,
+        padding: 1,
+    };
+    for imp in Implementation::ALL {
+        let out = max_pool2d(&x, cfg, imp).unwrap();
+        assert_eq!(
+            out.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            vec![5., 7., 13., 15.]
+        );
+        let dx = out
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+            .get(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let mut expect = vec![0f32; 16];
+        for i in [5, 7, 13, 15] {
+            expect[i] = 1.0;
+        }
+        assert_eq!(dx, expect, "{imp}");
+    }
+}
+
+#[test]
+fn max_pool_reference_gradient_matches_finite_differences() {
+    let (xv, x) = input(5, 1, 2, 5, 6, false, DType::F64);
+    let cfg = MaxPoolConfig {
+        kernel: 3,
+        stride: 2,
+        padding: 1,
+    };
+    check_finite_differences("max_pool x", &xv, &|| {
+        probe_loss(&max_pool2d_reference(&x, cfg)?, 2)
+    });
+}
+
+#[test]
+fn max_pool_rejects_bad_configs() {
+    let x = randn(1, &[1, 1, 4, 4], DType::F32);
+    for imp in Implementation::ALL {
+        let too_much_padding = MaxPoolConfig {
+            kernel: 3,
+            stride: 2,
+            padding: 2,
+        };
+        assert!(max_pool2d(&x, too_much_padding, imp)
+            .unwrap_err()
+            .to_string()
+            .contains("padding 2"));
+        let too_small = MaxPoolConfig {
+            kernel: 7,
+            stride: 1,
+            padding: 0,
+        };
+        assert!(max_pool2d(&x, too_small, imp)
+            .unwrap_err()
+            .to_string()
+            .contains("smaller than the kernel"));
+        let zero_stride = MaxPoolConfig {
+            kernel: 2,
+            stride: 0,
+            padding: 0,
+        };
+        assert!(max_pool2d(&x, zero_stride, imp).is_err());
+    }
+}
+
+const DEPTHWISE_CASES: &[(DepthwiseConfig, [usize; 4], [usize; 2])] = &[
+    (
+        DepthwiseConfig {
+            stride: 1,
+            padding: 1,
+        },
+        [2, 5, 8, 8],
+        [3, 3],
+    ),
+    (
+        DepthwiseConfig {
+            stride: 2,
+            padding: 1,
+        },
+        [2, 4, 9, 7],
+        [3, 3],
+    ),
+    (
+        DepthwiseConfig {
+            stride: 1,
+            padding: 0,
+        },
+        [1, 3, 1, 1],
+        [1, 1],
+    ),
+    (
+        DepthwiseConfig {
+            stride: 2,
+            padding: 2,
+        },
+        [1, 6, 11, 10],
+        [5, 5],
+    ),
+    (
+        DepthwiseConfig {
+            stride: 1,
+            padding: 1,
+        },
+        [1, 2, 1, 1],
+        [3, 3],
+    ),
+];
+
+#[test]
+fn depthwise_fused_matches_reference_forward_and_backward() {
+    for (i, &(cfg, [n, c, h, w], [kh, kw])) in DEPTHWISE_CASES.iter().enumerate() {
+        for strided in [false, true] {
+            let what = format!("{cfg:?} {:?} k={kh}x{kw} strided={strided}", [n, c, h, w]);
+            let (xv, x) = input(30 + i as u64, n, c, h, w, strided, DType::F32);
+            let k = var(40 + i as u64, &[c, 1, kh, kw], DType::F32);
+            let run = |imp| {
+                let out = depthwise_conv2d(&x, k.as_tensor(), cfg, imp).unwrap();
+                let grads = probe_loss(&out, 5).unwrap().backward().unwrap();
+                (
+                    out,
+                    grads.get(&xv).unwrap().clone(),
+                    grads.get(&k).unwrap().clone(),
+                )
+            };
+            let (out_ref, dx_ref, dk_ref) = run(Implementation::Reference);
+            let (out_fused, dx_fused, dk_fused) = run(Implementation::Fused);
+            assert_close(&format!("{what} forward"), &out_fused, &out_ref, F32_TOL);
+            assert_close(&format!("{what} d/dx"), &dx_fused, &dx_ref, F32_TOL);
+            assert_close(&format!("{what} d/dweight"), &dk_fused, &dk_ref, F32_TOL);
+        }
+    }
+}
+
+#[test]
+fn depthwise_reference_gradients_match_finite_differences() {
+    let (xv, x) = input(6, 1, 3, 5, 4, false, DType::F64);
+    let k = var(7, &[3, 1, 3, 3], DType::F64);
+    let cfg = DepthwiseConfig {
+        stride: 2,
+        padding: 1,
+    };
+    let f = || probe_loss(&depthwise_conv2d_reference(&x, k.as_tensor(), cfg)?, 4);
+    check_finite_differences("depthwise x", &xv, &f);
+    check_finite_differences("depthwise weight", &k, &f);
+}
+
+#[test]
+fn depthwise_rejects_bad_weights() {
+    let x = randn(1, &[1, 4, 6, 6], DType::F32);
+    let cfg = DepthwiseConfig {
+        stride: 1,
+        padding: 1,
+    };
+    for imp in Implementation::ALL {
+        let err = depthwise_conv2d(&x, &randn(2, &[3, 1, 3, 3], DType::F32), cfg, imp)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("weight must be (4, 1, kh, kw)"), "{err}");
+        let err = depthwise_conv2d(&x, &randn(2, &[4, 2, 3, 3], DType::F32), cfg, imp)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("got [4, 2, 3, 3]"), "{err}");
+    }
+}
+
+#[test]
+fn implementation_and_gate_names_round_trip() {
+    for imp in Implementation::ALL {
+        assert_eq!(imp.name().parse::<Implementation>().unwrap(), imp);
+    }
+    for gate in [Gate::S, Gate::OnePlusS] {
+        assert_eq!(gate.name().parse::<Gate>().unwrap(), gate);
+    }
+    assert!("fast"
+        .parse::<Implementation>()
+        .unwrap_err()
+        .to_string()
+        .contains("reference, fused"));
+    assert!("sigmoid"
+        .parse::<Gate>()
+        .unwrap_err()
+        .to_string()
+        .contains("one_plus_s"));
+}
