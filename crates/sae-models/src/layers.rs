@@ -1,0 +1,216 @@
+//! Layers shared by the networks: convolution (depthwise through `sae-kernels`), BatchNorm,
+//! dense, and the SE / SaE channel-attention module.
+//!
+//! Each layer is a struct implementing `Module`/`ModuleT`, built by `new(…, vb)` where `vb`
+//! is already at the layer's path, so tensor names follow PyTorch state dicts.
+
+use crate::config::ModelConfig;
+use candle_core::{Module, ModuleT, Result, Tensor};
+use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
+use candle_nn::{BatchNorm, BatchNormConfig, Init, VarBuilder};
+use sae_kernels::{DepthwiseConfig, ExcitationWeights, Gate, Implementation};
+
+/// Kaiming-normal with fan-out and ReLU gain, as torchvision initialises ResNet convolutions.
+const CONV_INIT: Init =
+    Init::Kaiming { dist: NormalOrUniform::Normal, fan: FanInOut::FanOut, non_linearity: NonLinearity::ReLU };
+
+/// Shape of a convolution.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvSpec {
+    /// Input channels.
+    pub in_channels: usize,
+    /// Output channels.
+    pub out_channels: usize,
+    /// Square kernel size.
+    pub kernel: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Zero padding on each side.
+    pub padding: usize,
+    /// Channel groups.
+    pub groups: usize,
+}
+
+impl ConvSpec {
+    /// A convolution with `padding = kernel / 2` and one group.
+    pub fn new(in_channels: usize, out_channels: usize, kernel: usize, stride: usize) -> Self {
+        Self { in_channels, out_channels, kernel, stride, padding: kernel / 2, groups: 1 }
+    }
+
+    /// The same with `groups` groups.
+    pub fn grouped(self, groups: usize) -> Self {
+        Self { groups, ..self }
+    }
+
+    /// Output (height, width) for an input of `h` × `w`.
+    pub fn output_size(&self, h: usize, w: usize) -> (usize, usize) {
+        let out = |n: usize| (n + 2 * self.padding - self.kernel) / self.stride + 1;
+        (out(h), out(w))
+    }
+
+    /// Multiply-accumulates for an input of `h` × `w`.
+    pub fn macs(&self, h: usize, w: usize) -> u64 {
+        let (oh, ow) = self.output_size(h, w);
+        (oh * ow * self.out_channels * (self.in_channels / self.groups) * self.kernel * self.kernel) as u64
+    }
+
+    fn is_depthwise(&self) -> bool {
+        self.groups > 1 && self.groups == self.in_channels && self.groups == self.out_channels
+    }
+}
+
+/// 2-D convolution with an optional bias; depthwise convolutions run the `sae-kernels` op.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    spec: ConvSpec,
+    kernels: Implementation,
+}
+
+impl Conv2d {
+    /// Creates `weight` (out, in / groups, k, k) and, when `bias`, `bias` (out) under `vb`.
+    pub fn new(spec: ConvSpec, bias: bool, kernels: Implementation, vb: VarBuilder) -> Result<Self> {
+        let shape = (spec.out_channels, spec.in_channels / spec.groups, spec.kernel, spec.kernel);
+        let weight = vb.get_with_hints(shape, "weight", CONV_INIT)?;
+        let bias = if bias { Some(vb.get_with_hints(spec.out_channels, "bias", Init::Const(0.0))?) } else { None };
+        Ok(Self { weight, bias, spec, kernels })
+    }
+
+    /// The convolution's shape.
+    pub fn spec(&self) -> &ConvSpec {
+        &self.spec
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let s = &self.spec;
+        let y = if s.is_depthwise() {
+            let cfg = DepthwiseConfig { stride: s.stride, padding: s.padding };
+            sae_kernels::depthwise_conv2d(x, &self.weight, cfg, self.kernels)?
+        } else {
+            x.conv2d(&self.weight, s.padding, s.stride, 1, s.groups)?
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// BatchNorm over channels with `weight`, `bias`, `running_mean`, `running_var`; batch
+/// statistics (and a running-statistics update) in training mode, running ones in eval.
+pub fn batch_norm(channels: usize, eps: f64, vb: VarBuilder) -> Result<BatchNorm> {
+    candle_nn::batch_norm(channels, BatchNormConfig { eps, ..Default::default() }, vb)
+}
+
+/// Dense layer `y = x Wᵀ + b` with PyTorch's default initialisation, U(±1/√fan_in).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    /// Creates `weight` (out, in) and `bias` (out) under `vb`.
+    pub fn new(in_features: usize, out_features: usize, vb: VarBuilder) -> Result<Self> {
+        let bound = 1.0 / (in_features as f64).sqrt();
+        let init = Init::Uniform { lo: -bound, up: bound };
+        let weight = vb.get_with_hints((out_features, in_features), "weight", init)?;
+        let bias = vb.get_with_hints(out_features, "bias", init)?;
+        Ok(Self { weight, bias })
+    }
+
+    /// The weight, (out, in).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The bias, (out).
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
+    }
+}
+
+/// The SE module (one reduction layer) or the SaE module of SENetV2 (K parallel reduction
+/// layers whose outputs are concatenated).
+///
+/// Tensor names: SE has `fc1.weight` (C/r, C), `fc1.bias`, `fc2.weight` (C, C/r),
+/// `fc2.bias`. SaE has one reduction layer per branch, `fc1.{k}.weight` (C/r, C) and
+/// `fc1.{k}.bias` for k = 0..K−1 in concatenation order, then `fc2.weight` (C, K·C/r) and
+/// `fc2.bias`.
+#[derive(Debug, Clone)]
+pub struct Excitation {
+    branches: Vec<Linear>,
+    fc2: Linear,
+    gate: Gate,
+    kernels: Implementation,
+}
+
+impl Excitation {
+    /// SE on `channels` channels when `cardinality` is `None`, SaE with K branches otherwise.
+    pub fn new(channels: usize, cardinality: Option<usize>, cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        let reduced = cfg.reduced_channels(channels);
+        let fc1 = vb.pp("fc1");
+        let branches = match cardinality {
+            None => vec![Linear::new(channels, reduced, fc1)?],
+            Some(k) => (0..k).map(|i| Linear::new(channels, reduced, fc1.pp(i))).collect::<Result<_>>()?,
+        };
+        let fc2 = Linear::new(reduced * branches.len(), channels, vb.pp("fc2"))?;
+        Ok(Self { branches, fc2, gate: cfg.gate, kernels: cfg.kernels })
+    }
+
+    /// Multiply-accumulates of the dense layers for one image.
+    pub fn macs(&self) -> u64 {
+        let (c, hidden) = (self.fc2.weight.dim(0).unwrap_or(0), self.fc2.weight.dim(1).unwrap_or(0));
+        (2 * c * hidden) as u64
+    }
+}
+
+impl Module for Excitation {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let stacked;
+        let (w1, b1) = if let [only] = self.branches.as_slice() {
+            (only.weight(), only.bias())
+        } else {
+            let w: Vec<&Tensor> = self.branches.iter().map(Linear::weight).collect();
+            let b: Vec<&Tensor> = self.branches.iter().map(Linear::bias).collect();
+            stacked = (Tensor::cat(&w, 0)?, Tensor::cat(&b, 0)?);
+            (&stacked.0, &stacked.1)
+        };
+        let weights =
+            ExcitationWeights { fc1_weight: w1, fc1_bias: b1, fc2_weight: self.fc2.weight(), fc2_bias: self.fc2.bias() };
+        sae_kernels::excitation(x, &weights, self.gate, self.kernels)
+    }
+}
+
+/// A convolution followed by BatchNorm, the unit every network here is built from.
+#[derive(Debug, Clone)]
+pub struct ConvBn {
+    /// The convolution.
+    pub conv: Conv2d,
+    /// Its BatchNorm.
+    pub bn: BatchNorm,
+}
+
+impl ConvBn {
+    /// `conv` at `vb.pp(conv_name)`, `bn` at `vb.pp(bn_name)`.
+    pub fn new(spec: ConvSpec, cfg: &ModelConfig, vb: &VarBuilder, conv_name: &str, bn_name: &str) -> Result<Self> {
+        let conv = Conv2d::new(spec, cfg.conv_bias, cfg.kernels, vb.pp(conv_name))?;
+        let bn = batch_norm(spec.out_channels, cfg.bn_eps, vb.pp(bn_name))?;
+        Ok(Self { conv, bn })
+    }
+}
+
+impl ModuleT for ConvBn {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        x.apply(&self.conv)?.apply_t(&self.bn, train)
+    }
+}

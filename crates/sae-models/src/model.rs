@@ -1,0 +1,194 @@
+//! [`Model`]: a network with its config and its variables — build it seeded, run it, save
+//! and load its weights as safetensors, count its parameters and multiply-accumulates.
+
+use crate::config::{Arch, ModelConfig};
+use crate::init::{SeededVarMap, ShapeRecorder};
+use crate::mobilenet::MobileNetV1;
+use crate::resnet::ResNet;
+use crate::{registry, Error, Result};
+use candle_core::{DType, Device, ModuleT, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+/// Suffixes of the tensors that are state, not parameters: no gradient, no optimiser.
+const RUNNING_STATS: [&str; 2] = [".running_mean", ".running_var"];
+
+/// Whether the tensor called `name` is a BatchNorm running statistic.
+pub fn is_running_stat(name: &str) -> bool {
+    RUNNING_STATS.iter().any(|s| name.ends_with(s))
+}
+
+/// The network behind a [`Model`].
+#[derive(Debug, Clone)]
+enum Network {
+    ResNet(ResNet),
+    MobileNetV1(MobileNetV1),
+}
+
+impl Network {
+    fn new(cfg: &ModelConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(match cfg.arch {
+            Arch::Resnet { .. } => Network::ResNet(ResNet::new(cfg, vb)?),
+            Arch::MobilenetV1 { .. } => Network::MobileNetV1(MobileNetV1::new(cfg, vb)?),
+        })
+    }
+}
+
+/// Parameter counts in the two conventions of the paper's tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ParamCounts {
+    /// Trainable numbers, PyTorch style: BatchNorm weight and bias only, and convolution
+    /// biases only where the config has them.
+    pub trainable: usize,
+    /// The authors' Keras count: convolution biases (for ResNets; Keras MobileNet has none)
+    /// and all four BatchNorm vectors. This reproduces the paper's printed counts.
+    pub keras: usize,
+}
+
+impl ModelConfig {
+    /// Counts parameters without allocating real weights.
+    pub fn param_counts(&self) -> Result<ParamCounts> {
+        self.validate()?;
+        let count = |cfg: &ModelConfig| -> Result<Vec<(String, usize)>> {
+            let recorder = ShapeRecorder::default();
+            let vb = VarBuilder::from_backend(Box::new(recorder.clone()), DType::F32, Device::Cpu);
+            Network::new(cfg, vb)?;
+            let tensors = recorder.tensors.lock().expect("recorder lock poisoned");
+            Ok(tensors.clone())
+        };
+        let trainable = count(self)?.iter().filter(|(n, _)| !is_running_stat(n)).map(|(_, c)| c).sum();
+        let mut keras_cfg = self.clone();
+        keras_cfg.conv_bias = matches!(self.arch, Arch::Resnet { .. });
+        let keras = count(&keras_cfg)?.iter().map(|(_, c)| c).sum();
+        Ok(ParamCounts { trainable, keras })
+    }
+}
+
+/// A model: config, variables and network.
+pub struct Model {
+    config: ModelConfig,
+    varmap: VarMap,
+    network: Network,
+    device: Device,
+}
+
+impl Model {
+    /// Builds `config` with weights initialised from `seed` (same seed → same weights).
+    pub fn new(config: ModelConfig, seed: u64, device: &Device) -> Result<Self> {
+        config.validate()?;
+        let varmap = VarMap::new();
+        let backend = SeededVarMap::new(varmap.clone(), seed);
+        let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone());
+        let network = Network::new(&config, vb)?;
+        Ok(Self { config, varmap, network, device: device.clone() })
+    }
+
+    /// Builds the registered model `name` with `num_classes` outputs.
+    pub fn from_name(name: &str, num_classes: usize, seed: u64, device: &Device) -> Result<Self> {
+        Self::new(registry::config(name, num_classes)?, seed, device)
+    }
+
+    /// Builds `config` and loads its weights from a safetensors file.
+    pub fn load(config: ModelConfig, weights: &Path, device: &Device) -> Result<Self> {
+        let model = Self::new(config, 0, device)?;
+        model.load_weights(weights)?;
+        Ok(model)
+    }
+
+    /// The config.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The variables (parameters and BatchNorm running statistics) by name.
+    pub fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+
+    /// All variables, sorted by name.
+    pub fn named_vars(&self) -> BTreeMap<String, Var> {
+        let data = self.varmap.data().lock().expect("var map lock poisoned");
+        data.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    /// The trainable variables (everything but BatchNorm running statistics), sorted by name.
+    pub fn trainable_vars(&self) -> Vec<(String, Var)> {
+        self.named_vars().into_iter().filter(|(n, _)| !is_running_stat(n)).collect()
+    }
+
+    /// Multiply-accumulates of convolutions and dense layers for one `h` × `w` image.
+    pub fn macs(&self, h: usize, w: usize) -> u64 {
+        match &self.network {
+            Network::ResNet(n) => n.macs(h, w),
+            Network::MobileNetV1(n) => n.macs(h, w),
+        }
+    }
+
+    /// Writes every variable to a safetensors file (through a temporary file and a rename, so
+    /// an interrupted save never leaves a truncated file).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let tensors: HashMap<String, Tensor> =
+            self.named_vars().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+        let tmp = path.with_extension("safetensors.tmp");
+        candle_core::safetensors::save(&tensors, &tmp)?;
+        std::fs::rename(&tmp, path).map_err(|source| Error::Io { path: path.to_path_buf(), source })
+    }
+
+    /// Loads every variable from a safetensors file. The file must hold exactly this model's
+    /// tensors with the same shapes and dtypes; anything else is an error naming the tensor.
+    pub fn load_weights(&self, path: &Path) -> Result<()> {
+        let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        let loaded = candle_core::safetensors::load_buffer(&bytes, &self.device)
+            .map_err(|e| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() })?;
+        let vars = self.named_vars();
+        if let Some(name) = loaded.keys().filter(|k| !vars.contains_key(*k)).min() {
+            return Err(Error::UnexpectedTensor {
+                path: path.to_path_buf(),
+                name: name.clone(),
+                model: self.config.name.clone(),
+            });
+        }
+        // Check everything before changing anything, so a bad file leaves the model intact.
+        for (name, var) in &vars {
+            let t = loaded
+                .get(name)
+                .ok_or_else(|| Error::MissingTensor { path: path.to_path_buf(), name: name.clone() })?;
+            if t.dims() != var.dims() {
+                return Err(Error::ShapeMismatch {
+                    path: path.to_path_buf(),
+                    name: name.clone(),
+                    expected: var.dims().to_vec(),
+                    found: t.dims().to_vec(),
+                });
+            }
+            if t.dtype() != var.dtype() {
+                return Err(Error::DtypeMismatch {
+                    path: path.to_path_buf(),
+                    name: name.clone(),
+                    expected: var.dtype().as_str().to_string(),
+                    found: t.dtype().as_str().to_string(),
+                });
+            }
+        }
+        for (name, var) in &vars {
+            var.set(&loaded[name])?;
+        }
+        Ok(())
+    }
+}
+
+impl ModuleT for Model {
+    /// Logits (N, num_classes) for images (N, in_channels, H, W).
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        match &self.network {
+            Network::ResNet(n) => n.forward_t(x, train),
+            Network::MobileNetV1(n) => n.forward_t(x, train),
+        }
+    }
+}
