@@ -1,1 +1,121 @@
-fn main() {}
+//! The project's task runner (see <https://github.com/matklad/cargo-xtask/>): `cargo xtask ci`,
+//! `cargo xtask params`, `cargo xtask bench-kernels`.
+
+mod bench;
+mod ptx;
+mod tidy;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Tasks of the sae workspace")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// What to run before pushing: fmt --check, clippy -D warnings, all tests, tidy, and the
+    /// CUDA kernels compiled to PTX (skipped without nvcc unless SAE_REQUIRE_NVCC=1).
+    Ci,
+    /// Checks that every crate and module starts with a `//!` doc comment.
+    Tidy,
+    /// Compiles every CUDA kernel to PTX for sm_90 and sm_80 (needs nvcc, no GPU).
+    Ptx,
+    /// Parameter counts (PyTorch trainable and the paper's Keras convention) of every
+    /// registered model at 10, 20 and 100 classes, and MACs at 224×224.
+    Params {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Runs the kernel benchmarks and writes `results/kernels.md`.
+    BenchKernels {
+        /// Criterion's measurement time per benchmark, in seconds.
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
+    },
+}
+
+/// The workspace root (the parent of this crate's directory).
+pub fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+/// Runs `cargo ARGS` in the project root, failing on a non-zero exit.
+pub fn cargo(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("$ cargo {}", args.join(" "));
+    let status = Command::new(cargo).args(args).current_dir(project_root()).status().context("running cargo")?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "))
+    }
+    Ok(())
+}
+
+fn params(json: bool) -> Result<()> {
+    const CLASSES: [usize; 3] = [10, 20, 100];
+    let mut rows = Vec::new();
+    for name in sae_models::list() {
+        let mut counts = Vec::new();
+        for classes in CLASSES {
+            let c = sae_models::config(name, classes)?.param_counts()?;
+            counts.push((classes, c));
+        }
+        let model = sae_models::Model::new(sae_models::config(name, 1000)?, 0, &candle_core::Device::Cpu)?;
+        rows.push((name, counts, model.macs(224, 224)));
+    }
+    if json {
+        let value: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(name, counts, macs)| {
+                serde_json::json!({
+                    "model": name,
+                    "macs_224_1000_classes": macs,
+                    "params": counts.iter().map(|(classes, c)| serde_json::json!({
+                        "num_classes": classes, "trainable": c.trainable, "keras": c.keras,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        println!(
+            "{:<26} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>10}",
+            "model", "torch@10", "keras@10", "torch@20", "keras@20", "torch@100", "keras@100", "GMACs@224"
+        );
+        for (name, counts, macs) in rows {
+            print!("{name:<26}");
+            for (_, c) in counts {
+                print!(" {:>12} {:>12}", c.trainable, c.keras);
+            }
+            println!(" {:>10.3}", macs as f64 / 1e9);
+        }
+        println!("\ntorch: trainable parameters, PyTorch style (no conv bias, BatchNorm weight+bias).");
+        println!("keras: the paper's convention (conv biases on ResNets, all four BatchNorm vectors).");
+        println!("GMACs: convolution and dense multiply-accumulates for one 224×224 image, 1000 classes.");
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    std::env::set_current_dir(project_root())?;
+    match cli.command {
+        Cmd::Ci => {
+            cargo(&["fmt", "--all", "--check"])?;
+            cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+            cargo(&["test", "--workspace"])?;
+            tidy::check(&project_root())?;
+            ptx::check(&project_root())
+        }
+        Cmd::Tidy => tidy::check(&project_root()),
+        Cmd::Ptx => ptx::check(&project_root()),
+        Cmd::Params { json } => params(json),
+        Cmd::BenchKernels { seconds } => bench::kernels(seconds),
+    }
+}

@@ -1,1 +1,133 @@
-fn main() {}
+//! Criterion benchmarks of the fused kernels against their references (and Candle's own
+//! way), at the shapes the paper's models produce, plus this machine's memory bandwidth.
+//! `cargo xtask bench-kernels` runs them and writes `results/kernels.md`.
+//!
+//! Benchmark ids are `<group>/<implementation>/<pass>`; the xtask reads criterion's estimates
+//! by those ids. Backward passes start from `sum_all`, whose gradient is a broadcast of ones.
+
+#![allow(missing_docs)] // criterion_group! generates undocumented public functions.
+
+use candle_core::{Device, Tensor, Var};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use rand::{Rng, SeedableRng};
+use sae_kernels::*;
+use std::hint::black_box;
+use std::time::Duration;
+
+fn randn(seed: u64, shape: &[usize]) -> Tensor {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let v: Vec<f32> = (0..shape.iter().product()).map(|_| rng.random_range(-1.0..1.0)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn measurement_time() -> Duration {
+    let secs = std::env::var("SAE_BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    Duration::from_secs(secs)
+}
+
+/// The excitation shapes of the issue: ResNet-50 stages at 140×140 input and a CIFAR batch.
+pub const EXCITATION_SHAPES: [[usize; 4]; 4] =
+    [[16, 256, 35, 35], [16, 1024, 9, 9], [16, 2048, 5, 5], [128, 256, 8, 8]];
+
+fn excitation_benches(c: &mut Criterion) {
+    for shape in EXCITATION_SHAPES {
+        for (module, k) in [("se", 1), ("sae", 4)] {
+            let ch = shape[1];
+            let hidden = k * ch / 32;
+            let x = Var::from_tensor(&randn(1, &shape)).unwrap();
+            let w1 = Var::from_tensor(&(randn(2, &[hidden, ch]) * 0.1).unwrap()).unwrap();
+            let b1 = Var::from_tensor(&randn(3, &[hidden])).unwrap();
+            let w2 = Var::from_tensor(&(randn(4, &[ch, hidden]) * 0.1).unwrap()).unwrap();
+            let b2 = Var::from_tensor(&randn(5, &[ch])).unwrap();
+            let weights = ExcitationWeights { fc1_weight: &w1, fc1_bias: &b1, fc2_weight: &w2, fc2_bias: &b2 };
+            let name = format!("excitation-{module}-{}x{}x{}x{}", shape[0], shape[1], shape[2], shape[3]);
+            let mut group = c.benchmark_group(&name);
+            group.sample_size(10).measurement_time(measurement_time()).warm_up_time(Duration::from_millis(500));
+            for imp in Implementation::ALL {
+                group.bench_function(BenchmarkId::new(imp.name(), "fwd"), |b| {
+                    b.iter(|| black_box(excitation(&x, &weights, Gate::OnePlusS, imp).unwrap()))
+                });
+                group.bench_function(BenchmarkId::new(imp.name(), "fwd+bwd"), |b| {
+                    b.iter(|| {
+                        let y = excitation(&x, &weights, Gate::OnePlusS, imp).unwrap();
+                        black_box(y.sum_all().unwrap().backward().unwrap())
+                    })
+                });
+            }
+            group.finish();
+        }
+    }
+}
+
+/// Depthwise shapes of MobileNet v1 at 140×140 input: first block, middle, last.
+pub const DEPTHWISE_SHAPES: [([usize; 4], usize); 3] =
+    [([16, 32, 70, 70], 1), ([16, 512, 9, 9], 1), ([16, 512, 9, 9], 2)];
+
+fn depthwise_benches(c: &mut Criterion) {
+    for (shape, stride) in DEPTHWISE_SHAPES {
+        let x = Var::from_tensor(&randn(1, &shape)).unwrap();
+        let w = Var::from_tensor(&randn(2, &[shape[1], 1, 3, 3])).unwrap();
+        let cfg = DepthwiseConfig { stride, padding: 1 };
+        let name = format!("depthwise-{}x{}x{}x{}-s{stride}", shape[0], shape[1], shape[2], shape[3]);
+        let mut group = c.benchmark_group(&name);
+        group.sample_size(10).measurement_time(measurement_time()).warm_up_time(Duration::from_millis(500));
+        for imp in Implementation::ALL {
+            group.bench_function(BenchmarkId::new(imp.name(), "fwd"), |b| {
+                b.iter(|| black_box(depthwise_conv2d(&x, &w, cfg, imp).unwrap()))
+            });
+            group.bench_function(BenchmarkId::new(imp.name(), "fwd+bwd"), |b| {
+                b.iter(|| black_box(depthwise_conv2d(&x, &w, cfg, imp).unwrap().sum_all().unwrap().backward().unwrap()))
+            });
+        }
+        group.finish();
+    }
+}
+
+/// ResNet's stem pool at 140×140 (after the 7×7/2 conv) and 224×224 input.
+pub const POOL_SHAPES: [[usize; 4]; 2] = [[16, 64, 70, 70], [16, 64, 112, 112]];
+
+fn max_pool_benches(c: &mut Criterion) {
+    let cfg = MaxPoolConfig { kernel: 3, stride: 2, padding: 1 };
+    for shape in POOL_SHAPES {
+        let x = Var::from_tensor(&randn(1, &shape)).unwrap();
+        let name = format!("max-pool-{}x{}x{}x{}", shape[0], shape[1], shape[2], shape[3]);
+        let mut group = c.benchmark_group(&name);
+        group.sample_size(10).measurement_time(measurement_time()).warm_up_time(Duration::from_millis(500));
+        // Candle's own way: pad (zeros are safe after a ReLU) and pool; it has no backward.
+        group.bench_function(BenchmarkId::new("candle", "fwd"), |b| {
+            b.iter(|| {
+                let p = x.pad_with_zeros(2, 1, 1).unwrap().pad_with_zeros(3, 1, 1).unwrap();
+                black_box(p.max_pool2d_with_stride(3, 2).unwrap())
+            })
+        });
+        for imp in Implementation::ALL {
+            group.bench_function(BenchmarkId::new(imp.name(), "fwd"), |b| {
+                b.iter(|| black_box(max_pool2d(&x, cfg, imp).unwrap()))
+            });
+            group.bench_function(BenchmarkId::new(imp.name(), "fwd+bwd"), |b| {
+                b.iter(|| black_box(max_pool2d(&x, cfg, imp).unwrap().sum_all().unwrap().backward().unwrap()))
+            });
+        }
+        group.finish();
+    }
+}
+
+/// Memory bandwidth of this machine: copying a 256 MiB buffer (read + write) with two threads.
+fn bandwidth_bench(c: &mut Criterion) {
+    use rayon::prelude::*;
+    let n = 64 << 20;
+    let src = vec![1f32; n];
+    let mut dst = vec![0f32; n];
+    let mut group = c.benchmark_group("memory-bandwidth");
+    group.sample_size(10).measurement_time(measurement_time());
+    group.bench_function("copy-256MiB", |b| {
+        b.iter(|| {
+            dst.par_chunks_mut(1 << 16).zip(src.par_chunks(1 << 16)).for_each(|(d, s)| d.copy_from_slice(s));
+            black_box(&dst);
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bandwidth_bench, excitation_benches, depthwise_benches, max_pool_benches);
+criterion_main!(benches);

@@ -61,7 +61,11 @@ macro_rules! dispatch_float {
                 type $t = half::f16;
                 $body
             }
-            other => candle_core::bail!("{}: unsupported dtype {:?}", $op, candle_core::backend::BackendStorage::dtype(other)),
+            other => candle_core::bail!(
+                "{}: unsupported dtype {:?}",
+                $op,
+                candle_core::backend::BackendStorage::dtype(other)
+            ),
         }
     };
 }
@@ -71,11 +75,7 @@ pub(crate) use dispatch_float;
 pub(crate) fn same_dtype<'a, T: Elem>(op: &str, storage: &'a CpuStorage) -> Result<&'a [T]> {
     match T::cpu_storage_as_slice(storage) {
         Ok(s) => Ok(s),
-        Err(_) => bail!(
-            "{op}: operands must share one dtype, expected {:?} but got {:?}",
-            T::DTYPE,
-            storage.dtype()
-        ),
+        Err(_) => bail!("{op}: operands must share one dtype, expected {:?} but got {:?}", T::DTYPE, storage.dtype()),
     }
 }
 

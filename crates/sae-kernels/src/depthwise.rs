@@ -72,7 +72,12 @@ impl Geometry {
 }
 
 /// Convolves `x` (N, C, H, W) with `weight` (C, 1, kh, kw), one filter per channel.
-pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, cfg: DepthwiseConfig, implementation: Implementation) -> Result<Tensor> {
+pub fn depthwise_conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    cfg: DepthwiseConfig,
+    implementation: Implementation,
+) -> Result<Tensor> {
     Geometry::new(x.dims(), weight.dims(), cfg)?;
     if weight.dtype() != x.dtype() {
         bail!("depthwise_conv2d: weight dtype {:?} differs from input dtype {:?}", weight.dtype(), x.dtype())
@@ -115,38 +120,35 @@ impl CustomOp2 for Depthwise {
         let out = dispatch_float!("depthwise_conv2d", x, |x: T| {
             let wf = to_f32_vec("depthwise_conv2d", "weight", same_dtype::<T>("depthwise_conv2d", w)?, wl)?;
             let mut out = vec![T::from_f32(0.0); g.n * g.c * g.oh * g.ow];
-            out.par_chunks_mut(g.oh * g.ow)
-                .with_min_len(min_planes_per_task(g.h * g.w))
-                .enumerate()
-                .for_each_init(
-                    || (Vec::new(), vec![0f32; g.ow]),
-                    |(buf, row), (plane, out)| {
-                        let ci = plane % g.c;
-                        g.load_padded(x, &xs, plane / g.c, ci, buf);
-                        let k = &wf[ci * taps..(ci + 1) * taps];
-                        for oy in 0..g.oh {
-                            row.iter_mut().for_each(|v| *v = 0.0);
-                            for ky in 0..g.kh {
-                                let src = &buf[(oy * g.stride + ky) * pw..];
-                                for kx in 0..g.kw {
-                                    let wv = k[ky * g.kw + kx];
-                                    if g.stride == 1 {
-                                        for (r, &v) in row.iter_mut().zip(&src[kx..kx + g.ow]) {
-                                            *r += wv * v;
-                                        }
-                                    } else {
-                                        for (ox, r) in row.iter_mut().enumerate() {
-                                            *r += wv * src[ox * g.stride + kx];
-                                        }
+            out.par_chunks_mut(g.oh * g.ow).with_min_len(min_planes_per_task(g.h * g.w)).enumerate().for_each_init(
+                || (Vec::new(), vec![0f32; g.ow]),
+                |(buf, row), (plane, out)| {
+                    let ci = plane % g.c;
+                    g.load_padded(x, &xs, plane / g.c, ci, buf);
+                    let k = &wf[ci * taps..(ci + 1) * taps];
+                    for oy in 0..g.oh {
+                        row.iter_mut().for_each(|v| *v = 0.0);
+                        for ky in 0..g.kh {
+                            let src = &buf[(oy * g.stride + ky) * pw..];
+                            for kx in 0..g.kw {
+                                let wv = k[ky * g.kw + kx];
+                                if g.stride == 1 {
+                                    for (r, &v) in row.iter_mut().zip(&src[kx..kx + g.ow]) {
+                                        *r += wv * v;
+                                    }
+                                } else {
+                                    for (ox, r) in row.iter_mut().enumerate() {
+                                        *r += wv * src[ox * g.stride + kx];
                                     }
                                 }
                             }
-                            for (o, &r) in out[oy * g.ow..(oy + 1) * g.ow].iter_mut().zip(row.iter()) {
-                                *o = T::from_f32(r);
-                            }
                         }
-                    },
-                );
+                        for (o, &r) in out[oy * g.ow..(oy + 1) * g.ow].iter_mut().zip(row.iter()) {
+                            *o = T::from_f32(r);
+                        }
+                    }
+                },
+            );
             T::to_cpu_storage_owned(out)
         });
         Ok((out, Shape::from((g.n, g.c, g.oh, g.ow))))

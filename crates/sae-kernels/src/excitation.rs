@@ -121,7 +121,12 @@ impl ExcitationWeights<'_> {
 /// # Shapes
 /// * `x`: (N, C, H, W), any strides; the weights as in [`ExcitationWeights`]
 /// * returns (N, C, H, W), contiguous
-pub fn excitation(x: &Tensor, weights: &ExcitationWeights, gate: Gate, implementation: Implementation) -> Result<Tensor> {
+pub fn excitation(
+    x: &Tensor,
+    weights: &ExcitationWeights,
+    gate: Gate,
+    implementation: Implementation,
+) -> Result<Tensor> {
     match implementation {
         Implementation::Reference => excitation_reference(x, weights, gate),
         Implementation::Fused => excitation_fused(x, weights, gate),
@@ -291,16 +296,16 @@ impl Excitation {
             .map_init(
                 || vec![0f32; hw],
                 |gbuf, plane| {
-                let (ni, ci) = (plane / c, plane % c);
-                gs.for_each_in_plane(g, ni, ci, |k, v| gbuf[k] = v.to_f32());
-                let (mut sx, mut sgx) = (0f32, 0f32);
-                xs.for_each_in_plane(x, ni, ci, |k, v| {
-                    let v = v.to_f32();
-                    sx += v;
-                    sgx += gbuf[k] * v;
-                });
-                (sx * inv_hw, sgx)
-            },
+                    let (ni, ci) = (plane / c, plane % c);
+                    gs.for_each_in_plane(g, ni, ci, |k, v| gbuf[k] = v.to_f32());
+                    let (mut sx, mut sgx) = (0f32, 0f32);
+                    xs.for_each_in_plane(x, ni, ci, |k, v| {
+                        let v = v.to_f32();
+                        sx += v;
+                        sgx += gbuf[k] * v;
+                    });
+                    (sx * inv_hw, sgx)
+                },
             )
             .collect();
         let z: Vec<f32> = sums.iter().map(|s| s.0).collect();
@@ -400,7 +405,13 @@ impl CustomOp2 for Excitation {
         crate::metal::excitation_forward(self, x, xl, p, pl)
     }
 
-    fn bwd(&self, x: &Tensor, params: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        params: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let packed = x.apply_op3_no_bwd(params, grad, &ExcitationBackward(*self))?;
         let numel = x.elem_count();
         let dx = packed.narrow(0, 0, numel)?.reshape(x.shape())?;

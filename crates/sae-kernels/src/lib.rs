@@ -34,8 +34,7 @@ pub use max_pool::{max_pool2d, max_pool2d_reference, MaxPoolConfig};
 
 /// Which implementation of an op to run. This is the one switch between the plain
 /// composition of Candle ops and the hand-written kernels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Implementation {
     /// Composition of ordinary Candle ops (differentiated by Candle's autograd).

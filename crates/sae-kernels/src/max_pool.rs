@@ -111,8 +111,8 @@ impl MaxPoolConfig {
                 }
                 let (y, xx) = (y as usize, xx as usize);
                 let v = x[base + y * xs.strides[2] + xx * xs.strides[3]].to_f32();
-                // `!(v <= best)` lets a NaN win, so NaNs propagate as in PyTorch.
-                if best.0 == usize::MAX || !(v <= best.1) {
+                // A NaN wins over any number, so NaNs propagate as in PyTorch.
+                if best.0 == usize::MAX || v > best.1 || v.is_nan() {
                     best = (y * w + xx, v);
                 }
             }
@@ -133,16 +133,15 @@ impl CustomOp1 for MaxPool {
         let (oh, ow) = cfg.output_size(h, w)?;
         let out = dispatch_float!("max_pool2d", x, |x: T| {
             let mut out = vec![T::from_f32(0.0); n * c * oh * ow];
-            out.par_chunks_mut(oh * ow)
-                .with_min_len(min_planes_per_task(h * w))
-                .enumerate()
-                .for_each(|(plane, out)| {
+            out.par_chunks_mut(oh * ow).with_min_len(min_planes_per_task(h * w)).enumerate().for_each(
+                |(plane, out)| {
                     for oy in 0..oh {
                         for ox in 0..ow {
                             out[oy * ow + ox] = T::from_f32(cfg.argmax(x, &xs, plane / c, plane % c, oy, ox).1);
                         }
                     }
-                });
+                },
+            );
             T::to_cpu_storage_owned(out)
         });
         Ok((out, Shape::from((n, c, oh, ow))))
@@ -170,25 +169,22 @@ impl CustomOp2 for MaxPoolBackward {
         let out = dispatch_float!("max_pool2d backward", x, |x: T| {
             let g = same_dtype::<T>("max_pool2d backward", g)?;
             let mut dx = vec![T::from_f32(0.0); n * c * h * w];
-            dx.par_chunks_mut(h * w)
-                .with_min_len(min_planes_per_task(h * w))
-                .enumerate()
-                .for_each_init(
-                    || vec![0f32; h * w],
-                    |acc, (plane, dx)| {
-                        let (ni, ci) = (plane / c, plane % c);
-                        acc.iter_mut().for_each(|v| *v = 0.0);
-                        gs.for_each_in_plane(g, ni, ci, |k, gv| {
-                            let (idx, _) = cfg.argmax(x, &xs, ni, ci, k / ow, k % ow);
-                            if idx != usize::MAX {
-                                acc[idx] += gv.to_f32();
-                            }
-                        });
-                        for (d, &a) in dx.iter_mut().zip(acc.iter()) {
-                            *d = T::from_f32(a);
+            dx.par_chunks_mut(h * w).with_min_len(min_planes_per_task(h * w)).enumerate().for_each_init(
+                || vec![0f32; h * w],
+                |acc, (plane, dx)| {
+                    let (ni, ci) = (plane / c, plane % c);
+                    acc.iter_mut().for_each(|v| *v = 0.0);
+                    gs.for_each_in_plane(g, ni, ci, |k, gv| {
+                        let (idx, _) = cfg.argmax(x, &xs, ni, ci, k / ow, k % ow);
+                        if idx != usize::MAX {
+                            acc[idx] += gv.to_f32();
                         }
-                    },
-                );
+                    });
+                    for (d, &a) in dx.iter_mut().zip(acc.iter()) {
+                        *d = T::from_f32(a);
+                    }
+                },
+            );
             T::to_cpu_storage_owned(dx)
         });
         Ok((out, Shape::from((n, c, h, w))))

@@ -25,44 +25,21 @@ impl Weights {
         }
     }
     fn get(&self) -> ExcitationWeights<'_> {
-        ExcitationWeights {
-            fc1_weight: &self.w1,
-            fc1_bias: &self.b1,
-            fc2_weight: &self.w2,
-            fc2_bias: &self.b2,
-        }
+        ExcitationWeights { fc1_weight: &self.w1, fc1_bias: &self.b1, fc2_weight: &self.w2, fc2_bias: &self.b2 }
     }
     fn vars(&self) -> [(&'static str, &Var); 4] {
-        [
-            ("fc1_weight", &self.w1),
-            ("fc1_bias", &self.b1),
-            ("fc2_weight", &self.w2),
-            ("fc2_bias", &self.b2),
-        ]
+        [("fc1_weight", &self.w1), ("fc1_bias", &self.b1), ("fc2_weight", &self.w2), ("fc2_bias", &self.b2)]
     }
 }
 
 /// (N, C, H, W, hidden) cases: batch 1, H = W = 1, odd sizes, C/r = 1, the SaE shape
 /// C = 64, K = 4, r = 32 (hidden 8), and one larger plane.
-const EXCITATION_CASES: &[(usize, usize, usize, usize, usize)] = &[
-    (2, 64, 7, 7, 8),
-    (1, 32, 1, 1, 1),
-    (3, 48, 5, 9, 4),
-    (1, 8, 3, 2, 4),
-    (2, 16, 17, 13, 2),
-];
+const EXCITATION_CASES: &[(usize, usize, usize, usize, usize)] =
+    &[(2, 64, 7, 7, 8), (1, 32, 1, 1, 1), (3, 48, 5, 9, 4), (1, 8, 3, 2, 4), (2, 16, 17, 13, 2)];
 
 /// Input for a case: a Var and the op's input, which is the Var itself or, when `strided`,
 /// its transpose — the layout BatchNorm's training output has.
-fn input(
-    seed: u64,
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    strided: bool,
-    dtype: DType,
-) -> (Var, Tensor) {
+fn input(seed: u64, n: usize, c: usize, h: usize, w: usize, strided: bool, dtype: DType) -> (Var, Tensor) {
     if strided {
         let v = var(seed, &[c, n, h, w], dtype);
         let t = v.transpose(0, 1).unwrap();
@@ -80,10 +57,7 @@ fn excitation_fused_matches_reference_forward_and_backward() {
     for (case, &(n, c, h, w, hidden)) in EXCITATION_CASES.iter().enumerate() {
         for strided in [false, true] {
             for gate in [Gate::S, Gate::OnePlusS] {
-                let what = format!(
-                    "case {case} {:?} strided={strided} {gate:?}",
-                    (n, c, h, w, hidden)
-                );
+                let what = format!("case {case} {:?} strided={strided} {gate:?}", (n, c, h, w, hidden));
                 let (xv, x) = input(10 + case as u64, n, c, h, w, strided, DType::F32);
                 let wts = Weights::new(100 + case as u64, c, hidden, DType::F32);
                 let run = |imp| {
@@ -94,19 +68,9 @@ fn excitation_fused_matches_reference_forward_and_backward() {
                 let (out_ref, g_ref) = run(Implementation::Reference);
                 let (out_fused, g_fused) = run(Implementation::Fused);
                 assert_close(&format!("{what} forward"), &out_fused, &out_ref, F32_TOL);
-                assert_close(
-                    &format!("{what} d/dx"),
-                    g_fused.get(&xv).unwrap(),
-                    g_ref.get(&xv).unwrap(),
-                    F32_TOL,
-                );
+                assert_close(&format!("{what} d/dx"), g_fused.get(&xv).unwrap(), g_ref.get(&xv).unwrap(), F32_TOL);
                 for (name, v) in wts.vars() {
-                    assert_close(
-                        &format!("{what} d/d{name}"),
-                        g_fused.get(v).unwrap(),
-                        g_ref.get(v).unwrap(),
-                        F32_TOL,
-                    );
+                    assert_close(&format!("{what} d/d{name}"), g_fused.get(v).unwrap(), g_ref.get(v).unwrap(), F32_TOL);
                 }
             }
         }
@@ -121,20 +85,10 @@ fn excitation_fused_matches_reference_in_bf16_and_f16() {
         let out_ref = excitation_reference(&x, &wts.get(), Gate::OnePlusS).unwrap();
         let out_fused = excitation(&x, &wts.get(), Gate::OnePlusS, Implementation::Fused).unwrap();
         assert_eq!(out_fused.dtype(), dtype);
-        assert_close(
-            &format!("{dtype:?} forward"),
-            &out_fused,
-            &out_ref,
-            BF16_TOL,
-        );
+        assert_close(&format!("{dtype:?} forward"), &out_fused, &out_ref, BF16_TOL);
         let g_fused = probe_loss(&out_fused, 1).unwrap().backward().unwrap();
         let g_ref = probe_loss(&out_ref, 1).unwrap().backward().unwrap();
-        assert_close(
-            &format!("{dtype:?} d/dx"),
-            g_fused.get(&xv).unwrap(),
-            g_ref.get(&xv).unwrap(),
-            BF16_TOL,
-        );
+        assert_close(&format!("{dtype:?} d/dx"), g_fused.get(&xv).unwrap(), g_ref.get(&xv).unwrap(), BF16_TOL);
     }
 }
 
@@ -157,80 +111,26 @@ fn excitation_rejects_bad_shapes_and_dtypes() {
     let good = Weights::new(1, 16, 4, DType::F32);
     let wrong_c = Weights::new(1, 8, 4, DType::F32);
     for imp in Implementation::ALL {
-        let err = excitation(&x, &wrong_c.get(), Gate::S, imp)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("fc1_weight") || err.contains("channels"),
-            "{err}"
-        );
-        let err = excitation(
-            &randn(1, &[2, 16, 4], DType::F32),
-            &good.get(),
-            Gate::S,
-            imp,
-        )
-        .unwrap_err();
-        assert!(
-            err.to_string().contains("rank") || err.to_string().contains("dims"),
-            "{err}"
-        );
+        let err = excitation(&x, &wrong_c.get(), Gate::S, imp).unwrap_err().to_string();
+        assert!(err.contains("fc1_weight") || err.contains("channels"), "{err}");
+        let err = excitation(&randn(1, &[2, 16, 4], DType::F32), &good.get(), Gate::S, imp).unwrap_err();
+        assert!(err.to_string().contains("rank") || err.to_string().contains("dims"), "{err}");
         let b1 = randn(5, &[5], DType::F32);
-        let bad = ExcitationWeights {
-            fc1_bias: &b1,
-            ..good.get()
-        };
+        let bad = ExcitationWeights { fc1_bias: &b1, ..good.get() };
         let err = excitation(&x, &bad, Gate::S, imp).unwrap_err().to_string();
         assert!(err.contains("fc1_bias must have shape [4]"), "{err}");
     }
     let x64 = x.to_dtype(DType::F64).unwrap();
-    let err = excitation(&x64, &good.get(), Gate::S, Implementation::Fused)
-        .unwrap_err()
-        .to_string();
+    let err = excitation(&x64, &good.get(), Gate::S, Implementation::Fused).unwrap_err().to_string();
     assert!(err.contains("dtype"), "{err}");
 }
 
 const POOL_CASES: &[(MaxPoolConfig, [usize; 4])] = &[
-    (
-        MaxPoolConfig {
-            kernel: 3,
-            stride: 2,
-            padding: 1,
-        },
-        [2, 3, 9, 9],
-    ),
-    (
-        MaxPoolConfig {
-            kernel: 3,
-            stride: 2,
-            padding: 1,
-        },
-        [1, 2, 8, 7],
-    ),
-    (
-        MaxPoolConfig {
-            kernel: 2,
-            stride: 2,
-            padding: 0,
-        },
-        [2, 2, 6, 4],
-    ),
-    (
-        MaxPoolConfig {
-            kernel: 3,
-            stride: 1,
-            padding: 1,
-        },
-        [1, 4, 5, 5],
-    ),
-    (
-        MaxPoolConfig {
-            kernel: 3,
-            stride: 2,
-            padding: 1,
-        },
-        [1, 1, 1, 1],
-    ),
+    (MaxPoolConfig { kernel: 3, stride: 2, padding: 1 }, [2, 3, 9, 9]),
+    (MaxPoolConfig { kernel: 3, stride: 2, padding: 1 }, [1, 2, 8, 7]),
+    (MaxPoolConfig { kernel: 2, stride: 2, padding: 0 }, [2, 2, 6, 4]),
+    (MaxPoolConfig { kernel: 3, stride: 1, padding: 1 }, [1, 4, 5, 5]),
+    (MaxPoolConfig { kernel: 3, stride: 2, padding: 1 }, [1, 1, 1, 1]),
 ];
 
 #[test]
@@ -256,24 +156,11 @@ fn max_pool_fused_matches_reference_forward_and_backward() {
 fn max_pool_matches_hand_computed_values() {
     // 1×1×4×4 input 0..16, 3×3 window, stride 2, padding 1: windows centred on (0,0), (0,2),
     // (2,0), (2,2) have maxima 5, 7, 13, 15.
-    let x = Var::from_tensor(
-        &Tensor::arange(0f32, 16., &Device::Cpu)
-            .unwrap()
-            .reshape((1, 1, 4, 4))
-            .unwrap(),
-    )
-    .unwrap();
-    let cfg = MaxPoolConfig {
-        kernel: 3,
-        stride: 2,
-        padding: 1,
-    };
+    let x = Var::from_tensor(&Tensor::arange(0f32, 16., &Device::Cpu).unwrap().reshape((1, 1, 4, 4)).unwrap()).unwrap();
+    let cfg = MaxPoolConfig { kernel: 3, stride: 2, padding: 1 };
     for imp in Implementation::ALL {
         let out = max_pool2d(&x, cfg, imp).unwrap();
-        assert_eq!(
-            out.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            vec![5., 7., 13., 15.]
-        );
+        assert_eq!(out.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![5., 7., 13., 15.]);
         let dx = out
             .sum_all()
             .unwrap()
@@ -296,88 +183,29 @@ fn max_pool_matches_hand_computed_values() {
 #[test]
 fn max_pool_reference_gradient_matches_finite_differences() {
     let (xv, x) = input(5, 1, 2, 5, 6, false, DType::F64);
-    let cfg = MaxPoolConfig {
-        kernel: 3,
-        stride: 2,
-        padding: 1,
-    };
-    check_finite_differences("max_pool x", &xv, &|| {
-        probe_loss(&max_pool2d_reference(&x, cfg)?, 2)
-    });
+    let cfg = MaxPoolConfig { kernel: 3, stride: 2, padding: 1 };
+    check_finite_differences("max_pool x", &xv, &|| probe_loss(&max_pool2d_reference(&x, cfg)?, 2));
 }
 
 #[test]
 fn max_pool_rejects_bad_configs() {
     let x = randn(1, &[1, 1, 4, 4], DType::F32);
     for imp in Implementation::ALL {
-        let too_much_padding = MaxPoolConfig {
-            kernel: 3,
-            stride: 2,
-            padding: 2,
-        };
-        assert!(max_pool2d(&x, too_much_padding, imp)
-            .unwrap_err()
-            .to_string()
-            .contains("padding 2"));
-        let too_small = MaxPoolConfig {
-            kernel: 7,
-            stride: 1,
-            padding: 0,
-        };
-        assert!(max_pool2d(&x, too_small, imp)
-            .unwrap_err()
-            .to_string()
-            .contains("smaller than the kernel"));
-        let zero_stride = MaxPoolConfig {
-            kernel: 2,
-            stride: 0,
-            padding: 0,
-        };
+        let too_much_padding = MaxPoolConfig { kernel: 3, stride: 2, padding: 2 };
+        assert!(max_pool2d(&x, too_much_padding, imp).unwrap_err().to_string().contains("padding 2"));
+        let too_small = MaxPoolConfig { kernel: 7, stride: 1, padding: 0 };
+        assert!(max_pool2d(&x, too_small, imp).unwrap_err().to_string().contains("smaller than the kernel"));
+        let zero_stride = MaxPoolConfig { kernel: 2, stride: 0, padding: 0 };
         assert!(max_pool2d(&x, zero_stride, imp).is_err());
     }
 }
 
 const DEPTHWISE_CASES: &[(DepthwiseConfig, [usize; 4], [usize; 2])] = &[
-    (
-        DepthwiseConfig {
-            stride: 1,
-            padding: 1,
-        },
-        [2, 5, 8, 8],
-        [3, 3],
-    ),
-    (
-        DepthwiseConfig {
-            stride: 2,
-            padding: 1,
-        },
-        [2, 4, 9, 7],
-        [3, 3],
-    ),
-    (
-        DepthwiseConfig {
-            stride: 1,
-            padding: 0,
-        },
-        [1, 3, 1, 1],
-        [1, 1],
-    ),
-    (
-        DepthwiseConfig {
-            stride: 2,
-            padding: 2,
-        },
-        [1, 6, 11, 10],
-        [5, 5],
-    ),
-    (
-        DepthwiseConfig {
-            stride: 1,
-            padding: 1,
-        },
-        [1, 2, 1, 1],
-        [3, 3],
-    ),
+    (DepthwiseConfig { stride: 1, padding: 1 }, [2, 5, 8, 8], [3, 3]),
+    (DepthwiseConfig { stride: 2, padding: 1 }, [2, 4, 9, 7], [3, 3]),
+    (DepthwiseConfig { stride: 1, padding: 0 }, [1, 3, 1, 1], [1, 1]),
+    (DepthwiseConfig { stride: 2, padding: 2 }, [1, 6, 11, 10], [5, 5]),
+    (DepthwiseConfig { stride: 1, padding: 1 }, [1, 2, 1, 1], [3, 3]),
 ];
 
 #[test]
@@ -390,11 +218,7 @@ fn depthwise_fused_matches_reference_forward_and_backward() {
             let run = |imp| {
                 let out = depthwise_conv2d(&x, k.as_tensor(), cfg, imp).unwrap();
                 let grads = probe_loss(&out, 5).unwrap().backward().unwrap();
-                (
-                    out,
-                    grads.get(&xv).unwrap().clone(),
-                    grads.get(&k).unwrap().clone(),
-                )
+                (out, grads.get(&xv).unwrap().clone(), grads.get(&k).unwrap().clone())
             };
             let (out_ref, dx_ref, dk_ref) = run(Implementation::Reference);
             let (out_fused, dx_fused, dk_fused) = run(Implementation::Fused);
@@ -409,10 +233,7 @@ fn depthwise_fused_matches_reference_forward_and_backward() {
 fn depthwise_reference_gradients_match_finite_differences() {
     let (xv, x) = input(6, 1, 3, 5, 4, false, DType::F64);
     let k = var(7, &[3, 1, 3, 3], DType::F64);
-    let cfg = DepthwiseConfig {
-        stride: 2,
-        padding: 1,
-    };
+    let cfg = DepthwiseConfig { stride: 2, padding: 1 };
     let f = || probe_loss(&depthwise_conv2d_reference(&x, k.as_tensor(), cfg)?, 4);
     check_finite_differences("depthwise x", &xv, &f);
     check_finite_differences("depthwise weight", &k, &f);
@@ -421,18 +242,11 @@ fn depthwise_reference_gradients_match_finite_differences() {
 #[test]
 fn depthwise_rejects_bad_weights() {
     let x = randn(1, &[1, 4, 6, 6], DType::F32);
-    let cfg = DepthwiseConfig {
-        stride: 1,
-        padding: 1,
-    };
+    let cfg = DepthwiseConfig { stride: 1, padding: 1 };
     for imp in Implementation::ALL {
-        let err = depthwise_conv2d(&x, &randn(2, &[3, 1, 3, 3], DType::F32), cfg, imp)
-            .unwrap_err()
-            .to_string();
+        let err = depthwise_conv2d(&x, &randn(2, &[3, 1, 3, 3], DType::F32), cfg, imp).unwrap_err().to_string();
         assert!(err.contains("weight must be (4, 1, kh, kw)"), "{err}");
-        let err = depthwise_conv2d(&x, &randn(2, &[4, 2, 3, 3], DType::F32), cfg, imp)
-            .unwrap_err()
-            .to_string();
+        let err = depthwise_conv2d(&x, &randn(2, &[4, 2, 3, 3], DType::F32), cfg, imp).unwrap_err().to_string();
         assert!(err.contains("got [4, 2, 3, 3]"), "{err}");
     }
 }
@@ -445,14 +259,52 @@ fn implementation_and_gate_names_round_trip() {
     for gate in [Gate::S, Gate::OnePlusS] {
         assert_eq!(gate.name().parse::<Gate>().unwrap(), gate);
     }
-    assert!("fast"
-        .parse::<Implementation>()
-        .unwrap_err()
-        .to_string()
-        .contains("reference, fused"));
-    assert!("sigmoid"
-        .parse::<Gate>()
-        .unwrap_err()
-        .to_string()
-        .contains("one_plus_s"));
+    assert!("fast".parse::<Implementation>().unwrap_err().to_string().contains("reference, fused"));
+    assert!("sigmoid".parse::<Gate>().unwrap_err().to_string().contains("one_plus_s"));
+}
+
+/// The fused excitation on an accelerator against the CPU reference: forward and every
+/// gradient, f32 and bf16, contiguous and strided input.
+#[cfg(any(feature = "cuda", all(feature = "metal", target_os = "macos")))]
+fn accelerator_parity(device: &Device) {
+    for (case, &(n, c, h, w, hidden)) in EXCITATION_CASES.iter().enumerate() {
+        for strided in [false, true] {
+            for (dtype, tol) in [(DType::F32, F32_TOL), (DType::BF16, BF16_TOL)] {
+                let what = format!("{device:?} case {case} strided={strided} {dtype:?}");
+                let (xv, x) = input(50 + case as u64, n, c, h, w, strided, DType::F32);
+                let wts = Weights::new(60 + case as u64, c, hidden, DType::F32);
+                let out_ref = excitation_reference(&x, &wts.get(), Gate::OnePlusS).unwrap();
+                let g_ref = probe_loss(&out_ref, 8).unwrap().backward().unwrap();
+
+                let to_dev =
+                    |t: &Tensor| Var::from_tensor(&t.to_dtype(dtype).unwrap().to_device(device).unwrap()).unwrap();
+                let dev_x_var = to_dev(xv.as_tensor());
+                let dev_x = if strided { dev_x_var.transpose(0, 1).unwrap() } else { dev_x_var.as_tensor().clone() };
+                let dw = [to_dev(&wts.w1), to_dev(&wts.b1), to_dev(&wts.w2), to_dev(&wts.b2)];
+                let weights =
+                    ExcitationWeights { fc1_weight: &dw[0], fc1_bias: &dw[1], fc2_weight: &dw[2], fc2_bias: &dw[3] };
+                let out = excitation(&dev_x, &weights, Gate::OnePlusS, Implementation::Fused).unwrap();
+                let probe = randn(8, out.dims(), DType::F32).to_dtype(dtype).unwrap().to_device(device).unwrap();
+                let g = (out.clone() * probe).unwrap().sum_all().unwrap().backward().unwrap();
+                let cpu = |t: &Tensor| t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+                assert_close(&format!("{what} forward"), &cpu(&out), &out_ref, tol);
+                assert_close(&format!("{what} d/dx"), &cpu(g.get(&dev_x_var).unwrap()), g_ref.get(&xv).unwrap(), tol);
+                for ((name, v), d) in wts.vars().into_iter().zip(&dw) {
+                    assert_close(&format!("{what} d/d{name}"), &cpu(g.get(d).unwrap()), g_ref.get(v).unwrap(), tol);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_excitation_matches_cpu_reference() {
+    accelerator_parity(&Device::new_cuda(0).expect("the cuda feature's tests need a CUDA device"));
+}
+
+#[cfg(all(feature = "metal", target_os = "macos"))]
+#[test]
+fn metal_excitation_matches_cpu_reference() {
+    accelerator_parity(&Device::new_metal(0).expect("the metal feature's tests need a Metal device"));
 }

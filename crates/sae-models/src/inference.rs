@@ -52,7 +52,10 @@ impl Preprocess {
             return Err(Error::InvalidConfig("image has zero size".into()));
         }
         let scale = self.resize as f64 / w.min(h) as f64;
-        let (nw, nh) = (((w as f64 * scale).round() as usize).max(self.crop), ((h as f64 * scale).round() as usize).max(self.crop));
+        let (nw, nh) = (
+            ((w as f64 * scale).round() as usize).max(self.crop),
+            ((h as f64 * scale).round() as usize).max(self.crop),
+        );
         let resized = image::imageops::resize(&rgb, nw as u32, nh as u32, FilterType::Triangle);
         let (x0, y0) = ((nw - self.crop) / 2, (nh - self.crop) / 2);
         let mut data = vec![0f32; 3 * self.crop * self.crop];

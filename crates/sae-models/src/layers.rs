@@ -185,8 +185,12 @@ impl Module for Excitation {
             stacked = (Tensor::cat(&w, 0)?, Tensor::cat(&b, 0)?);
             (&stacked.0, &stacked.1)
         };
-        let weights =
-            ExcitationWeights { fc1_weight: w1, fc1_bias: b1, fc2_weight: self.fc2.weight(), fc2_bias: self.fc2.bias() };
+        let weights = ExcitationWeights {
+            fc1_weight: w1,
+            fc1_bias: b1,
+            fc2_weight: self.fc2.weight(),
+            fc2_bias: self.fc2.bias(),
+        };
         sae_kernels::excitation(x, &weights, self.gate, self.kernels)
     }
 }

@@ -30,7 +30,7 @@ pub mod resnet;
 
 pub use config::{Arch, Attention, BlockKind, ModelConfig, PaperPreset, Stem};
 pub use error::{Error, Result};
-pub use inference::{read_labels, Prediction, Preprocess};
+pub use inference::{read_labels, Prediction, Preprocess, IMAGENET_MEAN, IMAGENET_STD};
 pub use model::{is_running_stat, Model, ParamCounts};
 pub use registry::{config, list};
 pub use sae_kernels::{Gate, Implementation};

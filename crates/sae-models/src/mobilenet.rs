@@ -47,13 +47,15 @@ impl MobileNetV1 {
         };
         let width = |c: usize| ((c as f64 * width_multiplier) as usize).max(1);
         let stem_stride = if cfg.stem == Stem::Imagenet { 2 } else { 1 };
-        let stem = ConvBn::new(ConvSpec::new(cfg.in_channels, width(32), 3, stem_stride), cfg, &vb, "conv_stem", "bn1")?;
+        let stem =
+            ConvBn::new(ConvSpec::new(cfg.in_channels, width(32), 3, stem_stride), cfg, &vb, "conv_stem", "bn1")?;
         let mut in_ch = width(32);
         let mut blocks = Vec::new();
         for (i, &(out, stride)) in BLOCKS.iter().enumerate() {
             let vb_block = vb.pp("blocks").pp(i);
             let out = width(out);
-            let dw = ConvBn::new(ConvSpec::new(in_ch, in_ch, 3, stride).grouped(in_ch), cfg, &vb_block, "conv_dw", "bn1")?;
+            let dw =
+                ConvBn::new(ConvSpec::new(in_ch, in_ch, 3, stride).grouped(in_ch), cfg, &vb_block, "conv_dw", "bn1")?;
             let pw = ConvBn::new(ConvSpec::new(in_ch, out, 1, 1), cfg, &vb_block, "conv_pw", "bn2")?;
             blocks.push((dw, pw));
             in_ch = out;

@@ -23,7 +23,14 @@ pub struct Block {
 }
 
 impl Block {
-    fn new(cfg: &ModelConfig, kind: BlockKind, in_ch: usize, planes: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        cfg: &ModelConfig,
+        kind: BlockKind,
+        in_ch: usize,
+        planes: usize,
+        stride: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let (groups, width_per_group) = match cfg.arch {
             Arch::Resnet { groups, width_per_group, .. } => (groups, width_per_group),
             Arch::MobilenetV1 { .. } => unreachable!("Block is only built for ResNets"),

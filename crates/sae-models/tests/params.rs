@@ -41,11 +41,12 @@ fn module_deltas_match_spec() {
 fn mobilenet_v1_matches_keras() {
     // Keras: 3,228,864 numbers without the head; BatchNorm channels sum to 10,976 × … (each
     // BN has 4 vectors in Keras, 2 trainable in PyTorch).
-    let bn_channels: usize = 32 + [64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024]
-        .iter()
-        .zip([32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024])
-        .map(|(out, inp)| out + inp)
-        .sum::<usize>();
+    let bn_channels: usize = 32
+        + [64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024]
+            .iter()
+            .zip([32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024])
+            .map(|(out, inp)| out + inp)
+            .sum::<usize>();
     for (classes, keras) in [(10, 3_239_114), (20, 3_249_364), (100, 3_228_864 + 1024 * 100 + 100)] {
         assert_eq!(counts("mobilenet_v1", classes), (keras, keras - 2 * bn_channels), "{classes} classes");
     }

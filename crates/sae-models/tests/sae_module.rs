@@ -61,7 +61,11 @@ fn sae_module_matches_hand_computation() {
                             Gate::S => u * s,
                             Gate::OnePlusS => u + u * s,
                         };
-                        assert!((out[i] as f64 - expected).abs() < 1e-5, "{gate:?} {kernels}: {} vs {expected}", out[i]);
+                        assert!(
+                            (out[i] as f64 - expected).abs() < 1e-5,
+                            "{gate:?} {kernels}: {} vs {expected}",
+                            out[i]
+                        );
                     }
                 }
             }

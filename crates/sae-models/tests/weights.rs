@@ -66,8 +66,16 @@ fn save_then_load_gives_identical_logits() {
     assert_eq!(a, b);
     // State-dict names follow PyTorch/timm.
     let names: Vec<String> = loaded.named_vars().into_keys().collect();
-    for n in ["conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight", "layer1.0.downsample.0.weight",
-        "layer1.0.se.fc1.0.weight", "layer1.0.se.fc1.3.bias", "layer1.0.se.fc2.weight", "fc.bias"] {
+    for n in [
+        "conv1.weight",
+        "bn1.running_mean",
+        "layer1.0.conv1.weight",
+        "layer1.0.downsample.0.weight",
+        "layer1.0.se.fc1.0.weight",
+        "layer1.0.se.fc1.3.bias",
+        "layer1.0.se.fc2.weight",
+        "fc.bias",
+    ] {
         assert!(names.iter().any(|x| x == n), "missing {n}");
     }
     let se = Model::from_name("seresnet14b", 10, 0, &Device::Cpu).unwrap();

@@ -17,10 +17,7 @@ pub fn randn(seed: u64, shape: &[usize], dtype: DType) -> Tensor {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let n: usize = shape.iter().product();
     let v: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
-    Tensor::from_vec(v, shape, &Device::Cpu)
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap()
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
 }
 
 pub fn var(seed: u64, shape: &[usize], dtype: DType) -> Var {
@@ -30,27 +27,12 @@ pub fn var(seed: u64, shape: &[usize], dtype: DType) -> Var {
 /// Asserts |a − b| ≤ atol + rtol·|b| elementwise, naming the worst element.
 pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, (atol, rtol): (f64, f64)) {
     assert_eq!(a.dims(), b.dims(), "{what}: shapes differ");
-    let a: Vec<f64> = a
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let b: Vec<f64> = b
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let a: Vec<f64> = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let b: Vec<f64> = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     let scale = b.iter().fold(0f64, |m, v| m.max(v.abs()));
     for (i, (x, y)) in a.iter().zip(&b).enumerate() {
         let ok = (x - y).abs() <= atol + rtol * y.abs().max(scale * 1e-2);
-        assert!(
-            ok,
-            "{what}: element {i} differs: {x} vs {y} (max |ref| {scale})"
-        );
+        assert!(ok, "{what}: element {i} differs: {x} vs {y} (max |ref| {scale})");
     }
 }
 
@@ -64,30 +46,19 @@ pub fn probe_loss(out: &Tensor, seed: u64) -> Result<Tensor> {
 pub fn check_finite_differences(what: &str, v: &Var, f: &dyn Fn() -> Result<Tensor>) {
     let loss = f().unwrap();
     let grads = loss.backward().unwrap();
-    let analytic: Vec<f64> = grads
-        .get(v)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let analytic: Vec<f64> = grads.get(v).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     let base: Vec<f64> = v.flatten_all().unwrap().to_vec1().unwrap();
     let eps = 1e-6;
     for (i, &a) in analytic.iter().enumerate() {
         let eval = |delta: f64| -> f64 {
             let mut p = base.clone();
             p[i] += delta;
-            v.set(&Tensor::from_vec(p, v.shape(), &Device::Cpu).unwrap())
-                .unwrap();
+            v.set(&Tensor::from_vec(p, v.shape(), &Device::Cpu).unwrap()).unwrap();
             f().unwrap().to_scalar::<f64>().unwrap()
         };
         let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps);
         let (atol, rtol) = FD_TOL;
-        assert!(
-            (numeric - a).abs() <= atol + rtol * a.abs(),
-            "{what}: d/d[{i}] analytic {a} vs numeric {numeric}"
-        );
+        assert!((numeric - a).abs() <= atol + rtol * a.abs(), "{what}: d/d[{i}] analytic {a} vs numeric {numeric}");
     }
-    v.set(&Tensor::from_vec(base, v.shape(), &Device::Cpu).unwrap())
-        .unwrap();
+    v.set(&Tensor::from_vec(base, v.shape(), &Device::Cpu).unwrap()).unwrap();
 }

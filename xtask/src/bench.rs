@@ -1,0 +1,141 @@
+//! `cargo xtask bench-kernels`: runs the criterion benchmarks of `sae-kernels` and turns
+//! criterion's estimates into `results/kernels.md` (time, speed-up, achieved GB/s against
+//! the memory bandwidth measured in the same run).
+
+use crate::{cargo, project_root};
+use anyhow::{Context, Result};
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::path::Path;
+
+/// Mean time in seconds of every benchmark, keyed by (group, function, parameter).
+type Estimates = BTreeMap<(String, String, String), f64>;
+
+fn read_estimates(dir: &Path, out: &mut Estimates) -> Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?.flatten() {
+        let path = entry.path();
+        if !path.is_dir() {
+            continue;
+        }
+        let meta = path.join("new/benchmark.json");
+        if meta.exists() {
+            let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&meta)?)?;
+            let est: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(path.join("new/estimates.json"))?)?;
+            let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
+            let key = (s(&meta["group_id"]), s(&meta["function_id"]), s(&meta["value_str"]));
+            let mean_ns = est["mean"]["point_estimate"].as_f64().context("estimate without a mean")?;
+            out.insert(key, mean_ns * 1e-9);
+        } else {
+            read_estimates(&path, out)?;
+        }
+    }
+    Ok(())
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    format!("{cpu}, {threads} hardware threads")
+}
+
+/// Elements of a shape written `16x256x35x35` at the end of a group name.
+fn elements(group: &str) -> usize {
+    let dims = group.rsplit('-').find(|p| p.contains('x')).unwrap_or("");
+    dims.split('x').filter_map(|d| d.parse::<usize>().ok()).product()
+}
+
+pub fn kernels(seconds: u64) -> Result<()> {
+    let root = project_root();
+    let criterion_dir = root.join("target/criterion");
+    if criterion_dir.exists() {
+        std::fs::remove_dir_all(&criterion_dir)?;
+    }
+    std::env::set_var("SAE_BENCH_SECONDS", seconds.to_string());
+    cargo(&["bench", "-p", "sae-kernels", "--bench", "kernels"])?;
+    let mut est = Estimates::new();
+    read_estimates(&criterion_dir, &mut est)?;
+    let get = |g: &str, f: &str, p: &str| est.get(&(g.to_string(), f.to_string(), p.to_string())).copied();
+    let copy = get("memory-bandwidth", "copy-256MiB", "").context("no bandwidth estimate")?;
+    let bandwidth = 2.0 * (256u64 << 20) as f64 / copy / 1e9;
+    let groups: Vec<String> =
+        est.keys().map(|k| k.0.clone()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+
+    let mut md = String::new();
+    writeln!(md, "# Kernel benchmarks\n")?;
+    writeln!(md, "Made by `cargo xtask bench-kernels --seconds {seconds}` (criterion, f32, CPU).")?;
+    writeln!(
+        md,
+        "Machine: {}. Measured memory bandwidth (2-thread copy of 256 MiB, read + write): **{bandwidth:.1} GB/s**.\n",
+        machine()
+    )?;
+    writeln!(md, "## Excitation (pool → K dense C→C/32 → concat → dense → sigmoid → `u + u·s`)\n")?;
+    writeln!(md, "The memory bound counts one f32 pass per read or write of a full tensor: the forward reads the")?;
+    writeln!(md, "input twice and writes the output once (3 passes); forward+backward adds the backward's read of")?;
+    writeln!(
+        md,
+        "the input and the gradient and its write of the input gradient, and the `sum_all` loss's read of the"
+    )?;
+    writeln!(md, "output (7 passes; the loss gradient is a broadcast, read from cache).\n")?;
+    writeln!(md, "| module | shape | pass | reference ms | fused ms | speed-up | fused GB/s | % of bandwidth |")?;
+    writeln!(md, "|---|---|---|---:|---:|---:|---:|---:|")?;
+    for g in groups.iter().filter(|g| g.starts_with("excitation-")) {
+        let module = if g.starts_with("excitation-sae") { "SaE (K=4)" } else { "SE" };
+        let shape = g.rsplit('-').next().unwrap_or("");
+        for (pass, passes) in [("fwd", 3.0), ("fwd+bwd", 7.0)] {
+            let (Some(r), Some(f)) = (get(g, "reference", pass), get(g, "fused", pass)) else { continue };
+            let gbs = passes * 4.0 * elements(g) as f64 / f / 1e9;
+            writeln!(
+                md,
+                "| {module} | {shape} | {pass} | {:.3} | {:.3} | {:.2}× | {gbs:.1} | {:.0} % |",
+                r * 1e3,
+                f * 1e3,
+                r / f,
+                100.0 * gbs / bandwidth
+            )?;
+        }
+    }
+    writeln!(md, "\n## Depthwise 3×3 convolution (MobileNet v1 shapes at 140×140 input)\n")?;
+    writeln!(md, "The reference is Candle's grouped `conv2d` (one convolution per channel, then a concatenation).\n")?;
+    writeln!(md, "| shape | stride | pass | Candle grouped conv ms | fused ms | speed-up |")?;
+    writeln!(md, "|---|---|---|---:|---:|---:|")?;
+    for g in groups.iter().filter(|g| g.starts_with("depthwise-")) {
+        let mut parts = g.trim_start_matches("depthwise-").split('-');
+        let (shape, stride) = (parts.next().unwrap_or(""), parts.next().unwrap_or("").trim_start_matches('s'));
+        for pass in ["fwd", "fwd+bwd"] {
+            let (Some(r), Some(f)) = (get(g, "reference", pass), get(g, "fused", pass)) else { continue };
+            writeln!(md, "| {shape} | {stride} | {pass} | {:.3} | {:.3} | {:.1}× |", r * 1e3, f * 1e3, r / f)?;
+        }
+    }
+    writeln!(md, "\n## Max-pool 3×3, stride 2, padding 1 (ResNet stem)\n")?;
+    writeln!(
+        md,
+        "Candle's own way pads and calls `max_pool2d_with_stride`, which has no backward for stride ≠ kernel.\n"
+    )?;
+    writeln!(md, "| shape | pass | Candle ms | reference ms | fused ms | fused vs Candle | fused vs reference |")?;
+    writeln!(md, "|---|---|---:|---:|---:|---:|---:|")?;
+    for g in groups.iter().filter(|g| g.starts_with("max-pool-")) {
+        let shape = g.trim_start_matches("max-pool-");
+        for pass in ["fwd", "fwd+bwd"] {
+            let (Some(r), Some(f)) = (get(g, "reference", pass), get(g, "fused", pass)) else { continue };
+            let candle = get(g, "candle", pass);
+            let c_ms = candle.map_or("—".to_string(), |c| format!("{:.3}", c * 1e3));
+            let c_x = candle.map_or("—".to_string(), |c| format!("{:.1}×", c / f));
+            writeln!(md, "| {shape} | {pass} | {c_ms} | {:.3} | {:.3} | {c_x} | {:.1}× |", r * 1e3, f * 1e3, r / f)?;
+        }
+    }
+    let out = root.join("results/kernels.md");
+    std::fs::create_dir_all(out.parent().expect("results dir"))?;
+    let tmp = out.with_extension("md.tmp");
+    std::fs::write(&tmp, md)?;
+    std::fs::rename(&tmp, &out)?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
