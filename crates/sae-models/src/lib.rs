@@ -32,5 +32,5 @@ pub use config::{Arch, Attention, BlockKind, ModelConfig, PaperPreset, Stem};
 pub use error::{Error, Result};
 pub use inference::{read_labels, Prediction, Preprocess, IMAGENET_MEAN, IMAGENET_STD};
 pub use model::{is_running_stat, Model, ParamCounts};
-pub use registry::{config, list};
+pub use registry::{config, create, list};
 pub use sae_kernels::{Gate, Implementation};

@@ -84,9 +84,9 @@ impl Model {
         Ok(Self { config, varmap, network, device: device.clone() })
     }
 
-    /// Builds the registered model `name` with `num_classes` outputs.
+    /// Builds the registered model `name` with `num_classes` outputs (see [`registry::create`]).
     pub fn from_name(name: &str, num_classes: usize, seed: u64, device: &Device) -> Result<Self> {
-        Self::new(registry::config(name, num_classes)?, seed, device)
+        registry::create(name, num_classes, seed, device)
     }
 
     /// Builds `config` and loads its weights from a safetensors file.

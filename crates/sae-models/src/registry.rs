@@ -103,3 +103,9 @@ pub fn config(name: &str, num_classes: usize) -> Result<ModelConfig> {
     cfg.validate()?;
     Ok(cfg)
 }
+
+/// Builds the registered model `name` with `num_classes` outputs, weights drawn from `seed`
+/// (timm's `create_model`).
+pub fn create(name: &str, num_classes: usize, seed: u64, device: &candle_core::Device) -> Result<crate::Model> {
+    crate::Model::new(config(name, num_classes)?, seed, device)
+}

@@ -147,6 +147,9 @@ fn unknown_names_and_bad_configs_are_errors() {
     let err = config("resnet51", 10).unwrap_err().to_string();
     assert!(err.contains("unknown model \"resnet51\"") && err.contains("senetv2_resnet50"), "{err}");
     assert!(config("seresnext50_32x4d", 10).is_ok());
+    let err = sae_models::create("senet154", 10, 0, &Device::Cpu).err().expect("unknown name").to_string();
+    assert!(err.contains("known models: mobilenet_v1, resnet101"), "{err}");
+    assert_eq!(sae_models::create("resnet18", 4, 0, &Device::Cpu).unwrap().config().num_classes, 4);
     let err = config("resnet50", 0).unwrap_err().to_string();
     assert!(err.contains("num_classes"), "{err}");
     let mut cfg = config("senetv2_resnet50", 10).unwrap();

@@ -1,0 +1,85 @@
+//! ImageNet-style folders: `<root>/<class>/<image>` (JPEG or PNG), classes from the sorted
+//! folder names or from a file listing them (first word of each line, as imagenette's
+//! `classes.txt` with `wnid name`). Images are decoded when asked for.
+
+use crate::error::{io, Error, Result};
+use crate::image_ops::Rgb8Image;
+use crate::loader::Dataset;
+use std::path::{Path, PathBuf};
+
+/// Image file extensions, compared case-insensitively.
+const EXTENSIONS: [&str; 3] = ["jpeg", "jpg", "png"];
+
+/// An image folder split.
+#[derive(Debug, Clone)]
+pub struct ImageFolder {
+    /// Image paths with their class index, sorted by class then file name.
+    pub samples: Vec<(PathBuf, u32)>,
+    /// Class names (folder names) in index order.
+    pub classes: Vec<String>,
+}
+
+impl ImageFolder {
+    /// Scans `root`, taking the classes from its sub-folders in sorted order.
+    pub fn open(root: &Path) -> Result<Self> {
+        let mut classes: Vec<String> = std::fs::read_dir(root)
+            .map_err(io(root))?
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| e.file_name().to_str().map(String::from))
+            .collect();
+        classes.sort();
+        if classes.is_empty() {
+            return Err(Error::Format { path: root.to_path_buf(), reason: "no class folders".into() });
+        }
+        Self::with_classes(root, classes)
+    }
+
+    /// Scans `root` with the classes listed in `classes_file` (first word of each non-empty
+    /// line), in the file's order.
+    pub fn open_with_class_file(root: &Path, classes_file: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(classes_file).map_err(io(classes_file))?;
+        let classes: Vec<String> = text.lines().filter_map(|l| l.split_whitespace().next()).map(String::from).collect();
+        if classes.is_empty() {
+            return Err(Error::Format { path: classes_file.to_path_buf(), reason: "lists no classes".into() });
+        }
+        Self::with_classes(root, classes)
+    }
+
+    fn with_classes(root: &Path, classes: Vec<String>) -> Result<Self> {
+        let mut samples = Vec::new();
+        for (label, class) in classes.iter().enumerate() {
+            let dir = root.join(class);
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .map_err(io(&dir))?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    let ext = p.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+                    p.is_file() && ext.is_some_and(|e| EXTENSIONS.contains(&e.as_str()))
+                })
+                .collect();
+            if files.is_empty() {
+                return Err(Error::Format { path: dir, reason: "class folder holds no JPEG or PNG images".into() });
+            }
+            files.sort();
+            samples.extend(files.into_iter().map(|f| (f, label as u32)));
+        }
+        Ok(Self { samples, classes })
+    }
+}
+
+impl Dataset for ImageFolder {
+    fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    fn get(&self, index: usize) -> Result<(Rgb8Image, u32)> {
+        let (path, label) = &self.samples[index];
+        Ok((Rgb8Image::open(path)?, *label))
+    }
+
+    fn classes(&self) -> &[String] {
+        &self.classes
+    }
+}

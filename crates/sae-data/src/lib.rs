@@ -1,0 +1,20 @@
+//! Everything between files on disk and a batch of normalised pixels: CIFAR-10/100 in their
+//! binary layouts, ImageNet-style image folders, deterministic augmentation, and a parallel,
+//! prefetching, seeded loader.
+//!
+//! This crate knows no tensor library: a [`Batch`] is plain `f32` pixels (N, 3, H, W) and
+//! `u32` labels, which the training crate turns into tensors.
+
+pub mod cifar;
+pub mod error;
+pub mod folder;
+pub mod image_ops;
+pub mod loader;
+pub mod transform;
+
+pub use cifar::{Cifar, CifarKind, LabelSet, Split};
+pub use error::{Error, Result};
+pub use folder::ImageFolder;
+pub use image_ops::Rgb8Image;
+pub use loader::{Batch, Dataset, Loader, LoaderConfig};
+pub use transform::{Normalize, Transform};

@@ -1,0 +1,163 @@
+//! A seeded, shuffled, batched loader: images are decoded and augmented in parallel (rayon)
+//! on a producer thread that stays up to `prefetch` batches ahead of the consumer on a
+//! bounded queue.
+
+use crate::error::{Error, Result};
+use crate::image_ops::Rgb8Image;
+use crate::transform::{Normalize, Transform};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+
+/// A source of labelled images.
+pub trait Dataset: Send + Sync {
+    /// Number of images.
+    fn len(&self) -> usize;
+    /// Whether there are no images.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Image `index` and its label.
+    fn get(&self, index: usize) -> Result<(Rgb8Image, u32)>;
+    /// Class names in label order.
+    fn classes(&self) -> &[String];
+}
+
+/// A batch of transformed images.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    /// Planar pixels, (N, 3, size, size), normalised.
+    pub images: Vec<f32>,
+    /// One label per image.
+    pub labels: Vec<u32>,
+    /// Dataset indices of the images.
+    pub indices: Vec<usize>,
+    /// (N, 3, size, size).
+    pub shape: [usize; 4],
+}
+
+/// How batches are formed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoaderConfig {
+    /// Images per batch.
+    pub batch_size: usize,
+    /// Shuffle each epoch (seeded by `seed` and the epoch).
+    pub shuffle: bool,
+    /// Drop the last, incomplete batch.
+    pub drop_last: bool,
+    /// Seed of the shuffles and the augmentation.
+    pub seed: u64,
+    /// Batches prepared ahead of the consumer.
+    pub prefetch: usize,
+}
+
+/// Loads batches of a dataset through a transform.
+pub struct Loader<D: Dataset + 'static> {
+    dataset: Arc<D>,
+    transform: Transform,
+    normalize: Normalize,
+    config: LoaderConfig,
+}
+
+impl<D: Dataset + 'static> Loader<D> {
+    /// A loader; errors for a zero batch size or an invalid transform.
+    pub fn new(dataset: Arc<D>, transform: Transform, normalize: Normalize, config: LoaderConfig) -> Result<Self> {
+        if config.batch_size == 0 {
+            return Err(Error::Invalid("batch size must be at least 1".into()));
+        }
+        transform.validate()?;
+        Ok(Self { dataset, transform, normalize, config })
+    }
+
+    /// Batches per epoch.
+    pub fn batches_per_epoch(&self) -> usize {
+        let n = self.dataset.len();
+        if self.config.drop_last {
+            n / self.config.batch_size
+        } else {
+            n.div_ceil(self.config.batch_size)
+        }
+    }
+
+    /// The dataset.
+    pub fn dataset(&self) -> &D {
+        &self.dataset
+    }
+
+    /// The order of dataset indices in `epoch`.
+    pub fn order(&self, epoch: u64) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.dataset.len()).collect();
+        if self.config.shuffle {
+            let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            order.shuffle(&mut rng);
+        }
+        order
+    }
+
+    /// Builds one batch from dataset indices, decoding and transforming in parallel.
+    pub fn batch(&self, epoch: u64, indices: &[usize]) -> Result<Batch> {
+        build_batch(&*self.dataset, self.transform, self.normalize, self.config.seed, epoch, indices)
+    }
+
+    /// The batches of `epoch`, prepared on a producer thread up to `prefetch` ahead. Dropping
+    /// the iterator stops the producer.
+    pub fn epoch(&self, epoch: u64) -> EpochIter {
+        let order = self.order(epoch);
+        let bs = self.config.batch_size;
+        let mut chunks: Vec<Vec<usize>> = order.chunks(bs).map(<[usize]>::to_vec).collect();
+        if self.config.drop_last && chunks.last().is_some_and(|c| c.len() < bs) {
+            chunks.pop();
+        }
+        let (tx, rx) = sync_channel(self.config.prefetch.max(1));
+        let (dataset, transform, normalize, seed) =
+            (self.dataset.clone(), self.transform, self.normalize, self.config.seed);
+        std::thread::spawn(move || {
+            for chunk in chunks {
+                let batch = build_batch(&*dataset, transform, normalize, seed, epoch, &chunk);
+                let failed = batch.is_err();
+                if tx.send(batch).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        EpochIter { rx }
+    }
+}
+
+fn build_batch<D: Dataset + ?Sized>(
+    dataset: &D,
+    transform: Transform,
+    normalize: Normalize,
+    seed: u64,
+    epoch: u64,
+    indices: &[usize],
+) -> Result<Batch> {
+    let size = transform.size();
+    let per_image = 3 * size * size;
+    let mut images = vec![0f32; indices.len() * per_image];
+    let labels = images
+        .par_chunks_mut(per_image)
+        .zip(indices.par_iter())
+        .map(|(out, &index)| {
+            let (img, label) = dataset.get(index)?;
+            transform.apply(&img, normalize, seed, epoch, index as u64, out);
+            Ok(label)
+        })
+        .collect::<Result<Vec<u32>>>()?;
+    Ok(Batch { images, labels, indices: indices.to_vec(), shape: [indices.len(), 3, size, size] })
+}
+
+/// The batches of one epoch, in order; an error ends the epoch.
+pub struct EpochIter {
+    rx: Receiver<Result<Batch>>,
+}
+
+impl Iterator for EpochIter {
+    type Item = Result<Batch>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.rx.recv().ok()
+    }
+}

@@ -1,0 +1,348 @@
+//! Loaders against files the tests write in the exact official layouts, the real CIFAR-10
+//! when `SAE_CIFAR10_DIR` names it, augmentation determinism, the loader, and bad input.
+
+use image::{GrayImage, Luma, Rgb, RgbImage};
+use sae_data::*;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sae-data-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Pixel byte of image `i` (global index), channel `c`, pixel `p` — a known pattern.
+fn pixel(i: usize, c: usize, p: usize) -> u8 {
+    ((i * 7 + c * 50 + p) % 256) as u8
+}
+
+/// Writes CIFAR-10 batches: `per_file` records per file, labels i % 10.
+fn write_cifar10(dir: &Path, per_file: usize) {
+    let mut i = 0;
+    for name in [
+        "data_batch_1.bin",
+        "data_batch_2.bin",
+        "data_batch_3.bin",
+        "data_batch_4.bin",
+        "data_batch_5.bin",
+        "test_batch.bin",
+    ] {
+        let mut bytes = Vec::new();
+        for _ in 0..per_file {
+            bytes.push((i % 10) as u8);
+            for c in 0..3 {
+                bytes.extend((0..1024).map(|p| pixel(i, c, p)));
+            }
+            i += 1;
+        }
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
+    let names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"];
+    std::fs::write(dir.join("batches.meta.txt"), names.join("\n") + "\n\n").unwrap();
+}
+
+/// Writes CIFAR-100 files: coarse label i % 20, fine label (i * 3) % 100.
+fn write_cifar100(dir: &Path, train: usize, test: usize) {
+    let mut i = 0;
+    for (name, n) in [("train.bin", train), ("test.bin", test)] {
+        let mut bytes = Vec::new();
+        for _ in 0..n {
+            bytes.push((i % 20) as u8);
+            bytes.push(((i * 3) % 100) as u8);
+            for c in 0..3 {
+                bytes.extend((0..1024).map(|p| pixel(i, c, p)));
+            }
+            i += 1;
+        }
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
+    let coarse: Vec<String> = (0..20).map(|k| format!("superclass_{k}")).collect();
+    let fine: Vec<String> = (0..100).map(|k| format!("class_{k}")).collect();
+    std::fs::write(dir.join("coarse_label_names.txt"), coarse.join("\n")).unwrap();
+    std::fs::write(dir.join("fine_label_names.txt"), fine.join("\n")).unwrap();
+}
+
+#[test]
+fn cifar10_reads_the_official_layout() {
+    let dir = tmp("c10");
+    write_cifar10(&dir, 20);
+    let train = Cifar::load(&dir, CifarKind::Cifar10, Split::Train).unwrap();
+    let test = Cifar::load(&dir, CifarKind::Cifar10, Split::Test).unwrap();
+    assert_eq!((train.labels.len(), test.labels.len()), (100, 20));
+    assert_eq!(train.class_counts(), vec![10; 10]);
+    assert_eq!(train.classes[6], "frog");
+    // Record 57 of the train split is in data_batch_3, with label 7 and the known pattern.
+    assert_eq!(train.labels[57], 7);
+    let (img, label) = train.get(57).unwrap();
+    assert_eq!((img.width, img.height, label), (32, 32, 7));
+    assert_eq!(&img.data[..3], &[pixel(57, 0, 0), pixel(57, 1, 0), pixel(57, 2, 0)]);
+    assert_eq!(img.data[3 * 1023 + 2], pixel(57, 2, 1023));
+    assert_eq!(test.labels[0], 0);
+    assert_eq!(test.get(0).unwrap().0.data[0], pixel(100, 0, 0));
+}
+
+#[test]
+fn cifar100_gives_fine_or_coarse_labels() {
+    let dir = tmp("c100");
+    write_cifar100(&dir, 40, 10);
+    let fine = Cifar::load(&dir, CifarKind::Cifar100(LabelSet::Fine), Split::Train).unwrap();
+    let coarse = Cifar::load(&dir, CifarKind::Cifar100(LabelSet::Coarse), Split::Train).unwrap();
+    assert_eq!(fine.classes.len(), 100);
+    assert_eq!(coarse.classes.len(), 20);
+    assert_eq!(fine.labels[13], 39);
+    assert_eq!(coarse.labels[13], 13);
+    assert_eq!(coarse.classes[13], "superclass_13");
+    assert_eq!(fine.pixels, coarse.pixels);
+    let test = Cifar::load(&dir, CifarKind::Cifar100(LabelSet::Coarse), Split::Test).unwrap();
+    assert_eq!(test.labels.len(), 10);
+    assert_eq!(test.planes(0)[5], pixel(40, 0, 5));
+}
+
+#[test]
+fn real_cifar10_has_its_known_values() {
+    // Set by .ci/run when the shared datasets are present; without them there is nothing to check.
+    let Ok(dir) = std::env::var("SAE_CIFAR10_DIR") else {
+        eprintln!("SAE_CIFAR10_DIR not set: real CIFAR-10 checks skipped");
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let train = Cifar::load(&dir, CifarKind::Cifar10, Split::Train).unwrap();
+    let test = Cifar::load(&dir, CifarKind::Cifar10, Split::Test).unwrap();
+    assert_eq!((train.labels.len(), test.labels.len()), (50_000, 10_000));
+    assert_eq!((train.labels[0], &train.classes[6][..]), (6, "frog"));
+    assert_eq!(&train.planes(0)[..3], &[59, 43, 50]);
+    assert_eq!(&train.planes(0)[3069..], &[140, 84, 72]);
+    assert_eq!((test.labels[0], &test.classes[3][..]), (3, "cat"));
+    assert_eq!(&test.planes(0)[..3], &[158, 159, 165]);
+    assert_eq!(&test.planes(0)[3069..], &[124, 129, 110]);
+    assert_eq!(train.class_counts(), vec![5000; 10]);
+    assert_eq!(test.class_counts(), vec![1000; 10]);
+    let expected = [0.491_399_68, 0.482_158_41, 0.446_530_91];
+    for (c, &mean) in expected.iter().enumerate() {
+        let sum: u64 =
+            (0..50_000).map(|i| train.planes(i)[c * 1024..(c + 1) * 1024].iter().map(|&v| v as u64).sum::<u64>()).sum();
+        let got = sum as f64 / (50_000.0 * 1024.0 * 255.0);
+        assert!((got - mean).abs() < 1e-7, "channel {c}: mean {got}, expected {mean}");
+    }
+}
+
+#[test]
+fn bad_cifar_files_give_errors_naming_the_file() {
+    let dir = tmp("c10-bad");
+    write_cifar10(&dir, 3);
+    let batch3 = dir.join("data_batch_3.bin");
+    let bytes = std::fs::read(&batch3).unwrap();
+    std::fs::write(&batch3, &bytes[..bytes.len() - 100]).unwrap();
+    let err = Cifar::load(&dir, CifarKind::Cifar10, Split::Train).unwrap_err().to_string();
+    assert!(err.contains("data_batch_3.bin") && err.contains("not a whole number of 3073-byte records"), "{err}");
+
+    let mut bytes = bytes.clone();
+    bytes[3073] = 12; // record 1's label
+    std::fs::write(&batch3, &bytes).unwrap();
+    let err = Cifar::load(&dir, CifarKind::Cifar10, Split::Train).unwrap_err().to_string();
+    assert!(err.contains("data_batch_3.bin") && err.contains("record 1: label 12 out of range 0..10"), "{err}");
+
+    std::fs::remove_file(&batch3).unwrap();
+    let err = Cifar::load(&dir, CifarKind::Cifar10, Split::Train).unwrap_err().to_string();
+    assert!(err.contains("data_batch_3.bin"), "{err}");
+
+    let err = Cifar::load(&dir.join("absent"), CifarKind::Cifar10, Split::Test).unwrap_err().to_string();
+    assert!(err.contains("absent") && err.contains("not found"), "{err}");
+
+    // A CIFAR-10 file read as CIFAR-100: 3073 is not a multiple of 3074.
+    std::fs::copy(dir.join("test_batch.bin"), dir.join("test.bin")).unwrap();
+    let err = Cifar::load(&dir, CifarKind::Cifar100(LabelSet::Fine), Split::Test).unwrap_err().to_string();
+    assert!(err.contains("test.bin") && err.contains("3074-byte records"), "{err}");
+
+    let dir = tmp("c100-names");
+    write_cifar100(&dir, 2, 2);
+    std::fs::write(dir.join("fine_label_names.txt"), "just\ntwo\n").unwrap();
+    let err = Cifar::load(&dir, CifarKind::Cifar100(LabelSet::Fine), Split::Test).unwrap_err().to_string();
+    assert!(err.contains("fine_label_names.txt") && err.contains("lists 2 class names, expected 100"), "{err}");
+}
+
+fn write_folder(root: &Path) {
+    for (k, class) in ["n01", "n02"].iter().enumerate() {
+        std::fs::create_dir_all(root.join(class)).unwrap();
+        for i in 0..3 {
+            let img = RgbImage::from_fn(40 + i * 10, 30, |x, y| Rgb([(x * 5) as u8, (y * 7) as u8, (k * 100) as u8]));
+            img.save(root.join(class).join(format!("img{i}.png"))).unwrap();
+        }
+    }
+    // A greyscale JPEG, as 242 of imagenette's images are.
+    GrayImage::from_pixel(50, 50, Luma([200])).save(root.join("n02").join("grey.JPEG")).unwrap();
+    std::fs::write(root.join("n01").join("notes.txt"), "not an image").unwrap();
+}
+
+#[test]
+fn image_folders_list_classes_and_decode_images() {
+    let root = tmp("folder");
+    write_folder(&root);
+    let ds = ImageFolder::open(&root).unwrap();
+    assert_eq!(ds.classes, ["n01", "n02"]);
+    assert_eq!(ds.len(), 7);
+    let (img, label) = ds.get(6).unwrap();
+    assert_eq!((label, img.width, img.height), (1, 60, 30)); // n02/img2.png after grey.JPEG
+    let (grey, label) = ds.get(3).unwrap();
+    assert_eq!(label, 1);
+    assert!(grey.data.chunks(3).all(|p| p[0] == p[1] && p[1] == p[2]), "greyscale must become equal RGB");
+    std::fs::write(root.join("classes.txt"), "n02 second class\nn01 first class\n").unwrap();
+    let ds = ImageFolder::open_with_class_file(&root, &root.join("classes.txt")).unwrap();
+    assert_eq!(ds.classes, ["n02", "n01"]);
+    assert_eq!(ds.samples[0].1, 0);
+}
+
+#[test]
+fn bad_folders_and_images_give_errors_naming_them() {
+    let root = tmp("folder-bad");
+    write_folder(&root);
+    std::fs::create_dir_all(root.join("n03")).unwrap();
+    let err = ImageFolder::open(&root).unwrap_err().to_string();
+    assert!(err.contains("n03") && err.contains("no JPEG or PNG images"), "{err}");
+    std::fs::remove_dir(root.join("n03")).unwrap();
+
+    std::fs::write(root.join("n01").join("broken.jpg"), b"\xff\xd8\xff garbage").unwrap();
+    let ds = ImageFolder::open(&root).unwrap();
+    let idx = ds.samples.iter().position(|(p, _)| p.ends_with("broken.jpg")).unwrap();
+    let err = ds.get(idx).unwrap_err().to_string();
+    assert!(err.contains("broken.jpg") && err.contains("cannot decode"), "{err}");
+
+    let err = ImageFolder::open(&root.join("missing")).unwrap_err().to_string();
+    assert!(err.contains("missing"), "{err}");
+    let err = ImageFolder::open_with_class_file(&root, &root.join("nope.txt")).unwrap_err().to_string();
+    assert!(err.contains("nope.txt"), "{err}");
+}
+
+fn cifar_loader(dir: &Path, transform: Transform, cfg: LoaderConfig) -> Loader<Cifar> {
+    let ds = Arc::new(Cifar::load(dir, CifarKind::Cifar10, Split::Train).unwrap());
+    Loader::new(ds, transform, Normalize::CIFAR10, cfg).unwrap()
+}
+
+const CFG: LoaderConfig = LoaderConfig { batch_size: 16, shuffle: true, drop_last: false, seed: 3, prefetch: 2 };
+
+#[test]
+fn augmentation_is_deterministic_whatever_the_thread_count() {
+    let dir = tmp("determinism");
+    write_cifar10(&dir, 20);
+    let loader = cifar_loader(&dir, Transform::PadCropFlip { pad: 4, size: 32 }, CFG);
+    let run = |threads| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| loader.epoch(1).collect::<Result<Vec<_>>>().unwrap())
+    };
+    let (one, two) = (run(1), run(2));
+    assert_eq!(one, two);
+    let again = loader.epoch(1).collect::<Result<Vec<_>>>().unwrap();
+    assert_eq!(one, again);
+    let other_epoch = loader.epoch(2).collect::<Result<Vec<_>>>().unwrap();
+    assert_ne!(one[0].indices, other_epoch[0].indices, "epochs must shuffle differently");
+    // The same image gets the same augmentation in any batch position.
+    let first = &one[0];
+    let alone = loader.batch(1, &[first.indices[5]]).unwrap();
+    assert_eq!(&first.images[5 * 3072..6 * 3072], &alone.images[..]);
+}
+
+#[test]
+fn pad_crop_flip_moves_pixels_and_keeps_values() {
+    let dir = tmp("crop");
+    write_cifar10(&dir, 2);
+    let ds = Cifar::load(&dir, CifarKind::Cifar10, Split::Train).unwrap();
+    let (img, _) = ds.get(0).unwrap();
+    let norm = Normalize { mean: [0.0; 3], std: [1.0; 3] };
+    let mut shifted = 0;
+    for index in 0..20u64 {
+        let mut out = vec![0f32; 3 * 32 * 32];
+        Transform::PadCropFlip { pad: 4, size: 32 }.apply(&img, norm, 0, 0, index, &mut out);
+        // Every output is either zero padding or one of the image's own byte values / 255.
+        assert!(out.iter().all(|&v| v == 0.0 || img.data.contains(&((v * 255.0).round() as u8))));
+        let original: Vec<f32> = (0..1024).map(|p| img.data[p * 3] as f32 / 255.0).collect();
+        if out[..1024] != original[..] {
+            shifted += 1;
+        }
+    }
+    assert!(shifted >= 15, "crops/flips should usually change the image, changed {shifted}/20");
+    // No padding, no flip: the identity.
+    let mut out = vec![0f32; 3 * 32 * 32];
+    Transform::ResizeCenterCrop { resize: 32, size: 32 }.apply(&img, norm, 0, 0, 0, &mut out);
+    for p in 0..1024 {
+        assert!((out[1024 + p] - img.data[p * 3 + 1] as f32 / 255.0).abs() < 1e-6);
+    }
+}
+
+#[test]
+fn resizing_keeps_shapes_and_ranges() {
+    let root = tmp("resize");
+    write_folder(&root);
+    let ds = Arc::new(ImageFolder::open(&root).unwrap());
+    for transform in
+        [Transform::RandomResizedCropFlip { size: 24 }, Transform::ResizeCenterCrop { resize: 28, size: 24 }]
+    {
+        let loader = Loader::new(ds.clone(), transform, Normalize::IMAGENET, CFG).unwrap();
+        let batches = loader.epoch(0).collect::<Result<Vec<_>>>().unwrap();
+        assert_eq!(batches.len(), 1);
+        let b = &batches[0];
+        assert_eq!(b.shape, [7, 3, 24, 24]);
+        assert_eq!(b.images.len(), 7 * 3 * 24 * 24);
+        let lo = (0.0 - 0.485) / 0.229 - 1e-4;
+        let hi = (1.0 - 0.406) / 0.225 + 1e-4;
+        assert!(b.images.iter().all(|v| v.is_finite() && *v >= lo && *v <= hi));
+    }
+    // Upscaling CIFAR to the paper's 70×70 keeps the mean colour.
+    let dir = tmp("resize-cifar");
+    write_cifar10(&dir, 2);
+    let c = Cifar::load(&dir, CifarKind::Cifar10, Split::Train).unwrap();
+    let (img, _) = c.get(1).unwrap();
+    let norm = Normalize { mean: [0.0; 3], std: [1.0; 3] };
+    let mut out = vec![0f32; 3 * 70 * 70];
+    Transform::ResizeCenterCrop { resize: 70, size: 70 }.apply(&img, norm, 0, 0, 0, &mut out);
+    let src_mean = (0..1024).map(|p| img.data[p * 3] as f32).sum::<f32>() / 1024.0 / 255.0;
+    let out_mean = out[..4900].iter().sum::<f32>() / 4900.0;
+    assert!((src_mean - out_mean).abs() < 0.02, "{src_mean} vs {out_mean}");
+}
+
+#[test]
+fn loader_batches_drop_or_keep_the_last_and_report_errors() {
+    let dir = tmp("loader");
+    write_cifar10(&dir, 10); // 50 train images
+    let keep = cifar_loader(&dir, Transform::PadCropFlip { pad: 4, size: 32 }, CFG);
+    let sizes: Vec<usize> = keep.epoch(0).map(|b| b.unwrap().labels.len()).collect();
+    assert_eq!(sizes, [16, 16, 16, 2]);
+    assert_eq!(keep.batches_per_epoch(), 4);
+    let mut all: Vec<usize> = keep.epoch(0).flat_map(|b| b.unwrap().indices).collect();
+    all.sort();
+    assert_eq!(all, (0..50).collect::<Vec<_>>(), "an epoch visits every image once");
+    let drop = cifar_loader(&dir, Transform::PadCropFlip { pad: 4, size: 32 }, LoaderConfig { drop_last: true, ..CFG });
+    assert_eq!(drop.epoch(0).count(), 3);
+    assert_eq!(drop.batches_per_epoch(), 3);
+    let ordered =
+        cifar_loader(&dir, Transform::PadCropFlip { pad: 4, size: 32 }, LoaderConfig { shuffle: false, ..CFG });
+    assert_eq!(ordered.epoch(0).next().unwrap().unwrap().indices, (0..16).collect::<Vec<_>>());
+    let labels = ordered.epoch(0).next().unwrap().unwrap().labels;
+    assert_eq!(labels[..12], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]);
+
+    let ds = Arc::new(Cifar::load(&dir, CifarKind::Cifar10, Split::Train).unwrap());
+    assert!(Loader::new(
+        ds.clone(),
+        Transform::PadCropFlip { pad: 4, size: 32 },
+        Normalize::CIFAR10,
+        LoaderConfig { batch_size: 0, ..CFG }
+    )
+    .is_err());
+    let bad = Transform::ResizeCenterCrop { resize: 10, size: 32 };
+    assert!(Loader::new(ds, bad, Normalize::CIFAR10, CFG)
+        .err()
+        .expect("invalid transform")
+        .to_string()
+        .contains("resize"));
+
+    // An undecodable image surfaces as the epoch's error, naming the file.
+    let root = tmp("loader-bad");
+    write_folder(&root);
+    std::fs::write(root.join("n02").join("zz.png"), b"\x89PNG broken").unwrap();
+    let ds = Arc::new(ImageFolder::open(&root).unwrap());
+    let loader = Loader::new(ds, Transform::RandomResizedCropFlip { size: 16 }, Normalize::IMAGENET, CFG).unwrap();
+    let results: Vec<Result<Batch>> = loader.epoch(0).collect();
+    let err = results.into_iter().find_map(|r| r.err()).expect("an error").to_string();
+    assert!(err.contains("zz.png"), "{err}");
+}
