@@ -33,7 +33,8 @@ fn read_estimates(dir: &Path, out: &mut Estimates) -> Result<()> {
     Ok(())
 }
 
-fn machine() -> String {
+/// CPU model and hardware threads of this machine.
+pub fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {

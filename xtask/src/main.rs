@@ -1,8 +1,10 @@
 //! The project's task runner (see <https://github.com/matklad/cargo-xtask/>): `cargo xtask ci`,
-//! `cargo xtask params`, `cargo xtask bench-kernels`.
+//! `cargo xtask params`, `cargo xtask bench-kernels`, `cargo xtask bench-data`.
 
 mod bench;
+mod bench_data;
 mod ptx;
+mod reproduce;
 mod tidy;
 
 use anyhow::{bail, Context, Result};
@@ -33,12 +35,72 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Measures the data pipeline's images/s on real data and writes `results/data.md`.
+    BenchData {
+        /// CIFAR-10 binary directory (default: ../shared/datasets/cifar-10-batches-bin).
+        #[arg(long)]
+        cifar10: Option<PathBuf>,
+        /// ImageNet-style folder of JPEGs (default: ../shared/datasets/imagenette-250/train).
+        #[arg(long)]
+        folder: Option<PathBuf>,
+    },
+    /// Table 2 of the paper (CIFAR-10): trains or reuses runs, writes results/table2.md.
+    ReproduceTable2(ReproduceArgs),
+    /// Table 3 of the paper (CIFAR-100): trains or reuses runs, writes results/table3.md.
+    ReproduceTable3(ReproduceArgs),
+    /// Table 4 of the paper (ImageNet-style folder): trains or reuses runs, writes results/table4.md.
+    ReproduceTable4(ReproduceArgs),
     /// Runs the kernel benchmarks and writes `results/kernels.md`.
     BenchKernels {
         /// Criterion's measurement time per benchmark, in seconds.
         #[arg(long, default_value_t = 3)]
         seconds: u64,
     },
+}
+
+#[derive(clap::Args)]
+struct ReproduceArgs {
+    /// Dataset directory (CIFAR binary layout, or a folder with train/ and val/); default: the
+    /// shared datasets beside the repository where they exist.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// `paper` (the article's settings), `cpu` (scaled for a 2-core CPU) or `smoke` (minutes).
+    #[arg(long, default_value = "cpu")]
+    preset: String,
+    /// Seeds, comma-separated; one run per model and seed.
+    #[arg(long, default_value = "0", value_delimiter = ',')]
+    seeds: Vec<u64>,
+    /// CIFAR-100 label set: `coarse` (20, the paper's heads) or `fine` (100).
+    #[arg(long, default_value = "coarse")]
+    labels: String,
+    /// `cpu`, `cuda` or `metal`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Where runs go (default runs/tableN).
+    #[arg(long)]
+    runs: Option<PathBuf>,
+}
+
+fn reproduce(table: reproduce::Table, number: u8, args: ReproduceArgs) -> Result<()> {
+    let root = project_root();
+    let data = match args.data {
+        Some(d) => d,
+        None => reproduce::default_data(table, &root)?,
+    };
+    let opts = reproduce::Options {
+        data,
+        preset: args.preset,
+        seeds: args.seeds,
+        labels: args.labels,
+        device: args.device,
+        runs: args.runs.unwrap_or_else(|| root.join(format!("runs/table{number}"))),
+        out: root.join(format!("results/table{number}.md")),
+        command: std::iter::once("cargo xtask".to_string())
+            .chain(std::env::args().skip(1))
+            .collect::<Vec<_>>()
+            .join(" "),
+    };
+    reproduce::reproduce(table, &opts).map(|_| ())
 }
 
 /// The workspace root (the parent of this crate's directory).
@@ -117,5 +179,9 @@ fn main() -> Result<()> {
         Cmd::Ptx => ptx::check(&project_root()),
         Cmd::Params { json } => params(json),
         Cmd::BenchKernels { seconds } => bench::kernels(seconds),
+        Cmd::ReproduceTable2(a) => reproduce(reproduce::Table::Two, 2, a),
+        Cmd::ReproduceTable3(a) => reproduce(reproduce::Table::Three, 3, a),
+        Cmd::ReproduceTable4(a) => reproduce(reproduce::Table::Four, 4, a),
+        Cmd::BenchData { cifar10, folder } => bench_data::run(cifar10, folder),
     }
 }

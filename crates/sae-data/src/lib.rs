@@ -16,5 +16,5 @@ pub use cifar::{Cifar, CifarKind, LabelSet, Split};
 pub use error::{Error, Result};
 pub use folder::ImageFolder;
 pub use image_ops::Rgb8Image;
-pub use loader::{Batch, Dataset, Loader, LoaderConfig};
+pub use loader::{Batch, Dataset, Loader, LoaderConfig, Subset};
 pub use transform::{Normalize, Transform};

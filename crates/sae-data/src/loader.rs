@@ -26,6 +26,19 @@ pub trait Dataset: Send + Sync {
     fn classes(&self) -> &[String];
 }
 
+/// A dataset chosen at run time (CIFAR or a folder, whole or a subset).
+impl Dataset for Box<dyn Dataset> {
+    fn len(&self) -> usize {
+        (**self).len()
+    }
+    fn get(&self, index: usize) -> Result<(Rgb8Image, u32)> {
+        (**self).get(index)
+    }
+    fn classes(&self) -> &[String] {
+        (**self).classes()
+    }
+}
+
 /// A batch of transformed images.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
@@ -159,5 +172,35 @@ impl Iterator for EpochIter {
     type Item = Result<Batch>;
     fn next(&mut self) -> Option<Self::Item> {
         self.rx.recv().ok()
+    }
+}
+
+/// A fixed subset of another dataset (for scaled-down presets): the first `len` indices of a
+/// seeded permutation, so the subset is a uniform sample of every class.
+pub struct Subset<D: Dataset> {
+    inner: Arc<D>,
+    indices: Vec<usize>,
+}
+
+impl<D: Dataset> Subset<D> {
+    /// `len` images of `inner` drawn without replacement with `seed` (all when `len` ≥ its size).
+    pub fn new(inner: Arc<D>, len: usize, seed: u64) -> Self {
+        let mut indices: Vec<usize> = (0..inner.len()).collect();
+        indices.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+        indices.truncate(len);
+        indices.sort_unstable();
+        Self { inner, indices }
+    }
+}
+
+impl<D: Dataset> Dataset for Subset<D> {
+    fn len(&self) -> usize {
+        self.indices.len()
+    }
+    fn get(&self, index: usize) -> Result<(Rgb8Image, u32)> {
+        self.inner.get(self.indices[index])
+    }
+    fn classes(&self) -> &[String] {
+        self.inner.classes()
     }
 }

@@ -133,26 +133,6 @@ impl Strided4 {
     }
 }
 
-/// Dot product with eight independent accumulators, so that LLVM vectorises it without
-/// reassociating floating-point sums on its own.
-#[inline]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0f32; 8];
-    let chunks = n / 8;
-    for i in 0..chunks {
-        for l in 0..8 {
-            acc[l] += a[i * 8 + l] * b[i * 8 + l];
-        }
-    }
-    let mut total = 0f32;
-    for i in chunks * 8..n {
-        total += a[i] * b[i];
-    }
-    total + acc.iter().sum::<f32>()
-}
-
 /// `y += alpha * x`.
 #[inline]
 pub(crate) fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
@@ -173,4 +153,93 @@ pub(crate) fn to_f32_vec<T: Elem>(op: &str, what: &str, data: &[T], layout: &Lay
 /// Minimum number of elements of work per rayon task, so that tiny planes are batched.
 pub(crate) fn min_planes_per_task(plane_len: usize) -> usize {
     (8192 / plane_len.max(1)).max(1)
+}
+
+/// A strided read-only matrix view: element (i, j) is `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+/// `out (m × n, row-major) = [out +] a (m × k) · b (k × n)` through the `gemm` crate (the
+/// matrix multiply Candle uses), parallel on the current rayon pool.
+pub(crate) fn matmul(m: usize, n: usize, k: usize, a: Mat, b: Mat, out: &mut [f32], accumulate: bool) {
+    let last = |v: &Mat, rows: usize, cols: usize| (rows.max(1) - 1) * v.rs + (cols.max(1) - 1) * v.cs;
+    assert!(m * n <= out.len(), "matmul: output too small");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            out[..m * n].iter_mut().for_each(|v| *v = 0.0);
+        }
+        return;
+    }
+    assert!(last(&a, m, k) < a.data.len() && last(&b, k, n) < b.data.len(), "matmul: view out of bounds");
+    let threads = rayon::current_num_threads();
+    let parallelism =
+        if m * n * k >= 1 << 16 && threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: the asserts above keep every index the views and the output describe in bounds;
+    // `out` is exclusively borrowed and does not alias the inputs.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// Sum of a slice in `f32` with eight independent accumulators (vectorisable).
+#[inline]
+pub(crate) fn sum<T: Elem>(v: &[T]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = v.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().map(|x| x.to_f32()).sum();
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] += c[l].to_f32();
+        }
+    }
+    tail + acc.iter().sum::<f32>()
+}
+
+/// (Σ x, Σ g·x) with eight independent accumulators each (vectorisable).
+#[inline]
+pub(crate) fn sum_and_dot<T: Elem>(x: &[T], g: &[T]) -> (f32, f32) {
+    let (mut sx, mut sgx) = ([0f32; 8], [0f32; 8]);
+    let n = x.len().min(g.len());
+    let full = n / 8 * 8;
+    for (xc, gc) in x[..full].chunks_exact(8).zip(g[..full].chunks_exact(8)) {
+        for l in 0..8 {
+            let xv = xc[l].to_f32();
+            sx[l] += xv;
+            sgx[l] += gc[l].to_f32() * xv;
+        }
+    }
+    let (mut tx, mut tgx) = (0f32, 0f32);
+    for k in full..n {
+        let xv = x[k].to_f32();
+        tx += xv;
+        tgx += g[k].to_f32() * xv;
+    }
+    (tx + sx.iter().sum::<f32>(), tgx + sgx.iter().sum::<f32>())
 }

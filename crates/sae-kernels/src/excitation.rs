@@ -21,7 +21,9 @@
 //! math requires. The gates `s` are recomputed in the backward pass from the pooled values
 //! (a few kFLOP per image) rather than kept alive between passes.
 
-use crate::cpu::{axpy, dispatch_float, dot, min_planes_per_task, same_dtype, to_f32_vec, Elem, Strided4};
+use crate::cpu::{
+    axpy, dispatch_float, matmul, min_planes_per_task, same_dtype, sum, sum_and_dot, to_f32_vec, Elem, Mat, Strided4,
+};
 use crate::Implementation;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -212,23 +214,27 @@ impl Excitation {
     }
 
     /// Computes hidden activations `h` (N × hidden, after ReLU) and gates `s` (N × C) from the
-    /// pooled means `z` (N × C).
+    /// pooled means `z` (N × C), with two small matrix products for the whole batch.
     fn gates(&self, p: &[f32], z: &[f32]) -> (Vec<f32>, Vec<f32>) {
         let (c, hd) = (self.channels, self.hidden);
         let o = self.offsets();
         let n = z.len() / c;
         let mut h = vec![0f32; n * hd];
+        // h = ReLU(z W1ᵀ + b1): W1 is (hidden, C) row-major, read transposed.
+        matmul(n, hd, c, Mat { data: z, rs: c, cs: 1 }, Mat { data: &p[..o.b1], rs: 1, cs: c }, &mut h, false);
+        for row in h.chunks_mut(hd) {
+            for (v, b) in row.iter_mut().zip(&p[o.b1..o.w2]) {
+                *v = (*v + b).max(0.0);
+            }
+        }
+        // s = sigmoid(h W2ᵀ + b2): W2 is (C, hidden) row-major, read transposed.
         let mut s = vec![0f32; n * c];
-        h.par_chunks_mut(hd).zip(s.par_chunks_mut(c)).enumerate().for_each(|(i, (h, s))| {
-            let z = &z[i * c..(i + 1) * c];
-            for (j, hj) in h.iter_mut().enumerate() {
-                *hj = (p[o.b1 + j] + dot(&p[j * c..(j + 1) * c], z)).max(0.0);
+        matmul(n, c, hd, Mat { data: &h, rs: hd, cs: 1 }, Mat { data: &p[o.w2..o.b2], rs: 1, cs: hd }, &mut s, false);
+        for row in s.chunks_mut(c) {
+            for (v, b) in row.iter_mut().zip(&p[o.b2..]) {
+                *v = 1.0 / (1.0 + (-(*v + b)).exp());
             }
-            for (k, sk) in s.iter_mut().enumerate() {
-                let a = p[o.b2 + k] + dot(&p[o.w2 + k * hd..o.w2 + (k + 1) * hd], h);
-                *sk = 1.0 / (1.0 + (-a).exp());
-            }
-        });
+        }
         (h, s)
     }
 
@@ -244,9 +250,15 @@ impl Excitation {
             .into_par_iter()
             .with_min_len(min_len)
             .map(|plane| {
-                let mut sum = 0f32;
-                xs.for_each_in_plane(x, plane / c, plane % c, |_, v| sum += v.to_f32());
-                sum * inv_hw
+                let total = match xs.contiguous_plane(x, plane / c, plane % c) {
+                    Some(values) => sum(values),
+                    None => {
+                        let mut total = 0f32;
+                        xs.for_each_in_plane(x, plane / c, plane % c, |_, v| total += v.to_f32());
+                        total
+                    }
+                };
+                total * inv_hw
             })
             .collect();
         let (_, s) = self.gates(&p, &z);
@@ -297,6 +309,10 @@ impl Excitation {
                 || vec![0f32; hw],
                 |gbuf, plane| {
                     let (ni, ci) = (plane / c, plane % c);
+                    if let (Some(xp), Some(gp)) = (xs.contiguous_plane(x, ni, ci), gs.contiguous_plane(g, ni, ci)) {
+                        let (sx, sgx) = sum_and_dot(xp, gp);
+                        return (sx * inv_hw, sgx);
+                    }
                     gs.for_each_in_plane(g, ni, ci, |k, v| gbuf[k] = v.to_f32());
                     let (mut sx, mut sgx) = (0f32, 0f32);
                     xs.for_each_in_plane(x, ni, ci, |k, v| {
@@ -311,48 +327,27 @@ impl Excitation {
         let z: Vec<f32> = sums.iter().map(|s| s.0).collect();
         let (h, s) = self.gates(&p, &z);
 
-        // The dense layers, per image: da = ds·s(1−s), dh = W2ᵀda masked by ReLU, dz = W1ᵀdh.
+        // The dense layers for the whole batch: da = ds·s(1−s), dh = da W2 masked by the ReLU,
+        // dz = dh W1, and the parameter gradients dW1 = dhᵀ z, db1 = Σ dh, dW2 = daᵀ h, db2 = Σ da.
         let da: Vec<f32> = sums.iter().zip(&s).map(|(&(_, sgx), &s)| sgx * s * (1.0 - s)).collect();
+        let w1 = Mat { data: &p[..o.b1], rs: c, cs: 1 };
+        let w2 = Mat { data: &p[o.w2..o.b2], rs: hd, cs: 1 };
         let mut dh = vec![0f32; n * hd];
+        matmul(n, hd, c, Mat { data: &da, rs: c, cs: 1 }, w2, &mut dh, false);
+        for (d, &hv) in dh.iter_mut().zip(&h) {
+            if hv <= 0.0 {
+                *d = 0.0;
+            }
+        }
         let mut dz = vec![0f32; n * c];
-        dh.par_chunks_mut(hd).zip(dz.par_chunks_mut(c)).enumerate().for_each(|(i, (dh, dz))| {
-            for k in 0..c {
-                axpy(da[i * c + k], &p[o.w2 + k * hd..o.w2 + (k + 1) * hd], dh);
-            }
-            for (dhj, &hj) in dh.iter_mut().zip(&h[i * hd..(i + 1) * hd]) {
-                if hj <= 0.0 {
-                    *dhj = 0.0;
-                }
-            }
-            for (j, &dhj) in dh.iter().enumerate() {
-                if dhj != 0.0 {
-                    axpy(dhj, &p[j * c..(j + 1) * c], dz);
-                }
-            }
-        });
-
-        // Parameter gradients, summed over the batch: dW1 = Σ dh zᵀ, db1 = Σ dh,
-        // dW2 = Σ da hᵀ, db2 = Σ da. Rows are independent, so they run in parallel.
+        matmul(n, c, hd, Mat { data: &dh, rs: hd, cs: 1 }, w1, &mut dz, false);
         let mut dp = vec![0f32; o.len];
-        let (dw1b1, dw2b2) = dp.split_at_mut(o.w2);
-        let (dw1, db1) = dw1b1.split_at_mut(o.b1);
-        let (dw2, db2) = dw2b2.split_at_mut(hd * c);
-        dw1.par_chunks_mut(c).zip(db1.par_iter_mut()).enumerate().for_each(|(j, (row, db))| {
-            for i in 0..n {
-                let d = dh[i * hd + j];
-                if d != 0.0 {
-                    axpy(d, &z[i * c..(i + 1) * c], row);
-                    *db += d;
-                }
-            }
-        });
-        dw2.par_chunks_mut(hd).zip(db2.par_iter_mut()).enumerate().for_each(|(k, (row, db))| {
-            for i in 0..n {
-                let d = da[i * c + k];
-                axpy(d, &h[i * hd..(i + 1) * hd], row);
-                *db += d;
-            }
-        });
+        matmul(hd, c, n, Mat { data: &dh, rs: 1, cs: hd }, Mat { data: &z, rs: c, cs: 1 }, &mut dp[..o.b1], false);
+        matmul(c, hd, n, Mat { data: &da, rs: 1, cs: c }, Mat { data: &h, rs: hd, cs: 1 }, &mut dp[o.w2..o.b2], false);
+        for i in 0..n {
+            axpy(1.0, &dh[i * hd..(i + 1) * hd], &mut dp[o.b1..o.w2]);
+            axpy(1.0, &da[i * c..(i + 1) * c], &mut dp[o.b2..]);
+        }
 
         // Pass 2: dx = g·gate(s) + dz/HW, written straight into the packed output.
         let numel = n * c * hw;

@@ -1,0 +1,124 @@
+//! Atomic checkpoints: each epoch's model weights, optimiser state and `state.json` are
+//! written into a temporary directory that is renamed into place, and then the small pointer
+//! files `last.json` / `best.json` are replaced by rename. A crash at any moment leaves the
+//! previous complete checkpoint reachable. Older checkpoints other than the best are removed.
+
+use crate::error::io;
+use crate::optim::Optimizer;
+use crate::train::write_atomic;
+use crate::{Error, Result};
+use sae_models::Model;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Progress saved with each checkpoint.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointState {
+    /// Epochs completed.
+    pub epoch: usize,
+    /// Optimiser steps taken.
+    pub step: usize,
+    /// Best eval top-1 so far, %.
+    pub best_top1: f64,
+    /// Epoch of the best eval top-1.
+    pub best_epoch: usize,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Pointer {
+    dir: String,
+}
+
+fn checkpoints(run: &Path) -> PathBuf {
+    run.join("checkpoints")
+}
+
+fn epoch_dir_name(epoch: usize) -> String {
+    format!("epoch-{epoch:04}")
+}
+
+fn write_pointer(run: &Path, which: &str, dir: &str) -> Result<()> {
+    let json = serde_json::to_string(&Pointer { dir: dir.to_string() }).expect("pointer serialises");
+    write_atomic(&checkpoints(run).join(format!("{which}.json")), json.as_bytes())
+}
+
+fn read_pointer(run: &Path, which: &str) -> Result<Option<String>> {
+    let path = checkpoints(run).join(format!("{which}.json"));
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+    let p: Pointer =
+        serde_json::from_str(&text).map_err(|e| Error::Checkpoint { path: path.clone(), reason: e.to_string() })?;
+    Ok(Some(p.dir))
+}
+
+/// Saves the checkpoint of `state.epoch`, updating `best` when `eval_top1` beats it.
+pub fn save(
+    run: &Path,
+    model: &Model,
+    optimizer: &Optimizer,
+    state: &mut CheckpointState,
+    eval_top1: f64,
+) -> Result<()> {
+    let root = checkpoints(run);
+    std::fs::create_dir_all(&root).map_err(io(&root))?;
+    let name = epoch_dir_name(state.epoch);
+    let tmp = root.join(format!("{name}.tmp"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    let is_best = state.best_epoch == 0 || eval_top1 > state.best_top1;
+    if is_best {
+        state.best_top1 = eval_top1;
+        state.best_epoch = state.epoch;
+    }
+    model.save(&tmp.join("model.safetensors"))?;
+    let opt: std::collections::HashMap<String, candle_core::Tensor> = optimizer.state_tensors()?.into_iter().collect();
+    candle_core::safetensors::save(&opt, tmp.join("optimizer.safetensors"))?;
+    let json = serde_json::to_string_pretty(state).expect("state serialises");
+    std::fs::write(tmp.join("state.json"), json).map_err(io(&tmp))?;
+    let dest = root.join(&name);
+    if dest.exists() {
+        std::fs::remove_dir_all(&dest).map_err(io(&dest))?;
+    }
+    std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
+    write_pointer(run, "last", &name)?;
+    if is_best {
+        write_pointer(run, "best", &name)?;
+    }
+    // Keep only the last and the best.
+    let best = epoch_dir_name(state.best_epoch);
+    for entry in std::fs::read_dir(&root).map_err(io(&root))?.flatten() {
+        let n = entry.file_name().to_string_lossy().to_string();
+        if n.starts_with("epoch-") && !n.ends_with(".tmp") && n != name && n != best {
+            std::fs::remove_dir_all(entry.path()).map_err(io(&entry.path()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Loads the checkpoint `last.json` names into `model` and `optimizer`; `None` when the run
+/// has none yet.
+pub fn load_last(run: &Path, model: &Model, optimizer: &mut Optimizer) -> Result<Option<CheckpointState>> {
+    let Some(name) = read_pointer(run, "last")? else { return Ok(None) };
+    load_dir(&checkpoints(run).join(name), model, optimizer).map(Some)
+}
+
+/// Loads one checkpoint directory.
+pub fn load_dir(dir: &Path, model: &Model, optimizer: &mut Optimizer) -> Result<CheckpointState> {
+    let bad = |reason: String| Error::Checkpoint { path: dir.to_path_buf(), reason };
+    let state_path = dir.join("state.json");
+    let text = std::fs::read_to_string(&state_path).map_err(io(&state_path))?;
+    let state: CheckpointState = serde_json::from_str(&text).map_err(|e| bad(format!("state.json: {e}")))?;
+    model.load_weights(&dir.join("model.safetensors"))?;
+    let opt_path = dir.join("optimizer.safetensors");
+    let tensors = candle_core::safetensors::load(&opt_path, model.device())
+        .map_err(|e| Error::Checkpoint { path: opt_path.clone(), reason: e.to_string() })?;
+    optimizer.load_state(&tensors, &opt_path)?;
+    if optimizer.steps() as usize != state.step {
+        return Err(bad(format!("optimiser is at step {} but state.json says {}", optimizer.steps(), state.step)));
+    }
+    Ok(state)
+}

@@ -1,0 +1,251 @@
+//! Optimisers and schedules against hand-computed values; training on a small learnable
+//! problem written in the CIFAR-10 layout; checkpoints, resume equivalence, the NaN guard and
+//! damaged checkpoints.
+
+use candle_core::{Device, Tensor, Var};
+use sae_models::{config, Stem};
+use sae_train::*;
+use std::path::{Path, PathBuf};
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sae-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// One step of the optimiser on θ with a fixed gradient function; returns θ after each step.
+fn run_optimizer(cfg: OptimizerConfig, theta0: f32, grad: impl Fn(f32) -> f32, steps: usize) -> Vec<f32> {
+    let var = Var::new(&[theta0], &Device::Cpu).unwrap();
+    let mut opt = Optimizer::new(cfg, vec![("theta".into(), var.clone())]);
+    let mut out = Vec::new();
+    for _ in 0..steps {
+        let theta = var.to_vec1::<f32>().unwrap()[0];
+        // loss = g·θ with g fixed at this θ gives gradient g.
+        let g = Tensor::new(&[grad(theta)], &Device::Cpu).unwrap();
+        let loss = (var.as_tensor() * &g).unwrap().sum_all().unwrap();
+        opt.step(&loss.backward().unwrap()).unwrap();
+        out.push(var.to_vec1::<f32>().unwrap()[0]);
+    }
+    out
+}
+
+#[test]
+fn adam_matches_keras_by_hand() {
+    // Gradient 2θ from θ = 1. Step 1: m = 0.1·2 = 0.2, v = 0.001·4 = 0.004,
+    // α = 0.001·√0.001/0.1 = 3.16228e-4, θ = 1 − α·0.2/(√0.004 + 1e-7) = 0.999 (to 1e-7).
+    let t = run_optimizer(OptimizerConfig::keras_adam(), 1.0, |x| 2.0 * x, 2);
+    let alpha1 = 1e-3 * (1.0f64 - 0.999).sqrt() / (1.0 - 0.9);
+    let theta1 = 1.0 - alpha1 * 0.2 / (0.004f64.sqrt() + 1e-7);
+    assert!((t[0] as f64 - theta1).abs() < 1e-6, "{} vs {theta1}", t[0]);
+    // Step 2 with g = 2θ₁.
+    let g2 = 2.0 * theta1;
+    let m2 = 0.9 * 0.2 + 0.1 * g2;
+    let v2 = 0.999 * 0.004 + 0.001 * g2 * g2;
+    let alpha2 = 1e-3 * (1.0f64 - 0.999f64.powi(2)).sqrt() / (1.0 - 0.9f64.powi(2));
+    let theta2 = theta1 - alpha2 * m2 / (v2.sqrt() + 1e-7);
+    assert!((t[1] as f64 - theta2).abs() < 1e-6, "{} vs {theta2}", t[1]);
+}
+
+#[test]
+fn sgd_variants_match_pytorch_by_hand() {
+    let sgd = |momentum, nesterov, weight_decay, decoupled| OptimizerConfig::Sgd {
+        lr: 0.1,
+        momentum,
+        nesterov,
+        weight_decay,
+        decoupled,
+    };
+    // Constant gradient 1, momentum 0.9: buffers 1, 1.9, 2.71; θ = 1 − 0.1·(1, 2.9, 5.61).
+    let t = run_optimizer(sgd(0.9, false, 0.0, false), 1.0, |_| 1.0, 3);
+    for (got, want) in t.iter().zip([0.9, 0.71, 0.439]) {
+        assert!((got - want).abs() < 1e-6, "{t:?}");
+    }
+    // Nesterov: steps g + μ·b = 1.9, 2.71 → θ = 0.81, 0.539.
+    let t = run_optimizer(sgd(0.9, true, 0.0, false), 1.0, |_| 1.0, 2);
+    assert!((t[0] - 0.81).abs() < 1e-6 && (t[1] - 0.539).abs() < 1e-6, "{t:?}");
+    // L2 decay 0.5, no momentum, zero gradient: θ ← θ − 0.1·0.5·θ = 0.95θ.
+    let t = run_optimizer(sgd(0.0, false, 0.5, false), 2.0, |_| 0.0, 2);
+    assert!((t[0] - 1.9).abs() < 1e-6 && (t[1] - 1.805).abs() < 1e-6, "{t:?}");
+    // Decoupled decay with momentum: the decay bypasses the buffer. g = 1: θ = 2 − 0.1 − 0.1·0.5·2 = 1.8.
+    let t = run_optimizer(sgd(0.9, false, 0.5, true), 2.0, |_| 1.0, 1);
+    assert!((t[0] - 1.8).abs() < 1e-6, "{t:?}");
+}
+
+#[test]
+fn schedules_match_their_formulas() {
+    assert_eq!(Schedule::Constant.lr(0.01, 33.0), 0.01);
+    let step = Schedule::Step { every: 15, gamma: 0.1 };
+    assert_eq!(step.lr(0.01, 14.9), 0.01);
+    assert!((step.lr(0.01, 15.0) - 0.001).abs() < 1e-12);
+    assert!((step.lr(0.01, 45.5) - 1e-5).abs() < 1e-15);
+    let cos = Schedule::Cosine { warmup_epochs: 2.0, total_epochs: 12.0, min_lr: 0.0 };
+    assert!((cos.lr(1.0, 1.0) - 0.5).abs() < 1e-12);
+    assert!((cos.lr(1.0, 2.0) - 1.0).abs() < 1e-12);
+    assert!((cos.lr(1.0, 7.0) - 0.5).abs() < 1e-12);
+    assert!(cos.lr(1.0, 12.0).abs() < 1e-12);
+}
+
+/// A learnable CIFAR-10-layout problem: class k is a colour (a ramp of hue) plus noise.
+fn write_colour_dataset(dir: &Path, train_per_class: usize, test_per_class: usize) {
+    let mut state = 12345u64;
+    let mut noise = move || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((state >> 33) % 60) as i32 - 30
+    };
+    let mut record = |label: usize| -> Vec<u8> {
+        let base = [(label * 25) as i32, (255 - label * 25) as i32, ((label * 70) % 256) as i32];
+        let mut r = vec![label as u8];
+        for b in base {
+            r.extend((0..1024).map(|_| (b + noise()).clamp(0, 255) as u8));
+        }
+        r
+    };
+    let files = ["data_batch_1.bin", "data_batch_2.bin", "data_batch_3.bin", "data_batch_4.bin", "data_batch_5.bin"];
+    for (f, name) in files.iter().enumerate() {
+        let bytes: Vec<u8> = (0..train_per_class * 10 / 5).flat_map(|i| record((i + f) % 10)).collect();
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
+    let bytes: Vec<u8> = (0..test_per_class * 10).flat_map(|i| record(i % 10)).collect();
+    std::fs::write(dir.join("test_batch.bin"), bytes).unwrap();
+    std::fs::write(dir.join("batches.meta.txt"), (0..10).map(|k| format!("colour{k}\n")).collect::<String>()).unwrap();
+}
+
+fn small_config(model: &str, data: &Path, epochs: usize) -> TrainConfig {
+    let mut m = config(model, 10).unwrap();
+    m.stem = Stem::Imagenet;
+    TrainConfig {
+        model: m,
+        data: DataConfig {
+            dataset: DatasetKind::Cifar10,
+            dir: data.to_path_buf(),
+            input_size: 32,
+            train_images: None,
+            eval_images: None,
+        },
+        optimizer: OptimizerConfig::keras_adam(),
+        schedule: Schedule::Constant,
+        epochs,
+        batch_size: 10,
+        seed: 1,
+        label_smoothing: 0.0,
+    }
+}
+
+#[test]
+fn resnet_senetv2_and_mobilenet_learn_a_small_problem() {
+    let data = tmp("learn-data");
+    write_colour_dataset(&data, 20, 10);
+    for model in ["resnet14b", "senetv2_resnet14b", "mobilenet_v1"] {
+        let run = tmp(&format!("learn-{model}"));
+        // 200 training images, batch 10, 10 epochs: 200 steps.
+        let history = train(&small_config(model, &data, 10), &run, &Device::Cpu, false, &mut LogLines).unwrap();
+        let last = history.last().unwrap();
+        assert!(history[0].train_loss > last.train_loss, "{model}: loss did not fall: {history:?}");
+        // Chance is 10 %.
+        assert!(last.eval_top1 >= 50.0, "{model}: eval top-1 {} after 200 steps", last.eval_top1);
+        assert_same_rows(&read_summary(&run).unwrap(), &history);
+        let cfg = TrainConfig::read(&run).unwrap();
+        assert_eq!(cfg.model.name, model);
+    }
+}
+
+/// Rows equal up to the precision `summary.csv` stores (resumed runs read earlier rows back).
+fn assert_same_rows(a: &[EpochSummary], b: &[EpochSummary]) {
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.epoch, y.epoch);
+        for (u, v) in [
+            (x.train_loss, y.train_loss),
+            (x.train_top1, y.train_top1),
+            (x.eval_loss, y.eval_loss),
+            (x.eval_top1, y.eval_top1),
+            (x.eval_top5, y.eval_top5),
+        ] {
+            assert!((u - v).abs() <= 1e-5 * u.abs().max(1.0), "{x:?} vs {y:?}");
+        }
+    }
+}
+
+fn checkpoint_model_bytes(run: &Path) -> Vec<u8> {
+    let last: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("checkpoints/last.json")).unwrap()).unwrap();
+    std::fs::read(run.join("checkpoints").join(last["dir"].as_str().unwrap()).join("model.safetensors")).unwrap()
+}
+
+#[test]
+fn resuming_gives_the_same_result_as_not_stopping() {
+    let data = tmp("resume-data");
+    write_colour_dataset(&data, 4, 2);
+    let straight = tmp("resume-straight");
+    let cfg = small_config("senetv2_resnet14b", &data, 2);
+    let full = train(&cfg, &straight, &Device::Cpu, false, &mut LogLines).unwrap();
+    let stopped = tmp("resume-stopped");
+    train(&small_config("senetv2_resnet14b", &data, 1), &stopped, &Device::Cpu, false, &mut LogLines).unwrap();
+    let resumed = train(&cfg, &stopped, &Device::Cpu, true, &mut LogLines).unwrap();
+    assert_eq!(resumed.len(), 2);
+    assert_eq!(checkpoint_model_bytes(&straight), checkpoint_model_bytes(&stopped), "weights differ after resume");
+    assert_same_rows(&full, &resumed);
+    // Only the last and the best checkpoints are kept.
+    let kept: Vec<String> = std::fs::read_dir(straight.join("checkpoints"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("epoch-"))
+        .collect();
+    assert!(kept.len() <= 2 && kept.contains(&"epoch-0002".to_string()), "{kept:?}");
+
+    // A second fresh run into the same directory is refused; a resume with another model is too.
+    let err = train(&cfg, &straight, &Device::Cpu, false, &mut LogLines).unwrap_err().to_string();
+    assert!(err.contains("already holds a run"), "{err}");
+    let other = small_config("seresnet14b", &data, 3);
+    let err = train(&other, &straight, &Device::Cpu, true, &mut LogLines).unwrap_err().to_string();
+    assert!(err.contains("different config"), "{err}");
+}
+
+#[test]
+fn a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
+    let data = tmp("nan-data");
+    write_colour_dataset(&data, 4, 2);
+    let run = tmp("nan-run");
+    let mut cfg = small_config("resnet14b", &data, 3);
+    // Epoch 1 at 1e-3; from epoch 2 the rate is 1e27, which overflows the weights.
+    cfg.schedule = Schedule::Step { every: 1, gamma: 1e30 };
+    let err = train(&cfg, &run, &Device::Cpu, false, &mut LogLines).unwrap_err();
+    assert!(matches!(err, Error::NonFiniteLoss { epoch: 1, .. }), "{err}");
+    assert!(err.to_string().contains("last good checkpoint"), "{err}");
+    assert_eq!(read_summary(&run).unwrap().len(), 1);
+    let last = std::fs::read_to_string(run.join("checkpoints/last.json")).unwrap();
+    assert!(last.contains("epoch-0001"), "{last}");
+    // The kept checkpoint loads and is finite.
+    let model = sae_models::Model::new(cfg.model.clone(), 0, &Device::Cpu).unwrap();
+    model.load_weights(&run.join("checkpoints/epoch-0001/model.safetensors")).unwrap();
+    for (name, v) in model.named_vars() {
+        let s = v.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(s.is_finite(), "{name} not finite in the kept checkpoint");
+    }
+}
+
+#[test]
+fn damaged_checkpoints_give_clear_errors() {
+    let data = tmp("damaged-data");
+    write_colour_dataset(&data, 4, 2);
+    let run = tmp("damaged-run");
+    let cfg = small_config("mobilenet_v1", &data, 1);
+    train(&cfg, &run, &Device::Cpu, false, &mut LogLines).unwrap();
+    let ckpt = run.join("checkpoints/epoch-0001");
+    let model_file = ckpt.join("model.safetensors");
+    let good = std::fs::read(&model_file).unwrap();
+    std::fs::write(&model_file, &good[..good.len() / 3]).unwrap();
+    let longer = TrainConfig { epochs: 2, ..cfg.clone() };
+    let err = train(&longer, &run, &Device::Cpu, true, &mut LogLines).unwrap_err().to_string();
+    assert!(err.contains("model.safetensors") && err.contains("not a valid safetensors"), "{err}");
+    std::fs::write(&model_file, &good).unwrap();
+    std::fs::write(ckpt.join("state.json"), "{ not json").unwrap();
+    let err = train(&longer, &run, &Device::Cpu, true, &mut LogLines).unwrap_err().to_string();
+    assert!(err.contains("epoch-0001") && err.contains("state.json"), "{err}");
+    std::fs::remove_file(ckpt.join("optimizer.safetensors")).unwrap();
+    std::fs::write(ckpt.join("state.json"), r#"{"epoch":1,"step":1,"best_top1":0.0,"best_epoch":1}"#).unwrap();
+    let err = train(&longer, &run, &Device::Cpu, true, &mut LogLines).unwrap_err().to_string();
+    assert!(err.contains("optimizer.safetensors"), "{err}");
+}
