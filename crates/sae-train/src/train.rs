@@ -237,10 +237,16 @@ impl TrainConfig {
     }
 }
 
-fn datasets(
-    cfg: &DataConfig,
-    seed: u64,
-) -> Result<(Box<dyn Dataset>, Box<dyn Dataset>, Transform, Transform, Normalize)> {
+/// The two splits of a run's data with their transforms.
+struct Splits {
+    train: Box<dyn Dataset>,
+    eval: Box<dyn Dataset>,
+    train_transform: Transform,
+    eval_transform: Transform,
+    normalize: Normalize,
+}
+
+fn datasets(cfg: &DataConfig, seed: u64) -> Result<Splits> {
     fn subset<D: Dataset + 'static>(d: D, limit: Option<usize>, seed: u64) -> Box<dyn Dataset> {
         match limit {
             Some(n) if n < d.len() => Box::new(Subset::new(Arc::new(d), n, seed)),
@@ -252,13 +258,13 @@ fn datasets(
         let train = Cifar::load(&cfg.dir, kind, Split::Train)?;
         let test = Cifar::load(&cfg.dir, kind, Split::Test)?;
         let norm = if kind == CifarKind::Cifar10 { Normalize::CIFAR10 } else { Normalize::CIFAR100 };
-        Ok((
-            subset(train, cfg.train_images, seed),
-            subset(test, cfg.eval_images, seed ^ 1),
-            Transform::PadCropFlip { pad: 4, size },
-            Transform::ResizeCenterCrop { resize: size, size },
-            norm,
-        ))
+        Ok(Splits {
+            train: subset(train, cfg.train_images, seed),
+            eval: subset(test, cfg.eval_images, seed ^ 1),
+            train_transform: Transform::PadCropFlip { pad: 4, size },
+            eval_transform: Transform::ResizeCenterCrop { resize: size, size },
+            normalize: norm,
+        })
     };
     match cfg.dataset {
         DatasetKind::Cifar10 => cifar(CifarKind::Cifar10),
@@ -273,13 +279,13 @@ fn datasets(
                     cfg.dir.display()
                 )));
             }
-            Ok((
-                subset(train, cfg.train_images, seed),
-                subset(val, cfg.eval_images, seed ^ 1),
-                Transform::RandomResizedCropFlip { size },
-                Transform::ResizeCenterCrop { resize: (size * 256 + 112) / 224, size },
-                Normalize::IMAGENET,
-            ))
+            Ok(Splits {
+                train: subset(train, cfg.train_images, seed),
+                eval: subset(val, cfg.eval_images, seed ^ 1),
+                train_transform: Transform::RandomResizedCropFlip { size },
+                eval_transform: Transform::ResizeCenterCrop { resize: (size * 256 + 112) / 224, size },
+                normalize: Normalize::IMAGENET,
+            })
         }
     }
 }
@@ -339,8 +345,8 @@ pub fn train(
     }
     write_atomic(&config_path, serde_json::to_string_pretty(cfg).expect("config serialises").as_bytes())?;
 
-    let (train_ds, eval_ds, train_tf, eval_tf, norm) = datasets(&cfg.data, cfg.seed)?;
-    let classes = train_ds.classes().len();
+    let splits = datasets(&cfg.data, cfg.seed)?;
+    let classes = splits.train.classes().len();
     if classes != cfg.model.num_classes {
         return Err(Error::Config(format!(
             "the dataset has {classes} classes but the model has {} outputs",
@@ -349,9 +355,9 @@ pub fn train(
     }
     let loader_cfg =
         LoaderConfig { batch_size: cfg.batch_size, shuffle: true, drop_last: true, seed: cfg.seed, prefetch: 3 };
-    let train_loader = Loader::new(Arc::new(train_ds), train_tf, norm, loader_cfg)?;
+    let train_loader = Loader::new(Arc::new(splits.train), splits.train_transform, splits.normalize, loader_cfg)?;
     let eval_cfg = LoaderConfig { shuffle: false, drop_last: false, ..loader_cfg };
-    let eval_loader = Loader::new(Arc::new(eval_ds), eval_tf, norm, eval_cfg)?;
+    let eval_loader = Loader::new(Arc::new(splits.eval), splits.eval_transform, splits.normalize, eval_cfg)?;
     let batches = train_loader.batches_per_epoch();
     if batches == 0 {
         return Err(Error::Config(format!("fewer training images than one batch of {}", cfg.batch_size)));

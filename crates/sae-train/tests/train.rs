@@ -135,11 +135,12 @@ fn small_config(model: &str, data: &Path, epochs: usize) -> TrainConfig {
 #[test]
 fn resnet_senetv2_and_mobilenet_learn_a_small_problem() {
     let data = tmp("learn-data");
-    write_colour_dataset(&data, 20, 10);
+    write_colour_dataset(&data, 8, 5);
     for model in ["resnet14b", "senetv2_resnet14b", "mobilenet_v1"] {
         let run = tmp(&format!("learn-{model}"));
-        // 200 training images, batch 10, 10 epochs: 200 steps.
-        let history = train(&small_config(model, &data, 10), &run, &Device::Cpu, false, &mut LogLines).unwrap();
+        // 80 training images, batch 4, 10 epochs: 200 steps.
+        let cfg = TrainConfig { batch_size: 4, ..small_config(model, &data, 10) };
+        let history = train(&cfg, &run, &Device::Cpu, false, &mut LogLines).unwrap();
         let last = history.last().unwrap();
         assert!(history[0].train_loss > last.train_loss, "{model}: loss did not fall: {history:?}");
         // Chance is 10 %.
