@@ -119,7 +119,8 @@ fn small_config(model: &str, data: &Path, epochs: usize) -> TrainConfig {
         data: DataConfig {
             dataset: DatasetKind::Cifar10,
             dir: data.to_path_buf(),
-            input_size: 32,
+            // Colour is all there is to learn; 16×16 keeps the tests fast.
+            input_size: 16,
             train_images: None,
             eval_images: None,
         },
@@ -138,13 +139,21 @@ fn resnet_senetv2_and_mobilenet_learn_a_small_problem() {
     write_colour_dataset(&data, 8, 5);
     for model in ["resnet14b", "senetv2_resnet14b", "mobilenet_v1"] {
         let run = tmp(&format!("learn-{model}"));
-        // 80 training images, batch 4, 10 epochs: 200 steps.
-        let cfg = TrainConfig { batch_size: 4, ..small_config(model, &data, 10) };
+        // 80 training images, batch 8, 20 epochs: 200 steps.
+        let mut cfg = TrainConfig { batch_size: 8, ..small_config(model, &data, 20) };
+        if model == "mobilenet_v1" {
+            // MobileNet's total stride of 32 would leave nothing of a 16×16 input to look at
+            // after its stride-2 stem; the CIFAR stem keeps 1×1 at the end.
+            cfg.model.stem = Stem::Cifar;
+        }
         let history = train(&cfg, &run, &Device::Cpu, false, &mut LogLines).unwrap();
-        let last = history.last().unwrap();
-        assert!(history[0].train_loss > last.train_loss, "{model}: loss did not fall: {history:?}");
-        // Chance is 10 %.
-        assert!(last.eval_top1 >= 50.0, "{model}: eval top-1 {} after 200 steps", last.eval_top1);
+        let late = &history[15..];
+        let best_late_loss = late.iter().map(|s| s.train_loss).fold(f64::INFINITY, f64::min);
+        assert!(best_late_loss < 0.75 * history[0].train_loss, "{model}: loss did not fall: {history:?}");
+        // Chance is 10 %; small-batch BatchNorm makes single evaluations noisy, so the best of
+        // the last five epochs is compared.
+        let best_late = late.iter().map(|s| s.eval_top1).fold(0.0, f64::max);
+        assert!(best_late >= 60.0, "{model}: eval top-1 at most {best_late} in epochs 16-20");
         assert_same_rows(&read_summary(&run).unwrap(), &history);
         let cfg = TrainConfig::read(&run).unwrap();
         assert_eq!(cfg.model.name, model);
