@@ -157,8 +157,8 @@ fn preset(table: Table, name: &str) -> Result<Preset> {
         // Minutes: the pipeline end to end on a few hundred images.
         ("smoke", _) => Preset {
             input_size: 32,
-            epochs: 2,
-            batch_size: 20,
+            epochs: 3,
+            batch_size: 10,
             train_images: Some(100),
             eval_images: Some(40),
             optimizer: adam,
@@ -381,8 +381,8 @@ mod tests {
         assert_eq!(results.len(), 4);
         for (model, runs) in &results {
             let run = &runs[0];
-            assert_eq!(run.len(), 2, "{model}");
-            assert!(run[1].train_loss < run[0].train_loss, "{model}: loss did not fall: {run:?}");
+            assert_eq!(run.len(), 3, "{model}");
+            assert!(run[2].train_loss < run[0].train_loss, "{model}: loss did not fall: {run:?}");
         }
         let report = std::fs::read_to_string(&opts.out).unwrap();
         for needle in ["senetv2_resnet50", "63.52", "28.68M", "20 coarse labels", "smoke"] {
