@@ -4,11 +4,17 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, Layout, Result, WithDType};
 use half::{bf16, f16};
+use std::borrow::Cow;
 
 /// An element type the CPU kernels accept; arithmetic is always done in `f32`.
 pub(crate) trait Elem: WithDType + Copy + Send + Sync {
     fn to_f32(self) -> f32;
     fn from_f32(v: f32) -> Self;
+    /// The slice itself when the type is `f32`, so `f32` data is never copied to convert it.
+    fn as_f32_slice(s: &[Self]) -> Option<&[f32]> {
+        let _ = s;
+        None
+    }
 }
 
 impl Elem for f32 {
@@ -19,6 +25,9 @@ impl Elem for f32 {
     #[inline(always)]
     fn from_f32(v: f32) -> Self {
         v
+    }
+    fn as_f32_slice(s: &[Self]) -> Option<&[f32]> {
+        Some(s)
     }
 }
 
@@ -141,13 +150,15 @@ pub(crate) fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// Copies a contiguous storage's data into an `f32` vector. The public op functions make
-/// small operands (weights) contiguous before calling a kernel, so this never copies twice.
-pub(crate) fn to_f32_vec<T: Elem>(op: &str, what: &str, data: &[T], layout: &Layout) -> Result<Vec<f32>> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(data[start..end].iter().map(|v| v.to_f32()).collect()),
-        None => bail!("{op}: {what} must be contiguous"),
-    }
+/// A contiguous storage's data as `f32`: borrowed when it already is `f32`, converted
+/// otherwise. The public op functions make small operands (weights) contiguous first.
+pub(crate) fn as_f32<'a, T: Elem>(op: &str, what: &str, data: &'a [T], layout: &Layout) -> Result<Cow<'a, [f32]>> {
+    let Some((start, end)) = layout.contiguous_offsets() else { bail!("{op}: {what} must be contiguous") };
+    let data = &data[start..end];
+    Ok(match T::as_f32_slice(data) {
+        Some(f) => Cow::Borrowed(f),
+        None => Cow::Owned(data.iter().map(|v| v.to_f32()).collect()),
+    })
 }
 
 /// Minimum number of elements of work per rayon task, so that tiny planes are batched.

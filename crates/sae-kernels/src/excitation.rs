@@ -22,7 +22,7 @@
 //! (a few kFLOP per image) rather than kept alive between passes.
 
 use crate::cpu::{
-    axpy, dispatch_float, matmul, min_planes_per_task, same_dtype, sum, sum_and_dot, to_f32_vec, Elem, Mat, Strided4,
+    as_f32, axpy, dispatch_float, matmul, min_planes_per_task, same_dtype, sum, sum_and_dot, Elem, Mat, Strided4,
 };
 use crate::Implementation;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
@@ -240,7 +240,7 @@ impl Excitation {
 
     fn cpu_forward<T: Elem>(&self, x: &[T], xl: &Layout, p: &[T], pl: &Layout) -> Result<Vec<T>> {
         let xs = Strided4::new("excitation", "input", xl)?;
-        let p = to_f32_vec("excitation", "parameters", p, pl)?;
+        let p = as_f32("excitation", "parameters", p, pl)?;
         self.check(&xs, p.len())?;
         let [n, c, _, _] = xs.dims;
         let hw = xs.plane_len();
@@ -291,7 +291,7 @@ impl Excitation {
         if gs.dims != xs.dims {
             bail!("excitation backward: gradient shape {:?} differs from input shape {:?}", gs.dims, xs.dims)
         }
-        let p = to_f32_vec("excitation backward", "parameters", p, pl)?;
+        let p = as_f32("excitation backward", "parameters", p, pl)?;
         self.check(&xs, p.len())?;
         let [n, c, _, _] = xs.dims;
         let hd = self.hidden;
