@@ -1,5 +1,5 @@
 //! The project's task runner (see <https://github.com/matklad/cargo-xtask/>): `cargo xtask ci`,
-//! `cargo xtask params`, `cargo xtask bench-kernels`, `cargo xtask bench-data`.
+//! `params`, `bench-kernels`, `bench-data`, `reproduce-table2|3|4`; `cargo xtask` lists them.
 
 mod bench;
 mod bench_data;
