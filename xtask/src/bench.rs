@@ -134,9 +134,7 @@ pub fn kernels(seconds: u64) -> Result<()> {
     }
     let out = root.join("results/kernels.md");
     std::fs::create_dir_all(out.parent().expect("results dir"))?;
-    let tmp = out.with_extension("md.tmp");
-    std::fs::write(&tmp, md)?;
-    std::fs::rename(&tmp, &out)?;
+    sae_train::train::write_atomic(&out, md.as_bytes())?;
     eprintln!("wrote {}", out.display());
     Ok(())
 }

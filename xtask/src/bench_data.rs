@@ -64,8 +64,7 @@ pub fn run(cifar: Option<PathBuf>, folder: Option<PathBuf>) -> Result<()> {
 
     let out = root.join("results/data.md");
     std::fs::create_dir_all(out.parent().expect("results dir"))?;
-    std::fs::write(out.with_extension("md.tmp"), md)?;
-    std::fs::rename(out.with_extension("md.tmp"), &out)?;
+    sae_train::train::write_atomic(&out, md.as_bytes())?;
     eprintln!("wrote {}", out.display());
     Ok(())
 }

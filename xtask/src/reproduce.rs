@@ -311,9 +311,7 @@ fn write_report(table: Table, opts: &Options, results: &[(String, Vec<Vec<EpochS
     if let Some(parent) = opts.out.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    let tmp = opts.out.with_extension("md.tmp");
-    std::fs::write(&tmp, md)?;
-    std::fs::rename(&tmp, &opts.out)?;
+    sae_train::train::write_atomic(&opts.out, md.as_bytes())?;
     eprintln!("wrote {}", opts.out.display());
     Ok(())
 }
