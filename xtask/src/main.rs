@@ -1,8 +1,9 @@
 //! The project's task runner (see <https://github.com/matklad/cargo-xtask/>): `cargo xtask ci`,
-//! `params`, `bench-kernels`, `bench-data`, `reproduce-table2|3|4`; `cargo xtask` lists them.
+//! `params`, `bench-kernels`, `bench-data`, `bench-train`, `reproduce-table2|3|4`; `cargo xtask` lists them.
 
 mod bench;
 mod bench_data;
+mod bench_train;
 mod ptx;
 mod reproduce;
 mod tidy;
@@ -50,6 +51,16 @@ enum Cmd {
     ReproduceTable3(ReproduceArgs),
     /// Table 4 of the paper (ImageNet-style folder): trains or reuses runs, writes results/table4.md.
     ReproduceTable4(ReproduceArgs),
+    /// Training-step and inference images/s of the paper's models, ours vs Candle's own ops
+    /// vs PyTorch eager (when `--python` is given), written to `results/train-speed.md`.
+    BenchTrain {
+        /// Minimum measuring time per row and implementation, in seconds.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// A Python interpreter with torch installed, to run `bench/pytorch/bench_train.py`.
+        #[arg(long)]
+        python: Option<PathBuf>,
+    },
     /// Runs the kernel benchmarks and writes `results/kernels.md`.
     BenchKernels {
         /// Criterion's measurement time per benchmark, in seconds.
@@ -179,6 +190,7 @@ fn main() -> Result<()> {
         Cmd::Ptx => ptx::check(&project_root()),
         Cmd::Params { json } => params(json),
         Cmd::BenchKernels { seconds } => bench::kernels(seconds),
+        Cmd::BenchTrain { seconds, python } => bench_train::run(seconds, python),
         Cmd::ReproduceTable2(a) => reproduce(reproduce::Table::Two, 2, a),
         Cmd::ReproduceTable3(a) => reproduce(reproduce::Table::Three, 3, a),
         Cmd::ReproduceTable4(a) => reproduce(reproduce::Table::Four, 4, a),

@@ -11,12 +11,15 @@
 //!
 //! * [`excitation`] — global average pool → K parallel dense layers C → C/r with ReLU →
 //!   concat → dense K·C/r → C → sigmoid → scale (SE when K = 1, SaE when K > 1).
+//! * [`conv2d`] — 2-D convolution with any stride, padding and groups, forward and backward,
+//!   as im2col + matrix multiply (Candle's CPU input gradient is a direct loop).
 //! * [`max_pool2d`] — 2-D max-pool with padding and any stride, with a backward pass.
 //! * [`depthwise_conv2d`] — depthwise 2-D convolution (groups = channels), forward and
 //!   backward, without Candle's one-convolution-per-group loop.
 //!
 //! Each fused op is tested for parity with its reference, forward and every gradient.
 
+pub mod conv;
 mod cpu;
 pub mod depthwise;
 pub mod error;
@@ -28,6 +31,7 @@ mod cuda;
 #[cfg(feature = "metal")]
 mod metal;
 
+pub use conv::{conv2d, conv2d_reference, Conv2dConfig};
 pub use depthwise::{depthwise_conv2d, depthwise_conv2d_reference, DepthwiseConfig};
 pub use excitation::{excitation, excitation_reference, ExcitationWeights, Gate};
 pub use max_pool::{max_pool2d, max_pool2d_reference, MaxPoolConfig};

@@ -251,6 +251,166 @@ fn depthwise_rejects_bad_weights() {
     }
 }
 
+/// (config, input (N, C, H, W), weight (O, C / groups, kh, kw)): the shapes ResNet, ResNeXt
+/// and MobileNet use (1×1 at strides 1 and 2, 3×3 at strides 1 and 2 with odd sizes, the 7×7/2
+/// stem, grouped and depthwise), plus batch 1, a 1×1 image and a rectangular kernel.
+const CONV_CASES: &[(Conv2dConfig, [usize; 4], [usize; 4])] = &[
+    (Conv2dConfig { stride: 1, padding: 0, groups: 1 }, [3, 8, 5, 6], [6, 8, 1, 1]),
+    (Conv2dConfig { stride: 2, padding: 0, groups: 1 }, [2, 6, 7, 7], [10, 6, 1, 1]),
+    (Conv2dConfig { stride: 1, padding: 1, groups: 1 }, [2, 5, 8, 7], [4, 5, 3, 3]),
+    (Conv2dConfig { stride: 2, padding: 1, groups: 1 }, [3, 4, 9, 7], [6, 4, 3, 3]),
+    (Conv2dConfig { stride: 2, padding: 3, groups: 1 }, [2, 3, 15, 13], [8, 3, 7, 7]),
+    (Conv2dConfig { stride: 1, padding: 1, groups: 4 }, [2, 8, 6, 6], [12, 2, 3, 3]),
+    (Conv2dConfig { stride: 2, padding: 1, groups: 2 }, [1, 6, 7, 8], [4, 3, 3, 3]),
+    (Conv2dConfig { stride: 1, padding: 1, groups: 5 }, [2, 5, 6, 5], [5, 1, 3, 3]),
+    (Conv2dConfig { stride: 1, padding: 1, groups: 1 }, [2, 3, 1, 1], [4, 3, 3, 3]),
+    (Conv2dConfig { stride: 1, padding: 0, groups: 1 }, [1, 3, 6, 9], [2, 3, 2, 4]),
+];
+
+#[test]
+fn conv_fused_matches_reference_forward_and_backward() {
+    for (i, &(cfg, [n, c, h, w], wshape)) in CONV_CASES.iter().enumerate() {
+        for strided in [false, true] {
+            let what = format!("{cfg:?} {:?} weight {wshape:?} strided={strided}", [n, c, h, w]);
+            let (xv, x) = input(70 + i as u64, n, c, h, w, strided, DType::F32);
+            let k = var(80 + i as u64, &wshape, DType::F32);
+            let run = |imp| {
+                let out = conv2d(&x, k.as_tensor(), cfg, imp).unwrap();
+                let grads = probe_loss(&out, 5).unwrap().backward().unwrap();
+                (out, grads.get(&xv).unwrap().clone(), grads.get(&k).unwrap().clone())
+            };
+            let (out_ref, dx_ref, dk_ref) = run(Implementation::Reference);
+            let (out_fused, dx_fused, dk_fused) = run(Implementation::Fused);
+            assert_close(&format!("{what} forward"), &out_fused, &out_ref, F32_TOL);
+            assert_close(&format!("{what} d/dx"), &dx_fused, &dx_ref, F32_TOL);
+            assert_close(&format!("{what} d/dweight"), &dk_fused, &dk_ref, F32_TOL);
+        }
+    }
+}
+
+/// A network's first convolution reads a plain tensor: only the weight gradient is
+/// computed, and it is still right.
+#[test]
+fn conv_weight_gradient_without_input_gradient() {
+    let cfg = Conv2dConfig { stride: 2, padding: 3, groups: 1 };
+    let x = randn(3, &[4, 3, 11, 11], DType::F32);
+    let k = var(4, &[5, 3, 7, 7], DType::F32);
+    let grad = |imp| {
+        let out = conv2d(&x, k.as_tensor(), cfg, imp).unwrap();
+        let grads = probe_loss(&out, 6).unwrap().backward().unwrap();
+        assert!(grads.get(&x).is_none());
+        grads.get(&k).unwrap().clone()
+    };
+    assert_close("stem d/dweight", &grad(Implementation::Fused), &grad(Implementation::Reference), F32_TOL);
+}
+
+/// Independent of Candle's convolution: the fused kernel's own gradients against finite
+/// differences of a direct sum over taps, in f64.
+#[test]
+fn conv_fused_gradients_match_finite_differences_of_a_direct_sum() {
+    let cfg = Conv2dConfig { stride: 2, padding: 1, groups: 2 };
+    let (n, c, h, w, o, kh, kw) = (2, 4, 5, 4, 4, 3, 3);
+    let x = var(11, &[n, c, h, w], DType::F64);
+    let k = var(12, &[o, c / 2, kh, kw], DType::F64);
+    let direct = |x: &[f64], k: &[f64]| -> Vec<f64> {
+        let (oh, ow) = ((h + 2 - kh) / 2 + 1, (w + 2 - kw) / 2 + 1);
+        let mut out = vec![0.0; n * o * oh * ow];
+        for ni in 0..n {
+            for oi in 0..o {
+                let gi = oi / (o / 2);
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let mut acc = 0.0;
+                        for cl in 0..c / 2 {
+                            for ky in 0..kh {
+                                for kx in 0..kw {
+                                    let (iy, ix) = ((oy * 2 + ky) as isize - 1, (ox * 2 + kx) as isize - 1);
+                                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                        continue;
+                                    }
+                                    let ci = gi * (c / 2) + cl;
+                                    acc += x[((ni * c + ci) * h + iy as usize) * w + ix as usize]
+                                        * k[((oi * (c / 2) + cl) * kh + ky) * kw + kx];
+                                }
+                            }
+                        }
+                        out[((ni * o + oi) * oh + oy) * ow + ox] = acc;
+                    }
+                }
+            }
+        }
+        out
+    };
+    let flat = |v: &Var| v.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let reference = Tensor::new(direct(&flat(&x), &flat(&k)), &Device::Cpu).unwrap();
+    let fused = conv2d(&x.to_dtype(DType::F32).unwrap(), &k.to_dtype(DType::F32).unwrap(), cfg, Implementation::Fused);
+    assert_close("fused forward vs direct sum", &fused.unwrap().flatten_all().unwrap(), &reference, F32_TOL);
+    // Gradients of the fused op (run in f32 and cast) against finite differences of the
+    // direct sum in f64.
+    let probe = randn(13, &[reference.elem_count()], DType::F64);
+    let loss_of = |xd: &[f64], kd: &[f64]| -> f64 {
+        direct(xd, kd).iter().zip(probe.to_vec1::<f64>().unwrap()).map(|(a, b)| a * b).sum()
+    };
+    let (xf, kf) = (
+        Var::from_tensor(&x.to_dtype(DType::F32).unwrap()).unwrap(),
+        Var::from_tensor(&k.to_dtype(DType::F32).unwrap()).unwrap(),
+    );
+    let out = conv2d(&xf, &kf, cfg, Implementation::Fused).unwrap().flatten_all().unwrap();
+    let grads = (out * probe.to_dtype(DType::F32).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+    for (name, v, base) in [("x", &xf, flat(&x)), ("weight", &kf, flat(&k))] {
+        let analytic: Vec<f32> = grads.get(v).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        for (i, &a) in analytic.iter().enumerate() {
+            let bump = |d: f64| {
+                let mut p = base.clone();
+                p[i] += d;
+                if name == "x" {
+                    loss_of(&p, &flat(&k))
+                } else {
+                    loss_of(&flat(&x), &p)
+                }
+            };
+            let numeric = (bump(1e-6) - bump(-1e-6)) / 2e-6;
+            assert!(
+                (numeric - a as f64).abs() <= 1e-4 + 1e-4 * numeric.abs(),
+                "d/d{name}[{i}]: fused {a} vs numeric {numeric}"
+            );
+        }
+    }
+}
+
+#[test]
+fn conv_falls_back_to_the_reference_for_f64_and_matches_it() {
+    let cfg = Conv2dConfig { stride: 1, padding: 1, groups: 1 };
+    let x = randn(1, &[1, 2, 4, 4], DType::F64);
+    let k = randn(2, &[3, 2, 3, 3], DType::F64);
+    let fused = conv2d(&x, &k, cfg, Implementation::Fused).unwrap();
+    assert_close("f64", &fused, &conv2d_reference(&x, &k, cfg).unwrap(), (1e-12, 1e-12));
+}
+
+#[test]
+fn conv_rejects_bad_shapes() {
+    let x = randn(1, &[1, 4, 6, 6], DType::F32);
+    let cfg = |stride, padding, groups| Conv2dConfig { stride, padding, groups };
+    let cases: &[(&[usize], Conv2dConfig, &str)] = &[
+        (&[8, 3, 3, 3], cfg(1, 1, 1), "has 3 input channels per group, but the input has 4 channels in 1 groups"),
+        (&[8, 4, 3, 3], cfg(1, 1, 2), "has 4 input channels per group, but the input has 4 channels in 2 groups"),
+        (&[6, 1, 3, 3], cfg(1, 1, 4), "cannot be split into 4 groups"),
+        (&[8, 4, 9, 9], cfg(1, 1, 1), "smaller than the kernel 9×9"),
+        (&[8, 4, 3], cfg(1, 1, 1), "weight must be (out channels"),
+        (&[8, 4, 3, 3], cfg(0, 1, 1), "stride and groups must be positive"),
+    ];
+    for imp in Implementation::ALL {
+        for (shape, c, expected) in cases {
+            let err = conv2d(&x, &randn(2, shape, DType::F32), *c, imp).unwrap_err().to_string();
+            assert!(err.contains(expected), "{imp} {shape:?}: {err}");
+        }
+        let err = conv2d(&randn(1, &[4, 6, 6], DType::F32), &randn(2, &[8, 4, 3, 3], DType::F32), cfg(1, 1, 1), imp);
+        assert!(err.unwrap_err().to_string().contains("input must be (N, C, H, W)"));
+        let err = conv2d(&x, &randn(2, &[8, 4, 3, 3], DType::F64), cfg(1, 1, 1), imp).unwrap_err().to_string();
+        assert!(err.contains("weight dtype F64 differs from input dtype F32"), "{err}");
+    }
+}
+
 #[test]
 fn implementation_and_gate_names_round_trip() {
     for imp in Implementation::ALL {

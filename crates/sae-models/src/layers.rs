@@ -1,4 +1,4 @@
-//! Layers shared by the networks: convolution (depthwise through `sae-kernels`), BatchNorm,
+//! Layers shared by the networks: convolution (through `sae-kernels`), BatchNorm,
 //! dense, and the SE / SaE channel-attention module.
 //!
 //! Each layer is a struct implementing `Module`/`ModuleT`, built by `new(…, vb)` where `vb`
@@ -8,7 +8,7 @@ use crate::config::ModelConfig;
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
 use candle_nn::{BatchNorm, BatchNormConfig, Init, VarBuilder};
-use sae_kernels::{DepthwiseConfig, ExcitationWeights, Gate, Implementation};
+use sae_kernels::{Conv2dConfig, DepthwiseConfig, ExcitationWeights, Gate, Implementation};
 
 /// Kaiming-normal with fan-out and ReLU gain, as torchvision initialises ResNet convolutions.
 const CONV_INIT: Init =
@@ -59,7 +59,8 @@ impl ConvSpec {
     }
 }
 
-/// 2-D convolution with an optional bias; depthwise convolutions run the `sae-kernels` op.
+/// 2-D convolution with an optional bias, run by `sae-kernels` (its depthwise op when
+/// groups = channels).
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     weight: Tensor,
@@ -90,7 +91,8 @@ impl Module for Conv2d {
             let cfg = DepthwiseConfig { stride: s.stride, padding: s.padding };
             sae_kernels::depthwise_conv2d(x, &self.weight, cfg, self.kernels)?
         } else {
-            x.conv2d(&self.weight, s.padding, s.stride, 1, s.groups)?
+            let cfg = Conv2dConfig { stride: s.stride, padding: s.padding, groups: s.groups };
+            sae_kernels::conv2d(x, &self.weight, cfg, self.kernels)?
         };
         match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),

@@ -1,0 +1,145 @@
+"""PyTorch side of `cargo xtask bench-train`: the same networks as sae's registry (ResNet-50,
+SE-ResNet-50, SENetV2-ResNet-50, SENetV2-ResNet-14b with the ImageNet stem, r = 32, K = 4, the
+`u + u*s` gate, no convolution bias), timed the same way, on CPU with a fixed thread count.
+
+Prints one JSON object per line: a `matmul` line (this machine's sgemm GFLOP/s through
+PyTorch), then one line per requested row with its parameter count and images/s.
+
+    python bench_train.py --threads 2 --seconds 10 --rows resnet50:32:16:train,resnet50:140:1:infer
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Excitation(nn.Module):
+    """SE (one branch) or SaE (K branches): pool -> K x (C -> C/r, ReLU) -> concat -> C -> sigmoid."""
+
+    def __init__(self, channels, reduction, branches):
+        super().__init__()
+        hidden = channels // reduction
+        self.fc1 = nn.ModuleList(nn.Linear(channels, hidden) for _ in range(branches))
+        self.fc2 = nn.Linear(hidden * branches, channels)
+
+    def forward(self, x):
+        z = x.mean((2, 3))
+        h = torch.cat([F.relu(fc(z)) for fc in self.fc1], dim=1)
+        s = torch.sigmoid(self.fc2(h))[:, :, None, None]
+        return x + x * s
+
+
+def conv_bn(cin, cout, k, stride):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout))
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, cin, planes, stride, attention):
+        super().__init__()
+        out = planes * 4
+        self.c1 = conv_bn(cin, planes, 1, 1)
+        self.c2 = conv_bn(planes, planes, 3, stride)
+        self.c3 = conv_bn(planes, out, 1, 1)
+        self.se = {"none": None, "se": Excitation(out, 32, 1), "sae": Excitation(out, 32, 4)}[attention]
+        self.down = conv_bn(cin, out, 1, stride) if stride != 1 or cin != out else None
+
+    def forward(self, x):
+        y = F.relu(self.c1(x))
+        y = F.relu(self.c2(y))
+        y = self.c3(y)
+        if self.se is not None:
+            y = self.se(y)
+        return F.relu(y + (self.down(x) if self.down is not None else x))
+
+
+class ResNet(nn.Module):
+    def __init__(self, layers, attention, num_classes):
+        super().__init__()
+        self.stem = conv_bn(3, 64, 7, 2)
+        blocks, cin = [], 64
+        for stage, count in enumerate(layers):
+            planes = 64 << stage
+            for i in range(count):
+                blocks.append(Bottleneck(cin, planes, 2 if stage > 0 and i == 0 else 1, attention))
+                cin = planes * 4
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        y = F.max_pool2d(F.relu(self.stem(x)), 3, 2, 1)
+        return self.fc(self.blocks(y).mean((2, 3)))
+
+
+MODELS = {
+    "resnet50": ([3, 4, 6, 3], "none"),
+    "seresnet50": ([3, 4, 6, 3], "se"),
+    "senetv2_resnet50": ([3, 4, 6, 3], "sae"),
+    "resnet14b": ([1, 1, 1, 1], "none"),
+    "seresnet14b": ([1, 1, 1, 1], "se"),
+    "senetv2_resnet14b": ([1, 1, 1, 1], "sae"),
+}
+
+
+def timed(step, seconds):
+    """Median seconds of `step` after two warm-up calls, over at least 3 calls and `seconds`."""
+    step()
+    step()
+    times, start = [], time.perf_counter()
+    while len(times) < 3 or time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), len(times)
+
+
+def bench_row(name, size, batch, mode, seconds):
+    torch.manual_seed(0)
+    layers, attention = MODELS[name]
+    model = ResNet(layers, attention, 100)
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 100, (batch,))
+    if mode == "train":
+        model.train()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-7)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    else:
+        model.eval()
+
+        def step():
+            with torch.inference_mode():
+                model(x)
+
+    median, steps = timed(step, seconds)
+    params = sum(p.numel() for p in model.parameters())
+    return {"model": name, "size": size, "batch": batch, "mode": mode, "params": params,
+            "images_per_second": batch / median, "steps": steps}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--rows", required=True, help="model:size:batch:train|infer, comma-separated")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    median, _ = timed(lambda: a @ b, 2.0)
+    print(json.dumps({"matmul_gflops": 2 * 2048**3 / median / 1e9, "torch": torch.__version__,
+                      "threads": torch.get_num_threads()}), flush=True)
+    for row in args.rows.split(","):
+        name, size, batch, mode = row.split(":")
+        print(json.dumps(bench_row(name, int(size), int(batch), mode, args.seconds)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

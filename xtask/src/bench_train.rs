@@ -1,0 +1,261 @@
+//! `cargo xtask bench-train`: training-step and inference images/s of the paper's models on
+//! CPU, ours (default kernels, and Candle's own ops through the `reference` switch) next to
+//! PyTorch eager measured in the same run by `bench/pytorch/bench_train.py`, written to
+//! `results/train-speed.md` with the GFLOP/s reached and a forward / backward / optimiser
+//! split of our step.
+
+use crate::project_root;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, ModuleT, Tensor};
+use sae_kernels::Implementation;
+use sae_train::metrics::cross_entropy;
+use sae_train::optim::{Optimizer, OptimizerConfig};
+use std::fmt::Write;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+const CLASSES: usize = 100;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    Train,
+    Infer,
+}
+
+/// One measured configuration.
+#[derive(Debug, Clone, Copy)]
+struct Row {
+    model: &'static str,
+    size: usize,
+    batch: usize,
+    mode: Mode,
+}
+
+const fn row(model: &'static str, size: usize, batch: usize, mode: Mode) -> Row {
+    Row { model, size, batch, mode }
+}
+
+/// The rows the training-speed issue asks for: training at batch 16, inference at 1 and 16.
+const ROWS: &[Row] = &[
+    row("resnet50", 32, 16, Mode::Train),
+    row("seresnet50", 32, 16, Mode::Train),
+    row("senetv2_resnet50", 32, 16, Mode::Train),
+    row("senetv2_resnet14b", 32, 16, Mode::Train),
+    row("resnet50", 140, 16, Mode::Train),
+    row("seresnet50", 140, 16, Mode::Train),
+    row("senetv2_resnet50", 140, 16, Mode::Train),
+    row("senetv2_resnet50", 140, 1, Mode::Infer),
+    row("senetv2_resnet50", 140, 16, Mode::Infer),
+    row("senetv2_resnet50", 224, 1, Mode::Infer),
+];
+
+/// Median step time (and its forward / backward / optimiser parts) after one warm-up step,
+/// over at least 3 steps and `seconds`.
+#[derive(Debug, Clone, Copy, Default)]
+struct Timing {
+    step: f64,
+    forward: f64,
+    backward: f64,
+    optimizer: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn measure_ours(r: Row, kernels: Implementation, seconds: f64) -> Result<Timing> {
+    let device = Device::Cpu;
+    let mut cfg = sae_models::config(r.model, CLASSES)?;
+    cfg.kernels = kernels;
+    let model = sae_models::Model::new(cfg, 0, &device)?;
+    let x = Tensor::randn(0f32, 1.0, (r.batch, 3, r.size, r.size), &device)?;
+    let labels: Vec<u32> = (0..r.batch as u32).map(|i| i * 37 % CLASSES as u32).collect();
+    let y = Tensor::new(labels.as_slice(), &device)?;
+    let mut optimizer = Optimizer::new(OptimizerConfig::keras_adam(), model.trainable_vars());
+    let mut parts: Vec<[f64; 3]> = Vec::new();
+    let mut step = || -> Result<[f64; 3]> {
+        let t0 = Instant::now();
+        if r.mode == Mode::Infer {
+            device.with_context(|| model.forward_t(&x, false)?.to_dtype(DType::F32))?;
+            return Ok([t0.elapsed().as_secs_f64(), 0.0, 0.0]);
+        }
+        let (loss, t1) = device.with_context(|| -> Result<_> {
+            let loss = cross_entropy(&model.forward_t(&x, true)?, &y, 0.0)?;
+            loss.to_scalar::<f32>()?;
+            Ok((loss, Instant::now()))
+        })?;
+        let grads = device.with_context(|| loss.backward())?;
+        let t2 = Instant::now();
+        optimizer.step(&grads)?;
+        Ok([(t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64(), t2.elapsed().as_secs_f64()])
+    };
+    step()?;
+    let start = Instant::now();
+    while parts.len() < 3 || start.elapsed().as_secs_f64() < seconds {
+        parts.push(step()?);
+    }
+    let part = |i: usize| median(parts.iter().map(|p| p[i]).collect());
+    Ok(Timing {
+        step: median(parts.iter().map(|p| p.iter().sum()).collect()),
+        forward: part(0),
+        backward: part(1),
+        optimizer: part(2),
+    })
+}
+
+/// sgemm GFLOP/s of Candle's matrix multiply (the `gemm` crate) on 2048² matrices.
+fn candle_matmul_gflops() -> Result<f64> {
+    let device = Device::Cpu;
+    let a = Tensor::randn(0f32, 1.0, (2048, 2048), &device)?;
+    let b = Tensor::randn(0f32, 1.0, (2048, 2048), &device)?;
+    let mut times = Vec::new();
+    for _ in 0..8 {
+        let t = Instant::now();
+        device.with_context(|| a.matmul(&b))?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * 2048f64.powi(3) / median(times) / 1e9)
+}
+
+/// PyTorch's images/s per row (and its matmul GFLOP/s and version), from the script.
+struct Torch {
+    matmul_gflops: f64,
+    version: String,
+    rows: Vec<(f64, u64)>,
+}
+
+fn measure_torch(python: &PathBuf, seconds: f64) -> Result<Torch> {
+    let script = project_root().join("bench/pytorch/bench_train.py");
+    let rows: Vec<String> = ROWS
+        .iter()
+        .map(|r| {
+            format!("{}:{}:{}:{}", r.model, r.size, r.batch, if r.mode == Mode::Train { "train" } else { "infer" })
+        })
+        .collect();
+    let threads = rayon::current_num_threads().to_string();
+    eprintln!("$ {} {} --threads {threads} --seconds {seconds}", python.display(), script.display());
+    let out = Command::new(python)
+        .arg(&script)
+        .args(["--threads", &threads, "--seconds", &seconds.to_string(), "--rows", &rows.join(",")])
+        .output()
+        .with_context(|| format!("running {}", python.display()))?;
+    if !out.status.success() {
+        bail!("{} failed ({}):\n{}", script.display(), out.status, String::from_utf8_lossy(&out.stderr))
+    }
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .context("parsing the PyTorch script's output")?;
+    let Some((head, rows)) = lines.split_first() else { bail!("the PyTorch script printed nothing") };
+    if rows.len() != ROWS.len() {
+        bail!("the PyTorch script measured {} rows, expected {}", rows.len(), ROWS.len())
+    }
+    Ok(Torch {
+        matmul_gflops: head["matmul_gflops"].as_f64().context("no matmul_gflops")?,
+        version: head["torch"].as_str().unwrap_or("?").to_string(),
+        rows: rows
+            .iter()
+            .map(|v| {
+                Ok((
+                    v["images_per_second"].as_f64().context("no images_per_second")?,
+                    v["params"].as_u64().unwrap_or(0),
+                ))
+            })
+            .collect::<Result<_>>()?,
+    })
+}
+
+pub fn run(seconds: f64, python: Option<PathBuf>) -> Result<()> {
+    let torch = match &python {
+        Some(p) => Some(measure_torch(p, seconds)?),
+        None => None,
+    };
+    let peak = candle_matmul_gflops()?;
+    let mut md = String::new();
+    writeln!(md, "# Training speed on CPU\n")?;
+    let command = std::iter::once("cargo xtask".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>();
+    writeln!(
+        md,
+        "Made by `{}`. Machine: {}; {} rayon threads.",
+        command.join(" "),
+        crate::bench::machine(),
+        rayon::current_num_threads()
+    )?;
+    writeln!(
+        md,
+        "Models from the registry with 100 classes and the ImageNet stem (7×7/2 conv, 3×3/2 max-pool), random"
+    )?;
+    writeln!(
+        md,
+        "inputs; a training step is forward (BatchNorm in training mode) + cross-entropy + backward + Keras Adam."
+    )?;
+    writeln!(md, "images/s = batch / median step time (one warm-up step, then at least 3 steps and {seconds} s).")?;
+    writeln!(
+        md,
+        "*ours* runs the default `fused` kernels; *Candle* the same model with `kernels = reference` (Candle's own"
+    )?;
+    writeln!(md, "convolution, pooling and composed excitation). GFLOP/s count 2 FLOP per multiply-accumulate of the")?;
+    writeln!(
+        md,
+        "convolutions and dense layers, ×3 for a training step (forward, input gradient, weight gradient).\n"
+    )?;
+    match &torch {
+        Some(t) => writeln!(md, "PyTorch {} eager, `torch.set_num_threads({})`, measured in the same run by `bench/pytorch/bench_train.py` (same networks: the parameter counts below are checked equal). sgemm 2048²: Candle/gemm **{peak:.0} GFLOP/s**, PyTorch **{:.0} GFLOP/s**.\n", t.version, rayon::current_num_threads(), t.matmul_gflops)?,
+        None => writeln!(md, "PyTorch not measured in this run (pass `--python` with a Python that has torch). sgemm 2048²: Candle/gemm **{peak:.0} GFLOP/s**.\n")?,
+    }
+    writeln!(md, "| model | input | batch | mode | params | ours img/s | Candle img/s | PyTorch img/s | ours / PyTorch | ours GFLOP/s | PyTorch GFLOP/s | ours: fwd / bwd / optimiser ms |")?;
+    writeln!(md, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|")?;
+    for (i, r) in ROWS.iter().enumerate() {
+        let model = sae_models::config(r.model, CLASSES)?;
+        let params = model.param_counts()?.trainable;
+        let macs = sae_models::Model::new(model, 0, &Device::Cpu)?.macs(r.size, r.size) as f64;
+        let flop_per_image = 2.0 * macs * if r.mode == Mode::Train { 3.0 } else { 1.0 };
+        let ours = measure_ours(*r, Implementation::Fused, seconds)?;
+        let candle = measure_ours(*r, Implementation::Reference, seconds)?;
+        let ips = |t: &Timing| r.batch as f64 / t.step;
+        eprintln!(
+            "{} {}px batch {} {:?}: ours {:.1} img/s, Candle {:.1} img/s",
+            r.model,
+            r.size,
+            r.batch,
+            r.mode,
+            ips(&ours),
+            ips(&candle)
+        );
+        let (torch_ips, ratio, torch_gflops) = match &torch {
+            Some(t) => {
+                let (tips, tparams) = t.rows[i];
+                if tparams as usize != params {
+                    bail!("{}: PyTorch's network has {tparams} parameters, ours {params}", r.model)
+                }
+                (
+                    format!("{tips:.1}"),
+                    format!("**{:.2}×**", ips(&ours) / tips),
+                    format!("{:.0}", tips * flop_per_image / 1e9),
+                )
+            }
+            None => ("—".into(), "—".into(), "—".into()),
+        };
+        let split = if r.mode == Mode::Train {
+            format!("{:.0} / {:.0} / {:.0}", ours.forward * 1e3, ours.backward * 1e3, ours.optimizer * 1e3)
+        } else {
+            format!("{:.0} / – / –", ours.forward * 1e3)
+        };
+        let mode = if r.mode == Mode::Train { "train" } else { "inference" };
+        let (ours_ips, candle_ips) = (ips(&ours), ips(&candle));
+        let ours_gflops = ours_ips * flop_per_image / 1e9;
+        writeln!(
+            md,
+            "| {} | {}×{} | {} | {mode} | {params} | {ours_ips:.1} | {candle_ips:.1} | {torch_ips} | {ratio} | {ours_gflops:.0} | {torch_gflops} | {split} |",
+            r.model, r.size, r.size, r.batch,
+        )?;
+    }
+    let out = project_root().join("results/train-speed.md");
+    std::fs::create_dir_all(out.parent().expect("results dir"))?;
+    sae_train::train::write_atomic(&out, md.as_bytes())?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
