@@ -177,24 +177,6 @@ pub(crate) struct Mat<'a> {
 /// `out (m × n, row-major) = [out +] a (m × k) · b (k × n)` through the `gemm` crate (the
 /// matrix multiply Candle uses), parallel on the current rayon pool.
 pub(crate) fn matmul(m: usize, n: usize, k: usize, a: Mat, b: Mat, out: &mut [f32], accumulate: bool) {
-    let threads = rayon::current_num_threads();
-    let parallel = m * n * k >= 1 << 16 && threads > 1;
-    matmul_on(m, n, k, a, b, out, accumulate, parallel)
-}
-
-/// [`matmul`] with the choice of running on the current rayon pool (`parallel`) or on the
-/// calling thread only, for callers that already run one matrix multiply per rayon task.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn matmul_on(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: Mat,
-    b: Mat,
-    out: &mut [f32],
-    accumulate: bool,
-    parallel: bool,
-) {
     let last = |v: &Mat, rows: usize, cols: usize| (rows.max(1) - 1) * v.rs + (cols.max(1) - 1) * v.cs;
     assert!(m * n <= out.len(), "matmul: output too small");
     if m == 0 || n == 0 {
@@ -207,8 +189,9 @@ pub(crate) fn matmul_on(
         return;
     }
     assert!(last(&a, m, k) < a.data.len() && last(&b, k, n) < b.data.len(), "matmul: view out of bounds");
+    let threads = rayon::current_num_threads();
     let parallelism =
-        if parallel { gemm::Parallelism::Rayon(rayon::current_num_threads()) } else { gemm::Parallelism::None };
+        if m * n * k >= 1 << 16 && threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: the asserts above keep every index the views and the output describe in bounds;
     // `out` is exclusively borrowed and does not alias the inputs.
     unsafe {

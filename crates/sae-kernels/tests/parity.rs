@@ -253,7 +253,8 @@ fn depthwise_rejects_bad_weights() {
 
 /// (config, input (N, C, H, W), weight (O, C / groups, kh, kw)): the shapes ResNet, ResNeXt
 /// and MobileNet use (1×1 at strides 1 and 2, 3×3 at strides 1 and 2 with odd sizes, the 7×7/2
-/// stem, grouped and depthwise), plus batch 1, a 1×1 image and a rectangular kernel.
+/// stem, grouped and depthwise), plus batch 1, a 1×1 image, a rectangular kernel and images of
+/// over 1,000 pixels.
 const CONV_CASES: &[(Conv2dConfig, [usize; 4], [usize; 4])] = &[
     (Conv2dConfig { stride: 1, padding: 0, groups: 1 }, [3, 8, 5, 6], [6, 8, 1, 1]),
     (Conv2dConfig { stride: 2, padding: 0, groups: 1 }, [2, 6, 7, 7], [10, 6, 1, 1]),
@@ -265,6 +266,9 @@ const CONV_CASES: &[(Conv2dConfig, [usize; 4], [usize; 4])] = &[
     (Conv2dConfig { stride: 1, padding: 1, groups: 5 }, [2, 5, 6, 5], [5, 1, 3, 3]),
     (Conv2dConfig { stride: 1, padding: 1, groups: 1 }, [2, 3, 1, 1], [4, 3, 3, 3]),
     (Conv2dConfig { stride: 1, padding: 0, groups: 1 }, [1, 3, 6, 9], [2, 3, 2, 4]),
+    (Conv2dConfig { stride: 1, padding: 0, groups: 1 }, [3, 4, 33, 32], [5, 4, 1, 1]),
+    (Conv2dConfig { stride: 1, padding: 1, groups: 2 }, [2, 4, 32, 33], [6, 2, 3, 3]),
+    (Conv2dConfig { stride: 2, padding: 3, groups: 1 }, [1, 3, 65, 64], [4, 3, 7, 7]),
 ];
 
 #[test]
@@ -408,6 +412,83 @@ fn conv_rejects_bad_shapes() {
         assert!(err.unwrap_err().to_string().contains("input must be (N, C, H, W)"));
         let err = conv2d(&x, &randn(2, &[8, 4, 3, 3], DType::F64), cfg(1, 1, 1), imp).unwrap_err().to_string();
         assert!(err.contains("weight dtype F64 differs from input dtype F32"), "{err}");
+    }
+}
+
+/// (N, C, H, W) inputs for BatchNorm: batches of several sizes, a single pixel per channel
+/// (zero variance), a plane of one column.
+const BATCH_NORM_CASES: &[[usize; 4]] = &[[4, 3, 5, 5], [2, 6, 7, 1], [1, 2, 1, 1], [3, 4, 9, 8]];
+
+#[test]
+fn batch_norm_fused_matches_reference_forward_and_backward() {
+    for (i, &[n, c, h, w]) in BATCH_NORM_CASES.iter().enumerate() {
+        for strided in [false, true] {
+            let what = format!("{:?} strided={strided}", [n, c, h, w]);
+            let (xv, x) = input(90 + i as u64, n, c, h, w, strided, DType::F32);
+            // Shift and scale the input so that the statistics are far from (0, 1).
+            let x = ((x * 3.0).unwrap() + 2.0).unwrap();
+            let gamma = var(91 + i as u64, &[c], DType::F32);
+            let beta = var(92 + i as u64, &[c], DType::F32);
+            let run = |imp| {
+                let out = batch_norm_train(&x, gamma.as_tensor(), beta.as_tensor(), 1e-5, imp).unwrap();
+                let grads = probe_loss(&out.output, 9).unwrap().backward().unwrap();
+                let g = |v: &Var| grads.get(v).unwrap().clone();
+                (out, g(&xv), g(&gamma), g(&beta))
+            };
+            let (r, dx_r, dg_r, db_r) = run(Implementation::Reference);
+            let (f, dx_f, dg_f, db_f) = run(Implementation::Fused);
+            assert_close(&format!("{what} forward"), &f.output, &r.output, F32_TOL);
+            assert_close(&format!("{what} mean"), &f.mean, &r.mean, F32_TOL);
+            assert_close(&format!("{what} variance"), &f.variance, &r.variance, F32_TOL);
+            assert_close(&format!("{what} d/dx"), &dx_f, &dx_r, F32_TOL);
+            assert_close(&format!("{what} d/dgamma"), &dg_f, &dg_r, F32_TOL);
+            assert_close(&format!("{what} d/dbeta"), &db_f, &db_r, F32_TOL);
+        }
+    }
+}
+
+#[test]
+fn batch_norm_statistics_match_a_hand_calculation() {
+    // Channel 0 holds 1, 2, 3, 4 (mean 2.5, biased variance 1.25); channel 1 holds 5 four times.
+    let x = Tensor::new(&[[[[1f32, 2.0]], [[5.0, 5.0]]], [[[3.0, 4.0]], [[5.0, 5.0]]]], &Device::Cpu).unwrap();
+    let (gamma, beta) =
+        (Tensor::new(&[2f32, 1.0], &Device::Cpu).unwrap(), Tensor::new(&[0.5f32, -1.0], &Device::Cpu).unwrap());
+    for imp in Implementation::ALL {
+        let out = batch_norm_train(&x, &gamma, &beta, 1e-5, imp).unwrap();
+        assert_eq!(out.mean.to_vec1::<f32>().unwrap(), [2.5, 5.0], "{imp}");
+        assert_eq!(out.variance.to_vec1::<f32>().unwrap(), [1.25, 0.0], "{imp}");
+        let y: Vec<f32> = out.output.flatten_all().unwrap().to_vec1().unwrap();
+        let s = 2.0 / (1.25f32 + 1e-5).sqrt();
+        let expected = [0.5 - 1.5 * s, 0.5 - 0.5 * s, -1.0, -1.0, 0.5 + 0.5 * s, 0.5 + 1.5 * s, -1.0, -1.0];
+        for (a, e) in y.iter().zip(expected) {
+            assert!((a - e).abs() < 1e-5, "{imp}: {y:?} vs {expected:?}");
+        }
+    }
+}
+
+#[test]
+fn batch_norm_reference_gradients_match_finite_differences() {
+    let (xv, x) = input(93, 3, 2, 3, 2, false, DType::F64);
+    let gamma = var(94, &[2], DType::F64);
+    let beta = var(95, &[2], DType::F64);
+    let f = || probe_loss(&batch_norm_train_reference(&x, gamma.as_tensor(), beta.as_tensor(), 1e-5)?.output, 10);
+    check_finite_differences("batch norm x", &xv, &f);
+    check_finite_differences("batch norm gamma", &gamma, &f);
+    check_finite_differences("batch norm beta", &beta, &f);
+}
+
+#[test]
+fn batch_norm_rejects_bad_input() {
+    let x = randn(1, &[2, 3, 4, 4], DType::F32);
+    let v = |n: usize| randn(2, &[n], DType::F32);
+    for imp in Implementation::ALL {
+        let err =
+            |x: &Tensor, g: &Tensor, b: &Tensor, eps| batch_norm_train(x, g, b, eps, imp).unwrap_err().to_string();
+        assert!(err(&x, &v(4), &v(3), 1e-5).contains("weight must be (3) for 3 channels, got [4]"));
+        assert!(err(&x, &v(3), &v(2), 1e-5).contains("bias must be (3)"));
+        assert!(err(&x, &v(3), &v(3).to_dtype(DType::F64).unwrap(), 1e-5).contains("bias dtype F64 differs"));
+        assert!(err(&randn(1, &[2, 3, 4], DType::F32), &v(3), &v(3), 1e-5).contains("input must be (N, C, H, W)"));
+        assert!(err(&x, &v(3), &v(3), 0.0).contains("eps must be positive"));
     }
 }
 

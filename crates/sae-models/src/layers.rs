@@ -5,9 +5,9 @@
 //! is already at the layer's path, so tensor names follow PyTorch state dicts.
 
 use crate::config::ModelConfig;
-use candle_core::{Module, ModuleT, Result, Tensor};
+use candle_core::{Module, ModuleT, Result, Tensor, Var};
 use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
-use candle_nn::{BatchNorm, BatchNormConfig, Init, VarBuilder};
+use candle_nn::{Init, VarBuilder};
 use sae_kernels::{Conv2dConfig, DepthwiseConfig, ExcitationWeights, Gate, Implementation};
 
 /// Kaiming-normal with fan-out and ReLU gain, as torchvision initialises ResNet convolutions.
@@ -101,10 +101,53 @@ impl Module for Conv2d {
     }
 }
 
-/// BatchNorm over channels with `weight`, `bias`, `running_mean`, `running_var`; batch
-/// statistics (and a running-statistics update) in training mode, running ones in eval.
-pub fn batch_norm(channels: usize, eps: f64, vb: VarBuilder) -> Result<BatchNorm> {
-    candle_nn::batch_norm(channels, BatchNormConfig { eps, ..Default::default() }, vb)
+/// Momentum of the running statistics, as PyTorch's: `running = 0.9·running + 0.1·batch`.
+const BN_MOMENTUM: f64 = 0.1;
+
+/// BatchNorm over channels with `weight`, `bias`, `running_mean`, `running_var` (PyTorch's
+/// names and semantics): batch statistics and a running-statistics update (unbiased variance)
+/// in training mode, the running statistics in eval mode. Training mode runs the
+/// `sae-kernels` op.
+#[derive(Debug, Clone)]
+pub struct BatchNorm {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+    eps: f64,
+    kernels: Implementation,
+}
+
+impl BatchNorm {
+    /// Creates the four vectors of `channels` under `vb` (γ = 1, β = 0, mean 0, variance 1).
+    pub fn new(channels: usize, eps: f64, kernels: Implementation, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints(channels, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(channels, "bias", Init::Const(0.0))?;
+        let running_mean = Var::from_tensor(&vb.get_with_hints(channels, "running_mean", Init::Const(0.0))?)?;
+        let running_var = Var::from_tensor(&vb.get_with_hints(channels, "running_var", Init::Const(1.0))?)?;
+        Ok(Self { weight, bias, running_mean, running_var, eps, kernels })
+    }
+}
+
+impl ModuleT for BatchNorm {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let per_channel = |t: &Tensor| t.reshape((1, (), 1, 1));
+        if !train {
+            let scale = (&self.weight / (self.running_var.as_tensor() + self.eps)?.sqrt()?)?;
+            let shift = (&self.bias - (self.running_mean.as_tensor() * &scale)?)?;
+            return x.broadcast_mul(&per_channel(&scale)?)?.broadcast_add(&per_channel(&shift)?);
+        }
+        let out = sae_kernels::batch_norm_train(x, &self.weight, &self.bias, self.eps, self.kernels)?;
+        let (n, _, h, w) = x.dims4()?;
+        let count = (n * h * w) as f64;
+        let unbiased = if count > 1.0 { (out.variance * (count / (count - 1.0)))? } else { out.variance };
+        let update = |running: &Var, batch: &Tensor| -> Result<()> {
+            running.set(&((running.as_tensor().detach() * (1.0 - BN_MOMENTUM))? + (batch * BN_MOMENTUM)?)?)
+        };
+        update(&self.running_mean, &out.mean)?;
+        update(&self.running_var, &unbiased)?;
+        Ok(out.output)
+    }
 }
 
 /// Dense layer `y = x Wᵀ + b` with PyTorch's default initialisation, U(±1/√fan_in).
@@ -210,7 +253,7 @@ impl ConvBn {
     /// `conv` at `vb.pp(conv_name)`, `bn` at `vb.pp(bn_name)`.
     pub fn new(spec: ConvSpec, cfg: &ModelConfig, vb: &VarBuilder, conv_name: &str, bn_name: &str) -> Result<Self> {
         let conv = Conv2d::new(spec, cfg.conv_bias, cfg.kernels, vb.pp(conv_name))?;
-        let bn = batch_norm(spec.out_channels, cfg.bn_eps, vb.pp(bn_name))?;
+        let bn = BatchNorm::new(spec.out_channels, cfg.bn_eps, cfg.kernels, vb.pp(bn_name))?;
         Ok(Self { conv, bn })
     }
 }

@@ -72,3 +72,30 @@ fn cifar_stem_keeps_resolution_and_counts_macs() {
     assert!(cifar.macs(32, 32) > imagenet.macs(32, 32) * 10);
     assert_eq!(cifar.forward_t(&images(2, 8), true).unwrap().dims(), &[2, 10]);
 }
+
+/// BatchNorm against a hand calculation with PyTorch's semantics: training mode normalises
+/// with the batch's biased variance and moves the running statistics by 0.1 towards the batch
+/// mean and the unbiased variance; eval mode uses the running statistics.
+#[test]
+fn batch_norm_running_statistics_follow_pytorch() {
+    use candle_nn::VarMap;
+    use sae_models::layers::BatchNorm;
+    for kernels in [sae_models::Implementation::Fused, sae_models::Implementation::Reference] {
+        let varmap = VarMap::new();
+        let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let bn = BatchNorm::new(1, 1e-5, kernels, vb).unwrap();
+        // One channel holding 1, 2, 3, 4: batch mean 2.5, biased variance 1.25, unbiased 5/3.
+        let x = Tensor::new(&[1f32, 2.0, 3.0, 4.0], &Device::Cpu).unwrap().reshape((2, 1, 1, 2)).unwrap();
+        let y: Vec<f32> = bn.forward_t(&x, true).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let inv = 1.0 / (1.25f32 + 1e-5).sqrt();
+        for (a, e) in y.iter().zip([-1.5 * inv, -0.5 * inv, 0.5 * inv, 1.5 * inv]) {
+            assert!((a - e).abs() < 1e-5, "{kernels}: train output {y:?}");
+        }
+        let get = |name: &str| varmap.data().lock().unwrap()[name].as_tensor().to_vec1::<f32>().unwrap()[0];
+        assert!((get("running_mean") - 0.25).abs() < 1e-6, "{kernels}: running mean {}", get("running_mean"));
+        assert!((get("running_var") - (0.9 + 0.1 * 5.0 / 3.0)).abs() < 1e-6, "{kernels}: running var");
+        let eval: Vec<f32> = bn.forward_t(&x, false).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let rv = (0.9f32 + 0.1 * 5.0 / 3.0 + 1e-5).sqrt();
+        assert!((eval[0] - (1.0 - 0.25) / rv).abs() < 1e-5, "{kernels}: eval output {eval:?}");
+    }
+}

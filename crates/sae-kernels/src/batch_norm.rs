@@ -1,0 +1,289 @@
+//! BatchNorm in training mode (batch statistics), forward and backward.
+//!
+//! Candle composes it from about a dozen element-wise and reduction ops, each a full pass over
+//! the activation with its own allocation, and differentiates each of them. Here the forward is
+//! two passes (per-channel mean and variance, then normalise + scale + shift) and the backward
+//! two more (per-channel Σ dy and Σ dy·x̂, then the input gradient):
+//!
+//! ```text
+//! x̂ = (x − μ) / √(σ² + ε)        y = γ·x̂ + β
+//! dβ = Σ dy     dγ = Σ dy·x̂     dx = γ / √(σ² + ε) · (dy − dβ/M − x̂·dγ/M)
+//! ```
+//!
+//! with sums and M = N·H·W over each channel, σ² the biased batch variance. The batch mean
+//! and variance are returned for the caller's running statistics. The fused kernel is CPU and
+//! `f32` only; elsewhere [`batch_norm_train`] runs the reference.
+
+use crate::cpu::{min_planes_per_task, Strided4};
+use crate::Implementation;
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+/// Output of [`batch_norm_train`].
+#[derive(Debug, Clone)]
+pub struct BatchNormOutput {
+    /// The normalised, scaled and shifted input, (N, C, H, W).
+    pub output: Tensor,
+    /// Per-channel batch mean, (C), not differentiable.
+    pub mean: Tensor,
+    /// Per-channel biased batch variance, (C), not differentiable.
+    pub variance: Tensor,
+}
+
+fn check(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<usize> {
+    let &[_, c, _, _] = x.dims() else { bail!("batch_norm: input must be (N, C, H, W), got {:?}", x.dims()) };
+    for (name, t) in [("weight", weight), ("bias", bias)] {
+        if t.dims() != [c] {
+            bail!("batch_norm: {name} must be ({c}) for {c} channels, got {:?}", t.dims())
+        }
+        if t.dtype() != x.dtype() {
+            bail!("batch_norm: {name} dtype {:?} differs from input dtype {:?}", t.dtype(), x.dtype())
+        }
+    }
+    if x.elem_count() == 0 {
+        bail!("batch_norm: empty input {:?}", x.dims())
+    }
+    Ok(c)
+}
+
+/// BatchNorm of `x` (N, C, H, W) with batch statistics, `weight` γ and `bias` β (C each).
+pub fn batch_norm_train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    implementation: Implementation,
+) -> Result<BatchNormOutput> {
+    check(x, weight, bias)?;
+    if eps.is_nan() || eps <= 0.0 {
+        bail!("batch_norm: eps must be positive, got {eps}")
+    }
+    match implementation {
+        Implementation::Fused if x.device().is_cpu() && x.dtype() == DType::F32 => {
+            let stats = x.detach().apply_op1_no_bwd(&ChannelStats)?;
+            let mean = stats.get(0)?;
+            let variance = stats.get(1)?;
+            let (mean_v, var_v) = (mean.to_vec1::<f32>()?, variance.to_vec1::<f32>()?);
+            let inv_std = var_v.iter().map(|v| 1.0 / (v + eps as f32).sqrt()).collect();
+            let op = BatchNormTrain { mean: mean_v, inv_std };
+            let output = x.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?;
+            Ok(BatchNormOutput { output, mean, variance })
+        }
+        _ => batch_norm_train_reference(x, weight, bias, eps),
+    }
+}
+
+/// The same composed from Candle ops (differentiated by Candle's autograd): the reference.
+pub fn batch_norm_train_reference(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<BatchNormOutput> {
+    let c = check(x, weight, bias)?;
+    // Channels first, flattened: (C, N·H·W).
+    let flat = x.transpose(0, 1)?.flatten_from(1)?;
+    let mean = flat.mean_keepdim(D::Minus1)?;
+    let centred = flat.broadcast_sub(&mean)?;
+    let variance = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    let normalised = centred.broadcast_div(&(&variance + eps)?.sqrt()?)?;
+    let y = normalised.broadcast_mul(&weight.reshape((c, 1))?)?.broadcast_add(&bias.reshape((c, 1))?)?;
+    let (n, _, h, w) = x.dims4()?;
+    let output = y.reshape((c, n, h, w))?.transpose(0, 1)?;
+    Ok(BatchNormOutput { output, mean: mean.flatten_all()?.detach(), variance: variance.flatten_all()?.detach() })
+}
+
+/// (N, C, H, W) → (2, C): per-channel mean and biased variance (two passes, for accuracy).
+struct ChannelStats;
+
+/// y = (x − mean)·inv_std·γ + β with the batch statistics computed beforehand.
+struct BatchNormTrain {
+    mean: Vec<f32>,
+    inv_std: Vec<f32>,
+}
+
+/// (x, γ, dy) → [dx | dγ | dβ] packed in one 1-D tensor.
+struct BatchNormBackward {
+    mean: Vec<f32>,
+    inv_std: Vec<f32>,
+}
+
+fn f32_data<'a>(what: &str, storage: &'a CpuStorage) -> Result<&'a [f32]> {
+    match storage {
+        CpuStorage::F32(v) => Ok(v),
+        other => bail!(
+            "batch_norm: the CPU kernel takes f32, but the {what} is {:?}",
+            candle_core::backend::BackendStorage::dtype(other)
+        ),
+    }
+}
+
+fn vector<'a>(what: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&f32_data(what, storage)?[start..end]),
+        None => bail!("batch_norm: the {what} must be contiguous"),
+    }
+}
+
+/// Calls `f(plane index n, values)` for every plane of channel `c`, copying strided planes
+/// into `buf`.
+fn for_each_plane(x: &[f32], xs: &Strided4, c: usize, buf: &mut Vec<f32>, mut f: impl FnMut(usize, &[f32])) {
+    for n in 0..xs.dims[0] {
+        match xs.contiguous_plane(x, n, c) {
+            Some(p) => f(n, p),
+            None => {
+                buf.resize(xs.plane_len(), 0.0);
+                xs.for_each_in_plane(x, n, c, |k, v| buf[k] = v);
+                f(n, buf)
+            }
+        }
+    }
+}
+
+/// Per-channel (mean, biased variance) of `x`, in f64 accumulators.
+fn channel_stats(x: &[f32], xs: &Strided4) -> Vec<(f32, f32)> {
+    let count = (xs.dims[0] * xs.plane_len()) as f64;
+    (0..xs.dims[1])
+        .into_par_iter()
+        .map_init(Vec::new, |buf, c| {
+            let mut sum = 0f64;
+            for_each_plane(x, xs, c, buf, |_, p| sum += crate::cpu::sum(p) as f64);
+            let mean = (sum / count) as f32;
+            let mut sq = 0f64;
+            for_each_plane(x, xs, c, buf, |_, p| {
+                let mut acc = [0f32; 8];
+                let chunks = p.chunks_exact(8);
+                let tail: f32 = chunks.remainder().iter().map(|v| (v - mean) * (v - mean)).sum();
+                for ch in chunks {
+                    for l in 0..8 {
+                        let d = ch[l] - mean;
+                        acc[l] += d * d;
+                    }
+                }
+                sq += (tail + acc.iter().sum::<f32>()) as f64;
+            });
+            (mean, (sq / count) as f32)
+        })
+        .collect()
+}
+
+impl CustomOp1 for ChannelStats {
+    fn name(&self) -> &'static str {
+        "sae-batch-norm-stats"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let xs = Strided4::new("batch_norm", "input", xl)?;
+        let stats = channel_stats(f32_data("input", x)?, &xs);
+        let (mean, var): (Vec<f32>, Vec<f32>) = stats.into_iter().unzip();
+        Ok((CpuStorage::F32([mean, var].concat()), Shape::from((2, xs.dims[1]))))
+    }
+}
+
+impl CustomOp3 for BatchNormTrain {
+    fn name(&self) -> &'static str {
+        "sae-batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let xs = Strided4::new("batch_norm", "input", xl)?;
+        let (x, w, b) = (f32_data("input", x)?, vector("weight", w, wl)?, vector("bias", b, bl)?);
+        let [n, c, h, wd] = xs.dims;
+        let mut out = vec![0f32; n * c * h * wd];
+        out.par_chunks_mut(h * wd).with_min_len(min_planes_per_task(h * wd)).enumerate().for_each(|(plane, y)| {
+            let ci = plane % c;
+            let scale = self.inv_std[ci] * w[ci];
+            let shift = b[ci] - self.mean[ci] * scale;
+            match xs.contiguous_plane(x, plane / c, ci) {
+                Some(p) => y.iter_mut().zip(p).for_each(|(y, &v)| *y = v * scale + shift),
+                None => xs.for_each_in_plane(x, plane / c, ci, |k, v| y[k] = v * scale + shift),
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from(xs.dims.to_vec())))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let op = BatchNormBackward { mean: self.mean.clone(), inv_std: self.inv_std.clone() };
+        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &op)?;
+        let (numel, c) = (x.elem_count(), b.elem_count());
+        let dx = packed.narrow(0, 0, numel)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, numel, c)?;
+        let db = packed.narrow(0, numel + c, c)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+impl CustomOp3 for BatchNormBackward {
+    fn name(&self) -> &'static str {
+        "sae-batch-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let xs = Strided4::new("batch_norm backward", "input", xl)?;
+        if gl.dims() != xs.dims {
+            bail!("batch_norm backward: gradient shape {:?}, expected {:?}", gl.dims(), xs.dims)
+        }
+        let (x, w, g) = (f32_data("input", x)?, vector("weight", w, wl)?, vector("output gradient", g, gl)?);
+        let [n, c, h, wd] = xs.dims;
+        let plane_len = h * wd;
+        let count = (n * plane_len) as f32;
+        let grad_plane = |ni: usize, ci: usize| &g[(ni * c + ci) * plane_len..(ni * c + ci + 1) * plane_len];
+        // Pass 1, per channel: Σ dy and Σ dy·x̂ = inv_std · Σ dy·(x − mean).
+        let sums: Vec<(f32, f32)> = (0..c)
+            .into_par_iter()
+            .map_init(Vec::new, |buf, ci| {
+                let (mut sum_dy, mut sum_dy_xc) = (0f64, 0f64);
+                let mean = self.mean[ci];
+                for_each_plane(x, &xs, ci, buf, |ni, p| {
+                    let (sg, sgx) = crate::cpu::sum_and_dot(grad_plane(ni, ci), p);
+                    sum_dy += sg as f64;
+                    sum_dy_xc += (sgx - mean * sg) as f64;
+                });
+                (sum_dy as f32, sum_dy_xc as f32 * self.inv_std[ci])
+            })
+            .collect();
+        let mut out = vec![0f32; n * c * plane_len + 2 * c];
+        let (dx, dwb) = out.split_at_mut(n * c * plane_len);
+        for (ci, &(db, dw)) in sums.iter().enumerate() {
+            dwb[ci] = dw;
+            dwb[c + ci] = db;
+        }
+        // Pass 2: dx = γ·inv_std·(dy − dβ/M − x̂·dγ/M), as dy·a + x·k + shift per channel.
+        dx.par_chunks_mut(plane_len).with_min_len(min_planes_per_task(plane_len)).enumerate().for_each(|(plane, d)| {
+            let (ni, ci) = (plane / c, plane % c);
+            let (db, dw) = sums[ci];
+            let inv_std = self.inv_std[ci];
+            let a = w[ci] * inv_std;
+            let k = -a * inv_std * dw / count;
+            let shift = -a * db / count - k * self.mean[ci];
+            let dy = grad_plane(ni, ci);
+            match xs.contiguous_plane(x, ni, ci) {
+                Some(p) => {
+                    for ((d, &gv), &xv) in d.iter_mut().zip(dy).zip(p) {
+                        *d = gv * a + xv * k + shift;
+                    }
+                }
+                None => xs.for_each_in_plane(x, ni, ci, |i, xv| d[i] = dy[i] * a + xv * k + shift),
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from(n * c * plane_len + 2 * c)))
+    }
+}

@@ -1,0 +1,45 @@
+//! Runs training steps of one registered model on random data, for profiling:
+//! `cargo run -p sae-train --example train_step -- MODEL SIZE BATCH STEPS [reference]`,
+//! e.g. under `perf record -g`.
+
+use candle_core::{Device, ModuleT, Tensor};
+use sae_models::Implementation;
+use sae_train::metrics::cross_entropy;
+use sae_train::optim::{Optimizer, OptimizerConfig};
+use std::time::Instant;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [model, size, batch, steps] = [0, 1, 2, 3].map(|i| args.get(i).cloned());
+    let model = model.unwrap_or_else(|| "senetv2_resnet50".into());
+    let size: usize = size.as_deref().unwrap_or("32").parse()?;
+    let batch: usize = batch.as_deref().unwrap_or("16").parse()?;
+    let steps: usize = steps.as_deref().unwrap_or("5").parse()?;
+    let device = Device::Cpu;
+    let mut cfg = sae_models::config(&model, 100)?;
+    if args.get(4).map(String::as_str) == Some("reference") {
+        cfg.kernels = Implementation::Reference;
+    }
+    let net = sae_models::Model::new(cfg, 0, &device)?;
+    let mut optimizer = Optimizer::new(OptimizerConfig::keras_adam(), net.trainable_vars());
+    let x = Tensor::randn(0f32, 1.0, (batch, 3, size, size), &device)?;
+    let y = Tensor::new((0..batch as u32).map(|i| i % 100).collect::<Vec<_>>().as_slice(), &device)?;
+    for step in 0..steps {
+        let t0 = Instant::now();
+        let loss = device.with_context(|| cross_entropy(&net.forward_t(&x, true)?, &y, 0.0))?;
+        let value = loss.to_scalar::<f32>()?;
+        let t1 = Instant::now();
+        let grads = device.with_context(|| loss.backward())?;
+        let t2 = Instant::now();
+        optimizer.step(&grads)?;
+        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+        let t3 = Instant::now();
+        println!(
+            "step {step}: loss {value:.4}  forward {:.0} ms  backward {:.0} ms  optimiser {:.0} ms",
+            ms(t0, t1),
+            ms(t1, t2),
+            ms(t2, t3)
+        );
+    }
+    Ok(())
+}
