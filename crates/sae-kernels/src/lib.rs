@@ -11,6 +11,8 @@
 //!
 //! * [`excitation`] — global average pool → K parallel dense layers C → C/r with ReLU →
 //!   concat → dense K·C/r → C → sigmoid → scale (SE when K = 1, SaE when K > 1).
+//! * [`adam_update`] — the Adam optimiser's update in place (three passes, no allocation),
+//!   for `sae-train`; the optimiser's composition of Candle ops is its reference.
 //! * [`batch_norm_train`] — BatchNorm with batch statistics (training mode), forward and
 //!   backward in two passes each (Candle composes it from a dozen ops).
 //! * [`conv2d`] — 2-D convolution with any stride, padding and groups, forward and backward,
@@ -21,6 +23,7 @@
 //!
 //! Each fused op is tested for parity with its reference, forward and every gradient.
 
+pub mod adam;
 pub mod batch_norm;
 pub mod conv;
 mod cpu;
@@ -34,6 +37,7 @@ mod cuda;
 #[cfg(feature = "metal")]
 mod metal;
 
+pub use adam::{adam_update, AdamStep};
 pub use batch_norm::{batch_norm_train, batch_norm_train_reference, BatchNormOutput};
 pub use conv::{conv2d, conv2d_reference, Conv2dConfig};
 pub use depthwise::{depthwise_conv2d, depthwise_conv2d_reference, DepthwiseConfig};

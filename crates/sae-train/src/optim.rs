@@ -8,6 +8,7 @@
 use crate::{Error, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
+use sae_kernels::{adam_update, AdamStep, Implementation};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -68,6 +69,7 @@ pub struct Optimizer {
     state: Vec<(Option<Tensor>, Option<Tensor>)>,
     step: u64,
     lr: f64,
+    implementation: Implementation,
 }
 
 impl Optimizer {
@@ -75,7 +77,14 @@ impl Optimizer {
     pub fn new(config: OptimizerConfig, vars: Vec<(String, Var)>) -> Self {
         let state = vec![(None, None); vars.len()];
         let lr = config.lr();
-        Self { config, vars, state, step: 0, lr }
+        Self { config, vars, state, step: 0, lr, implementation: Implementation::Fused }
+    }
+
+    /// The same with Adam's update run by `implementation`: `fused` (the default) updates in
+    /// place on CPU, `reference` composes Candle ops. SGD always composes Candle ops.
+    pub fn with_implementation(mut self, implementation: Implementation) -> Self {
+        self.implementation = implementation;
+        self
     }
 
     /// Current learning rate.
@@ -105,6 +114,13 @@ impl Optimizer {
             let theta = &var.as_tensor().detach();
             match self.config {
                 OptimizerConfig::Adam { beta1, beta2, eps, .. } => {
+                    let alpha = self.lr * (1.0 - beta2.powi(t)).sqrt() / (1.0 - beta1.powi(t));
+                    if self.implementation == Implementation::Fused {
+                        let (m, v) = (m.get_or_insert(g.zeros_like()?), v.get_or_insert(g.zeros_like()?));
+                        if adam_update(var.as_tensor(), g, m, v, AdamStep { beta1, beta2, eps, alpha })? {
+                            continue;
+                        }
+                    }
                     let m_new = match m.take() {
                         Some(m) => ((m * beta1)? + (g * (1.0 - beta1))?)?,
                         None => (g * (1.0 - beta1))?,
@@ -113,7 +129,6 @@ impl Optimizer {
                         Some(v) => ((v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?,
                         None => (g.sqr()? * (1.0 - beta2))?,
                     };
-                    let alpha = self.lr * (1.0 - beta2.powi(t)).sqrt() / (1.0 - beta1.powi(t));
                     let update = (m_new.div(&(v_new.sqrt()? + eps)?)? * alpha)?;
                     var.set(&(theta - update)?)?;
                     *m = Some(m_new);
@@ -147,11 +162,12 @@ impl Optimizer {
     pub fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
         let mut out = BTreeMap::new();
         for ((name, _), (m, v)) in self.vars.iter().zip(&self.state) {
+            // Copies: the fused Adam update changes the moments in place.
             if let Some(m) = m {
-                out.insert(format!("{name}.m"), m.clone());
+                out.insert(format!("{name}.m"), m.copy()?);
             }
             if let Some(v) = v {
-                out.insert(format!("{name}.v"), v.clone());
+                out.insert(format!("{name}.v"), v.copy()?);
             }
         }
         let device = self.vars.first().map(|(_, v)| v.device().clone()).unwrap_or(candle_core::Device::Cpu);

@@ -3,7 +3,7 @@
 //! damaged checkpoints.
 
 use candle_core::{Device, Tensor, Var};
-use sae_models::{config, Stem};
+use sae_models::{config, Implementation, Stem};
 use sae_train::*;
 use std::path::{Path, PathBuf};
 
@@ -16,8 +16,18 @@ fn tmp(name: &str) -> PathBuf {
 
 /// One step of the optimiser on θ with a fixed gradient function; returns θ after each step.
 fn run_optimizer(cfg: OptimizerConfig, theta0: f32, grad: impl Fn(f32) -> f32, steps: usize) -> Vec<f32> {
+    run_optimizer_with(cfg, Implementation::Fused, theta0, grad, steps)
+}
+
+fn run_optimizer_with(
+    cfg: OptimizerConfig,
+    implementation: Implementation,
+    theta0: f32,
+    grad: impl Fn(f32) -> f32,
+    steps: usize,
+) -> Vec<f32> {
     let var = Var::new(&[theta0], &Device::Cpu).unwrap();
-    let mut opt = Optimizer::new(cfg, vec![("theta".into(), var.clone())]);
+    let mut opt = Optimizer::new(cfg, vec![("theta".into(), var.clone())]).with_implementation(implementation);
     let mut out = Vec::new();
     for _ in 0..steps {
         let theta = var.to_vec1::<f32>().unwrap()[0];
@@ -34,7 +44,12 @@ fn run_optimizer(cfg: OptimizerConfig, theta0: f32, grad: impl Fn(f32) -> f32, s
 fn adam_matches_keras_by_hand() {
     // Gradient 2θ from θ = 1. Step 1: m = 0.1·2 = 0.2, v = 0.001·4 = 0.004,
     // α = 0.001·√0.001/0.1 = 3.16228e-4, θ = 1 − α·0.2/(√0.004 + 1e-7) = 0.999 (to 1e-7).
-    let t = run_optimizer(OptimizerConfig::keras_adam(), 1.0, |x| 2.0 * x, 2);
+    for implementation in Implementation::ALL {
+        adam_by_hand(&run_optimizer_with(OptimizerConfig::keras_adam(), implementation, 1.0, |x| 2.0 * x, 2));
+    }
+}
+
+fn adam_by_hand(t: &[f32]) {
     let alpha1 = 1e-3 * (1.0f64 - 0.999).sqrt() / (1.0 - 0.9);
     let theta1 = 1.0 - alpha1 * 0.2 / (0.004f64.sqrt() + 1e-7);
     assert!((t[0] as f64 - theta1).abs() < 1e-6, "{} vs {theta1}", t[0]);
@@ -45,6 +60,35 @@ fn adam_matches_keras_by_hand() {
     let alpha2 = 1e-3 * (1.0f64 - 0.999f64.powi(2)).sqrt() / (1.0 - 0.9f64.powi(2));
     let theta2 = theta1 - alpha2 * m2 / (v2.sqrt() + 1e-7);
     assert!((t[1] as f64 - theta2).abs() < 1e-6, "{} vs {theta2}", t[1]);
+}
+
+/// The in-place Adam update against the composition of Candle ops, on a tensor large enough to
+/// be split across threads, over several steps with changing gradients.
+#[test]
+fn fused_adam_matches_the_reference_on_many_elements() {
+    let n = 50_000;
+    let init: Vec<f32> = (0..n).map(|i| ((i * 7919 % 2000) as f32 / 1000.0) - 1.0).collect();
+    let run = |implementation| {
+        let var = Var::new(init.as_slice(), &Device::Cpu).unwrap();
+        let mut opt = Optimizer::new(OptimizerConfig::keras_adam(), vec![("w".into(), var.clone())])
+            .with_implementation(implementation);
+        for step in 0..4 {
+            // loss = Σ (w − target)² / 2 with a target that moves each step.
+            let target = Tensor::new(&[step as f32 * 0.1], &Device::Cpu).unwrap();
+            let loss =
+                (var.as_tensor().broadcast_sub(&target).unwrap().sqr().unwrap().sum_all().unwrap() * 0.5).unwrap();
+            opt.step(&loss.backward().unwrap()).unwrap();
+        }
+        let state = opt.state_tensors().unwrap();
+        let flat = |t: &Tensor| t.to_vec1::<f32>().unwrap();
+        [flat(var.as_tensor()), flat(&state["w.m"]), flat(&state["w.v"])]
+    };
+    let (fused, reference) = (run(Implementation::Fused), run(Implementation::Reference));
+    for (what, (a, b)) in ["weights", "first moment", "second moment"].iter().zip(fused.iter().zip(&reference)) {
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() <= 1e-6 + 1e-5 * y.abs(), "{what}[{i}]: fused {x} vs reference {y}");
+        }
+    }
 }
 
 #[test]

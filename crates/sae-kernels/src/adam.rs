@@ -1,0 +1,120 @@
+//! The Adam update in place, in three element-wise passes and no allocation.
+//!
+//! Composed from Candle ops, one Adam step over a ResNet-50's 24 M parameters is about a dozen
+//! full passes, each allocating its output (about 200 ms on two cores, as long as the backward
+//! pass of a 32×32 batch). Here the moments and the parameters are updated where they are:
+//!
+//! ```text
+//! m ← β₁·m + (1 − β₁)·g      v ← β₂·v + (1 − β₂)·g²      θ ← θ − α·m / (√v + ε)
+//! ```
+//!
+//! with `α` the step's learning rate, bias corrections folded in by the caller. CPU and `f32`
+//! only: [`adam_update`] tells the caller when it did not apply, so that it can run its
+//! composition of Candle ops (the reference).
+
+use candle_core::{bail, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
+use rayon::prelude::*;
+
+/// Hyper-parameters of one Adam step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamStep {
+    /// Decay of the first moment.
+    pub beta1: f64,
+    /// Decay of the second moment.
+    pub beta2: f64,
+    /// Added to √v.
+    pub eps: f64,
+    /// Step size, bias corrections included.
+    pub alpha: f64,
+}
+
+/// Applies one Adam step to `theta` with gradient `grad`, updating the moments `m` and `v`, all
+/// in place. Returns `Ok(false)` without touching anything when the tensors are not all
+/// contiguous `f32` on the CPU (the caller then runs the reference).
+pub fn adam_update(theta: &Tensor, grad: &Tensor, m: &Tensor, v: &Tensor, step: AdamStep) -> Result<bool> {
+    for (name, t) in [("gradient", grad), ("first moment", m), ("second moment", v)] {
+        if t.shape() != theta.shape() {
+            bail!("adam: {name} has shape {:?}, the parameter {:?}", t.dims(), theta.dims())
+        }
+    }
+    let fused = [theta, grad, m, v].iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous());
+    if !fused {
+        return Ok(false);
+    }
+    m.inplace_op2(grad, &Moment { decay: step.beta1 as f32, square: false })?;
+    v.inplace_op2(grad, &Moment { decay: step.beta2 as f32, square: true })?;
+    theta.inplace_op3(m, v, &Apply { alpha: step.alpha as f32, eps: step.eps as f32 })?;
+    Ok(true)
+}
+
+/// `dst ← decay·dst + (1 − decay)·g` (or `g²`).
+struct Moment {
+    decay: f32,
+    square: bool,
+}
+
+/// `θ ← θ − α·m / (√v + ε)`.
+struct Apply {
+    alpha: f32,
+    eps: f32,
+}
+
+fn slice<'a>(what: &str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => bail!("adam: the {what} must be contiguous f32"),
+    }
+}
+
+fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => bail!("adam: the updated tensor must be contiguous f32"),
+    }
+}
+
+/// Elements per rayon task.
+const CHUNK: usize = 1 << 14;
+
+impl InplaceOp2 for Moment {
+    fn name(&self) -> &'static str {
+        "sae-adam-moment"
+    }
+
+    fn cpu_fwd(&self, dst: &mut CpuStorage, dst_l: &Layout, g: &CpuStorage, gl: &Layout) -> Result<()> {
+        let (dst, g) = (slice_mut(dst, dst_l)?, slice("gradient", g, gl)?);
+        let (decay, rest) = (self.decay, 1.0 - self.decay);
+        dst.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(d, g)| {
+            if self.square {
+                d.iter_mut().zip(g).for_each(|(d, &g)| *d = decay * *d + rest * g * g);
+            } else {
+                d.iter_mut().zip(g).for_each(|(d, &g)| *d = decay * *d + rest * g);
+            }
+        });
+        Ok(())
+    }
+}
+
+impl InplaceOp3 for Apply {
+    fn name(&self) -> &'static str {
+        "sae-adam-apply"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        m: &CpuStorage,
+        ml: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<()> {
+        let (theta, m, v) = (slice_mut(dst, dst_l)?, slice("first moment", m, ml)?, slice("second moment", v, vl)?);
+        theta.par_chunks_mut(CHUNK).zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK))).for_each(|(t, (m, v))| {
+            for ((t, &m), &v) in t.iter_mut().zip(m).zip(v) {
+                *t -= self.alpha * m / (v.sqrt() + self.eps);
+            }
+        });
+        Ok(())
+    }
+}
