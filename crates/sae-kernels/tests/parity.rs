@@ -493,6 +493,28 @@ fn batch_norm_rejects_bad_input() {
 }
 
 #[test]
+fn relu_fused_matches_reference_forward_and_backward() {
+    for (i, &[n, c, h, w]) in [[2, 3, 5, 4], [1, 1, 1, 1], [3, 70, 40, 41]].iter().enumerate() {
+        for strided in [false, true] {
+            let (xv, x) = input(100 + i as u64, n, c, h, w, strided, DType::F32);
+            let run = |imp| {
+                let out = relu(&x, imp).unwrap();
+                let grads = probe_loss(&out, 11).unwrap().backward().unwrap();
+                (out, grads.get(&xv).unwrap().clone())
+            };
+            let ((y_r, dx_r), (y_f, dx_f)) = (run(Implementation::Reference), run(Implementation::Fused));
+            let what = format!("{:?} strided={strided}", [n, c, h, w]);
+            assert_close(&format!("{what} forward"), &y_f, &y_r, (0.0, 0.0));
+            assert_close(&format!("{what} d/dx"), &dx_f, &dx_r, (0.0, 0.0));
+        }
+    }
+    // At exactly zero the fused gradient is 0 (PyTorch's convention).
+    let x = Var::new(&[-1f32, 0.0, 2.0], &Device::Cpu).unwrap();
+    let grads = relu(&x, Implementation::Fused).unwrap().sum_all().unwrap().backward().unwrap();
+    assert_eq!(grads.get(&x).unwrap().to_vec1::<f32>().unwrap(), [0.0, 0.0, 1.0]);
+}
+
+#[test]
 fn implementation_and_gate_names_round_trip() {
     for imp in Implementation::ALL {
         assert_eq!(imp.name().parse::<Implementation>().unwrap(), imp);

@@ -18,6 +18,7 @@ const STEM_POOL: MaxPoolConfig = MaxPoolConfig { kernel: 3, stride: 2, padding: 
 #[derive(Debug, Clone)]
 pub struct Block {
     convs: Vec<ConvBn>,
+    kernels: Implementation,
     attention: Option<Excitation>,
     downsample: Option<ConvBn>,
 }
@@ -66,7 +67,7 @@ impl Block {
         } else {
             None
         };
-        Ok(Self { convs, attention, downsample })
+        Ok(Self { convs, kernels: cfg.kernels, attention, downsample })
     }
 
     /// Multiply-accumulates and output size for an input of `h` × `w`.
@@ -93,7 +94,7 @@ impl ModuleT for Block {
         for (i, c) in self.convs.iter().enumerate() {
             y = c.forward_t(&y, train)?;
             if i != last {
-                y = y.relu()?;
+                y = sae_kernels::relu(&y, self.kernels)?;
             }
         }
         if let Some(a) = &self.attention {
@@ -103,7 +104,7 @@ impl ModuleT for Block {
             Some(d) => d.forward_t(x, train)?,
             None => x.clone(),
         };
-        (y + shortcut)?.relu()
+        sae_kernels::relu(&(y + shortcut)?, self.kernels)
     }
 }
 
@@ -163,7 +164,7 @@ impl ResNet {
 
 impl ModuleT for ResNet {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut y = self.stem.forward_t(x, train)?.relu()?;
+        let mut y = sae_kernels::relu(&self.stem.forward_t(x, train)?, self.kernels)?;
         if self.pool {
             y = sae_kernels::max_pool2d(&y, STEM_POOL, self.kernels)?;
         }
