@@ -11,7 +11,8 @@
 //! ```
 //!
 //! with sums and M = N·H·W over each channel, σ² the biased batch variance. The batch mean
-//! and variance are returned for the caller's running statistics. The fused kernel is CPU and
+//! and variance are returned for the caller's running statistics. In eval mode
+//! ([`batch_norm_eval`]) it is one per-channel scale and shift, in one pass each way. The fused kernel is CPU and
 //! `f32` only; elsewhere [`batch_norm_train`] runs the reference.
 
 use crate::cpu::{min_planes_per_task, Strided4};
@@ -86,6 +87,138 @@ pub fn batch_norm_train_reference(x: &Tensor, weight: &Tensor, bias: &Tensor, ep
     let (n, _, h, w) = x.dims4()?;
     let output = y.reshape((c, n, h, w))?.transpose(0, 1)?;
     Ok(BatchNormOutput { output, mean: mean.flatten_all()?.detach(), variance: variance.flatten_all()?.detach() })
+}
+
+/// BatchNorm of `x` (N, C, H, W) with given statistics (eval mode): `y = (x − mean)·γ/√(var + ε) + β`.
+/// The per-channel scale and shift are computed with Candle ops (so gradients reach γ and β);
+/// the fused kernel applies them in one pass.
+pub fn batch_norm_eval(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f64,
+    implementation: Implementation,
+) -> Result<Tensor> {
+    let c = check(x, weight, bias)?;
+    for (name, t) in [("running mean", running_mean), ("running variance", running_var)] {
+        if t.dims() != [c] {
+            bail!("batch_norm: {name} must be ({c}) for {c} channels, got {:?}", t.dims())
+        }
+    }
+    let scale = (weight / (running_var + eps)?.sqrt()?)?;
+    let shift = (bias - (running_mean * &scale)?)?;
+    match implementation {
+        Implementation::Fused if x.device().is_cpu() && x.dtype() == DType::F32 => {
+            x.apply_op3(&scale.contiguous()?, &shift.contiguous()?, ChannelAffine)
+        }
+        _ => x.broadcast_mul(&scale.reshape((1, c, 1, 1))?)?.broadcast_add(&shift.reshape((1, c, 1, 1))?),
+    }
+}
+
+/// `y = x·scale[c] + shift[c]` per channel.
+struct ChannelAffine;
+
+/// (x, scale, dy) → [dx | dscale | dshift] packed in one 1-D tensor.
+struct ChannelAffineBackward;
+
+impl CustomOp3 for ChannelAffine {
+    fn name(&self) -> &'static str {
+        "sae-channel-affine"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        scale: &CpuStorage,
+        sl: &Layout,
+        shift: &CpuStorage,
+        tl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let xs = Strided4::new("batch_norm", "input", xl)?;
+        let (x, scale, shift) = (f32_data("input", x)?, vector("scale", scale, sl)?, vector("shift", shift, tl)?);
+        Ok((CpuStorage::F32(affine(x, &xs, |c| (scale[c], shift[c]))), Shape::from(xs.dims.to_vec())))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        scale: &Tensor,
+        _shift: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let packed = x.apply_op3_no_bwd(scale, &grad.contiguous()?, &ChannelAffineBackward)?;
+        let (numel, c) = (x.elem_count(), scale.elem_count());
+        let dx = packed.narrow(0, 0, numel)?.reshape(x.shape())?;
+        Ok((Some(dx), Some(packed.narrow(0, numel, c)?), Some(packed.narrow(0, numel + c, c)?)))
+    }
+}
+
+impl CustomOp3 for ChannelAffineBackward {
+    fn name(&self) -> &'static str {
+        "sae-channel-affine-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        scale: &CpuStorage,
+        sl: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let xs = Strided4::new("batch_norm backward", "input", xl)?;
+        if gl.dims() != xs.dims {
+            bail!("batch_norm backward: gradient shape {:?}, expected {:?}", gl.dims(), xs.dims)
+        }
+        let (x, scale, g) = (f32_data("input", x)?, vector("scale", scale, sl)?, vector("output gradient", g, gl)?);
+        let [n, c, h, w] = xs.dims;
+        let plane_len = h * w;
+        let grad_plane = |ni: usize, ci: usize| &g[(ni * c + ci) * plane_len..(ni * c + ci + 1) * plane_len];
+        // Per channel: Σ dy·x and Σ dy.
+        let sums: Vec<(f32, f32)> = (0..c)
+            .into_par_iter()
+            .map_init(Vec::new, |buf, ci| {
+                let (mut sg, mut sgx) = (0f64, 0f64);
+                for_each_plane(x, &xs, ci, buf, |ni, p| {
+                    let (a, b) = crate::cpu::sum_and_dot(grad_plane(ni, ci), p);
+                    sg += a as f64;
+                    sgx += b as f64;
+                });
+                (sgx as f32, sg as f32)
+            })
+            .collect();
+        let mut out = vec![0f32; n * c * plane_len + 2 * c];
+        let (dx, rest) = out.split_at_mut(n * c * plane_len);
+        for (ci, &(dscale, dshift)) in sums.iter().enumerate() {
+            rest[ci] = dscale;
+            rest[c + ci] = dshift;
+        }
+        dx.par_chunks_mut(plane_len).with_min_len(min_planes_per_task(plane_len)).enumerate().for_each(|(plane, d)| {
+            let s = scale[plane % c];
+            d.iter_mut().zip(grad_plane(plane / c, plane % c)).for_each(|(d, &gv)| *d = gv * s);
+        });
+        Ok((CpuStorage::F32(out), Shape::from(n * c * plane_len + 2 * c)))
+    }
+}
+
+/// `x·scale + shift` with per-channel `(scale, shift) = coef(c)`, as a contiguous (N, C, H, W).
+fn affine(x: &[f32], xs: &Strided4, coef: impl Fn(usize) -> (f32, f32) + Sync) -> Vec<f32> {
+    let [n, c, h, w] = xs.dims;
+    let mut out = vec![0f32; n * c * h * w];
+    out.par_chunks_mut(h * w).with_min_len(min_planes_per_task(h * w)).enumerate().for_each(|(plane, y)| {
+        let (ni, ci) = (plane / c, plane % c);
+        let (scale, shift) = coef(ci);
+        match xs.contiguous_plane(x, ni, ci) {
+            Some(p) => y.iter_mut().zip(p).for_each(|(y, &v)| *y = v * scale + shift),
+            None => xs.for_each_in_plane(x, ni, ci, |k, v| y[k] = v * scale + shift),
+        }
+    });
+    out
 }
 
 /// (N, C, H, W) → (2, C): per-channel mean and biased variance (two passes, for accuracy).
@@ -191,16 +324,9 @@ impl CustomOp3 for BatchNormTrain {
     ) -> Result<(CpuStorage, Shape)> {
         let xs = Strided4::new("batch_norm", "input", xl)?;
         let (x, w, b) = (f32_data("input", x)?, vector("weight", w, wl)?, vector("bias", b, bl)?);
-        let [n, c, h, wd] = xs.dims;
-        let mut out = vec![0f32; n * c * h * wd];
-        out.par_chunks_mut(h * wd).with_min_len(min_planes_per_task(h * wd)).enumerate().for_each(|(plane, y)| {
-            let ci = plane % c;
-            let scale = self.inv_std[ci] * w[ci];
-            let shift = b[ci] - self.mean[ci] * scale;
-            match xs.contiguous_plane(x, plane / c, ci) {
-                Some(p) => y.iter_mut().zip(p).for_each(|(y, &v)| *y = v * scale + shift),
-                None => xs.for_each_in_plane(x, plane / c, ci, |k, v| y[k] = v * scale + shift),
-            }
+        let out = affine(x, &xs, |c| {
+            let scale = self.inv_std[c] * w[c];
+            (scale, b[c] - self.mean[c] * scale)
         });
         Ok((CpuStorage::F32(out), Shape::from(xs.dims.to_vec())))
     }

@@ -14,7 +14,8 @@
 //! * [`adam_update`] — the Adam optimiser's update in place (three passes, no allocation),
 //!   for `sae-train`; the optimiser's composition of Candle ops is its reference.
 //! * [`batch_norm_train`] — BatchNorm with batch statistics (training mode), forward and
-//!   backward in two passes each (Candle composes it from a dozen ops).
+//!   backward in two passes each (Candle composes it from a dozen ops), and
+//!   [`batch_norm_eval`], its eval mode in one pass.
 //! * [`conv2d`] — 2-D convolution with any stride, padding and groups, forward and backward,
 //!   as im2col + matrix multiply (Candle's CPU input gradient is a direct loop).
 //! * [`relu`] — ReLU with a one-pass backward (Candle's is four passes).
@@ -40,7 +41,7 @@ mod cuda;
 mod metal;
 
 pub use adam::{adam_update, AdamStep};
-pub use batch_norm::{batch_norm_train, batch_norm_train_reference, BatchNormOutput};
+pub use batch_norm::{batch_norm_eval, batch_norm_train, batch_norm_train_reference, BatchNormOutput};
 pub use conv::{conv2d, conv2d_reference, Conv2dConfig};
 pub use depthwise::{depthwise_conv2d, depthwise_conv2d_reference, DepthwiseConfig};
 pub use excitation::{excitation, excitation_reference, ExcitationWeights, Gate};

@@ -448,6 +448,33 @@ fn batch_norm_fused_matches_reference_forward_and_backward() {
 }
 
 #[test]
+fn batch_norm_eval_fused_matches_reference_forward_and_backward() {
+    for (i, &[n, c, h, w]) in BATCH_NORM_CASES.iter().enumerate() {
+        for strided in [false, true] {
+            let what = format!("eval {:?} strided={strided}", [n, c, h, w]);
+            let (xv, x) = input(110 + i as u64, n, c, h, w, strided, DType::F32);
+            let gamma = var(111 + i as u64, &[c], DType::F32);
+            let beta = var(112 + i as u64, &[c], DType::F32);
+            let mean = randn(113 + i as u64, &[c], DType::F32);
+            let variance = (randn(114 + i as u64, &[c], DType::F32).abs().unwrap() + 0.5).unwrap();
+            let run = |imp| {
+                let out =
+                    batch_norm_eval(&x, gamma.as_tensor(), beta.as_tensor(), &mean, &variance, 1e-5, imp).unwrap();
+                let grads = probe_loss(&out, 12).unwrap().backward().unwrap();
+                let g = |v: &Var| grads.get(v).unwrap().clone();
+                (out, g(&xv), g(&gamma), g(&beta))
+            };
+            let (y_r, dx_r, dg_r, db_r) = run(Implementation::Reference);
+            let (y_f, dx_f, dg_f, db_f) = run(Implementation::Fused);
+            assert_close(&format!("{what} forward"), &y_f, &y_r, F32_TOL);
+            assert_close(&format!("{what} d/dx"), &dx_f, &dx_r, F32_TOL);
+            assert_close(&format!("{what} d/dgamma"), &dg_f, &dg_r, F32_TOL);
+            assert_close(&format!("{what} d/dbeta"), &db_f, &db_r, F32_TOL);
+        }
+    }
+}
+
+#[test]
 fn batch_norm_statistics_match_a_hand_calculation() {
     // Channel 0 holds 1, 2, 3, 4 (mean 2.5, biased variance 1.25); channel 1 holds 5 four times.
     let x = Tensor::new(&[[[[1f32, 2.0]], [[5.0, 5.0]]], [[[3.0, 4.0]], [[5.0, 5.0]]]], &Device::Cpu).unwrap();
@@ -489,6 +516,8 @@ fn batch_norm_rejects_bad_input() {
         assert!(err(&x, &v(3), &v(3).to_dtype(DType::F64).unwrap(), 1e-5).contains("bias dtype F64 differs"));
         assert!(err(&randn(1, &[2, 3, 4], DType::F32), &v(3), &v(3), 1e-5).contains("input must be (N, C, H, W)"));
         assert!(err(&x, &v(3), &v(3), 0.0).contains("eps must be positive"));
+        let err = batch_norm_eval(&x, &v(3), &v(3), &v(2), &v(3), 1e-5, imp).unwrap_err().to_string();
+        assert!(err.contains("running mean must be (3) for 3 channels, got [2]"), "{err}");
     }
 }
 

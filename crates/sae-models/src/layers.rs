@@ -131,11 +131,9 @@ impl BatchNorm {
 
 impl ModuleT for BatchNorm {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let per_channel = |t: &Tensor| t.reshape((1, (), 1, 1));
         if !train {
-            let scale = (&self.weight / (self.running_var.as_tensor() + self.eps)?.sqrt()?)?;
-            let shift = (&self.bias - (self.running_mean.as_tensor() * &scale)?)?;
-            return x.broadcast_mul(&per_channel(&scale)?)?.broadcast_add(&per_channel(&shift)?);
+            let (mean, var) = (self.running_mean.as_tensor(), self.running_var.as_tensor());
+            return sae_kernels::batch_norm_eval(x, &self.weight, &self.bias, mean, var, self.eps, self.kernels);
         }
         let out = sae_kernels::batch_norm_train(x, &self.weight, &self.bias, self.eps, self.kernels)?;
         let (n, _, h, w) = x.dims4()?;
