@@ -8,6 +8,7 @@
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use sae_models::{config, PaperPreset};
+use sae_train::plot::Series;
 use sae_train::{read_summary, DataConfig, DatasetKind, EpochSummary, OptimizerConfig, Schedule, TrainConfig};
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
@@ -307,10 +308,26 @@ fn write_report(table: Table, opts: &Options, results: &[(String, Vec<Vec<EpochS
         "\nRun directories (config.json, summary.csv, train.log, checkpoints): `{}`.",
         opts.runs.join(&opts.preset).display()
     )?;
+    let plot = opts.out.with_extension("png");
+    let plot_name = plot.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default();
+    writeln!(md, "\n![Evaluation top-1 per epoch, mean over seeds]({plot_name})")?;
     writeln!(md, "\nConfig of the first run:\n\n```json\n{}\n```", serde_json::to_string_pretty(&first_cfg)?)?;
     if let Some(parent) = opts.out.parent() {
         std::fs::create_dir_all(parent)?;
     }
+    // Mean evaluation top-1 over seeds, per epoch, one line per model.
+    let series: Vec<Series> = results
+        .iter()
+        .map(|(model, runs)| {
+            let epochs = runs.iter().map(Vec::len).min().unwrap_or(0);
+            let points = (0..epochs)
+                .map(|e| ((e + 1) as f64, runs.iter().map(|r| r[e].eval_top1).sum::<f64>() / runs.len() as f64))
+                .collect();
+            Series { label: model.clone(), points }
+        })
+        .collect();
+    let title = format!("Table {n} ({} preset): evaluation top-1", opts.preset);
+    sae_train::plot::plot_comparison(&series, &title, "top-1 %", &plot)?;
     sae_train::train::write_atomic(&opts.out, md.as_bytes())?;
     eprintln!("wrote {}", opts.out.display());
     Ok(())
@@ -383,7 +400,11 @@ mod tests {
             assert!(run[2].train_loss < run[0].train_loss, "{model}: loss did not fall: {run:?}");
         }
         let report = std::fs::read_to_string(&opts.out).unwrap();
-        for needle in ["senetv2_resnet50", "63.52", "28.68M", "20 coarse labels", "smoke"] {
+        let plot = image::open(root.join("table3.png")).unwrap();
+        assert_eq!((plot.width(), plot.height()), (900, 560));
+        let curves = image::open(root.join("runs/smoke/senetv2_resnet50-seed0/curves.png")).unwrap();
+        assert_eq!((curves.width(), curves.height()), (1200, 480));
+        for needle in ["senetv2_resnet50", "63.52", "28.68M", "20 coarse labels", "smoke", "(table3.png)"] {
             assert!(report.contains(needle), "report lacks {needle:?}:\n{report}");
         }
         // A rerun reuses the finished runs: same numbers, no retraining.

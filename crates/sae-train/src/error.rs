@@ -45,6 +45,14 @@ pub enum Error {
     /// An invalid training setting.
     #[error("invalid training config: {0}")]
     Config(String),
+    /// A plot that could not be drawn or encoded.
+    #[error("plot {}: {reason}", path.display())]
+    Plot {
+        /// The PNG file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
     /// JSON (config or state) that does not parse.
     #[error("{}: {source}", path.display())]
     Json {

@@ -415,6 +415,7 @@ pub fn train(
             .join("\n")
             + "\n";
         write_atomic(&dir.join("summary.csv"), csv.as_bytes())?;
+        crate::plot::plot_run(&history, &cfg.model.name, &dir.join("curves.png"))?;
         state.epoch = epoch + 1;
         checkpoint::save(dir, &model, &optimizer, &mut state, eval_top1)?;
     }

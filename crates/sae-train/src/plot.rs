@@ -1,0 +1,131 @@
+//! PNG plots: a run's loss and accuracy curves (`curves.png`, rewritten after every epoch) and
+//! a comparison of several runs' evaluation accuracy (one per reproduced table).
+//!
+//! Drawn with `plotters` into an RGB buffer and encoded with `image`, written through a
+//! temporary file and a rename like every other output. Text uses the DejaVu Sans font bundled
+//! in `assets/` (its licence beside it), so nothing depends on the fonts a machine has.
+
+use crate::train::{write_atomic, EpochSummary};
+use crate::{Error, Result};
+use image::ImageEncoder;
+use plotters::prelude::*;
+use std::path::Path;
+use std::sync::Once;
+
+const FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+const FAMILY: &str = "sans-serif";
+
+fn register_font() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // The font is bundled and known good, so registration cannot fail in practice.
+        let _ = plotters::style::register_font(FAMILY, FontStyle::Normal, FONT);
+    });
+}
+
+fn plot_error(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Plot { path: path.to_path_buf(), reason: e.to_string() }
+}
+
+/// One line of a plot: a label and (x, y) points.
+pub struct Series {
+    /// Legend text.
+    pub label: String,
+    /// Points in x order.
+    pub points: Vec<(f64, f64)>,
+}
+
+/// Renders `draw` on a `width` × `height` canvas and writes it to `path` as PNG.
+fn render(
+    path: &Path,
+    (width, height): (u32, u32),
+    draw: impl FnOnce(DrawingArea<BitMapBackend, plotters::coord::Shift>) -> std::result::Result<(), String>,
+) -> Result<()> {
+    register_font();
+    let mut rgb = vec![0u8; (width * height * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut rgb, (width, height)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| plot_error(path, e))?;
+        draw(root.clone()).map_err(|e| plot_error(path, e))?;
+        root.present().map_err(|e| plot_error(path, e))?;
+    }
+    let mut png = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut png)
+        .write_image(&rgb, width, height, image::ExtendedColorType::Rgb8)
+        .map_err(|e| plot_error(path, e))?;
+    write_atomic(path, &png)
+}
+
+/// Draws `series` on one panel with a title and axis names; the y range covers every point.
+fn panel(
+    area: &DrawingArea<BitMapBackend, plotters::coord::Shift>,
+    title: &str,
+    (x_name, y_name): (&str, &str),
+    series: &[Series],
+    legend: SeriesLabelPosition,
+) -> std::result::Result<(), String> {
+    let points = || series.iter().flat_map(|s| s.points.iter());
+    let x_max = points().map(|p| p.0).fold(1.0, f64::max);
+    let (mut y_min, mut y_max) =
+        points().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
+    if !y_min.is_finite() || !y_max.is_finite() {
+        (y_min, y_max) = (0.0, 1.0);
+    }
+    let pad = ((y_max - y_min) * 0.05).max(1e-3);
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, (FAMILY, 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..x_max, (y_min - pad)..(y_max + pad))
+        .map_err(|e| e.to_string())?;
+    chart.configure_mesh().x_desc(x_name).y_desc(y_name).label_style((FAMILY, 14)).draw().map_err(|e| e.to_string())?;
+    for (i, s) in series.iter().enumerate() {
+        let colour = Palette99::pick(i).to_rgba().stroke_width(2);
+        chart
+            .draw_series(LineSeries::new(s.points.iter().copied(), colour))
+            .map_err(|e| e.to_string())?
+            .label(s.label.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour));
+        chart.draw_series(s.points.iter().map(|&p| Circle::new(p, 3, colour.filled()))).map_err(|e| e.to_string())?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font((FAMILY, 14))
+        .position(legend)
+        .draw()
+        .map_err(|e| e.to_string())
+}
+
+/// Writes a run's loss (train, eval) and accuracy (train top-1, eval top-1 and top-5) against
+/// the epoch to `path`.
+pub fn plot_run(history: &[EpochSummary], title: &str, path: &Path) -> Result<()> {
+    let line = |label: &str, f: fn(&EpochSummary) -> f64| Series {
+        label: label.to_string(),
+        points: history.iter().map(|e| (e.epoch as f64, f(e))).collect(),
+    };
+    let loss = [line("train loss", |e| e.train_loss), line("eval loss", |e| e.eval_loss)];
+    let accuracy = [
+        line("train top-1", |e| e.train_top1),
+        line("eval top-1", |e| e.eval_top1),
+        line("eval top-5", |e| e.eval_top5),
+    ];
+    render(path, (1200, 480), |root| {
+        let panels = root.split_evenly((1, 2));
+        panel(
+            &panels[0],
+            &format!("{title}: loss"),
+            ("epoch", "cross-entropy"),
+            &loss,
+            SeriesLabelPosition::UpperRight,
+        )?;
+        panel(&panels[1], &format!("{title}: accuracy"), ("epoch", "%"), &accuracy, SeriesLabelPosition::LowerRight)
+    })
+}
+
+/// Writes one line per series (e.g. each model's mean eval top-1 per epoch) to `path`.
+pub fn plot_comparison(series: &[Series], title: &str, y_name: &str, path: &Path) -> Result<()> {
+    render(path, (900, 560), |root| panel(&root, title, ("epoch", y_name), series, SeriesLabelPosition::LowerRight))
+}
