@@ -72,7 +72,8 @@ enum Cmd {
 #[derive(clap::Args)]
 struct ReproduceArgs {
     /// Dataset directory (CIFAR binary layout, or a folder with train/ and val/); default: the
-    /// shared datasets beside the repository where they exist.
+    /// shared datasets beside the repository where they exist, else CIFAR-10/100 downloaded
+    /// from the Hugging Face Hub into its cache (HF_HOME, HF_ENDPOINT, HF_HUB_OFFLINE apply).
     #[arg(long)]
     data: Option<PathBuf>,
     /// `paper` (the article's settings), `cpu` (scaled for a 2-core CPU) or `smoke` (minutes).

@@ -7,6 +7,7 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
+use sae_data::{CifarKind, HubSource, LabelSet};
 use sae_models::{config, PaperPreset};
 use sae_train::plot::Series;
 use sae_train::{read_summary, DataConfig, DatasetKind, EpochSummary, OptimizerConfig, Schedule, TrainConfig};
@@ -333,18 +334,28 @@ fn write_report(table: Table, opts: &Options, results: &[(String, Vec<Vec<EpochS
     Ok(())
 }
 
-/// Default data directory of a table when `--data` is not given.
+/// Default data directory of a table when `--data` is not given: the shared datasets beside
+/// the repository where they exist, else CIFAR downloaded from the Hugging Face Hub (into the
+/// Hub cache, see `sae_data::hub`).
 pub fn default_data(table: Table, root: &Path) -> Result<PathBuf> {
     let shared = root.join("../shared/datasets");
-    let dir = match table {
-        Table::Two => shared.join("cifar-10-batches-bin"),
-        Table::Three => bail!("CIFAR-100 is not bundled here: pass --data DIR with train.bin/test.bin (binary layout)"),
-        Table::Four => shared.join("imagenette-250"),
+    let hub = |kind: CifarKind| -> Result<PathBuf> {
+        let source = HubSource::for_kind(kind);
+        eprintln!("downloading {} from the Hugging Face Hub (HF_HOME, HF_ENDPOINT, HF_HUB_OFFLINE apply)", source.repo);
+        sae_data::prepare_cifar(kind, &source).with_context(|| format!("getting {} from the Hub", source.repo))
     };
-    if !dir.exists() {
-        bail!("{} not found: pass --data DIR", dir.display())
+    match table {
+        Table::Two if shared.join("cifar-10-batches-bin").is_dir() => Ok(shared.join("cifar-10-batches-bin")),
+        Table::Two => hub(CifarKind::Cifar10),
+        Table::Three => hub(CifarKind::Cifar100(LabelSet::Coarse)),
+        Table::Four => {
+            let dir = shared.join("imagenette-250");
+            if !dir.exists() {
+                bail!("{} not found: pass --data DIR (an ImageNet-style folder with train/ and val/)", dir.display())
+            }
+            Ok(dir)
+        }
     }
-    Ok(dir)
 }
 
 #[cfg(test)]

@@ -54,7 +54,7 @@ pub struct Cifar {
 }
 
 impl CifarKind {
-    fn files(self, split: Split) -> Vec<&'static str> {
+    pub(crate) fn files(self, split: Split) -> Vec<&'static str> {
         match (self, split) {
             (CifarKind::Cifar10, Split::Train) => {
                 vec!["data_batch_1.bin", "data_batch_2.bin", "data_batch_3.bin", "data_batch_4.bin", "data_batch_5.bin"]

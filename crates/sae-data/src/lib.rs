@@ -1,5 +1,5 @@
 //! Everything between files on disk and a batch of normalised pixels: CIFAR-10/100 in their
-//! binary layouts, ImageNet-style image folders, deterministic augmentation, and a parallel,
+//! binary layouts (downloaded from the Hugging Face Hub when asked), ImageNet-style image folders, deterministic augmentation, and a parallel,
 //! prefetching, seeded loader.
 //!
 //! This crate knows no tensor library: a [`Batch`] is plain `f32` pixels (N, 3, H, W) and
@@ -8,6 +8,7 @@
 pub mod cifar;
 pub mod error;
 pub mod folder;
+pub mod hub;
 pub mod image_ops;
 pub mod loader;
 pub mod transform;
@@ -15,6 +16,7 @@ pub mod transform;
 pub use cifar::{Cifar, CifarKind, LabelSet, Split};
 pub use error::{Error, Result};
 pub use folder::ImageFolder;
+pub use hub::{prepare_cifar, HubSource};
 pub use image_ops::Rgb8Image;
 pub use loader::{Batch, Dataset, Loader, LoaderConfig, Subset};
 pub use transform::{Normalize, Transform};

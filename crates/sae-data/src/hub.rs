@@ -1,0 +1,296 @@
+//! CIFAR-10 and CIFAR-100 from the Hugging Face Hub, for users with the internet.
+//!
+//! The Hub's dataset repositories hold each split as parquet shards: an image column (a struct
+//! of PNG `bytes` and a `path`) and integer label columns; the class names are in the
+//! repository's `README.md` (`class_label` `names`). [`prepare_cifar`] downloads what is
+//! missing through `hf-hub` into the standard Hub cache (`HF_HOME`, default
+//! `~/.cache/huggingface`; `HF_ENDPOINT` picks the server; `HF_HUB_OFFLINE=1` uses the cache
+//! only), checks each file's SHA-256 against the content hash the Hub served it under, decodes
+//! and checks every image and label, and writes the split in the official binary layout
+//! beside the cache (`HF_HOME/sae-datasets/…`), so that [`crate::Cifar::load`] reads it like a
+//! download from the CIFAR homepage. Conversion happens once: a finished directory is reused.
+
+use crate::cifar::{CifarKind, Split, IMAGE_BYTES};
+use crate::error::{io, Error, Result};
+use hf_hub::{Cache, Repo, RepoType};
+use parquet::file::reader::{FileReader, SerializedFileReader};
+use parquet::record::Field;
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+
+/// Where a dataset lives on the Hub and how its parquet files are laid out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubSource {
+    /// Dataset repository, `owner/name`.
+    pub repo: String,
+    /// Branch, tag or commit.
+    pub revision: String,
+    /// Parquet shards of the training split, in order.
+    pub train_files: Vec<String>,
+    /// Parquet shards of the test split, in order.
+    pub test_files: Vec<String>,
+    /// The image column: a struct with a `bytes` field holding an encoded image.
+    pub image_column: String,
+    /// The label column of each label set: (column, number of classes).
+    pub label_columns: Vec<(String, usize)>,
+}
+
+impl HubSource {
+    /// `uoft-cs/cifar10`: `plain_text/{train,test}-00000-of-00001.parquet`, columns `img`, `label`.
+    pub fn cifar10() -> Self {
+        Self {
+            repo: "uoft-cs/cifar10".into(),
+            revision: "main".into(),
+            train_files: vec!["plain_text/train-00000-of-00001.parquet".into()],
+            test_files: vec!["plain_text/test-00000-of-00001.parquet".into()],
+            image_column: "img".into(),
+            label_columns: vec![("label".into(), 10)],
+        }
+    }
+
+    /// `uoft-cs/cifar100`: `cifar100/{train,test}-00000-of-00001.parquet`, columns `img`,
+    /// `fine_label`, `coarse_label`.
+    pub fn cifar100() -> Self {
+        Self {
+            repo: "uoft-cs/cifar100".into(),
+            revision: "main".into(),
+            train_files: vec!["cifar100/train-00000-of-00001.parquet".into()],
+            test_files: vec!["cifar100/test-00000-of-00001.parquet".into()],
+            image_column: "img".into(),
+            label_columns: vec![("fine_label".into(), 100), ("coarse_label".into(), 20)],
+        }
+    }
+
+    /// The default source of a CIFAR kind.
+    pub fn for_kind(kind: CifarKind) -> Self {
+        match kind {
+            CifarKind::Cifar10 => Self::cifar10(),
+            CifarKind::Cifar100(_) => Self::cifar100(),
+        }
+    }
+
+    fn repo_handle(&self) -> Repo {
+        Repo::with_revision(self.repo.clone(), RepoType::Dataset, self.revision.clone())
+    }
+}
+
+fn hub_error(source: &HubSource, file: &str, reason: impl std::fmt::Display) -> Error {
+    Error::Invalid(format!("{}@{} file {file}: {reason}", source.repo, source.revision))
+}
+
+fn offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| matches!(v.trim(), "1" | "true" | "TRUE" | "yes" | "on"))
+}
+
+/// The Hub cache `hf-hub` uses: `HF_HOME/hub`, default `~/.cache/huggingface/hub`.
+pub fn hub_cache() -> Cache {
+    Cache::from_env()
+}
+
+/// Path of `file` of `source` in the local Hub cache, downloading it first unless it is cached;
+/// with `HF_HUB_OFFLINE` set, only the cache is looked at. The file's SHA-256 is checked
+/// against the content hash it was stored under.
+pub fn fetch(source: &HubSource, file: &str) -> Result<PathBuf> {
+    let cached = hub_cache().repo(source.repo_handle()).get(file);
+    let path = match cached {
+        Some(p) => p,
+        None if offline() => {
+            return Err(hub_error(
+                source,
+                file,
+                format!("HF_HUB_OFFLINE is set and the file is not in the cache at {}", hub_cache().path().display()),
+            ))
+        }
+        None => {
+            let api = hf_hub::api::sync::ApiBuilder::from_env()
+                .with_progress(false)
+                .build()
+                .map_err(|e| hub_error(source, file, e))?;
+            api.repo(source.repo_handle()).download(file).map_err(|e| hub_error(source, file, e))?
+        }
+    };
+    verify(source, file, &path)?;
+    Ok(path)
+}
+
+/// Checks a cached file against the hash in its blob's name: the Hub serves large (LFS) files
+/// under their SHA-256, and `hf-hub` stores them as `blobs/<that hash>`.
+fn verify(source: &HubSource, file: &str, path: &Path) -> Result<()> {
+    let blob = std::fs::canonicalize(path).map_err(io(path))?;
+    let expected = blob.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+    if expected.len() != 64 || !expected.bytes().all(|b| b.is_ascii_hexdigit()) {
+        // Small files are stored under a git object id, not a SHA-256 of their content.
+        return Ok(());
+    }
+    let mut hasher = Sha256::new();
+    let mut f = std::fs::File::open(&blob).map_err(io(&blob))?;
+    std::io::copy(&mut f, &mut hasher).map_err(io(&blob))?;
+    let actual: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    if actual != expected {
+        return Err(hub_error(
+            source,
+            file,
+            format!(
+                "{} has SHA-256 {actual}, but the Hub served it as {expected}: delete it and download again",
+                blob.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Class names of `column` from a dataset card: the `'<i>': <name>` lines that follow
+/// `- name: <column>` in its `dataset_info` features.
+pub fn class_names_from_card(card: &str, column: &str, classes: usize) -> Option<Vec<String>> {
+    let mut lines = card.lines().map(str::trim).skip_while(|l| *l != format!("- name: {column}"));
+    lines.next()?;
+    let mut names = Vec::new();
+    for line in lines {
+        if line.starts_with("- name:") {
+            break;
+        }
+        let Some((index, name)) = line.split_once(':') else { continue };
+        let index = index.trim().trim_matches(|c| c == '\'' || c == '"');
+        if index.parse::<usize>().ok() == Some(names.len()) {
+            names.push(name.trim().trim_matches(|c| c == '\'' || c == '"').to_string());
+        }
+    }
+    (names.len() == classes).then_some(names)
+}
+
+/// Pixels (planar, [`IMAGE_BYTES`] per image) and every label column of one parquet shard.
+fn read_shard(path: &Path, source: &HubSource) -> Result<(Vec<u8>, Vec<Vec<u8>>)> {
+    let bad = |reason: String| Error::Format { path: path.to_path_buf(), reason };
+    let file = std::fs::File::open(path).map_err(io(path))?;
+    let reader = SerializedFileReader::new(file).map_err(|e| bad(format!("not a readable parquet file: {e}")))?;
+    let rows = reader.metadata().file_metadata().num_rows() as usize;
+    let mut pixels = Vec::with_capacity(rows * IMAGE_BYTES);
+    let mut labels = vec![Vec::with_capacity(rows); source.label_columns.len()];
+    let iter = reader.get_row_iter(None).map_err(|e| bad(format!("cannot read rows: {e}")))?;
+    for (i, row) in iter.enumerate() {
+        let row = row.map_err(|e| bad(format!("row {i}: {e}")))?;
+        let mut image = None;
+        let mut found = vec![None; source.label_columns.len()];
+        for (name, field) in row.get_column_iter() {
+            if *name == source.image_column {
+                if let Field::Group(g) = field {
+                    image = g.get_column_iter().find_map(|(n, f)| match (n.as_str(), f) {
+                        ("bytes", Field::Bytes(b)) => Some(b.data().to_vec()),
+                        _ => None,
+                    });
+                }
+            } else if let Some(k) = source.label_columns.iter().position(|(c, _)| c == name) {
+                found[k] = match field {
+                    Field::Long(v) => Some(*v),
+                    Field::Int(v) => Some(*v as i64),
+                    Field::Short(v) => Some(*v as i64),
+                    Field::Byte(v) => Some(*v as i64),
+                    _ => None,
+                };
+            }
+        }
+        let bytes = image.ok_or_else(|| bad(format!("row {i}: no image bytes in column {:?}", source.image_column)))?;
+        let img = image::load_from_memory(&bytes).map_err(|e| bad(format!("row {i}: cannot decode image: {e}")))?;
+        if (img.width(), img.height()) != (32, 32) {
+            return Err(bad(format!("row {i}: image is {}×{}, expected 32×32", img.width(), img.height())));
+        }
+        let rgb = img.to_rgb8();
+        for c in 0..3 {
+            pixels.extend(rgb.pixels().map(|p| p.0[c]));
+        }
+        for (k, ((column, classes), value)) in source.label_columns.iter().zip(found).enumerate() {
+            let value = value.ok_or_else(|| bad(format!("row {i}: no integer label in column {column:?}")))?;
+            if !(0..*classes as i64).contains(&value) {
+                return Err(bad(format!("row {i}: {column} {value} out of range 0..{classes}")));
+            }
+            labels[k].push(value as u8);
+        }
+    }
+    if labels.first().map_or(0, Vec::len) != rows {
+        return Err(bad(format!("metadata promises {rows} rows, read {}", labels.first().map_or(0, Vec::len))));
+    }
+    Ok((pixels, labels))
+}
+
+/// A CIFAR dataset in the official binary layout, converted from `source` on the Hub (see the
+/// module docs). Returns the directory, for [`crate::Cifar::load`] with the same `kind`.
+pub fn prepare_cifar(kind: CifarKind, source: &HubSource) -> Result<PathBuf> {
+    let root = hub_cache().path().parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    let name = format!("{}@{}", source.repo.replace('/', "--"), source.revision);
+    let dir = root.join("sae-datasets").join(name);
+    if dir.join("COMPLETE").exists() {
+        return Ok(dir);
+    }
+    let expected_columns = match kind {
+        CifarKind::Cifar10 => 1,
+        CifarKind::Cifar100(_) => 2,
+    };
+    if source.label_columns.len() != expected_columns {
+        return Err(Error::Invalid(format!(
+            "{}: {kind:?} needs {expected_columns} label column(s), the source lists {:?}",
+            source.repo, source.label_columns
+        )));
+    }
+    let card_path = fetch(source, "README.md")?;
+    let card = std::fs::read_to_string(&card_path).map_err(io(&card_path))?;
+    let names: Vec<Vec<String>> = source
+        .label_columns
+        .iter()
+        .map(|(column, classes)| {
+            class_names_from_card(&card, column, *classes).ok_or_else(|| Error::Format {
+                path: card_path.clone(),
+                reason: format!("no {classes} class names for column {column:?} in the dataset card"),
+            })
+        })
+        .collect::<Result<_>>()?;
+
+    let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    for (split, files) in [(Split::Train, &source.train_files), (Split::Test, &source.test_files)] {
+        let (mut pixels, mut labels) = (Vec::new(), vec![Vec::new(); source.label_columns.len()]);
+        for file in files {
+            let (p, l) = read_shard(&fetch(source, file)?, source)?;
+            pixels.extend(p);
+            for (all, part) in labels.iter_mut().zip(l) {
+                all.extend(part);
+            }
+        }
+        // CIFAR-10 records are (label, pixels); CIFAR-100's (coarse, fine, pixels), while the
+        // source lists (fine, coarse).
+        let record = |i: usize| -> Vec<u8> {
+            let head = match kind {
+                CifarKind::Cifar10 => vec![labels[0][i]],
+                CifarKind::Cifar100(_) => vec![labels[1][i], labels[0][i]],
+            };
+            [&head[..], &pixels[i * IMAGE_BYTES..(i + 1) * IMAGE_BYTES]].concat()
+        };
+        // Split evenly over the official file names (CIFAR-10 has five training batches).
+        let names = kind.files(split);
+        let (images, files) = (labels[0].len(), names.len());
+        for (b, name) in names.iter().enumerate() {
+            let bytes: Vec<u8> = (b * images / files..(b + 1) * images / files).flat_map(record).collect();
+            let path = tmp.join(name);
+            std::fs::write(&path, bytes).map_err(io(&path))?;
+        }
+    }
+    let write_names = |file: &str, names: &[String]| -> Result<()> {
+        let path = tmp.join(file);
+        std::fs::write(&path, names.join("\n") + "\n").map_err(io(&path))
+    };
+    match kind {
+        CifarKind::Cifar10 => write_names("batches.meta.txt", &names[0])?,
+        CifarKind::Cifar100(_) => {
+            write_names("fine_label_names.txt", &names[0])?;
+            write_names("coarse_label_names.txt", &names[1])?;
+        }
+    }
+    let marker = tmp.join("COMPLETE");
+    std::fs::write(&marker, format!("{}@{}\n", source.repo, source.revision)).map_err(io(&marker))?;
+    if dir.exists() {
+        // An incomplete directory from an interrupted run (no COMPLETE marker).
+        std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+    }
+    std::fs::rename(&tmp, &dir).map_err(io(&dir))?;
+    Ok(dir)
+}
