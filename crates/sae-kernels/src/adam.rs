@@ -12,6 +12,7 @@
 //! only: [`adam_update`] tells the caller when it did not apply, so that it can run its
 //! composition of Candle ops (the reference).
 
+use crate::cpu::{f32_contiguous, f32_contiguous_mut};
 use candle_core::{bail, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
 use rayon::prelude::*;
 
@@ -59,20 +60,6 @@ struct Apply {
     eps: f32,
 }
 
-fn slice<'a>(what: &str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => bail!("adam: the {what} must be contiguous f32"),
-    }
-}
-
-fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
-        _ => bail!("adam: the updated tensor must be contiguous f32"),
-    }
-}
-
 /// Elements per rayon task.
 const CHUNK: usize = 1 << 14;
 
@@ -82,7 +69,8 @@ impl InplaceOp2 for Moment {
     }
 
     fn cpu_fwd(&self, dst: &mut CpuStorage, dst_l: &Layout, g: &CpuStorage, gl: &Layout) -> Result<()> {
-        let (dst, g) = (slice_mut(dst, dst_l)?, slice("gradient", g, gl)?);
+        let (dst, g) =
+            (f32_contiguous_mut("adam", "updated tensor", dst, dst_l)?, f32_contiguous("adam", "gradient", g, gl)?);
         let (decay, rest) = (self.decay, 1.0 - self.decay);
         dst.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(d, g)| {
             if self.square {
@@ -109,7 +97,11 @@ impl InplaceOp3 for Apply {
         v: &CpuStorage,
         vl: &Layout,
     ) -> Result<()> {
-        let (theta, m, v) = (slice_mut(dst, dst_l)?, slice("first moment", m, ml)?, slice("second moment", v, vl)?);
+        let (theta, m, v) = (
+            f32_contiguous_mut("adam", "updated tensor", dst, dst_l)?,
+            f32_contiguous("adam", "first moment", m, ml)?,
+            f32_contiguous("adam", "second moment", v, vl)?,
+        );
         theta.par_chunks_mut(CHUNK).zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK))).for_each(|(t, (m, v))| {
             for ((t, &m), &v) in t.iter_mut().zip(m).zip(v) {
                 *t -= self.alpha * m / (v.sqrt() + self.eps);

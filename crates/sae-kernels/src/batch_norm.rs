@@ -15,7 +15,7 @@
 //! ([`batch_norm_eval`]) it is one per-channel scale and shift, in one pass each way. The fused kernel is CPU and
 //! `f32` only; elsewhere [`batch_norm_train`] runs the reference.
 
-use crate::cpu::{min_planes_per_task, Strided4};
+use crate::cpu::{f32_contiguous, f32_storage, min_planes_per_task, Strided4};
 use crate::Implementation;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -138,7 +138,11 @@ impl CustomOp3 for ChannelAffine {
         tl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let xs = Strided4::new("batch_norm", "input", xl)?;
-        let (x, scale, shift) = (f32_data("input", x)?, vector("scale", scale, sl)?, vector("shift", shift, tl)?);
+        let (x, scale, shift) = (
+            f32_storage("batch_norm", "input", x)?,
+            f32_contiguous("batch_norm", "scale", scale, sl)?,
+            f32_contiguous("batch_norm", "shift", shift, tl)?,
+        );
         Ok((CpuStorage::F32(affine(x, &xs, |c| (scale[c], shift[c]))), Shape::from(xs.dims.to_vec())))
     }
 
@@ -175,7 +179,11 @@ impl CustomOp3 for ChannelAffineBackward {
         if gl.dims() != xs.dims {
             bail!("batch_norm backward: gradient shape {:?}, expected {:?}", gl.dims(), xs.dims)
         }
-        let (x, scale, g) = (f32_data("input", x)?, vector("scale", scale, sl)?, vector("output gradient", g, gl)?);
+        let (x, scale, g) = (
+            f32_storage("batch_norm", "input", x)?,
+            f32_contiguous("batch_norm", "scale", scale, sl)?,
+            f32_contiguous("batch_norm", "output gradient", g, gl)?,
+        );
         let [n, c, h, w] = xs.dims;
         let plane_len = h * w;
         let grad_plane = |ni: usize, ci: usize| &g[(ni * c + ci) * plane_len..(ni * c + ci + 1) * plane_len];
@@ -236,23 +244,6 @@ struct BatchNormBackward {
     inv_std: Vec<f32>,
 }
 
-fn f32_data<'a>(what: &str, storage: &'a CpuStorage) -> Result<&'a [f32]> {
-    match storage {
-        CpuStorage::F32(v) => Ok(v),
-        other => bail!(
-            "batch_norm: the CPU kernel takes f32, but the {what} is {:?}",
-            candle_core::backend::BackendStorage::dtype(other)
-        ),
-    }
-}
-
-fn vector<'a>(what: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&f32_data(what, storage)?[start..end]),
-        None => bail!("batch_norm: the {what} must be contiguous"),
-    }
-}
-
 /// Calls `f(plane index n, values)` for every plane of channel `c`, copying strided planes
 /// into `buf`.
 fn for_each_plane(x: &[f32], xs: &Strided4, c: usize, buf: &mut Vec<f32>, mut f: impl FnMut(usize, &[f32])) {
@@ -302,7 +293,7 @@ impl CustomOp1 for ChannelStats {
 
     fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
         let xs = Strided4::new("batch_norm", "input", xl)?;
-        let stats = channel_stats(f32_data("input", x)?, &xs);
+        let stats = channel_stats(f32_storage("batch_norm", "input", x)?, &xs);
         let (mean, var): (Vec<f32>, Vec<f32>) = stats.into_iter().unzip();
         Ok((CpuStorage::F32([mean, var].concat()), Shape::from((2, xs.dims[1]))))
     }
@@ -323,7 +314,11 @@ impl CustomOp3 for BatchNormTrain {
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let xs = Strided4::new("batch_norm", "input", xl)?;
-        let (x, w, b) = (f32_data("input", x)?, vector("weight", w, wl)?, vector("bias", b, bl)?);
+        let (x, w, b) = (
+            f32_storage("batch_norm", "input", x)?,
+            f32_contiguous("batch_norm", "weight", w, wl)?,
+            f32_contiguous("batch_norm", "bias", b, bl)?,
+        );
         let out = affine(x, &xs, |c| {
             let scale = self.inv_std[c] * w[c];
             (scale, b[c] - self.mean[c] * scale)
@@ -367,7 +362,11 @@ impl CustomOp3 for BatchNormBackward {
         if gl.dims() != xs.dims {
             bail!("batch_norm backward: gradient shape {:?}, expected {:?}", gl.dims(), xs.dims)
         }
-        let (x, w, g) = (f32_data("input", x)?, vector("weight", w, wl)?, vector("output gradient", g, gl)?);
+        let (x, w, g) = (
+            f32_storage("batch_norm", "input", x)?,
+            f32_contiguous("batch_norm", "weight", w, wl)?,
+            f32_contiguous("batch_norm", "output gradient", g, gl)?,
+        );
         let [n, c, h, wd] = xs.dims;
         let plane_len = h * wd;
         let count = (n * plane_len) as f32;

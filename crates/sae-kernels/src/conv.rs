@@ -19,7 +19,7 @@
 //! that the multiplies are large enough for the gemm kernels. The fused kernel is CPU and `f32` only; elsewhere [`conv2d`] runs the
 //! reference (Candle's `conv2d`).
 
-use crate::cpu::{matmul, Mat, Strided4};
+use crate::cpu::{f32_contiguous, f32_storage, matmul, Mat, Strided4};
 use crate::Implementation;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -231,25 +231,6 @@ struct ConvBackward {
     input_gradient: bool,
 }
 
-/// `storage`'s `f32` data; the public [`conv2d`] only sends `f32` to the CPU kernel.
-fn f32_data<'a>(op: &str, what: &str, storage: &'a CpuStorage) -> Result<&'a [f32]> {
-    match storage {
-        CpuStorage::F32(v) => Ok(v),
-        other => bail!(
-            "{op}: the CPU kernel takes f32, but the {what} is {:?}",
-            candle_core::backend::BackendStorage::dtype(other)
-        ),
-    }
-}
-
-/// `layout`'s elements of `data`, which must be contiguous.
-fn contiguous<'a>(op: &str, what: &str, data: &'a [f32], layout: &Layout) -> Result<&'a [f32]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => bail!("{op}: the {what} must be contiguous"),
-    }
-}
-
 impl CustomOp2 for Conv {
     fn name(&self) -> &'static str {
         "sae-conv2d"
@@ -259,8 +240,8 @@ impl CustomOp2 for Conv {
         let op = "conv2d";
         let g = Geometry::new(xl.dims(), wl.dims(), self.cfg)?;
         let xs = Strided4::new(op, "input", xl)?;
-        let x = f32_data(op, "input", x)?;
-        let w = contiguous(op, "weight", f32_data(op, "weight", w)?, wl)?;
+        let x = f32_storage(op, "input", x)?;
+        let w = f32_contiguous(op, "weight", w, wl)?;
         let (p, kg, og) = (g.pixels(), g.rows_per_group(), g.out_per_group());
         let mut out = vec![0f32; g.n * g.oc * p];
         let chunk = g.images_per_chunk(self.col_budget);
@@ -314,9 +295,9 @@ impl CustomOp3 for ConvBackward {
             bail!("{op}: gradient shape {:?}, expected {:?}", gl.dims(), [g.n, g.oc, g.oh, g.ow])
         }
         let xs = Strided4::new(op, "input", xl)?;
-        let x = f32_data(op, "input", x)?;
-        let w = contiguous(op, "weight", f32_data(op, "weight", w)?, wl)?;
-        let gr = contiguous(op, "output gradient", f32_data(op, "output gradient", gr)?, gl)?;
+        let x = f32_storage(op, "input", x)?;
+        let w = f32_contiguous(op, "weight", w, wl)?;
+        let gr = f32_contiguous(op, "output gradient", gr, gl)?;
         let (p, kg, og) = (g.pixels(), g.rows_per_group(), g.out_per_group());
         let image_len = if self.input_gradient { g.c * g.h * g.w } else { 0 };
         let w_len = g.oc * kg;

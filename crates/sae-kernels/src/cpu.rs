@@ -161,6 +161,36 @@ pub(crate) fn as_f32<'a, T: Elem>(op: &str, what: &str, data: &'a [T], layout: &
     })
 }
 
+/// All of a storage's `f32` data, to be read with its layout (any strides).
+pub(crate) fn f32_storage<'a>(op: &str, what: &str, storage: &'a CpuStorage) -> Result<&'a [f32]> {
+    match storage {
+        CpuStorage::F32(v) => Ok(v),
+        other => bail!("{op}: the CPU kernel takes f32, but the {what} is {:?}", other.dtype()),
+    }
+}
+
+/// The elements of a contiguous `f32` tensor.
+pub(crate) fn f32_contiguous<'a>(op: &str, what: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+    let data = f32_storage(op, what, storage)?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("{op}: the {what} must be contiguous"),
+    }
+}
+
+/// The elements of a contiguous `f32` tensor, to update in place.
+pub(crate) fn f32_contiguous_mut<'a>(
+    op: &str,
+    what: &str,
+    storage: &'a mut CpuStorage,
+    layout: &Layout,
+) -> Result<&'a mut [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((start, end))) => Ok(&mut v[start..end]),
+        _ => bail!("{op}: the {what} must be contiguous f32"),
+    }
+}
+
 /// Minimum number of elements of work per rayon task, so that tiny planes are batched.
 pub(crate) fn min_planes_per_task(plane_len: usize) -> usize {
     (8192 / plane_len.max(1)).max(1)

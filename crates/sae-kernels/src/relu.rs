@@ -6,6 +6,7 @@
 //! convention at zero (the gradient is 0 where the output is 0). The fused kernel is CPU and
 //! `f32` only; elsewhere [`relu`] runs Candle's `relu`, the reference.
 
+use crate::cpu::f32_contiguous;
 use crate::Implementation;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -26,20 +27,13 @@ struct ReluBackward;
 /// Elements per rayon task.
 const CHUNK: usize = 1 << 15;
 
-fn contiguous<'a>(what: &str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => bail!("relu: the {what} must be contiguous f32"),
-    }
-}
-
 impl CustomOp1 for Relu {
     fn name(&self) -> &'static str {
         "sae-relu"
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous("input", x, l)?;
+        let x = f32_contiguous("relu", "input", x, l)?;
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| {
             o.iter_mut().zip(x).for_each(|(o, &v)| *o = v.max(0.0));
@@ -58,7 +52,7 @@ impl CustomOp2 for ReluBackward {
     }
 
     fn cpu_fwd(&self, y: &CpuStorage, yl: &Layout, g: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (y, g) = (contiguous("output", y, yl)?, contiguous("output gradient", g, gl)?);
+        let (y, g) = (f32_contiguous("relu", "output", y, yl)?, f32_contiguous("relu", "output gradient", g, gl)?);
         if y.len() != g.len() {
             bail!("relu backward: output has {} elements, its gradient {}", y.len(), g.len())
         }
