@@ -116,9 +116,16 @@ impl Optimizer {
                 OptimizerConfig::Adam { beta1, beta2, eps, .. } => {
                     let alpha = self.lr * (1.0 - beta2.powi(t)).sqrt() / (1.0 - beta1.powi(t));
                     if self.implementation == Implementation::Fused {
-                        let (m, v) = (m.get_or_insert(g.zeros_like()?), v.get_or_insert(g.zeros_like()?));
-                        if adam_update(var.as_tensor(), g, m, v, AdamStep { beta1, beta2, eps, alpha })? {
-                            continue;
+                        if m.is_none() {
+                            *m = Some(g.zeros_like()?);
+                        }
+                        if v.is_none() {
+                            *v = Some(g.zeros_like()?);
+                        }
+                        if let (Some(m), Some(v)) = (m.as_ref(), v.as_ref()) {
+                            if adam_update(var.as_tensor(), g, m, v, AdamStep { beta1, beta2, eps, alpha })? {
+                                continue;
+                            }
                         }
                     }
                     let m_new = match m.take() {
