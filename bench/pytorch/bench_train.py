@@ -113,6 +113,11 @@ def bench_row(name, size, batch, mode, seconds):
             opt.step()
 
     else:
+        # Realistic running statistics first, as `cargo xtask bench-train` does (WARM_STAT_FORWARDS).
+        model.train()
+        with torch.no_grad():
+            for _ in range(20):
+                model(x)
         model.eval()
 
         def step():

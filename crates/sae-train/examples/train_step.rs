@@ -1,6 +1,8 @@
-//! Runs training steps of one registered model on random data, for profiling:
-//! `cargo run -p sae-train --example train_step -- MODEL SIZE BATCH STEPS [reference]`,
-//! e.g. under `perf record -g`.
+//! Runs training steps (or eval-mode forward passes) of one registered model on random data,
+//! for profiling: `cargo run -p sae-train --example train_step -- MODEL SIZE BATCH STEPS
+//! [reference] [eval] [warm-stats]`, e.g. under `perf record -g`. `warm-stats` first runs
+//! training-mode forwards so that eval mode sees realistic BatchNorm running statistics (with
+//! the initial ones, activations are unnormalised and some kernels slow down on their values).
 
 use candle_core::{Device, ModuleT, Tensor};
 use sae_models::Implementation;
@@ -17,15 +19,27 @@ fn main() -> anyhow::Result<()> {
     let steps: usize = steps.as_deref().unwrap_or("5").parse()?;
     let device = Device::Cpu;
     let mut cfg = sae_models::config(&model, 100)?;
-    if args.get(4).map(String::as_str) == Some("reference") {
+    let flag = |name: &str| args.iter().skip(4).any(|a| a == name);
+    if flag("reference") {
         cfg.kernels = Implementation::Reference;
     }
     let net = sae_models::Model::new(cfg, 0, &device)?;
     let mut optimizer = Optimizer::new(OptimizerConfig::keras_adam(), net.trainable_vars());
     let x = Tensor::randn(0f32, 1.0, (batch, 3, size, size), &device)?;
     let y = Tensor::new((0..batch as u32).map(|i| i % 100).collect::<Vec<_>>().as_slice(), &device)?;
+    if flag("warm-stats") {
+        // Training-mode forwards move the BatchNorm running statistics towards the batch's.
+        for _ in 0..20 {
+            device.with_context(|| net.forward_t(&x, true))?;
+        }
+    }
     for step in 0..steps {
         let t0 = Instant::now();
+        if flag("eval") {
+            device.with_context(|| net.forward_t(&x, false))?;
+            println!("step {step}: eval forward {:.0} ms", t0.elapsed().as_secs_f64() * 1e3);
+            continue;
+        }
         let loss = device.with_context(|| cross_entropy(&net.forward_t(&x, true)?, &y, 0.0))?;
         let value = loss.to_scalar::<f32>()?;
         let t1 = Instant::now();
