@@ -272,7 +272,7 @@ fn write_report(table: Table, opts: &Options, results: &[(String, Vec<Vec<EpochS
     if let (Some(t), Some(e)) = (first_cfg.data.train_images, first_cfg.data.eval_images) {
         writeln!(md, "Subset: {t} training and {e} evaluation images (seeded uniform samples).")?;
     }
-    writeln!(md, "Accuracy is the last epoch's, mean ± sample std over seeds. Parameters: ours in the authors' Keras convention / PyTorch trainable.\n")?;
+    writeln!(md, "Accuracy is the last epoch's, mean ± sample std over seeds (no spread with one seed). Parameters: ours in the authors' Keras convention / PyTorch trainable.\n")?;
     let top5 = table == Table::Four;
     write!(md, "| model | params (ours) | params (paper) | top-1 (ours) |")?;
     if top5 {
@@ -284,19 +284,24 @@ fn write_report(table: Table, opts: &Options, results: &[(String, Vec<Vec<EpochS
         let cfg = run_config(table, opts, model, opts.seeds[0])?;
         let counts = cfg.model.param_counts()?;
         let last: Vec<&EpochSummary> = runs.iter().filter_map(|r| r.last()).collect();
-        let (t1, t1s) = mean_std(&last.iter().map(|s| s.eval_top1).collect::<Vec<_>>());
-        let (t5, t5s) = mean_std(&last.iter().map(|s| s.eval_top5).collect::<Vec<_>>());
+        // Mean ± sample std over seeds; with one seed there is no spread to report.
+        let with_spread = |v: Vec<f64>| -> (f64, String) {
+            let (mean, std) = mean_std(&v);
+            (mean, if v.len() > 1 { format!("{mean:.2} ± {std:.2}") } else { format!("{mean:.2}") })
+        };
+        let (t1, t1_text) = with_spread(last.iter().map(|s| s.eval_top1).collect());
+        let (_, t5_text) = with_spread(last.iter().map(|s| s.eval_top5).collect());
         let wall = runs.iter().map(|r| r.iter().map(|s| s.seconds).sum::<f64>()).sum::<f64>() / runs.len() as f64;
         let ips = mean_std(&runs.iter().flatten().map(|s| s.images_per_second).collect::<Vec<_>>()).0;
         write!(
             md,
-            "| {model} | {:.2}M / {:.2}M | {} | {t1:.2} ± {t1s:.2} |",
+            "| {model} | {:.2}M / {:.2}M | {} | {t1_text} |",
             counts.keras as f64 / 1e6,
             counts.trainable as f64 / 1e6,
             row.paper_params
         )?;
         if top5 {
-            write!(md, " {t5:.2} ± {t5s:.2} |")?;
+            write!(md, " {t5_text} |")?;
         }
         let (paper, delta) = match row.paper_top1 {
             Some(p) => (format!("{p:.2}"), format!("{:+.2}", t1 - p)),
