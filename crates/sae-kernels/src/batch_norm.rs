@@ -188,18 +188,8 @@ impl CustomOp3 for ChannelAffineBackward {
         let plane_len = h * w;
         let grad_plane = |ni: usize, ci: usize| &g[(ni * c + ci) * plane_len..(ni * c + ci + 1) * plane_len];
         // Per channel: Σ dy·x and Σ dy.
-        let sums: Vec<(f32, f32)> = (0..c)
-            .into_par_iter()
-            .map_init(Vec::new, |buf, ci| {
-                let (mut sg, mut sgx) = (0f64, 0f64);
-                for_each_plane(x, &xs, ci, buf, |ni, p| {
-                    let (a, b) = crate::cpu::sum_and_dot(grad_plane(ni, ci), p);
-                    sg += a as f64;
-                    sgx += b as f64;
-                });
-                (sgx as f32, sg as f32)
-            })
-            .collect();
+        let sums: Vec<(f32, f32)> =
+            gradient_sums(x, &xs, g, |_| 0.0).into_iter().map(|(sg, sgx)| (sgx as f32, sg as f32)).collect();
         let mut out = vec![0f32; n * c * plane_len + 2 * c];
         let (dx, rest) = out.split_at_mut(n * c * plane_len);
         for (ci, &(dscale, dshift)) in sums.iter().enumerate() {
@@ -257,6 +247,28 @@ fn for_each_plane(x: &[f32], xs: &Strided4, c: usize, buf: &mut Vec<f32>, mut f:
             }
         }
     }
+}
+
+/// Per channel `c`: (Σ dy, Σ dy·(x − shift(c))) over the batch, for the backward passes. The
+/// shift is subtracted plane by plane, before the f64 accumulation, so a large mean does not
+/// cancel away the precision of the sum. `g` is the contiguous output gradient.
+fn gradient_sums(x: &[f32], xs: &Strided4, g: &[f32], shift: impl Fn(usize) -> f32 + Sync) -> Vec<(f64, f64)> {
+    let [_, c, h, w] = xs.dims;
+    let plane_len = h * w;
+    (0..c)
+        .into_par_iter()
+        .map_init(Vec::new, |buf, ci| {
+            let (mut sum_dy, mut sum_dy_xc) = (0f64, 0f64);
+            let shift = shift(ci);
+            for_each_plane(x, xs, ci, buf, |ni, p| {
+                let dy = &g[(ni * c + ci) * plane_len..(ni * c + ci + 1) * plane_len];
+                let (sg, sgx) = crate::cpu::sum_and_dot(dy, p);
+                sum_dy += sg as f64;
+                sum_dy_xc += (sgx - shift * sg) as f64;
+            });
+            (sum_dy, sum_dy_xc)
+        })
+        .collect()
 }
 
 /// Per-channel (mean, biased variance) of `x`, in f64 accumulators.
@@ -372,18 +384,10 @@ impl CustomOp3 for BatchNormBackward {
         let count = (n * plane_len) as f32;
         let grad_plane = |ni: usize, ci: usize| &g[(ni * c + ci) * plane_len..(ni * c + ci + 1) * plane_len];
         // Pass 1, per channel: Σ dy and Σ dy·x̂ = inv_std · Σ dy·(x − mean).
-        let sums: Vec<(f32, f32)> = (0..c)
-            .into_par_iter()
-            .map_init(Vec::new, |buf, ci| {
-                let (mut sum_dy, mut sum_dy_xc) = (0f64, 0f64);
-                let mean = self.mean[ci];
-                for_each_plane(x, &xs, ci, buf, |ni, p| {
-                    let (sg, sgx) = crate::cpu::sum_and_dot(grad_plane(ni, ci), p);
-                    sum_dy += sg as f64;
-                    sum_dy_xc += (sgx - mean * sg) as f64;
-                });
-                (sum_dy as f32, sum_dy_xc as f32 * self.inv_std[ci])
-            })
+        let sums: Vec<(f32, f32)> = gradient_sums(x, &xs, g, |ci| self.mean[ci])
+            .into_iter()
+            .enumerate()
+            .map(|(ci, (sum_dy, sum_dy_xc))| (sum_dy as f32, sum_dy_xc as f32 * self.inv_std[ci]))
             .collect();
         let mut out = vec![0f32; n * c * plane_len + 2 * c];
         let (dx, dwb) = out.split_at_mut(n * c * plane_len);
