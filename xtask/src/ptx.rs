@@ -1,6 +1,9 @@
 //! Compiles the CUDA kernel sources to PTX with nvcc, so a syntax or type error in a kernel
-//! fails CI even on machines without a GPU. nvcc is `$CUDA_HOME/bin/nvcc`, else `nvcc` on
-//! `PATH`. Without nvcc the check is skipped, unless `SAE_REQUIRE_NVCC=1` (CI sets it).
+//! fails CI even on machines without a GPU, and type-checks the Rust side of the `cuda`
+//! feature (the launchers in `sae-kernels/src/cuda.rs`, its CUDA tests and the models on top)
+//! with `cargo clippy --features cuda`, which builds Candle's own CUDA kernels with the same
+//! nvcc but links nothing. nvcc is `$CUDA_HOME/bin/nvcc`, else `nvcc` on `PATH`. Without nvcc
+//! the check is skipped, unless `SAE_REQUIRE_NVCC=1` (CI sets it).
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -56,6 +59,51 @@ pub fn check(root: &Path) -> Result<()> {
     }
     if sources.is_empty() {
         bail!("no CUDA sources found under crates/*/src/cuda")
+    }
+    check_cuda_feature(root, &nvcc)
+}
+
+/// `cargo clippy --features cuda` on the crates with CUDA code, in its own target directory.
+/// Candle's build scripts need a compute capability when no GPU is present (`CUDA_COMPUTE_CAP`,
+/// default 90 here) and find the CUDA version by running nvcc from `PATH`.
+fn check_cuda_feature(root: &Path, nvcc: &Path) -> Result<()> {
+    let bin = nvcc.parent().filter(|p| !p.as_os_str().is_empty());
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root).args([
+        "clippy",
+        "-p",
+        "sae-kernels",
+        "-p",
+        "sae-models",
+        "-p",
+        "sae-train",
+        "--features",
+        "cuda",
+        "--tests",
+        "--target-dir",
+        "target/cuda-check",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    if let Some(bin) = bin {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let paths = std::iter::once(bin.to_path_buf()).chain(std::env::split_paths(&path));
+        cmd.env("PATH", std::env::join_paths(paths)?);
+        if let Some(home) = bin.parent() {
+            cmd.env("CUDA_HOME", home);
+            if std::env::var_os("NVCC_APPEND_FLAGS").is_none() {
+                cmd.env("NVCC_APPEND_FLAGS", format!("-I{}", home.join("include").display()));
+            }
+        }
+    }
+    if std::env::var_os("CUDA_COMPUTE_CAP").is_none() {
+        cmd.env("CUDA_COMPUTE_CAP", "90");
+    }
+    eprintln!("ptx: cargo clippy --features cuda (builds Candle's CUDA kernels; slow the first time)");
+    let status = cmd.status().context("running cargo clippy --features cuda")?;
+    if !status.success() {
+        bail!("cargo clippy --features cuda failed")
     }
     Ok(())
 }

@@ -11,15 +11,17 @@
 //! * input gradient: `dcol = Wᵀ · dy`, then col2im adds each column back where it was read
 //! * weight gradient: `dW += dy · colᵀ`, summed over the batch
 //!
-//! Images with at least [`WHOLE_BATCH_PIXELS`] output pixels run one multiply per image and
-//! group: images are spread over rayon tasks when there are at least as many as threads (each
+//! Images with at least [`PER_IMAGE_PIXELS`] output pixels (and batches of one) run one
+//! multiply per image and group, written straight into the image's place in the output:
+//! images are spread over rayon tasks when there are at least as many as threads (each
 //! multiply then runs on one thread), otherwise each multiply is itself parallel; a 1×1
 //! stride-1 convolution without padding reads its input planes as the matrix itself, with no
-//! unrolling. Smaller images are unrolled side by side into one matrix for the whole batch, so
-//! that the multiplies are large enough for the gemm kernels. The fused kernel is CPU and `f32` only; elsewhere [`conv2d`] runs the
+//! unrolling. Smaller images are unrolled side by side into one matrix per chunk of the batch,
+//! so that the multiplies are large enough for the gemm kernels. The fused kernel is CPU and
+//! `f32` only; elsewhere [`conv2d`] runs the
 //! reference (Candle's `conv2d`).
 
-use crate::cpu::{f32_contiguous, f32_storage, matmul, Mat, Strided4};
+use crate::cpu::{f32_contiguous, f32_storage, matmul, matmul_threads, uninit_f32, Mat, Strided4};
 use crate::Implementation;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -134,7 +136,7 @@ impl Geometry {
     }
 
     /// Adds every column of one image's part of an unrolled gradient `dcol` (row `r` at
-    /// `dcol[r · ld]`, laid out as [`Self::im2col_images`] writes it) back to the input
+    /// `dcol[r · ld]`, laid out as [`Self::im2col_into`] writes it) back to the input
     /// positions it was read from; `dx` is one contiguous (C, H, W) image.
     fn col2im(&self, dcol: &[f32], ld: usize, dx: &mut [f32]) {
         let p = self.pixels();
@@ -163,26 +165,56 @@ impl Geometry {
         }
     }
 
+    /// A 1×1 stride-1 unpadded convolution: the unrolled input is the input itself.
+    fn is_pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
+    }
+
+    /// Whether images are multiplied one at a time (see the module doc).
+    fn per_image(&self) -> bool {
+        self.pixels() >= PER_IMAGE_PIXELS || self.n == 1
+    }
+
+    /// Image `n`'s unrolled input (C·kh·kw × oh·ow) as a matrix: its input planes themselves
+    /// for a 1×1 stride-1 unpadded convolution whose planes are contiguous, otherwise
+    /// unrolled into `scratch` (reused between images of one task).
+    fn image_matrix<'a>(&self, x: &'a [f32], xs: &Strided4, n: usize, scratch: &'a mut Vec<f32>) -> Mat<'a> {
+        if self.is_pointwise() && xs.strides[3] == 1 && xs.strides[2] == self.w {
+            return Mat { data: &x[xs.offset + n * xs.strides[0]..], rs: xs.strides[1], cs: 1 };
+        }
+        self.im2col_into(x, xs, n..n + 1, scratch);
+        Mat { data: scratch, rs: self.pixels(), cs: 1 }
+    }
+
     /// Images per multiply: as many as keep the unrolled input under `budget` floats.
     fn images_per_chunk(&self, budget: usize) -> usize {
         (budget / (self.c * self.kh * self.kw * self.pixels())).clamp(1, self.n.max(1))
     }
 
-    /// Images `images` unrolled side by side: C·kh·kw rows × (images · oh·ow) columns, image
-    /// `images.start + i` in the columns from `i · oh·ow`.
-    fn im2col_images(&self, x: &[f32], xs: &Strided4, images: std::ops::Range<usize>) -> Vec<f32> {
+    /// Images `images` unrolled side by side into `col`: C·kh·kw rows × (images · oh·ow)
+    /// columns, image `images.start + i` in the columns from `i · oh·ow`.
+    fn im2col_into(&self, x: &[f32], xs: &Strided4, images: std::ops::Range<usize>, col: &mut Vec<f32>) {
         let p = self.pixels();
         let ld = images.len() * p;
-        let mut col = vec![0f32; self.c * self.kh * self.kw * ld];
+        let len = self.c * self.kh * self.kw * ld;
+        // Every element is written below (zeros where a tap falls in the padding).
+        if col.len() != len {
+            *col = uninit_f32(len);
+        }
         col.par_chunks_mut(ld).enumerate().for_each(|(r, row)| {
             let (ci, ky, kx) = (r / (self.kh * self.kw), r / self.kw % self.kh, r % self.kw);
             for (out, ni) in row.chunks_exact_mut(p).zip(images.clone()) {
                 self.im2col_row(x, xs, ni, ci, ky, kx, out);
             }
         });
-        col
     }
 }
+
+/// Output pixels per image from which images are multiplied one at a time. Below it (ResNet's
+/// late stages have 1–81 pixels) one multiply per image is too small for the gemm kernels;
+/// above it, multiplying in place saves transposing the batch in and out of the unrolled
+/// layout.
+const PER_IMAGE_PIXELS: usize = 256;
 
 /// The most floats an unrolled input may take (64 MiB); larger batches are multiplied in
 /// chunks of images (at least one image per chunk). One multiply per image would be too small for the gemm kernels where
@@ -243,13 +275,35 @@ impl CustomOp2 for Conv {
         let x = f32_storage(op, "input", x)?;
         let w = f32_contiguous(op, "weight", w, wl)?;
         let (p, kg, og) = (g.pixels(), g.rows_per_group(), g.out_per_group());
-        let mut out = vec![0f32; g.n * g.oc * p];
+        // Every element is written by a multiply (without accumulation) or a copy below.
+        let mut out = uninit_f32(g.n * g.oc * p);
+        if g.per_image() {
+            let pool = rayon::current_num_threads();
+            let image = |threads: usize, scratch: &mut Vec<f32>, n: usize, out: &mut [f32]| {
+                let col = g.image_matrix(x, &xs, n, scratch);
+                for gi in 0..g.groups {
+                    let wg = Mat { data: &w[gi * og * kg..], rs: kg, cs: 1 };
+                    let colg = Mat { data: &col.data[gi * kg * col.rs..], ..col };
+                    matmul_threads(threads, og, p, kg, wg, colg, &mut out[gi * og * p..(gi + 1) * og * p], false);
+                }
+            };
+            if g.n >= pool {
+                out.par_chunks_mut(g.oc * p)
+                    .enumerate()
+                    .for_each_init(Vec::new, |scratch, (n, o)| image(1, scratch, n, o));
+            } else {
+                let mut scratch = Vec::new();
+                out.chunks_mut(g.oc * p).enumerate().for_each(|(n, o)| image(pool, &mut scratch, n, o));
+            }
+            return Ok((CpuStorage::F32(out), Shape::from((g.n, g.oc, g.oh, g.ow))));
+        }
         let chunk = g.images_per_chunk(self.col_budget);
+        let mut col = Vec::new();
         for (c, out) in out.chunks_mut(chunk * g.oc * p).enumerate() {
             let images = c * chunk..(c * chunk + chunk).min(g.n);
             let np = images.len() * p;
-            let col = g.im2col_images(x, &xs, images);
-            let mut y = vec![0f32; g.oc * np];
+            g.im2col_into(x, &xs, images, &mut col);
+            let mut y = uninit_f32(g.oc * np);
             for gi in 0..g.groups {
                 let wg = Mat { data: &w[gi * og * kg..], rs: kg, cs: 1 };
                 let colg = Mat { data: &col[gi * kg * np..], rs: np, cs: 1 };
@@ -272,6 +326,80 @@ impl CustomOp2 for Conv {
         let dx = if input_gradient { Some(packed.narrow(0, 0, dx_len)?.reshape(x.shape())?) } else { None };
         let dw = packed.narrow(0, dx_len, w.elem_count())?.reshape(w.shape())?;
         Ok((dx, Some(dw)))
+    }
+}
+
+impl ConvBackward {
+    /// The backward pass one image at a time: images are split into one contiguous range per
+    /// thread, each range sums its own weight gradient, and the ranges' sums are added.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_per_image(
+        &self,
+        g: &Geometry,
+        x: &[f32],
+        xs: &Strided4,
+        w: &[f32],
+        gr: &[f32],
+        dx: &mut [f32],
+        dw: &mut [f32],
+    ) {
+        let (p, kg, og) = (g.pixels(), g.rows_per_group(), g.out_per_group());
+        let image_len = g.c * g.h * g.w;
+        let pool = rayon::current_num_threads();
+        // Each range multiplies on one thread when there are enough images for all threads.
+        let (ranges, threads) = if g.n >= pool { (pool, 1) } else { (1, pool) };
+        let per_range = g.n.div_ceil(ranges);
+        let mut dx_ranges: Vec<Option<&mut [f32]>> = if self.input_gradient {
+            dx.chunks_mut(per_range * image_len).map(Some).collect()
+        } else {
+            (0..g.n.div_ceil(per_range)).map(|_| None).collect()
+        };
+        let image_range = |r: usize, mut dx: Option<&mut [f32]>, dw: &mut [f32]| {
+            let (mut scratch, mut dcol) = (Vec::new(), Vec::new());
+            for (i, n) in (r * per_range..((r + 1) * per_range).min(g.n)).enumerate() {
+                let dy = &gr[n * g.oc * p..(n + 1) * g.oc * p];
+                let col = g.image_matrix(x, xs, n, &mut scratch);
+                for gi in 0..g.groups {
+                    let dyg = Mat { data: &dy[gi * og * p..], rs: p, cs: 1 };
+                    let colt = Mat { data: &col.data[gi * kg * col.rs..], rs: 1, cs: col.rs };
+                    matmul_threads(threads, og, kg, p, dyg, colt, &mut dw[gi * og * kg..(gi + 1) * og * kg], i > 0);
+                }
+                let Some(dx) = dx.as_deref_mut() else { continue };
+                let dx = &mut dx[i * image_len..(i + 1) * image_len];
+                // dcol = Wᵀ · dy; for a pointwise convolution dcol is dx itself.
+                let pointwise = g.is_pointwise();
+                if !pointwise && dcol.is_empty() {
+                    dcol = uninit_f32(g.groups * kg * p);
+                }
+                let target: &mut [f32] = if pointwise { dx } else { &mut dcol };
+                for gi in 0..g.groups {
+                    let wt = Mat { data: &w[gi * og * kg..], rs: 1, cs: kg };
+                    let dyg = Mat { data: &dy[gi * og * p..], rs: p, cs: 1 };
+                    matmul_threads(threads, kg, p, og, wt, dyg, &mut target[gi * kg * p..(gi + 1) * kg * p], false);
+                }
+                if !pointwise {
+                    dx.fill(0.0);
+                    g.col2im(&dcol, p, dx);
+                }
+            }
+        };
+        if ranges == 1 {
+            image_range(0, dx_ranges.pop().flatten(), dw);
+            return;
+        }
+        let partial: Vec<Vec<f32>> = dx_ranges
+            .into_par_iter()
+            .enumerate()
+            .map(|(r, dx)| {
+                let mut dw = uninit_f32(dw.len());
+                image_range(r, dx, &mut dw);
+                dw
+            })
+            .collect();
+        dw.copy_from_slice(&partial[0]);
+        for part in &partial[1..] {
+            dw.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+        }
     }
 }
 
@@ -301,15 +429,22 @@ impl CustomOp3 for ConvBackward {
         let (p, kg, og) = (g.pixels(), g.rows_per_group(), g.out_per_group());
         let image_len = if self.input_gradient { g.c * g.h * g.w } else { 0 };
         let w_len = g.oc * kg;
-        let mut out = vec![0f32; g.n * image_len + w_len];
+        // Every element is written below: dW by its first multiply or a copy, dx by a
+        // multiply or zero-filled before col2im adds into it.
+        let mut out = uninit_f32(g.n * image_len + w_len);
         let (dx, dw) = out.split_at_mut(g.n * image_len);
+        if g.per_image() {
+            self.backward_per_image(&g, x, &xs, w, gr, dx, dw);
+            return Ok((CpuStorage::F32(out), Shape::from(g.n * image_len + w_len)));
+        }
         let chunk = g.images_per_chunk(self.col_budget);
+        let mut col = Vec::new();
         for c in 0..g.n.div_ceil(chunk) {
             let images = c * chunk..(c * chunk + chunk).min(g.n);
             let np = images.len() * p;
-            let mut col = g.im2col_images(x, &xs, images.clone());
+            g.im2col_into(x, &xs, images.clone(), &mut col);
             // The output gradient as (O, images · P), like the forward's product.
-            let mut dy = vec![0f32; g.oc * np];
+            let mut dy = uninit_f32(g.oc * np);
             dy.par_chunks_mut(np).enumerate().for_each(|(oi, row)| {
                 for (r, ni) in row.chunks_exact_mut(p).zip(images.clone()) {
                     r.copy_from_slice(&gr[(ni * g.oc + oi) * p..][..p]);
@@ -330,7 +465,10 @@ impl CustomOp3 for ConvBackward {
                 matmul(kg, np, og, wt, dyg, &mut col[gi * kg * np..(gi + 1) * kg * np], false);
             }
             let dx = &mut dx[images.start * image_len..images.end * image_len];
-            dx.par_chunks_mut(image_len).enumerate().for_each(|(i, d)| g.col2im(&col[i * p..], np, d));
+            dx.par_chunks_mut(image_len).enumerate().for_each(|(i, d)| {
+                d.fill(0.0);
+                g.col2im(&col[i * p..], np, d)
+            });
         }
         Ok((CpuStorage::F32(out), Shape::from(g.n * image_len + w_len)))
     }

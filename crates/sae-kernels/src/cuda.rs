@@ -7,7 +7,7 @@
 
 use crate::excitation::Excitation;
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, WithDType};
 
@@ -88,7 +88,7 @@ fn pool_and_gate<T: CudaDType + DeviceRepr + WithDType>(
     dev: &CudaDevice,
     x: &CudaSlice<T>,
     xl: &Layout,
-    p: &CudaSlice<T>,
+    p: &CudaView<'_, T>,
     grad: Option<(&CudaSlice<T>, &Layout)>,
 ) -> Result<(CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>)> {
     let d = Dims::new(xl)?;

@@ -89,7 +89,24 @@ struct MaxPool(MaxPoolConfig);
 /// Backward op: (x, output gradient) → input gradient.
 struct MaxPoolBackward(MaxPoolConfig);
 
+/// The larger of two values, NaN if either is (NaNs propagate as in PyTorch).
+#[inline(always)]
+fn nan_max(m: f32, v: f32) -> f32 {
+    if v > m || v.is_nan() {
+        v
+    } else {
+        m
+    }
+}
+
 impl MaxPoolConfig {
+    /// Input positions `lo..hi` (non-empty) covered by window `o` along a side of `len` cells.
+    #[inline(always)]
+    fn window(&self, o: usize, len: usize) -> (usize, usize) {
+        let start = o * self.stride;
+        (start.saturating_sub(self.padding), (start + self.kernel - self.padding).min(len))
+    }
+
     /// Flat index inside the plane, and value, of the first maximum of window (oy, ox).
     /// `padding ≤ kernel / 2` guarantees every window holds at least one real element.
     #[inline(always)]
@@ -133,12 +150,35 @@ impl CustomOp1 for MaxPool {
         let (oh, ow) = cfg.output_size(h, w)?;
         let out = dispatch_float!("max_pool2d", x, |x: T| {
             let mut out = vec![T::from_f32(0.0); n * c * oh * ow];
-            out.par_chunks_mut(oh * ow).with_min_len(min_planes_per_task(h * w)).enumerate().for_each(
-                |(plane, out)| {
-                    for oy in 0..oh {
-                        for ox in 0..ow {
-                            out[oy * ow + ox] = T::from_f32(cfg.argmax(x, &xs, plane / c, plane % c, oy, ox).1);
+            // Separable: the maximum over each window's columns for every input row, then over
+            // each window's rows. Per plane: its values as f32 (unless it already is a
+            // contiguous f32 slice) and the row maxima (H × OW).
+            let scratch = || (Vec::new(), vec![0f32; h * ow], vec![0f32; ow]);
+            out.par_chunks_mut(oh * ow).with_min_len(min_planes_per_task(h * w)).enumerate().for_each_init(
+                scratch,
+                |(buf, rows, acc), (plane, out)| {
+                    let (ni, ci) = (plane / c, plane % c);
+                    let values = match xs.contiguous_plane(x, ni, ci).and_then(T::as_f32_slice) {
+                        Some(v) => v,
+                        None => {
+                            buf.resize(h * w, 0.0);
+                            xs.for_each_in_plane(x, ni, ci, |k, v| buf[k] = v.to_f32());
+                            &buf[..]
                         }
+                    };
+                    for (row, maxima) in values.chunks_exact(w).zip(rows.chunks_exact_mut(ow)) {
+                        for (o, m) in maxima.iter_mut().enumerate() {
+                            let (lo, hi) = cfg.window(o, w);
+                            *m = row[lo..hi].iter().fold(f32::NEG_INFINITY, |m, &v| nan_max(m, v));
+                        }
+                    }
+                    for (oy, out) in out.chunks_exact_mut(ow).enumerate() {
+                        let (lo, hi) = cfg.window(oy, h);
+                        acc.copy_from_slice(&rows[lo * ow..(lo + 1) * ow]);
+                        for maxima in rows[(lo + 1) * ow..hi * ow].chunks_exact(ow) {
+                            acc.iter_mut().zip(maxima).for_each(|(a, &m)| *a = nan_max(*a, m));
+                        }
+                        out.iter_mut().zip(acc.iter()).for_each(|(o, &a)| *o = T::from_f32(a));
                     }
                 },
             );

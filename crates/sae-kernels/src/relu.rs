@@ -6,7 +6,7 @@
 //! convention at zero (the gradient is 0 where the output is 0). The fused kernel is CPU and
 //! `f32` only; elsewhere [`relu`] runs Candle's `relu`, the reference.
 
-use crate::cpu::f32_contiguous;
+use crate::cpu::{f32_contiguous, uninit_f32};
 use crate::Implementation;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -34,7 +34,7 @@ impl CustomOp1 for Relu {
 
     fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_contiguous("relu", "input", x, l)?;
-        let mut out = vec![0f32; x.len()];
+        let mut out = uninit_f32(x.len());
         out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| {
             o.iter_mut().zip(x).for_each(|(o, &v)| *o = v.max(0.0));
         });
@@ -56,7 +56,7 @@ impl CustomOp2 for ReluBackward {
         if y.len() != g.len() {
             bail!("relu backward: output has {} elements, its gradient {}", y.len(), g.len())
         }
-        let mut out = vec![0f32; y.len()];
+        let mut out = uninit_f32(y.len());
         out.par_chunks_mut(CHUNK).zip(y.par_chunks(CHUNK).zip(g.par_chunks(CHUNK))).for_each(|(o, (y, g))| {
             for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
                 *o = if y > 0.0 { g } else { 0.0 };
