@@ -15,7 +15,7 @@
 //! ([`batch_norm_eval`]) it is one per-channel scale and shift, in one pass each way. The fused kernel is CPU and
 //! `f32` only; elsewhere [`batch_norm_train`] runs the reference.
 
-use crate::cpu::{f32_contiguous, f32_storage, min_planes_per_task, uninit_f32, Strided4};
+use crate::cpu::{f32_contiguous, f32_storage, min_planes_per_task, uninit_f32, unpack, Strided4};
 use crate::Implementation;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -155,9 +155,8 @@ impl CustomOp3 for ChannelAffine {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let packed = x.apply_op3_no_bwd(scale, &grad.contiguous()?, &ChannelAffineBackward)?;
-        let (numel, c) = (x.elem_count(), scale.elem_count());
-        let dx = packed.narrow(0, 0, numel)?.reshape(x.shape())?;
-        Ok((Some(dx), Some(packed.narrow(0, numel, c)?), Some(packed.narrow(0, numel + c, c)?)))
+        let [dx, dscale, dshift] = unpack(&packed, [x.dims(), scale.dims(), scale.dims()])?;
+        Ok((Some(dx), Some(dscale), Some(dshift)))
     }
 }
 
@@ -348,10 +347,7 @@ impl CustomOp3 for BatchNormTrain {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let op = BatchNormBackward { mean: self.mean.clone(), inv_std: self.inv_std.clone() };
         let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &op)?;
-        let (numel, c) = (x.elem_count(), b.elem_count());
-        let dx = packed.narrow(0, 0, numel)?.reshape(x.shape())?;
-        let dw = packed.narrow(0, numel, c)?;
-        let db = packed.narrow(0, numel + c, c)?;
+        let [dx, dw, db] = unpack(&packed, [x.dims(), w.dims(), b.dims()])?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
 }

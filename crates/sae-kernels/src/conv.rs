@@ -21,7 +21,7 @@
 //! `f32` only; elsewhere [`conv2d`] runs the
 //! reference (Candle's `conv2d`).
 
-use crate::cpu::{f32_contiguous, f32_storage, matmul, matmul_threads, uninit_f32, Mat, Strided4};
+use crate::cpu::{f32_contiguous, f32_storage, matmul, matmul_threads, uninit_f32, unpack, Mat, Strided4};
 use crate::Implementation;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -322,10 +322,13 @@ impl CustomOp2 for Conv {
         let input_gradient = x.track_op();
         let op = ConvBackward { cfg: self.cfg, col_budget: self.col_budget, input_gradient };
         let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &op)?;
-        let dx_len = if input_gradient { x.elem_count() } else { 0 };
-        let dx = if input_gradient { Some(packed.narrow(0, 0, dx_len)?.reshape(x.shape())?) } else { None };
-        let dw = packed.narrow(0, dx_len, w.elem_count())?.reshape(w.shape())?;
-        Ok((dx, Some(dw)))
+        if input_gradient {
+            let [dx, dw] = unpack(&packed, [x.dims(), w.dims()])?;
+            Ok((Some(dx), Some(dw)))
+        } else {
+            let [dw] = unpack(&packed, [w.dims()])?;
+            Ok((None, Some(dw)))
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 //! vectorisable dot/axpy loops.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, Layout, Result, WithDType};
+use candle_core::{bail, CpuStorage, Layout, Result, Tensor, WithDType};
 use half::{bf16, f16};
 use std::borrow::Cow;
 
@@ -302,6 +302,22 @@ unsafe fn gemm_block(m: usize, n: usize, k: usize, a: Mat, b: Mat, out: *mut f32
             false,
             gemm::Parallelism::None,
         )
+    }
+}
+
+/// Splits the 1-D result of a backward op, the gradients of its operands one after another,
+/// into one tensor per operand with the given shapes (views, no copies).
+pub(crate) fn unpack<const K: usize>(packed: &Tensor, shapes: [&[usize]; K]) -> Result<[Tensor; K]> {
+    let mut start = 0;
+    let mut parts = Vec::with_capacity(K);
+    for dims in shapes {
+        let len = dims.iter().product();
+        parts.push(packed.narrow(0, start, len)?.reshape(dims)?);
+        start += len;
+    }
+    match parts.try_into() {
+        Ok(parts) => Ok(parts),
+        Err(_) => bail!("unpack: expected {K} parts"),
     }
 }
 

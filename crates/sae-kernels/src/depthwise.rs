@@ -7,7 +7,7 @@
 //! stride 1. The fused kernel is CPU-only; on other devices [`depthwise_conv2d`] runs the
 //! reference (Candle's grouped `conv2d`).
 
-use crate::cpu::{as_f32, dispatch_float, min_planes_per_task, same_dtype, Elem, Strided4};
+use crate::cpu::{as_f32, dispatch_float, min_planes_per_task, same_dtype, unpack, Elem, Strided4};
 use crate::Implementation;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -156,9 +156,7 @@ impl CustomOp2 for Depthwise {
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let packed = x.apply_op3_no_bwd(w, grad, &DepthwiseBackward(self.0))?;
-        let numel = x.elem_count();
-        let dx = packed.narrow(0, 0, numel)?.reshape(x.shape())?;
-        let dw = packed.narrow(0, numel, w.elem_count())?.reshape(w.shape())?;
+        let [dx, dw] = unpack(&packed, [x.dims(), w.dims()])?;
         Ok((Some(dx), Some(dw)))
     }
 }

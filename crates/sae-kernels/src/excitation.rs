@@ -22,7 +22,8 @@
 //! (a few kFLOP per image) rather than kept alive between passes.
 
 use crate::cpu::{
-    as_f32, axpy, dispatch_float, matmul, min_planes_per_task, same_dtype, sum, sum_and_dot, Elem, Mat, Strided4,
+    as_f32, axpy, dispatch_float, matmul, min_planes_per_task, same_dtype, sum, sum_and_dot, unpack, Elem, Mat,
+    Strided4,
 };
 use crate::Implementation;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
@@ -408,9 +409,7 @@ impl CustomOp2 for Excitation {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let packed = x.apply_op3_no_bwd(params, grad, &ExcitationBackward(*self))?;
-        let numel = x.elem_count();
-        let dx = packed.narrow(0, 0, numel)?.reshape(x.shape())?;
-        let dparams = packed.narrow(0, numel, params.elem_count())?;
+        let [dx, dparams] = unpack(&packed, [x.dims(), params.dims()])?;
         Ok((Some(dx), Some(dparams)))
     }
 }
