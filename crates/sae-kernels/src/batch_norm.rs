@@ -12,8 +12,11 @@
 //!
 //! with sums and M = N·H·W over each channel, σ² the biased batch variance. The batch mean
 //! and variance are returned for the caller's running statistics. In eval mode
-//! ([`batch_norm_eval`]) it is one per-channel scale and shift, in one pass each way. The fused kernel is CPU and
-//! `f32` only; elsewhere [`batch_norm_train`] runs the reference.
+//! ([`batch_norm_eval`]) it is one per-channel scale and shift, in one pass each way. Both can
+//! apply a ReLU in the same pass (`relu`); the backward then masks the gradient by the output,
+//! so BatchNorm + ReLU is one graph node instead of two (Candle's backward adds a `zeros_like`
+//! and an `add` for every node's gradient). The fused kernel is CPU and `f32` only; elsewhere
+//! [`batch_norm_train`] runs the reference.
 
 use crate::cpu::{f32_contiguous, f32_storage, min_planes_per_task, uninit_f32, unpack, Strided4};
 use crate::Implementation;
@@ -47,12 +50,14 @@ fn check(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<usize> {
     Ok(c)
 }
 
-/// BatchNorm of `x` (N, C, H, W) with batch statistics, `weight` γ and `bias` β (C each).
+/// BatchNorm of `x` (N, C, H, W) with batch statistics, `weight` γ and `bias` β (C each),
+/// followed by a ReLU when `relu` is set (fused: the ReLU costs no extra pass or graph node).
 pub fn batch_norm_train(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     eps: f64,
+    relu: bool,
     implementation: Implementation,
 ) -> Result<BatchNormOutput> {
     check(x, weight, bias)?;
@@ -66,11 +71,32 @@ pub fn batch_norm_train(
             let variance = stats.get(1)?;
             let (mean_v, var_v) = (mean.to_vec1::<f32>()?, variance.to_vec1::<f32>()?);
             let inv_std = var_v.iter().map(|v| 1.0 / (v + eps as f32).sqrt()).collect();
-            let op = BatchNormTrain { mean: mean_v, inv_std };
+            let op = BatchNormTrain { mean: mean_v, inv_std, relu };
             let output = x.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?;
             Ok(BatchNormOutput { output, mean, variance })
         }
-        _ => batch_norm_train_reference(x, weight, bias, eps),
+        _ => {
+            let out = batch_norm_train_reference(x, weight, bias, eps)?;
+            Ok(BatchNormOutput { output: relu_if(out.output, relu)?, ..out })
+        }
+    }
+}
+
+/// `max(t, 0)` with Candle's op when `relu` is set: the references' ReLU.
+fn relu_if(t: Tensor, relu: bool) -> Result<Tensor> {
+    if relu {
+        t.relu()
+    } else {
+        Ok(t)
+    }
+}
+
+/// The gradient reaching the input of a fused ReLU, from the op's output: `grad · (output > 0)`.
+fn relu_gradient(output: &Tensor, grad: &Tensor, relu: bool) -> Result<Tensor> {
+    if relu {
+        crate::relu::relu_gradient(output, grad)
+    } else {
+        grad.contiguous()
     }
 }
 
@@ -89,9 +115,11 @@ pub fn batch_norm_train_reference(x: &Tensor, weight: &Tensor, bias: &Tensor, ep
     Ok(BatchNormOutput { output, mean: mean.flatten_all()?.detach(), variance: variance.flatten_all()?.detach() })
 }
 
-/// BatchNorm of `x` (N, C, H, W) with given statistics (eval mode): `y = (x − mean)·γ/√(var + ε) + β`.
+/// BatchNorm of `x` (N, C, H, W) with given statistics (eval mode): `y = (x − mean)·γ/√(var + ε) + β`,
+/// followed by a ReLU when `relu` is set.
 /// The per-channel scale and shift are computed with Candle ops (so gradients reach γ and β);
 /// the fused kernel applies them in one pass.
+#[allow(clippy::too_many_arguments)]
 pub fn batch_norm_eval(
     x: &Tensor,
     weight: &Tensor,
@@ -99,6 +127,7 @@ pub fn batch_norm_eval(
     running_mean: &Tensor,
     running_var: &Tensor,
     eps: f64,
+    relu: bool,
     implementation: Implementation,
 ) -> Result<Tensor> {
     let c = check(x, weight, bias)?;
@@ -111,14 +140,18 @@ pub fn batch_norm_eval(
     let shift = (bias - (running_mean * &scale)?)?;
     match implementation {
         Implementation::Fused if x.device().is_cpu() && x.dtype() == DType::F32 => {
-            x.apply_op3(&scale.contiguous()?, &shift.contiguous()?, ChannelAffine)
+            x.apply_op3(&scale.contiguous()?, &shift.contiguous()?, ChannelAffine { relu })
         }
-        _ => x.broadcast_mul(&scale.reshape((1, c, 1, 1))?)?.broadcast_add(&shift.reshape((1, c, 1, 1))?),
+        _ => {
+            relu_if(x.broadcast_mul(&scale.reshape((1, c, 1, 1))?)?.broadcast_add(&shift.reshape((1, c, 1, 1))?)?, relu)
+        }
     }
 }
 
-/// `y = x·scale[c] + shift[c]` per channel.
-struct ChannelAffine;
+/// `y = x·scale[c] + shift[c]` per channel, then `max(y, 0)` when `relu` is set.
+struct ChannelAffine {
+    relu: bool,
+}
 
 /// (x, scale, dy) → [dx | dscale | dshift] packed in one 1-D tensor.
 struct ChannelAffineBackward;
@@ -143,7 +176,8 @@ impl CustomOp3 for ChannelAffine {
             f32_contiguous("batch_norm", "scale", scale, sl)?,
             f32_contiguous("batch_norm", "shift", shift, tl)?,
         );
-        Ok((CpuStorage::F32(affine(x, &xs, |c| (scale[c], shift[c]))), Shape::from(xs.dims.to_vec())))
+        let out = affine(x, &xs, self.relu, |c| (scale[c], shift[c]));
+        Ok((CpuStorage::F32(out), Shape::from(xs.dims.to_vec())))
     }
 
     fn bwd(
@@ -151,10 +185,11 @@ impl CustomOp3 for ChannelAffine {
         x: &Tensor,
         scale: &Tensor,
         _shift: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let packed = x.apply_op3_no_bwd(scale, &grad.contiguous()?, &ChannelAffineBackward)?;
+        let grad = relu_gradient(res, grad, self.relu)?;
+        let packed = x.apply_op3_no_bwd(scale, &grad, &ChannelAffineBackward)?;
         let [dx, dscale, dshift] = unpack(&packed, [x.dims(), scale.dims(), scale.dims()])?;
         Ok((Some(dx), Some(dscale), Some(dshift)))
     }
@@ -203,8 +238,9 @@ impl CustomOp3 for ChannelAffineBackward {
     }
 }
 
-/// `x·scale + shift` with per-channel `(scale, shift) = coef(c)`, as a contiguous (N, C, H, W).
-fn affine(x: &[f32], xs: &Strided4, coef: impl Fn(usize) -> (f32, f32) + Sync) -> Vec<f32> {
+/// `x·scale + shift` with per-channel `(scale, shift) = coef(c)`, as a contiguous (N, C, H, W),
+/// clamped at 0 when `relu` is set.
+fn affine(x: &[f32], xs: &Strided4, relu: bool, coef: impl Fn(usize) -> (f32, f32) + Sync) -> Vec<f32> {
     let [n, c, h, w] = xs.dims;
     let mut out = uninit_f32(n * c * h * w);
     out.par_chunks_mut(h * w).with_min_len(min_planes_per_task(h * w)).enumerate().for_each(|(plane, y)| {
@@ -213,6 +249,9 @@ fn affine(x: &[f32], xs: &Strided4, coef: impl Fn(usize) -> (f32, f32) + Sync) -
         match xs.contiguous_plane(x, ni, ci) {
             Some(p) => y.iter_mut().zip(p).for_each(|(y, &v)| *y = v * scale + shift),
             None => xs.for_each_in_plane(x, ni, ci, |k, v| y[k] = v * scale + shift),
+        }
+        if relu {
+            y.iter_mut().for_each(|v| *v = v.max(0.0));
         }
     });
     out
@@ -225,6 +264,7 @@ struct ChannelStats;
 struct BatchNormTrain {
     mean: Vec<f32>,
     inv_std: Vec<f32>,
+    relu: bool,
 }
 
 /// (x, γ, dy) → [dx | dγ | dβ] packed in one 1-D tensor.
@@ -330,7 +370,7 @@ impl CustomOp3 for BatchNormTrain {
             f32_contiguous("batch_norm", "weight", w, wl)?,
             f32_contiguous("batch_norm", "bias", b, bl)?,
         );
-        let out = affine(x, &xs, |c| {
+        let out = affine(x, &xs, self.relu, |c| {
             let scale = self.inv_std[c] * w[c];
             (scale, b[c] - self.mean[c] * scale)
         });
@@ -342,11 +382,12 @@ impl CustomOp3 for BatchNormTrain {
         x: &Tensor,
         w: &Tensor,
         b: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = relu_gradient(res, grad, self.relu)?;
         let op = BatchNormBackward { mean: self.mean.clone(), inv_std: self.inv_std.clone() };
-        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &op)?;
+        let packed = x.apply_op3_no_bwd(w, &grad, &op)?;
         let [dx, dw, db] = unpack(&packed, [x.dims(), w.dims(), b.dims()])?;
         Ok((Some(dx), Some(dw), Some(db)))
     }

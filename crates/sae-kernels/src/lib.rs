@@ -18,7 +18,8 @@
 //!   [`batch_norm_eval`], its eval mode in one pass.
 //! * [`conv2d`] — 2-D convolution with any stride, padding and groups, forward and backward,
 //!   as im2col + matrix multiply (Candle's CPU input gradient is a direct loop).
-//! * [`relu`] — ReLU with a one-pass backward (Candle's is four passes).
+//! * [`relu`] — ReLU with a one-pass backward (Candle's is four passes); [`add_relu`], a residual
+//!   addition and its ReLU as one op.
 //! * [`max_pool2d`] — 2-D max-pool with padding and any stride, with a backward pass.
 //! * [`depthwise_conv2d`] — depthwise 2-D convolution (groups = channels), forward and
 //!   backward, without Candle's one-convolution-per-group loop.
@@ -46,7 +47,7 @@ pub use conv::{conv2d, conv2d_reference, Conv2dConfig};
 pub use depthwise::{depthwise_conv2d, depthwise_conv2d_reference, DepthwiseConfig};
 pub use excitation::{excitation, excitation_reference, ExcitationWeights, Gate};
 pub use max_pool::{max_pool2d, max_pool2d_reference, MaxPoolConfig};
-pub use relu::relu;
+pub use relu::{add_relu, relu};
 
 /// Which implementation of an op to run. This is the one switch between the plain
 /// composition of Candle ops and the hand-written kernels.

@@ -1,4 +1,4 @@
-//! ReLU with a one-pass backward.
+//! ReLU with a one-pass backward, alone or after a residual addition ([`add_relu`]).
 //!
 //! Candle differentiates `relu` as `grad · (x ≥ 0)` built from `zeros_like`, `ge`, a dtype
 //! conversion and a product: four passes and four allocations per ReLU, and a ResNet-50 has 49
@@ -19,7 +19,27 @@ pub fn relu(x: &Tensor, implementation: Implementation) -> Result<Tensor> {
     }
 }
 
+/// `max(a + b, 0)` element-wise (a residual connection and its ReLU) as one graph node.
+pub fn add_relu(a: &Tensor, b: &Tensor, implementation: Implementation) -> Result<Tensor> {
+    if a.shape() != b.shape() {
+        bail!("add_relu: operand shapes {:?} and {:?} differ", a.dims(), b.dims())
+    }
+    match implementation {
+        Implementation::Fused if a.device().is_cpu() && a.dtype() == DType::F32 && b.dtype() == DType::F32 => {
+            a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)
+        }
+        _ => (a + b)?.relu(),
+    }
+}
+
+/// `grad · (output > 0)`: the gradient through a ReLU, from its output.
+pub(crate) fn relu_gradient(output: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    output.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &ReluBackward)
+}
+
 struct Relu;
+
+struct AddRelu;
 
 /// (output, output gradient) → input gradient.
 struct ReluBackward;
@@ -42,7 +62,30 @@ impl CustomOp1 for Relu {
     }
 
     fn bwd(&self, _x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(res.apply_op2_no_bwd(&grad.contiguous()?, &ReluBackward)?))
+        Ok(Some(relu_gradient(res, grad)?))
+    }
+}
+
+impl CustomOp2 for AddRelu {
+    fn name(&self) -> &'static str {
+        "sae-add-relu"
+    }
+
+    fn cpu_fwd(&self, a: &CpuStorage, al: &Layout, b: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (a, b) =
+            (f32_contiguous("add_relu", "first operand", a, al)?, f32_contiguous("add_relu", "second operand", b, bl)?);
+        let mut out = uninit_f32(a.len());
+        out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(|(o, (a, b))| {
+            for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+                *o = (a + b).max(0.0);
+            }
+        });
+        Ok((CpuStorage::F32(out), al.shape().clone()))
+    }
+
+    fn bwd(&self, _a: &Tensor, _b: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = relu_gradient(res, grad)?;
+        Ok((Some(grad.clone()), Some(grad)))
     }
 }
 

@@ -426,15 +426,15 @@ const BATCH_NORM_CASES: &[[usize; 4]] = &[[4, 3, 5, 5], [2, 6, 7, 1], [1, 2, 1, 
 #[test]
 fn batch_norm_fused_matches_reference_forward_and_backward() {
     for (i, &[n, c, h, w]) in BATCH_NORM_CASES.iter().enumerate() {
-        for strided in [false, true] {
-            let what = format!("{:?} strided={strided}", [n, c, h, w]);
+        for (strided, relu) in [(false, false), (true, false), (false, true), (true, true)] {
+            let what = format!("{:?} strided={strided} relu={relu}", [n, c, h, w]);
             let (xv, x) = input(90 + i as u64, n, c, h, w, strided, DType::F32);
             // Shift and scale the input so that the statistics are far from (0, 1).
             let x = ((x * 3.0).unwrap() + 2.0).unwrap();
             let gamma = var(91 + i as u64, &[c], DType::F32);
             let beta = var(92 + i as u64, &[c], DType::F32);
             let run = |imp| {
-                let out = batch_norm_train(&x, gamma.as_tensor(), beta.as_tensor(), 1e-5, imp).unwrap();
+                let out = batch_norm_train(&x, gamma.as_tensor(), beta.as_tensor(), 1e-5, relu, imp).unwrap();
                 let grads = probe_loss(&out.output, 9).unwrap().backward().unwrap();
                 let g = |v: &Var| grads.get(v).unwrap().clone();
                 (out, g(&xv), g(&gamma), g(&beta))
@@ -454,16 +454,16 @@ fn batch_norm_fused_matches_reference_forward_and_backward() {
 #[test]
 fn batch_norm_eval_fused_matches_reference_forward_and_backward() {
     for (i, &[n, c, h, w]) in BATCH_NORM_CASES.iter().enumerate() {
-        for strided in [false, true] {
-            let what = format!("eval {:?} strided={strided}", [n, c, h, w]);
+        for (strided, relu) in [(false, false), (true, false), (false, true), (true, true)] {
+            let what = format!("eval {:?} strided={strided} relu={relu}", [n, c, h, w]);
             let (xv, x) = input(110 + i as u64, n, c, h, w, strided, DType::F32);
             let gamma = var(111 + i as u64, &[c], DType::F32);
             let beta = var(112 + i as u64, &[c], DType::F32);
             let mean = randn(113 + i as u64, &[c], DType::F32);
             let variance = (randn(114 + i as u64, &[c], DType::F32).abs().unwrap() + 0.5).unwrap();
             let run = |imp| {
-                let out =
-                    batch_norm_eval(&x, gamma.as_tensor(), beta.as_tensor(), &mean, &variance, 1e-5, imp).unwrap();
+                let out = batch_norm_eval(&x, gamma.as_tensor(), beta.as_tensor(), &mean, &variance, 1e-5, relu, imp)
+                    .unwrap();
                 let grads = probe_loss(&out, 12).unwrap().backward().unwrap();
                 let g = |v: &Var| grads.get(v).unwrap().clone();
                 (out, g(&xv), g(&gamma), g(&beta))
@@ -485,7 +485,7 @@ fn batch_norm_statistics_match_a_hand_calculation() {
     let (gamma, beta) =
         (Tensor::new(&[2f32, 1.0], &Device::Cpu).unwrap(), Tensor::new(&[0.5f32, -1.0], &Device::Cpu).unwrap());
     for imp in Implementation::ALL {
-        let out = batch_norm_train(&x, &gamma, &beta, 1e-5, imp).unwrap();
+        let out = batch_norm_train(&x, &gamma, &beta, 1e-5, false, imp).unwrap();
         assert_eq!(out.mean.to_vec1::<f32>().unwrap(), [2.5, 5.0], "{imp}");
         assert_eq!(out.variance.to_vec1::<f32>().unwrap(), [1.25, 0.0], "{imp}");
         let y: Vec<f32> = out.output.flatten_all().unwrap().to_vec1().unwrap();
@@ -513,14 +513,15 @@ fn batch_norm_rejects_bad_input() {
     let x = randn(1, &[2, 3, 4, 4], DType::F32);
     let v = |n: usize| randn(2, &[n], DType::F32);
     for imp in Implementation::ALL {
-        let err =
-            |x: &Tensor, g: &Tensor, b: &Tensor, eps| batch_norm_train(x, g, b, eps, imp).unwrap_err().to_string();
+        let err = |x: &Tensor, g: &Tensor, b: &Tensor, eps| {
+            batch_norm_train(x, g, b, eps, false, imp).unwrap_err().to_string()
+        };
         assert!(err(&x, &v(4), &v(3), 1e-5).contains("weight must be (3) for 3 channels, got [4]"));
         assert!(err(&x, &v(3), &v(2), 1e-5).contains("bias must be (3)"));
         assert!(err(&x, &v(3), &v(3).to_dtype(DType::F64).unwrap(), 1e-5).contains("bias dtype F64 differs"));
         assert!(err(&randn(1, &[2, 3, 4], DType::F32), &v(3), &v(3), 1e-5).contains("input must be (N, C, H, W)"));
         assert!(err(&x, &v(3), &v(3), 0.0).contains("eps must be positive"));
-        let err = batch_norm_eval(&x, &v(3), &v(3), &v(2), &v(3), 1e-5, imp).unwrap_err().to_string();
+        let err = batch_norm_eval(&x, &v(3), &v(3), &v(2), &v(3), 1e-5, false, imp).unwrap_err().to_string();
         assert!(err.contains("running mean must be (3) for 3 channels, got [2]"), "{err}");
     }
 }
@@ -542,6 +543,35 @@ fn relu_fused_matches_reference_forward_and_backward() {
         }
     }
     // At exactly zero the fused gradient is 0 (PyTorch's convention).
+    check_relu_zero_convention();
+}
+
+#[test]
+fn add_relu_fused_matches_reference_forward_and_backward() {
+    for (i, &[n, c, h, w]) in [[2, 3, 5, 4], [1, 1, 1, 1], [3, 70, 40, 41]].iter().enumerate() {
+        for strided in [false, true] {
+            let (av, a) = input(120 + i as u64, n, c, h, w, strided, DType::F32);
+            let (bv, b) = input(130 + i as u64, n, c, h, w, false, DType::F32);
+            let run = |imp| {
+                let out = add_relu(&a, &b, imp).unwrap();
+                let grads = probe_loss(&out, 13).unwrap().backward().unwrap();
+                (out, grads.get(&av).unwrap().clone(), grads.get(&bv).unwrap().clone())
+            };
+            let ((y_r, da_r, db_r), (y_f, da_f, db_f)) = (run(Implementation::Reference), run(Implementation::Fused));
+            let what = format!("{:?} strided={strided}", [n, c, h, w]);
+            assert_close(&format!("{what} forward"), &y_f, &y_r, (0.0, 0.0));
+            assert_close(&format!("{what} d/da"), &da_f, &da_r, (0.0, 0.0));
+            assert_close(&format!("{what} d/db"), &db_f, &db_r, (0.0, 0.0));
+        }
+    }
+    let x = randn(1, &[2, 3], DType::F32);
+    for imp in Implementation::ALL {
+        let err = add_relu(&x, &randn(2, &[3, 2], DType::F32), imp).unwrap_err().to_string();
+        assert!(err.contains("operand shapes [2, 3] and [3, 2] differ"), "{err}");
+    }
+}
+
+fn check_relu_zero_convention() {
     let x = Var::new(&[-1f32, 0.0, 2.0], &Device::Cpu).unwrap();
     let grads = relu(&x, Implementation::Fused).unwrap().sum_all().unwrap().backward().unwrap();
     assert_eq!(grads.get(&x).unwrap().to_vec1::<f32>().unwrap(), [0.0, 0.0, 1.0]);

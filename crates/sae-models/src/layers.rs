@@ -129,13 +129,18 @@ impl BatchNorm {
     }
 }
 
-impl ModuleT for BatchNorm {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+impl BatchNorm {
+    /// BatchNorm followed by a ReLU, fused into one op (`max(BN(x), 0)`).
+    pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_maybe_relu(x, train, true)
+    }
+
+    fn forward_maybe_relu(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         if !train {
             let (mean, var) = (self.running_mean.as_tensor(), self.running_var.as_tensor());
-            return sae_kernels::batch_norm_eval(x, &self.weight, &self.bias, mean, var, self.eps, self.kernels);
+            return sae_kernels::batch_norm_eval(x, &self.weight, &self.bias, mean, var, self.eps, relu, self.kernels);
         }
-        let out = sae_kernels::batch_norm_train(x, &self.weight, &self.bias, self.eps, self.kernels)?;
+        let out = sae_kernels::batch_norm_train(x, &self.weight, &self.bias, self.eps, relu, self.kernels)?;
         let (n, _, h, w) = x.dims4()?;
         let count = (n * h * w) as f64;
         let unbiased = if count > 1.0 { (out.variance * (count / (count - 1.0)))? } else { out.variance };
@@ -145,6 +150,12 @@ impl ModuleT for BatchNorm {
         update(&self.running_mean, &out.mean)?;
         update(&self.running_var, &unbiased)?;
         Ok(out.output)
+    }
+}
+
+impl ModuleT for BatchNorm {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_maybe_relu(x, train, false)
     }
 }
 
@@ -253,6 +264,13 @@ impl ConvBn {
         let conv = Conv2d::new(spec, cfg.conv_bias, cfg.kernels, vb.pp(conv_name))?;
         let bn = BatchNorm::new(spec.out_channels, cfg.bn_eps, cfg.kernels, vb.pp(bn_name))?;
         Ok(Self { conv, bn })
+    }
+}
+
+impl ConvBn {
+    /// Convolution, BatchNorm and a ReLU (the last two fused).
+    pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.bn.forward_relu_t(&x.apply(&self.conv)?, train)
     }
 }
 

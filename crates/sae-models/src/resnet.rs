@@ -92,10 +92,7 @@ impl ModuleT for Block {
         let last = self.convs.len() - 1;
         let mut y = x.clone();
         for (i, c) in self.convs.iter().enumerate() {
-            y = c.forward_t(&y, train)?;
-            if i != last {
-                y = sae_kernels::relu(&y, self.kernels)?;
-            }
+            y = if i != last { c.forward_relu_t(&y, train)? } else { c.forward_t(&y, train)? };
         }
         if let Some(a) = &self.attention {
             y = a.forward(&y)?;
@@ -104,7 +101,7 @@ impl ModuleT for Block {
             Some(d) => d.forward_t(x, train)?,
             None => x.clone(),
         };
-        sae_kernels::relu(&(y + shortcut)?, self.kernels)
+        sae_kernels::add_relu(&y, &shortcut, self.kernels)
     }
 }
 
@@ -164,7 +161,7 @@ impl ResNet {
 
 impl ModuleT for ResNet {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut y = sae_kernels::relu(&self.stem.forward_t(x, train)?, self.kernels)?;
+        let mut y = self.stem.forward_relu_t(x, train)?;
         if self.pool {
             y = sae_kernels::max_pool2d(&y, STEM_POOL, self.kernels)?;
         }
