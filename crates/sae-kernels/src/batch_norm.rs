@@ -91,8 +91,9 @@ fn relu_if(t: Tensor, relu: bool) -> Result<Tensor> {
     }
 }
 
-/// The gradient reaching the input of a fused ReLU, from the op's output: `grad · (output > 0)`.
-fn relu_gradient(output: &Tensor, grad: &Tensor, relu: bool) -> Result<Tensor> {
+/// The gradient reaching the input of an op's fused ReLU, from the op's output:
+/// `grad · (output > 0)` when `relu` is set, else `grad` itself (contiguous).
+fn gradient_before_relu(output: &Tensor, grad: &Tensor, relu: bool) -> Result<Tensor> {
     if relu {
         crate::relu::relu_gradient(output, grad)
     } else {
@@ -188,7 +189,7 @@ impl CustomOp3 for ChannelAffine {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = relu_gradient(res, grad, self.relu)?;
+        let grad = gradient_before_relu(res, grad, self.relu)?;
         let packed = x.apply_op3_no_bwd(scale, &grad, &ChannelAffineBackward)?;
         let [dx, dscale, dshift] = unpack(&packed, [x.dims(), scale.dims(), scale.dims()])?;
         Ok((Some(dx), Some(dscale), Some(dshift)))
@@ -385,7 +386,7 @@ impl CustomOp3 for BatchNormTrain {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = relu_gradient(res, grad, self.relu)?;
+        let grad = gradient_before_relu(res, grad, self.relu)?;
         let op = BatchNormBackward { mean: self.mean.clone(), inv_std: self.inv_std.clone() };
         let packed = x.apply_op3_no_bwd(w, &grad, &op)?;
         let [dx, dw, db] = unpack(&packed, [x.dims(), w.dims(), b.dims()])?;

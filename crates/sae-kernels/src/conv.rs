@@ -357,8 +357,11 @@ impl ConvBackward {
         } else {
             (0..g.n.div_ceil(per_range)).map(|_| None).collect()
         };
+        // dcol = Wᵀ · dy; for a pointwise convolution dcol is dx itself.
+        let pointwise = g.is_pointwise();
         let image_range = |r: usize, mut dx: Option<&mut [f32]>, dw: &mut [f32]| {
-            let (mut scratch, mut dcol) = (Vec::new(), Vec::new());
+            let mut scratch = Vec::new();
+            let mut dcol = if dx.is_some() && !pointwise { uninit_f32(g.groups * kg * p) } else { Vec::new() };
             for (i, n) in (r * per_range..((r + 1) * per_range).min(g.n)).enumerate() {
                 let dy = &gr[n * g.oc * p..(n + 1) * g.oc * p];
                 let col = g.image_matrix(x, xs, n, &mut scratch);
@@ -369,11 +372,6 @@ impl ConvBackward {
                 }
                 let Some(dx) = dx.as_deref_mut() else { continue };
                 let dx = &mut dx[i * image_len..(i + 1) * image_len];
-                // dcol = Wᵀ · dy; for a pointwise convolution dcol is dx itself.
-                let pointwise = g.is_pointwise();
-                if !pointwise && dcol.is_empty() {
-                    dcol = uninit_f32(g.groups * kg * p);
-                }
                 let target: &mut [f32] = if pointwise { dx } else { &mut dcol };
                 for gi in 0..g.groups {
                     let wt = Mat { data: &w[gi * og * kg..], rs: 1, cs: kg };

@@ -127,9 +127,7 @@ impl BatchNorm {
         let running_var = Var::from_tensor(&vb.get_with_hints(channels, "running_var", Init::Const(1.0))?)?;
         Ok(Self { weight, bias, running_mean, running_var, eps, kernels })
     }
-}
 
-impl BatchNorm {
     /// BatchNorm followed by a ReLU, fused into one op (`max(BN(x), 0)`).
     pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.forward_maybe_relu(x, train, true)
@@ -265,9 +263,7 @@ impl ConvBn {
         let bn = BatchNorm::new(spec.out_channels, cfg.bn_eps, cfg.kernels, vb.pp(bn_name))?;
         Ok(Self { conv, bn })
     }
-}
 
-impl ConvBn {
     /// Convolution, BatchNorm and a ReLU (the last two fused).
     pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.bn.forward_relu_t(&x.apply(&self.conv)?, train)
