@@ -4,7 +4,8 @@
 use candle_core::{Device, Tensor};
 use image::{GrayImage, Luma, Rgb, RgbImage};
 use sae_models::{read_labels, Error, Model, Preprocess, IMAGENET_MEAN, IMAGENET_STD};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 fn dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("sae-inference-{name}-{}", std::process::id()));
@@ -60,6 +61,25 @@ fn top_k_ranks_softmax_probabilities() {
     assert_eq!(top[0], all[0][..3].to_vec());
 }
 
+/// The `classify` example as `cargo test` built it beside this test (target/<profile>/examples).
+/// `cargo run -p sae-models` would resolve sae-models' features on its own and build Candle a
+/// second time (gigabytes of disk in CI), so that is only the fallback for a lone `--test` run.
+fn classify_example() -> Command {
+    let test_exe = std::env::current_exe().unwrap();
+    let built = test_exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|profile_dir| profile_dir.join("examples").join(format!("classify{}", std::env::consts::EXE_SUFFIX)));
+    match built {
+        Some(path) if path.is_file() => Command::new(path),
+        _ => {
+            let mut cargo = Command::new(env!("CARGO"));
+            cargo.args(["run", "-q", "-p", "sae-models", "--example", "classify", "--"]);
+            cargo
+        }
+    }
+}
+
 #[test]
 fn classify_example_runs_end_to_end() {
     let d = dir("example");
@@ -70,8 +90,8 @@ fn classify_example_runs_end_to_end() {
     assert_eq!(read_labels(&labels).unwrap(), ["cat", "dog", "bird"]);
     let image = d.join("a.png");
     RgbImage::from_fn(50, 40, |x, y| Rgb([x as u8 * 5, y as u8 * 6, 100])).save(&image).unwrap();
-    let out = std::process::Command::new(env!("CARGO"))
-        .args(["run", "-q", "-p", "sae-models", "--example", "classify", "--", "--model", "seresnet18", "--size", "32"])
+    let out = classify_example()
+        .args(["--model", "seresnet18", "--size", "32"])
         .arg("--weights")
         .arg(&weights)
         .arg("--labels")
