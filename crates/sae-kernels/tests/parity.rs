@@ -60,18 +60,10 @@ fn excitation_fused_matches_reference_forward_and_backward() {
                 let what = format!("case {case} {:?} strided={strided} {gate:?}", (n, c, h, w, hidden));
                 let (xv, x) = input(10 + case as u64, n, c, h, w, strided, DType::F32);
                 let wts = Weights::new(100 + case as u64, c, hidden, DType::F32);
-                let run = |imp| {
-                    let out = excitation(&x, &wts.get(), gate, imp).unwrap();
-                    let grads = probe_loss(&out, 7).unwrap().backward().unwrap();
-                    (out, grads)
-                };
-                let (out_ref, g_ref) = run(Implementation::Reference);
-                let (out_fused, g_fused) = run(Implementation::Fused);
-                assert_close(&format!("{what} forward"), &out_fused, &out_ref, F32_TOL);
-                assert_close(&format!("{what} d/dx"), g_fused.get(&xv).unwrap(), g_ref.get(&xv).unwrap(), F32_TOL);
-                for (name, v) in wts.vars() {
-                    assert_close(&format!("{what} d/d{name}"), g_fused.get(v).unwrap(), g_ref.get(v).unwrap(), F32_TOL);
-                }
+                let vars: Vec<_> = std::iter::once(("x", &xv)).chain(wts.vars()).collect();
+                assert_fused_matches_reference(&what, &vars, 7, F32_TOL, |imp| {
+                    excitation(&x, &wts.get(), gate, imp).unwrap()
+                });
             }
         }
     }
@@ -139,15 +131,7 @@ fn max_pool_fused_matches_reference_forward_and_backward() {
         for strided in [false, true] {
             let what = format!("{cfg:?} {:?} strided={strided}", [n, c, h, w]);
             let (xv, x) = input(20 + i as u64, n, c, h, w, strided, DType::F32);
-            let run = |imp| {
-                let out = max_pool2d(&x, cfg, imp).unwrap();
-                let grads = probe_loss(&out, 3).unwrap().backward().unwrap();
-                (out, grads.get(&xv).unwrap().clone())
-            };
-            let (out_ref, dx_ref) = run(Implementation::Reference);
-            let (out_fused, dx_fused) = run(Implementation::Fused);
-            assert_close(&format!("{what} forward"), &out_fused, &out_ref, F32_TOL);
-            assert_close(&format!("{what} d/dx"), &dx_fused, &dx_ref, F32_TOL);
+            assert_fused_matches_reference(&what, &[("x", &xv)], 3, F32_TOL, |imp| max_pool2d(&x, cfg, imp).unwrap());
         }
     }
 }
@@ -215,16 +199,9 @@ fn depthwise_fused_matches_reference_forward_and_backward() {
             let what = format!("{cfg:?} {:?} k={kh}x{kw} strided={strided}", [n, c, h, w]);
             let (xv, x) = input(30 + i as u64, n, c, h, w, strided, DType::F32);
             let k = var(40 + i as u64, &[c, 1, kh, kw], DType::F32);
-            let run = |imp| {
-                let out = depthwise_conv2d(&x, k.as_tensor(), cfg, imp).unwrap();
-                let grads = probe_loss(&out, 5).unwrap().backward().unwrap();
-                (out, grads.get(&xv).unwrap().clone(), grads.get(&k).unwrap().clone())
-            };
-            let (out_ref, dx_ref, dk_ref) = run(Implementation::Reference);
-            let (out_fused, dx_fused, dk_fused) = run(Implementation::Fused);
-            assert_close(&format!("{what} forward"), &out_fused, &out_ref, F32_TOL);
-            assert_close(&format!("{what} d/dx"), &dx_fused, &dx_ref, F32_TOL);
-            assert_close(&format!("{what} d/dweight"), &dk_fused, &dk_ref, F32_TOL);
+            assert_fused_matches_reference(&what, &[("x", &xv), ("weight", &k)], 5, F32_TOL, |imp| {
+                depthwise_conv2d(&x, k.as_tensor(), cfg, imp).unwrap()
+            });
         }
     }
 }
@@ -278,16 +255,9 @@ fn conv_fused_matches_reference_forward_and_backward() {
             let what = format!("{cfg:?} {:?} weight {wshape:?} strided={strided}", [n, c, h, w]);
             let (xv, x) = input(70 + i as u64, n, c, h, w, strided, DType::F32);
             let k = var(80 + i as u64, &wshape, DType::F32);
-            let run = |imp| {
-                let out = conv2d(&x, k.as_tensor(), cfg, imp).unwrap();
-                let grads = probe_loss(&out, 5).unwrap().backward().unwrap();
-                (out, grads.get(&xv).unwrap().clone(), grads.get(&k).unwrap().clone())
-            };
-            let (out_ref, dx_ref, dk_ref) = run(Implementation::Reference);
-            let (out_fused, dx_fused, dk_fused) = run(Implementation::Fused);
-            assert_close(&format!("{what} forward"), &out_fused, &out_ref, F32_TOL);
-            assert_close(&format!("{what} d/dx"), &dx_fused, &dx_ref, F32_TOL);
-            assert_close(&format!("{what} d/dweight"), &dk_fused, &dk_ref, F32_TOL);
+            assert_fused_matches_reference(&what, &[("x", &xv), ("weight", &k)], 5, F32_TOL, |imp| {
+                conv2d(&x, k.as_tensor(), cfg, imp).unwrap()
+            });
         }
     }
 }
@@ -433,20 +403,12 @@ fn batch_norm_fused_matches_reference_forward_and_backward() {
             let x = ((x * 3.0).unwrap() + 2.0).unwrap();
             let gamma = var(91 + i as u64, &[c], DType::F32);
             let beta = var(92 + i as u64, &[c], DType::F32);
-            let run = |imp| {
-                let out = batch_norm_train(&x, gamma.as_tensor(), beta.as_tensor(), 1e-5, relu, imp).unwrap();
-                let grads = probe_loss(&out.output, 9).unwrap().backward().unwrap();
-                let g = |v: &Var| grads.get(v).unwrap().clone();
-                (out, g(&xv), g(&gamma), g(&beta))
-            };
-            let (r, dx_r, dg_r, db_r) = run(Implementation::Reference);
-            let (f, dx_f, dg_f, db_f) = run(Implementation::Fused);
-            assert_close(&format!("{what} forward"), &f.output, &r.output, F32_TOL);
+            let run = |imp| batch_norm_train(&x, gamma.as_tensor(), beta.as_tensor(), 1e-5, relu, imp).unwrap();
+            let vars = [("x", &xv), ("gamma", &gamma), ("beta", &beta)];
+            assert_fused_matches_reference(&what, &vars, 9, F32_TOL, |imp| run(imp).output);
+            let (r, f) = (run(Implementation::Reference), run(Implementation::Fused));
             assert_close(&format!("{what} mean"), &f.mean, &r.mean, F32_TOL);
             assert_close(&format!("{what} variance"), &f.variance, &r.variance, F32_TOL);
-            assert_close(&format!("{what} d/dx"), &dx_f, &dx_r, F32_TOL);
-            assert_close(&format!("{what} d/dgamma"), &dg_f, &dg_r, F32_TOL);
-            assert_close(&format!("{what} d/dbeta"), &db_f, &db_r, F32_TOL);
         }
     }
 }
@@ -461,19 +423,10 @@ fn batch_norm_eval_fused_matches_reference_forward_and_backward() {
             let beta = var(112 + i as u64, &[c], DType::F32);
             let mean = randn(113 + i as u64, &[c], DType::F32);
             let variance = (randn(114 + i as u64, &[c], DType::F32).abs().unwrap() + 0.5).unwrap();
-            let run = |imp| {
-                let out = batch_norm_eval(&x, gamma.as_tensor(), beta.as_tensor(), &mean, &variance, 1e-5, relu, imp)
-                    .unwrap();
-                let grads = probe_loss(&out, 12).unwrap().backward().unwrap();
-                let g = |v: &Var| grads.get(v).unwrap().clone();
-                (out, g(&xv), g(&gamma), g(&beta))
-            };
-            let (y_r, dx_r, dg_r, db_r) = run(Implementation::Reference);
-            let (y_f, dx_f, dg_f, db_f) = run(Implementation::Fused);
-            assert_close(&format!("{what} forward"), &y_f, &y_r, F32_TOL);
-            assert_close(&format!("{what} d/dx"), &dx_f, &dx_r, F32_TOL);
-            assert_close(&format!("{what} d/dgamma"), &dg_f, &dg_r, F32_TOL);
-            assert_close(&format!("{what} d/dbeta"), &db_f, &db_r, F32_TOL);
+            let vars = [("x", &xv), ("gamma", &gamma), ("beta", &beta)];
+            assert_fused_matches_reference(&what, &vars, 12, F32_TOL, |imp| {
+                batch_norm_eval(&x, gamma.as_tensor(), beta.as_tensor(), &mean, &variance, 1e-5, relu, imp).unwrap()
+            });
         }
     }
 }
@@ -531,15 +484,8 @@ fn relu_fused_matches_reference_forward_and_backward() {
     for (i, &[n, c, h, w]) in [[2, 3, 5, 4], [1, 1, 1, 1], [3, 70, 40, 41]].iter().enumerate() {
         for strided in [false, true] {
             let (xv, x) = input(100 + i as u64, n, c, h, w, strided, DType::F32);
-            let run = |imp| {
-                let out = relu(&x, imp).unwrap();
-                let grads = probe_loss(&out, 11).unwrap().backward().unwrap();
-                (out, grads.get(&xv).unwrap().clone())
-            };
-            let ((y_r, dx_r), (y_f, dx_f)) = (run(Implementation::Reference), run(Implementation::Fused));
             let what = format!("{:?} strided={strided}", [n, c, h, w]);
-            assert_close(&format!("{what} forward"), &y_f, &y_r, (0.0, 0.0));
-            assert_close(&format!("{what} d/dx"), &dx_f, &dx_r, (0.0, 0.0));
+            assert_fused_matches_reference(&what, &[("x", &xv)], 11, (0.0, 0.0), |imp| relu(&x, imp).unwrap());
         }
     }
     // At exactly zero the fused gradient is 0 (PyTorch's convention).
@@ -552,16 +498,10 @@ fn add_relu_fused_matches_reference_forward_and_backward() {
         for strided in [false, true] {
             let (av, a) = input(120 + i as u64, n, c, h, w, strided, DType::F32);
             let (bv, b) = input(130 + i as u64, n, c, h, w, false, DType::F32);
-            let run = |imp| {
-                let out = add_relu(&a, &b, imp).unwrap();
-                let grads = probe_loss(&out, 13).unwrap().backward().unwrap();
-                (out, grads.get(&av).unwrap().clone(), grads.get(&bv).unwrap().clone())
-            };
-            let ((y_r, da_r, db_r), (y_f, da_f, db_f)) = (run(Implementation::Reference), run(Implementation::Fused));
             let what = format!("{:?} strided={strided}", [n, c, h, w]);
-            assert_close(&format!("{what} forward"), &y_f, &y_r, (0.0, 0.0));
-            assert_close(&format!("{what} d/da"), &da_f, &da_r, (0.0, 0.0));
-            assert_close(&format!("{what} d/db"), &db_f, &db_r, (0.0, 0.0));
+            assert_fused_matches_reference(&what, &[("a", &av), ("b", &bv)], 13, (0.0, 0.0), |imp| {
+                add_relu(&a, &b, imp).unwrap()
+            });
         }
     }
     let x = randn(1, &[2, 3], DType::F32);

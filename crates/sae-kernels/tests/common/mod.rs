@@ -4,6 +4,7 @@
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use sae_kernels::Implementation;
 
 /// Absolute + relative tolerance for f32 kernels against the f32 reference: the two sum in
 /// different orders, so they differ by a few ulps of the largest partial sum.
@@ -40,6 +41,28 @@ pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, (atol, rtol): (f64, f64)
 pub fn probe_loss(out: &Tensor, seed: u64) -> Result<Tensor> {
     let probe = randn(seed, out.dims(), out.dtype());
     (out * probe)?.sum_all()
+}
+
+/// Runs `op` with the reference and with the fused implementation and asserts that the outputs
+/// agree, and so do the gradients of `probe_loss(output, probe_seed)` for every named variable.
+pub fn assert_fused_matches_reference(
+    what: &str,
+    vars: &[(&str, &Var)],
+    probe_seed: u64,
+    tol: (f64, f64),
+    op: impl Fn(Implementation) -> Tensor,
+) {
+    let run = |imp| {
+        let out = op(imp);
+        let grads = probe_loss(&out, probe_seed).unwrap().backward().unwrap();
+        (out, grads)
+    };
+    let (out_ref, g_ref) = run(Implementation::Reference);
+    let (out_fused, g_fused) = run(Implementation::Fused);
+    assert_close(&format!("{what} forward"), &out_fused, &out_ref, tol);
+    for (name, v) in vars {
+        assert_close(&format!("{what} d/d{name}"), g_fused.get(v).unwrap(), g_ref.get(v).unwrap(), tol);
+    }
 }
 
 /// Central finite-difference check of d f / d v for every element of `v` (f64).
