@@ -160,12 +160,28 @@ pub trait Progress {
     fn epoch_end(&mut self, summary: &EpochSummary);
 }
 
-/// Prints one line per epoch (and nothing per batch): for logs and tests.
-pub struct LogLines;
+/// Plain lines for logs: the running loss, top-1 and images/s ten times per epoch, and the
+/// epoch's summary at its end.
+#[derive(Debug, Default)]
+pub struct LogLines {
+    epoch: usize,
+    batches: usize,
+    done: usize,
+}
 
 impl Progress for LogLines {
-    fn epoch_start(&mut self, _: usize, _: usize) {}
-    fn batch(&mut self, _: f64, _: f64, _: f64) {}
+    fn epoch_start(&mut self, epoch: usize, batches: usize) {
+        *self = LogLines { epoch, batches, done: 0 };
+    }
+    fn batch(&mut self, loss: f64, top1: f64, ips: f64) {
+        self.done += 1;
+        if self.done.is_multiple_of(self.batches.div_ceil(10).max(1)) && self.done < self.batches {
+            eprintln!(
+                "epoch {:>3} batch {}/{}: loss {loss:.4} top-1 {top1:.2}% {ips:.1} img/s",
+                self.epoch, self.done, self.batches
+            );
+        }
+    }
     fn epoch_end(&mut self, s: &EpochSummary) {
         eprintln!("{}", epoch_line(s));
     }
@@ -205,7 +221,7 @@ pub fn default_progress() -> Box<dyn Progress> {
     if std::io::stderr().is_terminal() {
         Box::new(Bar::default())
     } else {
-        Box::new(LogLines)
+        Box::new(LogLines::default())
     }
 }
 

@@ -190,7 +190,7 @@ fn resnet_senetv2_and_mobilenet_learn_a_small_problem() {
             // after its stride-2 stem; the CIFAR stem keeps 1×1 at the end.
             cfg.model.stem = Stem::Cifar;
         }
-        let history = train(&cfg, &run, &Device::Cpu, false, &mut LogLines).unwrap();
+        let history = train(&cfg, &run, &Device::Cpu, false, &mut LogLines::default()).unwrap();
         let late = &history[15..];
         let best_late_loss = late.iter().map(|s| s.train_loss).fold(f64::INFINITY, f64::min);
         assert!(best_late_loss < 0.75 * history[0].train_loss, "{model}: loss did not fall: {history:?}");
@@ -233,10 +233,11 @@ fn resuming_gives_the_same_result_as_not_stopping() {
     write_colour_dataset(&data, 4, 2);
     let straight = tmp("resume-straight");
     let cfg = small_config("senetv2_resnet14b", &data, 2);
-    let full = train(&cfg, &straight, &Device::Cpu, false, &mut LogLines).unwrap();
+    let full = train(&cfg, &straight, &Device::Cpu, false, &mut LogLines::default()).unwrap();
     let stopped = tmp("resume-stopped");
-    train(&small_config("senetv2_resnet14b", &data, 1), &stopped, &Device::Cpu, false, &mut LogLines).unwrap();
-    let resumed = train(&cfg, &stopped, &Device::Cpu, true, &mut LogLines).unwrap();
+    train(&small_config("senetv2_resnet14b", &data, 1), &stopped, &Device::Cpu, false, &mut LogLines::default())
+        .unwrap();
+    let resumed = train(&cfg, &stopped, &Device::Cpu, true, &mut LogLines::default()).unwrap();
     assert_eq!(resumed.len(), 2);
     assert_eq!(checkpoint_model_bytes(&straight), checkpoint_model_bytes(&stopped), "weights differ after resume");
     assert_same_rows(&full, &resumed);
@@ -250,10 +251,10 @@ fn resuming_gives_the_same_result_as_not_stopping() {
     assert!(kept.len() <= 2 && kept.contains(&"epoch-0002".to_string()), "{kept:?}");
 
     // A second fresh run into the same directory is refused; a resume with another model is too.
-    let err = train(&cfg, &straight, &Device::Cpu, false, &mut LogLines).unwrap_err().to_string();
+    let err = train(&cfg, &straight, &Device::Cpu, false, &mut LogLines::default()).unwrap_err().to_string();
     assert!(err.contains("already holds a run"), "{err}");
     let other = small_config("seresnet14b", &data, 3);
-    let err = train(&other, &straight, &Device::Cpu, true, &mut LogLines).unwrap_err().to_string();
+    let err = train(&other, &straight, &Device::Cpu, true, &mut LogLines::default()).unwrap_err().to_string();
     assert!(err.contains("different config"), "{err}");
 }
 
@@ -265,7 +266,7 @@ fn a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
     let mut cfg = small_config("resnet14b", &data, 3);
     // Epoch 1 at 1e-3; from epoch 2 the rate is 1e27, which overflows the weights.
     cfg.schedule = Schedule::Step { every: 1, gamma: 1e30 };
-    let err = train(&cfg, &run, &Device::Cpu, false, &mut LogLines).unwrap_err();
+    let err = train(&cfg, &run, &Device::Cpu, false, &mut LogLines::default()).unwrap_err();
     assert!(matches!(err, Error::NonFiniteLoss { epoch: 1, .. }), "{err}");
     assert!(err.to_string().contains("last good checkpoint"), "{err}");
     assert_eq!(read_summary(&run).unwrap().len(), 1);
@@ -286,20 +287,20 @@ fn damaged_checkpoints_give_clear_errors() {
     write_colour_dataset(&data, 4, 2);
     let run = tmp("damaged-run");
     let cfg = small_config("mobilenet_v1", &data, 1);
-    train(&cfg, &run, &Device::Cpu, false, &mut LogLines).unwrap();
+    train(&cfg, &run, &Device::Cpu, false, &mut LogLines::default()).unwrap();
     let ckpt = run.join("checkpoints/epoch-0001");
     let model_file = ckpt.join("model.safetensors");
     let good = std::fs::read(&model_file).unwrap();
     std::fs::write(&model_file, &good[..good.len() / 3]).unwrap();
     let longer = TrainConfig { epochs: 2, ..cfg.clone() };
-    let err = train(&longer, &run, &Device::Cpu, true, &mut LogLines).unwrap_err().to_string();
+    let err = train(&longer, &run, &Device::Cpu, true, &mut LogLines::default()).unwrap_err().to_string();
     assert!(err.contains("model.safetensors") && err.contains("not a valid safetensors"), "{err}");
     std::fs::write(&model_file, &good).unwrap();
     std::fs::write(ckpt.join("state.json"), "{ not json").unwrap();
-    let err = train(&longer, &run, &Device::Cpu, true, &mut LogLines).unwrap_err().to_string();
+    let err = train(&longer, &run, &Device::Cpu, true, &mut LogLines::default()).unwrap_err().to_string();
     assert!(err.contains("epoch-0001") && err.contains("state.json"), "{err}");
     std::fs::remove_file(ckpt.join("optimizer.safetensors")).unwrap();
     std::fs::write(ckpt.join("state.json"), r#"{"epoch":1,"step":1,"best_top1":0.0,"best_epoch":1}"#).unwrap();
-    let err = train(&longer, &run, &Device::Cpu, true, &mut LogLines).unwrap_err().to_string();
+    let err = train(&longer, &run, &Device::Cpu, true, &mut LogLines::default()).unwrap_err().to_string();
     assert!(err.contains("optimizer.safetensors"), "{err}");
 }
