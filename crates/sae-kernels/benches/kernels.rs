@@ -3,7 +3,9 @@
 //! `cargo xtask bench-kernels` runs them and writes `results/kernels.md`.
 //!
 //! Benchmark ids are `<group>/<implementation>/<pass>`; the xtask reads criterion's estimates
-//! by those ids. Backward passes start from `sum_all`, whose gradient is a broadcast of ones.
+//! by those ids. Backward passes start from `sum_all`, whose gradient is a broadcast of ones,
+//! except the excitation's `fused/kernels`, which calls the fused forward and backward ops
+//! directly to time them apart from Candle's autograd.
 
 #![allow(missing_docs)] // criterion_group! generates undocumented public functions.
 
@@ -54,6 +56,15 @@ fn excitation_benches(c: &mut Criterion) {
                     })
                 });
             }
+            // The fused kernels alone: the forward op and the backward op called directly, with
+            // the gradient `sum_all` would give (ones) already in memory: no graph, no gradient store.
+            let ones = x.ones_like().unwrap();
+            group.bench_function(BenchmarkId::new("fused", "kernels"), |b| {
+                b.iter(|| {
+                    let y = excitation(&x, &weights, Gate::OnePlusS, Implementation::Fused).unwrap();
+                    black_box((y, excitation_backward(&x, &weights, Gate::OnePlusS, &ones).unwrap()))
+                })
+            });
             group.finish();
         }
     }

@@ -18,7 +18,7 @@
 //! and an `add` for every node's gradient). The fused kernel is CPU and `f32` only; elsewhere
 //! [`batch_norm_train`] runs the reference.
 
-use crate::cpu::{f32_contiguous, f32_storage, min_planes_per_task, uninit_f32, unpack, Strided4};
+use crate::cpu::{f32_contiguous, f32_storage, min_planes_per_task, uninit, unpack, Strided4};
 use crate::Implementation;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -225,7 +225,7 @@ impl CustomOp3 for ChannelAffineBackward {
         // Per channel: Σ dy·x and Σ dy.
         let sums: Vec<(f32, f32)> =
             gradient_sums(x, &xs, g, |_| 0.0).into_iter().map(|(sg, sgx)| (sgx as f32, sg as f32)).collect();
-        let mut out = uninit_f32(n * c * plane_len + 2 * c);
+        let mut out = uninit::<f32>(n * c * plane_len + 2 * c);
         let (dx, rest) = out.split_at_mut(n * c * plane_len);
         for (ci, &(dscale, dshift)) in sums.iter().enumerate() {
             rest[ci] = dscale;
@@ -243,7 +243,7 @@ impl CustomOp3 for ChannelAffineBackward {
 /// clamped at 0 when `relu` is set.
 fn affine(x: &[f32], xs: &Strided4, relu: bool, coef: impl Fn(usize) -> (f32, f32) + Sync) -> Vec<f32> {
     let [n, c, h, w] = xs.dims;
-    let mut out = uninit_f32(n * c * h * w);
+    let mut out = uninit::<f32>(n * c * h * w);
     out.par_chunks_mut(h * w).with_min_len(min_planes_per_task(h * w)).enumerate().for_each(|(plane, y)| {
         let (ni, ci) = (plane / c, plane % c);
         let (scale, shift) = coef(ci);
@@ -427,7 +427,7 @@ impl CustomOp3 for BatchNormBackward {
             .enumerate()
             .map(|(ci, (sum_dy, sum_dy_xc))| (sum_dy as f32, sum_dy_xc as f32 * self.inv_std[ci]))
             .collect();
-        let mut out = uninit_f32(n * c * plane_len + 2 * c);
+        let mut out = uninit::<f32>(n * c * plane_len + 2 * c);
         let (dx, dwb) = out.split_at_mut(n * c * plane_len);
         for (ci, &(db, dw)) in sums.iter().enumerate() {
             dwb[ci] = dw;

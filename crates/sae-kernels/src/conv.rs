@@ -21,7 +21,7 @@
 //! `f32` only; elsewhere [`conv2d`] runs the
 //! reference (Candle's `conv2d`).
 
-use crate::cpu::{f32_contiguous, f32_storage, matmul, matmul_threads, uninit_f32, unpack, Mat, Strided4};
+use crate::cpu::{f32_contiguous, f32_storage, matmul, matmul_threads, uninit, unpack, Mat, Strided4};
 use crate::Implementation;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -199,7 +199,7 @@ impl Geometry {
         let len = self.c * self.kh * self.kw * ld;
         // Every element is written below (zeros where a tap falls in the padding).
         if col.len() != len {
-            *col = uninit_f32(len);
+            *col = uninit::<f32>(len);
         }
         col.par_chunks_mut(ld).enumerate().for_each(|(r, row)| {
             let (ci, ky, kx) = (r / (self.kh * self.kw), r / self.kw % self.kh, r % self.kw);
@@ -276,7 +276,7 @@ impl CustomOp2 for Conv {
         let w = f32_contiguous(op, "weight", w, wl)?;
         let (p, kg, og) = (g.pixels(), g.rows_per_group(), g.out_per_group());
         // Every element is written by a multiply (without accumulation) or a copy below.
-        let mut out = uninit_f32(g.n * g.oc * p);
+        let mut out = uninit::<f32>(g.n * g.oc * p);
         if g.per_image() {
             let pool = rayon::current_num_threads();
             let image = |threads: usize, scratch: &mut Vec<f32>, n: usize, out: &mut [f32]| {
@@ -303,7 +303,7 @@ impl CustomOp2 for Conv {
             let images = c * chunk..(c * chunk + chunk).min(g.n);
             let np = images.len() * p;
             g.im2col_into(x, &xs, images, &mut col);
-            let mut y = uninit_f32(g.oc * np);
+            let mut y = uninit::<f32>(g.oc * np);
             for gi in 0..g.groups {
                 let wg = Mat { data: &w[gi * og * kg..], rs: kg, cs: 1 };
                 let colg = Mat { data: &col[gi * kg * np..], rs: np, cs: 1 };
@@ -361,7 +361,7 @@ impl ConvBackward {
         let pointwise = g.is_pointwise();
         let image_range = |r: usize, mut dx: Option<&mut [f32]>, dw: &mut [f32]| {
             let mut scratch = Vec::new();
-            let mut dcol = if dx.is_some() && !pointwise { uninit_f32(g.groups * kg * p) } else { Vec::new() };
+            let mut dcol = if dx.is_some() && !pointwise { uninit::<f32>(g.groups * kg * p) } else { Vec::new() };
             for (i, n) in (r * per_range..((r + 1) * per_range).min(g.n)).enumerate() {
                 let dy = &gr[n * g.oc * p..(n + 1) * g.oc * p];
                 let col = g.image_matrix(x, xs, n, &mut scratch);
@@ -392,7 +392,7 @@ impl ConvBackward {
             .into_par_iter()
             .enumerate()
             .map(|(r, dx)| {
-                let mut dw = uninit_f32(dw.len());
+                let mut dw = uninit::<f32>(dw.len());
                 image_range(r, dx, &mut dw);
                 dw
             })
@@ -432,7 +432,7 @@ impl CustomOp3 for ConvBackward {
         let w_len = g.oc * kg;
         // Every element is written below: dW by its first multiply or a copy, dx by a
         // multiply or zero-filled before col2im adds into it.
-        let mut out = uninit_f32(g.n * image_len + w_len);
+        let mut out = uninit::<f32>(g.n * image_len + w_len);
         let (dx, dw) = out.split_at_mut(g.n * image_len);
         if g.per_image() {
             self.backward_per_image(&g, x, &xs, w, gr, dx, dw);
@@ -445,7 +445,7 @@ impl CustomOp3 for ConvBackward {
             let np = images.len() * p;
             g.im2col_into(x, &xs, images.clone(), &mut col);
             // The output gradient as (O, images · P), like the forward's product.
-            let mut dy = uninit_f32(g.oc * np);
+            let mut dy = uninit::<f32>(g.oc * np);
             dy.par_chunks_mut(np).enumerate().for_each(|(oi, row)| {
                 for (r, ni) in row.chunks_exact_mut(p).zip(images.clone()) {
                     r.copy_from_slice(&gr[(ni * g.oc + oi) * p..][..p]);

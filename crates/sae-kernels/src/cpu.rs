@@ -325,10 +325,10 @@ pub(crate) fn unpack<const K: usize>(packed: &Tensor, shapes: [&[usize]; K]) -> 
 /// before anything reads them: zero-filling them first would be one more pass over memory
 /// (the way Candle's own CPU backend allocates its outputs, `alloc_uninit`).
 #[allow(clippy::uninit_vec)]
-pub(crate) fn uninit_f32(len: usize) -> Vec<f32> {
+pub(crate) fn uninit<T: Elem>(len: usize) -> Vec<T> {
     let mut v = Vec::with_capacity(len);
-    // SAFETY: `f32` has no invalid bit patterns and the capacity is `len`; every caller
-    // writes each element before reading it.
+    // SAFETY: the element types (f32, bf16, f16) are plain bits with no invalid patterns and
+    // the capacity is `len`; every caller writes each element before reading it.
     unsafe { v.set_len(len) };
     v
 }

@@ -7,7 +7,7 @@
 //! stride 1. The fused kernel is CPU-only; on other devices [`depthwise_conv2d`] runs the
 //! reference (Candle's grouped `conv2d`).
 
-use crate::cpu::{as_f32, dispatch_float, min_planes_per_task, same_dtype, unpack, Elem, Strided4};
+use crate::cpu::{as_f32, dispatch_float, min_planes_per_task, same_dtype, uninit, unpack, Elem, Strided4};
 use crate::Implementation;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -119,7 +119,7 @@ impl CustomOp2 for Depthwise {
         let taps = g.kh * g.kw;
         let out = dispatch_float!("depthwise_conv2d", x, |x: T| {
             let wf = as_f32("depthwise_conv2d", "weight", same_dtype::<T>("depthwise_conv2d", w)?, wl)?;
-            let mut out = vec![T::from_f32(0.0); g.n * g.c * g.oh * g.ow];
+            let mut out = uninit::<T>(g.n * g.c * g.oh * g.ow);
             out.par_chunks_mut(g.oh * g.ow).with_min_len(min_planes_per_task(g.h * g.w)).enumerate().for_each_init(
                 || (Vec::new(), vec![0f32; g.ow]),
                 |(buf, row), (plane, out)| {
@@ -188,7 +188,7 @@ impl CustomOp3 for DepthwiseBackward {
         let out = dispatch_float!(op, x, |x: T| {
             let wf = as_f32(op, "weight", same_dtype::<T>(op, w)?, wl)?;
             let gr = same_dtype::<T>(op, gr)?;
-            let mut out = vec![T::from_f32(0.0); numel + g.c * taps];
+            let mut out = uninit::<T>(numel + g.c * taps);
             let (dx, dw_out) = out.split_at_mut(numel);
             // Each plane yields its input gradient and its partial weight gradient.
             let partial: Vec<Vec<f32>> = dx

@@ -10,7 +10,8 @@
 //! Ops:
 //!
 //! * [`excitation`] — global average pool → K parallel dense layers C → C/r with ReLU →
-//!   concat → dense K·C/r → C → sigmoid → scale (SE when K = 1, SaE when K > 1).
+//!   concat → dense K·C/r → C → sigmoid → scale (SE when K = 1, SaE when K > 1);
+//!   [`excitation_backward`] runs its fused backward pass directly, without autograd.
 //! * [`adam_update`] — the Adam optimiser's update in place (three passes, no allocation),
 //!   for `sae-train`; the optimiser's composition of Candle ops is its reference.
 //! * [`batch_norm_train`] — BatchNorm with batch statistics (training mode), forward and
@@ -45,7 +46,9 @@ pub use adam::{adam_update, AdamStep};
 pub use batch_norm::{batch_norm_eval, batch_norm_train, batch_norm_train_reference, BatchNormOutput};
 pub use conv::{conv2d, conv2d_reference, Conv2dConfig};
 pub use depthwise::{depthwise_conv2d, depthwise_conv2d_reference, DepthwiseConfig};
-pub use excitation::{excitation, excitation_reference, ExcitationWeights, Gate};
+pub use excitation::{
+    excitation, excitation_backward, excitation_reference, ExcitationGradients, ExcitationWeights, Gate,
+};
 pub use max_pool::{max_pool2d, max_pool2d_reference, MaxPoolConfig};
 pub use relu::{add_relu, relu};
 

@@ -8,7 +8,7 @@
 //!
 //! The fused kernel is CPU-only; on other devices [`max_pool2d`] runs the reference.
 
-use crate::cpu::{dispatch_float, min_planes_per_task, same_dtype, Elem, Strided4};
+use crate::cpu::{dispatch_float, min_planes_per_task, same_dtype, uninit, Elem, Strided4};
 use crate::Implementation;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -149,7 +149,7 @@ impl CustomOp1 for MaxPool {
         let [n, c, h, w] = xs.dims;
         let (oh, ow) = cfg.output_size(h, w)?;
         let out = dispatch_float!("max_pool2d", x, |x: T| {
-            let mut out = vec![T::from_f32(0.0); n * c * oh * ow];
+            let mut out = uninit::<T>(n * c * oh * ow);
             // Separable: the maximum over each window's columns for every input row, then over
             // each window's rows. Per plane: its values as f32 (unless it already is a
             // contiguous f32 slice) and the row maxima (H × OW).
@@ -208,7 +208,7 @@ impl CustomOp2 for MaxPoolBackward {
         }
         let out = dispatch_float!("max_pool2d backward", x, |x: T| {
             let g = same_dtype::<T>("max_pool2d backward", g)?;
-            let mut dx = vec![T::from_f32(0.0); n * c * h * w];
+            let mut dx = uninit::<T>(n * c * h * w);
             dx.par_chunks_mut(h * w).with_min_len(min_planes_per_task(h * w)).enumerate().for_each_init(
                 || vec![0f32; h * w],
                 |acc, (plane, dx)| {

@@ -6,7 +6,7 @@
 //! convention at zero (the gradient is 0 where the output is 0). The fused kernel is CPU and
 //! `f32` only; elsewhere [`relu`] runs Candle's `relu`, the reference.
 
-use crate::cpu::{f32_contiguous, uninit_f32};
+use crate::cpu::{f32_contiguous, uninit};
 use crate::Implementation;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -54,7 +54,7 @@ impl CustomOp1 for Relu {
 
     fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_contiguous("relu", "input", x, l)?;
-        let mut out = uninit_f32(x.len());
+        let mut out = uninit::<f32>(x.len());
         out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| {
             o.iter_mut().zip(x).for_each(|(o, &v)| *o = v.max(0.0));
         });
@@ -74,7 +74,7 @@ impl CustomOp2 for AddRelu {
     fn cpu_fwd(&self, a: &CpuStorage, al: &Layout, b: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
         let (a, b) =
             (f32_contiguous("add_relu", "first operand", a, al)?, f32_contiguous("add_relu", "second operand", b, bl)?);
-        let mut out = uninit_f32(a.len());
+        let mut out = uninit::<f32>(a.len());
         out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(|(o, (a, b))| {
             for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
                 *o = (a + b).max(0.0);
@@ -99,7 +99,7 @@ impl CustomOp2 for ReluBackward {
         if y.len() != g.len() {
             bail!("relu backward: output has {} elements, its gradient {}", y.len(), g.len())
         }
-        let mut out = uninit_f32(y.len());
+        let mut out = uninit::<f32>(y.len());
         out.par_chunks_mut(CHUNK).zip(y.par_chunks(CHUNK).zip(g.par_chunks(CHUNK))).for_each(|(o, (y, g))| {
             for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
                 *o = if y > 0.0 { g } else { 0.0 };
