@@ -15,6 +15,11 @@ pub(crate) trait Elem: WithDType + Copy + Send + Sync {
         let _ = s;
         None
     }
+    /// The same for a slice to write into.
+    fn as_f32_slice_mut(s: &mut [Self]) -> Option<&mut [f32]> {
+        let _ = s;
+        None
+    }
 }
 
 impl Elem for f32 {
@@ -27,6 +32,9 @@ impl Elem for f32 {
         v
     }
     fn as_f32_slice(s: &[Self]) -> Option<&[f32]> {
+        Some(s)
+    }
+    fn as_f32_slice_mut(s: &mut [Self]) -> Option<&mut [f32]> {
         Some(s)
     }
 }

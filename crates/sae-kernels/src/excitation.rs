@@ -391,28 +391,39 @@ impl Excitation {
         }
         let mut dzt = vec![0f32; c * n];
         dense_matmul(c, n, hd, Mat { data: w1, rs: 1, cs: c }, Mat { data: &dht, rs: n, cs: 1 }, &mut dzt);
-        let mut dp = vec![0f32; o.len];
+
+        // The parameter gradients go straight into the packed output when it is f32.
+        let numel = n * c * hw;
+        let mut out = uninit::<T>(numel + o.len);
+        let (dx, dparams) = out.split_at_mut(numel);
+        let mut converted = Vec::new();
+        let dp = match T::as_f32_slice_mut(dparams) {
+            Some(dp) => dp,
+            None => {
+                converted = uninit::<f32>(o.len);
+                &mut converted
+            }
+        };
         dense_matmul(hd, c, n, Mat { data: &dht, rs: n, cs: 1 }, Mat { data: &z, rs: c, cs: 1 }, &mut dp[..o.b1]);
         dense_matmul(c, hd, n, Mat { data: &da, rs: 1, cs: c }, Mat { data: &ht, rs: 1, cs: n }, &mut dp[o.w2..o.b2]);
         for (db1, row) in dp[o.b1..o.w2].iter_mut().zip(dht.chunks(n)) {
             *db1 = row.iter().sum();
         }
-        for i in 0..n {
-            axpy(1.0, &da[i * c..(i + 1) * c], &mut dp[o.b2..]);
+        let db2 = &mut dp[o.b2..];
+        db2.fill(0.0);
+        for row in da.chunks(c) {
+            axpy(1.0, row, db2);
+        }
+        for (d, v) in dparams.iter_mut().zip(&converted) {
+            *d = T::from_f32(*v);
         }
 
         // Pass 2: dx = g·gate(s) + dz/HW, written straight into the packed output.
-        let numel = n * c * hw;
-        let mut out = uninit::<T>(numel + o.len);
-        let (dx, dparams) = out.split_at_mut(numel);
         dx.par_chunks_mut(hw).with_min_len(min_len).enumerate().for_each(|(plane, dx)| {
             let factor = self.gate.factor(s[plane]);
             let shift = dzt[(plane % c) * n + plane / c] * inv_hw;
             gs.for_each_in_plane(g, plane / c, plane % c, |k, v| dx[k] = T::from_f32(v.to_f32() * factor + shift));
         });
-        for (d, v) in dparams.iter_mut().zip(&dp) {
-            *d = T::from_f32(*v);
-        }
         Ok(out)
     }
 }

@@ -108,6 +108,10 @@ fn excitation_fused_matches_reference_in_bf16_and_f16() {
         let g_fused = probe_loss(&out_fused, 1).unwrap().backward().unwrap();
         let g_ref = probe_loss(&out_ref, 1).unwrap().backward().unwrap();
         assert_close(&format!("{dtype:?} d/dx"), g_fused.get(&xv).unwrap(), g_ref.get(&xv).unwrap(), BF16_TOL);
+        for (name, v) in wts.vars() {
+            let what = format!("{dtype:?} d/d{name}");
+            assert_close(&what, g_fused.get(v).unwrap(), g_ref.get(v).unwrap(), BF16_TOL);
+        }
     }
 }
 
