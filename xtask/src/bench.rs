@@ -88,7 +88,9 @@ pub fn kernels(seconds: u64) -> Result<()> {
     writeln!(md, "gradient and writes the input gradient (3 more). % of bandwidth is that traffic over the time,")?;
     writeln!(md, "against the bandwidth measured above (tensors of a few MB partly stay in the last-level cache,")?;
     writeln!(md, "so the forward can pass 100 %; the bound ignores the weights, 4 MB at C = 2048 with K = 4).")?;
-    writeln!(md, "*bookkeeping* is fused fwd+bwd minus kernels: what Candle's autograd costs around the op.")?;
+    writeln!(md, "*bookkeeping* is fused fwd+bwd minus kernels: what Candle's autograd costs around the op")?;
+    writeln!(md, "(slightly understated: *kernels* packs the weights into one tensor for each of its two calls,")?;
+    writeln!(md, "autograd once).")?;
     writeln!(md, "*cap* is reference fwd+bwd over bookkeeping: the fwd+bwd speed-up the fused op would reach")?;
     writeln!(md, "through autograd if its kernels took no time at all.\n")?;
     writeln!(
