@@ -159,7 +159,7 @@ pub fn kernels(seconds: u64) -> Result<()> {
     }
     let out = root.join("results/kernels.md");
     std::fs::create_dir_all(out.parent().expect("results dir"))?;
-    sae_train::train::write_atomic(&out, md.as_bytes())?;
+    sae_fs::write_atomic(&out, md.as_bytes())?;
     eprintln!("wrote {}", out.display());
     Ok(())
 }

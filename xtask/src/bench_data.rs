@@ -64,7 +64,7 @@ pub fn run(cifar: Option<PathBuf>, folder: Option<PathBuf>) -> Result<()> {
 
     let out = root.join("results/data.md");
     std::fs::create_dir_all(out.parent().expect("results dir"))?;
-    sae_train::train::write_atomic(&out, md.as_bytes())?;
+    sae_fs::write_atomic(&out, md.as_bytes())?;
     eprintln!("wrote {}", out.display());
     Ok(())
 }

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, ModuleT, Tensor};
 use sae_kernels::Implementation;
 use sae_train::metrics::cross_entropy;
-use sae_train::optim::{Optimizer, OptimizerConfig};
+use sae_train::optim::OptimizerConfig;
 use std::fmt::Write;
 use std::path::PathBuf;
 use std::process::Command;
@@ -77,7 +77,7 @@ fn measure_ours(r: Row, kernels: Implementation, seconds: f64) -> Result<Timing>
     let x = Tensor::randn(0f32, 1.0, (r.batch, 3, r.size, r.size), &device)?;
     let labels: Vec<u32> = (0..r.batch as u32).map(|i| i * 37 % CLASSES as u32).collect();
     let y = Tensor::new(labels.as_slice(), &device)?;
-    let mut optimizer = Optimizer::new(OptimizerConfig::keras_adam(), model.trainable_vars());
+    let mut optimizer = OptimizerConfig::keras_adam().build(model.trainable_vars(), kernels);
     if r.mode == Mode::Infer {
         // Realistic running statistics for eval mode: with the initial ones the activations
         // are unnormalised, and their values slow some kernels down (both ours and PyTorch's).
@@ -269,7 +269,7 @@ pub fn run(seconds: f64, python: Option<PathBuf>) -> Result<()> {
     }
     let out = project_root().join("results/train-speed.md");
     std::fs::create_dir_all(out.parent().expect("results dir"))?;
-    sae_train::train::write_atomic(&out, md.as_bytes())?;
+    sae_fs::write_atomic(&out, md.as_bytes())?;
     eprintln!("wrote {}", out.display());
     Ok(())
 }

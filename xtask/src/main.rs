@@ -77,17 +77,17 @@ struct ReproduceArgs {
     #[arg(long)]
     data: Option<PathBuf>,
     /// `paper` (the article's settings), `cpu` (scaled for a 2-core CPU) or `smoke` (minutes).
-    #[arg(long, default_value = "cpu")]
-    preset: String,
+    #[arg(long, value_enum, default_value_t = reproduce::PresetName::Cpu)]
+    preset: reproduce::PresetName,
     /// Seeds, comma-separated; one run per model and seed.
     #[arg(long, default_value = "0", value_delimiter = ',')]
     seeds: Vec<u64>,
     /// CIFAR-100 label set: `coarse` (20, the paper's heads) or `fine` (100).
-    #[arg(long, default_value = "coarse")]
-    labels: String,
+    #[arg(long, value_enum, default_value_t = reproduce::Labels::Coarse)]
+    labels: reproduce::Labels,
     /// `cpu`, `cuda` or `metal`.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[arg(long, value_enum, default_value_t = reproduce::DeviceName::Cpu)]
+    device: reproduce::DeviceName,
     /// Where runs go (default runs/tableN).
     #[arg(long)]
     runs: Option<PathBuf>,

@@ -1,6 +1,6 @@
 //! Compiles the CUDA kernel sources to PTX with nvcc, so a syntax or type error in a kernel
 //! fails CI even on machines without a GPU, and type-checks the Rust side of the `cuda`
-//! feature (the launchers in `sae-kernels/src/cuda.rs`, its CUDA tests and the models on top)
+//! feature (the launchers in `sae-kernels/src/excitation/cuda.rs`, its CUDA tests and the models on top)
 //! with `cargo clippy --features cuda`, which builds Candle's own CUDA kernels with the same
 //! nvcc but links nothing. nvcc is `$CUDA_HOME/bin/nvcc`, else `nvcc` on `PATH`. Without nvcc
 //! the check is skipped, unless `SAE_REQUIRE_NVCC=1` (CI sets it).

@@ -63,19 +63,55 @@ impl Table {
     }
 }
 
+/// A preset: the paper's settings, a scaled setting for a 2-core CPU, or minutes of smoke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PresetName {
+    /// The article's settings (SPEC §3).
+    Paper,
+    /// Scaled for a 2-core CPU.
+    Cpu,
+    /// Minutes: the pipeline end to end on a few hundred images.
+    Smoke,
+}
+
+/// CIFAR-100's label set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Labels {
+    /// 20 coarse labels (the paper's head sizes).
+    Coarse,
+    /// 100 fine labels.
+    Fine,
+}
+
+/// The device runs train on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceName {
+    /// The CPU.
+    Cpu,
+    /// The first CUDA GPU (a build with `--features cuda`).
+    Cuda,
+    /// The first Metal GPU (a build with `--features metal`).
+    Metal,
+}
+
+/// The lower-case name clap accepts for a value, used in paths and reports.
+pub fn value_name(v: impl clap::ValueEnum) -> String {
+    v.to_possible_value().map(|p| p.get_name().to_string()).unwrap_or_default()
+}
+
 /// Options of the reproduce commands.
 #[derive(Debug, Clone)]
 pub struct Options {
     /// Dataset directory.
     pub data: PathBuf,
-    /// `paper`, `cpu` or `smoke`.
-    pub preset: String,
+    /// The preset.
+    pub preset: PresetName,
     /// Seeds, one run per model and seed.
     pub seeds: Vec<u64>,
-    /// CIFAR-100 labels: `fine` or `coarse`.
-    pub labels: String,
+    /// CIFAR-100 labels (table 3).
+    pub labels: Labels,
     /// Device.
-    pub device: String,
+    pub device: DeviceName,
     /// Where runs go.
     pub runs: PathBuf,
     /// The report file.
@@ -84,7 +120,8 @@ pub struct Options {
     pub command: String,
 }
 
-/// Settings of a preset for one table (everything but the model and seed).
+/// Settings of a preset for one table (everything but the model and seed). Every preset uses
+/// the paper's model conventions (Keras conv bias and BatchNorm ε, the ImageNet stem).
 struct Preset {
     input_size: usize,
     epochs: usize,
@@ -93,119 +130,87 @@ struct Preset {
     eval_images: Option<usize>,
     optimizer: OptimizerConfig,
     schedule: Schedule,
-    /// The paper's Keras conventions (conv bias, BN ε) and the ImageNet stem.
-    paper_model: bool,
 }
 
-fn preset(table: Table, name: &str) -> Result<Preset> {
-    let adam = OptimizerConfig::keras_adam();
-    let sgd = OptimizerConfig::paper_sgd();
-    let step = Schedule::Step { every: 15, gamma: 0.1 };
-    Ok(match (name, table) {
+fn preset(table: Table, name: PresetName) -> Preset {
+    // Keras Adam at a constant rate, 6 epochs of batch 32 at 32×32, unless said otherwise.
+    let base = Preset {
+        input_size: 32,
+        epochs: 6,
+        batch_size: 32,
+        train_images: None,
+        eval_images: None,
+        optimizer: OptimizerConfig::keras_adam(),
+        schedule: Schedule::Constant,
+    };
+    match (name, table) {
         // SPEC §3: CIFAR-10 at 70×70 for 50 epochs, CIFAR-100 at 140×140 for 40, Adam, batch
         // 16; ImageNet subset at 224×224, batch 256, SGD 0.01 momentum 0.9 wd 1e-4, ×0.1 / 15.
-        ("paper", Table::Two) => Preset {
-            input_size: 70,
-            epochs: 50,
-            batch_size: 16,
-            train_images: None,
-            eval_images: None,
-            optimizer: adam,
-            schedule: Schedule::Constant,
-            paper_model: true,
-        },
-        ("paper", Table::Three) => Preset {
-            input_size: 140,
-            epochs: 40,
-            batch_size: 16,
-            train_images: None,
-            eval_images: None,
-            optimizer: adam,
-            schedule: Schedule::Constant,
-            paper_model: true,
-        },
-        ("paper", Table::Four) => Preset {
+        (PresetName::Paper, Table::Two) => Preset { input_size: 70, epochs: 50, batch_size: 16, ..base },
+        (PresetName::Paper, Table::Three) => Preset { input_size: 140, epochs: 40, batch_size: 16, ..base },
+        (PresetName::Paper, Table::Four) => Preset {
             input_size: 224,
             epochs: 50,
             batch_size: 256,
-            train_images: None,
-            eval_images: None,
-            optimizer: sgd,
-            schedule: step,
-            paper_model: true,
+            optimizer: OptimizerConfig::paper_sgd(),
+            schedule: Schedule::Step { every: 15, gamma: 0.1 },
+            ..base
         },
         // Scaled for the 2-core CPU machine: native 32×32 CIFAR input, a uniform subset of the
-        // training set, fewer epochs; still Adam and the paper's model conventions.
-        ("cpu", Table::Two | Table::Three) => Preset {
-            input_size: 32,
-            epochs: 6,
-            batch_size: 32,
-            train_images: Some(10_000),
-            eval_images: Some(2_000),
-            optimizer: adam,
-            schedule: Schedule::Constant,
-            paper_model: true,
-        },
+        // training set, fewer epochs.
+        (PresetName::Cpu, Table::Two | Table::Three) => {
+            Preset { train_images: Some(10_000), eval_images: Some(2_000), ..base }
+        }
         // Adam, not the paper's SGD: SGD at lr 0.01 is tuned for 1,000 classes and batch 256.
         // With 10 classes and batch 32 each step moves every logit by the batch's class
         // frequencies times the squared norm of the features' shared mean (~4,000 at
         // initialisation), and the run diverged to chance (measured: train loss 6.0, eval top-1
         // 10.00 % after the first epoch at 64×64); lr 0.001 still oscillated.
-        ("cpu", Table::Four) => Preset {
-            input_size: 64,
-            epochs: 6,
-            batch_size: 32,
-            train_images: None,
-            eval_images: None,
-            optimizer: adam,
-            schedule: Schedule::Constant,
-            paper_model: true,
-        },
-        // Minutes: the pipeline end to end on a few hundred images.
-        ("smoke", _) => Preset {
-            input_size: 32,
-            epochs: 3,
-            batch_size: 10,
-            train_images: Some(100),
-            eval_images: Some(40),
-            optimizer: adam,
-            schedule: Schedule::Constant,
-            paper_model: true,
-        },
-        (other, _) => bail!("unknown preset {other:?} (known: paper, cpu, smoke)"),
+        (PresetName::Cpu, Table::Four) => Preset { input_size: 64, ..base },
+        (PresetName::Smoke, _) => {
+            Preset { epochs: 3, batch_size: 10, train_images: Some(100), eval_images: Some(40), ..base }
+        }
+    }
+}
+
+fn device(name: DeviceName) -> Result<Device> {
+    Ok(match name {
+        DeviceName::Cpu => Device::Cpu,
+        DeviceName::Cuda => Device::new_cuda(0).context("--device cuda needs a build with --features cuda")?,
+        DeviceName::Metal => Device::new_metal(0).context("--device metal needs a build with --features metal")?,
     })
 }
 
-fn device(name: &str) -> Result<Device> {
-    Ok(match name {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0).context("--device cuda needs a build with --features cuda")?,
-        "metal" => Device::new_metal(0).context("--device metal needs a build with --features metal")?,
-        other => bail!("unknown device {other:?} (known: cpu, cuda, metal)"),
-    })
+/// What a table trains on: the dataset kind and the paper's model preset for it (resolved
+/// once per command: for a folder it counts the class folders).
+#[derive(Debug, Clone, Copy)]
+struct TableData {
+    dataset: DatasetKind,
+    paper: PaperPreset,
+}
+
+impl TableData {
+    fn new(table: Table, opts: &Options) -> Result<Self> {
+        let (dataset, paper) = match (table, opts.labels) {
+            (Table::Two, _) => (DatasetKind::Cifar10, PaperPreset::Cifar10),
+            (Table::Three, Labels::Coarse) => (DatasetKind::Cifar100Coarse, PaperPreset::Cifar100Coarse),
+            (Table::Three, Labels::Fine) => (DatasetKind::Cifar100Fine, PaperPreset::Cifar100Fine),
+            (Table::Four, _) => {
+                let classes = sae_data::ImageFolder::open(&opts.data.join("train"))?.classes.len();
+                (DatasetKind::Folder, PaperPreset::Imagenet { num_classes: classes })
+            }
+        };
+        Ok(Self { dataset, paper })
+    }
 }
 
 /// The resolved training config of one run.
-fn run_config(table: Table, opts: &Options, model: &str, seed: u64) -> Result<TrainConfig> {
-    let p = preset(table, &opts.preset)?;
-    let (dataset, paper) = match (table, opts.labels.as_str()) {
-        (Table::Two, _) => (DatasetKind::Cifar10, PaperPreset::Cifar10),
-        (Table::Three, "coarse") => (DatasetKind::Cifar100Coarse, PaperPreset::Cifar100Coarse),
-        (Table::Three, "fine") => (DatasetKind::Cifar100Fine, PaperPreset::Cifar100Fine),
-        (Table::Three, other) => bail!("unknown --labels {other:?} (known: fine, coarse)"),
-        (Table::Four, _) => {
-            let classes = sae_data::ImageFolder::open(&opts.data.join("train"))?.classes.len();
-            (DatasetKind::Folder, PaperPreset::Imagenet { num_classes: classes })
-        }
-    };
-    let mut model_cfg = config(model, paper.num_classes())?;
-    if p.paper_model {
-        model_cfg = model_cfg.with_paper_preset(paper);
-    }
+fn run_config(table: Table, data: TableData, opts: &Options, model: &str, seed: u64) -> Result<TrainConfig> {
+    let p = preset(table, opts.preset);
     Ok(TrainConfig {
-        model: model_cfg,
+        model: config(model, data.paper.num_classes())?.with_paper_preset(data.paper),
         data: DataConfig {
-            dataset,
+            dataset: data.dataset,
             dir: opts.data.clone(),
             input_size: p.input_size,
             train_images: p.train_images,
@@ -220,6 +225,7 @@ fn run_config(table: Table, opts: &Options, model: &str, seed: u64) -> Result<Tr
     })
 }
 
+/// Mean and sample standard deviation (0 for one value).
 fn mean_std(v: &[f64]) -> (f64, f64) {
     let n = v.len() as f64;
     let mean = v.iter().sum::<f64>() / n;
@@ -227,15 +233,20 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
+/// Every seed's epoch summaries of one model.
+type ModelRuns = (String, Vec<Vec<EpochSummary>>);
+
 /// Trains (or reuses) every run of `table` and writes the report; returns each model's runs.
-pub fn reproduce(table: Table, opts: &Options) -> Result<Vec<(String, Vec<Vec<EpochSummary>>)>> {
-    let dev = device(&opts.device)?;
+pub fn reproduce(table: Table, opts: &Options) -> Result<Vec<ModelRuns>> {
+    let dev = device(opts.device)?;
+    let data = TableData::new(table, opts)?;
+    let runs_dir = opts.runs.join(value_name(opts.preset));
     let mut results = Vec::new();
     for row in table.rows() {
         let mut runs = Vec::new();
         for &seed in &opts.seeds {
-            let cfg = run_config(table, opts, row.model, seed)?;
-            let dir = opts.runs.join(&opts.preset).join(format!("{}-seed{seed}", row.model));
+            let cfg = run_config(table, data, opts, row.model, seed)?;
+            let dir = runs_dir.join(format!("{}-seed{seed}", row.model));
             let done = read_summary(&dir).map(|s| s.len() >= cfg.epochs).unwrap_or(false);
             if !done {
                 eprintln!("training {} (seed {seed}) in {}", row.model, dir.display());
@@ -248,17 +259,57 @@ pub fn reproduce(table: Table, opts: &Options) -> Result<Vec<(String, Vec<Vec<Ep
         }
         results.push((row.model.to_string(), runs));
     }
-    write_report(table, opts, &results)?;
+    write_report(table, data, opts, &results)?;
     Ok(results)
 }
 
-fn write_report(table: Table, opts: &Options, results: &[(String, Vec<Vec<EpochSummary>>)]) -> Result<()> {
+/// One model's row of the report, over its seeds.
+struct RowStats {
+    /// Mean last-epoch evaluation top-1.
+    top1: f64,
+    /// Top-1 as printed: mean, and ± sample std with more than one seed.
+    top1_text: String,
+    /// Top-5 likewise.
+    top5_text: String,
+    /// Epochs of the runs.
+    epochs: usize,
+    /// Mean wall time of a run, seconds.
+    wall_seconds: f64,
+    /// Mean training images/s over every epoch of every run.
+    images_per_second: f64,
+}
+
+impl RowStats {
+    fn new(runs: &[Vec<EpochSummary>]) -> Self {
+        let last: Vec<&EpochSummary> = runs.iter().filter_map(|r| r.last()).collect();
+        // Mean ± sample std over seeds; with one seed there is no spread to report.
+        let with_spread = |v: Vec<f64>| -> (f64, String) {
+            let (mean, std) = mean_std(&v);
+            (mean, if v.len() > 1 { format!("{mean:.2} ± {std:.2}") } else { format!("{mean:.2}") })
+        };
+        let (top1, top1_text) = with_spread(last.iter().map(|s| s.eval_top1).collect());
+        let (_, top5_text) = with_spread(last.iter().map(|s| s.eval_top5).collect());
+        Self {
+            top1,
+            top1_text,
+            top5_text,
+            epochs: last.first().map_or(0, |s| s.epoch),
+            wall_seconds: runs.iter().map(|r| r.iter().map(|s| s.seconds).sum::<f64>()).sum::<f64>()
+                / runs.len() as f64,
+            images_per_second: mean_std(&runs.iter().flatten().map(|s| s.images_per_second).collect::<Vec<_>>()).0,
+        }
+    }
+}
+
+/// The report's markdown.
+fn report_markdown(table: Table, data: TableData, opts: &Options, results: &[ModelRuns]) -> Result<String> {
     let n = table.number();
-    let first_cfg = run_config(table, opts, &results[0].0, opts.seeds[0])?;
+    let preset = value_name(opts.preset);
+    let first_cfg = run_config(table, data, opts, &results[0].0, opts.seeds[0])?;
     let mut md = String::new();
-    writeln!(md, "# Table {n} — reproduction ({} preset)\n", opts.preset)?;
+    writeln!(md, "# Table {n} — reproduction ({preset} preset)\n")?;
     writeln!(md, "Command: `{}`\n", opts.command)?;
-    let labels = match first_cfg.data.dataset {
+    let labels = match data.dataset {
         DatasetKind::Cifar100Coarse => " (20 coarse labels, as the paper's head sizes imply)",
         DatasetKind::Cifar100Fine => " (100 fine labels)",
         _ => "",
@@ -272,7 +323,7 @@ fn write_report(table: Table, opts: &Options, results: &[(String, Vec<Vec<EpochS
         first_cfg.epochs,
         first_cfg.batch_size,
         opts.seeds,
-        opts.device
+        value_name(opts.device)
     )?;
     if let (Some(t), Some(e)) = (first_cfg.data.train_images, first_cfg.data.eval_images) {
         writeln!(md, "Subset: {t} training and {e} evaluation images (seeded uniform samples).")?;
@@ -286,48 +337,44 @@ fn write_report(table: Table, opts: &Options, results: &[(String, Vec<Vec<EpochS
     writeln!(md, " top-1 (paper) | Δ | epochs | wall time / run | images/s |")?;
     writeln!(md, "|---|---|---|---|{}---|---|---|---|---|", if top5 { "---|" } else { "" })?;
     for ((model, runs), row) in results.iter().zip(table.rows()) {
-        let cfg = run_config(table, opts, model, opts.seeds[0])?;
-        let counts = cfg.model.param_counts()?;
-        let last: Vec<&EpochSummary> = runs.iter().filter_map(|r| r.last()).collect();
-        // Mean ± sample std over seeds; with one seed there is no spread to report.
-        let with_spread = |v: Vec<f64>| -> (f64, String) {
-            let (mean, std) = mean_std(&v);
-            (mean, if v.len() > 1 { format!("{mean:.2} ± {std:.2}") } else { format!("{mean:.2}") })
-        };
-        let (t1, t1_text) = with_spread(last.iter().map(|s| s.eval_top1).collect());
-        let (_, t5_text) = with_spread(last.iter().map(|s| s.eval_top5).collect());
-        let wall = runs.iter().map(|r| r.iter().map(|s| s.seconds).sum::<f64>()).sum::<f64>() / runs.len() as f64;
-        let ips = mean_std(&runs.iter().flatten().map(|s| s.images_per_second).collect::<Vec<_>>()).0;
+        let counts = run_config(table, data, opts, model, opts.seeds[0])?.model.param_counts()?;
+        let stats = RowStats::new(runs);
         write!(
             md,
-            "| {model} | {:.2}M / {:.2}M | {} | {t1_text} |",
+            "| {model} | {:.2}M / {:.2}M | {} | {} |",
             counts.keras as f64 / 1e6,
             counts.trainable as f64 / 1e6,
-            row.paper_params
+            row.paper_params,
+            stats.top1_text
         )?;
         if top5 {
-            write!(md, " {t5_text} |")?;
+            write!(md, " {} |", stats.top5_text)?;
         }
         let (paper, delta) = match row.paper_top1 {
-            Some(p) => (format!("{p:.2}"), format!("{:+.2}", t1 - p)),
+            Some(p) => (format!("{p:.2}"), format!("{:+.2}", stats.top1 - p)),
             None => ("—".into(), "—".into()),
         };
-        writeln!(md, " {paper} | {delta} | {} | {:.0} s | {ips:.1} |", last.first().map_or(0, |s| s.epoch), wall)?;
+        writeln!(
+            md,
+            " {paper} | {delta} | {} | {:.0} s | {:.1} |",
+            stats.epochs, stats.wall_seconds, stats.images_per_second
+        )?;
     }
     writeln!(
         md,
         "\nRun directories (config.json, summary.csv, train.log, checkpoints): `{}`.",
-        opts.runs.join(&opts.preset).display()
+        opts.runs.join(&preset).display()
     )?;
     let plot = opts.out.with_extension("png");
     let plot_name = plot.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default();
     writeln!(md, "\n![Evaluation top-1 per epoch, mean over seeds]({plot_name})")?;
     writeln!(md, "\nConfig of the first run:\n\n```json\n{}\n```", serde_json::to_string_pretty(&first_cfg)?)?;
-    if let Some(parent) = opts.out.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    // Mean evaluation top-1 over seeds, per epoch, one line per model.
-    let series: Vec<Series> = results
+    Ok(md)
+}
+
+/// Mean evaluation top-1 over seeds, per epoch, one line per model.
+fn top1_series(results: &[ModelRuns]) -> Vec<Series> {
+    results
         .iter()
         .map(|(model, runs)| {
             let epochs = runs.iter().map(Vec::len).min().unwrap_or(0);
@@ -336,10 +383,18 @@ fn write_report(table: Table, opts: &Options, results: &[(String, Vec<Vec<EpochS
                 .collect();
             Series { label: model.clone(), points }
         })
-        .collect();
-    let title = format!("Table {n} ({} preset): evaluation top-1", opts.preset);
-    sae_train::plot::plot_comparison(&series, &title, "top-1 %", &plot)?;
-    sae_train::train::write_atomic(&opts.out, md.as_bytes())?;
+        .collect()
+}
+
+/// Writes `opts.out` (markdown) and the plot beside it (`.png`).
+fn write_report(table: Table, data: TableData, opts: &Options, results: &[ModelRuns]) -> Result<()> {
+    let md = report_markdown(table, data, opts, results)?;
+    if let Some(parent) = opts.out.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let title = format!("Table {} ({} preset): evaluation top-1", table.number(), value_name(opts.preset));
+    sae_train::plot::plot_comparison(&top1_series(results), &title, "top-1 %", &opts.out.with_extension("png"))?;
+    sae_fs::write_atomic(&opts.out, md.as_bytes())?;
     eprintln!("wrote {}", opts.out.display());
     Ok(())
 }
@@ -352,7 +407,18 @@ pub fn default_data(table: Table, root: &Path) -> Result<PathBuf> {
     let hub = |kind: CifarKind| -> Result<PathBuf> {
         let source = HubSource::for_kind(kind);
         eprintln!("downloading {} from the Hugging Face Hub (HF_HOME, HF_ENDPOINT, HF_HUB_OFFLINE apply)", source.repo);
-        sae_data::prepare_cifar(kind, &source).with_context(|| format!("getting {} from the Hub", source.repo))
+        sae_data::prepare_cifar(kind, &source).with_context(|| {
+            format!(
+                "getting {} from the Hugging Face Hub failed; without a network, download the official binary \
+                 version ({}) from https://www.cs.toronto.edu/~kriz/cifar.html, extract it and pass its directory \
+                 with --data DIR",
+                source.repo,
+                match kind {
+                    CifarKind::Cifar10 => "cifar-10-binary.tar.gz, directory cifar-10-batches-bin",
+                    CifarKind::Cifar100(_) => "cifar-100-binary.tar.gz, directory cifar-100-binary",
+                }
+            )
+        })
     };
     match table {
         Table::Two if shared.join("cifar-10-batches-bin").is_dir() => Ok(shared.join("cifar-10-batches-bin")),
@@ -405,10 +471,10 @@ mod tests {
         write_cifar100(&data, 400, 200);
         let opts = Options {
             data,
-            preset: "smoke".into(),
+            preset: PresetName::Smoke,
             seeds: vec![0],
-            labels: "coarse".into(),
-            device: "cpu".into(),
+            labels: Labels::Coarse,
+            device: DeviceName::Cpu,
             runs: root.join("runs"),
             out: root.join("table3.md"),
             command: "cargo xtask reproduce-table3 --preset smoke".into(),

@@ -34,6 +34,12 @@ pub enum Error {
     Invalid(String),
 }
 
+impl From<sae_fs::Error> for Error {
+    fn from(e: sae_fs::Error) -> Self {
+        Error::Io { path: e.path, source: e.source }
+    }
+}
+
 /// Result with [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 

@@ -287,10 +287,7 @@ pub fn prepare_cifar(kind: CifarKind, source: &HubSource) -> Result<PathBuf> {
     }
     let marker = tmp.join("COMPLETE");
     std::fs::write(&marker, format!("{}@{}\n", source.repo, source.revision)).map_err(io(&marker))?;
-    if dir.exists() {
-        // An incomplete directory from an interrupted run (no COMPLETE marker).
-        std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
-    }
-    std::fs::rename(&tmp, &dir).map_err(io(&dir))?;
+    // Replaces an incomplete directory from an interrupted run (no COMPLETE marker).
+    sae_fs::replace_dir(&tmp, &dir)?;
     Ok(dir)
 }

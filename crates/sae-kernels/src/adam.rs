@@ -8,12 +8,13 @@
 //! m ← β₁·m + (1 − β₁)·g      v ← β₂·v + (1 − β₂)·g²      θ ← θ − α·m / (√v + ε)
 //! ```
 //!
-//! with `α` the step's learning rate, bias corrections folded in by the caller. CPU and `f32`
-//! only: [`adam_update`] tells the caller when it did not apply, so that it can run its
-//! composition of Candle ops (the reference).
+//! with `α` the step's learning rate, bias corrections folded in by the caller. The fused
+//! kernel takes contiguous `f32` on the CPU; anything else runs [`adam_update_reference`], the
+//! same update composed of Candle ops, which writes its results into the same variables.
 
 use crate::cpu::{f32_contiguous, f32_contiguous_mut};
-use candle_core::{bail, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
+use crate::Implementation;
+use candle_core::{bail, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor, Var};
 use rayon::prelude::*;
 
 /// Hyper-parameters of one Adam step.
@@ -29,23 +30,41 @@ pub struct AdamStep {
     pub alpha: f64,
 }
 
-/// Applies one Adam step to `theta` with gradient `grad`, updating the moments `m` and `v`, all
-/// in place. Returns `Ok(false)` without touching anything when the tensors are not all
-/// contiguous `f32` on the CPU (the caller then runs the reference).
-pub fn adam_update(theta: &Tensor, grad: &Tensor, m: &Tensor, v: &Tensor, step: AdamStep) -> Result<bool> {
-    for (name, t) in [("gradient", grad), ("first moment", m), ("second moment", v)] {
+/// Applies one Adam step to `theta` with gradient `grad`, updating `theta` and the moments `m`
+/// and `v` where they are, with the chosen implementation.
+pub fn adam_update(
+    theta: &Var,
+    grad: &Tensor,
+    m: &Var,
+    v: &Var,
+    step: AdamStep,
+    implementation: Implementation,
+) -> Result<()> {
+    for (name, t) in [("gradient", grad), ("first moment", m.as_tensor()), ("second moment", v.as_tensor())] {
         if t.shape() != theta.shape() {
             bail!("adam: {name} has shape {:?}, the parameter {:?}", t.dims(), theta.dims())
         }
     }
-    let fused = [theta, grad, m, v].iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous());
-    if !fused {
-        return Ok(false);
+    let fusable = [theta.as_tensor(), grad, m.as_tensor(), v.as_tensor()]
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous());
+    if implementation == Implementation::Reference || !fusable {
+        return adam_update_reference(theta, grad, m, v, step);
     }
     m.inplace_op2(grad, &Moment { decay: step.beta1 as f32, square: false })?;
     v.inplace_op2(grad, &Moment { decay: step.beta2 as f32, square: true })?;
-    theta.inplace_op3(m, v, &Apply { alpha: step.alpha as f32, eps: step.eps as f32 })?;
-    Ok(true)
+    theta.inplace_op3(m, v, &Apply { alpha: step.alpha as f32, eps: step.eps as f32 })
+}
+
+/// The Adam step composed of Candle ops, the definition the fused update is tested against.
+pub fn adam_update_reference(theta: &Var, grad: &Tensor, m: &Var, v: &Var, step: AdamStep) -> Result<()> {
+    let AdamStep { beta1, beta2, eps, alpha } = step;
+    let m_new = ((m.as_tensor() * beta1)? + (grad * (1.0 - beta1))?)?;
+    let v_new = ((v.as_tensor() * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
+    let update = (m_new.div(&(v_new.sqrt()? + eps)?)? * alpha)?;
+    theta.set(&(theta.as_tensor() - update)?)?;
+    m.set(&m_new)?;
+    v.set(&v_new)
 }
 
 /// `dst ← decay·dst + (1 − decay)·g` (or `g²`).

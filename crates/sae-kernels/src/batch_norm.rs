@@ -18,7 +18,8 @@
 //! and an `add` for every node's gradient). The fused kernel is CPU and `f32` only; elsewhere
 //! [`batch_norm_train`] runs the reference.
 
-use crate::cpu::{f32_contiguous, f32_storage, min_planes_per_task, uninit, unpack, Strided4};
+use crate::cpu::{f32_contiguous, f32_storage, min_planes_per_task, uninit, unpack};
+use crate::layout::Strided4;
 use crate::Implementation;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -210,32 +211,13 @@ impl CustomOp3 for ChannelAffineBackward {
         g: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let xs = Strided4::new("batch_norm backward", "input", xl)?;
-        if gl.dims() != xs.dims {
-            bail!("batch_norm backward: gradient shape {:?}, expected {:?}", gl.dims(), xs.dims)
-        }
-        let (x, scale, g) = (
-            f32_storage("batch_norm", "input", x)?,
-            f32_contiguous("batch_norm", "scale", scale, sl)?,
-            f32_contiguous("batch_norm", "output gradient", g, gl)?,
-        );
-        let [n, c, h, w] = xs.dims;
-        let plane_len = h * w;
-        let grad_plane = |ni: usize, ci: usize| &g[(ni * c + ci) * plane_len..(ni * c + ci + 1) * plane_len];
-        // Per channel: Σ dy·x and Σ dy.
-        let sums: Vec<(f32, f32)> =
-            gradient_sums(x, &xs, g, |_| 0.0).into_iter().map(|(sg, sgx)| (sgx as f32, sg as f32)).collect();
-        let mut out = uninit::<f32>(n * c * plane_len + 2 * c);
-        let (dx, rest) = out.split_at_mut(n * c * plane_len);
-        for (ci, &(dscale, dshift)) in sums.iter().enumerate() {
-            rest[ci] = dscale;
-            rest[c + ci] = dshift;
-        }
-        dx.par_chunks_mut(plane_len).with_min_len(min_planes_per_task(plane_len)).enumerate().for_each(|(plane, d)| {
-            let s = scale[plane % c];
-            d.iter_mut().zip(grad_plane(plane / c, plane % c)).for_each(|(d, &gv)| *d = gv * s);
-        });
-        Ok((CpuStorage::F32(out), Shape::from(n * c * plane_len + 2 * c)))
+        let BackwardOperands { xs, x, param: scale, g } = backward_operands(x, xl, scale, sl, g, gl)?;
+        let sums = gradient_sums(x, &xs, g, |_| 0.0);
+        // d scale = Σ dy·x, d shift = Σ dy, dx = dy·scale.
+        Ok(packed_gradients(&xs, g, sums.iter().map(|s| (s.dy_x, s.dy)), |plane, dy, dx| {
+            let s = scale[plane % xs.dims[1]];
+            dx.iter_mut().zip(dy).for_each(|(d, &gv)| *d = gv * s);
+        }))
     }
 }
 
@@ -289,24 +271,86 @@ fn for_each_plane(x: &[f32], xs: &Strided4, c: usize, buf: &mut Vec<f32>, mut f:
     }
 }
 
-/// Per channel `c`: (Σ dy, Σ dy·(x − shift(c))) over the batch, for the backward passes. The
-/// shift is subtracted plane by plane, before the f64 accumulation, so a large mean does not
-/// cancel away the precision of the sum. `g` is the contiguous output gradient.
-fn gradient_sums(x: &[f32], xs: &Strided4, g: &[f32], shift: impl Fn(usize) -> f32 + Sync) -> Vec<(f64, f64)> {
+/// The operands of both backward ops, checked: the input (any strides), the per-channel
+/// parameter (scale or γ) and the contiguous output gradient of the same shape.
+struct BackwardOperands<'a> {
+    xs: Strided4,
+    x: &'a [f32],
+    param: &'a [f32],
+    g: &'a [f32],
+}
+
+fn backward_operands<'a>(
+    x: &'a CpuStorage,
+    xl: &Layout,
+    param: &'a CpuStorage,
+    pl: &Layout,
+    g: &'a CpuStorage,
+    gl: &Layout,
+) -> Result<BackwardOperands<'a>> {
+    let xs = Strided4::new("batch_norm backward", "input", xl)?;
+    if gl.dims() != xs.dims {
+        bail!("batch_norm backward: gradient shape {:?}, expected {:?}", gl.dims(), xs.dims)
+    }
+    Ok(BackwardOperands {
+        xs,
+        x: f32_storage("batch_norm", "input", x)?,
+        param: f32_contiguous("batch_norm", "weight", param, pl)?,
+        g: f32_contiguous("batch_norm", "output gradient", g, gl)?,
+    })
+}
+
+/// The packed output `[dx | dparam | dshift]` of a backward op: the per-channel gradients
+/// `(dparam, dshift)` in channel order, and `dx` plane by plane from `dx_plane(plane, dy, dx)`.
+fn packed_gradients(
+    xs: &Strided4,
+    g: &[f32],
+    per_channel: impl ExactSizeIterator<Item = (f32, f32)>,
+    dx_plane: impl Fn(usize, &[f32], &mut [f32]) + Sync,
+) -> (CpuStorage, Shape) {
+    let [n, c, h, w] = xs.dims;
+    let (plane_len, len) = (h * w, n * c * h * w + 2 * c);
+    let mut out = uninit::<f32>(len);
+    let (dx, rest) = out.split_at_mut(n * c * plane_len);
+    for (ci, (dparam, dshift)) in per_channel.enumerate() {
+        rest[ci] = dparam;
+        rest[c + ci] = dshift;
+    }
+    dx.par_chunks_mut(plane_len)
+        .with_min_len(min_planes_per_task(plane_len))
+        .enumerate()
+        .for_each(|(plane, d)| dx_plane(plane, &g[plane * plane_len..(plane + 1) * plane_len], d));
+    (CpuStorage::F32(out), Shape::from(len))
+}
+
+/// One channel's sums over the batch for the backward passes.
+#[derive(Debug, Clone, Copy)]
+struct GradientSums {
+    /// Σ dy: the gradient of the shift (β).
+    dy: f32,
+    /// Σ dy·(x − shift): with the batch mean as the shift, the gradient of γ before its
+    /// `inv_std`; with shift 0, the gradient of an eval-mode scale.
+    dy_x: f32,
+}
+
+/// Per channel `c`: Σ dy and Σ dy·(x − shift(c)) over the batch. The shift is subtracted plane
+/// by plane, before the f64 accumulation, so a large mean does not cancel away the precision
+/// of the sum. `g` is the contiguous output gradient.
+fn gradient_sums(x: &[f32], xs: &Strided4, g: &[f32], shift: impl Fn(usize) -> f32 + Sync) -> Vec<GradientSums> {
     let [_, c, h, w] = xs.dims;
     let plane_len = h * w;
     (0..c)
         .into_par_iter()
         .map_init(Vec::new, |buf, ci| {
-            let (mut sum_dy, mut sum_dy_xc) = (0f64, 0f64);
+            let (mut dy, mut dy_x) = (0f64, 0f64);
             let shift = shift(ci);
             for_each_plane(x, xs, ci, buf, |ni, p| {
-                let dy = &g[(ni * c + ci) * plane_len..(ni * c + ci + 1) * plane_len];
-                let (sg, sgx) = crate::cpu::sum_and_dot(dy, p);
-                sum_dy += sg as f64;
-                sum_dy_xc += (sgx - shift * sg) as f64;
+                let g = &g[(ni * c + ci) * plane_len..(ni * c + ci + 1) * plane_len];
+                let (sg, sgx) = crate::cpu::sum_and_dot(g, p);
+                dy += sg as f64;
+                dy_x += (sgx - shift * sg) as f64;
             });
-            (sum_dy, sum_dy_xc)
+            GradientSums { dy: dy as f32, dy_x: dy_x as f32 }
         })
         .collect()
 }
@@ -408,40 +452,19 @@ impl CustomOp3 for BatchNormBackward {
         g: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let xs = Strided4::new("batch_norm backward", "input", xl)?;
-        if gl.dims() != xs.dims {
-            bail!("batch_norm backward: gradient shape {:?}, expected {:?}", gl.dims(), xs.dims)
-        }
-        let (x, w, g) = (
-            f32_storage("batch_norm", "input", x)?,
-            f32_contiguous("batch_norm", "weight", w, wl)?,
-            f32_contiguous("batch_norm", "output gradient", g, gl)?,
-        );
-        let [n, c, h, wd] = xs.dims;
-        let plane_len = h * wd;
-        let count = (n * plane_len) as f32;
-        let grad_plane = |ni: usize, ci: usize| &g[(ni * c + ci) * plane_len..(ni * c + ci + 1) * plane_len];
-        // Pass 1, per channel: Σ dy and Σ dy·x̂ = inv_std · Σ dy·(x − mean).
-        let sums: Vec<(f32, f32)> = gradient_sums(x, &xs, g, |ci| self.mean[ci])
-            .into_iter()
-            .enumerate()
-            .map(|(ci, (sum_dy, sum_dy_xc))| (sum_dy as f32, sum_dy_xc as f32 * self.inv_std[ci]))
-            .collect();
-        let mut out = uninit::<f32>(n * c * plane_len + 2 * c);
-        let (dx, dwb) = out.split_at_mut(n * c * plane_len);
-        for (ci, &(db, dw)) in sums.iter().enumerate() {
-            dwb[ci] = dw;
-            dwb[c + ci] = db;
-        }
+        let BackwardOperands { xs, x, param: w, g } = backward_operands(x, xl, w, wl, g, gl)?;
+        let c = xs.dims[1];
+        let count = (xs.dims[0] * xs.plane_len()) as f32;
+        // Pass 1, per channel: dβ = Σ dy and dγ = Σ dy·x̂ = inv_std · Σ dy·(x − mean).
+        let sums = gradient_sums(x, &xs, g, |ci| self.mean[ci]);
+        let dw = |ci: usize| sums[ci].dy_x * self.inv_std[ci];
         // Pass 2: dx = γ·inv_std·(dy − dβ/M − x̂·dγ/M), as dy·a + x·k + shift per channel.
-        dx.par_chunks_mut(plane_len).with_min_len(min_planes_per_task(plane_len)).enumerate().for_each(|(plane, d)| {
+        Ok(packed_gradients(&xs, g, (0..c).map(|ci| (dw(ci), sums[ci].dy)), |plane, dy, d| {
             let (ni, ci) = (plane / c, plane % c);
-            let (db, dw) = sums[ci];
             let inv_std = self.inv_std[ci];
             let a = w[ci] * inv_std;
-            let k = -a * inv_std * dw / count;
-            let shift = -a * db / count - k * self.mean[ci];
-            let dy = grad_plane(ni, ci);
+            let k = -a * inv_std * dw(ci) / count;
+            let shift = -a * sums[ci].dy / count - k * self.mean[ci];
             match xs.contiguous_plane(x, ni, ci) {
                 Some(p) => {
                     for ((d, &gv), &xv) in d.iter_mut().zip(dy).zip(p) {
@@ -450,7 +473,6 @@ impl CustomOp3 for BatchNormBackward {
                 }
                 None => xs.for_each_in_plane(x, ni, ci, |i, xv| d[i] = dy[i] * a + xv * k + shift),
             }
-        });
-        Ok((CpuStorage::F32(out), Shape::from(n * c * plane_len + 2 * c)))
+        }))
     }
 }

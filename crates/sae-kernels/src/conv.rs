@@ -17,11 +17,12 @@
 //! multiply then runs on one thread), otherwise each multiply is itself parallel; a 1×1
 //! stride-1 convolution without padding reads its input planes as the matrix itself, with no
 //! unrolling. Smaller images are unrolled side by side into one matrix per chunk of the batch,
-//! so that the multiplies are large enough for the gemm kernels. The fused kernel is CPU and
-//! `f32` only; elsewhere [`conv2d`] runs the
-//! reference (Candle's `conv2d`).
+//! so that the multiplies are large enough for the gemm kernels. This im2col kernel fuses no
+//! steps; [`Implementation::Fused`] selects it because it replaces Candle's slow paths. It is
+//! CPU and `f32` only; elsewhere [`conv2d`] runs the reference (Candle's `conv2d`).
 
-use crate::cpu::{f32_contiguous, f32_storage, matmul, matmul_threads, uninit, unpack, Mat, Strided4};
+use crate::cpu::{f32_contiguous, f32_storage, matmul, matmul_threads, uninit, unpack, Mat};
+use crate::layout::Strided4;
 use crate::Implementation;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;

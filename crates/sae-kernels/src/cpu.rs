@@ -1,5 +1,5 @@
-//! CPU helpers shared by the kernels: element conversion, strided 4-D plane access and
-//! vectorisable dot/axpy loops.
+//! CPU helpers shared by the kernels: element conversion, storage access and vectorisable
+//! dot/axpy loops, and the matrix multiply.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, Layout, Result, Tensor, WithDType};
@@ -93,60 +93,6 @@ pub(crate) fn same_dtype<'a, T: Elem>(op: &str, storage: &'a CpuStorage) -> Resu
     match T::cpu_storage_as_slice(storage) {
         Ok(s) => Ok(s),
         Err(_) => bail!("{op}: operands must share one dtype, expected {:?} but got {:?}", T::DTYPE, storage.dtype()),
-    }
-}
-
-/// Element offsets of an (N, C, H, W) tensor with arbitrary strides.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Strided4 {
-    pub dims: [usize; 4],
-    pub strides: [usize; 4],
-    pub offset: usize,
-}
-
-impl Strided4 {
-    pub fn new(op: &str, what: &str, layout: &Layout) -> Result<Self> {
-        let dims: [usize; 4] = match layout.dims().try_into() {
-            Ok(d) => d,
-            Err(_) => bail!("{op}: {what} must be 4-D (N, C, H, W), got shape {:?}", layout.dims()),
-        };
-        let strides: [usize; 4] = layout.stride().try_into().expect("rank checked above");
-        Ok(Self { dims, strides, offset: layout.start_offset() })
-    }
-
-    pub fn plane_len(&self) -> usize {
-        self.dims[2] * self.dims[3]
-    }
-
-    /// Calls `f(k, value)` for every element of plane (n, c) in row-major order.
-    #[inline(always)]
-    pub fn for_each_in_plane<T: Copy>(&self, data: &[T], n: usize, c: usize, mut f: impl FnMut(usize, T)) {
-        let base = self.offset + n * self.strides[0] + c * self.strides[1];
-        let [_, _, h, w] = self.dims;
-        if self.strides[3] == 1 && self.strides[2] == w {
-            for (k, &v) in data[base..base + h * w].iter().enumerate() {
-                f(k, v);
-            }
-        } else {
-            for i in 0..h {
-                let row = base + i * self.strides[2];
-                for j in 0..w {
-                    f(i * w + j, data[row + j * self.strides[3]]);
-                }
-            }
-        }
-    }
-
-    /// Plane (n, c) as a slice when it is stored contiguously.
-    #[inline(always)]
-    pub fn contiguous_plane<'a, T>(&self, data: &'a [T], n: usize, c: usize) -> Option<&'a [T]> {
-        let [_, _, h, w] = self.dims;
-        if self.strides[3] == 1 && self.strides[2] == w {
-            let base = self.offset + n * self.strides[0] + c * self.strides[1];
-            Some(&data[base..base + h * w])
-        } else {
-            None
-        }
     }
 }
 

@@ -7,7 +7,8 @@
 //! stride 1. The fused kernel is CPU-only; on other devices [`depthwise_conv2d`] runs the
 //! reference (Candle's grouped `conv2d`).
 
-use crate::cpu::{as_f32, dispatch_float, min_planes_per_task, same_dtype, uninit, unpack, Elem, Strided4};
+use crate::cpu::{as_f32, dispatch_float, min_planes_per_task, same_dtype, uninit, unpack, Elem};
+use crate::layout::Strided4;
 use crate::Implementation;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;

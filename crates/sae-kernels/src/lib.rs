@@ -5,15 +5,20 @@
 //! * `Reference` — composed from ordinary, differentiable Candle ops. It is the definition
 //!   of what the op computes and runs on every device Candle supports.
 //! * `Fused` — a hand-written kernel (`CustomOp`) with its own backward pass: rayon-parallel
-//!   on CPU, `.cu` kernels under the `cuda` feature, `.metal` kernels under `metal`.
+//!   on CPU, `.cu` kernels under the `cuda` feature, `.metal` kernels under `metal`. Most fuse
+//!   several steps into one pass; the convolution's im2col + gemm kernel fuses nothing and is
+//!   here because Candle's CPU paths are slow. Where a kernel does not exist (a dtype or a
+//!   device it does not take), `Fused` runs the reference.
 //!
-//! Ops:
+//! A model's `ModelConfig::kernels` (in `sae-models`) is this switch for a whole run: it
+//! reaches every op below that the networks use, and the optimiser's Adam update in
+//! `sae-train`. The ops:
 //!
 //! * [`excitation`] — global average pool → K parallel dense layers C → C/r with ReLU →
 //!   concat → dense K·C/r → C → sigmoid → scale (SE when K = 1, SaE when K > 1);
 //!   [`excitation_backward`] runs its fused backward pass directly, without autograd.
 //! * [`adam_update`] — the Adam optimiser's update in place (three passes, no allocation),
-//!   for `sae-train`; the optimiser's composition of Candle ops is its reference.
+//!   for `sae-train`; [`adam_update_reference`] composes it from Candle ops.
 //! * [`batch_norm_train`] — BatchNorm with batch statistics (training mode), forward and
 //!   backward in two passes each (Candle composes it from a dozen ops), and
 //!   [`batch_norm_eval`], its eval mode in one pass.
@@ -34,15 +39,11 @@ mod cpu;
 pub mod depthwise;
 pub mod error;
 pub mod excitation;
+mod layout;
 pub mod max_pool;
 pub mod relu;
 
-#[cfg(feature = "cuda")]
-mod cuda;
-#[cfg(feature = "metal")]
-mod metal;
-
-pub use adam::{adam_update, AdamStep};
+pub use adam::{adam_update, adam_update_reference, AdamStep};
 pub use batch_norm::{batch_norm_eval, batch_norm_train, batch_norm_train_reference, BatchNormOutput};
 pub use conv::{conv2d, conv2d_reference, Conv2dConfig};
 pub use depthwise::{depthwise_conv2d, depthwise_conv2d_reference, DepthwiseConfig};
@@ -59,7 +60,8 @@ pub use relu::{add_relu, relu};
 pub enum Implementation {
     /// Composition of ordinary Candle ops (differentiated by Candle's autograd).
     Reference,
-    /// Hand-written kernels with hand-written backward passes (the default).
+    /// Hand-written kernels with hand-written backward passes (the default); the reference
+    /// where an op has no kernel for the operands' dtype or device.
     #[default]
     Fused,
 }

@@ -8,7 +8,8 @@
 //!
 //! The fused kernel is CPU-only; on other devices [`max_pool2d`] runs the reference.
 
-use crate::cpu::{dispatch_float, min_planes_per_task, same_dtype, uninit, Elem, Strided4};
+use crate::cpu::{dispatch_float, min_planes_per_task, same_dtype, uninit, Elem};
+use crate::layout::Strided4;
 use crate::Implementation;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;

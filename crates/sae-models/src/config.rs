@@ -85,7 +85,9 @@ pub struct ModelConfig {
     pub conv_bias: bool,
     /// BatchNorm epsilon.
     pub bn_eps: f64,
-    /// Which kernels run the excitation, max-pool and depthwise convolution.
+    /// The run's one kernel switch: which implementation runs every op of `sae-kernels` that
+    /// the model (and, in `sae-train`, the Adam optimiser) uses. The list of ops is in the
+    /// `sae_kernels` crate documentation.
     #[serde(default)]
     pub kernels: Implementation,
 }

@@ -90,5 +90,11 @@ pub enum Error {
     Json(#[from] serde_json::Error),
 }
 
+impl From<sae_fs::Error> for Error {
+    fn from(e: sae_fs::Error) -> Self {
+        Error::Io { path: e.path, source: e.source }
+    }
+}
+
 /// Result with [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;

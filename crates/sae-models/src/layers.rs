@@ -200,6 +200,8 @@ impl Module for Linear {
 /// `fc2.bias`.
 #[derive(Debug, Clone)]
 pub struct Excitation {
+    channels: usize,
+    hidden: usize,
     branches: Vec<Linear>,
     fc2: Linear,
     gate: Gate,
@@ -215,14 +217,14 @@ impl Excitation {
             None => vec![Linear::new(channels, reduced, fc1)?],
             Some(k) => (0..k).map(|i| Linear::new(channels, reduced, fc1.pp(i))).collect::<Result<_>>()?,
         };
-        let fc2 = Linear::new(reduced * branches.len(), channels, vb.pp("fc2"))?;
-        Ok(Self { branches, fc2, gate: cfg.gate, kernels: cfg.kernels })
+        let hidden = reduced * branches.len();
+        let fc2 = Linear::new(hidden, channels, vb.pp("fc2"))?;
+        Ok(Self { channels, hidden, branches, fc2, gate: cfg.gate, kernels: cfg.kernels })
     }
 
     /// Multiply-accumulates of the dense layers for one image.
     pub fn macs(&self) -> u64 {
-        let (c, hidden) = (self.fc2.weight.dim(0).unwrap_or(0), self.fc2.weight.dim(1).unwrap_or(0));
-        (2 * c * hidden) as u64
+        (2 * self.channels * self.hidden) as u64
     }
 }
 

@@ -135,9 +135,7 @@ impl Model {
     pub fn save(&self, path: &Path) -> Result<()> {
         let tensors: HashMap<String, Tensor> =
             self.named_vars().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
-        let tmp = path.with_extension("safetensors.tmp");
-        candle_core::safetensors::save(&tensors, &tmp)?;
-        std::fs::rename(&tmp, path).map_err(|source| Error::Io { path: path.to_path_buf(), source })
+        sae_fs::write_atomic_with(path, |tmp| Ok(candle_core::safetensors::save(&tensors, tmp)?))
     }
 
     /// Loads every variable from a safetensors file. The file must hold exactly this model's

@@ -34,7 +34,7 @@ impl Block {
     ) -> Result<Self> {
         let (groups, width_per_group) = match cfg.arch {
             Arch::Resnet { groups, width_per_group, .. } => (groups, width_per_group),
-            Arch::MobilenetV1 { .. } => unreachable!("Block is only built for ResNets"),
+            Arch::MobilenetV1 { .. } => candle_core::bail!("a ResNet block needs a ResNet architecture"),
         };
         let (specs, out_ch) = match kind {
             BlockKind::Basic => {

@@ -7,7 +7,7 @@
 use candle_core::{Device, ModuleT, Tensor};
 use sae_models::Implementation;
 use sae_train::metrics::cross_entropy;
-use sae_train::optim::{Optimizer, OptimizerConfig};
+use sae_train::optim::OptimizerConfig;
 use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {
@@ -23,8 +23,9 @@ fn main() -> anyhow::Result<()> {
     if flag("reference") {
         cfg.kernels = Implementation::Reference;
     }
+    let kernels = cfg.kernels;
     let net = sae_models::Model::new(cfg, 0, &device)?;
-    let mut optimizer = Optimizer::new(OptimizerConfig::keras_adam(), net.trainable_vars());
+    let mut optimizer = OptimizerConfig::keras_adam().build(net.trainable_vars(), kernels);
     let x = Tensor::randn(0f32, 1.0, (batch, 3, size, size), &device)?;
     let y = Tensor::new((0..batch as u32).map(|i| i % 100).collect::<Vec<_>>().as_slice(), &device)?;
     if flag("warm-stats") {

@@ -5,7 +5,6 @@
 
 use crate::error::io;
 use crate::optim::Optimizer;
-use crate::train::write_atomic;
 use crate::{Error, Result};
 use sae_models::Model;
 use serde::{Deserialize, Serialize};
@@ -39,7 +38,7 @@ fn epoch_dir_name(epoch: usize) -> String {
 
 fn write_pointer(run: &Path, which: &str, dir: &str) -> Result<()> {
     let json = serde_json::to_string(&Pointer { dir: dir.to_string() }).expect("pointer serialises");
-    write_atomic(&checkpoints(run).join(format!("{which}.json")), json.as_bytes())
+    Ok(sae_fs::write_atomic(&checkpoints(run).join(format!("{which}.json")), json.as_bytes())?)
 }
 
 fn read_pointer(run: &Path, which: &str) -> Result<Option<String>> {
@@ -57,7 +56,7 @@ fn read_pointer(run: &Path, which: &str) -> Result<Option<String>> {
 pub fn save(
     run: &Path,
     model: &Model,
-    optimizer: &Optimizer,
+    optimizer: &dyn Optimizer,
     state: &mut CheckpointState,
     eval_top1: f64,
 ) -> Result<()> {
@@ -79,11 +78,7 @@ pub fn save(
     candle_core::safetensors::save(&opt, tmp.join("optimizer.safetensors"))?;
     let json = serde_json::to_string_pretty(state).expect("state serialises");
     std::fs::write(tmp.join("state.json"), json).map_err(io(&tmp))?;
-    let dest = root.join(&name);
-    if dest.exists() {
-        std::fs::remove_dir_all(&dest).map_err(io(&dest))?;
-    }
-    std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
+    sae_fs::replace_dir(&tmp, &root.join(&name))?;
     write_pointer(run, "last", &name)?;
     if is_best {
         write_pointer(run, "best", &name)?;
@@ -101,13 +96,13 @@ pub fn save(
 
 /// Loads the checkpoint `last.json` names into `model` and `optimizer`; `None` when the run
 /// has none yet.
-pub fn load_last(run: &Path, model: &Model, optimizer: &mut Optimizer) -> Result<Option<CheckpointState>> {
+pub fn load_last(run: &Path, model: &Model, optimizer: &mut dyn Optimizer) -> Result<Option<CheckpointState>> {
     let Some(name) = read_pointer(run, "last")? else { return Ok(None) };
     load_dir(&checkpoints(run).join(name), model, optimizer).map(Some)
 }
 
 /// Loads one checkpoint directory.
-pub fn load_dir(dir: &Path, model: &Model, optimizer: &mut Optimizer) -> Result<CheckpointState> {
+pub fn load_dir(dir: &Path, model: &Model, optimizer: &mut dyn Optimizer) -> Result<CheckpointState> {
     let bad = |reason: String| Error::Checkpoint { path: dir.to_path_buf(), reason };
     let state_path = dir.join("state.json");
     let text = std::fs::read_to_string(&state_path).map_err(io(&state_path))?;

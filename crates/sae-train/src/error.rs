@@ -30,6 +30,14 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// A `summary.csv` that does not parse.
+    #[error("summary {}: {reason}", path.display())]
+    Summary {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// The loss became NaN or infinite.
     #[error("loss is {value} at epoch {epoch}, step {step}; stopped, the last good checkpoint is kept in {}", dir.display())]
     NonFiniteLoss {
@@ -61,6 +69,12 @@ pub enum Error {
         /// The parser's error.
         source: serde_json::Error,
     },
+}
+
+impl From<sae_fs::Error> for Error {
+    fn from(e: sae_fs::Error) -> Self {
+        Error::Io { path: e.path, source: e.source }
+    }
 }
 
 /// Result with [`Error`].

@@ -1,17 +1,25 @@
 //! Training and evaluation of the `sae-models` networks on `sae-data` datasets: the loop,
 //! optimisers (Keras-style Adam, SGD with momentum), learning-rate schedules, metrics, atomic
 //! checkpoints, resumable run directories, PNG plots of the curves.
+//!
+//! Modules, each with one job: `config` (what a run is), `data` (its datasets), `train` (the
+//! loop), `optim` (optimisers and schedules), `metrics`, `checkpoint`, `summary`
+//! (`summary.csv`), `progress` (bar or log lines), `plot` (`curves.png`).
 
 pub mod checkpoint;
+pub mod config;
+mod data;
 pub mod error;
 pub mod metrics;
 pub mod optim;
 pub mod plot;
+pub mod progress;
+pub mod summary;
 pub mod train;
 
+pub use config::{DataConfig, DatasetKind, TrainConfig};
 pub use error::{Error, Result};
-pub use optim::{Optimizer, OptimizerConfig, Schedule};
-pub use train::{
-    default_progress, evaluate, read_summary, train, DataConfig, DatasetKind, EpochSummary, LogLines, Progress,
-    TrainConfig,
-};
+pub use optim::{Adam, Optimizer, OptimizerConfig, Schedule, Sgd};
+pub use progress::{default_progress, Bar, LogLines, Progress};
+pub use summary::{read_summary, EpochSummary};
+pub use train::{evaluate, train};

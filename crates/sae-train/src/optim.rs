@@ -7,10 +7,11 @@
 
 use crate::{Error, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use sae_kernels::{adam_update, AdamStep, Implementation};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 
 /// Optimiser settings, serialised with each run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -59,154 +60,216 @@ impl OptimizerConfig {
             OptimizerConfig::Adam { lr, .. } | OptimizerConfig::Sgd { lr, .. } => *lr,
         }
     }
-}
 
-/// An optimiser over named variables.
-pub struct Optimizer {
-    config: OptimizerConfig,
-    vars: Vec<(String, Var)>,
-    /// Per variable: (first moment or momentum buffer, second moment); created lazily.
-    state: Vec<(Option<Tensor>, Option<Tensor>)>,
-    step: u64,
-    lr: f64,
-    implementation: Implementation,
-}
-
-impl Optimizer {
-    /// An optimiser for `vars` (name, variable).
-    pub fn new(config: OptimizerConfig, vars: Vec<(String, Var)>) -> Self {
-        let state = vec![(None, None); vars.len()];
-        let lr = config.lr();
-        Self { config, vars, state, step: 0, lr, implementation: Implementation::Fused }
-    }
-
-    /// The same with Adam's update run by `implementation`: `fused` (the default) updates in
-    /// place on CPU, `reference` composes Candle ops. SGD always composes Candle ops.
-    pub fn with_implementation(mut self, implementation: Implementation) -> Self {
-        self.implementation = implementation;
-        self
-    }
-
-    /// Current learning rate.
-    pub fn lr(&self) -> f64 {
-        self.lr
-    }
-
-    /// Sets the learning rate (schedules call this).
-    pub fn set_lr(&mut self, lr: f64) {
-        self.lr = lr;
-    }
-
-    /// Steps taken.
-    pub fn steps(&self) -> u64 {
-        self.step
-    }
-
-    /// Applies one update from `grads`. Variables without a gradient are left alone.
-    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
-        self.step += 1;
-        let t = self.step as i32;
-        for ((_, var), (m, v)) in self.vars.iter().zip(self.state.iter_mut()) {
-            let Some(g) = grads.get(var) else { continue };
-            // Gradients can carry Candle's graph (of the step that made them); detach so the
-            // moments never keep earlier steps' graphs alive.
-            let g = &g.detach();
-            let theta = &var.as_tensor().detach();
-            match self.config {
-                OptimizerConfig::Adam { beta1, beta2, eps, .. } => {
-                    let alpha = self.lr * (1.0 - beta2.powi(t)).sqrt() / (1.0 - beta1.powi(t));
-                    if self.implementation == Implementation::Fused {
-                        if m.is_none() {
-                            *m = Some(g.zeros_like()?);
-                        }
-                        if v.is_none() {
-                            *v = Some(g.zeros_like()?);
-                        }
-                        if let (Some(m), Some(v)) = (m.as_ref(), v.as_ref()) {
-                            if adam_update(var.as_tensor(), g, m, v, AdamStep { beta1, beta2, eps, alpha })? {
-                                continue;
-                            }
-                        }
-                    }
-                    let m_new = match m.take() {
-                        Some(m) => ((m * beta1)? + (g * (1.0 - beta1))?)?,
-                        None => (g * (1.0 - beta1))?,
-                    };
-                    let v_new = match v.take() {
-                        Some(v) => ((v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?,
-                        None => (g.sqr()? * (1.0 - beta2))?,
-                    };
-                    let update = (m_new.div(&(v_new.sqrt()? + eps)?)? * alpha)?;
-                    var.set(&(theta - update)?)?;
-                    *m = Some(m_new);
-                    *v = Some(v_new);
-                }
-                OptimizerConfig::Sgd { momentum, nesterov, weight_decay, decoupled, .. } => {
-                    let mut g = g.clone();
-                    if weight_decay != 0.0 && !decoupled {
-                        g = (g + (theta * weight_decay)?)?;
-                    }
-                    if momentum != 0.0 {
-                        let buf = match m.take() {
-                            Some(b) => ((b * momentum)? + &g)?,
-                            None => g.clone(),
-                        };
-                        g = if nesterov { (g + (&buf * momentum)?)? } else { buf.clone() };
-                        *m = Some(buf);
-                    }
-                    let mut new = (theta - (g * self.lr)?)?;
-                    if weight_decay != 0.0 && decoupled {
-                        new = (new - (theta * (self.lr * weight_decay))?)?;
-                    }
-                    var.set(&new)?;
-                }
+    /// The optimiser this config describes, over `vars` (name, variable). `implementation` is
+    /// the run's kernel switch (`ModelConfig::kernels`): Adam's update runs the fused in-place
+    /// kernel or its Candle composition; SGD is always composed of Candle ops.
+    pub fn build(&self, vars: Vec<(String, Var)>, implementation: Implementation) -> Box<dyn Optimizer> {
+        match *self {
+            OptimizerConfig::Adam { lr, beta1, beta2, eps } => {
+                Box::new(Adam { lr, beta1, beta2, eps, implementation, params: Params::new(vars) })
+            }
+            OptimizerConfig::Sgd { lr, momentum, nesterov, weight_decay, decoupled } => {
+                Box::new(Sgd { lr, momentum, nesterov, weight_decay, decoupled, params: Params::new(vars) })
             }
         }
-        Ok(())
+    }
+}
+
+/// An optimiser over named variables, as candle-nn's: it updates only the variables it was
+/// built with, from the gradients of one backward pass, and its state (moments or momentum
+/// buffers, the step count) saves to named tensors for checkpoints.
+pub trait Optimizer {
+    /// Applies one update from `grads`. Variables without a gradient are left alone.
+    fn step(&mut self, grads: &GradStore) -> Result<()>;
+    /// Current learning rate.
+    fn lr(&self) -> f64;
+    /// Sets the learning rate (schedules call this).
+    fn set_lr(&mut self, lr: f64);
+    /// Steps taken.
+    fn steps(&self) -> u64;
+    /// State as named tensors: `{var}.m`, `{var}.v` (the momentum buffer is `{var}.m`) and
+    /// `step` (a one-element tensor).
+    fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>>;
+    /// Restores state saved by [`Optimizer::state_tensors`], checking shapes; `path` names the
+    /// file in errors.
+    fn load_state(&mut self, tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()>;
+}
+
+/// The variables an optimiser updates, with up to two state tensors each (created at the
+/// first step) and the step count.
+struct Params {
+    vars: Vec<(String, Var)>,
+    /// Per variable: (first moment or momentum buffer, second moment).
+    state: Vec<(Option<Var>, Option<Var>)>,
+    step: u64,
+}
+
+impl Params {
+    fn new(vars: Vec<(String, Var)>) -> Self {
+        let state = vec![(None, None); vars.len()];
+        Self { vars, state, step: 0 }
     }
 
-    /// State as named tensors: `{var}.m`, `{var}.v` and `step` (a one-element tensor).
-    pub fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
+    fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
         let mut out = BTreeMap::new();
         for ((name, _), (m, v)) in self.vars.iter().zip(&self.state) {
-            // Copies: the fused Adam update changes the moments in place.
+            // Copies: the updates change the state in place.
             if let Some(m) = m {
-                out.insert(format!("{name}.m"), m.copy()?);
+                out.insert(format!("{name}.m"), m.as_tensor().copy()?);
             }
             if let Some(v) = v {
-                out.insert(format!("{name}.v"), v.copy()?);
+                out.insert(format!("{name}.v"), v.as_tensor().copy()?);
             }
         }
-        let device = self.vars.first().map(|(_, v)| v.device().clone()).unwrap_or(candle_core::Device::Cpu);
+        let device = self.vars.first().map(|(_, v)| v.device().clone()).unwrap_or(Device::Cpu);
         out.insert("step".into(), Tensor::new(&[self.step as i64], &device)?);
         Ok(out)
     }
 
-    /// Restores state saved by [`Optimizer::state_tensors`], checking shapes.
-    pub fn load_state(
-        &mut self,
-        tensors: &std::collections::HashMap<String, Tensor>,
-        path: &std::path::Path,
-    ) -> Result<()> {
+    fn load_state(&mut self, tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
         let bad = |reason: String| Error::Checkpoint { path: path.to_path_buf(), reason };
         let step = tensors.get("step").ok_or_else(|| bad("optimiser state has no `step`".into()))?;
-        self.step = step.to_vec1::<i64>()?.first().copied().unwrap_or(0) as u64;
+        self.step = match step.to_vec1::<i64>().map_err(|e| bad(format!("`step`: {e}")))?.as_slice() {
+            &[step] if step >= 0 => step as u64,
+            other => return Err(bad(format!("`step` must be one non-negative integer, got {other:?}"))),
+        };
         for ((name, var), (m, v)) in self.vars.iter().zip(self.state.iter_mut()) {
             for (suffix, slot) in [("m", m), ("v", v)] {
                 *slot = match tensors.get(&format!("{name}.{suffix}")) {
-                    Some(t) if t.dims() != var.dims() => {
+                    Some(t) if t.dims() != var.dims() || t.dtype() != var.dtype() => {
                         return Err(bad(format!(
-                            "optimiser state {name}.{suffix} has shape {:?}, expected {:?}",
+                            "optimiser state {name}.{suffix} is {:?} {:?}, expected {:?} {:?}",
+                            t.dtype(),
                             t.dims(),
+                            var.dtype(),
                             var.dims()
                         )))
                     }
-                    Some(t) => Some(t.to_device(var.device())?),
+                    Some(t) => Some(Var::from_tensor(&t.to_device(var.device())?)?),
                     None => None,
                 };
             }
         }
         Ok(())
+    }
+}
+
+/// Gradients can carry Candle's graph (of the step that made them); detached, the optimiser
+/// state never keeps earlier steps' graphs alive.
+fn gradient(grads: &GradStore, var: &Var) -> Option<Tensor> {
+    grads.get(var).map(Tensor::detach)
+}
+
+/// Adam, Keras form (see [`OptimizerConfig::Adam`]).
+pub struct Adam {
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    implementation: Implementation,
+    params: Params,
+}
+
+impl Optimizer for Adam {
+    fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.params.step += 1;
+        let t = self.params.step as i32;
+        let alpha = self.lr * (1.0 - self.beta2.powi(t)).sqrt() / (1.0 - self.beta1.powi(t));
+        let step = AdamStep { beta1: self.beta1, beta2: self.beta2, eps: self.eps, alpha };
+        for ((_, var), (m, v)) in self.params.vars.iter().zip(self.params.state.iter_mut()) {
+            let Some(g) = gradient(grads, var) else { continue };
+            let zeros = || Var::zeros(g.shape(), g.dtype(), g.device());
+            let m = match m {
+                Some(m) => m,
+                None => m.insert(zeros()?),
+            };
+            let v = match v {
+                Some(v) => v,
+                None => v.insert(zeros()?),
+            };
+            adam_update(var, &g, m, v, step, self.implementation)?;
+        }
+        Ok(())
+    }
+
+    fn lr(&self) -> f64 {
+        self.lr
+    }
+
+    fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+
+    fn steps(&self) -> u64 {
+        self.params.step
+    }
+
+    fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
+        self.params.state_tensors()
+    }
+
+    fn load_state(&mut self, tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+        self.params.load_state(tensors, path)
+    }
+}
+
+/// SGD with momentum, PyTorch form (see [`OptimizerConfig::Sgd`]).
+pub struct Sgd {
+    lr: f64,
+    momentum: f64,
+    nesterov: bool,
+    weight_decay: f64,
+    decoupled: bool,
+    params: Params,
+}
+
+impl Optimizer for Sgd {
+    fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.params.step += 1;
+        for ((_, var), (buffer, _)) in self.params.vars.iter().zip(self.params.state.iter_mut()) {
+            let Some(mut g) = gradient(grads, var) else { continue };
+            let theta = &var.as_tensor().detach();
+            if self.weight_decay != 0.0 && !self.decoupled {
+                g = (g + (theta * self.weight_decay)?)?;
+            }
+            if self.momentum != 0.0 {
+                let b = match buffer {
+                    Some(b) => {
+                        b.set(&((b.as_tensor() * self.momentum)? + &g)?)?;
+                        b
+                    }
+                    None => buffer.insert(Var::from_tensor(&g)?),
+                };
+                g = if self.nesterov { (g + (b.as_tensor() * self.momentum)?)? } else { b.as_tensor().detach() };
+            }
+            let mut new = (theta - (g * self.lr)?)?;
+            if self.weight_decay != 0.0 && self.decoupled {
+                new = (new - (theta * (self.lr * self.weight_decay))?)?;
+            }
+            var.set(&new)?;
+        }
+        Ok(())
+    }
+
+    fn lr(&self) -> f64 {
+        self.lr
+    }
+
+    fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+
+    fn steps(&self) -> u64 {
+        self.params.step
+    }
+
+    fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
+        self.params.state_tensors()
+    }
+
+    fn load_state(&mut self, tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+        self.params.load_state(tensors, path)
     }
 }
 

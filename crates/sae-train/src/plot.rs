@@ -5,7 +5,7 @@
 //! temporary file and a rename like every other output. Text uses the DejaVu Sans font bundled
 //! in `assets/` (its licence beside it), so nothing depends on the fonts a machine has.
 
-use crate::train::{write_atomic, EpochSummary};
+use crate::summary::EpochSummary;
 use crate::{Error, Result};
 use image::ImageEncoder;
 use plotters::prelude::*;
@@ -53,7 +53,7 @@ fn render(
     image::codecs::png::PngEncoder::new(&mut png)
         .write_image(&rgb, width, height, image::ExtendedColorType::Rgb8)
         .map_err(|e| plot_error(path, e))?;
-    write_atomic(path, &png)
+    Ok(sae_fs::write_atomic(path, &png)?)
 }
 
 /// Draws `series` on one panel with a title and axis names; the y range covers every point.

@@ -27,7 +27,7 @@ fn run_optimizer_with(
     steps: usize,
 ) -> Vec<f32> {
     let var = Var::new(&[theta0], &Device::Cpu).unwrap();
-    let mut opt = Optimizer::new(cfg, vec![("theta".into(), var.clone())]).with_implementation(implementation);
+    let mut opt = cfg.build(vec![("theta".into(), var.clone())], implementation);
     let mut out = Vec::new();
     for _ in 0..steps {
         let theta = var.to_vec1::<f32>().unwrap()[0];
@@ -70,8 +70,7 @@ fn fused_adam_matches_the_reference_on_many_elements() {
     let init: Vec<f32> = (0..n).map(|i| ((i * 7919 % 2000) as f32 / 1000.0) - 1.0).collect();
     let run = |implementation| {
         let var = Var::new(init.as_slice(), &Device::Cpu).unwrap();
-        let mut opt = Optimizer::new(OptimizerConfig::keras_adam(), vec![("w".into(), var.clone())])
-            .with_implementation(implementation);
+        let mut opt = OptimizerConfig::keras_adam().build(vec![("w".into(), var.clone())], implementation);
         for step in 0..4 {
             // loss = Σ (w − target)² / 2 with a target that moves each step.
             let target = Tensor::new(&[step as f32 * 0.1], &Device::Cpu).unwrap();
@@ -89,6 +88,48 @@ fn fused_adam_matches_the_reference_on_many_elements() {
             assert!((x - y).abs() <= 1e-6 + 1e-5 * y.abs(), "{what}[{i}]: fused {x} vs reference {y}");
         }
     }
+}
+
+/// The optimiser runs exactly the Adam update its kernel switch names: bit for bit the fused
+/// kernel or the Candle composition. The two round differently, so the test tells them apart.
+#[test]
+fn adam_runs_the_update_its_kernel_switch_names() {
+    let n = 10_000;
+    let init: Vec<f32> = (0..n).map(|i| ((i * 7919 % 2000) as f32 / 1000.0) - 1.0).collect();
+    let grad: Vec<f32> = (0..n).map(|i| ((i * 104_729 % 3001) as f32 / 1500.0) - 1.0).collect();
+    let g = Tensor::new(grad.as_slice(), &Device::Cpu).unwrap();
+    let via_optimizer = |implementation| {
+        let var = Var::new(init.as_slice(), &Device::Cpu).unwrap();
+        let mut opt = OptimizerConfig::keras_adam().build(vec![("w".into(), var.clone())], implementation);
+        for _ in 0..3 {
+            // loss = Σ w·g has gradient g.
+            let loss = (var.as_tensor() * &g).unwrap().sum_all().unwrap();
+            opt.step(&loss.backward().unwrap()).unwrap();
+        }
+        var.to_vec1::<f32>().unwrap()
+    };
+    let direct = |implementation| {
+        let theta = Var::new(init.as_slice(), &Device::Cpu).unwrap();
+        let zeros = || Var::zeros(n, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let (m, v) = (zeros(), zeros());
+        for t in 1..=3 {
+            let alpha = 1e-3 * (1.0 - 0.999f64.powi(t)).sqrt() / (1.0 - 0.9f64.powi(t));
+            let step = sae_kernels::AdamStep { beta1: 0.9, beta2: 0.999, eps: 1e-7, alpha };
+            match implementation {
+                Implementation::Reference => sae_kernels::adam_update_reference(&theta, &g, &m, &v, step),
+                Implementation::Fused => sae_kernels::adam_update(&theta, &g, &m, &v, step, Implementation::Fused),
+            }
+            .unwrap();
+        }
+        theta.to_vec1::<f32>().unwrap()
+    };
+    for implementation in Implementation::ALL {
+        assert!(via_optimizer(implementation) == direct(implementation), "{implementation}: another update ran");
+    }
+    assert!(
+        direct(Implementation::Reference) != direct(Implementation::Fused),
+        "the implementations are not told apart"
+    );
 }
 
 #[test]

@@ -5,7 +5,8 @@
 //! dense backward → parameter gradients and input gradient, written into one packed output
 //! `[dx | dparams]`, like the CPU kernel.
 
-use crate::excitation::Excitation;
+use super::op::ExcitationOp;
+use crate::layout::{kernel_suffix, KernelStrides};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
@@ -18,36 +19,15 @@ mod ptx {
 const MODULE: &str = "sae_excitation";
 const BLOCK: u32 = 256;
 
-/// Element offsets of a 4-D tensor, passed to the kernels by value.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Strides4 {
-    offset: usize,
-    s0: usize,
-    s1: usize,
-    s2: usize,
-    s3: usize,
-}
-
 // SAFETY: plain `repr(C)` integers, laid out as the `Strides4` struct of the `.cu` source.
-unsafe impl DeviceRepr for Strides4 {}
-
-impl Strides4 {
-    fn new(layout: &Layout) -> Result<Self> {
-        match layout.stride() {
-            &[s0, s1, s2, s3] => Ok(Self { offset: layout.start_offset(), s0, s1, s2, s3 }),
-            other => bail!("excitation: expected a 4-D layout, got strides {other:?}"),
-        }
-    }
-}
+unsafe impl DeviceRepr for KernelStrides {}
 
 fn suffix(dtype: DType) -> Result<&'static str> {
-    Ok(match dtype {
-        DType::F32 => "f32",
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
-        other => bail!("excitation: unsupported dtype {other:?} on CUDA"),
-    })
+    kernel_suffix("excitation", dtype, "CUDA")
+}
+
+fn strides(what: &str, layout: &Layout) -> Result<KernelStrides> {
+    KernelStrides::new("excitation", what, layout)
 }
 
 fn grid(elements: usize) -> LaunchConfig {
@@ -84,7 +64,7 @@ impl Dims {
 /// z (N·C) and h, s from the plane sums and the gates kernel; `grad` adds Σ g·x per plane.
 #[allow(clippy::type_complexity)]
 fn pool_and_gate<T: CudaDType + DeviceRepr + WithDType>(
-    op: &Excitation,
+    op: &ExcitationOp,
     dev: &CudaDevice,
     x: &CudaSlice<T>,
     xl: &Layout,
@@ -98,14 +78,14 @@ fn pool_and_gate<T: CudaDType + DeviceRepr + WithDType>(
     let mean_x = unsafe { dev.alloc::<f32>(planes)? };
     let sum_gx = dev.alloc_zeros::<f32>(planes)?;
     let func = dev.get_or_load_custom_func(&format!("sae_plane_sums_{sfx}"), MODULE, ptx::EXCITATION)?;
-    let xs = Strides4::new(xl)?;
+    let xs = strides("input", xl)?;
     let mut b = func.builder();
     b.arg(x);
     b.arg(&xs);
     let (g_strides, g_slice);
     match grad {
         Some((g, gl)) => {
-            g_strides = Strides4::new(gl)?;
+            g_strides = strides("output gradient", gl)?;
             g_slice = g;
             b.arg(g_slice);
         }
@@ -135,7 +115,7 @@ fn pool_and_gate<T: CudaDType + DeviceRepr + WithDType>(
 }
 
 fn forward<T: CudaDType + DeviceRepr + WithDType>(
-    op: &Excitation,
+    op: &ExcitationOp,
     dev: &CudaDevice,
     x: &CudaStorage,
     xl: &Layout,
@@ -151,7 +131,7 @@ fn forward<T: CudaDType + DeviceRepr + WithDType>(
     let func = dev.get_or_load_custom_func(&format!("sae_scale_{}", suffix(T::DTYPE)?), MODULE, ptx::EXCITATION)?;
     let mut b = func.builder();
     b.arg(x);
-    let xs = Strides4::new(xl)?;
+    let xs = strides("input", xl)?;
     b.arg(&xs);
     b.arg(&s);
     candle_core::builder_arg!(b, op.gate.code(), d.c as u32, d.h as u32, d.w as u32, numel);
@@ -162,7 +142,7 @@ fn forward<T: CudaDType + DeviceRepr + WithDType>(
 
 #[allow(clippy::too_many_arguments)]
 fn backward<T: CudaDType + DeviceRepr + WithDType>(
-    op: &Excitation,
+    op: &ExcitationOp,
     dev: &CudaDevice,
     x: &CudaStorage,
     xl: &Layout,
@@ -205,7 +185,7 @@ fn backward<T: CudaDType + DeviceRepr + WithDType>(
         let func = dev.get_or_load_custom_func(&format!("sae_input_grad_{sfx}"), MODULE, ptx::EXCITATION)?;
         let mut b = func.builder();
         b.arg(g);
-        let gs = Strides4::new(gl)?;
+        let gs = strides("output gradient", gl)?;
         b.arg(&gs);
         b.arg(&s);
         b.arg(&dz);
@@ -230,7 +210,7 @@ fn backward<T: CudaDType + DeviceRepr + WithDType>(
 
 /// Forward pass on CUDA.
 pub(crate) fn excitation_forward(
-    op: &Excitation,
+    op: &ExcitationOp,
     x: &CudaStorage,
     xl: &Layout,
     p: &CudaStorage,
@@ -249,7 +229,7 @@ pub(crate) fn excitation_forward(
 /// Backward pass on CUDA: packed `[dx | dparams]`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn excitation_backward(
-    op: &Excitation,
+    op: &ExcitationOp,
     x: &CudaStorage,
     xl: &Layout,
     p: &CudaStorage,

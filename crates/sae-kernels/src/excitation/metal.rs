@@ -3,7 +3,8 @@
 //! `cuda.rs`, step for step. This file cannot be compiled on Linux (Candle's Metal backend
 //! needs Apple's frameworks); its tests run on macOS only.
 
-use crate::excitation::Excitation;
+use super::op::ExcitationOp;
+use crate::layout::{kernel_suffix, KernelStrides};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, DType, Layout, MetalDevice, MetalError, MetalStorage, Result, Shape};
 use candle_metal_kernels::metal::{Buffer, ComputePipeline};
@@ -11,7 +12,7 @@ use objc2_metal::MTLSize;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-const SOURCE: &str = include_str!("metal/excitation.metal");
+const SOURCE: &str = include_str!("../metal/excitation.metal");
 const THREADS: usize = 256;
 
 /// Pipelines by (device id, kernel name).
@@ -30,37 +31,11 @@ fn pipeline(dev: &MetalDevice, name: &str) -> Result<ComputePipeline> {
 }
 
 fn suffix(dtype: DType) -> Result<&'static str> {
-    Ok(match dtype {
-        DType::F32 => "f32",
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
-        other => bail!("excitation: unsupported dtype {other:?} on Metal"),
-    })
+    kernel_suffix("excitation", dtype, "Metal")
 }
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Strides4 {
-    offset: u64,
-    s0: u64,
-    s1: u64,
-    s2: u64,
-    s3: u64,
-}
-
-impl Strides4 {
-    fn new(layout: &Layout) -> Result<Self> {
-        match layout.stride() {
-            &[s0, s1, s2, s3] => Ok(Self {
-                offset: layout.start_offset() as u64,
-                s0: s0 as u64,
-                s1: s1 as u64,
-                s2: s2 as u64,
-                s3: s3 as u64,
-            }),
-            other => bail!("excitation: expected a 4-D layout, got strides {other:?}"),
-        }
-    }
+fn strides(what: &str, layout: &Layout) -> Result<KernelStrides> {
+    KernelStrides::new("excitation", what, layout)
 }
 
 /// One argument of a kernel launch.
@@ -69,7 +44,7 @@ enum Arg<'a> {
     Out(&'a Buffer, usize),
     U32(u32),
     U64(u64),
-    Strides(Strides4),
+    Strides(KernelStrides),
 }
 
 /// Encodes one dispatch of `name` over `groups` threadgroups of 256 threads.
@@ -103,7 +78,7 @@ fn buffer(dev: &MetalDevice, floats: usize, dtype: DType, label: &str) -> Result
 
 /// Runs the plane sums and gates kernels: returns (mean_x, sum_gx, h, s) buffers of f32.
 fn pool_and_gate(
-    op: &Excitation,
+    op: &ExcitationOp,
     dev: &MetalDevice,
     x: &MetalStorage,
     xl: &Layout,
@@ -117,9 +92,9 @@ fn pool_and_gate(
     let sum_gx = buffer(dev, n * c, DType::F32, "sae-sum-gx")?;
     let hid = buffer(dev, n * op.hidden, DType::F32, "sae-hidden")?;
     let s = buffer(dev, n * c, DType::F32, "sae-gates")?;
-    let xs = Strides4::new(xl)?;
+    let xs = strides("input", xl)?;
     let (g_buf, g_strides, has_grad) = match grad {
-        Some((g, gl)) => (g.buffer(), Strides4::new(gl)?, 1),
+        Some((g, gl)) => (g.buffer(), strides("output gradient", gl)?, 1),
         None => (x.buffer(), xs, 0),
     };
     let (cu, hu, wu) = (c as u32, h as u32, w as u32);
@@ -151,7 +126,7 @@ fn pool_and_gate(
 
 /// Forward pass on Metal.
 pub(crate) fn excitation_forward(
-    op: &Excitation,
+    op: &ExcitationOp,
     x: &MetalStorage,
     xl: &Layout,
     p: &MetalStorage,
@@ -164,7 +139,7 @@ pub(crate) fn excitation_forward(
     let out = buffer(&dev, numel, x.dtype(), "sae-excitation")?;
     let args = [
         Arg::In(x.buffer(), 0),
-        Arg::Strides(Strides4::new(xl)?),
+        Arg::Strides(strides("input", xl)?),
         Arg::In(&s, 0),
         Arg::U32(op.gate.code()),
         Arg::U32(c as u32),
@@ -180,7 +155,7 @@ pub(crate) fn excitation_forward(
 /// Backward pass on Metal: packed `[dx | dparams]`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn excitation_backward(
-    op: &Excitation,
+    op: &ExcitationOp,
     x: &MetalStorage,
     xl: &Layout,
     p: &MetalStorage,
@@ -218,7 +193,7 @@ pub(crate) fn excitation_backward(
     let out = buffer(&dev, numel + params, x.dtype(), "sae-excitation-grad")?;
     let args = [
         Arg::In(g.buffer(), 0),
-        Arg::Strides(Strides4::new(gl)?),
+        Arg::Strides(strides("output gradient", gl)?),
         Arg::In(&s, 0),
         Arg::In(&dz, 0),
         Arg::U32(op.gate.code()),

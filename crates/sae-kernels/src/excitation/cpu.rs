@@ -1,0 +1,197 @@
+//! The excitation's CPU kernels: a rayon-parallel pass over the planes to pool them, the dense
+//! layers for the whole batch through `gemm`, and a second pass to scale (forward) or to form
+//! the input gradient (backward).
+
+use super::op::ExcitationOp;
+use crate::cpu::{as_f32, axpy, matmul_threads, min_planes_per_task, sum, sum_and_dot, uninit, Elem, Mat};
+use crate::layout::Strided4;
+use candle_core::{bail, Layout, Result};
+use rayon::prelude::*;
+
+impl ExcitationOp {
+    fn check(&self, x: &Strided4, params_len: usize) -> Result<()> {
+        if x.dims[1] != self.channels {
+            bail!("excitation: input has {} channels, weights expect {}", x.dims[1], self.channels)
+        }
+        if params_len != self.offsets().len {
+            bail!("excitation: packed parameters have {params_len} values, expected {}", self.offsets().len)
+        }
+        Ok(())
+    }
+
+    /// Computes the hidden activations, transposed: `hᵀ` (hidden × N, after ReLU), and the
+    /// gates `s` (N × C) from the pooled means `z` (N × C), with two small matrix products for
+    /// the whole batch.
+    ///
+    /// The products are taken with the weight matrix on the left (`hᵀ = W1 zᵀ`, `sᵀ = W2 hᵀ`):
+    /// with the batch as the short side, `gemm` reads the weights in place instead of repacking
+    /// them on every call (the repacking was most of the dense layers' time in a profile at
+    /// C = 2048, K = 4).
+    fn gates(&self, p: &[f32], z: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let (c, hd) = (self.channels, self.hidden);
+        let o = self.offsets();
+        let n = z.len() / c;
+        // hᵀ = ReLU(W1 zᵀ + b1): W1 is (hidden, C) row-major, z is read transposed.
+        let mut ht = vec![0f32; hd * n];
+        dense_matmul(hd, n, c, Mat { data: &p[..o.b1], rs: c, cs: 1 }, Mat { data: z, rs: 1, cs: c }, &mut ht);
+        for (row, b) in ht.chunks_mut(n).zip(&p[o.b1..o.w2]) {
+            row.iter_mut().for_each(|v| *v = (*v + b).max(0.0));
+        }
+        // s = sigmoid(W2 hᵀ + b2)ᵀ: W2 is (C, hidden) row-major.
+        let mut st = vec![0f32; c * n];
+        dense_matmul(c, n, hd, Mat { data: &p[o.w2..o.b2], rs: hd, cs: 1 }, Mat { data: &ht, rs: n, cs: 1 }, &mut st);
+        let mut s = vec![0f32; n * c];
+        for (ci, (row, b)) in st.chunks(n).zip(&p[o.b2..]).enumerate() {
+            for (ni, v) in row.iter().enumerate() {
+                s[ni * c + ci] = 1.0 / (1.0 + (-(v + b)).exp());
+            }
+        }
+        (ht, s)
+    }
+
+    pub(crate) fn cpu_forward<T: Elem>(&self, x: &[T], xl: &Layout, p: &[T], pl: &Layout) -> Result<Vec<T>> {
+        let xs = Strided4::new("excitation", "input", xl)?;
+        let p = as_f32("excitation", "parameters", p, pl)?;
+        self.check(&xs, p.len())?;
+        let [n, c, _, _] = xs.dims;
+        let hw = xs.plane_len();
+        let inv_hw = 1.0 / hw as f32;
+        let min_len = min_planes_per_task(hw);
+        let z: Vec<f32> = (0..n * c)
+            .into_par_iter()
+            .with_min_len(min_len)
+            .map(|plane| {
+                let total = match xs.contiguous_plane(x, plane / c, plane % c) {
+                    Some(values) => sum(values),
+                    None => {
+                        let mut total = 0f32;
+                        xs.for_each_in_plane(x, plane / c, plane % c, |_, v| total += v.to_f32());
+                        total
+                    }
+                };
+                total * inv_hw
+            })
+            .collect();
+        let (_, s) = self.gates(&p, &z);
+        let mut out = uninit::<T>(n * c * hw);
+        out.par_chunks_mut(hw).with_min_len(min_len).enumerate().for_each(|(plane, out)| {
+            let g = self.gate.factor(s[plane]);
+            match xs.contiguous_plane(x, plane / c, plane % c) {
+                Some(src) => {
+                    for (o, &v) in out.iter_mut().zip(src) {
+                        *o = T::from_f32(v.to_f32() * g);
+                    }
+                }
+                None => xs.for_each_in_plane(x, plane / c, plane % c, |k, v| out[k] = T::from_f32(v.to_f32() * g)),
+            }
+        });
+        Ok(out)
+    }
+
+    pub(crate) fn cpu_backward<T: Elem>(
+        &self,
+        x: &[T],
+        xl: &Layout,
+        p: &[T],
+        pl: &Layout,
+        g: &[T],
+        gl: &Layout,
+    ) -> Result<Vec<T>> {
+        let xs = Strided4::new("excitation backward", "input", xl)?;
+        let gs = Strided4::new("excitation backward", "output gradient", gl)?;
+        if gs.dims != xs.dims {
+            bail!("excitation backward: gradient shape {:?} differs from input shape {:?}", gs.dims, xs.dims)
+        }
+        let p = as_f32("excitation backward", "parameters", p, pl)?;
+        self.check(&xs, p.len())?;
+        let [n, c, _, _] = xs.dims;
+        let hd = self.hidden;
+        let o = self.offsets();
+        let hw = xs.plane_len();
+        let inv_hw = 1.0 / hw as f32;
+        let min_len = min_planes_per_task(hw);
+
+        // Pass 1: one read of x and of the gradient per plane gives the pooled mean z and
+        // ds_raw = Σ_hw g ⊙ x, the gradient reaching the gate through the scale.
+        let sums: Vec<(f32, f32)> = (0..n * c)
+            .into_par_iter()
+            .with_min_len(min_len)
+            .map_init(
+                || vec![0f32; hw],
+                |gbuf, plane| {
+                    let (ni, ci) = (plane / c, plane % c);
+                    if let (Some(xp), Some(gp)) = (xs.contiguous_plane(x, ni, ci), gs.contiguous_plane(g, ni, ci)) {
+                        let (sx, sgx) = sum_and_dot(xp, gp);
+                        return (sx * inv_hw, sgx);
+                    }
+                    gs.for_each_in_plane(g, ni, ci, |k, v| gbuf[k] = v.to_f32());
+                    let (mut sx, mut sgx) = (0f32, 0f32);
+                    xs.for_each_in_plane(x, ni, ci, |k, v| {
+                        let v = v.to_f32();
+                        sx += v;
+                        sgx += gbuf[k] * v;
+                    });
+                    (sx * inv_hw, sgx)
+                },
+            )
+            .collect();
+        let z: Vec<f32> = sums.iter().map(|s| s.0).collect();
+        let (ht, s) = self.gates(&p, &z);
+
+        // The dense layers for the whole batch, weights on the left as in `gates`:
+        // da = ds·s(1−s), dhᵀ = W2ᵀ daᵀ masked by the ReLU, dzᵀ = W1ᵀ dhᵀ, and the parameter
+        // gradients dW1 = dhᵀ z, db1 = Σ dh, dW2 = daᵀ h, db2 = Σ da.
+        let da: Vec<f32> = sums.iter().zip(&s).map(|(&(_, sgx), &s)| sgx * s * (1.0 - s)).collect();
+        let (w1, w2) = (&p[..o.b1], &p[o.w2..o.b2]);
+        let mut dht = vec![0f32; hd * n];
+        dense_matmul(hd, n, c, Mat { data: w2, rs: 1, cs: hd }, Mat { data: &da, rs: 1, cs: c }, &mut dht);
+        for (d, &hv) in dht.iter_mut().zip(&ht) {
+            if hv <= 0.0 {
+                *d = 0.0;
+            }
+        }
+        let mut dzt = vec![0f32; c * n];
+        dense_matmul(c, n, hd, Mat { data: w1, rs: 1, cs: c }, Mat { data: &dht, rs: n, cs: 1 }, &mut dzt);
+
+        // The parameter gradients go straight into the packed output when it is f32.
+        let numel = n * c * hw;
+        let mut out = uninit::<T>(numel + o.len);
+        let (dx, dparams) = out.split_at_mut(numel);
+        let mut converted = Vec::new();
+        let dp = match T::as_f32_slice_mut(dparams) {
+            Some(dp) => dp,
+            None => {
+                converted = uninit::<f32>(o.len);
+                &mut converted
+            }
+        };
+        dense_matmul(hd, c, n, Mat { data: &dht, rs: n, cs: 1 }, Mat { data: &z, rs: c, cs: 1 }, &mut dp[..o.b1]);
+        dense_matmul(c, hd, n, Mat { data: &da, rs: 1, cs: c }, Mat { data: &ht, rs: 1, cs: n }, &mut dp[o.w2..o.b2]);
+        for (db1, row) in dp[o.b1..o.w2].iter_mut().zip(dht.chunks(n)) {
+            *db1 = row.iter().sum();
+        }
+        let db2 = &mut dp[o.b2..];
+        db2.fill(0.0);
+        for row in da.chunks(c) {
+            axpy(1.0, row, db2);
+        }
+        for (d, v) in dparams.iter_mut().zip(&converted) {
+            *d = T::from_f32(*v);
+        }
+
+        // Pass 2: dx = g·gate(s) + dz/HW, written straight into the packed output.
+        dx.par_chunks_mut(hw).with_min_len(min_len).enumerate().for_each(|(plane, dx)| {
+            let factor = self.gate.factor(s[plane]);
+            let shift = dzt[(plane % c) * n + plane / c] * inv_hw;
+            gs.for_each_in_plane(g, plane / c, plane % c, |k, v| dx[k] = T::from_f32(v.to_f32() * factor + shift));
+        });
+        Ok(out)
+    }
+}
+
+/// The dense layers' products are small (batch × C × C/r); below a few million
+/// multiply-adds, waking the thread pool costs more than it saves.
+fn dense_matmul(m: usize, n: usize, k: usize, a: Mat, b: Mat, out: &mut [f32]) {
+    let threads = if m * n * k < 1 << 22 { 1 } else { rayon::current_num_threads() };
+    matmul_threads(threads, m, n, k, a, b, out, false)
+}

@@ -1,0 +1,67 @@
+//! A run's datasets: the training and evaluation splits of its [`DataConfig`], with their
+//! augmentation and normalisation, and batches as tensors.
+
+use crate::config::{DataConfig, DatasetKind};
+use crate::{Error, Result};
+use candle_core::{Device, Tensor};
+use sae_data::{Batch, Cifar, CifarKind, Dataset, ImageFolder, LabelSet, Normalize, Split, Subset, Transform};
+use std::sync::Arc;
+
+/// The two splits of a run's data with their transforms.
+pub(crate) struct Splits {
+    pub train: Box<dyn Dataset>,
+    pub eval: Box<dyn Dataset>,
+    pub train_transform: Transform,
+    pub eval_transform: Transform,
+    pub normalize: Normalize,
+}
+
+pub(crate) fn datasets(cfg: &DataConfig, seed: u64) -> Result<Splits> {
+    fn subset<D: Dataset + 'static>(d: D, limit: Option<usize>, seed: u64) -> Box<dyn Dataset> {
+        match limit {
+            Some(n) if n < d.len() => Box::new(Subset::new(Arc::new(d), n, seed)),
+            _ => Box::new(d),
+        }
+    }
+    let size = cfg.input_size;
+    let cifar = |kind| -> Result<_> {
+        let train = Cifar::load(&cfg.dir, kind, Split::Train)?;
+        let test = Cifar::load(&cfg.dir, kind, Split::Test)?;
+        let norm = if kind == CifarKind::Cifar10 { Normalize::CIFAR10 } else { Normalize::CIFAR100 };
+        Ok(Splits {
+            train: subset(train, cfg.train_images, seed),
+            eval: subset(test, cfg.eval_images, seed ^ 1),
+            train_transform: Transform::PadCropFlip { pad: 4, size },
+            eval_transform: Transform::ResizeCenterCrop { resize: size, size },
+            normalize: norm,
+        })
+    };
+    match cfg.dataset {
+        DatasetKind::Cifar10 => cifar(CifarKind::Cifar10),
+        DatasetKind::Cifar100Fine => cifar(CifarKind::Cifar100(LabelSet::Fine)),
+        DatasetKind::Cifar100Coarse => cifar(CifarKind::Cifar100(LabelSet::Coarse)),
+        DatasetKind::Folder => {
+            let train = ImageFolder::open(&cfg.dir.join("train"))?;
+            let val = ImageFolder::open(&cfg.dir.join("val"))?;
+            if train.classes != val.classes {
+                return Err(Error::Config(format!(
+                    "{}: train and val have different class folders",
+                    cfg.dir.display()
+                )));
+            }
+            Ok(Splits {
+                train: subset(train, cfg.train_images, seed),
+                eval: subset(val, cfg.eval_images, seed ^ 1),
+                train_transform: Transform::RandomResizedCropFlip { size },
+                eval_transform: Transform::ResizeCenterCrop { resize: (size * 256 + 112) / 224, size },
+                normalize: Normalize::IMAGENET,
+            })
+        }
+    }
+}
+
+pub(crate) fn to_tensors(batch: &Batch, device: &Device) -> Result<(Tensor, Tensor)> {
+    let x = Tensor::from_slice(&batch.images, &batch.shape, device)?;
+    let y = Tensor::from_slice(&batch.labels, batch.labels.len(), device)?;
+    Ok((x, y))
+}
