@@ -75,8 +75,14 @@ pub struct ModelConfig {
     pub stem: Stem,
     /// Module in each residual block (ignored by MobileNet).
     pub attention: Attention,
-    /// Reduction `r`: each reduction layer maps C → C / r (integer division).
+    /// Reduction `r`: each reduction layer maps C → C / r (integer division), rounded as
+    /// `reduction_divisor` says.
     pub reduction: usize,
+    /// timm's rounding of the reduced width: `Some(d)` rounds C / r to the nearest multiple of
+    /// `d`, at least `d` (timm's `make_divisible`, as its SE-ResNets use with d = 8); `None`
+    /// keeps C / r.
+    #[serde(default)]
+    pub reduction_divisor: Option<usize>,
     /// Cardinality `K`: number of parallel reduction layers of SaE (SE uses 1).
     pub cardinality: usize,
     /// How the gates scale the features.
@@ -153,7 +159,25 @@ impl ModelConfig {
 
     /// Channels of each reduction layer for a module on `channels` channels.
     pub fn reduced_channels(&self, channels: usize) -> usize {
-        channels / self.reduction
+        let reduced = channels / self.reduction;
+        match self.reduction_divisor {
+            // timm's `make_divisible(C / r, d, round_limit=0)`: max(d, int(C/r + d/2) // d * d).
+            Some(d) if d > 0 => {
+                let exact = channels as f64 / self.reduction as f64;
+                d.max(((exact + d as f64 / 2.0) as usize) / d * d)
+            }
+            _ => reduced,
+        }
+    }
+
+    /// timm's SE-ResNet conventions for the SE module: reduction 16 rounded to a multiple of 8,
+    /// and the gate `u ⊙ s` (PyTorch conventions elsewhere: no conv bias, BatchNorm ε 1e-5).
+    /// A timm `seresnet50` checkpoint loads into `config("seresnet50", 1000)?.with_timm_se()`.
+    pub fn with_timm_se(mut self) -> Self {
+        self.reduction = 16;
+        self.reduction_divisor = Some(8);
+        self.gate = Gate::S;
+        self
     }
 
     /// Checks every value, naming the first one out of range.
@@ -185,7 +209,10 @@ impl ModelConfig {
                     }
                     // The smallest module sits on 64 channels (basic) or 256 (bottleneck).
                     let smallest = if *block == BlockKind::Basic { 64 } else { 256 };
-                    if smallest / self.reduction == 0 {
+                    if self.reduction_divisor == Some(0) {
+                        return bad("reduction_divisor must be at least 1".into());
+                    }
+                    if self.reduced_channels(smallest) == 0 {
                         return bad(format!("reduction {} leaves no channels of {smallest}", self.reduction));
                     }
                 }

@@ -43,6 +43,14 @@ pub enum Error {
         /// The tensor's state-dict name.
         name: String,
     },
+    /// A checkpoint that cannot be read as a state dict or mapped onto one of our models.
+    #[error("{}: {reason}", path.display())]
+    StateDict {
+        /// The checkpoint.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// A tensor has the wrong shape.
     #[error("{}: tensor {name:?} has shape {found:?}, expected {expected:?}", path.display())]
     ShapeMismatch {

@@ -19,6 +19,7 @@
 //! This crate depends on no dataset or training code.
 
 pub mod config;
+pub mod convert;
 pub mod error;
 pub mod inference;
 pub mod init;
@@ -29,6 +30,7 @@ pub mod registry;
 pub mod resnet;
 
 pub use config::{Arch, Attention, BlockKind, ModelConfig, PaperPreset, Stem};
+pub use convert::{convert_checkpoint, infer_config, read_state_dict};
 pub use error::{Error, Result};
 pub use inference::{read_labels, Prediction, Preprocess, IMAGENET_MEAN, IMAGENET_STD};
 pub use model::{is_running_stat, Model, ParamCounts};

@@ -140,12 +140,29 @@ impl Model {
 
     /// Loads every variable from a safetensors file. The file must hold exactly this model's
     /// tensors with the same shapes and dtypes; anything else is an error naming the tensor.
+    /// PyTorch's bookkeeping is accepted as PyTorch and timm save it: BatchNorm's
+    /// `num_batches_tracked` is ignored and 1×1-convolution weights (O, I, 1, 1) load into
+    /// dense layers (O, I), as timm's SE modules store them.
     pub fn load_weights(&self, path: &Path) -> Result<()> {
         let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
         let loaded = candle_core::safetensors::load_buffer(&bytes, &self.device)
             .map_err(|e| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() })?;
+        self.load_state_dict(loaded, path)
+    }
+
+    /// Loads every variable from named tensors (a PyTorch state dict read by the caller), with
+    /// the checks and allowances of [`Model::load_weights`]; `source` names the file in errors.
+    /// Nothing changes unless every tensor fits.
+    pub fn load_state_dict(&self, mut tensors: HashMap<String, Tensor>, source: &Path) -> Result<()> {
+        let path = source;
         let vars = self.named_vars();
-        if let Some(name) = loaded.keys().filter(|k| !vars.contains_key(*k)).min() {
+        tensors.retain(|name, _| {
+            let bookkeeping = name
+                .strip_suffix("num_batches_tracked")
+                .is_some_and(|bn| vars.contains_key(&format!("{bn}running_mean")));
+            !bookkeeping
+        });
+        if let Some(name) = tensors.keys().filter(|k| !vars.contains_key(*k)).min() {
             return Err(Error::UnexpectedTensor {
                 path: path.to_path_buf(),
                 name: name.clone(),
@@ -154,9 +171,14 @@ impl Model {
         }
         // Check everything before changing anything, so a bad file leaves the model intact.
         for (name, var) in &vars {
-            let t = loaded
-                .get(name)
+            let t = tensors
+                .get_mut(name)
                 .ok_or_else(|| Error::MissingTensor { path: path.to_path_buf(), name: name.clone() })?;
+            if let (&[o, i], &[to, ti, 1, 1]) = (var.dims(), t.dims()) {
+                if (o, i) == (to, ti) {
+                    *t = t.reshape((o, i))?;
+                }
+            }
             if t.dims() != var.dims() {
                 return Err(Error::ShapeMismatch {
                     path: path.to_path_buf(),
@@ -175,7 +197,7 @@ impl Model {
             }
         }
         for (name, var) in &vars {
-            var.set(&loaded[name])?;
+            var.set(&tensors[name].to_device(&self.device)?)?;
         }
         Ok(())
     }

@@ -94,6 +94,7 @@ pub fn config(name: &str, num_classes: usize) -> Result<ModelConfig> {
         stem: Stem::Imagenet,
         attention,
         reduction: 32,
+        reduction_divisor: None,
         cardinality: if attention == Attention::Sae { 4 } else { 1 },
         gate: Gate::OnePlusS,
         conv_bias: false,

@@ -1,0 +1,71 @@
+//! Real PyTorch files. A committed `torch.save` golden (`tests/data/state_dict.pth`, written by
+//! `bench/pytorch/export_checkpoints.py golden`) is read with known values. When
+//! `SAE_TORCH_PYTHON` names a Python with torch, torchvision and timm, that script writes
+//! torchvision `resnet18`, `resnet50`, `resnext50_32x4d` and timm `resnet50` and `seresnet50`
+//! with random weights and BatchNorm statistics, as `.pth` and `.safetensors`, with PyTorch's
+//! logits for a fixed input; each is converted, loaded, and must give PyTorch's logits.
+
+use candle_core::{DType, Device, ModuleT, Tensor};
+use sae_models::{convert_checkpoint, read_state_dict, Model, ModelConfig};
+use std::path::Path;
+use std::process::Command;
+
+#[test]
+fn a_real_torch_save_file_reads_with_known_values() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/state_dict.pth");
+    // Nested under "state_dict", saved from a DataParallel model ("module." prefixes).
+    let tensors = read_state_dict(&path).unwrap();
+    let mut names: Vec<&str> = tensors.keys().map(String::as_str).collect();
+    names.sort();
+    assert_eq!(names, ["bn1.num_batches_tracked", "bn1.running_var", "conv1.weight", "fc.weight"]);
+    let conv = &tensors["conv1.weight"];
+    assert_eq!((conv.dims(), conv.dtype()), (&[4, 3, 3, 3][..], DType::F32));
+    let expected: Vec<f32> = (0..108).map(|i| i as f32 / 8.0).collect();
+    assert_eq!(conv.flatten_all().unwrap().to_vec1::<f32>().unwrap(), expected);
+    assert_eq!(tensors["bn1.num_batches_tracked"].to_scalar::<i64>().unwrap(), 7);
+    let var = tensors["bn1.running_var"].to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!((tensors["bn1.running_var"].dtype(), var), (DType::F16, vec![0.5, 1.5, 2.5, 3.5]));
+    // `arange(6).reshape(2, 3).t()`: stored transposed, read back in logical order.
+    let fc = tensors["fc.weight"].to_vec2::<f32>().unwrap();
+    assert_eq!(fc, [[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]]);
+}
+
+#[test]
+fn torchvision_and_timm_checkpoints_give_pytorchs_logits() {
+    let Some(python) = std::env::var_os("SAE_TORCH_PYTHON") else {
+        eprintln!("skipped: set SAE_TORCH_PYTHON to a Python with torch, torchvision and timm");
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("sae-torch-interop-{}", std::process::id()));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/pytorch/export_checkpoints.py");
+    let status = Command::new(&python).arg(&script).arg(&dir).status().expect("running the export script");
+    assert!(status.success(), "{} failed", script.display());
+    let models = [
+        ("tv_resnet18", "resnet18"),
+        ("tv_resnet50", "resnet50"),
+        ("tv_resnext50_32x4d", "resnext50_32x4d"),
+        ("timm_resnet50", "resnet50"),
+        ("timm_seresnet50", "seresnet50"),
+    ];
+    for (file, ours) in models {
+        let io = candle_core::safetensors::load(dir.join(format!("{file}.io.safetensors")), &Device::Cpu).unwrap();
+        let (input, expected) = (&io["input"], &io["logits"]);
+        for format in ["pth", "safetensors"] {
+            let dst = dir.join(format!("{file}-{format}-converted.safetensors"));
+            let cfg = convert_checkpoint(&dir.join(format!("{file}.{format}")), &dst).unwrap();
+            assert_eq!(cfg.name, ours, "{file}.{format}");
+            let json = std::fs::read_to_string(dst.with_extension("json")).unwrap();
+            let model = Model::new(ModelConfig::from_json(&json).unwrap(), 0, &Device::Cpu).unwrap();
+            model.load_weights(&dst).unwrap();
+            let logits = model.forward_t(input, false).unwrap();
+            let diff = max_abs(&(&logits - expected).unwrap());
+            let scale = max_abs(expected);
+            assert!(diff <= 1e-5 * scale, "{file}.{format}: logits differ by {diff} (scale {scale})");
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+}
