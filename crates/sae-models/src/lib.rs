@@ -26,6 +26,7 @@ pub mod init;
 pub mod layers;
 pub mod mobilenet;
 pub mod model;
+pub mod onnx;
 pub mod registry;
 pub mod resnet;
 
@@ -34,5 +35,6 @@ pub use convert::{convert_checkpoint, infer_config, read_state_dict};
 pub use error::{Error, Result};
 pub use inference::{read_labels, Prediction, Preprocess, IMAGENET_MEAN, IMAGENET_STD};
 pub use model::{is_running_stat, Model, ParamCounts};
+pub use onnx::export_onnx;
 pub use registry::{config, create, list};
 pub use sae_kernels::{Gate, Implementation};

@@ -11,7 +11,7 @@ use candle_core::{ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 
 /// (output channels at α = 1, stride) of the 13 depthwise-separable blocks.
-const BLOCKS: [(usize, usize); 13] = [
+pub(crate) const BLOCKS: [(usize, usize); 13] = [
     (64, 1),
     (128, 2),
     (128, 1),
