@@ -1,0 +1,315 @@
+//! `sae`: the command-line tool for the models of this workspace, built on the library crates
+//! only. Subcommands: `models` (every registered model with parameters and MACs), `convert`
+//! (torchvision/timm checkpoints → our weights and config), `export` (ONNX), `predict`
+//! (top-k classes of images) and `data check` (decode every image of a folder dataset).
+//! Errors print with their causes and exit with status 1.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use clap::{Parser, Subcommand, ValueEnum};
+use rayon::prelude::*;
+use sae_models::{config, list, read_labels, Model, ModelConfig, Preprocess};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(
+    name = "sae",
+    version,
+    about = "SENetV2 / SE-ResNet / ResNet / MobileNet models: inspect, convert, export, predict"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Every registered model with its parameters and multiply-accumulates.
+    #[command(after_help = "Example:\n  sae models --classes 100 --size 32 --json")]
+    Models {
+        /// Classifier outputs the counts are for.
+        #[arg(long, default_value_t = 1000)]
+        classes: usize,
+        /// Input side length the MACs are for.
+        #[arg(long, default_value_t = 224)]
+        size: usize,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Converts a torchvision or timm checkpoint (.pth, .pt, .bin or .safetensors) into our
+    /// weights (safetensors) and the config that matches them (the same path with .json).
+    #[command(after_help = "Example:\n  sae convert seresnet50_timm.pth seresnet50.safetensors\n  \
+                            # then: sae predict --weights seresnet50.safetensors --config seresnet50.json cat.jpg")]
+    Convert {
+        /// The PyTorch checkpoint.
+        src: PathBuf,
+        /// Where our weights go; the config goes beside them with the extension .json.
+        dst: PathBuf,
+    },
+    /// Exports a model in eval mode with its weights.
+    #[command(
+        after_help = "Example:\n  sae export --weights seresnet50.safetensors --config seresnet50.json --out seresnet50.onnx"
+    )]
+    Export {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The format.
+        #[arg(long, value_enum, default_value_t = Format::Onnx)]
+        format: Format,
+        /// The output file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Top-k classes of images (JPEG or PNG files, or folders of them), as a table or JSON lines.
+    #[command(
+        after_help = "Example:\n  sae predict --weights w.safetensors --config w.json --labels labels.txt --top 3 photos/"
+    )]
+    Predict {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Class names, one per line.
+        #[arg(long)]
+        labels: Option<PathBuf>,
+        /// Centre-crop side length (ImageNet preprocessing: resize to 256/224 of it, crop, normalise).
+        #[arg(long, default_value_t = 224)]
+        size: usize,
+        /// Classes per image.
+        #[arg(long, default_value_t = 5)]
+        top: usize,
+        /// Images per forward pass.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Image files or folders (searched recursively).
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+    },
+    /// Dataset checks.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Decodes every image under a folder in parallel and lists the files that fail; exits
+    /// with status 1 when there is one.
+    #[command(after_help = "Example:\n  sae data check ~/data/imagenette")]
+    Check {
+        /// An ImageNet-style folder (or any folder of images).
+        dir: PathBuf,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy)]
+enum Format {
+    /// ONNX, opset 17.
+    Onnx,
+}
+
+/// Which model, and its weights.
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// Weights in safetensors (from training, `Model::save` or `sae convert`).
+    #[arg(long)]
+    weights: PathBuf,
+    /// The model's config JSON (written by `sae convert`, or `model` in a run's config.json).
+    #[arg(long, conflicts_with = "model")]
+    config: Option<PathBuf>,
+    /// A registered model name (see `sae models`), with --classes.
+    #[arg(long, required_unless_present = "config")]
+    model: Option<String>,
+    /// Classifier outputs, with --model.
+    #[arg(long, default_value_t = 1000)]
+    classes: usize,
+}
+
+impl ModelArgs {
+    fn load(&self) -> Result<Model> {
+        let cfg = match (&self.config, &self.model) {
+            (Some(path), _) => read_config(path)?,
+            (None, Some(name)) => config(name, self.classes)?,
+            (None, None) => bail!("give --config or --model"),
+        };
+        let name = cfg.name.clone();
+        Model::load(cfg, &self.weights, &Device::Cpu)
+            .with_context(|| format!("loading {name} weights from {}", self.weights.display()))
+    }
+}
+
+/// A model config: a `ModelConfig` JSON, or a run's `config.json` (its `model` field).
+fn read_config(path: &Path) -> Result<ModelConfig> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+    let model = value.get("model").filter(|m| m.is_object()).unwrap_or(&value);
+    let cfg: ModelConfig =
+        serde_json::from_value(model.clone()).with_context(|| format!("{}: not a model config", path.display()))?;
+    cfg.validate().with_context(|| format!("{}", path.display()))?;
+    Ok(cfg)
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Models { classes, size, json } => models(classes, size, json),
+        Command::Convert { src, dst } => {
+            let cfg =
+                sae_models::convert_checkpoint(&src, &dst).with_context(|| format!("converting {}", src.display()))?;
+            eprintln!(
+                "{} → {} ({}, {} classes) and {}",
+                src.display(),
+                dst.display(),
+                cfg.name,
+                cfg.num_classes,
+                dst.with_extension("json").display()
+            );
+            Ok(())
+        }
+        Command::Export { model, format: Format::Onnx, out } => {
+            let model = model.load()?;
+            sae_models::export_onnx(&model, &out).with_context(|| format!("writing {}", out.display()))?;
+            eprintln!("wrote {} (ONNX opset {})", out.display(), sae_models::onnx::OPSET);
+            Ok(())
+        }
+        Command::Predict { model, labels, size, top, batch, json, images } => {
+            predict(&model, labels.as_deref(), size, top, batch.max(1), json, &images)
+        }
+        Command::Data { command: DataCommand::Check { dir } } => data_check(&dir),
+    }
+}
+
+fn models(classes: usize, size: usize, json: bool) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    if !json {
+        writeln!(out, "{:<26} {:>14} {:>14} {:>16}", "model", "params", "params (Keras)", format!("MACs @{size}²"))?;
+    }
+    for name in list() {
+        let cfg = config(name, classes)?;
+        let counts = cfg.param_counts()?;
+        let macs = Model::new(cfg, 0, &Device::Cpu)?.macs(size, size);
+        if json {
+            let row = serde_json::json!({
+                "model": name, "classes": classes, "params": counts.trainable,
+                "params_keras": counts.keras, "input_size": size, "macs": macs,
+            });
+            writeln!(out, "{row}")?;
+        } else {
+            writeln!(out, "{name:<26} {:>14} {:>14} {:>16}", counts.trainable, counts.keras, macs)?;
+        }
+    }
+    Ok(())
+}
+
+/// Image files among `paths`, folders searched recursively, in sorted order.
+fn image_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<std::io::Result<_>>()
+            .with_context(|| format!("reading {}", dir.display()))?;
+        entries.sort();
+        for path in entries {
+            if path.is_dir() {
+                walk(&path, out)?;
+            } else if is_image(&path) {
+                out.push(path);
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            walk(p, &mut out)?;
+        } else if p.exists() {
+            out.push(p.clone());
+        } else {
+            bail!("{}: no such file or folder", p.display());
+        }
+    }
+    Ok(out)
+}
+
+fn is_image(path: &Path) -> bool {
+    let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+    matches!(ext.as_deref(), Some("jpg" | "jpeg" | "png" | "bmp" | "webp"))
+}
+
+fn predict(
+    model: &ModelArgs,
+    labels: Option<&Path>,
+    size: usize,
+    top: usize,
+    batch: usize,
+    json: bool,
+    inputs: &[PathBuf],
+) -> Result<()> {
+    let model = model.load()?;
+    let classes = model.config().num_classes;
+    let labels = match labels {
+        Some(path) => {
+            let names = read_labels(path).with_context(|| format!("reading labels {}", path.display()))?;
+            if names.len() != classes {
+                bail!("{} has {} names but the model has {classes} classes", path.display(), names.len());
+            }
+            Some(names)
+        }
+        None => None,
+    };
+    let files = image_files(inputs)?;
+    let preprocess = Preprocess::imagenet(size);
+    let mut out = std::io::stdout().lock();
+    for chunk in files.chunks(batch) {
+        let images = chunk.iter().map(|p| preprocess.load(p)).collect::<Result<Vec<_>, _>>()?;
+        let predictions = model.top_k(&Tensor::stack(&images, 0)?, top.min(classes))?;
+        for (path, predictions) in chunk.iter().zip(predictions) {
+            let name = |class: usize| labels.as_ref().map_or_else(|| class.to_string(), |l| l[class].clone());
+            if json {
+                let top: Vec<_> = predictions
+                    .iter()
+                    .map(
+                        |p| serde_json::json!({"class": p.class, "label": name(p.class), "probability": p.probability}),
+                    )
+                    .collect();
+                writeln!(out, "{}", serde_json::json!({"image": path.display().to_string(), "top": top}))?;
+            } else {
+                writeln!(out, "{}", path.display())?;
+                for p in predictions {
+                    writeln!(out, "  {:>6.2}%  {}", 100.0 * p.probability, name(p.class))?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn data_check(dir: &Path) -> Result<()> {
+    let files = image_files(&[dir.to_path_buf()])?;
+    if files.is_empty() {
+        bail!("{}: no images (.jpg, .jpeg, .png, .bmp, .webp) found", dir.display());
+    }
+    let bad: Vec<String> =
+        files.par_iter().filter_map(|path| sae_data::Rgb8Image::open(path).err().map(|e| e.to_string())).collect();
+    let mut out = std::io::stdout().lock();
+    for line in &bad {
+        writeln!(out, "{line}")?;
+    }
+    eprintln!("{} images checked, {} unreadable", files.len(), bad.len());
+    if !bad.is_empty() {
+        bail!("{} of {} images under {} cannot be decoded", bad.len(), files.len(), dir.display());
+    }
+    Ok(())
+}
