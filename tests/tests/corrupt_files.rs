@@ -172,9 +172,9 @@ fn weights_and_checkpoints_never_panic() {
     let loss = candle_core::ModuleT::forward_t(&model, &x, true).unwrap().sum_all().unwrap();
     optimizer.step(&loss.backward().unwrap()).unwrap();
     let mut state = CheckpointState { epoch: 1, step: 1, ..Default::default() };
-    checkpoint::save(&run, &model, optimizer.as_ref(), &mut state, 10.0).unwrap();
+    checkpoint::save(&run, &model, None, optimizer.as_ref(), &mut state, Some(10.0)).unwrap();
     let dir = run.join("checkpoints/epoch-0001");
-    let mut load = || checkpoint::load_dir(&dir, &model, optimizer.as_mut());
+    let mut load = || checkpoint::load_dir(&dir, &model, None, optimizer.as_mut());
     assert!(load().is_ok());
     for (file, header, mutations, min_errors) in
         [("model.safetensors", 16_384, 60, 20), ("optimizer.safetensors", 16_384, 60, 20), ("state.json", 64, 100, 30)]
@@ -186,7 +186,7 @@ fn weights_and_checkpoints_never_panic() {
     }
     let pointer = run.join("checkpoints/last.json");
     let valid = std::fs::read(&pointer).unwrap();
-    fuzz("last.json", &pointer, &valid, 64, 100, || checkpoint::load_last(&run, &model, optimizer.as_mut()));
+    fuzz("last.json", &pointer, &valid, 64, 100, || checkpoint::load_last(&run, &model, None, optimizer.as_mut()));
     // A safetensors header claiming an 18-exabyte length is refused, naming the file.
     let path = dir.join("model.safetensors");
     let mut bytes = std::fs::read(&path).unwrap();
@@ -222,6 +222,7 @@ fn run_config_and_summary_never_panic() {
         batch_size: 8,
         seed: 0,
         label_smoothing: 0.1,
+        steps: Default::default(),
     };
     let json = serde_json::to_string_pretty(&cfg).unwrap();
     std::fs::write(dir.join("config.json"), &json).unwrap();

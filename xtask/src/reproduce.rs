@@ -222,6 +222,7 @@ fn run_config(table: Table, data: TableData, opts: &Options, model: &str, seed: 
         batch_size: p.batch_size,
         seed,
         label_smoothing: 0.0,
+        steps: Default::default(),
     })
 }
 

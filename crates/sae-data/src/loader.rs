@@ -118,12 +118,19 @@ impl<D: Dataset + 'static> Loader<D> {
     /// The batches of `epoch`, prepared on a producer thread up to `prefetch` ahead. Dropping
     /// the iterator stops the producer.
     pub fn epoch(&self, epoch: u64) -> EpochIter {
+        self.epoch_from(epoch, 0)
+    }
+
+    /// The batches of `epoch` from batch `first` on: the same batches [`Loader::epoch`] gives
+    /// from that point, without decoding the ones before (a run resumed mid-epoch).
+    pub fn epoch_from(&self, epoch: u64, first: usize) -> EpochIter {
         let order = self.order(epoch);
         let bs = self.config.batch_size;
         let mut chunks: Vec<Vec<usize>> = order.chunks(bs).map(<[usize]>::to_vec).collect();
         if self.config.drop_last && chunks.last().is_some_and(|c| c.len() < bs) {
             chunks.pop();
         }
+        chunks.drain(..first.min(chunks.len()));
         let (tx, rx) = sync_channel(self.config.prefetch.max(1));
         let (dataset, transform, normalize, seed) =
             (self.dataset.clone(), self.transform, self.normalize, self.config.seed);

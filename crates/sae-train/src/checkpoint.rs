@@ -1,7 +1,10 @@
-//! Atomic checkpoints: each epoch's model weights, optimiser state and `state.json` are
-//! written into a temporary directory that is renamed into place, and then the small pointer
-//! files `last.json` / `best.json` are replaced by rename. A crash at any moment leaves the
-//! previous complete checkpoint reachable. Older checkpoints other than the best are removed.
+//! Atomic checkpoints: the model weights (and their moving average, when the run keeps one),
+//! optimiser state and `state.json` are written into a temporary directory that is renamed
+//! into place, and then the small pointer files `last.json` / `best.json` are replaced by
+//! rename. A crash at any moment leaves the previous complete checkpoint reachable. Older
+//! checkpoints other than the best are removed. Checkpoints are taken at the end of each epoch
+//! (`epoch-NNNN`) and, with `checkpoint_every`, within one (`epoch-NNNN-batch-NNNNNN`: the
+//! batches done of the next epoch and that epoch's running totals, to resume mid-epoch).
 
 use crate::error::io;
 use crate::optim::Optimizer;
@@ -21,6 +24,26 @@ pub struct CheckpointState {
     pub best_top1: f64,
     /// Epoch of the best eval top-1.
     pub best_epoch: usize,
+    /// Batches done of epoch `epoch` (0-based; the epoch after the completed ones): non-zero
+    /// in a checkpoint taken within an epoch.
+    #[serde(default)]
+    pub batch: usize,
+    /// The running totals of that unfinished epoch.
+    #[serde(default)]
+    pub partial: PartialEpoch,
+}
+
+/// Running totals of an epoch's training batches.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PartialEpoch {
+    /// Σ loss · batch size.
+    pub loss_sum: f64,
+    /// Images seen.
+    pub images: usize,
+    /// Of which classified right (top-1).
+    pub correct: usize,
+    /// Training seconds so far.
+    pub seconds: f64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -32,8 +55,11 @@ fn checkpoints(run: &Path) -> PathBuf {
     run.join("checkpoints")
 }
 
-fn epoch_dir_name(epoch: usize) -> String {
-    format!("epoch-{epoch:04}")
+fn dir_name(epoch: usize, batch: usize) -> String {
+    match batch {
+        0 => format!("epoch-{epoch:04}"),
+        b => format!("epoch-{epoch:04}-batch-{b:06}"),
+    }
 }
 
 fn write_pointer(run: &Path, which: &str, dir: &str) -> Result<()> {
@@ -49,31 +75,41 @@ fn read_pointer(run: &Path, which: &str) -> Result<Option<String>> {
     let text = std::fs::read_to_string(&path).map_err(io(&path))?;
     let p: Pointer =
         serde_json::from_str(&text).map_err(|e| Error::Checkpoint { path: path.clone(), reason: e.to_string() })?;
+    // Only a checkpoint directory beside the pointer, never a path elsewhere.
+    if !p.dir.starts_with("epoch-") || p.dir.contains(['/', '\\']) || p.dir.contains("..") {
+        return Err(Error::Checkpoint { path, reason: format!("names {:?}, not a checkpoint directory", p.dir) });
+    }
     Ok(Some(p.dir))
 }
 
-/// Saves the checkpoint of `state.epoch`, updating `best` when `eval_top1` beats it.
+/// Saves the checkpoint of `state` (`state.epoch` completed epochs and `state.batch` batches
+/// of the next); at the end of an epoch `eval_top1` updates `best` when it beats it. `ema` is
+/// the moving average of the weights, when the run keeps one.
 pub fn save(
     run: &Path,
     model: &Model,
+    ema: Option<&Model>,
     optimizer: &dyn Optimizer,
     state: &mut CheckpointState,
-    eval_top1: f64,
+    eval_top1: Option<f64>,
 ) -> Result<()> {
     let root = checkpoints(run);
     std::fs::create_dir_all(&root).map_err(io(&root))?;
-    let name = epoch_dir_name(state.epoch);
+    let name = dir_name(state.epoch, state.batch);
     let tmp = root.join(format!("{name}.tmp"));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    let is_best = state.best_epoch == 0 || eval_top1 > state.best_top1;
-    if is_best {
-        state.best_top1 = eval_top1;
+    let is_best = eval_top1.is_some_and(|top1| state.best_epoch == 0 || top1 > state.best_top1);
+    if let (true, Some(top1)) = (is_best, eval_top1) {
+        state.best_top1 = top1;
         state.best_epoch = state.epoch;
     }
     model.save(&tmp.join("model.safetensors"))?;
+    if let Some(ema) = ema {
+        ema.save(&tmp.join("ema.safetensors"))?;
+    }
     let opt: std::collections::HashMap<String, candle_core::Tensor> = optimizer.state_tensors()?.into_iter().collect();
     candle_core::safetensors::save(&opt, tmp.join("optimizer.safetensors"))?;
     let json = serde_json::to_string_pretty(state).expect("state serialises");
@@ -84,7 +120,7 @@ pub fn save(
         write_pointer(run, "best", &name)?;
     }
     // Keep only the last and the best.
-    let best = epoch_dir_name(state.best_epoch);
+    let best = dir_name(state.best_epoch, 0);
     for entry in std::fs::read_dir(&root).map_err(io(&root))?.flatten() {
         let n = entry.file_name().to_string_lossy().to_string();
         if n.starts_with("epoch-") && !n.ends_with(".tmp") && n != name && n != best {
@@ -96,18 +132,41 @@ pub fn save(
 
 /// Loads the checkpoint `last.json` names into `model` and `optimizer`; `None` when the run
 /// has none yet.
-pub fn load_last(run: &Path, model: &Model, optimizer: &mut dyn Optimizer) -> Result<Option<CheckpointState>> {
+pub fn load_last(
+    run: &Path,
+    model: &Model,
+    ema: Option<&Model>,
+    optimizer: &mut dyn Optimizer,
+) -> Result<Option<CheckpointState>> {
     let Some(name) = read_pointer(run, "last")? else { return Ok(None) };
-    load_dir(&checkpoints(run).join(name), model, optimizer).map(Some)
+    load_dir(&checkpoints(run).join(name), model, ema, optimizer).map(Some)
+}
+
+/// The directory `best.json` names (else `last.json`), for evaluating a run; `None` when the
+/// run has no checkpoint.
+pub fn best_dir(run: &Path) -> Result<Option<PathBuf>> {
+    let name = match read_pointer(run, "best")? {
+        Some(name) => Some(name),
+        None => read_pointer(run, "last")?,
+    };
+    Ok(name.map(|n| checkpoints(run).join(n)))
 }
 
 /// Loads one checkpoint directory.
-pub fn load_dir(dir: &Path, model: &Model, optimizer: &mut dyn Optimizer) -> Result<CheckpointState> {
+pub fn load_dir(
+    dir: &Path,
+    model: &Model,
+    ema: Option<&Model>,
+    optimizer: &mut dyn Optimizer,
+) -> Result<CheckpointState> {
     let bad = |reason: String| Error::Checkpoint { path: dir.to_path_buf(), reason };
     let state_path = dir.join("state.json");
     let text = std::fs::read_to_string(&state_path).map_err(io(&state_path))?;
     let state: CheckpointState = serde_json::from_str(&text).map_err(|e| bad(format!("state.json: {e}")))?;
     model.load_weights(&dir.join("model.safetensors"))?;
+    if let Some(ema) = ema {
+        ema.load_weights(&dir.join("ema.safetensors"))?;
+    }
     let opt_path = dir.join("optimizer.safetensors");
     let tensors = candle_core::safetensors::load(&opt_path, model.device())
         .map_err(|e| Error::Checkpoint { path: opt_path.clone(), reason: e.to_string() })?;

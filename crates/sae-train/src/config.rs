@@ -56,6 +56,38 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Label smoothing ε (0 for none).
     pub label_smoothing: f64,
+    /// How optimiser steps are taken and the run is saved.
+    #[serde(default)]
+    pub steps: StepConfig,
+}
+
+/// How gradients become optimiser steps, and how often a run is saved. The defaults are one
+/// batch per step, no clipping, no weight average, a checkpoint per epoch.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StepConfig {
+    /// Batches whose (averaged) gradients make one optimiser step; 0 or 1 for every batch.
+    /// Accumulating k batches of b equals one step on a batch of k·b (without BatchNorm,
+    /// whose statistics stay per batch).
+    pub accumulate: usize,
+    /// Clip the gradients' global L2 norm to this before each step.
+    pub clip_grad_norm: Option<f64>,
+    /// Keep an exponential moving average of the weights (and BatchNorm statistics),
+    /// `ema ← d·ema + (1 − d)·w` after every step, evaluate it, and save it as `ema.safetensors`.
+    pub ema_decay: Option<f64>,
+    /// Also checkpoint every this many optimiser steps, so that a killed run loses at most
+    /// that many; it resumes mid-epoch.
+    pub checkpoint_every: Option<usize>,
+    /// Weights to start from (safetensors or a PyTorch checkpoint) instead of the seeded
+    /// initialisation; a classifier head of another class count is left freshly initialised.
+    pub init: Option<PathBuf>,
+}
+
+impl StepConfig {
+    /// Batches per optimiser step (at least 1).
+    pub fn batches_per_step(&self) -> usize {
+        self.accumulate.max(1)
+    }
 }
 
 impl TrainConfig {
@@ -67,6 +99,16 @@ impl TrainConfig {
         }
         if !(0.0..1.0).contains(&self.label_smoothing) {
             return Err(Error::Config(format!("label_smoothing must be in [0, 1), got {}", self.label_smoothing)));
+        }
+        let s = &self.steps;
+        if let Some(c) = s.clip_grad_norm.filter(|c| !(*c > 0.0 && c.is_finite())) {
+            return Err(Error::Config(format!("clip_grad_norm must be positive, got {c}")));
+        }
+        if let Some(d) = s.ema_decay.filter(|d| !(0.0..1.0).contains(d)) {
+            return Err(Error::Config(format!("ema_decay must be in [0, 1), got {d}")));
+        }
+        if s.checkpoint_every == Some(0) {
+            return Err(Error::Config("checkpoint_every must be at least 1 step".into()));
         }
         Ok(())
     }

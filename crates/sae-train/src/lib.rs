@@ -17,7 +17,7 @@ pub mod progress;
 pub mod summary;
 pub mod train;
 
-pub use config::{DataConfig, DatasetKind, TrainConfig};
+pub use config::{DataConfig, DatasetKind, StepConfig, TrainConfig};
 pub use error::{Error, Result};
 pub use optim::{Adam, Optimizer, OptimizerConfig, Schedule, Sgd};
 pub use progress::{default_progress, Bar, LogLines, Progress};

@@ -8,7 +8,7 @@
 //! same result as an uninterrupted run (shuffles and augmentation depend only on seed, epoch
 //! and index).
 
-use crate::checkpoint::{self, CheckpointState};
+use crate::checkpoint::{self, CheckpointState, PartialEpoch};
 use crate::config::{TrainConfig, CONFIG_FILE};
 use crate::data::{datasets, to_tensors};
 use crate::error::io;
@@ -17,7 +17,8 @@ use crate::optim::Optimizer;
 use crate::progress::{epoch_line, Progress};
 use crate::summary::{read_summary, write_summary, EpochSummary};
 use crate::{Error, Result};
-use candle_core::{Device, ModuleT};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, ModuleT};
 use sae_data::{Dataset, Loader, LoaderConfig};
 use sae_models::Model;
 use std::io::Write;
@@ -26,8 +27,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// Trains as `cfg` says, in `dir`. With `resume`, continues the run in `dir` from its last
-/// checkpoint (its `config.json` must match `cfg` except for `epochs`). Without, `dir` must
-/// not already hold a run. Returns every epoch's summary.
+/// checkpoint (its `config.json` must match `cfg` except for `epochs`), mid-epoch when that
+/// checkpoint was taken within one. Without, `dir` must not already hold a run. Returns every
+/// epoch's summary.
 pub fn train(
     cfg: &TrainConfig,
     dir: &Path,
@@ -37,9 +39,21 @@ pub fn train(
 ) -> Result<Vec<EpochSummary>> {
     cfg.validate()?;
     let model = Model::new(cfg.model.clone(), cfg.seed, device)?;
+    if let Some(init) = &cfg.steps.init {
+        load_init(&model, init)?;
+    }
+    // The moving average starts from the initial weights.
+    let ema = match cfg.steps.ema_decay {
+        Some(_) => Some(Model::new(cfg.model.clone(), cfg.seed, device)?),
+        None => None,
+    };
+    if let Some(ema) = &ema {
+        copy_weights(&model, ema)?;
+    }
     // The run's one kernel switch reaches the optimiser's update too.
     let mut optimizer = cfg.optimizer.build(model.trainable_vars(), cfg.model.kernels);
-    let (mut state, mut history) = open_run(cfg, dir, resume, &model, optimizer.as_mut())?;
+    let mut run = Run { cfg, dir, device, model: &model, ema: ema.as_ref(), state: CheckpointState::default() };
+    let mut history = run.open(resume, optimizer.as_mut())?;
 
     let splits = datasets(&cfg.data, cfg.seed)?;
     let classes = splits.train.classes().len();
@@ -60,114 +74,219 @@ pub fn train(
     let log_path = dir.join("train.log");
     let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(io(&log_path))?;
 
-    for epoch in state.epoch..cfg.epochs {
+    for epoch in run.state.epoch..cfg.epochs {
+        let trained = run.train_epoch(optimizer.as_mut(), &train_loader, epoch, progress)?;
         let start = Instant::now();
-        let trained =
-            train_epoch(cfg, dir, device, &model, optimizer.as_mut(), &train_loader, epoch, &mut state, progress)?;
-        let train_seconds = start.elapsed().as_secs_f64();
-        let (eval_loss, eval_top1, eval_top5) = device.with_context(|| evaluate(&model, &eval_loader, device))?;
+        let evaluated = ema.as_ref().unwrap_or(&model);
+        let (eval_loss, eval_top1, eval_top5) = device.with_context(|| evaluate(evaluated, &eval_loader, device))?;
         let summary = EpochSummary {
             epoch: epoch + 1,
             train_loss: trained.loss_sum / trained.images.max(1) as f64,
-            train_top1: trained.accuracy.top1(),
+            train_top1: 100.0 * trained.correct as f64 / trained.images.max(1) as f64,
             eval_loss,
             eval_top1,
             eval_top5,
             lr: optimizer.lr(),
-            seconds: start.elapsed().as_secs_f64(),
-            images_per_second: trained.images as f64 / train_seconds,
+            seconds: trained.seconds + start.elapsed().as_secs_f64(),
+            images_per_second: trained.images as f64 / trained.seconds,
         };
         progress.epoch_end(&summary);
         writeln!(log, "{}", epoch_line(&summary)).map_err(io(&log_path))?;
         history.push(summary);
         write_summary(dir, &history)?;
         crate::plot::plot_run(&history, &cfg.model.name, &dir.join("curves.png"))?;
-        state.epoch = epoch + 1;
-        checkpoint::save(dir, &model, optimizer.as_ref(), &mut state, eval_top1)?;
+        run.state.epoch = epoch + 1;
+        run.state.batch = 0;
+        run.state.partial = PartialEpoch::default();
+        checkpoint::save(dir, &model, ema.as_ref(), optimizer.as_ref(), &mut run.state, Some(eval_top1))?;
     }
     Ok(history)
 }
 
-/// Starts a run in `dir` (writing its config) or, with `resume`, loads its last checkpoint
-/// into `model` and `optimizer`; returns the progress so far and the finished epochs.
-fn open_run(
-    cfg: &TrainConfig,
-    dir: &Path,
-    resume: bool,
-    model: &Model,
-    optimizer: &mut dyn Optimizer,
-) -> Result<(CheckpointState, Vec<EpochSummary>)> {
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let config_path = dir.join(CONFIG_FILE);
-    let mut progress = (CheckpointState::default(), Vec::new());
-    if resume {
-        let saved = TrainConfig::read(dir)?;
-        if (TrainConfig { epochs: cfg.epochs, ..saved }) != *cfg {
-            return Err(Error::Config(format!("{}: the run was made with a different config", config_path.display())));
+/// Loads the `init` weights (safetensors or a PyTorch checkpoint) into `model`. A classifier
+/// head whose class count differs keeps the model's fresh initialisation (fine-tuning);
+/// every other tensor must match.
+fn load_init(model: &Model, init: &Path) -> Result<()> {
+    let mut tensors = sae_models::read_state_dict(init)?;
+    for (name, var) in model.named_vars() {
+        let is_head = name.starts_with("fc.") || name.starts_with("classifier.");
+        if is_head && tensors.get(&name).is_some_and(|t| t.dims() != var.dims()) {
+            tensors.insert(name, var.as_tensor().copy()?);
         }
-        if let Some(state) = checkpoint::load_last(dir, model, optimizer)? {
-            let mut history = read_summary(dir)?;
-            history.truncate(state.epoch);
-            progress = (state, history);
-        }
-    } else if config_path.exists() {
-        return Err(Error::Config(format!(
-            "{} already holds a run; resume it or choose another directory",
-            dir.display()
-        )));
     }
-    sae_fs::write_atomic(&config_path, serde_json::to_string_pretty(cfg).expect("config serialises").as_bytes())?;
-    Ok(progress)
+    Ok(model.load_state_dict(tensors, init)?)
 }
 
-/// What one epoch of training saw.
-struct EpochTraining {
-    loss_sum: f64,
-    images: usize,
-    accuracy: Accuracy,
+/// Sets every variable of `to` (weights and BatchNorm statistics) to `from`'s.
+fn copy_weights(from: &Model, to: &Model) -> Result<()> {
+    let to_vars = to.named_vars();
+    for (name, var) in from.named_vars() {
+        if let Some(dst) = to_vars.get(&name) {
+            dst.set(var.as_tensor())?;
+        }
+    }
+    Ok(())
 }
 
-/// One epoch of training steps; `state.step` counts them.
-#[allow(clippy::too_many_arguments)]
-fn train_epoch<D: Dataset + 'static>(
-    cfg: &TrainConfig,
-    dir: &Path,
-    device: &Device,
-    model: &Model,
-    optimizer: &mut dyn Optimizer,
-    loader: &Loader<D>,
-    epoch: usize,
-    state: &mut CheckpointState,
-    progress: &mut dyn Progress,
-) -> Result<EpochTraining> {
-    let start = Instant::now();
-    let batches = loader.batches_per_epoch();
-    progress.epoch_start(epoch + 1, batches);
-    let mut seen = EpochTraining { loss_sum: 0.0, images: 0, accuracy: Accuracy::default() };
-    for (i, batch) in loader.epoch(epoch as u64).enumerate() {
-        let batch = batch?;
-        optimizer.set_lr(cfg.schedule.lr(cfg.optimizer.lr(), epoch as f64 + i as f64 / batches as f64));
-        let (x, y) = to_tensors(&batch, device)?;
-        // Forward and backward inside Candle's own CPU thread pool (a no-op on GPUs).
-        let (logits, loss, grads) = device.with_context(|| -> Result<_> {
-            let logits = model.forward_t(&x, true)?;
-            let loss = cross_entropy(&logits, &y, cfg.label_smoothing)?;
-            let value = loss.to_scalar::<f32>()?;
-            if !value.is_finite() {
-                return Err(Error::NonFiniteLoss { value, epoch, step: state.step, dir: dir.to_path_buf() });
+/// A run in progress: its config, directory, model (and weight average) and progress.
+struct Run<'a> {
+    cfg: &'a TrainConfig,
+    dir: &'a Path,
+    device: &'a Device,
+    model: &'a Model,
+    ema: Option<&'a Model>,
+    state: CheckpointState,
+}
+
+impl Run<'_> {
+    /// Starts the run (writing its config) or, with `resume`, loads its last checkpoint into
+    /// the model and `optimizer`; returns the finished epochs' summaries.
+    fn open(&mut self, resume: bool, optimizer: &mut dyn Optimizer) -> Result<Vec<EpochSummary>> {
+        let (cfg, dir) = (self.cfg, self.dir);
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let config_path = dir.join(CONFIG_FILE);
+        let mut history = Vec::new();
+        if resume {
+            let saved = TrainConfig::read(dir)?;
+            if (TrainConfig { epochs: cfg.epochs, ..saved }) != *cfg {
+                return Err(Error::Config(format!(
+                    "{}: the run was made with a different config",
+                    config_path.display()
+                )));
             }
-            let grads = loss.backward()?;
-            Ok((logits, value, grads))
-        })?;
-        optimizer.step(&grads)?;
-        state.step += 1;
-        seen.loss_sum += loss as f64 * batch.labels.len() as f64;
-        seen.images += batch.labels.len();
-        seen.accuracy.update(&logits, &batch.labels)?;
-        let images_per_second = seen.images as f64 / start.elapsed().as_secs_f64();
-        progress.batch(seen.loss_sum / seen.images as f64, seen.accuracy.top1(), images_per_second);
+            if let Some(state) = checkpoint::load_last(dir, self.model, self.ema, optimizer)? {
+                history = read_summary(dir)?;
+                history.truncate(state.epoch);
+                self.state = state;
+            }
+        } else if config_path.exists() {
+            return Err(Error::Config(format!(
+                "{} already holds a run; resume it or choose another directory",
+                dir.display()
+            )));
+        }
+        sae_fs::write_atomic(&config_path, serde_json::to_string_pretty(cfg).expect("config serialises").as_bytes())?;
+        Ok(history)
     }
-    Ok(seen)
+
+    /// One epoch of training from `state.batch` on; `state` counts steps and batches, and
+    /// holds the epoch's running totals, which it returns at the end.
+    fn train_epoch<D: Dataset + 'static>(
+        &mut self,
+        optimizer: &mut dyn Optimizer,
+        loader: &Loader<D>,
+        epoch: usize,
+        progress: &mut dyn Progress,
+    ) -> Result<PartialEpoch> {
+        let (cfg, steps) = (self.cfg, &self.cfg.steps);
+        let start = Instant::now();
+        let batches = loader.batches_per_epoch();
+        let per_step = steps.batches_per_step();
+        let first = self.state.batch;
+        let mut totals = std::mem::take(&mut self.state.partial);
+        let seconds_before = totals.seconds;
+        progress.epoch_start(epoch + 1, batches);
+        let mut accumulated: Option<GradStore> = None;
+        for (i, batch) in (first..).zip(loader.epoch_from(epoch as u64, first)) {
+            let batch = batch?;
+            optimizer.set_lr(cfg.schedule.lr(cfg.optimizer.lr(), epoch as f64 + i as f64 / batches as f64));
+            let (x, y) = to_tensors(&batch, self.device)?;
+            // Forward and backward inside Candle's own CPU thread pool (a no-op on GPUs).
+            let (logits, loss, grads) = self.device.with_context(|| -> Result<_> {
+                let logits = self.model.forward_t(&x, true)?;
+                let loss = cross_entropy(&logits, &y, cfg.label_smoothing)?;
+                let value = loss.to_scalar::<f32>()?;
+                if !value.is_finite() {
+                    let step = self.state.step;
+                    return Err(Error::NonFiniteLoss { value, epoch, step, dir: self.dir.to_path_buf() });
+                }
+                // Accumulated gradients are the mean over the step's batches.
+                let grads = if per_step > 1 { (loss / per_step as f64)?.backward()? } else { loss.backward()? };
+                Ok((logits, value, grads))
+            })?;
+            accumulated = Some(match accumulated.take() {
+                None => grads,
+                Some(sum) => add_gradients(sum, &grads, self.model)?,
+            });
+            let mut accuracy = Accuracy::default();
+            accuracy.update(&logits, &batch.labels)?;
+            totals.loss_sum += loss as f64 * batch.labels.len() as f64;
+            totals.images += batch.labels.len();
+            totals.correct += accuracy.correct1;
+            totals.seconds = seconds_before + start.elapsed().as_secs_f64();
+            self.state.batch = i + 1;
+            // A step after every `per_step` batches, and after the epoch's last batch.
+            if (i + 1).is_multiple_of(per_step) || i + 1 == batches {
+                let mut grads = accumulated.take().expect("a batch was accumulated");
+                if let Some(max_norm) = steps.clip_grad_norm {
+                    clip_grad_norm(&mut grads, self.model, max_norm)?;
+                }
+                optimizer.step(&grads)?;
+                self.state.step += 1;
+                if let (Some(ema), Some(decay)) = (self.ema, steps.ema_decay) {
+                    update_ema(ema, self.model, decay)?;
+                }
+                let due = steps.checkpoint_every.is_some_and(|n| self.state.step.is_multiple_of(n));
+                if due && i + 1 < batches {
+                    self.state.partial = totals.clone();
+                    checkpoint::save(self.dir, self.model, self.ema, optimizer, &mut self.state, None)?;
+                    self.state.partial = PartialEpoch::default();
+                }
+            }
+            let top1 = 100.0 * totals.correct as f64 / totals.images as f64;
+            let images_per_second = totals.images as f64 / totals.seconds.max(f64::EPSILON);
+            progress.batch(totals.loss_sum / totals.images as f64, top1, images_per_second);
+        }
+        Ok(totals)
+    }
+}
+
+/// `sum + grads` for every trainable variable of `model`.
+fn add_gradients(mut sum: GradStore, grads: &GradStore, model: &Model) -> Result<GradStore> {
+    for (_, var) in model.trainable_vars() {
+        if let Some(g) = grads.get(&var) {
+            let total = match sum.get(&var) {
+                Some(s) => (s + g)?,
+                None => g.clone(),
+            };
+            sum.insert(&var, total);
+        }
+    }
+    Ok(sum)
+}
+
+/// Scales the gradients of `model`'s trainable variables so that their global L2 norm is at
+/// most `max_norm` (PyTorch's `clip_grad_norm_`).
+fn clip_grad_norm(grads: &mut GradStore, model: &Model, max_norm: f64) -> Result<()> {
+    let vars = model.trainable_vars();
+    let mut squares = 0f64;
+    for (_, var) in &vars {
+        if let Some(g) = grads.get(var) {
+            squares += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        }
+    }
+    let norm = squares.sqrt();
+    if norm > max_norm {
+        let factor = max_norm / (norm + 1e-6);
+        for (_, var) in &vars {
+            if let Some(g) = grads.get(var) {
+                let scaled = (g * factor)?;
+                grads.insert(var, scaled);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `ema ← decay·ema + (1 − decay)·model` for every variable, BatchNorm statistics included.
+fn update_ema(ema: &Model, model: &Model, decay: f64) -> Result<()> {
+    let vars = model.named_vars();
+    for (name, avg) in ema.named_vars() {
+        if let Some(w) = vars.get(&name) {
+            avg.set(&((avg.as_tensor() * decay)? + (w.as_tensor().detach() * (1.0 - decay))?)?)?;
+        }
+    }
+    Ok(())
 }
 
 /// Evaluates `model` (eval mode) on `loader`: (loss, top-1 %, top-5 %).
@@ -182,4 +301,81 @@ pub fn evaluate<D: Dataset + 'static>(model: &Model, loader: &Loader<D>, device:
         acc.update(&logits, &batch.labels)?;
     }
     Ok((loss_sum / acc.count.max(1) as f64, acc.top1(), acc.top5()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Tensor;
+    use sae_models::config;
+
+    fn images(n: usize) -> Tensor {
+        let v: Vec<f32> = (0..n * 3 * 16 * 16).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
+        Tensor::from_vec(v, (n, 3, 16, 16), &Device::Cpu).unwrap()
+    }
+
+    fn gradients(model: &Model, x: &Tensor, labels: &[u32], scale: f64) -> GradStore {
+        // Eval mode: BatchNorm per image, so the mean loss over a batch is the mean of halves.
+        let y = Tensor::new(labels, &Device::Cpu).unwrap();
+        let loss = cross_entropy(&model.forward_t(x, false).unwrap(), &y, 0.0).unwrap();
+        (loss * scale).unwrap().backward().unwrap()
+    }
+
+    #[test]
+    fn accumulated_half_batches_equal_the_whole_batch() {
+        let model = Model::new(config("seresnet14b", 5).unwrap(), 3, &Device::Cpu).unwrap();
+        let (x, labels) = (images(4), [0u32, 3, 1, 4]);
+        let whole = gradients(&model, &x, &labels, 1.0);
+        let first = gradients(&model, &x.narrow(0, 0, 2).unwrap(), &labels[..2], 0.5);
+        let second = gradients(&model, &x.narrow(0, 2, 2).unwrap(), &labels[2..], 0.5);
+        let sum = add_gradients(first, &second, &model).unwrap();
+        for (name, var) in model.trainable_vars() {
+            let (a, b) = (whole.get(&var).unwrap(), sum.get(&var).unwrap());
+            let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff <= 1e-5 * scale + 1e-7, "{name}: {diff} (scale {scale})");
+        }
+    }
+
+    #[test]
+    fn clipping_scales_to_the_global_norm_and_keeps_the_direction() {
+        let model = Model::new(config("resnet14b", 5).unwrap(), 3, &Device::Cpu).unwrap();
+        let norm = |g: &GradStore| -> f64 {
+            model
+                .trainable_vars()
+                .iter()
+                .filter_map(|(_, v)| g.get(v))
+                .map(|t| t.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64)
+                .sum::<f64>()
+                .sqrt()
+        };
+        let original = gradients(&model, &images(2), &[1, 2], 1.0);
+        let before = norm(&original);
+        let mut clipped = gradients(&model, &images(2), &[1, 2], 1.0);
+        clip_grad_norm(&mut clipped, &model, before / 4.0).unwrap();
+        assert!((norm(&clipped) - before / 4.0).abs() <= 1e-4 * before, "{} vs {}", norm(&clipped), before / 4.0);
+        let (_, fc) = model.trainable_vars().into_iter().find(|(n, _)| n == "fc.weight").unwrap();
+        let ratio = (original.get(&fc).unwrap() / 4.0).unwrap();
+        let diff = (ratio - clipped.get(&fc).unwrap()).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
+        // Below the limit nothing changes.
+        let mut untouched = gradients(&model, &images(2), &[1, 2], 1.0);
+        clip_grad_norm(&mut untouched, &model, before * 2.0).unwrap();
+        assert_eq!(norm(&untouched), before);
+    }
+
+    #[test]
+    fn the_weight_average_follows_its_formula() {
+        let model = Model::new(config("resnet14b", 5).unwrap(), 1, &Device::Cpu).unwrap();
+        let ema = Model::new(config("resnet14b", 5).unwrap(), 2, &Device::Cpu).unwrap();
+        let value = |m: &Model, name: &str| m.named_vars()[name].flatten_all().unwrap().to_vec1::<f32>().unwrap()[7];
+        let (w, e) = (value(&model, "layer2.0.conv2.weight"), value(&ema, "layer2.0.conv2.weight"));
+        update_ema(&ema, &model, 0.75).unwrap();
+        let expected = 0.75 * e + 0.25 * w;
+        assert!((value(&ema, "layer2.0.conv2.weight") - expected).abs() < 1e-7);
+        // Running statistics are averaged too (they start equal, so they stay equal).
+        assert_eq!(value(&ema, "bn1.running_var"), value(&model, "bn1.running_var"));
+        copy_weights(&model, &ema).unwrap();
+        assert_eq!(value(&ema, "fc.weight"), value(&model, "fc.weight"));
+    }
 }

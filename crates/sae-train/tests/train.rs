@@ -215,6 +215,7 @@ fn small_config(model: &str, data: &Path, epochs: usize) -> TrainConfig {
         batch_size: 10,
         seed: 1,
         label_smoothing: 0.0,
+        steps: Default::default(),
     }
 }
 
@@ -344,4 +345,90 @@ fn damaged_checkpoints_give_clear_errors() {
     std::fs::write(ckpt.join("state.json"), r#"{"epoch":1,"step":1,"best_top1":0.0,"best_epoch":1}"#).unwrap();
     let err = train(&longer, &run, &Device::Cpu, true, &mut LogLines::default()).unwrap_err().to_string();
     assert!(err.contains("optimizer.safetensors"), "{err}");
+}
+
+/// Stops the run (as a kill would) by panicking after `after` training batches.
+struct KillAfter {
+    after: usize,
+    seen: usize,
+}
+
+impl Progress for KillAfter {
+    fn epoch_start(&mut self, _: usize, _: usize) {}
+    fn batch(&mut self, _: f64, _: f64, _: f64) {
+        self.seen += 1;
+        if self.seen == self.after {
+            panic!("killed");
+        }
+    }
+    fn epoch_end(&mut self, _: &EpochSummary) {}
+}
+
+#[test]
+fn a_run_killed_mid_epoch_resumes_from_its_last_step_checkpoint_with_the_same_result() {
+    let data = tmp("kill-data");
+    write_colour_dataset(&data, 4, 2);
+    // 40 images, batch 4: 10 batches per epoch; 2 batches per step, a checkpoint every 2 steps,
+    // clipping and a weight average, so that every piece of state must survive the restart.
+    let mut cfg = TrainConfig { batch_size: 4, ..small_config("seresnet14b", &data, 2) };
+    cfg.steps = StepConfig {
+        accumulate: 2,
+        clip_grad_norm: Some(0.5),
+        ema_decay: Some(0.9),
+        checkpoint_every: Some(2),
+        init: None,
+    };
+    let straight = tmp("kill-straight");
+    let full = train(&cfg, &straight, &Device::Cpu, false, &mut LogLines::default()).unwrap();
+    let killed = tmp("kill-killed");
+    // Killed in epoch 2 at its 7th batch: the last checkpoint is after its 6th (step 5 + 3).
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        train(&cfg, &killed, &Device::Cpu, false, &mut KillAfter { after: 17, seen: 0 })
+    }));
+    assert!(outcome.is_err(), "the run was not killed");
+    let last = std::fs::read_to_string(killed.join("checkpoints/last.json")).unwrap();
+    assert!(last.contains("epoch-0001-batch-000006"), "{last}");
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(killed.join("checkpoints/epoch-0001-batch-000006/state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!((state["epoch"].as_u64(), state["batch"].as_u64(), state["step"].as_u64()), (Some(1), Some(6), Some(8)));
+    let resumed = train(&cfg, &killed, &Device::Cpu, true, &mut LogLines::default()).unwrap();
+    assert_eq!(checkpoint_model_bytes(&straight), checkpoint_model_bytes(&killed), "weights differ after resume");
+    let ema = |run: &Path| std::fs::read(run.join("checkpoints/epoch-0002/ema.safetensors")).unwrap();
+    assert_eq!(ema(&straight), ema(&killed), "weight averages differ after resume");
+    assert_same_rows(&full, &resumed);
+    // Five steps per epoch (ten batches, two per step).
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(straight.join("checkpoints/epoch-0002/state.json")).unwrap())
+            .unwrap();
+    assert_eq!(state["step"].as_u64(), Some(10));
+}
+
+#[test]
+fn init_weights_fine_tune_with_a_new_head() {
+    let data = tmp("init-data");
+    write_colour_dataset(&data, 2, 1);
+    let source = sae_models::Model::new(config("resnet14b", 7).unwrap(), 9, &Device::Cpu).unwrap();
+    let weights = data.join("pretrained.safetensors");
+    source.save(&weights).unwrap();
+    let mut cfg = small_config("resnet14b", &data, 1);
+    cfg.model.stem = source.config().stem;
+    cfg.optimizer =
+        OptimizerConfig::Sgd { lr: 0.0, momentum: 0.0, nesterov: false, weight_decay: 0.0, decoupled: false };
+    cfg.steps.init = Some(weights.clone());
+    let run = tmp("init-run");
+    train(&cfg, &run, &Device::Cpu, false, &mut LogLines::default()).unwrap();
+    let trained = sae_models::Model::new(cfg.model.clone(), 0, &Device::Cpu).unwrap();
+    trained.load_weights(&run.join("checkpoints/epoch-0001/model.safetensors")).unwrap();
+    let (a, b) = (source.named_vars(), trained.named_vars());
+    // With a zero learning rate the backbone is the source's; the 10-class head is new.
+    let values = |v: &candle_core::Var| v.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(values(&a["layer3.0.conv2.weight"]), values(&b["layer3.0.conv2.weight"]));
+    assert_eq!(b["fc.weight"].dims(), &[10, 2048]);
+    // A backbone of another shape is refused, naming the tensor.
+    let other = sae_models::Model::new(config("resnet18", 7).unwrap(), 9, &Device::Cpu).unwrap();
+    other.save(&weights).unwrap();
+    let err = train(&cfg, &tmp("init-bad"), &Device::Cpu, false, &mut LogLines::default()).unwrap_err().to_string();
+    assert!(err.contains("pretrained.safetensors") && err.contains("layer1.1"), "{err}");
 }
