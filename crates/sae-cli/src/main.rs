@@ -1,5 +1,5 @@
 //! `sae`: the command-line tool for the models of this workspace, built on the library crates
-//! only. Subcommands: `models` (every registered model with parameters and MACs), `convert`
+//! only. Subcommands: `train`, `eval`, `models` (every registered model with parameters and MACs), `convert`
 //! (torchvision/timm checkpoints → our weights and config), `export` (ONNX), `predict`
 //! (top-k classes of images) and `data check` (decode every image of a folder dataset).
 //! Errors print with their causes and exit with status 1.
@@ -11,6 +11,8 @@ use rayon::prelude::*;
 use sae_models::{config, list, read_labels, Model, ModelConfig, Preprocess};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+
+mod train;
 
 #[derive(Parser)]
 #[command(
@@ -88,6 +90,20 @@ enum Command {
         #[arg(required = true)]
         images: Vec<PathBuf>,
     },
+    /// Trains a model: any registered model on CIFAR-10/100 (a directory or the Hub) or an
+    /// ImageNet-style folder, with every setting of the run as a flag or in a config file.
+    #[command(
+        after_help = "Examples:\n  sae train --model senetv2_resnet18 --data ~/data/imagenette --input-size 128 \\\n      \
+                            --epochs 30 --optimizer sgd --lr 0.1 --schedule cosine --warmup-epochs 2 --out runs/a\n  \
+                            sae train --config runs/a/config.json --seed 1 --out runs/b\n  \
+                            sae train --out runs/a --resume"
+    )]
+    Train(Box<train::TrainArgs>),
+    /// Evaluates a run (its best checkpoint) or weights on data: loss, top-1, top-5,
+    /// per-class accuracy and a confusion-matrix PNG.
+    #[command(after_help = "Examples:\n  sae eval runs/a --json\n  \
+                            sae eval --weights w.safetensors --config w.json --data ~/data/imagenette --confusion c.png")]
+    Eval(Box<train::EvalArgs>),
     /// Dataset checks.
     Data {
         #[command(subcommand)]
@@ -187,6 +203,8 @@ fn run(cli: Cli) -> Result<()> {
             predict(&model, labels.as_deref(), size, top, batch.max(1), json, &images)
         }
         Command::Data { command: DataCommand::Check { dir } } => data_check(&dir),
+        Command::Train(args) => train::train(&args),
+        Command::Eval(args) => train::eval(&args),
     }
 }
 

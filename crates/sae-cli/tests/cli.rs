@@ -148,3 +148,170 @@ fn data_check_lists_the_files_that_do_not_decode() {
     let out = sae(&["data", "check", s(&dir)]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+/// CIFAR-10 binary batches of coloured noise: the class sets the colour (learnable).
+fn write_cifar10(dir: &Path, per_class: usize) {
+    let record = |label: usize, i: usize| -> Vec<u8> {
+        let base = [label * 25, 255 - label * 25, (label * 70) % 256];
+        let mut r = vec![label as u8];
+        for (c, b) in base.iter().enumerate() {
+            r.extend((0..1024).map(|p| (*b as i32 + ((p * 7 + i * 13 + c) % 31) as i32 - 15).clamp(0, 255) as u8));
+        }
+        r
+    };
+    for (f, name) in
+        ["data_batch_1.bin", "data_batch_2.bin", "data_batch_3.bin", "data_batch_4.bin", "data_batch_5.bin"]
+            .iter()
+            .enumerate()
+    {
+        let bytes: Vec<u8> = (0..per_class * 2).flat_map(|i| record((i + f) % 10, i + 100 * f)).collect();
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
+    std::fs::write(dir.join("test_batch.bin"), (0..20).flat_map(|i| record(i % 10, i)).collect::<Vec<u8>>()).unwrap();
+    std::fs::write(dir.join("batches.meta.txt"), (0..10).map(|k| format!("colour{k}\n")).collect::<String>()).unwrap();
+}
+
+#[test]
+fn train_eval_resume_and_fine_tune() {
+    let dir = scratch("train");
+    let data = dir.join("cifar");
+    std::fs::create_dir_all(&data).unwrap();
+    write_cifar10(&data, 2);
+    let run = dir.join("run");
+    let out = sae(&[
+        "train",
+        "--model",
+        "resnet14b",
+        "--data",
+        s(&data),
+        "--input-size",
+        "16",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "10",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.05",
+        "--momentum",
+        "0.9",
+        "--schedule",
+        "cosine",
+        "--warmup-epochs",
+        "0.5",
+        "--ema-decay",
+        "0.5",
+        "--checkpoint-every",
+        "2",
+        "--accumulate",
+        "2",
+        "--clip-grad-norm",
+        "5",
+        "--out",
+        s(&run),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["optimizer"]["kind"], "sgd");
+    assert_eq!(cfg["optimizer"]["momentum"], 0.9);
+    assert_eq!(cfg["schedule"]["kind"], "cosine");
+    assert_eq!(cfg["steps"]["accumulate"], 2);
+    assert_eq!(cfg["data"]["dataset"], "cifar10");
+    for file in ["summary.csv", "train.log", "curves.png", "checkpoints/epoch-0001/ema.safetensors"] {
+        assert!(run.join(file).exists(), "{file}");
+    }
+    // Resume for a second epoch.
+    let out = sae(&["train", "--out", s(&run), "--resume", "--epochs", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(run.join("summary.csv")).unwrap().lines().count(), 3);
+
+    let out = sae(&["eval", s(&run), "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let e: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(e["images"], 20);
+    let confusion: Vec<Vec<u64>> = serde_json::from_value(e["confusion"].clone()).unwrap();
+    assert_eq!(confusion.len(), 10);
+    let correct: u64 = (0..10).map(|i| confusion[i][i]).sum();
+    let total: u64 = confusion.iter().flatten().sum();
+    assert_eq!(total, 20);
+    assert!((e["top1"].as_f64().unwrap() - 100.0 * correct as f64 / 20.0).abs() < 1e-9);
+    assert_eq!(e["per_class"].as_array().unwrap().len(), 10);
+    assert_eq!(e["per_class"][3]["images"], 2);
+    let png = image::open(run.join("confusion.png")).unwrap();
+    assert!(png.width() >= 360);
+
+    // Weights + data give the same numbers as the run (the run's best is epoch 1 or 2).
+    let last = sae(&["eval", s(&run), "--last", "--json"]);
+    assert!(last.status.success(), "{}", stderr(&last));
+
+    // Fine-tune on a 3-class folder from the CIFAR run's weights: the head is replaced.
+    let folder = dir.join("folder");
+    for split in ["train", "val"] {
+        for (c, colour) in [(0u8, [250u8, 10, 10]), (1, [10, 250, 10]), (2, [10, 10, 250])] {
+            let d = folder.join(split).join(format!("class{c}"));
+            std::fs::create_dir_all(&d).unwrap();
+            for i in 0..4u8 {
+                image::RgbImage::from_pixel(20, 20, image::Rgb([colour[0], colour[1] ^ i, colour[2]]))
+                    .save(d.join(format!("{i}.png")))
+                    .unwrap();
+            }
+        }
+    }
+    let weights = run.join("checkpoints/epoch-0002/model.safetensors");
+    let tuned = dir.join("tuned");
+    let out = sae(&[
+        "train",
+        "--config",
+        s(&run.join("config.json")),
+        "--data",
+        s(&folder),
+        "--input-size",
+        "16",
+        "--init",
+        s(&weights),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--out",
+        s(&tuned),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tuned.join("config.json")).unwrap()).unwrap();
+    assert_eq!((cfg["model"]["num_classes"].as_u64(), cfg["data"]["dataset"].as_str()), (Some(3), Some("folder")));
+    let out = sae(&[
+        "predict",
+        "--config",
+        s(&tuned.join("config.json")),
+        "--weights",
+        s(&tuned.join("checkpoints/epoch-0001/model.safetensors")),
+        "--size",
+        "16",
+        "--top",
+        "3",
+        "--json",
+        s(&folder.join("val/class1")),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).lines().count(), 4);
+}
+
+#[test]
+fn train_refuses_inconsistent_settings() {
+    let dir = scratch("train-errors");
+    let data = dir.join("cifar");
+    std::fs::create_dir_all(&data).unwrap();
+    write_cifar10(&data, 1);
+    let run = s(&dir.join("run")).to_string();
+    let out = sae(&["train", "--model", "resnet14b", "--data", s(&data), "--momentum", "0.9", "--out", &run]);
+    assert!(!out.status.success() && stderr(&out).contains("SGD settings"), "{}", stderr(&out));
+    let out = sae(&["train", "--model", "resnet14b", "--data", s(&dir), "--out", &run]);
+    assert!(!out.status.success() && stderr(&out).contains("not a CIFAR-10/100 binary directory"), "{}", stderr(&out));
+    let out = sae(&["train", "--model", "resnet14b", "--data", s(&data), "--ema-decay", "1.5", "--out", &run]);
+    assert!(!out.status.success() && stderr(&out).contains("ema_decay must be in [0, 1)"), "{}", stderr(&out));
+    let out = sae(&["train", "--out", &run, "--resume"]);
+    assert!(!out.status.success() && stderr(&out).contains("config.json"), "{}", stderr(&out));
+}

@@ -142,14 +142,15 @@ pub fn load_last(
     load_dir(&checkpoints(run).join(name), model, ema, optimizer).map(Some)
 }
 
-/// The directory `best.json` names (else `last.json`), for evaluating a run; `None` when the
-/// run has no checkpoint.
+/// The checkpoint directory `best.json` names (the best eval top-1 at an epoch's end); `None`
+/// when there is none yet.
 pub fn best_dir(run: &Path) -> Result<Option<PathBuf>> {
-    let name = match read_pointer(run, "best")? {
-        Some(name) => Some(name),
-        None => read_pointer(run, "last")?,
-    };
-    Ok(name.map(|n| checkpoints(run).join(n)))
+    Ok(read_pointer(run, "best")?.map(|n| checkpoints(run).join(n)))
+}
+
+/// The checkpoint directory `last.json` names; `None` when the run has no checkpoint.
+pub fn last_dir(run: &Path) -> Result<Option<PathBuf>> {
+    Ok(read_pointer(run, "last")?.map(|n| checkpoints(run).join(n)))
 }
 
 /// Loads one checkpoint directory.

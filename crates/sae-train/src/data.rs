@@ -4,7 +4,9 @@
 use crate::config::{DataConfig, DatasetKind};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
-use sae_data::{Batch, Cifar, CifarKind, Dataset, ImageFolder, LabelSet, Normalize, Split, Subset, Transform};
+use sae_data::{
+    Batch, Cifar, CifarKind, Dataset, ImageFolder, LabelSet, Loader, LoaderConfig, Normalize, Split, Subset, Transform,
+};
 use std::sync::Arc;
 
 /// The two splits of a run's data with their transforms.
@@ -64,4 +66,16 @@ pub(crate) fn to_tensors(batch: &Batch, device: &Device) -> Result<(Tensor, Tens
     let x = Tensor::from_slice(&batch.images, &batch.shape, device)?;
     let y = Tensor::from_slice(&batch.labels, batch.labels.len(), device)?;
     Ok((x, y))
+}
+
+/// A loader over any of the datasets a run can read.
+pub type DatasetLoader = Loader<Box<dyn Dataset>>;
+
+/// The evaluation split of `cfg` as a loader of batches of `batch_size`, and its class names:
+/// what `sae eval` evaluates a model on.
+pub fn eval_loader(cfg: &DataConfig, seed: u64, batch_size: usize) -> Result<(DatasetLoader, Vec<String>)> {
+    let splits = datasets(cfg, seed)?;
+    let classes = splits.eval.classes().to_vec();
+    let loader_cfg = LoaderConfig { batch_size, shuffle: false, drop_last: false, seed, prefetch: 3 };
+    Ok((Loader::new(Arc::new(splits.eval), splits.eval_transform, splits.normalize, loader_cfg)?, classes))
 }

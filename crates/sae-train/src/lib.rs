@@ -8,7 +8,7 @@
 
 pub mod checkpoint;
 pub mod config;
-mod data;
+pub mod data;
 pub mod error;
 pub mod metrics;
 pub mod optim;
@@ -19,7 +19,8 @@ pub mod train;
 
 pub use config::{DataConfig, DatasetKind, StepConfig, TrainConfig};
 pub use error::{Error, Result};
+pub use metrics::Evaluation;
 pub use optim::{Adam, Optimizer, OptimizerConfig, Schedule, Sgd};
 pub use progress::{default_progress, Bar, LogLines, Progress};
 pub use summary::{read_summary, EpochSummary};
-pub use train::{evaluate, train};
+pub use train::{evaluate, evaluate_all, train};

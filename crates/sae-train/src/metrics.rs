@@ -52,3 +52,73 @@ impl Accuracy {
         100.0 * self.correct5 as f64 / self.count.max(1) as f64
     }
 }
+
+/// A full evaluation: loss, top-1 and top-5, per-class accuracy and the confusion matrix.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Evaluation {
+    /// Mean cross-entropy.
+    pub loss: f64,
+    /// Top-1, %.
+    pub top1: f64,
+    /// Top-5, %.
+    pub top5: f64,
+    /// Images evaluated.
+    pub images: usize,
+    /// `confusion[true][predicted]`: image counts.
+    pub confusion: Vec<Vec<usize>>,
+}
+
+impl Evaluation {
+    /// Accuracy of each class in percent (its images classified right), `None` for a class
+    /// without images.
+    pub fn per_class(&self) -> Vec<Option<f64>> {
+        self.confusion
+            .iter()
+            .enumerate()
+            .map(|(c, row)| {
+                let total: usize = row.iter().sum();
+                (total > 0).then(|| 100.0 * row[c] as f64 / total as f64)
+            })
+            .collect()
+    }
+}
+
+/// Accumulates an [`Evaluation`] batch by batch.
+#[derive(Debug, Clone)]
+pub struct EvaluationSum {
+    loss_sum: f64,
+    accuracy: Accuracy,
+    confusion: Vec<Vec<usize>>,
+}
+
+impl EvaluationSum {
+    /// Nothing seen yet, for `classes` classes.
+    pub fn new(classes: usize) -> Self {
+        Self { loss_sum: 0.0, accuracy: Accuracy::default(), confusion: vec![vec![0; classes]; classes] }
+    }
+
+    /// Adds a batch: logits (N, K), labels (N), and the batch's mean loss.
+    pub fn update(&mut self, logits: &Tensor, labels: &[u32], mean_loss: f64) -> Result<()> {
+        self.loss_sum += mean_loss * labels.len() as f64;
+        self.accuracy.update(logits, labels)?;
+        let predicted = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        for (&t, &p) in labels.iter().zip(&predicted) {
+            if let Some(cell) = self.confusion.get_mut(t as usize).and_then(|row| row.get_mut(p as usize)) {
+                *cell += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// The evaluation so far.
+    pub fn finish(self) -> Evaluation {
+        let a = self.accuracy;
+        Evaluation {
+            loss: self.loss_sum / a.count.max(1) as f64,
+            top1: a.top1(),
+            top5: a.top5(),
+            images: a.count,
+            confusion: self.confusion,
+        }
+    }
+}

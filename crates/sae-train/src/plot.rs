@@ -129,3 +129,51 @@ pub fn plot_run(history: &[EpochSummary], title: &str, path: &Path) -> Result<()
 pub fn plot_comparison(series: &[Series], title: &str, y_name: &str, path: &Path) -> Result<()> {
     render(path, (900, 560), |root| panel(&root, title, ("epoch", y_name), series, SeriesLabelPosition::LowerRight))
 }
+
+/// Writes a confusion matrix (`confusion[true][predicted]`) to `path`: one cell per pair,
+/// shaded by the share of the true class's images (rows sum to one), true classes down,
+/// predictions across; class names label the axes when there are at most 30 classes.
+pub fn plot_confusion(confusion: &[Vec<usize>], classes: &[String], title: &str, path: &Path) -> Result<()> {
+    let k = confusion.len();
+    let side = (24 * k as u32).clamp(360, 1600) + 160;
+    render(path, (side, side), |root| {
+        let named = k <= 30 && classes.len() == k;
+        let label = |v: &i32| -> String {
+            let i = *v as usize;
+            if named {
+                classes.get(i).cloned().unwrap_or_default()
+            } else {
+                i.to_string()
+            }
+        };
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, (FAMILY, 20))
+            .margin(12)
+            .x_label_area_size(if named { 110 } else { 40 })
+            .y_label_area_size(if named { 110 } else { 50 })
+            .build_cartesian_2d(0i32..k as i32, k as i32..0i32)
+            .map_err(|e| e.to_string())?;
+        chart
+            .configure_mesh()
+            .disable_mesh()
+            .x_desc("predicted")
+            .y_desc("true")
+            .x_labels(k.min(30))
+            .y_labels(k.min(30))
+            .x_label_formatter(&label)
+            .y_label_formatter(&label)
+            .label_style((FAMILY, 12))
+            .draw()
+            .map_err(|e| e.to_string())?;
+        let cells = confusion.iter().enumerate().flat_map(|(t, row)| {
+            let total = row.iter().sum::<usize>().max(1) as f64;
+            row.iter().enumerate().map(move |(p, &n)| {
+                let shade = 255 - (255.0 * n as f64 / total).round() as u8;
+                let (t, p) = (t as i32, p as i32);
+                Rectangle::new([(p, t), (p + 1, t + 1)], RGBColor(shade, shade, 255).filled())
+            })
+        });
+        chart.draw_series(cells).map_err(|e| e.to_string())?;
+        Ok(())
+    })
+}

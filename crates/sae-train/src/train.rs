@@ -12,7 +12,7 @@ use crate::checkpoint::{self, CheckpointState, PartialEpoch};
 use crate::config::{TrainConfig, CONFIG_FILE};
 use crate::data::{datasets, to_tensors};
 use crate::error::io;
-use crate::metrics::{cross_entropy, Accuracy};
+use crate::metrics::{cross_entropy, Accuracy, Evaluation, EvaluationSum};
 use crate::optim::Optimizer;
 use crate::progress::{epoch_line, Progress};
 use crate::summary::{read_summary, write_summary, EpochSummary};
@@ -291,16 +291,21 @@ fn update_ema(ema: &Model, model: &Model, decay: f64) -> Result<()> {
 
 /// Evaluates `model` (eval mode) on `loader`: (loss, top-1 %, top-5 %).
 pub fn evaluate<D: Dataset + 'static>(model: &Model, loader: &Loader<D>, device: &Device) -> Result<(f64, f64, f64)> {
-    let mut acc = Accuracy::default();
-    let mut loss_sum = 0.0;
+    let e = evaluate_all(model, loader, device)?;
+    Ok((e.loss, e.top1, e.top5))
+}
+
+/// Evaluates `model` (eval mode) on `loader`, with per-class accuracy and the confusion matrix.
+pub fn evaluate_all<D: Dataset + 'static>(model: &Model, loader: &Loader<D>, device: &Device) -> Result<Evaluation> {
+    let mut sum = EvaluationSum::new(model.config().num_classes);
     for batch in loader.epoch(0) {
         let batch = batch?;
         let (x, y) = to_tensors(&batch, device)?;
         let logits = model.forward_t(&x, false)?;
-        loss_sum += cross_entropy(&logits, &y, 0.0)?.to_scalar::<f32>()? as f64 * batch.labels.len() as f64;
-        acc.update(&logits, &batch.labels)?;
+        let loss = cross_entropy(&logits, &y, 0.0)?.to_scalar::<f32>()? as f64;
+        sum.update(&logits, &batch.labels, loss)?;
     }
-    Ok((loss_sum / acc.count.max(1) as f64, acc.top1(), acc.top5()))
+    Ok(sum.finish())
 }
 
 #[cfg(test)]

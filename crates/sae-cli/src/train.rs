@@ -1,0 +1,468 @@
+//! `sae train` and `sae eval`: the training config from a file and flags, and evaluation of a
+//! run or of weights on a dataset. Training runs `sae_train::train`, the code path of the xtask
+//! reproduction commands.
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use sae_data::{CifarKind, HubSource, LabelSet};
+use sae_models::{config, Implementation, Model};
+use sae_train::{DataConfig, DatasetKind, OptimizerConfig, Schedule, TrainConfig};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// The dataset's layout.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DatasetArg {
+    /// CIFAR-10 binary batches.
+    Cifar10,
+    /// CIFAR-100 binary files, 100 fine labels.
+    Cifar100,
+    /// CIFAR-100 binary files, 20 coarse labels.
+    Cifar100Coarse,
+    /// An ImageNet-style folder with train/ and val/ (one subfolder per class).
+    Folder,
+}
+
+/// The data flags shared by `train` and `eval`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct DataArgs {
+    /// Dataset directory, or `hub:cifar10` / `hub:cifar100` (downloaded from the Hugging Face
+    /// Hub into its cache; HF_HOME, HF_ENDPOINT and HF_HUB_OFFLINE apply).
+    #[arg(long)]
+    pub data: Option<String>,
+    /// The dataset's layout (default: recognised from the directory).
+    #[arg(long, value_enum)]
+    pub dataset: Option<DatasetArg>,
+    /// Input side length (default 32 for CIFAR, 224 for folders).
+    #[arg(long)]
+    pub input_size: Option<usize>,
+    /// Train on a seeded subset of this many images.
+    #[arg(long)]
+    pub train_images: Option<usize>,
+    /// Evaluate on a seeded subset of this many images.
+    #[arg(long)]
+    pub eval_images: Option<usize>,
+}
+
+/// Every setting of a run; each overrides the config file when given.
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// Where the run goes (config.json, summary.csv, train.log, curves.png, checkpoints/).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Continue the run in --out from its last checkpoint (mid-epoch included); only --epochs
+    /// may change.
+    #[arg(long)]
+    pub resume: bool,
+    /// A training config JSON to start from (a run's config.json is one).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Registered model name (see `sae models`).
+    #[arg(long)]
+    pub model: Option<String>,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// `adam` (Keras form) or `sgd` (momentum, PyTorch form).
+    #[arg(long, value_parser = ["adam", "sgd"])]
+    pub optimizer: Option<String>,
+    /// Learning rate.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// SGD momentum.
+    #[arg(long)]
+    pub momentum: Option<f64>,
+    /// SGD Nesterov momentum.
+    #[arg(long)]
+    pub nesterov: bool,
+    /// SGD weight decay.
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// SGD weight decay decoupled from the gradient (AdamW style) instead of L2.
+    #[arg(long)]
+    pub decoupled: bool,
+    /// `constant`, `step` (×gamma every --step-every epochs) or `cosine` (linear warm-up, then cosine).
+    #[arg(long, value_parser = ["constant", "step", "cosine"])]
+    pub schedule: Option<String>,
+    /// Warm-up epochs of the cosine schedule.
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup_epochs: f64,
+    /// Final learning rate of the cosine schedule.
+    #[arg(long, default_value_t = 0.0)]
+    pub min_lr: f64,
+    /// Epochs between decays of the step schedule.
+    #[arg(long, default_value_t = 30)]
+    pub step_every: usize,
+    /// Decay factor of the step schedule.
+    #[arg(long, default_value_t = 0.1)]
+    pub gamma: f64,
+    /// Epochs.
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Batch size.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Seed of initialisation, shuffling and augmentation.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Label smoothing ε.
+    #[arg(long)]
+    pub label_smoothing: Option<f64>,
+    /// Batches per optimiser step (gradient accumulation).
+    #[arg(long)]
+    pub accumulate: Option<usize>,
+    /// Clip the gradients' global L2 norm to this.
+    #[arg(long)]
+    pub clip_grad_norm: Option<f64>,
+    /// Keep and evaluate an exponential moving average of the weights with this decay.
+    #[arg(long)]
+    pub ema_decay: Option<f64>,
+    /// Also checkpoint every N optimiser steps (a killed run loses at most N).
+    #[arg(long)]
+    pub checkpoint_every: Option<usize>,
+    /// Start from these weights (safetensors or a PyTorch checkpoint); a head of another class
+    /// count is replaced (fine-tuning).
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// `fused` kernels or the `reference` Candle compositions.
+    #[arg(long)]
+    pub kernels: Option<Implementation>,
+    /// `cpu`, `cuda` or `metal`.
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda", "metal"])]
+    pub device: String,
+}
+
+/// The evaluation flags.
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    /// A run directory: its config, data and best checkpoint (or --last).
+    pub run: Option<PathBuf>,
+    /// With a run: its last checkpoint instead of the best.
+    #[arg(long)]
+    pub last: bool,
+    /// Weights to evaluate (with --config or --model, and --data).
+    #[arg(long, conflicts_with = "run")]
+    pub weights: Option<PathBuf>,
+    /// The model config JSON of --weights (a run's config.json or `sae convert`'s).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// A registered model name for --weights (classes from the data).
+    #[arg(long)]
+    pub model: Option<String>,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Batch size.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Where the confusion matrix PNG goes (default: confusion.png in the run, else none).
+    #[arg(long)]
+    pub confusion: Option<PathBuf>,
+    /// One JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// `cpu`, `cuda` or `metal`.
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda", "metal"])]
+    pub device: String,
+}
+
+fn device(name: &str) -> Result<Device> {
+    Ok(match name {
+        "cuda" => Device::new_cuda(0).context("--device cuda needs a build with --features cuda and a GPU")?,
+        "metal" => Device::new_metal(0).context("--device metal needs a build with --features metal")?,
+        _ => Device::Cpu,
+    })
+}
+
+/// The data directory, downloading CIFAR from the Hub for `hub:…`.
+fn data_dir(data: &str, dataset: Option<DatasetArg>) -> Result<(PathBuf, Option<DatasetArg>)> {
+    let hub = |kind: CifarKind| -> Result<PathBuf> {
+        let source = HubSource::for_kind(kind);
+        sae_data::prepare_cifar(kind, &source).with_context(|| {
+            format!("getting {} from the Hugging Face Hub; without a network pass --data DIR", source.repo)
+        })
+    };
+    Ok(match data {
+        "hub:cifar10" => (hub(CifarKind::Cifar10)?, Some(DatasetArg::Cifar10)),
+        "hub:cifar100" => {
+            let coarse = dataset == Some(DatasetArg::Cifar100Coarse);
+            let labels = if coarse { LabelSet::Coarse } else { LabelSet::Fine };
+            (hub(CifarKind::Cifar100(labels))?, Some(dataset.unwrap_or(DatasetArg::Cifar100)))
+        }
+        other if other.starts_with("hub:") => bail!("unknown Hub dataset {other:?} (known: hub:cifar10, hub:cifar100)"),
+        dir => (PathBuf::from(dir), dataset),
+    })
+}
+
+/// The dataset in `dir`, as given or recognised from its files.
+fn dataset_kind(dir: &Path, given: Option<DatasetArg>) -> Result<DatasetKind> {
+    let arg = match given {
+        Some(a) => a,
+        None if dir.join("data_batch_1.bin").is_file() => DatasetArg::Cifar10,
+        None if dir.join("train.bin").is_file() => DatasetArg::Cifar100,
+        None if dir.join("train").is_dir() => DatasetArg::Folder,
+        None => bail!(
+            "{}: not a CIFAR-10/100 binary directory or a folder with train/ and val/ (or pass --dataset)",
+            dir.display()
+        ),
+    };
+    Ok(match arg {
+        DatasetArg::Cifar10 => DatasetKind::Cifar10,
+        DatasetArg::Cifar100 => DatasetKind::Cifar100Fine,
+        DatasetArg::Cifar100Coarse => DatasetKind::Cifar100Coarse,
+        DatasetArg::Folder => DatasetKind::Folder,
+    })
+}
+
+fn class_count(kind: DatasetKind, dir: &Path) -> Result<usize> {
+    Ok(match kind {
+        DatasetKind::Cifar10 => 10,
+        DatasetKind::Cifar100Fine => 100,
+        DatasetKind::Cifar100Coarse => 20,
+        DatasetKind::Folder => sae_data::ImageFolder::open(&dir.join("train"))?.classes.len(),
+    })
+}
+
+impl DataArgs {
+    /// The data config these flags describe, on top of `base`.
+    fn apply(&self, base: Option<DataConfig>) -> Result<DataConfig> {
+        let mut cfg = match (&self.data, base) {
+            (Some(data), base) => {
+                let (dir, dataset) = data_dir(data, self.dataset)?;
+                let kind = dataset_kind(&dir, dataset)?;
+                let input_size = if kind == DatasetKind::Folder { 224 } else { 32 };
+                let keep = base.filter(|b| b.dataset == kind);
+                DataConfig {
+                    dataset: kind,
+                    dir,
+                    input_size: keep.as_ref().map_or(input_size, |b| b.input_size),
+                    train_images: keep.as_ref().and_then(|b| b.train_images),
+                    eval_images: keep.as_ref().and_then(|b| b.eval_images),
+                }
+            }
+            (None, Some(base)) => base,
+            (None, None) => bail!("give --data DIR (or --config with a data section)"),
+        };
+        if let Some(d) = self.dataset {
+            cfg.dataset = dataset_kind(&cfg.dir, Some(d))?;
+        }
+        if let Some(s) = self.input_size {
+            cfg.input_size = s;
+        }
+        if self.train_images.is_some() {
+            cfg.train_images = self.train_images;
+        }
+        if self.eval_images.is_some() {
+            cfg.eval_images = self.eval_images;
+        }
+        Ok(cfg)
+    }
+}
+
+/// The run's config: the file (or defaults), then every flag given.
+pub fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
+    let base = match &a.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            Some(
+                serde_json::from_str::<TrainConfig>(&text)
+                    .with_context(|| format!("{}: not a training config", path.display()))?,
+            )
+        }
+        None => None,
+    };
+    let data = a.data.apply(base.as_ref().map(|b| b.data.clone()))?;
+    let classes = class_count(data.dataset, &data.dir)?;
+    let model = match (&a.model, &base) {
+        (Some(name), _) => config(name, classes)?,
+        (None, Some(b)) => b.model.clone(),
+        (None, None) => bail!("give --model NAME (see `sae models`) or --config"),
+    };
+    let mut cfg = match base {
+        Some(b) => TrainConfig { model, data, ..b },
+        None => TrainConfig {
+            model,
+            data,
+            optimizer: OptimizerConfig::keras_adam(),
+            schedule: Schedule::Constant,
+            epochs: 10,
+            batch_size: 32,
+            seed: 0,
+            label_smoothing: 0.0,
+            steps: Default::default(),
+        },
+    };
+    // The head follows the data: a config file's model on another dataset gets a new head
+    // (with --init, the backbone's weights and a freshly initialised classifier).
+    cfg.model.num_classes = classes;
+    if let Some(k) = a.kernels {
+        cfg.model.kernels = k;
+    }
+    match a.optimizer.as_deref() {
+        Some("adam") if !matches!(cfg.optimizer, OptimizerConfig::Adam { .. }) => {
+            cfg.optimizer = OptimizerConfig::keras_adam()
+        }
+        Some("sgd") if !matches!(cfg.optimizer, OptimizerConfig::Sgd { .. }) => {
+            cfg.optimizer = OptimizerConfig::paper_sgd()
+        }
+        _ => {}
+    }
+    match &mut cfg.optimizer {
+        OptimizerConfig::Adam { lr, .. } => {
+            if a.momentum.is_some() || a.weight_decay.is_some() || a.nesterov || a.decoupled {
+                bail!("--momentum, --weight-decay, --nesterov and --decoupled are SGD settings (--optimizer sgd)");
+            }
+            if let Some(v) = a.lr {
+                *lr = v;
+            }
+        }
+        OptimizerConfig::Sgd { lr, momentum, nesterov, weight_decay, decoupled } => {
+            if let Some(v) = a.lr {
+                *lr = v;
+            }
+            if let Some(v) = a.momentum {
+                *momentum = v;
+            }
+            if let Some(v) = a.weight_decay {
+                *weight_decay = v;
+            }
+            *nesterov |= a.nesterov;
+            *decoupled |= a.decoupled;
+        }
+    }
+    if let Some(v) = a.epochs {
+        cfg.epochs = v;
+    }
+    cfg.schedule = match a.schedule.as_deref() {
+        Some("constant") => Schedule::Constant,
+        Some("step") => Schedule::Step { every: a.step_every, gamma: a.gamma },
+        Some("cosine") => {
+            Schedule::Cosine { warmup_epochs: a.warmup_epochs, total_epochs: cfg.epochs as f64, min_lr: a.min_lr }
+        }
+        _ => cfg.schedule,
+    };
+    macro_rules! set {
+        ($($flag:ident => $field:expr),*) => { $(if let Some(v) = a.$flag.clone() { $field = v; })* };
+    }
+    set!(batch_size => cfg.batch_size, seed => cfg.seed, label_smoothing => cfg.label_smoothing,
+         accumulate => cfg.steps.accumulate);
+    if a.clip_grad_norm.is_some() {
+        cfg.steps.clip_grad_norm = a.clip_grad_norm;
+    }
+    if a.ema_decay.is_some() {
+        cfg.steps.ema_decay = a.ema_decay;
+    }
+    if a.checkpoint_every.is_some() {
+        cfg.steps.checkpoint_every = a.checkpoint_every;
+    }
+    if a.init.is_some() {
+        cfg.steps.init = a.init.clone();
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// `sae train`.
+pub fn train(a: &TrainArgs) -> Result<()> {
+    let dev = device(&a.device)?;
+    let cfg = if a.resume {
+        let mut cfg = TrainConfig::read(&a.out).with_context(|| format!("resuming the run in {}", a.out.display()))?;
+        if let Some(e) = a.epochs {
+            cfg.epochs = e;
+        }
+        cfg
+    } else {
+        train_config(a)?
+    };
+    eprintln!(
+        "training {} on {} ({} epochs, batch {}) in {}",
+        cfg.model.name,
+        cfg.data.dir.display(),
+        cfg.epochs,
+        cfg.batch_size,
+        a.out.display()
+    );
+    let mut progress = sae_train::default_progress();
+    let history = sae_train::train(&cfg, &a.out, &dev, a.resume, progress.as_mut())
+        .with_context(|| format!("training {} in {}", cfg.model.name, a.out.display()))?;
+    if let Some(last) = history.last() {
+        eprintln!("done: eval top-1 {:.2}%, top-5 {:.2}% after {} epochs", last.eval_top1, last.eval_top5, last.epoch);
+    }
+    Ok(())
+}
+
+/// `sae eval`.
+pub fn eval(a: &EvalArgs) -> Result<()> {
+    let dev = device(&a.device)?;
+    let (model, data, seed, confusion) = match (&a.run, &a.weights) {
+        (Some(run), _) => {
+            let cfg = TrainConfig::read(run).with_context(|| format!("{}: not a run directory", run.display()))?;
+            let dir = if a.last { None } else { sae_train::checkpoint::best_dir(run)? };
+            let dir = match dir {
+                Some(d) => d,
+                None => sae_train::checkpoint::last_dir(run)?
+                    .with_context(|| format!("{} has no checkpoint yet", run.display()))?,
+            };
+            // Evaluate the weight average when the run kept one, as training did.
+            let weights = if dir.join("ema.safetensors").is_file() { "ema.safetensors" } else { "model.safetensors" };
+            let model = Model::load(cfg.model.clone(), &dir.join(weights), &dev)?;
+            let data = a.data.apply(Some(cfg.data.clone()))?;
+            (model, data, cfg.seed, Some(a.confusion.clone().unwrap_or_else(|| run.join("confusion.png"))))
+        }
+        (None, Some(weights)) => {
+            let data = a.data.apply(None)?;
+            let classes = class_count(data.dataset, &data.dir)?;
+            let cfg = match (&a.config, &a.model) {
+                (Some(path), _) => crate::read_config(path)?,
+                (None, Some(name)) => config(name, classes)?,
+                (None, None) => bail!("give --config or --model with --weights"),
+            };
+            let model =
+                Model::load(cfg, weights, &dev).with_context(|| format!("loading weights {}", weights.display()))?;
+            (model, data, 0, a.confusion.clone())
+        }
+        (None, None) => bail!("give a run directory, or --weights with --config/--model and --data"),
+    };
+    let (loader, classes) = sae_train::data::eval_loader(&data, seed, a.batch_size.max(1))?;
+    if classes.len() != model.config().num_classes {
+        bail!("the model has {} outputs but the data has {} classes", model.config().num_classes, classes.len());
+    }
+    let result = dev.with_context(|| sae_train::evaluate_all(&model, &loader, &dev))?;
+    if let Some(path) = &confusion {
+        let title = format!("{}: confusion on {} images", model.config().name, result.images);
+        sae_train::plot::plot_confusion(&result.confusion, &classes, &title, path)?;
+    }
+    let mut out = std::io::stdout().lock();
+    let per_class = result.per_class();
+    if a.json {
+        let classes: Vec<_> = classes
+            .iter()
+            .zip(&per_class)
+            .zip(&result.confusion)
+            .map(|((name, acc), row)| serde_json::json!({"class": name, "images": row.iter().sum::<usize>(), "top1": acc}))
+            .collect();
+        let json = serde_json::json!({
+            "model": model.config().name, "images": result.images, "loss": result.loss,
+            "top1": result.top1, "top5": result.top5, "per_class": classes, "confusion": result.confusion,
+        });
+        writeln!(out, "{json}")?;
+    } else {
+        writeln!(
+            out,
+            "{}: {} images, loss {:.4}, top-1 {:.2}%, top-5 {:.2}%",
+            model.config().name,
+            result.images,
+            result.loss,
+            result.top1,
+            result.top5
+        )?;
+        for (name, acc) in classes.iter().zip(&per_class) {
+            match acc {
+                Some(acc) => writeln!(out, "  {acc:>6.2}%  {name}")?,
+                None => writeln!(out, "     —    {name} (no images)")?,
+            }
+        }
+    }
+    if let Some(path) = confusion {
+        eprintln!("confusion matrix: {}", path.display());
+    }
+    Ok(())
+}
