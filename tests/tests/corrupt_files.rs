@@ -223,6 +223,7 @@ fn run_config_and_summary_never_panic() {
         seed: 0,
         label_smoothing: 0.1,
         steps: Default::default(),
+        augment: Default::default(),
     };
     let json = serde_json::to_string_pretty(&cfg).unwrap();
     std::fs::write(dir.join("config.json"), &json).unwrap();

@@ -223,6 +223,7 @@ fn run_config(table: Table, data: TableData, opts: &Options, model: &str, seed: 
         seed,
         label_smoothing: 0.0,
         steps: Default::default(),
+        augment: Default::default(),
     })
 }
 

@@ -119,6 +119,21 @@ pub struct TrainArgs {
     /// Also checkpoint every N optimiser steps (a killed run loses at most N).
     #[arg(long)]
     pub checkpoint_every: Option<usize>,
+    /// A TrivialAugment-style policy on every training image.
+    #[arg(long)]
+    pub trivial_augment: bool,
+    /// Mixup with Beta(α, α) (timm uses 0.8).
+    #[arg(long)]
+    pub mixup: Option<f64>,
+    /// CutMix with Beta(α, α) (timm uses 1.0).
+    #[arg(long)]
+    pub cutmix: Option<f64>,
+    /// Probability that a batch is mixed.
+    #[arg(long)]
+    pub mix_prob: Option<f64>,
+    /// With both mixup and CutMix, the probability of CutMix.
+    #[arg(long)]
+    pub mix_switch_prob: Option<f64>,
     /// Start from these weights (safetensors or a PyTorch checkpoint); a head of another class
     /// count is replaced (fine-tuning).
     #[arg(long)]
@@ -288,6 +303,7 @@ pub fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
             seed: 0,
             label_smoothing: 0.0,
             steps: Default::default(),
+            augment: Default::default(),
         },
     };
     // The head follows the data: a config file's model on another dataset gets a new head
@@ -343,7 +359,9 @@ pub fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
         ($($flag:ident => $field:expr),*) => { $(if let Some(v) = a.$flag.clone() { $field = v; })* };
     }
     set!(batch_size => cfg.batch_size, seed => cfg.seed, label_smoothing => cfg.label_smoothing,
-         accumulate => cfg.steps.accumulate);
+         accumulate => cfg.steps.accumulate, mixup => cfg.augment.mixup_alpha, cutmix => cfg.augment.cutmix_alpha,
+         mix_prob => cfg.augment.mix_prob, mix_switch_prob => cfg.augment.switch_prob);
+    cfg.augment.trivial_augment |= a.trivial_augment;
     if a.clip_grad_norm.is_some() {
         cfg.steps.clip_grad_norm = a.clip_grad_norm;
     }

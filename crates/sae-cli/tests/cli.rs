@@ -218,6 +218,10 @@ fn train_eval_resume_and_fine_tune() {
     assert_eq!(cfg["optimizer"]["momentum"], 0.9);
     assert_eq!(cfg["schedule"]["kind"], "cosine");
     assert_eq!(cfg["steps"]["accumulate"], 2);
+    assert_eq!(
+        (cfg["augment"]["trivial_augment"].as_bool(), cfg["augment"]["cutmix_alpha"].as_f64()),
+        (Some(true), Some(1.0))
+    );
     assert_eq!(cfg["data"]["dataset"], "cifar10");
     for file in ["summary.csv", "train.log", "curves.png", "checkpoints/epoch-0001/ema.safetensors"] {
         assert!(run.join(file).exists(), "{file}");

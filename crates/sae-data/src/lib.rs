@@ -5,6 +5,7 @@
 //! This crate knows no tensor library: a [`Batch`] is plain `f32` pixels (N, 3, H, W) and
 //! `u32` labels, which the training crate turns into tensors.
 
+pub mod augment;
 pub mod cifar;
 pub mod error;
 pub mod folder;
@@ -13,6 +14,7 @@ pub mod image_ops;
 pub mod loader;
 pub mod transform;
 
+pub use augment::{Mixed, Mixing};
 pub use cifar::{Cifar, CifarKind, LabelSet, Split};
 pub use error::{Error, Result};
 pub use folder::ImageFolder;

@@ -2,6 +2,7 @@
 //! on a producer thread that stays up to `prefetch` batches ahead of the consumer on a
 //! bounded queue.
 
+use crate::augment::{Mixed, Mixing};
 use crate::error::{Error, Result};
 use crate::image_ops::Rgb8Image;
 use crate::transform::{Normalize, Transform};
@@ -50,6 +51,8 @@ pub struct Batch {
     pub indices: Vec<usize>,
     /// (N, 3, size, size).
     pub shape: [usize; 4],
+    /// How the batch was mixed (mixup / CutMix), if it was.
+    pub mixed: Option<Mixed>,
 }
 
 /// How batches are formed.
@@ -73,7 +76,19 @@ pub struct Loader<D: Dataset + 'static> {
     transform: Transform,
     normalize: Normalize,
     config: LoaderConfig,
+    augment: Augment,
 }
+
+/// What the loader adds to the transform: the per-image policy and per-batch mixing.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+struct Augment {
+    policy: bool,
+    mixing: Option<Mixing>,
+}
+
+/// Stream tags keeping the policy's and the mixing's random numbers apart from the crop's.
+const POLICY_STREAM: u64 = 0x7472_6976_6961_6c00;
+const MIXING_STREAM: u64 = 0x6d69_7875_7000_0000;
 
 impl<D: Dataset + 'static> Loader<D> {
     /// A loader; errors for a zero batch size or an invalid transform.
@@ -82,7 +97,14 @@ impl<D: Dataset + 'static> Loader<D> {
             return Err(Error::Invalid("batch size must be at least 1".into()));
         }
         transform.validate()?;
-        Ok(Self { dataset, transform, normalize, config })
+        Ok(Self { dataset, transform, normalize, config, augment: Augment::default() })
+    }
+
+    /// The same loader with the TrivialAugment-style policy on every image (`policy`) and
+    /// mixup / CutMix on batches (`mixing`, when active); see [`crate::augment`].
+    pub fn with_augmentation(mut self, policy: bool, mixing: Mixing) -> Self {
+        self.augment = Augment { policy, mixing: mixing.is_active().then_some(mixing) };
+        self
     }
 
     /// Batches per epoch.
@@ -110,9 +132,10 @@ impl<D: Dataset + 'static> Loader<D> {
         order
     }
 
-    /// Builds one batch from dataset indices, decoding and transforming in parallel.
+    /// Builds one batch from dataset indices, decoding and transforming (and applying the
+    /// per-image policy) in parallel; batches are mixed only within an epoch.
     pub fn batch(&self, epoch: u64, indices: &[usize]) -> Result<Batch> {
-        build_batch(&*self.dataset, self.transform, self.normalize, self.config.seed, epoch, indices)
+        build_batch(&*self.dataset, self.transform, self.normalize, self.augment, self.config.seed, epoch, indices)
     }
 
     /// The batches of `epoch`, prepared on a producer thread up to `prefetch` ahead. Dropping
@@ -130,13 +153,21 @@ impl<D: Dataset + 'static> Loader<D> {
         if self.config.drop_last && chunks.last().is_some_and(|c| c.len() < bs) {
             chunks.pop();
         }
-        chunks.drain(..first.min(chunks.len()));
+        let first = first.min(chunks.len());
+        chunks.drain(..first);
         let (tx, rx) = sync_channel(self.config.prefetch.max(1));
-        let (dataset, transform, normalize, seed) =
-            (self.dataset.clone(), self.transform, self.normalize, self.config.seed);
+        let (dataset, transform, normalize, seed, augment) =
+            (self.dataset.clone(), self.transform, self.normalize, self.config.seed, self.augment);
         std::thread::spawn(move || {
-            for chunk in chunks {
-                let batch = build_batch(&*dataset, transform, normalize, seed, epoch, &chunk);
+            for (b, chunk) in (first..).zip(chunks) {
+                let batch =
+                    build_batch(&*dataset, transform, normalize, augment, seed, epoch, &chunk).map(|mut batch| {
+                        if let Some(mixing) = augment.mixing {
+                            let mut rng = crate::augment::rng(seed, epoch, b as u64, MIXING_STREAM);
+                            batch.mixed = mixing.apply(&mut batch.images, &batch.labels, transform.size(), &mut rng);
+                        }
+                        batch
+                    });
                 let failed = batch.is_err();
                 if tx.send(batch).is_err() || failed {
                     break;
@@ -151,6 +182,7 @@ fn build_batch<D: Dataset + ?Sized>(
     dataset: &D,
     transform: Transform,
     normalize: Normalize,
+    augment: Augment,
     seed: u64,
     epoch: u64,
     indices: &[usize],
@@ -163,11 +195,23 @@ fn build_batch<D: Dataset + ?Sized>(
         .zip(indices.par_iter())
         .map(|(out, &index)| {
             let (img, label) = dataset.get(index)?;
-            transform.apply(&img, normalize, seed, epoch, index as u64, out);
+            if augment.policy {
+                // The policy works on [0, 1] pixels; normalisation follows it.
+                let unit = Normalize { mean: [0.0; 3], std: [1.0; 3] };
+                transform.apply(&img, unit, seed, epoch, index as u64, out);
+                let mut rng = crate::augment::rng(seed, epoch, index as u64, POLICY_STREAM);
+                crate::augment::trivial_augment(out, transform.size(), &mut rng);
+                let plane = out.len() / 3;
+                for (c, p) in out.chunks_mut(plane).enumerate() {
+                    p.iter_mut().for_each(|v| *v = (*v - normalize.mean[c]) / normalize.std[c]);
+                }
+            } else {
+                transform.apply(&img, normalize, seed, epoch, index as u64, out);
+            }
             Ok(label)
         })
         .collect::<Result<Vec<u32>>>()?;
-    Ok(Batch { images, labels, indices: indices.to_vec(), shape: [indices.len(), 3, size, size] })
+    Ok(Batch { images, labels, indices: indices.to_vec(), shape: [indices.len(), 3, size, size], mixed: None })
 }
 
 /// The batches of one epoch, in order; an error ends the epoch.

@@ -54,7 +54,7 @@ pub enum Transform {
 }
 
 /// Stream id of (seed, epoch, index): SplitMix64 steps over the three numbers.
-fn stream(seed: u64, epoch: u64, index: u64) -> u64 {
+pub(crate) fn stream(seed: u64, epoch: u64, index: u64) -> u64 {
     let mut z = seed;
     for v in [epoch, index] {
         z = z.wrapping_add(0x9e37_79b9_7f4a_7c15).wrapping_add(v.wrapping_mul(0xbf58_476d_1ce4_e5b9));

@@ -244,6 +244,26 @@ fn augmentation_is_deterministic_whatever_the_thread_count() {
 }
 
 #[test]
+fn policy_and_mixing_are_deterministic_and_resume_mid_epoch() {
+    let dir = tmp("augment-determinism");
+    write_cifar10(&dir, 20);
+    let mixing = sae_data::Mixing { mixup_alpha: 0.2, cutmix_alpha: 1.0, prob: 0.8, switch_prob: 0.5 };
+    let plain = cifar_loader(&dir, Transform::PadCropFlip { pad: 4, size: 32 }, CFG);
+    let loader = cifar_loader(&dir, Transform::PadCropFlip { pad: 4, size: 32 }, CFG).with_augmentation(true, mixing);
+    let epoch = loader.epoch(1).collect::<Result<Vec<_>>>().unwrap();
+    assert_eq!(epoch, loader.epoch(1).collect::<Result<Vec<_>>>().unwrap());
+    // Resuming at batch 2 gives the same batches, mixing included.
+    assert_eq!(&epoch[2..], &loader.epoch_from(1, 2).collect::<Result<Vec<_>>>().unwrap()[..]);
+    // The policy changes images; the mixing mixes some batches with weights in [0, 1].
+    let base = plain.epoch(1).collect::<Result<Vec<_>>>().unwrap();
+    assert_eq!(epoch[0].indices, base[0].indices);
+    assert_ne!(epoch[0].images, base[0].images);
+    let mixed: Vec<f32> = epoch.iter().filter_map(|b| b.mixed.as_ref().map(|m| m.lambda)).collect();
+    assert!(!mixed.is_empty() && mixed.iter().all(|l| (0.0..=1.0).contains(l)), "{mixed:?}");
+    assert!(base.iter().all(|b| b.mixed.is_none()));
+}
+
+#[test]
 fn pad_crop_flip_moves_pixels_and_keeps_values() {
     let dir = tmp("crop");
     write_cifar10(&dir, 2);

@@ -59,6 +59,44 @@ pub struct TrainConfig {
     /// How optimiser steps are taken and the run is saved.
     #[serde(default)]
     pub steps: StepConfig,
+    /// Augmentation beyond the dataset's crop and flip.
+    #[serde(default)]
+    pub augment: AugmentConfig,
+}
+
+/// Augmentation beyond the crop and flip of the training transform (see `sae_data::augment`).
+/// The default adds none.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AugmentConfig {
+    /// A TrivialAugment-style policy on every training image.
+    pub trivial_augment: bool,
+    /// Mixup's Beta(α, α); 0 for none.
+    pub mixup_alpha: f64,
+    /// CutMix's Beta(α, α); 0 for none.
+    pub cutmix_alpha: f64,
+    /// Probability that a batch is mixed.
+    pub mix_prob: f64,
+    /// With both mixup and CutMix on, the probability of CutMix.
+    pub switch_prob: f64,
+}
+
+impl Default for AugmentConfig {
+    fn default() -> Self {
+        Self { trivial_augment: false, mixup_alpha: 0.0, cutmix_alpha: 0.0, mix_prob: 1.0, switch_prob: 0.5 }
+    }
+}
+
+impl AugmentConfig {
+    /// The batch mixing of the loader.
+    pub fn mixing(&self) -> sae_data::Mixing {
+        sae_data::Mixing {
+            mixup_alpha: self.mixup_alpha as f32,
+            cutmix_alpha: self.cutmix_alpha as f32,
+            prob: self.mix_prob as f32,
+            switch_prob: self.switch_prob as f32,
+        }
+    }
 }
 
 /// How gradients become optimiser steps, and how often a run is saved. The defaults are one
@@ -106,6 +144,19 @@ impl TrainConfig {
         }
         if let Some(d) = s.ema_decay.filter(|d| !(0.0..1.0).contains(d)) {
             return Err(Error::Config(format!("ema_decay must be in [0, 1), got {d}")));
+        }
+        let a = &self.augment;
+        if !(a.mixup_alpha >= 0.0 && a.cutmix_alpha >= 0.0 && a.mixup_alpha.is_finite() && a.cutmix_alpha.is_finite()) {
+            return Err(Error::Config(format!(
+                "mixup and cutmix α must be ≥ 0, got {} and {}",
+                a.mixup_alpha, a.cutmix_alpha
+            )));
+        }
+        if !(0.0..=1.0).contains(&a.mix_prob) || !(0.0..=1.0).contains(&a.switch_prob) {
+            return Err(Error::Config(format!(
+                "mix_prob and switch_prob must be in [0, 1], got {} and {}",
+                a.mix_prob, a.switch_prob
+            )));
         }
         if s.checkpoint_every == Some(0) {
             return Err(Error::Config("checkpoint_every must be at least 1 step".into()));

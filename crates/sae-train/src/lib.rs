@@ -17,7 +17,7 @@ pub mod progress;
 pub mod summary;
 pub mod train;
 
-pub use config::{DataConfig, DatasetKind, StepConfig, TrainConfig};
+pub use config::{AugmentConfig, DataConfig, DatasetKind, StepConfig, TrainConfig};
 pub use error::{Error, Result};
 pub use metrics::Evaluation;
 pub use optim::{Adam, Optimizer, OptimizerConfig, Schedule, Sgd};

@@ -18,7 +18,7 @@ use crate::progress::{epoch_line, Progress};
 use crate::summary::{read_summary, write_summary, EpochSummary};
 use crate::{Error, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, ModuleT};
+use candle_core::{DType, Device, ModuleT, Tensor};
 use sae_data::{Dataset, Loader, LoaderConfig};
 use sae_models::Model;
 use std::io::Write;
@@ -65,7 +65,8 @@ pub fn train(
     }
     let loader_cfg =
         LoaderConfig { batch_size: cfg.batch_size, shuffle: true, drop_last: true, seed: cfg.seed, prefetch: 3 };
-    let train_loader = Loader::new(Arc::new(splits.train), splits.train_transform, splits.normalize, loader_cfg)?;
+    let train_loader = Loader::new(Arc::new(splits.train), splits.train_transform, splits.normalize, loader_cfg)?
+        .with_augmentation(cfg.augment.trivial_augment, cfg.augment.mixing());
     let eval_cfg = LoaderConfig { shuffle: false, drop_last: false, ..loader_cfg };
     let eval_loader = Loader::new(Arc::new(splits.eval), splits.eval_transform, splits.normalize, eval_cfg)?;
     if train_loader.batches_per_epoch() == 0 {
@@ -194,7 +195,14 @@ impl Run<'_> {
             // Forward and backward inside Candle's own CPU thread pool (a no-op on GPUs).
             let (logits, loss, grads) = self.device.with_context(|| -> Result<_> {
                 let logits = self.model.forward_t(&x, true)?;
-                let loss = cross_entropy(&logits, &y, cfg.label_smoothing)?;
+                let mut loss = cross_entropy(&logits, &y, cfg.label_smoothing)?;
+                if let Some(mixed) = &batch.mixed {
+                    // λ·CE(y) + (1 − λ)·CE(y of the images mixed in).
+                    let partner = Tensor::from_slice(&mixed.partner_labels, mixed.partner_labels.len(), self.device)?;
+                    let other = cross_entropy(&logits, &partner, cfg.label_smoothing)?;
+                    let lambda = mixed.lambda as f64;
+                    loss = ((loss * lambda)? + (other * (1.0 - lambda))?)?;
+                }
                 let value = loss.to_scalar::<f32>()?;
                 if !value.is_finite() {
                     let step = self.state.step;
