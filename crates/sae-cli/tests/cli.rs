@@ -208,6 +208,11 @@ fn train_eval_resume_and_fine_tune() {
         "2",
         "--clip-grad-norm",
         "5",
+        "--trivial-augment",
+        "--mixup",
+        "0.8",
+        "--cutmix",
+        "1.0",
         "--out",
         s(&run),
     ]);
