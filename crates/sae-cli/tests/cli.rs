@@ -324,3 +324,80 @@ fn train_refuses_inconsistent_settings() {
     let out = sae(&["train", "--out", &run, "--resume"]);
     assert!(!out.status.success() && stderr(&out).contains("config.json"), "{}", stderr(&out));
 }
+
+/// The model weights of a run's last checkpoint.
+fn last_weights(run: &Path) -> Vec<u8> {
+    let last: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("checkpoints/last.json")).unwrap()).unwrap();
+    std::fs::read(run.join("checkpoints").join(last["dir"].as_str().unwrap()).join("model.safetensors")).unwrap()
+}
+
+#[test]
+fn kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run() {
+    let dir = scratch("kill9");
+    let data = dir.join("cifar");
+    std::fs::create_dir_all(&data).unwrap();
+    write_cifar10(&data, 4);
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "train",
+            "--model",
+            "seresnet14b",
+            "--data",
+            s(&data),
+            "--input-size",
+            "16",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+            "--checkpoint-every",
+            "1",
+            "--trivial-augment",
+            "--mixup",
+            "0.4",
+            "--out",
+            s(out),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let straight = dir.join("straight");
+    let out = sae(&args(&straight).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // Kill the process once a mid-epoch checkpoint of the second epoch exists.
+    let killed = dir.join("killed");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sae"))
+        .args(args(&killed))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pointer = killed.join("checkpoints/last.json");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    loop {
+        let text = std::fs::read_to_string(&pointer).unwrap_or_default();
+        if text.contains("epoch-0001-batch") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no mid-epoch checkpoint appeared");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // SIGKILL: no destructors, no flushing; whatever was being written is left as it is.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!killed.join("checkpoints/epoch-0002").exists(), "killed too late to test a mid-epoch resume");
+    let out = sae(&["train", "--out", s(&killed), "--resume"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(last_weights(&straight), last_weights(&killed), "weights differ after kill -9 and resume");
+
+    // A run's config.json is a complete config: training from it reproduces the run.
+    let again = dir.join("again");
+    let out = sae(&["train", "--config", s(&straight.join("config.json")), "--out", s(&again)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let read = |p: &Path| std::fs::read_to_string(p.join("config.json")).unwrap();
+    assert_eq!(read(&straight), read(&again));
+    assert_eq!(last_weights(&straight), last_weights(&again));
+}

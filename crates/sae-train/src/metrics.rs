@@ -122,3 +122,28 @@ impl EvaluationSum {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn evaluation_counts_match_a_hand_count() {
+        // Three classes, four images. Predictions (argmax): 0, 2, 2, 1; labels 0, 1, 2, 1.
+        let logits =
+            Tensor::new(&[[3.0f32, 1.0, 0.0], [0.0, 1.0, 2.0], [0.5, 0.0, 1.0], [0.0, 2.0, 1.0]], &Device::Cpu)
+                .unwrap();
+        let mut sum = EvaluationSum::new(3);
+        sum.update(&logits, &[0, 1, 2, 1], 0.5).unwrap();
+        sum.update(&logits.narrow(0, 0, 1).unwrap(), &[2], 1.5).unwrap();
+        let e = sum.finish();
+        // Fifth image: label 2, predicted 0, and 2 is its worst class (rank 2: still top-5).
+        assert_eq!(e.confusion, vec![vec![1, 0, 0], vec![0, 1, 1], vec![1, 0, 1]]);
+        assert_eq!(e.images, 5);
+        assert!((e.top1 - 60.0).abs() < 1e-9 && (e.top5 - 100.0).abs() < 1e-9);
+        assert!((e.loss - (0.5 * 4.0 + 1.5) / 5.0).abs() < 1e-9);
+        assert_eq!(e.per_class(), vec![Some(100.0), Some(50.0), Some(50.0)]);
+        assert_eq!(EvaluationSum::new(2).finish().per_class(), vec![None, None]);
+    }
+}
