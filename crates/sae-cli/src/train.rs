@@ -26,8 +26,9 @@ pub enum DatasetArg {
 /// The data flags shared by `train` and `eval`.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct DataArgs {
-    /// Dataset directory, or `hub:cifar10` / `hub:cifar100` (downloaded from the Hugging Face
-    /// Hub into its cache; HF_HOME, HF_ENDPOINT and HF_HUB_OFFLINE apply).
+    /// Dataset directory, or `hub:cifar10`, `hub:cifar100` or `hub:OWNER/NAME[@REVISION]` (an
+    /// image-classification dataset of parquet shards, converted once to a folder) from the
+    /// Hugging Face Hub into its cache (HF_HOME, HF_ENDPOINT and HF_HUB_OFFLINE apply).
     #[arg(long)]
     pub data: Option<String>,
     /// The dataset's layout (default: recognised from the directory).
@@ -202,7 +203,17 @@ fn data_dir(data: &str, dataset: Option<DatasetArg>) -> Result<(PathBuf, Option<
             let labels = if coarse { LabelSet::Coarse } else { LabelSet::Fine };
             (hub(CifarKind::Cifar100(labels))?, Some(dataset.unwrap_or(DatasetArg::Cifar100)))
         }
-        other if other.starts_with("hub:") => bail!("unknown Hub dataset {other:?} (known: hub:cifar10, hub:cifar100)"),
+        other if other.starts_with("hub:") => {
+            // Any image-classification dataset of parquet shards, as an ImageNet-style folder.
+            let spec = &other[4..];
+            let (repo, revision) = spec.split_once('@').unwrap_or((spec, "main"));
+            if repo.split('/').count() != 2 {
+                bail!("{other:?}: expected hub:OWNER/NAME[@REVISION], hub:cifar10 or hub:cifar100");
+            }
+            let dir = sae_data::prepare_image_folder(repo, revision)
+                .with_context(|| format!("getting {repo} from the Hugging Face Hub"))?;
+            (dir, Some(DatasetArg::Folder))
+        }
         dir => (PathBuf::from(dir), dataset),
     })
 }

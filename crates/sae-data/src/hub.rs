@@ -291,3 +291,129 @@ pub fn prepare_cifar(kind: CifarKind, source: &HubSource) -> Result<PathBuf> {
     sae_fs::replace_dir(&tmp, &dir)?;
     Ok(dir)
 }
+
+/// An image-classification dataset from the Hub as an ImageNet-style folder: its parquet
+/// shards (an image column — a struct with the encoded `bytes` — and an integer `label`
+/// column, as the Hub's `datasets` stores `Image` and `ClassLabel` features) are listed
+/// through the Hub API, downloaded and verified like CIFAR's, and their images written once,
+/// as they were encoded (JPEG or PNG, the formats the loader decodes), to
+/// `HF_HOME/sae-datasets/<owner>--<name>@<revision>-folder/{train,val}/<k>-<class>/`. Shards
+/// whose path mentions `train` are the training split; `validation`/`valid`/`val`, else
+/// `test`, the evaluation split. Class names come from the dataset card's `class_label` names
+/// for `label`, else `class<k>`; folder names are prefixed with the zero-padded label so that
+/// their sorted order is the label order. Returns the folder, for [`crate::ImageFolder`].
+pub fn prepare_image_folder(repo: &str, revision: &str) -> Result<PathBuf> {
+    let root = hub_cache().path().parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    let dir = root.join("sae-datasets").join(format!("{}@{revision}-folder", repo.replace('/', "--")));
+    if dir.join("COMPLETE").exists() {
+        return Ok(dir);
+    }
+    let source = HubSource {
+        repo: repo.to_string(),
+        revision: revision.to_string(),
+        train_files: Vec::new(),
+        test_files: Vec::new(),
+        image_column: String::new(),
+        label_columns: Vec::new(),
+    };
+    if offline() {
+        return Err(hub_error(&source, "(listing)", "HF_HUB_OFFLINE is set and the dataset was never converted here"));
+    }
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
+        .with_progress(false)
+        .build()
+        .map_err(|e| hub_error(&source, "(listing)", e))?;
+    let info = api.repo(source.repo_handle()).info().map_err(|e| hub_error(&source, "(listing)", e))?;
+    let mut shards: Vec<String> =
+        info.siblings.into_iter().map(|s| s.rfilename).filter(|f| f.ends_with(".parquet")).collect();
+    shards.sort();
+    let split_of = |file: &str, words: &[&str]| {
+        file.to_ascii_lowercase().split(|c: char| !c.is_ascii_alphanumeric()).any(|part| words.contains(&part))
+    };
+    let train: Vec<&String> = shards.iter().filter(|f| split_of(f, &["train"])).collect();
+    let mut val: Vec<&String> = shards.iter().filter(|f| split_of(f, &["validation", "valid", "val"])).collect();
+    if val.is_empty() {
+        val = shards.iter().filter(|f| split_of(f, &["test"])).collect();
+    }
+    if train.is_empty() || val.is_empty() {
+        return Err(hub_error(
+            &source,
+            "(listing)",
+            format!("needs train and validation/test parquet shards, found {shards:?}"),
+        ));
+    }
+    let mut rows = Vec::new();
+    for (split, files) in [("train", &train), ("val", &val)] {
+        for file in files.iter() {
+            for (image, label) in read_image_shard(&fetch(&source, file)?)? {
+                rows.push((split, image, label));
+            }
+        }
+    }
+    let classes = rows.iter().map(|r| r.2 as usize + 1).max().unwrap_or(0);
+    let names = fetch(&source, "README.md")
+        .ok()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|card| class_names_from_card(&card, "label", classes))
+        .unwrap_or_else(|| (0..classes).map(|k| format!("class{k}")).collect());
+    let width = classes.to_string().len().max(3);
+    let folder = |k: usize| {
+        let safe: String = names[k].chars().map(|c| if c.is_alphanumeric() || c == '_' { c } else { '_' }).collect();
+        format!("{k:0width$}-{safe}")
+    };
+
+    let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    for (i, (split, bytes, label)) in rows.into_iter().enumerate() {
+        let class_dir = tmp.join(split).join(folder(label as usize));
+        std::fs::create_dir_all(&class_dir).map_err(io(&class_dir))?;
+        let ext = match bytes.as_slice() {
+            [0xff, 0xd8, 0xff, ..] => "jpg",
+            [0x89, b'P', b'N', b'G', ..] => "png",
+            _ => return Err(hub_error(&source, split, format!("image {i}: neither JPEG nor PNG"))),
+        };
+        let path = class_dir.join(format!("{i:08}.{ext}"));
+        std::fs::write(&path, bytes).map_err(io(&path))?;
+    }
+    let marker = tmp.join("COMPLETE");
+    std::fs::write(&marker, format!("{repo}@{revision}\n")).map_err(io(&marker))?;
+    sae_fs::replace_dir(&tmp, &dir)?;
+    Ok(dir)
+}
+
+/// (encoded image, label) of every row of an image-classification parquet shard: the first
+/// struct column with a `bytes` field, and the `label` column.
+fn read_image_shard(path: &Path) -> Result<Vec<(Vec<u8>, u32)>> {
+    let bad = |reason: String| Error::Format { path: path.to_path_buf(), reason };
+    let file = std::fs::File::open(path).map_err(io(path))?;
+    let reader = SerializedFileReader::new(file).map_err(|e| bad(format!("not a readable parquet file: {e}")))?;
+    let iter = reader.get_row_iter(None).map_err(|e| bad(format!("cannot read rows: {e}")))?;
+    let mut out = Vec::new();
+    for (i, row) in iter.enumerate() {
+        let row = row.map_err(|e| bad(format!("row {i}: {e}")))?;
+        let (mut image, mut label) = (None, None);
+        for (name, field) in row.get_column_iter() {
+            match field {
+                Field::Group(g) if image.is_none() => {
+                    image = g.get_column_iter().find_map(|(n, f)| match (n.as_str(), f) {
+                        ("bytes", Field::Bytes(b)) => Some(b.data().to_vec()),
+                        _ => None,
+                    });
+                }
+                Field::Long(v) if name == "label" => label = Some(*v),
+                Field::Int(v) if name == "label" => label = Some(*v as i64),
+                Field::Short(v) if name == "label" => label = Some(*v as i64),
+                Field::Byte(v) if name == "label" => label = Some(*v as i64),
+                _ => {}
+            }
+        }
+        let image = image.ok_or_else(|| bad(format!("row {i}: no image column (a struct with `bytes`)")))?;
+        let label = label.ok_or_else(|| bad(format!("row {i}: no integer `label` column")))?;
+        let label = u32::try_from(label)
+            .ok()
+            .filter(|&l| l < 100_000)
+            .ok_or_else(|| bad(format!("row {i}: label {label} out of range")))?;
+        out.push((image, label));
+    }
+    Ok(out)
+}

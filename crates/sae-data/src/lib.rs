@@ -18,7 +18,7 @@ pub use augment::{Mixed, Mixing};
 pub use cifar::{Cifar, CifarKind, LabelSet, Split};
 pub use error::{Error, Result};
 pub use folder::ImageFolder;
-pub use hub::{prepare_cifar, HubSource};
+pub use hub::{prepare_cifar, prepare_image_folder, HubSource};
 pub use image_ops::Rgb8Image;
 pub use loader::{Batch, Dataset, Loader, LoaderConfig, Subset};
 pub use transform::{Normalize, Transform};

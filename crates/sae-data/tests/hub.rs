@@ -34,6 +34,12 @@ fn png(img: &image::RgbImage) -> Vec<u8> {
 
 /// A parquet shard in the Hub's layout: `img` {bytes, path (null)} and integer label columns.
 fn shard(images: &[usize], labels: &[(&str, Vec<i64>)]) -> Vec<u8> {
+    shard_of(images.iter().map(|&i| png(&image(i))).collect(), labels)
+}
+
+/// The same with the encoded images given.
+fn shard_of(encoded: Vec<Vec<u8>>, labels: &[(&str, Vec<i64>)]) -> Vec<u8> {
+    let images: Vec<usize> = (0..encoded.len()).collect();
     let label_fields: String = labels.iter().map(|(name, _)| format!("OPTIONAL INT64 {name};")).collect();
     let schema = format!(
         "message schema {{ OPTIONAL GROUP img {{ OPTIONAL BYTE_ARRAY bytes; OPTIONAL BYTE_ARRAY path (UTF8); }} {label_fields} }}"
@@ -43,7 +49,7 @@ fn shard(images: &[usize], labels: &[(&str, Vec<i64>)]) -> Vec<u8> {
     let mut out = Vec::new();
     let mut writer = SerializedFileWriter::new(&mut out, schema, props).unwrap();
     let mut group = writer.next_row_group().unwrap();
-    let bytes: Vec<ByteArray> = images.iter().map(|&i| ByteArray::from(png(&image(i)))).collect();
+    let bytes: Vec<ByteArray> = encoded.into_iter().map(ByteArray::from).collect();
     let mut column = 0;
     while let Some(mut col) = group.next_column().unwrap() {
         match column {
@@ -112,6 +118,26 @@ impl Hub {
                 self.requests.fetch_add(1, Ordering::SeqCst);
                 let path = request.split_whitespace().nth(1).unwrap_or("").to_string();
                 let files = self.files.lock().unwrap();
+                // The repository listing of the Hub API: every file served under the repo.
+                if let Some(repo) = path.strip_prefix("/api/datasets/").and_then(|r| r.strip_suffix("/revision/main")) {
+                    let prefix = format!("/datasets/{repo}/resolve/main/");
+                    let siblings: Vec<String> = files
+                        .keys()
+                        .filter_map(|k| k.strip_prefix(&prefix))
+                        .map(|f| format!("{{\"rfilename\":\"{f}\"}}"))
+                        .collect();
+                    let body = format!(
+                        "{{\"siblings\":[{}],\"sha\":\"0123456789abcdef0123456789abcdef01234567\"}}",
+                        siblings.join(",")
+                    );
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    stream.write_all(head.as_bytes()).unwrap();
+                    stream.write_all(body.as_bytes()).unwrap();
+                    continue;
+                }
                 let Some((bytes, etag)) = files.get(&path) else {
                     stream
                         .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
@@ -245,6 +271,49 @@ fn hub_download_converts_verifies_caches_and_works_offline() {
     let err = prepare_cifar(CifarKind::Cifar10, &source(repo_label, &["train.parquet"], &["test.parquet"], &c10));
     let err = err.unwrap_err().to_string();
     assert!(err.contains("row 1: label 12 out of range 0..10"), "{err}");
+
+    // An image-classification dataset (JPEG and PNG rows) becomes an ImageNet-style folder.
+    let repo_img = "test/images";
+    let encode = |i: usize, format: image::ImageFormat| {
+        let mut out = std::io::Cursor::new(Vec::new());
+        image(i).write_to(&mut out, format).unwrap();
+        out.into_inner()
+    };
+    let label = |ids: &[i64]| vec![("label", ids.to_vec())];
+    hub.put(repo_img, "README.md", card(&[("label", 3)]).into_bytes());
+    let jpegs = (0..3).map(|i| encode(i, image::ImageFormat::Jpeg)).collect();
+    hub.put(repo_img, "data/train-00000-of-00002.parquet", shard_of(jpegs, &label(&[0, 1, 2])));
+    let pngs = (3..6).map(|i| encode(i, image::ImageFormat::Png)).collect();
+    hub.put(repo_img, "data/train-00001-of-00002.parquet", shard_of(pngs, &label(&[2, 1, 0])));
+    let val_pngs = (6..9).map(|i| encode(i, image::ImageFormat::Png)).collect();
+    hub.put(repo_img, "data/validation-00000-of-00001.parquet", shard_of(val_pngs, &label(&[0, 1, 2])));
+    let folder = sae_data::prepare_image_folder(repo_img, "main").unwrap();
+    let train = sae_data::ImageFolder::open(&folder.join("train")).unwrap();
+    assert_eq!(train.classes, ["000-label_0", "001-label_1", "002-label_2"]);
+    let labels: Vec<u32> = train.samples.iter().map(|s| s.1).collect();
+    assert_eq!(labels, [0, 0, 1, 1, 2, 2]);
+    // PNG rows are written as they were: image 5 (label 0) has exact pixels.
+    let (img5, label5) = train.get(1).unwrap();
+    assert_eq!(
+        (label5, &img5.data[..], train.samples[1].0.extension().unwrap()),
+        (0, image(5).as_raw().as_slice(), std::ffi::OsStr::new("png"))
+    );
+    assert_eq!(train.samples[0].0.extension().unwrap(), "jpg");
+    let val = sae_data::ImageFolder::open(&folder.join("val")).unwrap();
+    assert_eq!(val.samples.len(), 3);
+    assert_eq!(val.get(2).unwrap().0.data, image(8).into_raw());
+    let served = hub.requests.load(Ordering::SeqCst);
+    assert_eq!(sae_data::prepare_image_folder(repo_img, "main").unwrap(), folder);
+    assert_eq!(hub.requests.load(Ordering::SeqCst), served, "converted once");
+    // Without a validation or test split: refused, listing what is there.
+    hub.put("test/train-only", "train.parquet", shard(&[0], &l10(&[0])));
+    let err = sae_data::prepare_image_folder("test/train-only", "main").unwrap_err().to_string();
+    assert!(err.contains("validation/test") && err.contains("train.parquet"), "{err}");
+    // Rows that are not JPEG or PNG are refused, naming the row.
+    hub.put("test/gif", "train.parquet", shard_of(vec![b"GIF89a....".to_vec()], &label(&[0])));
+    hub.put("test/gif", "test.parquet", shard(&[1], &l10(&[0])));
+    let err = sae_data::prepare_image_folder("test/gif", "main").unwrap_err().to_string();
+    assert!(err.contains("test/gif") && err.contains("image 0: neither JPEG nor PNG"), "{err}");
 
     // A missing file on the server is an error naming it.
     let err = prepare_cifar(CifarKind::Cifar10, &source("test/absent", &["x.parquet"], &["y.parquet"], &c10));
