@@ -263,7 +263,7 @@ fn image_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
 
 fn is_image(path: &Path) -> bool {
     let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
-    matches!(ext.as_deref(), Some("jpg" | "jpeg" | "png" | "bmp" | "webp"))
+    matches!(ext.as_deref(), Some("jpg" | "jpeg" | "png"))
 }
 
 fn predict(
@@ -290,7 +290,9 @@ fn predict(
     let files = image_files(inputs)?;
     let preprocess = Preprocess::imagenet(size);
     let mut out = std::io::stdout().lock();
+    let progress = Progress::new(files.len(), "predicting");
     for chunk in files.chunks(batch) {
+        progress.add(chunk.len());
         let images = chunk.iter().map(|p| preprocess.load(p)).collect::<Result<Vec<_>, _>>()?;
         let predictions = model.top_k(&Tensor::stack(&images, 0)?, top.min(classes))?;
         for (path, predictions) in chunk.iter().zip(predictions) {
@@ -311,16 +313,67 @@ fn predict(
             }
         }
     }
+    progress.finish();
     Ok(())
+}
+
+/// Progress of a long loop on stderr: a bar on a terminal, a plain line every tenth otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    total: usize,
+    done: std::sync::atomic::AtomicUsize,
+    what: &'static str,
+}
+
+impl Progress {
+    fn new(total: usize, what: &'static str) -> Self {
+        use std::io::IsTerminal;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(total as u64);
+            if let Ok(style) = indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} eta {eta}") {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            bar.set_message(what);
+            bar
+        });
+        Self { bar, total, done: Default::default(), what }
+    }
+
+    fn add(&self, n: usize) {
+        let done = self.done.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
+        match &self.bar {
+            Some(bar) => bar.inc(n as u64),
+            None => {
+                let tenth = self.total.div_ceil(10).max(1);
+                if done / tenth != (done - n) / tenth && done < self.total {
+                    eprintln!("{} {done}/{}", self.what, self.total);
+                }
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
 }
 
 fn data_check(dir: &Path) -> Result<()> {
     let files = image_files(&[dir.to_path_buf()])?;
     if files.is_empty() {
-        bail!("{}: no images (.jpg, .jpeg, .png, .bmp, .webp) found", dir.display());
+        bail!("{}: no images (.jpg, .jpeg, .png: what the loaders read) found", dir.display());
     }
-    let bad: Vec<String> =
-        files.par_iter().filter_map(|path| sae_data::Rgb8Image::open(path).err().map(|e| e.to_string())).collect();
+    let progress = Progress::new(files.len(), "checking");
+    let bad: Vec<String> = files
+        .par_iter()
+        .filter_map(|path| {
+            let result = sae_data::Rgb8Image::open(path).err().map(|e| e.to_string());
+            progress.add(1);
+            result
+        })
+        .collect();
+    progress.finish();
     let mut out = std::io::stdout().lock();
     for line in &bad {
         writeln!(out, "{line}")?;
