@@ -120,6 +120,10 @@ pub struct TrainArgs {
     /// Also checkpoint every N optimiser steps (a killed run loses at most N).
     #[arg(long)]
     pub checkpoint_every: Option<usize>,
+    /// Before each evaluation, recalibrate BatchNorm's running statistics on this many
+    /// training batches.
+    #[arg(long)]
+    pub recalibrate_bn: Option<usize>,
     /// A TrivialAugment-style policy on every training image.
     #[arg(long)]
     pub trivial_augment: bool,
@@ -370,7 +374,7 @@ pub fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
         ($($flag:ident => $field:expr),*) => { $(if let Some(v) = a.$flag.clone() { $field = v; })* };
     }
     set!(batch_size => cfg.batch_size, seed => cfg.seed, label_smoothing => cfg.label_smoothing,
-         accumulate => cfg.steps.accumulate, mixup => cfg.augment.mixup_alpha, cutmix => cfg.augment.cutmix_alpha,
+         accumulate => cfg.steps.accumulate, recalibrate_bn => cfg.steps.recalibrate_bn, mixup => cfg.augment.mixup_alpha, cutmix => cfg.augment.cutmix_alpha,
          mix_prob => cfg.augment.mix_prob, mix_switch_prob => cfg.augment.switch_prob);
     cfg.augment.trivial_augment |= a.trivial_augment;
     if a.clip_grad_norm.is_some() {

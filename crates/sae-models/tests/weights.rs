@@ -33,6 +33,24 @@ fn same_seed_gives_identical_weights_and_different_seeds_differ() {
 }
 
 #[test]
+fn the_same_seed_gives_every_variant_the_same_backbone() {
+    // Runs of ResNet, SE and SENetV2 with one seed start from the same backbone weights, so
+    // comparisons between them are paired by seed.
+    let models =
+        ["resnet14b", "seresnet14b", "senetv2_resnet14b"].map(|m| Model::from_name(m, 10, 5, &Device::Cpu).unwrap());
+    let plain = models[0].named_vars();
+    for other in &models[1..] {
+        let vars = other.named_vars();
+        for (name, var) in &plain {
+            let a = var.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let b = vars[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(a, b, "{}: {name} differs from resnet14b's", other.config().name);
+        }
+        assert!(vars.len() > plain.len());
+    }
+}
+
+#[test]
 fn initialisation_has_the_documented_statistics() {
     let model = Model::from_name("resnet50", 10, 1, &Device::Cpu).unwrap();
     let vars = model.named_vars();

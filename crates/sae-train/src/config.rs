@@ -119,6 +119,11 @@ pub struct StepConfig {
     /// Weights to start from (safetensors or a PyTorch checkpoint) instead of the seeded
     /// initialisation; a classifier head of another class count is left freshly initialised.
     pub init: Option<PathBuf>,
+    /// Before each evaluation, this many training batches (the epoch's first) go through the
+    /// evaluated model in training mode, without gradients, to recalibrate BatchNorm's running
+    /// statistics to the current weights (each batch weighs 10 %: 50 batches leave 0.5 % of the
+    /// old statistics). 0 for none.
+    pub recalibrate_bn: usize,
 }
 
 impl StepConfig {

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod optim;
 pub mod plot;
 pub mod progress;
+pub mod stats;
 pub mod summary;
 pub mod train;
 

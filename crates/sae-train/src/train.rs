@@ -79,6 +79,7 @@ pub fn train(
         let trained = run.train_epoch(optimizer.as_mut(), &train_loader, epoch, progress)?;
         let start = Instant::now();
         let evaluated = ema.as_ref().unwrap_or(&model);
+        recalibrate_bn(evaluated, &train_loader, epoch, cfg.steps.recalibrate_bn, device)?;
         let (eval_loss, eval_top1, eval_top5) = device.with_context(|| evaluate(evaluated, &eval_loader, device))?;
         let summary = EpochSummary {
             epoch: epoch + 1,
@@ -116,6 +117,22 @@ fn load_init(model: &Model, init: &Path) -> Result<()> {
         }
     }
     Ok(model.load_state_dict(tensors, init)?)
+}
+
+/// Runs the first `batches` training batches of `epoch` through `model` in training mode,
+/// without gradients, so that BatchNorm's running statistics follow the current weights.
+fn recalibrate_bn<D: Dataset + 'static>(
+    model: &Model,
+    loader: &Loader<D>,
+    epoch: usize,
+    batches: usize,
+    device: &Device,
+) -> Result<()> {
+    for batch in loader.epoch(epoch as u64).take(batches) {
+        let (x, _) = to_tensors(&batch?, device)?;
+        device.with_context(|| model.forward_t(&x.detach(), true))?;
+    }
+    Ok(())
 }
 
 /// Sets every variable of `to` (weights and BatchNorm statistics) to `from`'s.
@@ -375,6 +392,47 @@ mod tests {
         let mut untouched = gradients(&model, &images(2), &[1, 2], 1.0);
         clip_grad_norm(&mut untouched, &model, before * 2.0).unwrap();
         assert_eq!(norm(&untouched), before);
+    }
+
+    #[test]
+    fn recalibration_runs_the_epochs_first_batches_in_training_mode() {
+        let dir = std::env::temp_dir().join(format!("sae-recalibrate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A CIFAR-10 directory of 20 images.
+        let record = |i: usize| -> Vec<u8> {
+            let mut r = vec![(i % 10) as u8];
+            r.extend((0..3072).map(|p| ((p * 7 + i * 31) % 251) as u8));
+            r
+        };
+        for (f, name) in ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]
+            .iter()
+            .enumerate()
+        {
+            let bytes: Vec<u8> = (0..4).flat_map(|i| record(i + 4 * f)).collect();
+            std::fs::write(dir.join(format!("{name}.bin")), bytes).unwrap();
+        }
+        std::fs::write(dir.join("batches.meta.txt"), (0..10).map(|k| format!("c{k}\n")).collect::<String>()).unwrap();
+        let data = crate::DataConfig {
+            dataset: crate::DatasetKind::Cifar10,
+            dir: dir.clone(),
+            input_size: 16,
+            train_images: None,
+            eval_images: None,
+        };
+        let splits = crate::data::datasets(&data, 4).unwrap();
+        let cfg = LoaderConfig { batch_size: 4, shuffle: true, drop_last: true, seed: 4, prefetch: 1 };
+        let loader = Loader::new(Arc::new(splits.train), splits.train_transform, splits.normalize, cfg).unwrap();
+        let model = |seed| Model::new(config("resnet14b", 10).unwrap(), seed, &Device::Cpu).unwrap();
+        let (recalibrated, by_hand) = (model(1), model(1));
+        recalibrate_bn(&recalibrated, &loader, 2, 3, &Device::Cpu).unwrap();
+        for batch in loader.epoch(2).take(3) {
+            let (x, _) = to_tensors(&batch.unwrap(), &Device::Cpu).unwrap();
+            by_hand.forward_t(&x, true).unwrap();
+        }
+        let stat = |m: &Model| m.named_vars()["layer2.0.bn1.running_mean"].to_vec1::<f32>().unwrap();
+        assert_eq!(stat(&recalibrated), stat(&by_hand));
+        assert_ne!(stat(&recalibrated), stat(&model(1)), "the statistics moved");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

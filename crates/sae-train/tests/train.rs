@@ -370,8 +370,8 @@ fn a_run_killed_mid_epoch_resumes_from_its_last_step_checkpoint_with_the_same_re
     let data = tmp("kill-data");
     write_colour_dataset(&data, 4, 2);
     // 40 images, batch 4: 10 batches per epoch; 2 batches per step, a checkpoint every 2 steps,
-    // clipping, a weight average, the augmentation policy and mixing, so that every piece of
-    // state and randomness must survive the restart.
+    // clipping, a weight average, BatchNorm recalibration, the augmentation policy and mixing,
+    // so that every piece of state and randomness must survive the restart.
     let mut cfg = TrainConfig { batch_size: 4, ..small_config("seresnet14b", &data, 2) };
     cfg.steps = StepConfig {
         accumulate: 2,
@@ -379,6 +379,7 @@ fn a_run_killed_mid_epoch_resumes_from_its_last_step_checkpoint_with_the_same_re
         ema_decay: Some(0.9),
         checkpoint_every: Some(2),
         init: None,
+        recalibrate_bn: 2,
     };
     cfg.augment = AugmentConfig { trivial_augment: true, mixup_alpha: 0.4, cutmix_alpha: 1.0, ..Default::default() };
     let straight = tmp("kill-straight");
