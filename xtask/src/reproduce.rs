@@ -434,7 +434,7 @@ fn comparisons(results: &[ModelRuns]) -> String {
     md
 }
 
-/// Mean evaluation top-1 over seeds, per epoch, one line per model.
+/// Mean evaluation top-1 over seeds, per epoch, one bold line per model over thin lines per seed.
 fn top1_series(results: &[ModelRuns]) -> Vec<Series> {
     results
         .iter()
@@ -443,7 +443,8 @@ fn top1_series(results: &[ModelRuns]) -> Vec<Series> {
             let points = (0..epochs)
                 .map(|e| ((e + 1) as f64, runs.iter().map(|r| r[e].eval_top1).sum::<f64>() / runs.len() as f64))
                 .collect();
-            Series { label: model.clone(), points }
+            let runs = runs.iter().map(|r| r.iter().map(|s| (s.epoch as f64, s.eval_top1)).collect()).collect();
+            Series { label: model.clone(), points, runs }
         })
         .collect()
 }

@@ -27,12 +27,15 @@ fn plot_error(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::Plot { path: path.to_path_buf(), reason: e.to_string() }
 }
 
-/// One line of a plot: a label and (x, y) points.
+/// One line of a plot: a label and (x, y) points, and optionally the runs it averages, drawn
+/// as thin lines of the same colour beneath it.
 pub struct Series {
     /// Legend text.
     pub label: String,
     /// Points in x order.
     pub points: Vec<(f64, f64)>,
+    /// The individual runs behind `points` (per seed), or empty.
+    pub runs: Vec<Vec<(f64, f64)>>,
 }
 
 /// Renders `draw` on a `width` × `height` canvas and writes it to `path` as PNG.
@@ -64,7 +67,7 @@ fn panel(
     series: &[Series],
     legend: SeriesLabelPosition,
 ) -> std::result::Result<(), String> {
-    let points = || series.iter().flat_map(|s| s.points.iter());
+    let points = || series.iter().flat_map(|s| s.points.iter().chain(s.runs.iter().flatten()));
     let x_max = points().map(|p| p.0).fold(1.0, f64::max);
     let (mut y_min, mut y_max) =
         points().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
@@ -81,7 +84,11 @@ fn panel(
         .map_err(|e| e.to_string())?;
     chart.configure_mesh().x_desc(x_name).y_desc(y_name).label_style((FAMILY, 14)).draw().map_err(|e| e.to_string())?;
     for (i, s) in series.iter().enumerate() {
-        let colour = Palette99::pick(i).to_rgba().stroke_width(2);
+        let thin = Palette99::pick(i).mix(0.35).stroke_width(1);
+        for run in &s.runs {
+            chart.draw_series(LineSeries::new(run.iter().copied(), thin)).map_err(|e| e.to_string())?;
+        }
+        let colour = Palette99::pick(i).to_rgba().stroke_width(if s.runs.is_empty() { 2 } else { 3 });
         chart
             .draw_series(LineSeries::new(s.points.iter().copied(), colour))
             .map_err(|e| e.to_string())?
@@ -105,6 +112,7 @@ pub fn plot_run(history: &[EpochSummary], title: &str, path: &Path) -> Result<()
     let line = |label: &str, f: fn(&EpochSummary) -> f64| Series {
         label: label.to_string(),
         points: history.iter().map(|e| (e.epoch as f64, f(e))).collect(),
+        runs: Vec::new(),
     };
     let loss = [line("train loss", |e| e.train_loss), line("eval loss", |e| e.eval_loss)];
     let accuracy = [

@@ -43,6 +43,8 @@ fn run_curves_and_comparison_are_real_pngs() {
         .map(|m| Series {
             label: format!("model {m}"),
             points: (1..=5).map(|e| (e as f64, (m * 10 + e) as f64)).collect(),
+            // Two runs per model, one above and one below the mean.
+            runs: [-2.0, 2.0].map(|d| (1..=5).map(|e| (e as f64, (m * 10 + e) as f64 + d)).collect()).to_vec(),
         })
         .collect();
     let table = dir.join("table.png");
