@@ -1,5 +1,6 @@
-//! Compiles the CUDA kernel sources to PTX with nvcc, so a syntax or type error in a kernel
-//! fails CI even on machines without a GPU, and type-checks the Rust side of the `cuda`
+//! Compiles the CUDA kernel sources to PTX with nvcc, and fully to SASS (`-cubin`, through
+//! ptxas, with spills and local memory reported as errors), so a syntax, type, register or
+//! resource error in a kernel fails CI even on machines without a GPU, and type-checks the Rust side of the `cuda`
 //! feature (the launchers in `sae-kernels/src/excitation/cuda.rs`, its CUDA tests and the models on top)
 //! with `cargo clippy --features cuda`, which builds Candle's own CUDA kernels with the same
 //! nvcc but links nothing. nvcc is `$CUDA_HOME/bin/nvcc`, else `nvcc` on `PATH`. Without nvcc
@@ -50,8 +51,25 @@ pub fn check(root: &Path) -> Result<()> {
                 bail!("nvcc failed on {} for {arch}", src.display())
             }
             let ptx = std::fs::read_to_string(&out)?;
+            // SASS: ptxas allocates registers and shared memory for the real architecture.
+            let cubin = Command::new(&nvcc)
+                .args(["-cubin", "-std=c++17", "-O3", &format!("-arch={arch}"), "--resource-usage"])
+                .args(["-Xptxas", "-warn-spills,-warn-lmem-usage,-Werror", "-o"])
+                .arg(out.with_extension("cubin"))
+                .arg(src)
+                .output()
+                .with_context(|| format!("running {}", nvcc.display()))?;
+            let report = String::from_utf8_lossy(&cubin.stderr);
+            if !cubin.status.success() {
+                bail!("ptxas failed on {} for {arch}:\n{report}", src.display())
+            }
+            let registers = report
+                .lines()
+                .filter_map(|l| l.split("Used ").nth(1)?.split(' ').next()?.parse::<u32>().ok())
+                .max()
+                .unwrap_or(0);
             eprintln!(
-                "ptx: {} for {arch}: {} kernels",
+                "ptx: {} for {arch}: {} kernels, SASS at most {registers} registers per thread, no spills",
                 src.strip_prefix(root).unwrap_or(src).display(),
                 ptx.matches(".entry").count()
             );
