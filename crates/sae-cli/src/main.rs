@@ -318,7 +318,7 @@ fn predict(
 }
 
 /// Progress of a long loop on stderr: a bar on a terminal, a plain line every tenth otherwise.
-struct Progress {
+pub(crate) struct Progress {
     bar: Option<indicatif::ProgressBar>,
     total: usize,
     done: std::sync::atomic::AtomicUsize,
@@ -326,7 +326,7 @@ struct Progress {
 }
 
 impl Progress {
-    fn new(total: usize, what: &'static str) -> Self {
+    pub(crate) fn new(total: usize, what: &'static str) -> Self {
         use std::io::IsTerminal;
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = indicatif::ProgressBar::new(total as u64);
@@ -339,7 +339,7 @@ impl Progress {
         Self { bar, total, done: Default::default(), what }
     }
 
-    fn add(&self, n: usize) {
+    pub(crate) fn add(&self, n: usize) {
         let done = self.done.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
         match &self.bar {
             Some(bar) => bar.inc(n as u64),
@@ -352,7 +352,7 @@ impl Progress {
         }
     }
 
-    fn finish(&self) {
+    pub(crate) fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }

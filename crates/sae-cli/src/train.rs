@@ -63,12 +63,39 @@ pub struct TrainArgs {
     pub model: Option<String>,
     #[command(flatten)]
     pub data: DataArgs,
+    /// Stem: `imagenet` (7×7/2 conv and max-pool) or `cifar` (3×3/1 conv, no pool).
+    #[arg(long, value_parser = ["imagenet", "cifar"])]
+    pub stem: Option<String>,
+    /// How the SE/SaE gates scale the features: `s` (u·s) or `one_plus_s` (u + u·s).
+    #[arg(long)]
+    pub gate: Option<sae_models::Gate>,
+    /// SE/SaE reduction r (each reduction layer maps C → C/r).
+    #[arg(long)]
+    pub reduction: Option<usize>,
+    /// SaE cardinality K (parallel reduction layers).
+    #[arg(long)]
+    pub cardinality: Option<usize>,
+    /// Convolutions with a bias (Keras style).
+    #[arg(long)]
+    pub conv_bias: Option<bool>,
+    /// BatchNorm ε.
+    #[arg(long)]
+    pub bn_eps: Option<f64>,
     /// `adam` (Keras form) or `sgd` (momentum, PyTorch form).
     #[arg(long, value_parser = ["adam", "sgd"])]
     pub optimizer: Option<String>,
     /// Learning rate.
     #[arg(long)]
     pub lr: Option<f64>,
+    /// Adam's β₁.
+    #[arg(long)]
+    pub beta1: Option<f64>,
+    /// Adam's β₂.
+    #[arg(long)]
+    pub beta2: Option<f64>,
+    /// Adam's ε.
+    #[arg(long)]
+    pub adam_eps: Option<f64>,
     /// SGD momentum.
     #[arg(long)]
     pub momentum: Option<f64>,
@@ -327,6 +354,15 @@ pub fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
     if let Some(k) = a.kernels {
         cfg.model.kernels = k;
     }
+    match a.stem.as_deref() {
+        Some("cifar") => cfg.model.stem = sae_models::Stem::Cifar,
+        Some(_) => cfg.model.stem = sae_models::Stem::Imagenet,
+        None => {}
+    }
+    macro_rules! set_model {
+        ($($flag:ident),*) => { $(if let Some(v) = a.$flag { cfg.model.$flag = v; })* };
+    }
+    set_model!(gate, reduction, cardinality, conv_bias, bn_eps);
     match a.optimizer.as_deref() {
         Some("adam") if !matches!(cfg.optimizer, OptimizerConfig::Adam { .. }) => {
             cfg.optimizer = OptimizerConfig::keras_adam()
@@ -337,15 +373,20 @@ pub fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
         _ => {}
     }
     match &mut cfg.optimizer {
-        OptimizerConfig::Adam { lr, .. } => {
+        OptimizerConfig::Adam { lr, beta1, beta2, eps } => {
             if a.momentum.is_some() || a.weight_decay.is_some() || a.nesterov || a.decoupled {
                 bail!("--momentum, --weight-decay, --nesterov and --decoupled are SGD settings (--optimizer sgd)");
             }
-            if let Some(v) = a.lr {
-                *lr = v;
+            for (flag, field) in [(a.lr, lr), (a.beta1, beta1), (a.beta2, beta2), (a.adam_eps, eps)] {
+                if let Some(v) = flag {
+                    *field = v;
+                }
             }
         }
         OptimizerConfig::Sgd { lr, momentum, nesterov, weight_decay, decoupled } => {
+            if a.beta1.is_some() || a.beta2.is_some() || a.adam_eps.is_some() {
+                bail!("--beta1, --beta2 and --adam-eps are Adam settings (--optimizer adam)");
+            }
             if let Some(v) = a.lr {
                 *lr = v;
             }
@@ -458,7 +499,9 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     if classes.len() != model.config().num_classes {
         bail!("the model has {} outputs but the data has {} classes", model.config().num_classes, classes.len());
     }
-    let result = dev.with_context(|| sae_train::evaluate_all(&model, &loader, &dev))?;
+    let progress = crate::Progress::new(loader.dataset().len(), "evaluating");
+    let result = dev.with_context(|| sae_train::evaluate_all_with(&model, &loader, &dev, &mut |n| progress.add(n)))?;
+    progress.finish();
     if let Some(path) = &confusion {
         let title = format!("{}: confusion on {} images", model.config().name, result.images);
         sae_train::plot::plot_confusion(&result.confusion, &classes, &title, path)?;

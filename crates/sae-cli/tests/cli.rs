@@ -208,6 +208,10 @@ fn train_eval_resume_and_fine_tune() {
         "2",
         "--clip-grad-norm",
         "5",
+        "--stem",
+        "cifar",
+        "--bn-eps",
+        "0.001",
         "--trivial-augment",
         "--mixup",
         "0.8",
@@ -223,6 +227,7 @@ fn train_eval_resume_and_fine_tune() {
     assert_eq!(cfg["optimizer"]["momentum"], 0.9);
     assert_eq!(cfg["schedule"]["kind"], "cosine");
     assert_eq!(cfg["steps"]["accumulate"], 2);
+    assert_eq!((cfg["model"]["stem"].as_str(), cfg["model"]["bn_eps"].as_f64()), (Some("cifar"), Some(0.001)));
     assert_eq!(
         (cfg["augment"]["trivial_augment"].as_bool(), cfg["augment"]["cutmix_alpha"].as_f64()),
         (Some(true), Some(1.0))
@@ -317,6 +322,20 @@ fn train_refuses_inconsistent_settings() {
     let run = s(&dir.join("run")).to_string();
     let out = sae(&["train", "--model", "resnet14b", "--data", s(&data), "--momentum", "0.9", "--out", &run]);
     assert!(!out.status.success() && stderr(&out).contains("SGD settings"), "{}", stderr(&out));
+    let out = sae(&[
+        "train",
+        "--model",
+        "resnet14b",
+        "--data",
+        s(&data),
+        "--optimizer",
+        "sgd",
+        "--beta1",
+        "0.8",
+        "--out",
+        &run,
+    ]);
+    assert!(!out.status.success() && stderr(&out).contains("Adam settings"), "{}", stderr(&out));
     let out = sae(&["train", "--model", "resnet14b", "--data", s(&dir), "--out", &run]);
     assert!(!out.status.success() && stderr(&out).contains("not a CIFAR-10/100 binary directory"), "{}", stderr(&out));
     let out = sae(&["train", "--model", "resnet14b", "--data", s(&data), "--ema-decay", "1.5", "--out", &run]);

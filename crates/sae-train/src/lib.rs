@@ -24,4 +24,4 @@ pub use metrics::Evaluation;
 pub use optim::{Adam, Optimizer, OptimizerConfig, Schedule, Sgd};
 pub use progress::{default_progress, Bar, LogLines, Progress};
 pub use summary::{read_summary, EpochSummary};
-pub use train::{evaluate, evaluate_all, train};
+pub use train::{evaluate, evaluate_all, evaluate_all_with, train};

@@ -322,9 +322,20 @@ pub fn evaluate<D: Dataset + 'static>(model: &Model, loader: &Loader<D>, device:
 
 /// Evaluates `model` (eval mode) on `loader`, with per-class accuracy and the confusion matrix.
 pub fn evaluate_all<D: Dataset + 'static>(model: &Model, loader: &Loader<D>, device: &Device) -> Result<Evaluation> {
+    evaluate_all_with(model, loader, device, &mut |_| {})
+}
+
+/// [`evaluate_all`], calling `on_batch(images)` after each batch (for progress reports).
+pub fn evaluate_all_with<D: Dataset + 'static>(
+    model: &Model,
+    loader: &Loader<D>,
+    device: &Device,
+    on_batch: &mut dyn FnMut(usize),
+) -> Result<Evaluation> {
     let mut sum = EvaluationSum::new(model.config().num_classes);
     for batch in loader.epoch(0) {
         let batch = batch?;
+        on_batch(batch.labels.len());
         let (x, y) = to_tensors(&batch, device)?;
         let logits = model.forward_t(&x, false)?;
         let loss = cross_entropy(&logits, &y, 0.0)?.to_scalar::<f32>()? as f64;
