@@ -211,12 +211,23 @@ pub struct EvalArgs {
     pub device: String,
 }
 
-fn device(name: &str) -> Result<Device> {
-    Ok(match name {
-        "cuda" => Device::new_cuda(0).context("--device cuda needs a build with --features cuda and a GPU")?,
-        "metal" => Device::new_metal(0).context("--device metal needs a build with --features metal")?,
-        _ => Device::Cpu,
-    })
+/// The device `--device` names, or an error saying what is missing and how to get it.
+pub fn device(name: &str) -> Result<Device> {
+    match name {
+        "cuda" if !cfg!(feature = "cuda") => bail!(
+            "--device cuda: this sae was built without CUDA; rebuild it with \
+             `cargo install --path crates/sae-cli --features cuda` (needs the CUDA toolkit's nvcc)"
+        ),
+        "metal" if !cfg!(feature = "metal") => bail!(
+            "--device metal: this sae was built without Metal; rebuild it on macOS with \
+             `cargo install --path crates/sae-cli --features metal`"
+        ),
+        "cuda" => Device::new_cuda(0).map_err(|e| {
+            anyhow::anyhow!("--device cuda: no usable GPU (no NVIDIA driver, no libcuda, or no device): {e}")
+        }),
+        "metal" => Device::new_metal(0).map_err(|e| anyhow::anyhow!("--device metal: no usable Metal device: {e}")),
+        _ => Ok(Device::Cpu),
+    }
 }
 
 /// The data directory, downloading CIFAR from the Hub for `hub:…`.

@@ -340,6 +340,9 @@ fn train_refuses_inconsistent_settings() {
     assert!(!out.status.success() && stderr(&out).contains("not a CIFAR-10/100 binary directory"), "{}", stderr(&out));
     let out = sae(&["train", "--model", "resnet14b", "--data", s(&data), "--ema-decay", "1.5", "--out", &run]);
     assert!(!out.status.success() && stderr(&out).contains("ema_decay must be in [0, 1)"), "{}", stderr(&out));
+    // A CPU-only build names what is missing for a GPU.
+    let out = sae(&["train", "--model", "resnet14b", "--data", s(&data), "--device", "cuda", "--out", &run]);
+    assert!(!out.status.success() && stderr(&out).contains("built without CUDA"), "{}", stderr(&out));
     let out = sae(&["train", "--out", &run, "--resume"]);
     assert!(!out.status.success() && stderr(&out).contains("config.json"), "{}", stderr(&out));
 }
