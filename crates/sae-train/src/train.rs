@@ -2,8 +2,8 @@
 //!
 //! A run directory holds `config.json` (the resolved [`TrainConfig`]), `summary.csv` (one row
 //! per epoch), `train.log`, `curves.png`, and `checkpoints/epoch-NNNN/` (`model.safetensors`,
-//! `optimizer.safetensors`, `state.json`), with `checkpoints/last.json` and `checkpoints/best.json` naming the latest
-//! and the best (by eval top-1). Every file is written to a temporary name and renamed, so a
+//! `optimizer.safetensors`, `state.json`), with `checkpoints/last.json` and
+//! `checkpoints/best.json` naming the latest and the best (by eval top-1). Every file is written to a temporary name and renamed, so a
 //! killed run leaves the last complete checkpoint, and `resume` continues from it with the
 //! same result as an uninterrupted run (shuffles and augmentation depend only on seed, epoch
 //! and index).
@@ -39,21 +39,32 @@ pub fn train(
 ) -> Result<Vec<EpochSummary>> {
     cfg.validate()?;
     let model = Model::new(cfg.model.clone(), cfg.seed, device)?;
-    if let Some(init) = &cfg.steps.init {
-        load_init(&model, init)?;
-    }
-    // The moving average starts from the initial weights.
     let ema = match cfg.steps.ema_decay {
         Some(_) => Some(Model::new(cfg.model.clone(), cfg.seed, device)?),
         None => None,
     };
-    if let Some(ema) = &ema {
-        copy_weights(&model, ema)?;
-    }
     // The run's one kernel switch reaches the optimiser's update too.
     let mut optimizer = cfg.optimizer.build(model.trainable_vars(), cfg.model.kernels);
+    // A fresh start: the init weights, and the moving average from them. Before a new run
+    // writes anything (a bad init file leaves no run behind); after a resume that found no
+    // checkpoint yet.
+    let start_fresh = || -> Result<()> {
+        if let Some(init) = &cfg.steps.init {
+            load_init(&model, init)?;
+        }
+        match &ema {
+            Some(ema) => copy_weights(&model, ema),
+            None => Ok(()),
+        }
+    };
+    if !resume {
+        start_fresh()?;
+    }
     let mut run = Run { cfg, dir, device, model: &model, ema: ema.as_ref(), state: CheckpointState::default() };
     let mut history = run.open(resume, optimizer.as_mut())?;
+    if resume && run.state == CheckpointState::default() {
+        start_fresh()?;
+    }
 
     let splits = datasets(&cfg.data, cfg.seed)?;
     let classes = splits.train.classes().len();

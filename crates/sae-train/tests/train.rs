@@ -433,6 +433,8 @@ fn init_weights_fine_tune_with_a_new_head() {
     // A backbone of another shape is refused, naming the tensor.
     let other = sae_models::Model::new(config("resnet18", 7).unwrap(), 9, &Device::Cpu).unwrap();
     other.save(&weights).unwrap();
-    let err = train(&cfg, &tmp("init-bad"), &Device::Cpu, false, &mut LogLines::default()).unwrap_err().to_string();
+    let bad_run = tmp("init-bad");
+    let err = train(&cfg, &bad_run, &Device::Cpu, false, &mut LogLines::default()).unwrap_err().to_string();
     assert!(err.contains("pretrained.safetensors") && err.contains("layer1.1"), "{err}");
+    assert!(!bad_run.join("config.json").exists(), "a failed start leaves no run behind");
 }
