@@ -5,7 +5,7 @@
 //!
 //! The one place the sae crates write results, weights, checkpoints and converted datasets.
 
-use std::fs::File;
+use std::fs::OpenOptions;
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -42,7 +42,8 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), Error> {
 pub fn write_atomic_with<E: From<Error>>(path: &Path, write: impl FnOnce(&Path) -> Result<(), E>) -> Result<(), E> {
     let tmp = temporary_path(path);
     let result = write(&tmp).and_then(|()| {
-        File::open(&tmp).and_then(|f| f.sync_all()).map_err(at(&tmp))?;
+        // Write access: Windows flushes only handles that may write.
+        OpenOptions::new().write(true).open(&tmp).and_then(|f| f.sync_all()).map_err(at(&tmp))?;
         std::fs::rename(&tmp, path).map_err(at(path))?;
         Ok(())
     });
