@@ -14,7 +14,7 @@ use crate::cifar::{CifarKind, Split, IMAGE_BYTES};
 use crate::error::{io, Error, Result};
 use hf_hub::{Cache, Repo, RepoType};
 use parquet::file::reader::{FileReader, SerializedFileReader};
-use parquet::record::Field;
+use parquet::record::{Field, Row};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
@@ -158,35 +158,53 @@ pub fn class_names_from_card(card: &str, column: &str, classes: usize) -> Option
     (names.len() == classes).then_some(names)
 }
 
-/// Pixels (planar, [`IMAGE_BYTES`] per image) and every label column of one parquet shard.
-fn read_shard(path: &Path, source: &HubSource) -> Result<(Vec<u8>, Vec<Vec<u8>>)> {
+/// Calls `f(i, row)` for every row of the parquet file at `path`; returns the row count its
+/// metadata promises.
+fn for_each_row(path: &Path, mut f: impl FnMut(usize, &Row) -> Result<()>) -> Result<usize> {
     let bad = |reason: String| Error::Format { path: path.to_path_buf(), reason };
     let file = std::fs::File::open(path).map_err(io(path))?;
     let reader = SerializedFileReader::new(file).map_err(|e| bad(format!("not a readable parquet file: {e}")))?;
     let rows = reader.metadata().file_metadata().num_rows() as usize;
-    let mut pixels = Vec::with_capacity(rows * IMAGE_BYTES);
-    let mut labels = vec![Vec::with_capacity(rows); source.label_columns.len()];
     let iter = reader.get_row_iter(None).map_err(|e| bad(format!("cannot read rows: {e}")))?;
     for (i, row) in iter.enumerate() {
-        let row = row.map_err(|e| bad(format!("row {i}: {e}")))?;
+        f(i, &row.map_err(|e| bad(format!("row {i}: {e}")))?)?;
+    }
+    Ok(rows)
+}
+
+/// The encoded bytes of an image column: the Hub's `Image` feature, a struct with `bytes`.
+fn encoded_image(field: &Field) -> Option<Vec<u8>> {
+    let Field::Group(g) = field else { return None };
+    g.get_column_iter().find_map(|(n, f)| match (n.as_str(), f) {
+        ("bytes", Field::Bytes(b)) => Some(b.data().to_vec()),
+        _ => None,
+    })
+}
+
+/// The value of an integer column.
+fn integer(field: &Field) -> Option<i64> {
+    match field {
+        Field::Long(v) => Some(*v),
+        Field::Int(v) => Some(*v as i64),
+        Field::Short(v) => Some(*v as i64),
+        Field::Byte(v) => Some(*v as i64),
+        _ => None,
+    }
+}
+
+/// Pixels (planar, [`IMAGE_BYTES`] per image) and every label column of one parquet shard.
+fn read_shard(path: &Path, source: &HubSource) -> Result<(Vec<u8>, Vec<Vec<u8>>)> {
+    let bad = |reason: String| Error::Format { path: path.to_path_buf(), reason };
+    let mut pixels = Vec::new();
+    let mut labels = vec![Vec::new(); source.label_columns.len()];
+    let rows = for_each_row(path, |i, row| {
         let mut image = None;
         let mut found = vec![None; source.label_columns.len()];
         for (name, field) in row.get_column_iter() {
             if *name == source.image_column {
-                if let Field::Group(g) = field {
-                    image = g.get_column_iter().find_map(|(n, f)| match (n.as_str(), f) {
-                        ("bytes", Field::Bytes(b)) => Some(b.data().to_vec()),
-                        _ => None,
-                    });
-                }
+                image = encoded_image(field);
             } else if let Some(k) = source.label_columns.iter().position(|(c, _)| c == name) {
-                found[k] = match field {
-                    Field::Long(v) => Some(*v),
-                    Field::Int(v) => Some(*v as i64),
-                    Field::Short(v) => Some(*v as i64),
-                    Field::Byte(v) => Some(*v as i64),
-                    _ => None,
-                };
+                found[k] = integer(field);
             }
         }
         let bytes = image.ok_or_else(|| bad(format!("row {i}: no image bytes in column {:?}", source.image_column)))?;
@@ -205,19 +223,42 @@ fn read_shard(path: &Path, source: &HubSource) -> Result<(Vec<u8>, Vec<Vec<u8>>)
             }
             labels[k].push(value as u8);
         }
-    }
+        Ok(())
+    })?;
     if labels.first().map_or(0, Vec::len) != rows {
         return Err(bad(format!("metadata promises {rows} rows, read {}", labels.first().map_or(0, Vec::len))));
     }
     Ok((pixels, labels))
 }
 
+/// Where a dataset converted from the Hub lives: `HF_HOME/sae-datasets/<name>`, complete once
+/// it holds a `COMPLETE` marker.
+fn converted_dir(name: &str) -> PathBuf {
+    let root = hub_cache().path().parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    root.join("sae-datasets").join(name)
+}
+
+/// An empty temporary directory beside `dir` to convert into.
+fn conversion_tmp(dir: &Path) -> Result<PathBuf> {
+    let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    Ok(tmp)
+}
+
+/// Marks the conversion in `tmp` complete (the marker names its `origin`) and moves it to
+/// `dir`, replacing an incomplete directory from an interrupted run.
+fn finish_conversion(tmp: &Path, dir: &Path, origin: &str) -> Result<PathBuf> {
+    let marker = tmp.join("COMPLETE");
+    std::fs::write(&marker, format!("{origin}\n")).map_err(io(&marker))?;
+    sae_fs::replace_dir(tmp, dir)?;
+    Ok(dir.to_path_buf())
+}
+
 /// A CIFAR dataset in the official binary layout, converted from `source` on the Hub (see the
 /// module docs). Returns the directory, for [`crate::Cifar::load`] with the same `kind`.
 pub fn prepare_cifar(kind: CifarKind, source: &HubSource) -> Result<PathBuf> {
-    let root = hub_cache().path().parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-    let name = format!("{}@{}", source.repo.replace('/', "--"), source.revision);
-    let dir = root.join("sae-datasets").join(name);
+    let dir = converted_dir(&format!("{}@{}", source.repo.replace('/', "--"), source.revision));
     if dir.join("COMPLETE").exists() {
         return Ok(dir);
     }
@@ -244,9 +285,7 @@ pub fn prepare_cifar(kind: CifarKind, source: &HubSource) -> Result<PathBuf> {
         })
         .collect::<Result<_>>()?;
 
-    let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    let tmp = conversion_tmp(&dir)?;
     for (split, files) in [(Split::Train, &source.train_files), (Split::Test, &source.test_files)] {
         let (mut pixels, mut labels) = (Vec::new(), vec![Vec::new(); source.label_columns.len()]);
         for file in files {
@@ -285,11 +324,7 @@ pub fn prepare_cifar(kind: CifarKind, source: &HubSource) -> Result<PathBuf> {
             write_names("coarse_label_names.txt", &names[1])?;
         }
     }
-    let marker = tmp.join("COMPLETE");
-    std::fs::write(&marker, format!("{}@{}\n", source.repo, source.revision)).map_err(io(&marker))?;
-    // Replaces an incomplete directory from an interrupted run (no COMPLETE marker).
-    sae_fs::replace_dir(&tmp, &dir)?;
-    Ok(dir)
+    finish_conversion(&tmp, &dir, &format!("{}@{}", source.repo, source.revision))
 }
 
 /// An image-classification dataset from the Hub as an ImageNet-style folder: its parquet
@@ -303,8 +338,7 @@ pub fn prepare_cifar(kind: CifarKind, source: &HubSource) -> Result<PathBuf> {
 /// for `label`, else `class<k>`; folder names are prefixed with the zero-padded label so that
 /// their sorted order is the label order. Returns the folder, for [`crate::ImageFolder`].
 pub fn prepare_image_folder(repo: &str, revision: &str) -> Result<PathBuf> {
-    let root = hub_cache().path().parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-    let dir = root.join("sae-datasets").join(format!("{}@{revision}-folder", repo.replace('/', "--")));
+    let dir = converted_dir(&format!("{}@{revision}-folder", repo.replace('/', "--")));
     if dir.join("COMPLETE").exists() {
         return Ok(dir);
     }
@@ -362,8 +396,7 @@ pub fn prepare_image_folder(repo: &str, revision: &str) -> Result<PathBuf> {
         format!("{k:0width$}-{safe}")
     };
 
-    let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
+    let tmp = conversion_tmp(&dir)?;
     for (i, (split, bytes, label)) in rows.into_iter().enumerate() {
         let class_dir = tmp.join(split).join(folder(label as usize));
         std::fs::create_dir_all(&class_dir).map_err(io(&class_dir))?;
@@ -375,36 +408,21 @@ pub fn prepare_image_folder(repo: &str, revision: &str) -> Result<PathBuf> {
         let path = class_dir.join(format!("{i:08}.{ext}"));
         std::fs::write(&path, bytes).map_err(io(&path))?;
     }
-    let marker = tmp.join("COMPLETE");
-    std::fs::write(&marker, format!("{repo}@{revision}\n")).map_err(io(&marker))?;
-    sae_fs::replace_dir(&tmp, &dir)?;
-    Ok(dir)
+    finish_conversion(&tmp, &dir, &format!("{repo}@{revision}"))
 }
 
 /// (encoded image, label) of every row of an image-classification parquet shard: the first
 /// struct column with a `bytes` field, and the `label` column.
 fn read_image_shard(path: &Path) -> Result<Vec<(Vec<u8>, u32)>> {
     let bad = |reason: String| Error::Format { path: path.to_path_buf(), reason };
-    let file = std::fs::File::open(path).map_err(io(path))?;
-    let reader = SerializedFileReader::new(file).map_err(|e| bad(format!("not a readable parquet file: {e}")))?;
-    let iter = reader.get_row_iter(None).map_err(|e| bad(format!("cannot read rows: {e}")))?;
     let mut out = Vec::new();
-    for (i, row) in iter.enumerate() {
-        let row = row.map_err(|e| bad(format!("row {i}: {e}")))?;
+    for_each_row(path, |i, row| {
         let (mut image, mut label) = (None, None);
         for (name, field) in row.get_column_iter() {
-            match field {
-                Field::Group(g) if image.is_none() => {
-                    image = g.get_column_iter().find_map(|(n, f)| match (n.as_str(), f) {
-                        ("bytes", Field::Bytes(b)) => Some(b.data().to_vec()),
-                        _ => None,
-                    });
-                }
-                Field::Long(v) if name == "label" => label = Some(*v),
-                Field::Int(v) if name == "label" => label = Some(*v as i64),
-                Field::Short(v) if name == "label" => label = Some(*v as i64),
-                Field::Byte(v) if name == "label" => label = Some(*v as i64),
-                _ => {}
+            if name == "label" {
+                label = integer(field);
+            } else if image.is_none() {
+                image = encoded_image(field);
             }
         }
         let image = image.ok_or_else(|| bad(format!("row {i}: no image column (a struct with `bytes`)")))?;
@@ -414,6 +432,7 @@ fn read_image_shard(path: &Path) -> Result<Vec<(Vec<u8>, u32)>> {
             .filter(|&l| l < 100_000)
             .ok_or_else(|| bad(format!("row {i}: label {label} out of range")))?;
         out.push((image, label));
-    }
+        Ok(())
+    })?;
     Ok(out)
 }
