@@ -312,16 +312,17 @@ impl DataArgs {
         if let Some(d) = self.dataset {
             cfg.dataset = dataset_kind(&cfg.dir, Some(d))?;
         }
-        if let Some(s) = self.input_size {
-            cfg.input_size = s;
-        }
-        if self.train_images.is_some() {
-            cfg.train_images = self.train_images;
-        }
-        if self.eval_images.is_some() {
-            cfg.eval_images = self.eval_images;
-        }
+        set(&mut cfg.input_size, self.input_size);
+        set(&mut cfg.train_images, self.train_images.map(Some));
+        set(&mut cfg.eval_images, self.eval_images.map(Some));
         Ok(cfg)
+    }
+}
+
+/// Overrides `field` with a flag's value when the flag was given.
+fn set<T>(field: &mut T, flag: Option<T>) {
+    if let Some(v) = flag {
+        *field = v;
     }
 }
 
@@ -370,10 +371,11 @@ pub fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
         Some(_) => cfg.model.stem = sae_models::Stem::Imagenet,
         None => {}
     }
-    macro_rules! set_model {
-        ($($flag:ident),*) => { $(if let Some(v) = a.$flag { cfg.model.$flag = v; })* };
-    }
-    set_model!(gate, reduction, cardinality, conv_bias, bn_eps);
+    set(&mut cfg.model.gate, a.gate);
+    set(&mut cfg.model.reduction, a.reduction);
+    set(&mut cfg.model.cardinality, a.cardinality);
+    set(&mut cfg.model.conv_bias, a.conv_bias);
+    set(&mut cfg.model.bn_eps, a.bn_eps);
     match a.optimizer.as_deref() {
         Some("adam") if !matches!(cfg.optimizer, OptimizerConfig::Adam { .. }) => {
             cfg.optimizer = OptimizerConfig::keras_adam()
@@ -388,32 +390,23 @@ pub fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
             if a.momentum.is_some() || a.weight_decay.is_some() || a.nesterov || a.decoupled {
                 bail!("--momentum, --weight-decay, --nesterov and --decoupled are SGD settings (--optimizer sgd)");
             }
-            for (flag, field) in [(a.lr, lr), (a.beta1, beta1), (a.beta2, beta2), (a.adam_eps, eps)] {
-                if let Some(v) = flag {
-                    *field = v;
-                }
-            }
+            set(lr, a.lr);
+            set(beta1, a.beta1);
+            set(beta2, a.beta2);
+            set(eps, a.adam_eps);
         }
         OptimizerConfig::Sgd { lr, momentum, nesterov, weight_decay, decoupled } => {
             if a.beta1.is_some() || a.beta2.is_some() || a.adam_eps.is_some() {
                 bail!("--beta1, --beta2 and --adam-eps are Adam settings (--optimizer adam)");
             }
-            if let Some(v) = a.lr {
-                *lr = v;
-            }
-            if let Some(v) = a.momentum {
-                *momentum = v;
-            }
-            if let Some(v) = a.weight_decay {
-                *weight_decay = v;
-            }
+            set(lr, a.lr);
+            set(momentum, a.momentum);
+            set(weight_decay, a.weight_decay);
             *nesterov |= a.nesterov;
             *decoupled |= a.decoupled;
         }
     }
-    if let Some(v) = a.epochs {
-        cfg.epochs = v;
-    }
+    set(&mut cfg.epochs, a.epochs);
     cfg.schedule = match a.schedule.as_deref() {
         Some("constant") => Schedule::Constant,
         Some("step") => Schedule::Step { every: a.step_every, gamma: a.gamma },
@@ -422,25 +415,22 @@ pub fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
         }
         _ => cfg.schedule,
     };
-    macro_rules! set {
-        ($($flag:ident => $field:expr),*) => { $(if let Some(v) = a.$flag.clone() { $field = v; })* };
-    }
-    set!(batch_size => cfg.batch_size, seed => cfg.seed, label_smoothing => cfg.label_smoothing,
-         accumulate => cfg.steps.accumulate, recalibrate_bn => cfg.steps.recalibrate_bn, mixup => cfg.augment.mixup_alpha, cutmix => cfg.augment.cutmix_alpha,
-         mix_prob => cfg.augment.mix_prob, mix_switch_prob => cfg.augment.switch_prob);
-    cfg.augment.trivial_augment |= a.trivial_augment;
-    if a.clip_grad_norm.is_some() {
-        cfg.steps.clip_grad_norm = a.clip_grad_norm;
-    }
-    if a.ema_decay.is_some() {
-        cfg.steps.ema_decay = a.ema_decay;
-    }
-    if a.checkpoint_every.is_some() {
-        cfg.steps.checkpoint_every = a.checkpoint_every;
-    }
-    if a.init.is_some() {
-        cfg.steps.init = a.init.clone();
-    }
+    set(&mut cfg.batch_size, a.batch_size);
+    set(&mut cfg.seed, a.seed);
+    set(&mut cfg.label_smoothing, a.label_smoothing);
+    let steps = &mut cfg.steps;
+    set(&mut steps.accumulate, a.accumulate);
+    set(&mut steps.recalibrate_bn, a.recalibrate_bn);
+    set(&mut steps.clip_grad_norm, a.clip_grad_norm.map(Some));
+    set(&mut steps.ema_decay, a.ema_decay.map(Some));
+    set(&mut steps.checkpoint_every, a.checkpoint_every.map(Some));
+    set(&mut steps.init, a.init.clone().map(Some));
+    let augment = &mut cfg.augment;
+    set(&mut augment.mixup_alpha, a.mixup);
+    set(&mut augment.cutmix_alpha, a.cutmix);
+    set(&mut augment.mix_prob, a.mix_prob);
+    set(&mut augment.switch_prob, a.mix_switch_prob);
+    augment.trivial_augment |= a.trivial_augment;
     cfg.validate()?;
     Ok(cfg)
 }
