@@ -242,7 +242,7 @@ fn image_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
         for path in entries {
             if path.is_dir() {
                 walk(&path, out)?;
-            } else if is_image(&path) {
+            } else if sae_data::folder::is_image_file(&path) {
                 out.push(path);
             }
         }
@@ -259,11 +259,6 @@ fn image_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
         }
     }
     Ok(out)
-}
-
-fn is_image(path: &Path) -> bool {
-    let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
-    matches!(ext.as_deref(), Some("jpg" | "jpeg" | "png"))
 }
 
 fn predict(

@@ -10,6 +10,13 @@ use std::path::{Path, PathBuf};
 /// Image file extensions, compared case-insensitively.
 const EXTENSIONS: [&str; 3] = ["jpeg", "jpg", "png"];
 
+/// Whether `path` names an image the loaders read: a `.jpg`, `.jpeg` or `.png` file name (any
+/// case).
+pub fn is_image_file(path: &Path) -> bool {
+    let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+    ext.is_some_and(|e| EXTENSIONS.contains(&e.as_str()))
+}
+
 /// An image folder split.
 #[derive(Debug, Clone)]
 pub struct ImageFolder {
@@ -54,10 +61,7 @@ impl ImageFolder {
                 .map_err(io(&dir))?
                 .flatten()
                 .map(|e| e.path())
-                .filter(|p| {
-                    let ext = p.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
-                    p.is_file() && ext.is_some_and(|e| EXTENSIONS.contains(&e.as_str()))
-                })
+                .filter(|p| p.is_file() && is_image_file(p))
                 .collect();
             if files.is_empty() {
                 return Err(Error::Format { path: dir, reason: "class folder holds no JPEG or PNG images".into() });
