@@ -77,6 +77,15 @@ pub struct Loader<D: Dataset + 'static> {
     normalize: Normalize,
     config: LoaderConfig,
     augment: Augment,
+    shard: Shard,
+}
+
+/// This process's part of each epoch when several processes train one model (data
+/// parallelism): `rank` of `world`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Shard {
+    rank: usize,
+    world: usize,
 }
 
 /// What the loader adds to the transform: the per-image policy and per-batch mixing.
@@ -97,7 +106,14 @@ impl<D: Dataset + 'static> Loader<D> {
             return Err(Error::Invalid("batch size must be at least 1".into()));
         }
         transform.validate()?;
-        Ok(Self { dataset, transform, normalize, config, augment: Augment::default() })
+        Ok(Self {
+            dataset,
+            transform,
+            normalize,
+            config,
+            augment: Augment::default(),
+            shard: Shard { rank: 0, world: 1 },
+        })
     }
 
     /// The same loader with the TrivialAugment-style policy on every image (`policy`) and
@@ -107,13 +123,30 @@ impl<D: Dataset + 'static> Loader<D> {
         self
     }
 
-    /// Batches per epoch.
+    /// The same loader giving process `rank` of `world` its share of every epoch: batch k of
+    /// the epoch holds images `[(k·world + rank)·b, (k·world + rank + 1)·b)` of the epoch's
+    /// order (b the batch size), so the ranks' k-th batches together are the k-th batch of
+    /// one loader with batch `world·b`: disjoint, and covering the epoch (less the incomplete
+    /// last `world·b` images with `drop_last`). Without `drop_last` a rank's last batch may be
+    /// short, and a rank may have one batch fewer than another.
+    pub fn with_shard(mut self, rank: usize, world: usize) -> Result<Self> {
+        if world == 0 || rank >= world {
+            return Err(Error::Invalid(format!("rank {rank} of a world of {world} processes")));
+        }
+        self.shard = Shard { rank, world };
+        Ok(self)
+    }
+
+    /// Batches per epoch (of this process's shard).
     pub fn batches_per_epoch(&self) -> usize {
-        let n = self.dataset.len();
+        let (n, b) = (self.dataset.len(), self.config.batch_size);
+        let Shard { rank, world } = self.shard;
+        let full = n / (b * world);
+        let rest = n % (b * world);
         if self.config.drop_last {
-            n / self.config.batch_size
+            full
         } else {
-            n.div_ceil(self.config.batch_size)
+            full + usize::from(rest > rank * b)
         }
     }
 
@@ -148,22 +181,26 @@ impl<D: Dataset + 'static> Loader<D> {
     /// from that point, without decoding the ones before (a run resumed mid-epoch).
     pub fn epoch_from(&self, epoch: u64, first: usize) -> EpochIter {
         let order = self.order(epoch);
-        let bs = self.config.batch_size;
-        let mut chunks: Vec<Vec<usize>> = order.chunks(bs).map(<[usize]>::to_vec).collect();
-        if self.config.drop_last && chunks.last().is_some_and(|c| c.len() < bs) {
-            chunks.pop();
-        }
+        let (bs, Shard { rank, world }) = (self.config.batch_size, self.shard);
+        let mut chunks: Vec<Vec<usize>> = order
+            .chunks(bs * world)
+            .filter(|global| !self.config.drop_last || global.len() == bs * world)
+            .map(|global| global[(rank * bs).min(global.len())..((rank + 1) * bs).min(global.len())].to_vec())
+            .filter(|mine| !mine.is_empty())
+            .collect();
         let first = first.min(chunks.len());
         chunks.drain(..first);
         let (tx, rx) = sync_channel(self.config.prefetch.max(1));
         let (dataset, transform, normalize, seed, augment) =
             (self.dataset.clone(), self.transform, self.normalize, self.config.seed, self.augment);
+        // Each rank mixes its part of a batch with its own random numbers.
+        let mixing_stream = MIXING_STREAM + rank as u64;
         std::thread::spawn(move || {
             for (b, chunk) in (first..).zip(chunks) {
                 let batch =
                     build_batch(&*dataset, transform, normalize, augment, seed, epoch, &chunk).map(|mut batch| {
                         if let Some(mixing) = augment.mixing {
-                            let mut rng = crate::augment::rng(seed, epoch, b as u64, MIXING_STREAM);
+                            let mut rng = crate::augment::rng(seed, epoch, b as u64, mixing_stream);
                             batch.mixed = mixing.apply(&mut batch.images, &batch.labels, transform.size(), &mut rng);
                         }
                         batch

@@ -366,3 +366,44 @@ fn loader_batches_drop_or_keep_the_last_and_report_errors() {
     let err = results.into_iter().find_map(|r| r.err()).expect("an error").to_string();
     assert!(err.contains("zz.png"), "{err}");
 }
+
+#[test]
+fn shards_are_disjoint_cover_the_epoch_and_make_up_the_whole_batches() {
+    let dir = tmp("shards");
+    write_cifar10(&dir, 10); // 50 train images
+    let transform = Transform::PadCropFlip { pad: 4, size: 32 };
+    let cfg = LoaderConfig { batch_size: 4, ..CFG };
+    let shard = |rank, world, drop_last| {
+        cifar_loader(&dir, transform, LoaderConfig { drop_last, ..cfg }).with_shard(rank, world).unwrap()
+    };
+    for world in [1, 2, 3] {
+        for drop_last in [false, true] {
+            let epochs: Vec<Vec<Batch>> =
+                (0..world).map(|r| shard(r, world, drop_last).epoch(5).collect::<Result<_>>().unwrap()).collect();
+            for (r, batches) in epochs.iter().enumerate() {
+                assert_eq!(batches.len(), shard(r, world, drop_last).batches_per_epoch(), "rank {r} of {world}");
+            }
+            let mut seen: Vec<usize> = epochs.iter().flatten().flat_map(|b| b.indices.clone()).collect();
+            let visited = seen.len();
+            seen.sort();
+            seen.dedup();
+            assert_eq!(seen.len(), visited, "world {world}: an image in two shards");
+            // Without drop_last every image; with it all but the incomplete last 4·world.
+            let expected = if drop_last { 50 - 50 % (4 * world) } else { 50 };
+            assert_eq!(visited, expected, "world {world}, drop_last {drop_last}");
+            // Batch k of the ranks together is batch k of one loader with batch 4·world,
+            // and every image is transformed as there (augmentation is keyed by index).
+            let whole = cifar_loader(&dir, transform, LoaderConfig { batch_size: 4 * world, drop_last, ..cfg });
+            for (k, big) in whole.epoch(5).enumerate() {
+                let big = big.unwrap();
+                let parts: Vec<&Batch> = epochs.iter().filter_map(|e| e.get(k)).collect();
+                let indices: Vec<usize> = parts.iter().flat_map(|b| b.indices.clone()).collect();
+                let images: Vec<f32> = parts.iter().flat_map(|b| b.images.clone()).collect();
+                assert_eq!(indices, big.indices, "world {world}, batch {k}");
+                assert_eq!(images, big.images);
+            }
+        }
+    }
+    let loader = cifar_loader(&dir, transform, cfg);
+    assert!(loader.with_shard(2, 2).err().unwrap().to_string().contains("rank 2 of a world of 2"));
+}

@@ -107,7 +107,8 @@ const BN_MOMENTUM: f64 = 0.1;
 /// BatchNorm over channels with `weight`, `bias`, `running_mean`, `running_var` (PyTorch's
 /// names and semantics): batch statistics and a running-statistics update (unbiased variance)
 /// in training mode, the running statistics in eval mode. Training mode runs the
-/// `sae-kernels` op.
+/// `sae-kernels` op, or takes the statistics over all replicas inside
+/// [`crate::sync_batch_norm::with_sync_batch_norm`].
 #[derive(Debug, Clone)]
 pub struct BatchNorm {
     weight: Tensor,
@@ -138,9 +139,16 @@ impl BatchNorm {
             let (mean, var) = (self.running_mean.as_tensor(), self.running_var.as_tensor());
             return sae_kernels::batch_norm_eval(x, &self.weight, &self.bias, mean, var, self.eps, relu, self.kernels);
         }
-        let out = sae_kernels::batch_norm_train(x, &self.weight, &self.bias, self.eps, relu, self.kernels)?;
-        let (n, _, h, w) = x.dims4()?;
-        let count = (n * h * w) as f64;
+        let (out, count) = match crate::sync_batch_norm::current() {
+            Some(sum) => {
+                crate::sync_batch_norm::batch_norm_train_synced(x, &self.weight, &self.bias, self.eps, relu, &sum)?
+            }
+            None => {
+                let (n, _, h, w) = x.dims4()?;
+                (sae_kernels::batch_norm_train(x, &self.weight, &self.bias, self.eps, relu, self.kernels)?, n * h * w)
+            }
+        };
+        let count = count as f64;
         let unbiased = if count > 1.0 { (out.variance * (count / (count - 1.0)))? } else { out.variance };
         let update = |running: &Var, batch: &Tensor| -> Result<()> {
             running.set(&((running.as_tensor().detach() * (1.0 - BN_MOMENTUM))? + (batch * BN_MOMENTUM)?)?)

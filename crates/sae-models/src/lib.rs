@@ -29,6 +29,7 @@ pub mod model;
 pub mod onnx;
 pub mod registry;
 pub mod resnet;
+pub mod sync_batch_norm;
 
 pub use config::{Arch, Attention, BlockKind, ModelConfig, PaperPreset, Stem};
 pub use convert::{convert_checkpoint, infer_config, read_state_dict};
@@ -38,3 +39,4 @@ pub use model::{is_running_stat, Model, ParamCounts};
 pub use onnx::export_onnx;
 pub use registry::{config, create, list};
 pub use sae_kernels::{Gate, Implementation};
+pub use sync_batch_norm::{with_sync_batch_norm, CrossReplicaSum};
