@@ -151,6 +151,10 @@ pub struct TrainArgs {
     /// training batches.
     #[arg(long)]
     pub recalibrate_bn: Option<usize>,
+    /// Under `mpirun`: BatchNorm's batch statistics over every process's images (synchronised
+    /// BatchNorm), as one process with the whole batch would compute them.
+    #[arg(long)]
+    pub sync_bn: bool,
     /// A TrivialAugment-style policy on every training image.
     #[arg(long)]
     pub trivial_augment: bool,
@@ -425,6 +429,7 @@ pub fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
     set(&mut steps.ema_decay, a.ema_decay.map(Some));
     set(&mut steps.checkpoint_every, a.checkpoint_every.map(Some));
     set(&mut steps.init, a.init.clone().map(Some));
+    steps.sync_bn |= a.sync_bn;
     let augment = &mut cfg.augment;
     set(&mut augment.mixup_alpha, a.mixup);
     set(&mut augment.cutmix_alpha, a.cutmix);
@@ -435,8 +440,21 @@ pub fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
     Ok(cfg)
 }
 
-/// `sae train`.
+/// `sae train`: one process, or one rank of several under `mpirun`.
 pub fn train(a: &TrainArgs) -> Result<()> {
+    let collective = sae_train::dist::from_environment()?;
+    let (rank, world) = (collective.rank(), collective.world_size());
+    let result = train_rank(a, collective.clone());
+    if let (Err(e), true) = (&result, world > 1) {
+        // The other ranks may be waiting for this one: end them all, saying why.
+        eprintln!("error: rank {rank} of {world}: {e:#}");
+        collective.abort(1);
+    }
+    result
+}
+
+fn train_rank(a: &TrainArgs, collective: std::sync::Arc<dyn sae_train::Collective>) -> Result<()> {
+    let is_root = collective.rank() == 0;
     let dev = device(&a.device)?;
     let cfg = if a.resume {
         let mut cfg = TrainConfig::read(&a.out).with_context(|| format!("resuming the run in {}", a.out.display()))?;
@@ -447,18 +465,25 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     } else {
         train_config(a)?
     };
-    eprintln!(
-        "training {} on {} ({} epochs, batch {}) in {}",
-        cfg.model.name,
-        cfg.data.dir.display(),
-        cfg.epochs,
-        cfg.batch_size,
-        a.out.display()
-    );
+    let world = collective.world_size();
+    if is_root {
+        let processes = match world {
+            1 => String::new(),
+            n => format!(" × {n} processes ({}{})", collective.backend(), if cfg.steps.sync_bn { ", sync BN" } else { "" }),
+        };
+        eprintln!(
+            "training {} on {} ({} epochs, batch {}{processes}) in {}",
+            cfg.model.name,
+            cfg.data.dir.display(),
+            cfg.epochs,
+            cfg.batch_size,
+            a.out.display()
+        );
+    }
     let mut progress = sae_train::default_progress();
-    let history = sae_train::train(&cfg, &a.out, &dev, a.resume, progress.as_mut())
+    let history = sae_train::train_with(&cfg, &a.out, &dev, a.resume, progress.as_mut(), collective.clone())
         .with_context(|| format!("training {} in {}", cfg.model.name, a.out.display()))?;
-    if let Some(last) = history.last() {
+    if let (Some(last), true) = (history.last(), is_root) {
         eprintln!("done: eval top-1 {:.2}%, top-5 {:.2}% after {} epochs", last.eval_top1, last.eval_top5, last.epoch);
     }
     Ok(())

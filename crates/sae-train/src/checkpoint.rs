@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 /// Progress saved with each checkpoint.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointState {
     /// Epochs completed.
     pub epoch: usize,
@@ -31,6 +31,19 @@ pub struct CheckpointState {
     /// The running totals of that unfinished epoch.
     #[serde(default)]
     pub partial: PartialEpoch,
+    /// Processes training the run (data parallelism); a resume needs as many.
+    #[serde(default = "one")]
+    pub world_size: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl Default for CheckpointState {
+    fn default() -> Self {
+        Self { epoch: 0, step: 0, best_top1: 0.0, best_epoch: 0, batch: 0, partial: PartialEpoch::default(), world_size: 1 }
+    }
 }
 
 /// Running totals of an epoch's training batches.

@@ -124,6 +124,9 @@ pub struct StepConfig {
     /// statistics to the current weights (each batch weighs 10 %: 50 batches leave 0.5 % of the
     /// old statistics). 0 for none.
     pub recalibrate_bn: usize,
+    /// With several processes, BatchNorm's batch statistics over all their images (synchronised
+    /// BatchNorm) instead of each process's own.
+    pub sync_bn: bool,
 }
 
 impl StepConfig {

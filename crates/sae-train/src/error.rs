@@ -61,6 +61,9 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// Several processes cannot train together as asked (launcher, backend, world size).
+    #[error("data-parallel training: {0}")]
+    Distributed(String),
     /// JSON (config or state) that does not parse.
     #[error("{}: {source}", path.display())]
     Json {

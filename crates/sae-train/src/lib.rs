@@ -9,6 +9,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod metrics;
 pub mod optim;
@@ -19,9 +20,10 @@ pub mod summary;
 pub mod train;
 
 pub use config::{AugmentConfig, DataConfig, DatasetKind, StepConfig, TrainConfig};
+pub use dist::{Collective, SingleProcess};
 pub use error::{Error, Result};
 pub use metrics::Evaluation;
 pub use optim::{Adam, Optimizer, OptimizerConfig, Schedule, Sgd};
 pub use progress::{default_progress, Bar, LogLines, Progress};
 pub use summary::{read_summary, EpochSummary};
-pub use train::{evaluate, evaluate_all, evaluate_all_with, train};
+pub use train::{evaluate, evaluate_all, evaluate_all_with, evaluate_sharded, train, train_with};

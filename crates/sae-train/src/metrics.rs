@@ -110,6 +110,24 @@ impl EvaluationSum {
         Ok(())
     }
 
+    /// Sums the counts over the ranks of `collective` (each rank having evaluated its shard).
+    /// Counts travel as `f32`, exact below 2²⁴ images.
+    pub fn all_reduce(&mut self, collective: &dyn crate::Collective) -> Result<()> {
+        if collective.world_size() == 1 {
+            return Ok(());
+        }
+        let a = &self.accuracy;
+        let mut values = vec![self.loss_sum as f32, a.count as f32, a.correct1 as f32, a.correct5 as f32];
+        values.extend(self.confusion.iter().flatten().map(|&c| c as f32));
+        collective.all_reduce_sum(&mut values)?;
+        self.loss_sum = values[0] as f64;
+        self.accuracy = Accuracy { count: values[1] as usize, correct1: values[2] as usize, correct5: values[3] as usize };
+        for (cell, v) in self.confusion.iter_mut().flatten().zip(&values[4..]) {
+            *cell = *v as usize;
+        }
+        Ok(())
+    }
+
     /// The evaluation so far.
     pub fn finish(self) -> Evaluation {
         let a = self.accuracy;

@@ -7,10 +7,15 @@
 //! killed run leaves the last complete checkpoint, and `resume` continues from it with the
 //! same result as an uninterrupted run (shuffles and augmentation depend only on seed, epoch
 //! and index).
+//!
+//! With several processes ([`train_with`] and a [`Collective`] of world size W), each trains on
+//! its shard of every batch (`batch_size` images per process, W·`batch_size` per step), their
+//! gradients are averaged before each step, and rank 0 alone writes the run directory.
 
 use crate::checkpoint::{self, CheckpointState, PartialEpoch};
 use crate::config::{TrainConfig, CONFIG_FILE};
 use crate::data::{datasets, to_tensors};
+use crate::dist::{average_gradients, broadcast_vars, BatchNormSum, Collective, SingleProcess, BUCKET_BYTES};
 use crate::error::io;
 use crate::metrics::{cross_entropy, Accuracy, Evaluation, EvaluationSum};
 use crate::optim::Optimizer;
@@ -37,7 +42,26 @@ pub fn train(
     resume: bool,
     progress: &mut dyn Progress,
 ) -> Result<Vec<EpochSummary>> {
+    train_with(cfg, dir, device, resume, progress, Arc::new(SingleProcess))
+}
+
+/// [`train`] as one rank of `collective`: every rank calls it with the same arguments. Rank 0
+/// opens (or resumes) the run and hands its weights, optimiser state and progress to the
+/// others; it alone reports `progress` and writes `dir`. A resumed run must have the world
+/// size it was trained with.
+pub fn train_with(
+    cfg: &TrainConfig,
+    dir: &Path,
+    device: &Device,
+    resume: bool,
+    progress: &mut dyn Progress,
+    collective: Arc<dyn Collective>,
+) -> Result<Vec<EpochSummary>> {
     cfg.validate()?;
+    let (rank, world) = (collective.rank(), collective.world_size());
+    let is_root = rank == 0;
+    let mut silent = Silent;
+    let progress: &mut dyn Progress = if is_root { progress } else { &mut silent };
     let model = Model::new(cfg.model.clone(), cfg.seed, device)?;
     let ema = match cfg.steps.ema_decay {
         Some(_) => Some(Model::new(cfg.model.clone(), cfg.seed, device)?),
@@ -57,14 +81,31 @@ pub fn train(
             None => Ok(()),
         }
     };
-    if !resume {
-        start_fresh()?;
-    }
-    let mut run = Run { cfg, dir, device, model: &model, ema: ema.as_ref(), state: CheckpointState::default() };
-    let mut history = run.open(resume, optimizer.as_mut())?;
-    if resume && run.state == CheckpointState::default() {
-        start_fresh()?;
-    }
+    let mut run = Run {
+        cfg,
+        dir,
+        device,
+        model: &model,
+        ema: ema.as_ref(),
+        state: CheckpointState { world_size: world, ..CheckpointState::default() },
+        collective: collective.clone(),
+    };
+    // Rank 0 opens the run; the others learn how that went, and then take its weights.
+    let opened = if is_root {
+        if !resume {
+            start_fresh()?;
+        }
+        let opened = run.open(resume, optimizer.as_mut());
+        if let (true, Ok(_)) = (resume, &opened) {
+            if run.state.epoch == 0 && run.state.step == 0 {
+                start_fresh()?;
+            }
+        }
+        opened
+    } else {
+        Ok(Vec::new())
+    };
+    let mut history = share_opening(&mut run, opened, optimizer.as_mut())?;
 
     let splits = datasets(&cfg.data, cfg.seed)?;
     let classes = splits.train.classes().len();
@@ -77,21 +118,30 @@ pub fn train(
     let loader_cfg =
         LoaderConfig { batch_size: cfg.batch_size, shuffle: true, drop_last: true, seed: cfg.seed, prefetch: 3 };
     let train_loader = Loader::new(Arc::new(splits.train), splits.train_transform, splits.normalize, loader_cfg)?
-        .with_augmentation(cfg.augment.trivial_augment, cfg.augment.mixing());
+        .with_augmentation(cfg.augment.trivial_augment, cfg.augment.mixing())
+        .with_shard(rank, world)?;
     let eval_cfg = LoaderConfig { shuffle: false, drop_last: false, ..loader_cfg };
-    let eval_loader = Loader::new(Arc::new(splits.eval), splits.eval_transform, splits.normalize, eval_cfg)?;
+    let eval_loader =
+        Loader::new(Arc::new(splits.eval), splits.eval_transform, splits.normalize, eval_cfg)?.with_shard(rank, world)?;
     if train_loader.batches_per_epoch() == 0 {
-        return Err(Error::Config(format!("fewer training images than one batch of {}", cfg.batch_size)));
+        return Err(Error::Config(format!(
+            "fewer training images than one batch of {} × {world} processes",
+            cfg.batch_size
+        )));
     }
     let log_path = dir.join("train.log");
-    let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(io(&log_path))?;
+    let mut log = match is_root {
+        true => Some(std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(io(&log_path))?),
+        false => None,
+    };
 
     for epoch in run.state.epoch..cfg.epochs {
         let trained = run.train_epoch(optimizer.as_mut(), &train_loader, epoch, progress)?;
         let start = Instant::now();
         let evaluated = ema.as_ref().unwrap_or(&model);
-        recalibrate_bn(evaluated, &train_loader, epoch, cfg.steps.recalibrate_bn, device)?;
-        let (eval_loss, eval_top1, eval_top5) = device.with_context(|| evaluate(evaluated, &eval_loader, device))?;
+        run.synchronised(|| recalibrate_bn(evaluated, &train_loader, epoch, cfg.steps.recalibrate_bn, device))?;
+        let evaluation = device.with_context(|| evaluate_sharded(evaluated, &eval_loader, device, &*collective))?;
+        let (eval_loss, eval_top1, eval_top5) = (evaluation.loss, evaluation.top1, evaluation.top5);
         let summary = EpochSummary {
             epoch: epoch + 1,
             train_loss: trained.loss_sum / trained.images.max(1) as f64,
@@ -104,16 +154,73 @@ pub fn train(
             images_per_second: trained.images as f64 / trained.seconds,
         };
         progress.epoch_end(&summary);
-        writeln!(log, "{}", epoch_line(&summary)).map_err(io(&log_path))?;
         history.push(summary);
-        write_summary(dir, &history)?;
-        crate::plot::plot_run(&history, &cfg.model.name, &dir.join("curves.png"))?;
         run.state.epoch = epoch + 1;
         run.state.batch = 0;
         run.state.partial = PartialEpoch::default();
-        checkpoint::save(dir, &model, ema.as_ref(), optimizer.as_ref(), &mut run.state, Some(eval_top1))?;
+        if let Some(log) = &mut log {
+            writeln!(log, "{}", epoch_line(history.last().expect("just pushed"))).map_err(io(&log_path))?;
+            write_summary(dir, &history)?;
+            crate::plot::plot_run(&history, &cfg.model.name, &dir.join("curves.png"))?;
+            checkpoint::save(dir, &model, ema.as_ref(), optimizer.as_ref(), &mut run.state, Some(eval_top1))?;
+        }
     }
     Ok(history)
+}
+
+/// Hands rank 0's opening of the run to the other ranks: its error, or its progress
+/// (`CheckpointState`), weights, weight average and optimiser state. Returns rank 0's
+/// history (empty on the others, which write no summaries).
+fn share_opening(
+    run: &mut Run,
+    opened: Result<Vec<EpochSummary>>,
+    optimizer: &mut dyn Optimizer,
+) -> Result<Vec<EpochSummary>> {
+    let collective = run.collective.clone();
+    if collective.world_size() == 1 {
+        return opened;
+    }
+    let is_root = collective.rank() == 0;
+    let mut message = match (&opened, is_root) {
+        (Err(e), true) => format!("error: {e}").into_bytes(),
+        (Ok(_), true) => serde_json::to_vec(&run.state).expect("state serialises"),
+        _ => Vec::new(),
+    };
+    collective.broadcast_bytes(&mut message, 0)?;
+    let history = opened?;
+    if !is_root {
+        let text = String::from_utf8_lossy(&message);
+        if let Some(e) = text.strip_prefix("error: ") {
+            return Err(Error::Distributed(format!("rank 0 could not open the run: {e}")));
+        }
+        run.state = serde_json::from_slice(&message)
+            .map_err(|e| Error::Distributed(format!("rank 0 sent an unreadable run state: {e}")))?;
+    }
+    let vars: Vec<_> = run.model.named_vars().into_iter().collect();
+    broadcast_vars(&*collective, &vars, 0)?;
+    if let Some(ema) = run.ema {
+        broadcast_vars(&*collective, &ema.named_vars().into_iter().collect::<Vec<_>>(), 0)?;
+    }
+    let mut state = match is_root {
+        true => safetensors::serialize(optimizer.state_tensors()?, None)
+            .map_err(|e| Error::Distributed(format!("optimiser state: {e}")))?,
+        false => Vec::new(),
+    };
+    collective.broadcast_bytes(&mut state, 0)?;
+    if !is_root {
+        let tensors = candle_core::safetensors::load_buffer(&state, run.device)?;
+        optimizer.load_state(&tensors, Path::new("<rank 0's optimiser state>"))?;
+    }
+    Ok(history)
+}
+
+/// Progress of the ranks other than 0: none.
+struct Silent;
+
+impl Progress for Silent {
+    fn epoch_start(&mut self, _epoch: usize, _batches: usize) {}
+    fn batch(&mut self, _loss: f64, _top1: f64, _images_per_second: f64) {}
+    fn epoch_end(&mut self, _summary: &EpochSummary) {}
 }
 
 /// Loads the `init` weights (safetensors or a PyTorch checkpoint) into `model`. A classifier
@@ -157,7 +264,8 @@ fn copy_weights(from: &Model, to: &Model) -> Result<()> {
     Ok(())
 }
 
-/// A run in progress: its config, directory, model (and weight average) and progress.
+/// A run in progress: its config, directory, model (and weight average), progress, and the
+/// processes training it.
 struct Run<'a> {
     cfg: &'a TrainConfig,
     dir: &'a Path,
@@ -165,9 +273,18 @@ struct Run<'a> {
     model: &'a Model,
     ema: Option<&'a Model>,
     state: CheckpointState,
+    collective: Arc<dyn Collective>,
 }
 
 impl Run<'_> {
+    /// Runs `f` with BatchNorm's statistics taken over all ranks, when the run asks for that.
+    fn synchronised<R>(&self, f: impl FnOnce() -> R) -> R {
+        match self.cfg.steps.sync_bn && self.collective.world_size() > 1 {
+            true => sae_models::with_sync_batch_norm(Arc::new(BatchNormSum(self.collective.clone())), f),
+            false => f(),
+        }
+    }
+
     /// Starts the run (writing its config) or, with `resume`, loads its last checkpoint into
     /// the model and `optimizer`; returns the finished epochs' summaries.
     fn open(&mut self, resume: bool, optimizer: &mut dyn Optimizer) -> Result<Vec<EpochSummary>> {
@@ -184,6 +301,16 @@ impl Run<'_> {
                 )));
             }
             if let Some(state) = checkpoint::load_last(dir, self.model, self.ema, optimizer)? {
+                let world = self.collective.world_size();
+                if state.world_size != world {
+                    return Err(Error::Distributed(format!(
+                        "{} was trained by {} process(es) and is resumed by {world}; resume it with as many \
+                         (`mpirun -np {}`), since the world size is part of the batch",
+                        dir.display(),
+                        state.world_size,
+                        state.world_size
+                    )));
+                }
                 history = read_summary(dir)?;
                 history.truncate(state.epoch);
                 self.state = state;
@@ -222,7 +349,7 @@ impl Run<'_> {
             let (x, y) = to_tensors(&batch, self.device)?;
             // Forward and backward inside Candle's own CPU thread pool (a no-op on GPUs).
             let (logits, loss, grads) = self.device.with_context(|| -> Result<_> {
-                let logits = self.model.forward_t(&x, true)?;
+                let logits = self.synchronised(|| self.model.forward_t(&x, true))?;
                 let mut loss = cross_entropy(&logits, &y, cfg.label_smoothing)?;
                 if let Some(mixed) = &batch.mixed {
                     // λ·CE(y) + (1 − λ)·CE(y of the images mixed in).
@@ -232,28 +359,36 @@ impl Run<'_> {
                     loss = ((loss * lambda)? + (other * (1.0 - lambda))?)?;
                 }
                 let value = loss.to_scalar::<f32>()?;
-                if !value.is_finite() {
-                    let step = self.state.step;
-                    return Err(Error::NonFiniteLoss { value, epoch, step, dir: self.dir.to_path_buf() });
-                }
                 // Accumulated gradients are the mean over the step's batches.
                 let grads = if per_step > 1 { (loss / per_step as f64)?.backward()? } else { loss.backward()? };
                 Ok((logits, value, grads))
             })?;
+            // The batch's totals over all ranks, so that every rank sees the same loss and
+            // stops together when it is not finite.
+            let mut accuracy = Accuracy::default();
+            accuracy.update(&logits, &batch.labels)?;
+            let n = batch.labels.len() as f32;
+            let mut sums = [loss * n, n, accuracy.correct1 as f32];
+            self.collective.all_reduce_sum(&mut sums)?;
+            let [loss_sum, images, correct] = sums.map(f64::from);
+            let loss = (loss_sum / images) as f32;
+            if !loss.is_finite() {
+                let step = self.state.step;
+                return Err(Error::NonFiniteLoss { value: loss, epoch, step, dir: self.dir.to_path_buf() });
+            }
             accumulated = Some(match accumulated.take() {
                 None => grads,
                 Some(sum) => add_gradients(sum, &grads, self.model)?,
             });
-            let mut accuracy = Accuracy::default();
-            accuracy.update(&logits, &batch.labels)?;
-            totals.loss_sum += loss as f64 * batch.labels.len() as f64;
-            totals.images += batch.labels.len();
-            totals.correct += accuracy.correct1;
+            totals.loss_sum += loss_sum;
+            totals.images += images as usize;
+            totals.correct += correct as usize;
             totals.seconds = seconds_before + start.elapsed().as_secs_f64();
             self.state.batch = i + 1;
             // A step after every `per_step` batches, and after the epoch's last batch.
             if (i + 1).is_multiple_of(per_step) || i + 1 == batches {
                 let mut grads = accumulated.take().expect("a batch was accumulated");
+                average_gradients(&*self.collective, &mut grads, &self.model.trainable_vars(), BUCKET_BYTES)?;
                 if let Some(max_norm) = steps.clip_grad_norm {
                     clip_grad_norm(&mut grads, self.model, max_norm)?;
                 }
@@ -263,7 +398,7 @@ impl Run<'_> {
                     update_ema(ema, self.model, decay)?;
                 }
                 let due = steps.checkpoint_every.is_some_and(|n| self.state.step.is_multiple_of(n));
-                if due && i + 1 < batches {
+                if due && i + 1 < batches && self.collective.rank() == 0 {
                     self.state.partial = totals.clone();
                     checkpoint::save(self.dir, self.model, self.ema, optimizer, &mut self.state, None)?;
                     self.state.partial = PartialEpoch::default();
@@ -325,6 +460,19 @@ fn update_ema(ema: &Model, model: &Model, decay: f64) -> Result<()> {
     Ok(())
 }
 
+/// Evaluates `model` (eval mode) on each rank's shard of the evaluation set (`loader`) and
+/// sums the counts over the ranks: every rank gets the evaluation of the whole set.
+pub fn evaluate_sharded<D: Dataset + 'static>(
+    model: &Model,
+    loader: &Loader<D>,
+    device: &Device,
+    collective: &dyn Collective,
+) -> Result<Evaluation> {
+    let mut sum = evaluation_sum(model, loader, device, &mut |_| {})?;
+    sum.all_reduce(collective)?;
+    Ok(sum.finish())
+}
+
 /// Evaluates `model` (eval mode) on `loader`: (loss, top-1 %, top-5 %).
 pub fn evaluate<D: Dataset + 'static>(model: &Model, loader: &Loader<D>, device: &Device) -> Result<(f64, f64, f64)> {
     let e = evaluate_all(model, loader, device)?;
@@ -343,6 +491,15 @@ pub fn evaluate_all_with<D: Dataset + 'static>(
     device: &Device,
     on_batch: &mut dyn FnMut(usize),
 ) -> Result<Evaluation> {
+    Ok(evaluation_sum(model, loader, device, on_batch)?.finish())
+}
+
+fn evaluation_sum<D: Dataset + 'static>(
+    model: &Model,
+    loader: &Loader<D>,
+    device: &Device,
+    on_batch: &mut dyn FnMut(usize),
+) -> Result<EvaluationSum> {
     let mut sum = EvaluationSum::new(model.config().num_classes);
     for batch in loader.epoch(0) {
         let batch = batch?;
@@ -352,7 +509,7 @@ pub fn evaluate_all_with<D: Dataset + 'static>(
         let loss = cross_entropy(&logits, &y, 0.0)?.to_scalar::<f32>()? as f64;
         sum.update(&logits, &batch.labels, loss)?;
     }
-    Ok(sum.finish())
+    Ok(sum)
 }
 
 #[cfg(test)]

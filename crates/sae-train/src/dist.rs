@@ -1,0 +1,328 @@
+//! Data parallelism: the collective operations of several processes ("ranks") training one
+//! model, on the engines the field trusts: MPI for CPU clusters (feature `mpi`, the system's
+//! OpenMPI through the `mpi` crate) and NCCL for GPUs (feature `nccl`, through cudarc). One
+//! process, the default, is [`SingleProcess`], whose operations do nothing.
+//!
+//! How training uses them (see `train.rs`): rank 0's weights and optimiser state are broadcast
+//! at the start, each rank reads its shard of every batch (`Loader::with_shard`), gradients are
+//! summed in buckets of about [`BUCKET_BYTES`] (not one call per tensor) and divided by the
+//! world size before every optimiser step, so the ranks' weights stay identical. With
+//! `sync_bn`, BatchNorm's batch statistics are summed over the ranks too
+//! (`sae_models::with_sync_batch_norm`).
+//!
+//! A rank that stops (killed, crashed) must not leave the others waiting for ever: every MPI
+//! operation waits at most [`collective_timeout`] and then ends the whole run (`MPI_Abort`)
+//! with a message saying why.
+
+use crate::{Error, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What several training processes do together. Every rank calls the same operations in the
+/// same order with buffers of the same length.
+pub trait Collective: Send + Sync {
+    /// This process's rank, 0-based.
+    fn rank(&self) -> usize;
+    /// Number of processes.
+    fn world_size(&self) -> usize;
+    /// The backend's name, for logs: `single`, `mpi` or `nccl`.
+    fn backend(&self) -> &'static str;
+    /// Replaces `values` by their elementwise sum over the ranks.
+    fn all_reduce_sum(&self, values: &mut [f32]) -> Result<()>;
+    /// Replaces `values` by rank `root`'s.
+    fn broadcast(&self, values: &mut [f32], root: usize) -> Result<()>;
+    /// Replaces `bytes` by rank `root`'s (of any length).
+    fn broadcast_bytes(&self, bytes: &mut Vec<u8>, root: usize) -> Result<()>;
+    /// Waits until every rank has called it.
+    fn barrier(&self) -> Result<()>;
+    /// The elementwise sum of `t` (f32 or bf16, any device) over the ranks. Through host
+    /// memory by default; NCCL sums on the device.
+    fn all_reduce_sum_tensor(&self, t: &Tensor) -> Result<Tensor> {
+        if self.world_size() == 1 {
+            return Ok(t.clone());
+        }
+        let mut values = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        self.all_reduce_sum(&mut values)?;
+        Ok(Tensor::from_vec(values, t.shape(), t.device())?.to_dtype(t.dtype())?)
+    }
+    /// Ends every rank of the run after a fatal error on this one (with MPI, `MPI_Abort`, so
+    /// that no rank waits for this one), exiting with `code`.
+    fn abort(&self, code: i32) -> !;
+}
+
+/// One process: rank 0 of 1, every operation a no-op.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SingleProcess;
+
+impl Collective for SingleProcess {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn backend(&self) -> &'static str {
+        "single"
+    }
+    fn all_reduce_sum(&self, _values: &mut [f32]) -> Result<()> {
+        Ok(())
+    }
+    fn broadcast(&self, _values: &mut [f32], _root: usize) -> Result<()> {
+        Ok(())
+    }
+    fn broadcast_bytes(&self, _bytes: &mut Vec<u8>, _root: usize) -> Result<()> {
+        Ok(())
+    }
+    fn barrier(&self) -> Result<()> {
+        Ok(())
+    }
+    fn abort(&self, code: i32) -> ! {
+        std::process::exit(code)
+    }
+}
+
+/// Gradients are summed in buckets of about this many bytes: few enough calls that their
+/// latency does not count, small enough not to double the memory (PyTorch DDP's default).
+pub const BUCKET_BYTES: usize = 25 << 20;
+
+/// How long a rank waits in one collective operation before it decides that another rank has
+/// stopped: `SAE_COLLECTIVE_TIMEOUT` seconds, 600 by default (rank 0 writing a large
+/// checkpoint or evaluating keeps the others waiting that long at most).
+pub fn collective_timeout() -> Duration {
+    let seconds = std::env::var("SAE_COLLECTIVE_TIMEOUT").ok().and_then(|s| s.parse::<f64>().ok());
+    Duration::from_secs_f64(seconds.filter(|s| *s > 0.0).unwrap_or(600.0))
+}
+
+/// The collective of this process: MPI when it was started by `mpirun` (or another MPI
+/// launcher) and built with the `mpi` feature, otherwise a single process. Started by a
+/// launcher with several processes but built without the feature, it is an error rather than
+/// N independent runs writing into one directory.
+pub fn from_environment() -> Result<Arc<dyn Collective>> {
+    let launched = launcher_world_size();
+    #[cfg(feature = "mpi")]
+    if launched.is_some() {
+        return Ok(Arc::new(mpi_backend::Mpi::init()?));
+    }
+    match launched {
+        Some(n) if n > 1 => Err(Error::Distributed(format!(
+            "started by an MPI launcher with {n} processes, but this build has no MPI support; \
+             build with `--features mpi` (which needs OpenMPI's development files)"
+        ))),
+        _ => Ok(Arc::new(SingleProcess)),
+    }
+}
+
+/// The world size an MPI launcher (OpenMPI, MPICH, Slurm's PMI) announces in the
+/// environment, if one started this process.
+pub fn launcher_world_size() -> Option<usize> {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok())
+        .and_then(|s| s.parse().ok())
+}
+
+/// Sums every trainable variable's gradient over the ranks and divides by the world size (the
+/// gradient of the mean loss over the global batch), in buckets of about `bucket_bytes`. A
+/// variable without a gradient on this rank contributes zeros.
+pub fn average_gradients(
+    collective: &dyn Collective,
+    grads: &mut GradStore,
+    vars: &[(String, Var)],
+    bucket_bytes: usize,
+) -> Result<()> {
+    let world = collective.world_size();
+    if world == 1 {
+        return Ok(());
+    }
+    let mut start = 0;
+    while start < vars.len() {
+        let mut end = start;
+        let mut bytes = 0;
+        while end < vars.len() && (end == start || bytes + vars[end].1.elem_count() * 4 <= bucket_bytes) {
+            bytes += vars[end].1.elem_count() * 4;
+            end += 1;
+        }
+        let bucket = &vars[start..end];
+        let flat = bucket
+            .iter()
+            .map(|(_, v)| match grads.get(v) {
+                Some(g) => g.flatten_all(),
+                None => v.as_tensor().zeros_like()?.flatten_all(),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let summed = collective.all_reduce_sum_tensor(&Tensor::cat(&flat, 0)?)?;
+        let mean = (summed / world as f64)?;
+        let mut offset = 0;
+        for (_, v) in bucket {
+            let n = v.elem_count();
+            grads.insert(v, mean.narrow(0, offset, n)?.reshape(v.shape())?);
+            offset += n;
+        }
+        start = end;
+    }
+    Ok(())
+}
+
+/// Sets every tensor of `vars` to rank `root`'s.
+pub fn broadcast_vars(collective: &dyn Collective, vars: &[(String, Var)], root: usize) -> Result<()> {
+    if collective.world_size() == 1 {
+        return Ok(());
+    }
+    for (_, var) in vars {
+        let t = var.as_tensor();
+        let mut values = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        collective.broadcast(&mut values, root)?;
+        var.set(&Tensor::from_vec(values, t.shape(), t.device())?.to_dtype(t.dtype())?)?;
+    }
+    Ok(())
+}
+
+/// Makes `sae_models`' synchronised BatchNorm sum its statistics over the ranks.
+pub(crate) struct BatchNormSum(pub Arc<dyn Collective>);
+
+impl sae_models::CrossReplicaSum for BatchNormSum {
+    fn sum(&self, values: &mut [f32]) -> candle_core::Result<()> {
+        self.0.all_reduce_sum(values).map_err(candle_core::Error::wrap)
+    }
+}
+
+#[cfg(feature = "mpi")]
+pub use mpi_backend::Mpi;
+
+#[cfg(feature = "mpi")]
+mod mpi_backend {
+    //! MPI through the `mpi` crate. Every operation is a non-blocking one (`MPI_Iallreduce`,
+    //! `MPI_Ibcast`, `MPI_Ibarrier`) polled until it completes or [`collective_timeout`]
+    //! passes, when the run is aborted: blocking MPI calls would wait for a dead rank for ever.
+
+    use super::{collective_timeout, Collective};
+    use crate::{Error, Result};
+    use mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
+    use mpi::environment::Universe;
+    use mpi::request::{Request, Scope};
+    use mpi::topology::{Communicator, SimpleCommunicator};
+    use mpi::Threading;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    /// The MPI world. MPI is initialised for serialised use from any thread (Candle runs the
+    /// training step on a thread of its pool), and the mutex serialises the calls.
+    pub struct Mpi {
+        world: Mutex<SimpleCommunicator>,
+        rank: usize,
+        size: usize,
+        timeout: Duration,
+        // Finalises MPI when dropped; after `world`.
+        _universe: Universe,
+    }
+
+    // SAFETY: the MPI handles are used only under the mutex, and MPI was initialised with at
+    // least `MPI_THREAD_SERIALIZED`, which allows calls from any thread one at a time.
+    unsafe impl Send for Mpi {}
+    // SAFETY: as above.
+    unsafe impl Sync for Mpi {}
+
+    impl Mpi {
+        /// Initialises MPI (once per process).
+        pub fn init() -> Result<Self> {
+            let (universe, threading) = mpi::initialize_with_threading(Threading::Serialized)
+                .ok_or_else(|| Error::Distributed("MPI was already initialised in this process".into()))?;
+            if threading < Threading::Serialized {
+                return Err(Error::Distributed(format!(
+                    "this MPI library offers thread level {threading:?}; serialised calls from any thread are needed"
+                )));
+            }
+            let world = universe.world();
+            let (rank, size) = (world.rank() as usize, world.size() as usize);
+            Ok(Self { world: Mutex::new(world), rank, size, timeout: collective_timeout(), _universe: universe })
+        }
+
+        fn world(&self) -> std::sync::MutexGuard<'_, SimpleCommunicator> {
+            // A panic while holding it cannot leave MPI state half-changed on our side.
+            self.world.lock().unwrap_or_else(|e| e.into_inner())
+        }
+
+        /// Polls `request` until it completes; past the timeout, ends the run.
+        fn wait<'a, D: ?Sized, S: Scope<'a>>(&self, world: &SimpleCommunicator, mut request: Request<'a, D, S>, what: &str) {
+            let start = Instant::now();
+            loop {
+                match request.test() {
+                    Ok(_) => return,
+                    Err(pending) => request = pending,
+                }
+                if start.elapsed() > self.timeout {
+                    eprintln!(
+                        "sae: rank {} of {}: {what} waited {:.0} s for the other ranks; one of them has stopped or \
+                         hangs. Ending the run (resume it from its last checkpoint; SAE_COLLECTIVE_TIMEOUT sets the wait).",
+                        self.rank,
+                        self.size,
+                        start.elapsed().as_secs_f64()
+                    );
+                    world.abort(3);
+                }
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    impl Collective for Mpi {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+        fn world_size(&self) -> usize {
+            self.size
+        }
+        fn backend(&self) -> &'static str {
+            "mpi"
+        }
+        fn all_reduce_sum(&self, values: &mut [f32]) -> Result<()> {
+            let world = self.world();
+            let send = values.to_vec();
+            mpi::request::scope(|scope| {
+                let request = world.immediate_all_reduce_into(scope, &send[..], values, SystemOperation::sum());
+                self.wait(&world, request, "an all-reduce");
+            });
+            Ok(())
+        }
+        fn broadcast(&self, values: &mut [f32], root: usize) -> Result<()> {
+            let world = self.world();
+            let root = world.process_at_rank(root as i32);
+            mpi::request::scope(|scope| {
+                let request = root.immediate_broadcast_into(scope, values);
+                self.wait(&world, request, "a broadcast");
+            });
+            Ok(())
+        }
+        fn broadcast_bytes(&self, bytes: &mut Vec<u8>, root: usize) -> Result<()> {
+            // The length first, so that the other ranks can size their buffers.
+            let mut len_bytes = (bytes.len() as u64).to_le_bytes();
+            {
+                let world = self.world();
+                let process = world.process_at_rank(root as i32);
+                mpi::request::scope(|scope| {
+                    let request = process.immediate_broadcast_into(scope, &mut len_bytes[..]);
+                    self.wait(&world, request, "a broadcast");
+                });
+            }
+            bytes.resize(u64::from_le_bytes(len_bytes) as usize, 0);
+            let world = self.world();
+            let process = world.process_at_rank(root as i32);
+            mpi::request::scope(|scope| {
+                let request = process.immediate_broadcast_into(scope, &mut bytes[..]);
+                self.wait(&world, request, "a broadcast");
+            });
+            Ok(())
+        }
+        fn barrier(&self) -> Result<()> {
+            let world = self.world();
+            let request = world.immediate_barrier();
+            self.wait(&world, request, "a barrier");
+            Ok(())
+        }
+        fn abort(&self, code: i32) -> ! {
+            self.world().abort(code)
+        }
+    }
+}
