@@ -22,7 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// What to run before pushing: fmt --check, clippy -D warnings, all tests, tidy, and the
+    /// What to run before pushing: fmt --check, clippy -D warnings, all tests, the multi-process
+    /// tests under mpirun (skipped without OpenMPI unless SAE_REQUIRE_MPI=1), tidy, and the
     /// CUDA kernels compiled to PTX (skipped without nvcc unless SAE_REQUIRE_NVCC=1).
     Ci,
     /// Checks that every crate and module starts with a `//!` doc comment.
@@ -176,6 +177,21 @@ fn params(json: bool) -> Result<()> {
     Ok(())
 }
 
+/// The `mpi` feature's clippy and its multi-process tests (`mpirun -np 2`), when OpenMPI is
+/// installed; without it they are skipped, unless `SAE_REQUIRE_MPI=1` (CI sets it).
+fn mpi_check() -> Result<()> {
+    let has_mpirun = Command::new("mpirun").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !has_mpirun {
+        if std::env::var("SAE_REQUIRE_MPI").is_ok_and(|v| v == "1") {
+            bail!("SAE_REQUIRE_MPI=1 but there is no mpirun (install OpenMPI: openmpi-bin libopenmpi-dev libclang-dev)")
+        }
+        eprintln!("mpi: skipped, no mpirun found (install OpenMPI to run the multi-process tests)");
+        return Ok(());
+    }
+    cargo(&["clippy", "-p", "sae-train", "-p", "sae-cli", "--all-targets", "--features", "mpi", "--", "-D", "warnings"])?;
+    cargo(&["test", "-p", "sae-cli", "--features", "mpi", "--test", "mpi"])
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     std::env::set_current_dir(project_root())?;
@@ -184,6 +200,7 @@ fn main() -> Result<()> {
             cargo(&["fmt", "--all", "--check"])?;
             cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
             cargo(&["test", "--workspace"])?;
+            mpi_check()?;
             tidy::check(&project_root())?;
             ptx::check(&project_root())
         }

@@ -423,3 +423,18 @@ fn kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run() {
     assert_eq!(read(&straight), read(&again));
     assert_eq!(last_weights(&straight), last_weights(&again));
 }
+
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn several_processes_without_mpi_support_are_an_error_not_independent_runs() {
+    let dir = scratch("no-mpi");
+    let out = Command::new(env!("CARGO_BIN_EXE_sae"))
+        .args(["train", "--model", "resnet14b", "--data", s(&dir), "--out", s(&dir.join("run"))])
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("2 processes") && err.contains("--features mpi"), "{err}");
+    assert!(!dir.join("run").exists());
+}

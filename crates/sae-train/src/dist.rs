@@ -5,7 +5,7 @@
 //!
 //! How training uses them (see `train.rs`): rank 0's weights and optimiser state are broadcast
 //! at the start, each rank reads its shard of every batch (`Loader::with_shard`), gradients are
-//! summed in buckets of about [`BUCKET_BYTES`] (not one call per tensor) and divided by the
+//! summed in buckets of about [`bucket_bytes`] (not one call per tensor) and divided by the
 //! world size before every optimiser step, so the ranks' weights stay identical. With
 //! `sync_bn`, BatchNorm's batch statistics are summed over the ranks too
 //! (`sae_models::with_sync_batch_norm`).
@@ -17,6 +17,7 @@
 use crate::{Error, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -87,6 +88,12 @@ impl Collective for SingleProcess {
 /// latency does not count, small enough not to double the memory (PyTorch DDP's default).
 pub const BUCKET_BYTES: usize = 25 << 20;
 
+/// The bucket size training uses: `SAE_ALLREDUCE_BUCKET_MB` MiB, or [`BUCKET_BYTES`].
+pub fn bucket_bytes() -> usize {
+    let mb = std::env::var("SAE_ALLREDUCE_BUCKET_MB").ok().and_then(|s| s.parse::<f64>().ok());
+    mb.filter(|m| *m > 0.0).map_or(BUCKET_BYTES, |m| (m * (1 << 20) as f64) as usize)
+}
+
 /// How long a rank waits in one collective operation before it decides that another rank has
 /// stopped: `SAE_COLLECTIVE_TIMEOUT` seconds, 600 by default (rank 0 writing a large
 /// checkpoint or evaluating keeps the others waiting that long at most).
@@ -136,15 +143,9 @@ pub fn average_gradients(
     if world == 1 {
         return Ok(());
     }
-    let mut start = 0;
-    while start < vars.len() {
-        let mut end = start;
-        let mut bytes = 0;
-        while end < vars.len() && (end == start || bytes + vars[end].1.elem_count() * 4 <= bucket_bytes) {
-            bytes += vars[end].1.elem_count() * 4;
-            end += 1;
-        }
-        let bucket = &vars[start..end];
+    let sizes: Vec<usize> = vars.iter().map(|(_, v)| v.elem_count()).collect();
+    for range in buckets(&sizes, bucket_bytes) {
+        let bucket = &vars[range];
         let flat = bucket
             .iter()
             .map(|(_, v)| match grads.get(v) {
@@ -152,17 +153,34 @@ pub fn average_gradients(
                 None => v.as_tensor().zeros_like()?.flatten_all(),
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let summed = collective.all_reduce_sum_tensor(&Tensor::cat(&flat, 0)?)?;
-        let mean = (summed / world as f64)?;
+        let mean = (collective.all_reduce_sum_tensor(&Tensor::cat(&flat, 0)?)? / world as f64)?;
         let mut offset = 0;
         for (_, v) in bucket {
-            let n = v.elem_count();
-            grads.insert(v, mean.narrow(0, offset, n)?.reshape(v.shape())?);
-            offset += n;
+            grads.insert(v, mean.narrow(0, offset, v.elem_count())?.reshape(v.shape())?);
+            offset += v.elem_count();
         }
-        start = end;
     }
     Ok(())
+}
+
+/// Consecutive ranges of tensors (of `sizes` f32 elements) of at most `bucket_bytes` each,
+/// except that a tensor larger than that is a bucket of its own.
+fn buckets(sizes: &[usize], bucket_bytes: usize) -> Vec<Range<usize>> {
+    let mut ranges: Vec<Range<usize>> = Vec::new();
+    let mut bytes = 0;
+    for (i, size) in sizes.iter().map(|n| n * 4).enumerate() {
+        match ranges.last_mut() {
+            Some(last) if bytes + size <= bucket_bytes => {
+                last.end = i + 1;
+                bytes += size;
+            }
+            _ => {
+                ranges.push(i..i + 1);
+                bytes = size;
+            }
+        }
+    }
+    ranges
 }
 
 /// Sets every tensor of `vars` to rank `root`'s.
@@ -324,5 +342,33 @@ mod mpi_backend {
         fn abort(&self, code: i32) -> ! {
             self.world().abort(code)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn buckets_hold_consecutive_tensors_up_to_the_size() {
+        // 4 bytes per element; buckets of 40 bytes = 10 elements.
+        assert_eq!(buckets(&[3, 3, 3, 3, 20, 1, 9, 10], 40), vec![0..3, 3..4, 4..5, 5..7, 7..8]);
+        assert_eq!(buckets(&[], 40), Vec::<Range<usize>>::new());
+        assert_eq!(buckets(&[1; 5], 1 << 20), vec![0..5]);
+    }
+
+    #[test]
+    fn one_process_leaves_gradients_and_weights_alone() {
+        let var = Var::new(&[1f32, 2.0, 3.0], &Device::Cpu).unwrap();
+        let loss = (var.as_tensor() * 2.0).unwrap().sum_all().unwrap();
+        let mut grads = loss.backward().unwrap();
+        let vars = vec![("w".to_string(), var.clone())];
+        average_gradients(&SingleProcess, &mut grads, &vars, BUCKET_BYTES).unwrap();
+        broadcast_vars(&SingleProcess, &vars, 0).unwrap();
+        assert_eq!(grads.get(&var).unwrap().to_vec1::<f32>().unwrap(), [2.0, 2.0, 2.0]);
+        assert_eq!(var.to_vec1::<f32>().unwrap(), [1.0, 2.0, 3.0]);
+        let t = Tensor::new(&[1.5f32], &Device::Cpu).unwrap();
+        assert_eq!(SingleProcess.all_reduce_sum_tensor(&t).unwrap().to_vec1::<f32>().unwrap(), [1.5]);
     }
 }

@@ -15,7 +15,7 @@
 use crate::checkpoint::{self, CheckpointState, PartialEpoch};
 use crate::config::{TrainConfig, CONFIG_FILE};
 use crate::data::{datasets, to_tensors};
-use crate::dist::{average_gradients, broadcast_vars, BatchNormSum, Collective, SingleProcess, BUCKET_BYTES};
+use crate::dist::{average_gradients, broadcast_vars, bucket_bytes, BatchNormSum, Collective, SingleProcess};
 use crate::error::io;
 use crate::metrics::{cross_entropy, Accuracy, Evaluation, EvaluationSum};
 use crate::optim::Optimizer;
@@ -311,8 +311,11 @@ impl Run<'_> {
                         state.world_size
                     )));
                 }
-                history = read_summary(dir)?;
-                history.truncate(state.epoch);
+                // A checkpoint within the first epoch comes before any summary.
+                if state.epoch > 0 {
+                    history = read_summary(dir)?;
+                    history.truncate(state.epoch);
+                }
                 self.state = state;
             }
         } else if config_path.exists() {
@@ -388,7 +391,7 @@ impl Run<'_> {
             // A step after every `per_step` batches, and after the epoch's last batch.
             if (i + 1).is_multiple_of(per_step) || i + 1 == batches {
                 let mut grads = accumulated.take().expect("a batch was accumulated");
-                average_gradients(&*self.collective, &mut grads, &self.model.trainable_vars(), BUCKET_BYTES)?;
+                average_gradients(&*self.collective, &mut grads, &self.model.trainable_vars(), bucket_bytes())?;
                 if let Some(max_norm) = steps.clip_grad_norm {
                     clip_grad_norm(&mut grads, self.model, max_norm)?;
                 }

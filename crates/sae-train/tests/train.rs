@@ -380,6 +380,7 @@ fn a_run_killed_mid_epoch_resumes_from_its_last_step_checkpoint_with_the_same_re
         checkpoint_every: Some(2),
         init: None,
         recalibrate_bn: 2,
+        sync_bn: false,
     };
     cfg.augment = AugmentConfig { trivial_augment: true, mixup_alpha: 0.4, cutmix_alpha: 1.0, ..Default::default() };
     let straight = tmp("kill-straight");
@@ -401,6 +402,15 @@ fn a_run_killed_mid_epoch_resumes_from_its_last_step_checkpoint_with_the_same_re
     assert_eq!(checkpoint_model_bytes(&straight), checkpoint_model_bytes(&killed), "weights differ after resume");
     let ema = |run: &Path| std::fs::read(run.join("checkpoints/epoch-0002/ema.safetensors")).unwrap();
     assert_eq!(ema(&straight), ema(&killed), "weight averages differ after resume");
+    assert_same_rows(&full, &resumed);
+    // Killed within the first epoch, before any summary was written, it resumes too.
+    let early = tmp("kill-early");
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        train(&cfg, &early, &Device::Cpu, false, &mut KillAfter { after: 5, seen: 0 })
+    }));
+    assert!(outcome.is_err() && !early.join("summary.csv").exists());
+    let resumed = train(&cfg, &early, &Device::Cpu, true, &mut LogLines::default()).unwrap();
+    assert_eq!(checkpoint_model_bytes(&straight), checkpoint_model_bytes(&early), "weights differ after resume");
     assert_same_rows(&full, &resumed);
     // Five steps per epoch (ten batches, two per step).
     let state: serde_json::Value =
