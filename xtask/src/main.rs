@@ -1,8 +1,9 @@
 //! The project's task runner (see <https://github.com/matklad/cargo-xtask/>): `cargo xtask ci`,
-//! `params`, `bench-kernels`, `bench-data`, `bench-train`, `reproduce-table2|3|4`; `cargo xtask` lists them.
+//! `params`, `bench-kernels`, `bench-data`, `bench-dist`, `bench-train`, `reproduce-table2|3|4`; `cargo xtask` lists them.
 
 mod bench;
 mod bench_data;
+mod bench_dist;
 mod bench_train;
 mod ptx;
 mod reproduce;
@@ -36,6 +37,20 @@ enum Cmd {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Measures data parallelism on this machine (needs OpenMPI): the all-reduce of a ResNet-50
+    /// gradient between two processes, and training images/s of 1 process × 2 threads against
+    /// 2 processes × 1 thread on real CIFAR-10; writes `results/distributed.md`.
+    BenchDist {
+        /// CIFAR-10 binary directory (default: ../shared/datasets/cifar-10-batches-bin).
+        #[arg(long)]
+        cifar10: Option<PathBuf>,
+        /// Training images of the timed epoch.
+        #[arg(long, default_value_t = 1024)]
+        images: usize,
+        /// Batch per process (the single process gets twice this).
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
     },
     /// Measures the data pipeline's images/s on real data and writes `results/data.md`.
     BenchData {
@@ -213,5 +228,6 @@ fn main() -> Result<()> {
         Cmd::ReproduceTable3(a) => reproduce(reproduce::Table::Three, 3, a),
         Cmd::ReproduceTable4(a) => reproduce(reproduce::Table::Four, 4, a),
         Cmd::BenchData { cifar10, folder } => bench_data::run(cifar10, folder),
+        Cmd::BenchDist { cifar10, images, batch } => bench_dist::run(cifar10, images, batch),
     }
 }

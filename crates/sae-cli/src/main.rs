@@ -104,6 +104,18 @@ enum Command {
     #[command(after_help = "Examples:\n  sae eval runs/a --json\n  \
                             sae eval --weights w.safetensors --config w.json --data ~/data/imagenette --confusion c.png")]
     Eval(Box<train::EvalArgs>),
+    /// Times the gradient all-reduce of data-parallel training between the processes of
+    /// `mpirun` (one JSON line from rank 0: seconds, algorithm and bus GB/s).
+    #[command(after_help = "Example (a ResNet-50's gradient, 25.6 M floats):\n  \
+                            mpirun -np 2 sae allreduce-bench --elements 25557032")]
+    AllreduceBench {
+        /// f32 elements per all-reduce.
+        #[arg(long, default_value_t = 25_557_032)]
+        elements: usize,
+        /// Timed all-reduces (the median is reported).
+        #[arg(long, default_value_t = 10)]
+        repeats: usize,
+    },
     /// Dataset checks.
     Data {
         #[command(subcommand)]
@@ -204,6 +216,14 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Data { command: DataCommand::Check { dir } } => data_check(&dir),
         Command::Train(args) => train::train(&args),
+        Command::AllreduceBench { elements, repeats } => {
+            let collective = sae_train::dist::from_environment()?;
+            let timing = sae_train::dist::time_all_reduce(&*collective, elements, repeats)?;
+            if collective.rank() == 0 {
+                println!("{}", serde_json::to_string(&timing)?);
+            }
+            Ok(())
+        }
         Command::Eval(args) => train::eval(&args),
     }
 }

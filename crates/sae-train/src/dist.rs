@@ -183,6 +183,44 @@ fn buckets(sizes: &[usize], bucket_bytes: usize) -> Vec<Range<usize>> {
     ranges
 }
 
+/// What [`time_all_reduce`] measured.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct AllReduceTiming {
+    /// Processes.
+    pub world_size: usize,
+    /// f32 elements per all-reduce.
+    pub elements: usize,
+    /// Median seconds of one all-reduce.
+    pub seconds: f64,
+    /// Algorithm bandwidth: the buffer's bytes over the time, GB/s.
+    pub algorithm_gb_per_s: f64,
+    /// Bus bandwidth, `2(W − 1)/W` × the algorithm bandwidth: what a ring all-reduce moves
+    /// through each link, comparable across world sizes (as NCCL's tests report it).
+    pub bus_gb_per_s: f64,
+}
+
+/// Times `repeats` all-reduces of `elements` f32 (after one warm-up) and reports the median;
+/// every rank calls it and gets the same numbers (rank 0's).
+pub fn time_all_reduce(collective: &dyn Collective, elements: usize, repeats: usize) -> Result<AllReduceTiming> {
+    let mut values: Vec<f32> = (0..elements).map(|i| (i % 7) as f32).collect();
+    collective.all_reduce_sum(&mut values)?;
+    let mut times = Vec::with_capacity(repeats.max(1));
+    for _ in 0..repeats.max(1) {
+        collective.barrier()?;
+        let start = std::time::Instant::now();
+        collective.all_reduce_sum(&mut values)?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let mut median = [times[times.len() / 2] as f32];
+    collective.broadcast(&mut median, 0)?;
+    let seconds = median[0] as f64;
+    let world = collective.world_size();
+    let algorithm_gb_per_s = (elements * 4) as f64 / seconds / 1e9;
+    let bus_gb_per_s = algorithm_gb_per_s * 2.0 * (world as f64 - 1.0) / world as f64;
+    Ok(AllReduceTiming { world_size: world, elements, seconds, algorithm_gb_per_s, bus_gb_per_s })
+}
+
 /// Sets every tensor of `vars` to rank `root`'s.
 pub fn broadcast_vars(collective: &dyn Collective, vars: &[(String, Var)], root: usize) -> Result<()> {
     if collective.world_size() == 1 {
