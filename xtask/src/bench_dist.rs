@@ -66,9 +66,29 @@ pub fn run(cifar: Option<PathBuf>, images: usize, batch: usize) -> Result<()> {
     let (n, eval) = (images.to_string(), "500".to_string());
     let train_args = |out: &Path, batch: usize| -> Vec<String> {
         let args = [
-            "train", "--model", "senetv2_resnet18", "--stem", "cifar", "--data", cifar.to_str().unwrap_or_default(),
-            "--input-size", "32", "--train-images", &n, "--eval-images", &eval, "--epochs", "1", "--optimizer", "sgd",
-            "--lr", "0.05", "--batch-size", &batch.to_string(), "--out", out.to_str().unwrap_or_default(),
+            "train",
+            "--model",
+            "senetv2_resnet18",
+            "--stem",
+            "cifar",
+            "--data",
+            cifar.to_str().unwrap_or_default(),
+            "--input-size",
+            "32",
+            "--train-images",
+            &n,
+            "--eval-images",
+            &eval,
+            "--epochs",
+            "1",
+            "--optimizer",
+            "sgd",
+            "--lr",
+            "0.05",
+            "--batch-size",
+            &batch.to_string(),
+            "--out",
+            out.to_str().unwrap_or_default(),
         ];
         args.iter().map(|a| a.to_string()).collect()
     };
@@ -98,7 +118,12 @@ pub fn run(cifar: Option<PathBuf>, images: usize, batch: usize) -> Result<()> {
     writeln!(md, "## Gradient all-reduce (`mpirun -np 2 sae allreduce-bench`)\n")?;
     writeln!(md, "| buffer | median time | bus bandwidth |")?;
     writeln!(md, "|---|---:|---:|")?;
-    writeln!(md, "| ResNet-50 gradient, {RESNET50_PARAMS} f32 ({:.0} MB) | {:.1} ms | {bus:.2} GB/s |", RESNET50_PARAMS as f64 * 4e-6, big_s * 1e3)?;
+    writeln!(
+        md,
+        "| ResNet-50 gradient, {RESNET50_PARAMS} f32 ({:.0} MB) | {:.1} ms | {bus:.2} GB/s |",
+        RESNET50_PARAMS as f64 * 4e-6,
+        big_s * 1e3
+    )?;
     writeln!(md, "| 1 f32 (latency α) | {:.1} µs | — |\n", latency * 1e6)?;
     writeln!(md, "## Training, senetv2_resnet18 (CIFAR stem), real CIFAR-10 32×32, {images} images, SGD\n")?;
     writeln!(md, "| processes × threads | batch | images/s | vs 1 × 2 |")?;
@@ -109,7 +134,8 @@ pub fn run(cifar: Option<PathBuf>, images: usize, batch: usize) -> Result<()> {
     }
     // Ring all-reduce: 2(W − 1) steps of S/W bytes each, every step paying the latency α.
     let bytes = RESNET50_PARAMS as f64 * 4.0;
-    let ring = |w: f64, gb_per_s: f64, alpha: f64| 2.0 * (w - 1.0) / w * bytes / (gb_per_s * 1e9) + 2.0 * (w - 1.0) * alpha;
+    let ring =
+        |w: f64, gb_per_s: f64, alpha: f64| 2.0 * (w - 1.0) / w * bytes / (gb_per_s * 1e9) + 2.0 * (w - 1.0) * alpha;
     writeln!(md, "\n## Expected all-reduce time of a ResNet-50 gradient at more ranks\n")?;
     writeln!(
         md,

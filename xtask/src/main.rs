@@ -192,18 +192,34 @@ fn params(json: bool) -> Result<()> {
     Ok(())
 }
 
+/// Whether OpenMPI's `mpirun` is installed.
+pub fn has_mpirun() -> bool {
+    Command::new("mpirun").arg("--version").output().is_ok_and(|o| o.status.success())
+}
+
 /// The `mpi` feature's clippy and its multi-process tests (`mpirun -np 2`), when OpenMPI is
 /// installed; without it they are skipped, unless `SAE_REQUIRE_MPI=1` (CI sets it).
 fn mpi_check() -> Result<()> {
-    let has_mpirun = Command::new("mpirun").arg("--version").output().is_ok_and(|o| o.status.success());
-    if !has_mpirun {
+    if !has_mpirun() {
         if std::env::var("SAE_REQUIRE_MPI").is_ok_and(|v| v == "1") {
             bail!("SAE_REQUIRE_MPI=1 but there is no mpirun (install OpenMPI: openmpi-bin libopenmpi-dev libclang-dev)")
         }
         eprintln!("mpi: skipped, no mpirun found (install OpenMPI to run the multi-process tests)");
         return Ok(());
     }
-    cargo(&["clippy", "-p", "sae-train", "-p", "sae-cli", "--all-targets", "--features", "mpi", "--", "-D", "warnings"])?;
+    cargo(&[
+        "clippy",
+        "-p",
+        "sae-train",
+        "-p",
+        "sae-cli",
+        "--all-targets",
+        "--features",
+        "mpi",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
     cargo(&["test", "-p", "sae-cli", "--features", "mpi", "--test", "mpi"])
 }
 

@@ -87,6 +87,12 @@ pub fn check(root: &Path) -> Result<()> {
 fn check_cuda_feature(root: &Path, nvcc: &Path) -> Result<()> {
     let bin = nvcc.parent().filter(|p| !p.as_os_str().is_empty());
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    // With OpenMPI present, the NCCL backend of data-parallel training (which needs MPI to
+    // start) is type-checked too.
+    let features = match crate::has_mpirun() {
+        true => "sae-kernels/cuda,sae-models/cuda,sae-train/nccl,sae-cli/nccl",
+        false => "sae-kernels/cuda,sae-models/cuda,sae-train/cuda,sae-cli/cuda",
+    };
     cmd.current_dir(root).args([
         "clippy",
         "-p",
@@ -95,8 +101,10 @@ fn check_cuda_feature(root: &Path, nvcc: &Path) -> Result<()> {
         "sae-models",
         "-p",
         "sae-train",
+        "-p",
+        "sae-cli",
         "--features",
-        "cuda",
+        features,
         "--tests",
         "--target-dir",
         "target/cuda-check",
@@ -118,7 +126,7 @@ fn check_cuda_feature(root: &Path, nvcc: &Path) -> Result<()> {
     if std::env::var_os("CUDA_COMPUTE_CAP").is_none() {
         cmd.env("CUDA_COMPUTE_CAP", "90");
     }
-    eprintln!("ptx: cargo clippy --features cuda (builds Candle's CUDA kernels; slow the first time)");
+    eprintln!("ptx: cargo clippy --features {features} (builds Candle's CUDA kernels; slow the first time)");
     let status = cmd.status().context("running cargo clippy --features cuda")?;
     if !status.success() {
         bail!("cargo clippy --features cuda failed")

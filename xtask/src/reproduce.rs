@@ -6,7 +6,6 @@
 //! unfinished one resumed, so rerunning the command only rebuilds the report.
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use sae_data::{CifarKind, HubSource, LabelSet};
 use sae_models::{config, PaperPreset};
 use sae_train::plot::Series;
@@ -174,14 +173,6 @@ fn preset(table: Table, name: PresetName) -> Preset {
     }
 }
 
-fn device(name: DeviceName) -> Result<Device> {
-    Ok(match name {
-        DeviceName::Cpu => Device::Cpu,
-        DeviceName::Cuda => Device::new_cuda(0).context("--device cuda needs a build with --features cuda")?,
-        DeviceName::Metal => Device::new_metal(0).context("--device metal needs a build with --features metal")?,
-    })
-}
-
 /// What a table trains on: the dataset kind and the paper's model preset for it (resolved
 /// once per command: for a folder it counts the class folders).
 #[derive(Debug, Clone, Copy)]
@@ -232,8 +223,15 @@ fn run_config(table: Table, data: TableData, opts: &Options, model: &str, seed: 
 type ModelRuns = (String, Vec<Vec<EpochSummary>>);
 
 /// Trains (or reuses) every run of `table` and writes the report; returns each model's runs.
+///
+/// Under `mpirun` (built with `--features mpi`) every run is trained by all the processes,
+/// and rank 0 alone writes the runs and the report; the runs directory must be one that all
+/// of them see (a shared filesystem across machines).
 pub fn reproduce(table: Table, opts: &Options) -> Result<Vec<ModelRuns>> {
-    let dev = device(opts.device)?;
+    let host = sae_train::dist::from_environment()?;
+    let dev = sae_train::device(&value_name(opts.device), sae_train::dist::local_rank())?;
+    let collective = sae_train::dist::for_device(host, &dev)?;
+    let is_root = collective.rank() == 0;
     let data = TableData::new(table, opts)?;
     let runs_dir = opts.runs.join(value_name(opts.preset));
     let mut results = Vec::new();
@@ -244,17 +242,21 @@ pub fn reproduce(table: Table, opts: &Options) -> Result<Vec<ModelRuns>> {
             let dir = runs_dir.join(format!("{}-seed{seed}", row.model));
             let done = read_summary(&dir).map(|s| s.len() >= cfg.epochs).unwrap_or(false);
             if !done {
-                eprintln!("training {} (seed {seed}) in {}", row.model, dir.display());
+                if is_root {
+                    eprintln!("training {} (seed {seed}) in {}", row.model, dir.display());
+                }
                 let resume = dir.join("config.json").exists();
                 let mut progress = sae_train::default_progress();
-                sae_train::train(&cfg, &dir, &dev, resume, progress.as_mut())
+                sae_train::train_with(&cfg, &dir, &dev, resume, progress.as_mut(), collective.clone())
                     .with_context(|| format!("training {} seed {seed} in {}", row.model, dir.display()))?;
             }
             runs.push(read_summary(&dir)?);
         }
         results.push((row.model.to_string(), runs));
     }
-    write_report(table, data, opts, &results)?;
+    if is_root {
+        write_report(table, data, opts, &results)?;
+    }
     Ok(results)
 }
 

@@ -217,21 +217,7 @@ pub struct EvalArgs {
 
 /// The device `--device` names, or an error saying what is missing and how to get it.
 pub fn device(name: &str) -> Result<Device> {
-    match name {
-        "cuda" if !cfg!(feature = "cuda") => bail!(
-            "--device cuda: this sae was built without CUDA; rebuild it with \
-             `cargo install --path crates/sae-cli --features cuda` (needs the CUDA toolkit's nvcc)"
-        ),
-        "metal" if !cfg!(feature = "metal") => bail!(
-            "--device metal: this sae was built without Metal; rebuild it on macOS with \
-             `cargo install --path crates/sae-cli --features metal`"
-        ),
-        "cuda" => Device::new_cuda(0).map_err(|e| {
-            anyhow::anyhow!("--device cuda: no usable GPU (no NVIDIA driver, no libcuda, or no device): {e}")
-        }),
-        "metal" => Device::new_metal(0).map_err(|e| anyhow::anyhow!("--device metal: no usable Metal device: {e}")),
-        _ => Ok(Device::Cpu),
-    }
+    Ok(sae_train::device(name, 0)?)
 }
 
 /// The data directory, downloading CIFAR from the Hub for `hub:…`.
@@ -417,7 +403,13 @@ pub fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
         Some("cosine") => {
             Schedule::Cosine { warmup_epochs: a.warmup_epochs, total_epochs: cfg.epochs as f64, min_lr: a.min_lr }
         }
-        _ => cfg.schedule,
+        // A cosine schedule from a config file follows a new --epochs to its end.
+        _ => match cfg.schedule {
+            Schedule::Cosine { warmup_epochs, min_lr, .. } if a.epochs.is_some() => {
+                Schedule::Cosine { warmup_epochs, total_epochs: cfg.epochs as f64, min_lr }
+            }
+            schedule => schedule,
+        },
     };
     set(&mut cfg.batch_size, a.batch_size);
     set(&mut cfg.seed, a.seed);
@@ -442,20 +434,22 @@ pub fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
 
 /// `sae train`: one process, or one rank of several under `mpirun`.
 pub fn train(a: &TrainArgs) -> Result<()> {
-    let collective = sae_train::dist::from_environment()?;
-    let (rank, world) = (collective.rank(), collective.world_size());
-    let result = train_rank(a, collective.clone());
+    let host = sae_train::dist::from_environment()?;
+    let (rank, world) = (host.rank(), host.world_size());
+    let result = train_rank(a, host.clone());
     if let (Err(e), true) = (&result, world > 1) {
         // The other ranks may be waiting for this one: end them all, saying why.
         eprintln!("error: rank {rank} of {world}: {e:#}");
-        collective.abort(1);
+        host.abort(1);
     }
     result
 }
 
-fn train_rank(a: &TrainArgs, collective: std::sync::Arc<dyn sae_train::Collective>) -> Result<()> {
-    let is_root = collective.rank() == 0;
-    let dev = device(&a.device)?;
+fn train_rank(a: &TrainArgs, host: std::sync::Arc<dyn sae_train::Collective>) -> Result<()> {
+    let is_root = host.rank() == 0;
+    // One GPU per process of a machine.
+    let dev = sae_train::device(&a.device, sae_train::dist::local_rank())?;
+    let collective = sae_train::dist::for_device(host, &dev)?;
     let cfg = if a.resume {
         let mut cfg = TrainConfig::read(&a.out).with_context(|| format!("resuming the run in {}", a.out.display()))?;
         if let Some(e) = a.epochs {
@@ -469,7 +463,11 @@ fn train_rank(a: &TrainArgs, collective: std::sync::Arc<dyn sae_train::Collectiv
     if is_root {
         let processes = match world {
             1 => String::new(),
-            n => format!(" × {n} processes ({}{})", collective.backend(), if cfg.steps.sync_bn { ", sync BN" } else { "" }),
+            n => format!(
+                " × {n} processes ({}{})",
+                collective.backend(),
+                if cfg.steps.sync_bn { ", sync BN" } else { "" }
+            ),
         };
         eprintln!(
             "training {} on {} ({} epochs, batch {}{processes}) in {}",

@@ -286,7 +286,7 @@ fn train_eval_resume_and_fine_tune() {
         "--init",
         s(&weights),
         "--epochs",
-        "1",
+        "2",
         "--batch-size",
         "4",
         "--out",
@@ -296,12 +296,17 @@ fn train_eval_resume_and_fine_tune() {
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(tuned.join("config.json")).unwrap()).unwrap();
     assert_eq!((cfg["model"]["num_classes"].as_u64(), cfg["data"]["dataset"].as_str()), (Some(3), Some("folder")));
+    // The cosine schedule of the config file is stretched to the new --epochs.
+    assert_eq!(
+        (cfg["schedule"]["kind"].as_str(), cfg["schedule"]["total_epochs"].as_f64()),
+        (Some("cosine"), Some(2.0))
+    );
     let out = sae(&[
         "predict",
         "--config",
         s(&tuned.join("config.json")),
         "--weights",
-        s(&tuned.join("checkpoints/epoch-0001/model.safetensors")),
+        s(&tuned.join("checkpoints/epoch-0002/model.safetensors")),
         "--size",
         "16",
         "--top",
@@ -342,7 +347,7 @@ fn train_refuses_inconsistent_settings() {
     assert!(!out.status.success() && stderr(&out).contains("ema_decay must be in [0, 1)"), "{}", stderr(&out));
     // A CPU-only build names what is missing for a GPU.
     let out = sae(&["train", "--model", "resnet14b", "--data", s(&data), "--device", "cuda", "--out", &run]);
-    assert!(!out.status.success() && stderr(&out).contains("built without CUDA"), "{}", stderr(&out));
+    assert!(!out.status.success() && stderr(&out).contains("no CUDA support"), "{}", stderr(&out));
     let out = sae(&["train", "--out", &run, "--resume"]);
     assert!(!out.status.success() && stderr(&out).contains("config.json"), "{}", stderr(&out));
 }

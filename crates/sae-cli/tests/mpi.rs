@@ -109,8 +109,25 @@ fn two_ranks_with_sync_bn_reach_the_weights_of_one_process_with_twice_the_batch(
     // 32 images: 4 steps of 2 × 4 or 1 × 8.
     let train = |out: &Path, batch: &str, lr: &str| -> Vec<String> {
         let args = [
-            "train", "--model", "resnet14b", "--data", s(&data), "--input-size", "32", "--train-images", "32",
-            "--epochs", "1", "--optimizer", "sgd", "--lr", lr, "--batch-size", batch, "--out", s(out),
+            "train",
+            "--model",
+            "resnet14b",
+            "--data",
+            s(&data),
+            "--input-size",
+            "32",
+            "--train-images",
+            "32",
+            "--epochs",
+            "1",
+            "--optimizer",
+            "sgd",
+            "--lr",
+            lr,
+            "--batch-size",
+            batch,
+            "--out",
+            s(out),
         ];
         args.iter().map(|a| a.to_string()).collect()
     };
@@ -205,8 +222,21 @@ fn wait_at_most(mut child: Child, limit: Duration) -> (std::process::ExitStatus,
 /// Starts a long 2-rank run and waits for its first checkpoint.
 fn start_long_run(data: &Path, out: &Path, env: &[(&str, &str)]) -> Child {
     let args = [
-        "train", "--model", "resnet14b", "--data", s(data), "--input-size", "16", "--epochs", "200", "--batch-size", "4",
-        "--checkpoint-every", "3", "--out", s(out),
+        "train",
+        "--model",
+        "resnet14b",
+        "--data",
+        s(data),
+        "--input-size",
+        "16",
+        "--epochs",
+        "200",
+        "--batch-size",
+        "4",
+        "--checkpoint-every",
+        "3",
+        "--out",
+        s(out),
     ];
     let child = mpirun(&args, env).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let start = Instant::now();

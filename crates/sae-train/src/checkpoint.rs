@@ -42,7 +42,15 @@ fn one() -> usize {
 
 impl Default for CheckpointState {
     fn default() -> Self {
-        Self { epoch: 0, step: 0, best_top1: 0.0, best_epoch: 0, batch: 0, partial: PartialEpoch::default(), world_size: 1 }
+        Self {
+            epoch: 0,
+            step: 0,
+            best_top1: 0.0,
+            best_epoch: 0,
+            batch: 0,
+            partial: PartialEpoch::default(),
+            world_size: 1,
+        }
     }
 }
 

@@ -41,16 +41,21 @@ pub trait Collective: Send + Sync {
     /// The elementwise sum of `t` (f32 or bf16, any device) over the ranks. Through host
     /// memory by default; NCCL sums on the device.
     fn all_reduce_sum_tensor(&self, t: &Tensor) -> Result<Tensor> {
-        if self.world_size() == 1 {
-            return Ok(t.clone());
-        }
-        let mut values = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-        self.all_reduce_sum(&mut values)?;
-        Ok(Tensor::from_vec(values, t.shape(), t.device())?.to_dtype(t.dtype())?)
+        all_reduce_through_host(self, t)
     }
     /// Ends every rank of the run after a fatal error on this one (with MPI, `MPI_Abort`, so
     /// that no rank waits for this one), exiting with `code`.
     fn abort(&self, code: i32) -> !;
+}
+
+/// [`Collective::all_reduce_sum_tensor`] through host memory in f32 (MPI has no bf16 sum).
+fn all_reduce_through_host<C: Collective + ?Sized>(c: &C, t: &Tensor) -> Result<Tensor> {
+    if c.world_size() == 1 {
+        return Ok(t.clone());
+    }
+    let mut values = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    c.all_reduce_sum(&mut values)?;
+    Ok(Tensor::from_vec(values, t.shape(), t.device())?.to_dtype(t.dtype())?)
 }
 
 /// One process: rank 0 of 1, every operation a no-op.
@@ -119,6 +124,28 @@ pub fn from_environment() -> Result<Arc<dyn Collective>> {
         ))),
         _ => Ok(Arc::new(SingleProcess)),
     }
+}
+
+/// The collective for training on `device`: with the `nccl` feature, several ranks and a CUDA
+/// device, NCCL (bootstrapped over `host`, which keeps the small host-side exchanges);
+/// otherwise `host` itself.
+pub fn for_device(host: Arc<dyn Collective>, device: &candle_core::Device) -> Result<Arc<dyn Collective>> {
+    #[cfg(feature = "nccl")]
+    if host.world_size() > 1 && device.is_cuda() {
+        return Ok(Arc::new(nccl_backend::Nccl::init(host, device)?));
+    }
+    let _ = device;
+    Ok(host)
+}
+
+/// The rank of this process among those on its machine, as MPI launchers announce it (the GPU
+/// a rank uses); 0 without a launcher.
+pub fn local_rank() -> usize {
+    ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
 }
 
 /// The world size an MPI launcher (OpenMPI, MPICH, Slurm's PMI) announces in the
@@ -301,7 +328,12 @@ mod mpi_backend {
         }
 
         /// Polls `request` until it completes; past the timeout, ends the run.
-        fn wait<'a, D: ?Sized, S: Scope<'a>>(&self, world: &SimpleCommunicator, mut request: Request<'a, D, S>, what: &str) {
+        fn wait<'a, D: ?Sized, S: Scope<'a>>(
+            &self,
+            world: &SimpleCommunicator,
+            mut request: Request<'a, D, S>,
+            what: &str,
+        ) {
             let start = Instant::now();
             loop {
                 match request.test() {
@@ -408,5 +440,116 @@ mod tests {
         assert_eq!(var.to_vec1::<f32>().unwrap(), [1.0, 2.0, 3.0]);
         let t = Tensor::new(&[1.5f32], &Device::Cpu).unwrap();
         assert_eq!(SingleProcess.all_reduce_sum_tensor(&t).unwrap().to_vec1::<f32>().unwrap(), [1.5]);
+    }
+}
+
+#[cfg(feature = "nccl")]
+mod nccl_backend {
+    //! NCCL through cudarc (Candle's `nccl` feature): gradients are summed on the GPU, in f32
+    //! or bf16, on Candle's stream. The NCCL id travels from rank 0 over the host collective
+    //! (MPI), which also carries the small host-side exchanges (statistics, state, barriers).
+
+    use super::Collective;
+    use crate::{Error, Result};
+    use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
+    use candle_core::cuda_backend::{CudaDType, CudaStorage};
+    use candle_core::op::BackpropOp;
+    use candle_core::{DType, Device, Storage, Tensor};
+    use std::sync::{Arc, Mutex};
+
+    /// An NCCL communicator over one GPU per rank.
+    pub struct Nccl {
+        comm: Mutex<Comm>,
+        device: candle_core::CudaDevice,
+        host: Arc<dyn Collective>,
+    }
+
+    // SAFETY: the communicator is used only under the mutex, one call at a time, on the
+    // stream it was created with.
+    unsafe impl Send for Nccl {}
+    // SAFETY: as above.
+    unsafe impl Sync for Nccl {}
+
+    fn nccl_error(e: impl std::fmt::Debug) -> Error {
+        Error::Distributed(format!("NCCL: {e:?}"))
+    }
+
+    impl Nccl {
+        /// Creates the communicator of `host`'s ranks on `device` (a CUDA device).
+        pub fn init(host: Arc<dyn Collective>, device: &Device) -> Result<Self> {
+            let Device::Cuda(cuda) = device else {
+                return Err(Error::Distributed("NCCL needs a CUDA device".into()));
+            };
+            let mut id_bytes = match host.rank() {
+                0 => Id::new().map_err(nccl_error)?.internal().iter().map(|c| *c as u8).collect(),
+                _ => Vec::new(),
+            };
+            host.broadcast_bytes(&mut id_bytes, 0)?;
+            let mut internal = [0 as std::ffi::c_char; 128];
+            if id_bytes.len() != internal.len() {
+                return Err(Error::Distributed(format!("NCCL id of {} bytes from rank 0", id_bytes.len())));
+            }
+            for (dst, src) in internal.iter_mut().zip(&id_bytes) {
+                *dst = *src as std::ffi::c_char;
+            }
+            let comm = Comm::from_rank(cuda.cuda_stream(), host.rank(), host.world_size(), Id::uninit(internal))
+                .map_err(nccl_error)?;
+            Ok(Self { comm: Mutex::new(comm), device: cuda.clone(), host })
+        }
+
+        fn sum<T: CudaDType + candle_core::cuda_backend::cudarc::nccl::safe::NcclType>(
+            &self,
+            storage: &CudaStorage,
+            start: usize,
+            len: usize,
+        ) -> Result<CudaStorage> {
+            let src = storage.as_cuda_slice::<T>()?.slice(start..start + len);
+            let mut dst = self.device.alloc_zeros::<T>(len)?;
+            let comm = self.comm.lock().unwrap_or_else(|e| e.into_inner());
+            comm.all_reduce(&src, &mut dst, &ReduceOp::Sum).map_err(nccl_error)?;
+            Ok(CudaStorage::wrap_cuda_slice(dst, self.device.clone()))
+        }
+    }
+
+    impl Collective for Nccl {
+        fn rank(&self) -> usize {
+            self.host.rank()
+        }
+        fn world_size(&self) -> usize {
+            self.host.world_size()
+        }
+        fn backend(&self) -> &'static str {
+            "nccl"
+        }
+        fn all_reduce_sum(&self, values: &mut [f32]) -> Result<()> {
+            self.host.all_reduce_sum(values)
+        }
+        fn broadcast(&self, values: &mut [f32], root: usize) -> Result<()> {
+            self.host.broadcast(values, root)
+        }
+        fn broadcast_bytes(&self, bytes: &mut Vec<u8>, root: usize) -> Result<()> {
+            self.host.broadcast_bytes(bytes, root)
+        }
+        fn barrier(&self) -> Result<()> {
+            self.host.barrier()
+        }
+        fn all_reduce_sum_tensor(&self, t: &Tensor) -> Result<Tensor> {
+            let t = t.contiguous()?;
+            let summed = {
+                let (storage, layout) = t.storage_and_layout();
+                let (Storage::Cuda(cuda), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
+                    return super::all_reduce_through_host(self, &t);
+                };
+                match t.dtype() {
+                    DType::F32 => self.sum::<f32>(cuda, start, end - start)?,
+                    DType::BF16 => self.sum::<half::bf16>(cuda, start, end - start)?,
+                    _ => return super::all_reduce_through_host(self, &t),
+                }
+            };
+            Ok(Tensor::from_storage(Storage::Cuda(summed), t.shape(), BackpropOp::none(), false))
+        }
+        fn abort(&self, code: i32) -> ! {
+            self.host.abort(code)
+        }
     }
 }

@@ -61,6 +61,9 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// A device that this build or machine cannot provide.
+    #[error("{0}")]
+    Device(String),
     /// Several processes cannot train together as asked (launcher, backend, world size).
     #[error("data-parallel training: {0}")]
     Distributed(String),

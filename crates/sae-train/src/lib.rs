@@ -9,6 +9,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod device;
 pub mod dist;
 pub mod error;
 pub mod metrics;
@@ -20,6 +21,7 @@ pub mod summary;
 pub mod train;
 
 pub use config::{AugmentConfig, DataConfig, DatasetKind, StepConfig, TrainConfig};
+pub use device::device;
 pub use dist::{Collective, SingleProcess};
 pub use error::{Error, Result};
 pub use metrics::Evaluation;

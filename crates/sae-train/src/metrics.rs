@@ -121,7 +121,8 @@ impl EvaluationSum {
         values.extend(self.confusion.iter().flatten().map(|&c| c as f32));
         collective.all_reduce_sum(&mut values)?;
         self.loss_sum = values[0] as f64;
-        self.accuracy = Accuracy { count: values[1] as usize, correct1: values[2] as usize, correct5: values[3] as usize };
+        self.accuracy =
+            Accuracy { count: values[1] as usize, correct1: values[2] as usize, correct5: values[3] as usize };
         for (cell, v) in self.confusion.iter_mut().flatten().zip(&values[4..]) {
             *cell = *v as usize;
         }

@@ -121,8 +121,8 @@ pub fn train_with(
         .with_augmentation(cfg.augment.trivial_augment, cfg.augment.mixing())
         .with_shard(rank, world)?;
     let eval_cfg = LoaderConfig { shuffle: false, drop_last: false, ..loader_cfg };
-    let eval_loader =
-        Loader::new(Arc::new(splits.eval), splits.eval_transform, splits.normalize, eval_cfg)?.with_shard(rank, world)?;
+    let eval_loader = Loader::new(Arc::new(splits.eval), splits.eval_transform, splits.normalize, eval_cfg)?
+        .with_shard(rank, world)?;
     if train_loader.batches_per_epoch() == 0 {
         return Err(Error::Config(format!(
             "fewer training images than one batch of {} × {world} processes",
@@ -165,6 +165,8 @@ pub fn train_with(
             checkpoint::save(dir, &model, ema.as_ref(), optimizer.as_ref(), &mut run.state, Some(eval_top1))?;
         }
     }
+    // The others wait for rank 0's last files, so that what they read next is complete.
+    collective.barrier()?;
     Ok(history)
 }
 
