@@ -186,7 +186,9 @@ pub fn run(seconds: f64, python: Option<PathBuf>) -> Result<()> {
         Some(p) => Some(measure_torch(p, seconds)?),
         None => None,
     };
+    let machine_peak = crate::peak::measure();
     let peak = gemm_gflops()?;
+    let of_peak = |gflops: f64| format!("{gflops:.0} ({:.0} %)", 100.0 * gflops / machine_peak.f32_gflops);
     let mut md = String::new();
     writeln!(md, "# Training speed on CPU\n")?;
     let command = std::iter::once("cargo xtask".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>();
@@ -196,6 +198,18 @@ pub fn run(seconds: f64, python: Option<PathBuf>) -> Result<()> {
         command.join(" "),
         crate::bench::machine(),
         rayon::current_num_threads()
+    )?;
+    let bf16 = match machine_peak.bf16_gflops {
+        Some(g) => format!(", bf16 dot products (`vdpbf16ps`) **{g:.0} GFLOP/s**"),
+        None => ", no bf16 dot-product instructions".into(),
+    };
+    writeln!(
+        md,
+        "CPU flags: {}. Measured peak of this machine on all threads (`xtask/src/peak.rs`, register-only FMA chains): \
+         f32 {} **{:.0} GFLOP/s**{bf16}; every GFLOP/s below also says its % of the f32 peak.\n",
+        crate::peak::cpu_flags().join(", "),
+        machine_peak.f32_isa,
+        machine_peak.f32_gflops
     )?;
     writeln!(
         md,
@@ -217,10 +231,10 @@ pub fn run(seconds: f64, python: Option<PathBuf>) -> Result<()> {
         "convolutions and dense layers, ×3 for a training step (forward, input gradient, weight gradient).\n"
     )?;
     match &torch {
-        Some(t) => writeln!(md, "PyTorch {} eager, `torch.set_num_threads({})`, measured in the same run by `bench/pytorch/bench_train.py` (same networks: the parameter counts below are checked equal). sgemm 2048³: `gemm` crate through our 1×1 convolution **{peak:.0} GFLOP/s**, PyTorch `a @ b` **{:.0} GFLOP/s**.\n", t.version, rayon::current_num_threads(), t.matmul_gflops)?,
-        None => writeln!(md, "PyTorch not measured in this run (pass `--python` with a Python that has torch). sgemm 2048³: `gemm` crate through our 1×1 convolution **{peak:.0} GFLOP/s**.\n")?,
+        Some(t) => writeln!(md, "PyTorch {} eager, `torch.set_num_threads({})`, measured in the same run by `bench/pytorch/bench_train.py` (same networks: the parameter counts below are checked equal). sgemm 2048³ GFLOP/s: `gemm` crate through our 1×1 convolution **{}**, PyTorch `a @ b` **{}**.\n", t.version, rayon::current_num_threads(), of_peak(peak), of_peak(t.matmul_gflops))?,
+        None => writeln!(md, "PyTorch not measured in this run (pass `--python` with a Python that has torch). sgemm 2048³ GFLOP/s: `gemm` crate through our 1×1 convolution **{}**.\n", of_peak(peak))?,
     }
-    writeln!(md, "| model | input | batch | mode | params | ours img/s | Candle img/s | PyTorch img/s | ours / PyTorch | ours GFLOP/s | PyTorch GFLOP/s | ours: fwd / bwd / optimiser ms |")?;
+    writeln!(md, "| model | input | batch | mode | params | ours img/s | Candle img/s | PyTorch img/s | ours / PyTorch | ours GFLOP/s (% of peak) | PyTorch GFLOP/s (% of peak) | ours: fwd / bwd / optimiser ms |")?;
     writeln!(md, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|")?;
     for (i, r) in ROWS.iter().enumerate() {
         let model = sae_models::config(r.model, CLASSES)?;
@@ -245,11 +259,7 @@ pub fn run(seconds: f64, python: Option<PathBuf>) -> Result<()> {
                 if tparams as usize != params {
                     bail!("{}: PyTorch's network has {tparams} parameters, ours {params}", r.model)
                 }
-                (
-                    format!("{tips:.1}"),
-                    format!("**{:.2}×**", ips(&ours) / tips),
-                    format!("{:.0}", tips * flop_per_image / 1e9),
-                )
+                (format!("{tips:.1}"), format!("**{:.2}×**", ips(&ours) / tips), of_peak(tips * flop_per_image / 1e9))
             }
             None => ("—".into(), "—".into(), "—".into()),
         };
@@ -260,10 +270,10 @@ pub fn run(seconds: f64, python: Option<PathBuf>) -> Result<()> {
         };
         let mode = if r.mode == Mode::Train { "train" } else { "inference" };
         let (ours_ips, candle_ips) = (ips(&ours), ips(&candle));
-        let ours_gflops = ours_ips * flop_per_image / 1e9;
+        let ours_gflops = of_peak(ours_ips * flop_per_image / 1e9);
         writeln!(
             md,
-            "| {} | {}×{} | {} | {mode} | {params} | {ours_ips:.1} | {candle_ips:.1} | {torch_ips} | {ratio} | {ours_gflops:.0} | {torch_gflops} | {split} |",
+            "| {} | {}×{} | {} | {mode} | {params} | {ours_ips:.1} | {candle_ips:.1} | {torch_ips} | {ratio} | {ours_gflops} | {torch_gflops} | {split} |",
             r.model, r.size, r.size, r.batch,
         )?;
     }

@@ -1,10 +1,11 @@
 //! The project's task runner (see <https://github.com/matklad/cargo-xtask/>): `cargo xtask ci`,
-//! `params`, `bench-kernels`, `bench-data`, `bench-dist`, `bench-train`, `reproduce-table2|3|4`; `cargo xtask` lists them.
+//! `params`, `peak`, `bench-kernels`, `bench-data`, `bench-dist`, `bench-train`, `reproduce-table2|3|4`; `cargo xtask` lists them.
 
 mod bench;
 mod bench_data;
 mod bench_dist;
 mod bench_train;
+mod peak;
 mod ptx;
 mod reproduce;
 mod tidy;
@@ -38,6 +39,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Prints this CPU's kernel-relevant flags and its measured peak FMA throughput (f32, and
+    /// bf16 dot products where present) on all threads.
+    Peak,
     /// Measures data parallelism on this machine (needs OpenMPI): the all-reduce of a ResNet-50
     /// gradient between two processes, and training images/s of 1 process × 2 threads against
     /// 2 processes × 1 thread on real CIFAR-10; writes `results/distributed.md`.
@@ -244,6 +248,17 @@ fn main() -> Result<()> {
         Cmd::ReproduceTable3(a) => reproduce(reproduce::Table::Three, 3, a),
         Cmd::ReproduceTable4(a) => reproduce(reproduce::Table::Four, 4, a),
         Cmd::BenchData { cifar10, folder } => bench_data::run(cifar10, folder),
+        Cmd::Peak => {
+            let p = peak::measure();
+            println!("CPU: {}", bench::machine());
+            println!("flags: {}", peak::cpu_flags().join(" "));
+            println!("peak f32 ({}): {:.1} GFLOP/s", p.f32_isa, p.f32_gflops);
+            match p.bf16_gflops {
+                Some(g) => println!("peak bf16 dot products: {g:.1} GFLOP/s"),
+                None => println!("peak bf16 dot products: none (no AVX512-BF16)"),
+            }
+            Ok(())
+        }
         Cmd::BenchDist { cifar10, images, batch } => bench_dist::run(cifar10, images, batch),
     }
 }

@@ -1,0 +1,144 @@
+//! This machine's peak multiply-add throughput, measured rather than looked up: every rayon
+//! thread runs independent chains of vector FMA instructions on registers (more chains than
+//! the FMA latency × units, so the units never wait), and the FLOP count over the wall time is
+//! the ceiling no kernel can pass. f32 with the widest FMA the CPU has (AVX-512 or AVX2), and
+//! bf16 dot products (`vdpbf16ps`) where the CPU has AVX512-BF16. Also the CPU flags that
+//! decide which kernels can run.
+
+use rayon::prelude::*;
+use std::time::Instant;
+
+/// Measured peaks, GFLOP/s over all threads.
+pub struct Peak {
+    /// f32 FMA.
+    pub f32_gflops: f64,
+    /// The instruction set that reached it.
+    pub f32_isa: &'static str,
+    /// bf16 dot products accumulating in f32, if the CPU has them.
+    pub bf16_gflops: Option<f64>,
+}
+
+/// The CPU flags (of `/proc/cpuinfo`) that matter for the kernels, in a fixed order.
+pub fn cpu_flags() -> Vec<&'static str> {
+    const FLAGS: [&str; 10] = [
+        "avx2",
+        "fma",
+        "avx512f",
+        "avx512bw",
+        "avx512vl",
+        "avx512_vnni",
+        "avx512_bf16",
+        "avx512_fp16",
+        "amx_tile",
+        "amx_bf16",
+    ];
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let present: Vec<&str> =
+        info.lines().find(|l| l.starts_with("flags")).map(|l| l.split_whitespace().collect()).unwrap_or_default();
+    FLAGS.into_iter().filter(|f| present.contains(f)).collect()
+}
+
+/// Runs `kernel(iterations)` (returning FLOPs done) on every thread at once, best of three.
+fn gflops(kernel: fn(usize) -> f64) -> f64 {
+    let iterations = 20_000_000;
+    (0..3)
+        .map(|_| {
+            let start = Instant::now();
+            let flops: f64 = (0..rayon::current_num_threads()).into_par_iter().map(|_| kernel(iterations)).sum();
+            flops / start.elapsed().as_secs_f64() / 1e9
+        })
+        .fold(0.0, f64::max)
+}
+
+/// Measures the peaks of this CPU.
+pub fn measure() -> Peak {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (f32_gflops, f32_isa) = if std::arch::is_x86_feature_detected!("avx512f") {
+            (gflops(x86::fma_avx512), "AVX-512 FMA")
+        } else if std::arch::is_x86_feature_detected!("fma") {
+            (gflops(x86::fma_avx2), "AVX2 FMA")
+        } else {
+            (gflops(scalar_fma), "scalar")
+        };
+        let bf16 = std::arch::is_x86_feature_detected!("avx512bf16").then(|| gflops(x86::dot_bf16));
+        Peak { f32_gflops, f32_isa, bf16_gflops: bf16 }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    Peak { f32_gflops: gflops(scalar_fma), f32_isa: "scalar", bf16_gflops: None }
+}
+
+/// Eight independent scalar chains (what the compiler vectorises or not).
+fn scalar_fma(iterations: usize) -> f64 {
+    let mut acc = [0f32; 8];
+    for _ in 0..iterations {
+        for a in acc.iter_mut() {
+            *a = a.mul_add(0.999_999, 1e-7);
+        }
+    }
+    std::hint::black_box(acc);
+    iterations as f64 * 8.0 * 2.0
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Chains per kernel: FMA latency (4–5 cycles) × two FMA units, rounded up.
+    const CHAINS: usize = 12;
+
+    pub fn fma_avx2(iterations: usize) -> f64 {
+        // SAFETY: called only where the CPU has AVX2 and FMA (checked by `measure`).
+        unsafe { fma_avx2_inner(iterations) }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn fma_avx2_inner(iterations: usize) -> f64 {
+        let (a, b) = (_mm256_set1_ps(0.999_999), _mm256_set1_ps(1e-7));
+        let mut acc = [_mm256_setzero_ps(); CHAINS];
+        for _ in 0..iterations {
+            for r in acc.iter_mut() {
+                *r = _mm256_fmadd_ps(*r, a, b);
+            }
+        }
+        std::hint::black_box(acc);
+        iterations as f64 * (CHAINS * 8 * 2) as f64
+    }
+
+    pub fn fma_avx512(iterations: usize) -> f64 {
+        // SAFETY: called only where the CPU has AVX-512F (checked by `measure`).
+        unsafe { fma_avx512_inner(iterations) }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn fma_avx512_inner(iterations: usize) -> f64 {
+        let (a, b) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
+        let mut acc = [_mm512_setzero_ps(); CHAINS];
+        for _ in 0..iterations {
+            for r in acc.iter_mut() {
+                *r = _mm512_fmadd_ps(*r, a, b);
+            }
+        }
+        std::hint::black_box(acc);
+        iterations as f64 * (CHAINS * 16 * 2) as f64
+    }
+
+    pub fn dot_bf16(iterations: usize) -> f64 {
+        // SAFETY: called only where the CPU has AVX512-BF16 (checked by `measure`).
+        unsafe { dot_bf16_inner(iterations) }
+    }
+
+    /// `vdpbf16ps`: per f32 lane, two bf16 products added to the accumulator (4 FLOP).
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn dot_bf16_inner(iterations: usize) -> f64 {
+        let ones = _mm512_cvtne2ps_pbh(_mm512_set1_ps(1e-3), _mm512_set1_ps(1e-3));
+        let mut acc = [_mm512_setzero_ps(); CHAINS];
+        for _ in 0..iterations {
+            for r in acc.iter_mut() {
+                *r = _mm512_dpbf16_ps(*r, ones, ones);
+            }
+        }
+        std::hint::black_box(acc);
+        iterations as f64 * (CHAINS * 16 * 4) as f64
+    }
+}
