@@ -118,7 +118,7 @@ fn measure_ours(r: Row, kernels: Implementation, seconds: f64) -> Result<Timing>
 
 /// sgemm GFLOP/s of the `gemm` crate as our convolution drives it: a 1×1 convolution with 2,048
 /// input and output channels over 2,048 pixels is a 2048 × 2048 × 2048 multiply (plus a copy).
-fn gemm_gflops() -> Result<f64> {
+pub fn gemm_gflops() -> Result<f64> {
     let device = Device::Cpu;
     let x = Tensor::randn(0f32, 1.0, (1, 2048, 32, 64), &device)?;
     let w = Tensor::randn(0f32, 1.0, (2048, 2048, 1, 1), &device)?;

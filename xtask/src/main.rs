@@ -39,8 +39,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Prints this CPU's kernel-relevant flags and its measured peak FMA throughput (f32, and
-    /// bf16 dot products where present) on all threads.
+    /// Prints this CPU's kernel-relevant flags, its measured peak FMA throughput (f32, and bf16
+    /// dot products where present) on all threads, and the sgemm rate our convolutions reach.
     Peak,
     /// Measures data parallelism on this machine (needs OpenMPI): the all-reduce of a ResNet-50
     /// gradient between two processes, and training images/s of 1 process × 2 threads against
@@ -257,6 +257,8 @@ fn main() -> Result<()> {
                 Some(g) => println!("peak bf16 dot products: {g:.1} GFLOP/s"),
                 None => println!("peak bf16 dot products: none (no AVX512-BF16)"),
             }
+            let sgemm = bench_train::gemm_gflops()?;
+            println!("sgemm 2048³ through our 1×1 convolution: {sgemm:.1} GFLOP/s ({:.0} % of peak)", 100.0 * sgemm / p.f32_gflops);
             Ok(())
         }
         Cmd::BenchDist { cifar10, images, batch } => bench_dist::run(cifar10, images, batch),

@@ -451,7 +451,8 @@ mod nccl_backend {
 
     use super::Collective;
     use crate::{Error, Result};
-    use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, ValidAsZeroBits};
+    use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, NcclType, ReduceOp};
     use candle_core::cuda_backend::{CudaDType, CudaStorage};
     use candle_core::op::BackpropOp;
     use candle_core::{DType, Device, Storage, Tensor};
@@ -497,7 +498,7 @@ mod nccl_backend {
             Ok(Self { comm: Mutex::new(comm), device: cuda.clone(), host })
         }
 
-        fn sum<T: CudaDType + candle_core::cuda_backend::cudarc::nccl::safe::NcclType>(
+        fn sum<T: CudaDType + NcclType + DeviceRepr + ValidAsZeroBits>(
             &self,
             storage: &CudaStorage,
             start: usize,
