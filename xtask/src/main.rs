@@ -258,7 +258,10 @@ fn main() -> Result<()> {
                 None => println!("peak bf16 dot products: none (no AVX512-BF16)"),
             }
             let sgemm = bench_train::gemm_gflops()?;
-            println!("sgemm 2048³ through our 1×1 convolution: {sgemm:.1} GFLOP/s ({:.0} % of peak)", 100.0 * sgemm / p.f32_gflops);
+            println!(
+                "sgemm 2048³ through our 1×1 convolution: {sgemm:.1} GFLOP/s ({:.0} % of peak)",
+                100.0 * sgemm / p.f32_gflops
+            );
             Ok(())
         }
         Cmd::BenchDist { cifar10, images, batch } => bench_dist::run(cifar10, images, batch),

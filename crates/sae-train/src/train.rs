@@ -90,20 +90,21 @@ pub fn train_with(
         state: CheckpointState { world_size: world, ..CheckpointState::default() },
         collective: collective.clone(),
     };
-    // Rank 0 opens the run; the others learn how that went, and then take its weights.
-    let opened = if is_root {
-        if !resume {
-            start_fresh()?;
-        }
-        let opened = run.open(resume, optimizer.as_mut());
-        if let (true, Ok(_)) = (resume, &opened) {
-            if run.state.epoch == 0 && run.state.step == 0 {
+    // Rank 0 opens the run; the others learn how that went (an error included, so that they
+    // stop too), and then take its weights.
+    let opened = match is_root {
+        true => (|| {
+            if !resume {
                 start_fresh()?;
             }
-        }
-        opened
-    } else {
-        Ok(Vec::new())
+            let history = run.open(resume, optimizer.as_mut())?;
+            // A resume that found no checkpoint yet starts as a new run does.
+            if resume && run.state.epoch == 0 && run.state.step == 0 {
+                start_fresh()?;
+            }
+            Ok(history)
+        })(),
+        false => Ok(Vec::new()),
     };
     let mut history = share_opening(&mut run, opened, optimizer.as_mut())?;
 
