@@ -224,7 +224,8 @@ fn mpi_check() -> Result<()> {
         "-D",
         "warnings",
     ])?;
-    cargo(&["test", "-p", "sae-cli", "--features", "mpi", "--test", "mpi"])
+    // One test at a time: each runs two ranks, which is all the cores of a CI machine.
+    cargo(&["test", "-p", "sae-cli", "--features", "mpi", "--test", "mpi", "--", "--test-threads", "1"])
 }
 
 fn main() -> Result<()> {
