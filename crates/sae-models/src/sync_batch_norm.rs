@@ -11,7 +11,7 @@
 //!
 //! The statistics take two exchanges per layer, `(Σx, count)` and then `Σ(x − μ)²`, rather
 //! than one of `(Σx, Σx²)`, whose difference loses digits when the mean is large beside the
-//! standard deviation. The normalisation is the reference composition of Candle ops, not the
+//! standard deviation; each rank's sums are accumulated in f64. The normalisation is the reference composition of Candle ops, not the
 //! fused kernel (the kernel computes its statistics itself).
 
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
@@ -65,7 +65,11 @@ pub(crate) fn batch_norm_train_synced(
         bail!("synchronised batch_norm: f32 only, got {:?}", x.dtype())
     }
     let all_reduce = |t: &Tensor| t.apply_op1(AllReduceSum(sum.clone()));
-    let per_channel = |t: &Tensor| t.sum_keepdim(0)?.sum_keepdim(2)?.sum_keepdim(3)?.flatten_all();
+    // Sums in f64, as the fused kernel accumulates them: in f32 a channel's sum over a large
+    // batch loses enough digits that small-batch BatchNorm amplifies them into the gradients.
+    let per_channel = |t: &Tensor| {
+        t.to_dtype(DType::F64)?.sum_keepdim(0)?.sum_keepdim(2)?.sum_keepdim(3)?.flatten_all()?.to_dtype(DType::F32)
+    };
     let local_count = Tensor::new(&[(n * h * w) as f32], x.device())?;
     let first = all_reduce(&Tensor::cat(&[per_channel(x)?, local_count], 0)?)?;
     let count = first.narrow(0, c, 1)?.to_dtype(DType::F32)?.to_vec1::<f32>()?[0] as usize;
