@@ -1,6 +1,9 @@
 //! The `sae` binary end to end on generated files: exit codes, outputs and error messages.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{s, scratch, write_cifar10};
+use std::path::Path;
 use std::process::{Command, Output};
 
 fn sae(args: &[&str]) -> Output {
@@ -13,17 +16,6 @@ fn stdout(o: &Output) -> String {
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sae-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 #[test]
@@ -147,28 +139,6 @@ fn data_check_lists_the_files_that_do_not_decode() {
     std::fs::remove_file(dir.join("train/dog/text.png")).unwrap();
     let out = sae(&["data", "check", s(&dir)]);
     assert!(out.status.success(), "{}", stderr(&out));
-}
-
-/// CIFAR-10 binary batches of coloured noise: the class sets the colour (learnable).
-fn write_cifar10(dir: &Path, per_class: usize) {
-    let record = |label: usize, i: usize| -> Vec<u8> {
-        let base = [label * 25, 255 - label * 25, (label * 70) % 256];
-        let mut r = vec![label as u8];
-        for (c, b) in base.iter().enumerate() {
-            r.extend((0..1024).map(|p| (*b as i32 + ((p * 7 + i * 13 + c) % 31) as i32 - 15).clamp(0, 255) as u8));
-        }
-        r
-    };
-    for (f, name) in
-        ["data_batch_1.bin", "data_batch_2.bin", "data_batch_3.bin", "data_batch_4.bin", "data_batch_5.bin"]
-            .iter()
-            .enumerate()
-    {
-        let bytes: Vec<u8> = (0..per_class * 2).flat_map(|i| record((i + f) % 10, i + 100 * f)).collect();
-        std::fs::write(dir.join(name), bytes).unwrap();
-    }
-    std::fs::write(dir.join("test_batch.bin"), (0..20).flat_map(|i| record(i % 10, i)).collect::<Vec<u8>>()).unwrap();
-    std::fs::write(dir.join("batches.meta.txt"), (0..10).map(|k| format!("colour{k}\n")).collect::<String>()).unwrap();
 }
 
 #[test]

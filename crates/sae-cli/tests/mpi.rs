@@ -5,8 +5,11 @@
 #![cfg(feature = "mpi")]
 
 use candle_core::{Device, Tensor};
+mod common;
+
+use common::{s, scratch, write_cifar10};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -34,36 +37,6 @@ fn run(mut cmd: Command) -> Output {
     let out = cmd.output().expect("running mpirun (is OpenMPI installed?)");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     out
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sae-mpi-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// CIFAR-10 batches, 16 training images per file and 20 test images: the class sets the colour.
-fn write_cifar10(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    let record = |label: usize, i: usize| -> Vec<u8> {
-        let base = [label * 25, 255 - label * 25, (label * 70) % 256];
-        let mut r = vec![label as u8];
-        for b in base {
-            r.extend((0..1024).map(|p| (b as i32 + ((p * 7 + i * 13) % 31) as i32 - 15).clamp(0, 255) as u8));
-        }
-        r
-    };
-    for f in 0..5 {
-        let bytes: Vec<u8> = (0..16).flat_map(|i| record((i + f) % 10, i + 100 * f)).collect();
-        std::fs::write(dir.join(format!("data_batch_{}.bin", f + 1)), bytes).unwrap();
-    }
-    std::fs::write(dir.join("test_batch.bin"), (0..20).flat_map(|i| record(i % 10, i)).collect::<Vec<u8>>()).unwrap();
-    std::fs::write(dir.join("batches.meta.txt"), (0..10).map(|k| format!("c{k}\n")).collect::<String>()).unwrap();
 }
 
 /// An image folder of noise, 40×40 PNGs in 4 classes: 8 training and 5 validation images each.
@@ -115,7 +88,7 @@ fn evals(run: &Path) -> Vec<(f64, f64)> {
 
 #[test]
 fn two_ranks_with_sync_bn_reach_the_weights_of_one_process_with_twice_the_batch() {
-    let dir = scratch("equivalence");
+    let dir = scratch("mpi-equivalence");
     let data = dir.join("noise");
     write_noise_folder(&data);
     // 32 images: 4 steps of 2 × 4 or 1 × 8.
@@ -263,9 +236,9 @@ fn signal(pid: u32, sig: &str) {
 
 #[test]
 fn two_ranks_learn_a_killed_rank_ends_the_run_and_it_resumes() {
-    let dir = scratch("kill");
+    let dir = scratch("mpi-kill");
     let data = dir.join("cifar");
-    write_cifar10(&data);
+    write_cifar10(&data, 8);
     let out = dir.join("run");
     let child = start_long_run(&data, &out, &[]);
     signal(rank_pid(1, &out).expect("rank 1 is running"), "-KILL");
@@ -286,9 +259,9 @@ fn two_ranks_learn_a_killed_rank_ends_the_run_and_it_resumes() {
 
 #[test]
 fn a_hung_rank_ends_the_run_after_the_collective_timeout() {
-    let dir = scratch("hang");
+    let dir = scratch("mpi-hang");
     let data = dir.join("cifar");
-    write_cifar10(&data);
+    write_cifar10(&data, 8);
     let out = dir.join("run");
     // Long enough that a busy machine never trips it before the stop, short for a test.
     let child = start_long_run(&data, &out, &[("SAE_COLLECTIVE_TIMEOUT", "10")]);
