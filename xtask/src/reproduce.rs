@@ -249,11 +249,7 @@ pub fn reproduce(table: Table, opts: &Options) -> Result<Vec<ModelRuns>> {
                 let mut progress = sae_train::default_progress();
                 let trained = sae_train::train_with(&cfg, &dir, &dev, resume, progress.as_mut(), collective.clone())
                     .with_context(|| format!("training {} seed {seed} in {}", row.model, dir.display()));
-                if let (Err(e), true) = (&trained, collective.world_size() > 1) {
-                    // The other ranks may be waiting for this one: end them all, saying why.
-                    eprintln!("error: rank {} of {}: {e:#}", collective.rank(), collective.world_size());
-                    collective.abort(1);
-                }
+                sae_train::dist::abort_all_on_error(&*collective, &trained);
                 trained?;
             }
             runs.push(read_summary(&dir)?);

@@ -435,13 +435,8 @@ pub fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
 /// `sae train`: one process, or one rank of several under `mpirun`.
 pub fn train(a: &TrainArgs) -> Result<()> {
     let host = sae_train::dist::from_environment()?;
-    let (rank, world) = (host.rank(), host.world_size());
     let result = train_rank(a, host.clone());
-    if let (Err(e), true) = (&result, world > 1) {
-        // The other ranks may be waiting for this one: end them all, saying why.
-        eprintln!("error: rank {rank} of {world}: {e:#}");
-        host.abort(1);
-    }
+    sae_train::dist::abort_all_on_error(&*host, &result);
     result
 }
 

@@ -58,6 +58,16 @@ fn all_reduce_through_host<C: Collective + ?Sized>(c: &C, t: &Tensor) -> Result<
     Ok(Tensor::from_vec(values, t.shape(), t.device())?.to_dtype(t.dtype())?)
 }
 
+/// After `result` failed on this rank of a run with several, prints the error with the rank
+/// and ends every rank ([`Collective::abort`], exit status 1): the others may be waiting for
+/// this one in a collective. With one process, or on success, does nothing.
+pub fn abort_all_on_error<T, E: std::fmt::Display>(collective: &dyn Collective, result: &std::result::Result<T, E>) {
+    if let (Err(e), true) = (result, collective.world_size() > 1) {
+        eprintln!("error: rank {} of {}: {e:#}", collective.rank(), collective.world_size());
+        collective.abort(1);
+    }
+}
+
 /// One process: rank 0 of 1, every operation a no-op.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SingleProcess;
