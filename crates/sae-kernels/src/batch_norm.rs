@@ -15,13 +15,16 @@
 //! ([`batch_norm_eval`]) it is one per-channel scale and shift, in one pass each way. Both can
 //! apply a ReLU in the same pass (`relu`); the backward then masks the gradient by the output,
 //! so BatchNorm + ReLU is one graph node instead of two (Candle's backward adds a `zeros_like`
-//! and an `add` for every node's gradient). The fused kernel is CPU and `f32` only; elsewhere
-//! [`batch_norm_train`] runs the reference.
+//! and an `add` for every node's gradient). The fused kernels take `f32` on the CPU and
+//! f32/f16/bf16 on CUDA (`src/cuda/ops.cu`, the same passes with f64 sums); elsewhere
+//! [`batch_norm_train`] runs the reference. On CUDA the per-channel statistics go to the host
+//! and back between the two forward passes (a synchronisation per BatchNorm), because the ops
+//! carry them as plain vectors.
 
 use crate::cpu::{f32_contiguous, f32_storage, min_planes_per_task, uninit, unpack};
 use crate::layout::Strided4;
 use crate::Implementation;
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 /// Output of [`batch_norm_train`].
@@ -66,14 +69,16 @@ pub fn batch_norm_train(
         bail!("batch_norm: eps must be positive, got {eps}")
     }
     match implementation {
-        Implementation::Fused if x.device().is_cpu() && x.dtype() == DType::F32 => {
+        Implementation::Fused if crate::has_fused_kernel(x, true) => {
+            // f32 statistics of any input type; the per-channel values go through the host
+            // (a synchronisation on CUDA), as the ops carry them as plain vectors.
             let stats = x.detach().apply_op1_no_bwd(&ChannelStats)?;
-            let mean = stats.get(0)?;
-            let variance = stats.get(1)?;
+            let (mean, variance) = (stats.get(0)?, stats.get(1)?);
             let (mean_v, var_v) = (mean.to_vec1::<f32>()?, variance.to_vec1::<f32>()?);
             let inv_std = var_v.iter().map(|v| 1.0 / (v + eps as f32).sqrt()).collect();
             let op = BatchNormTrain { mean: mean_v, inv_std, relu };
             let output = x.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?;
+            let (mean, variance) = (mean.to_dtype(x.dtype())?, variance.to_dtype(x.dtype())?);
             Ok(BatchNormOutput { output, mean, variance })
         }
         _ => {
@@ -141,7 +146,7 @@ pub fn batch_norm_eval(
     let scale = (weight / (running_var + eps)?.sqrt()?)?;
     let shift = (bias - (running_mean * &scale)?)?;
     match implementation {
-        Implementation::Fused if x.device().is_cpu() && x.dtype() == DType::F32 => {
+        Implementation::Fused if crate::has_fused_kernel(x, true) => {
             x.apply_op3(&scale.contiguous()?, &shift.contiguous()?, ChannelAffine { relu })
         }
         _ => {
@@ -182,6 +187,20 @@ impl CustomOp3 for ChannelAffine {
         Ok((CpuStorage::F32(out), Shape::from(xs.dims.to_vec())))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        a: &candle_core::CudaStorage,
+        al: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::cuda_ops::channel_affine(x, xl, a, al, b, bl, None, self.relu)?;
+        Ok((out, xl.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -218,6 +237,20 @@ impl CustomOp3 for ChannelAffineBackward {
             let s = scale[plane % xs.dims[1]];
             dx.iter_mut().zip(dy).for_each(|(d, &gv)| *d = gv * s);
         }))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        a: &candle_core::CudaStorage,
+        al: &Layout,
+        g: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let len = xl.shape().elem_count() + 2 * al.shape().elem_count();
+        Ok((crate::cuda_ops::channel_affine_backward(x, xl, a, al, g, gl, None)?, Shape::from(len)))
     }
 }
 
@@ -393,6 +426,12 @@ impl CustomOp1 for ChannelStats {
         let (mean, var): (Vec<f32>, Vec<f32>) = stats.into_iter().unzip();
         Ok((CpuStorage::F32([mean, var].concat()), Shape::from((2, xs.dims[1]))))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, x: &candle_core::CudaStorage, xl: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let c = Strided4::new("batch_norm", "input", xl)?.dims[1];
+        Ok((crate::cuda_ops::channel_stats(x, xl)?, Shape::from((2, c))))
+    }
 }
 
 impl CustomOp3 for BatchNormTrain {
@@ -420,6 +459,20 @@ impl CustomOp3 for BatchNormTrain {
             (scale, b[c] - self.mean[c] * scale)
         });
         Ok((CpuStorage::F32(out), Shape::from(xs.dims.to_vec())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        a: &candle_core::CudaStorage,
+        al: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::cuda_ops::channel_affine(x, xl, a, al, b, bl, Some((&self.mean, &self.inv_std)), self.relu)?;
+        Ok((out, xl.shape().clone()))
     }
 
     fn bwd(
@@ -474,5 +527,22 @@ impl CustomOp3 for BatchNormBackward {
                 None => xs.for_each_in_plane(x, ni, ci, |i, xv| d[i] = dy[i] * a + xv * k + shift),
             }
         }))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        a: &candle_core::CudaStorage,
+        al: &Layout,
+        g: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let len = xl.shape().elem_count() + 2 * al.shape().elem_count();
+        Ok((
+            crate::cuda_ops::channel_affine_backward(x, xl, a, al, g, gl, Some((&self.mean, &self.inv_std)))?,
+            Shape::from(len),
+        ))
     }
 }

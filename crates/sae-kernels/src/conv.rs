@@ -19,12 +19,15 @@
 //! unrolling. Smaller images are unrolled side by side into one matrix per chunk of the batch,
 //! so that the multiplies are large enough for the gemm kernels. This im2col kernel fuses no
 //! steps; [`Implementation::Fused`] selects it because it replaces Candle's slow paths. It is
-//! CPU and `f32` only; elsewhere [`conv2d`] runs the reference (Candle's `conv2d`).
+//! CPU and `f32` only. On CUDA, `Fused` is the same three products as graph nodes: an im2col
+//! kernel (`src/cuda/ops.cu`) for the whole batch, Candle's batched matmul (cuBLAS) and col2im
+//! as the im2col node's gradient, so the input gradient does not go through Candle's direct
+//! `conv_transpose2d` kernel. Elsewhere [`conv2d`] runs the reference (Candle's `conv2d`).
 
 use crate::cpu::{f32_contiguous, f32_storage, matmul, matmul_threads, uninit, unpack, Mat};
 use crate::layout::Strided4;
 use crate::Implementation;
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Stride, zero padding and channel groups of a convolution (dilation 1).
@@ -232,7 +235,87 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, cfg: Conv2dConfig, implementation: Im
         Implementation::Fused if x.device().is_cpu() && x.dtype() == DType::F32 => {
             x.apply_op2(&weight.contiguous()?, Conv { cfg, col_budget: COL_BUDGET })
         }
+        Implementation::Fused if x.device().is_cuda() && crate::has_fused_kernel(x, false) => {
+            conv2d_unrolled(x, weight, cfg)
+        }
         _ => conv2d_reference(x, weight, cfg),
+    }
+}
+
+/// The convolution as differentiable graph nodes around the device's batched matrix multiply
+/// (cuBLAS on CUDA): unroll the whole batch ([`Im2Col`], whose gradient is col2im), multiply
+/// each group's weights (G, O/G, C/G·kh·kw) with its rows of the unrolled input, and move the
+/// batch axis back to the front. Autograd's matmul gradients are then the weight gradient
+/// `dy · colᵀ` and `dcol = Wᵀ · dy`, so no step goes through Candle's `conv_transpose2d`.
+/// CUDA's fused path; on the CPU (f32) it serves the test that checks the composition.
+fn conv2d_unrolled(x: &Tensor, weight: &Tensor, cfg: Conv2dConfig) -> Result<Tensor> {
+    let g = Geometry::new(x.dims(), weight.dims(), cfg)?;
+    let (kg, og, p) = (g.rows_per_group(), g.out_per_group(), g.pixels());
+    let col = x.apply_op1(Im2Col(g))?.reshape((g.groups, kg, g.n * p))?;
+    let y = weight.contiguous()?.reshape((g.groups, og, kg))?.matmul(&col)?;
+    y.reshape((g.oc, g.n, p))?.transpose(0, 1)?.contiguous()?.reshape((g.n, g.oc, g.oh, g.ow))
+}
+
+/// x (N, C, H, W) → its unrolled input (C·kh·kw, N·OH·OW), rows (c, ky, kx), columns (n, oy, ox).
+struct Im2Col(Geometry);
+
+/// The unrolled gradient (C·kh·kw, N·OH·OW) → the input gradient (N, C, H, W).
+struct Col2Im(Geometry);
+
+impl Geometry {
+    /// The CUDA kernels' description of this call.
+    #[cfg(feature = "cuda")]
+    fn kernel(&self, op: &str) -> Result<crate::cuda_ops::KernelGeometry> {
+        let x = [self.n, self.c, self.h, self.w];
+        crate::cuda_ops::KernelGeometry::new(op, x, [self.kh, self.kw], [self.oh, self.ow], self.stride, self.pad)
+    }
+
+    fn unrolled_shape(&self) -> Shape {
+        Shape::from((self.c * self.kh * self.kw, self.n * self.pixels()))
+    }
+}
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "sae-im2col"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let xs = Strided4::new("conv2d", "input", xl)?;
+        let mut col = Vec::new();
+        g.im2col_into(f32_storage("conv2d", "input", x)?, &xs, 0..g.n, &mut col);
+        Ok((CpuStorage::F32(col), g.unrolled_shape()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, x: &candle_core::CudaStorage, xl: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((crate::cuda_ops::im2col(x, xl, self.0.kernel("conv2d")?)?, self.0.unrolled_shape()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&Col2Im(self.0))?))
+    }
+}
+
+impl CustomOp1 for Col2Im {
+    fn name(&self) -> &'static str {
+        "sae-col2im"
+    }
+
+    fn cpu_fwd(&self, dcol: &CpuStorage, dl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let dcol = f32_contiguous("conv2d backward", "unrolled gradient", dcol, dl)?;
+        let (image_len, ld) = (g.c * g.h * g.w, g.n * g.pixels());
+        let mut dx = vec![0f32; g.n * image_len];
+        dx.par_chunks_mut(image_len).enumerate().for_each(|(n, d)| g.col2im(&dcol[n * g.pixels()..], ld, d));
+        Ok((CpuStorage::F32(dx), Shape::from((g.n, g.c, g.h, g.w))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, d: &candle_core::CudaStorage, dl: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let g = self.0;
+        Ok((crate::cuda_ops::col2im(d, dl, g.kernel("conv2d backward")?)?, Shape::from((g.n, g.c, g.h, g.w))))
     }
 }
 
@@ -480,6 +563,39 @@ impl CustomOp3 for ConvBackward {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    /// CUDA's composition (unroll, batched multiply, col2im as the unroll's gradient) computes
+    /// the reference's output and gradients: on the CPU, with odd sizes, stride, padding,
+    /// groups and batch 1.
+    #[test]
+    fn unrolled_composition_matches_the_reference() {
+        let cases = [
+            ((2, 6, 9, 7), (4, 3, 3, 3), 2, 1, 2),
+            ((1, 3, 5, 5), (5, 3, 1, 1), 1, 0, 1),
+            ((3, 4, 8, 6), (4, 1, 3, 2), 3, 2, 4),
+        ];
+        for (xd, wd, stride, padding, groups) in cases {
+            let cfg = Conv2dConfig { stride, padding, groups };
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, xd, &Device::Cpu).unwrap()).unwrap();
+            let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, wd, &Device::Cpu).unwrap()).unwrap();
+            let out_dims = conv2d_reference(&x, &w, cfg).unwrap().dims().to_vec();
+            let probe = Tensor::randn(0f32, 1.0, out_dims, &Device::Cpu).unwrap();
+            let run = |f: &dyn Fn(&Tensor, &Tensor) -> Result<Tensor>| {
+                let y = f(x.as_tensor(), w.as_tensor()).unwrap();
+                let grads = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                [y, grads.get(&x).unwrap().clone(), grads.get(&w).unwrap().clone()]
+            };
+            let unrolled = run(&|x, w| conv2d_unrolled(x, w, cfg));
+            let reference = run(&|x, w| conv2d_reference(x, w, cfg));
+            for (what, (a, b)) in
+                ["output", "input gradient", "weight gradient"].iter().zip(unrolled.iter().zip(&reference))
+            {
+                assert_eq!(a.dims(), b.dims(), "{what} {xd:?}");
+                let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(diff < 1e-4, "{what} {xd:?} {wd:?}: differs by {diff}");
+            }
+        }
+    }
 
     /// Batches larger than the unrolling budget are multiplied in chunks of images, and the
     /// weight gradient sums over the chunks: the same results as one chunk.

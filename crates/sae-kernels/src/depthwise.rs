@@ -4,8 +4,9 @@
 //!
 //! The CPU kernel works plane by plane: it copies each (n, c) plane into a zero-padded
 //! buffer once, then accumulates the K² taps as shifted row updates, which vectorise for
-//! stride 1. The fused kernel is CPU-only; on other devices [`depthwise_conv2d`] runs the
-//! reference (Candle's grouped `conv2d`).
+//! stride 1. On CUDA (`src/cuda/ops.cu`) the forward and the input gradient are
+//! one thread per element, the weight gradient one block per filter tap. On other devices
+//! [`depthwise_conv2d`] runs the reference (Candle's grouped `conv2d`).
 
 use crate::cpu::{as_f32, dispatch_float, min_planes_per_task, same_dtype, uninit, unpack, Elem};
 use crate::layout::Strided4;
@@ -58,6 +59,13 @@ impl Geometry {
         Ok(Self { n, c, h, w, kh, kw, oh, ow, stride: cfg.stride, pad: cfg.padding })
     }
 
+    /// The CUDA kernels' description of this call.
+    #[cfg(feature = "cuda")]
+    fn kernel(&self, op: &str) -> Result<crate::cuda_ops::KernelGeometry> {
+        let x = [self.n, self.c, self.h, self.w];
+        crate::cuda_ops::KernelGeometry::new(op, x, [self.kh, self.kw], [self.oh, self.ow], self.stride, self.pad)
+    }
+
     fn padded(&self) -> (usize, usize) {
         (self.h + 2 * self.pad, self.w + 2 * self.pad)
     }
@@ -84,7 +92,9 @@ pub fn depthwise_conv2d(
         bail!("depthwise_conv2d: weight dtype {:?} differs from input dtype {:?}", weight.dtype(), x.dtype())
     }
     match implementation {
-        Implementation::Fused if x.device().is_cpu() => x.apply_op2(&weight.contiguous()?, Depthwise(cfg)),
+        Implementation::Fused if crate::has_fused_kernel(x, false) => {
+            x.apply_op2(&weight.contiguous()?, Depthwise(cfg))
+        }
         _ => depthwise_conv2d_reference(x, weight, cfg),
     }
 }
@@ -152,6 +162,19 @@ impl CustomOp2 for Depthwise {
             );
             T::to_cpu_storage_owned(out)
         });
+        Ok((out, Shape::from((g.n, g.c, g.oh, g.ow))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let g = Geometry::new(xl.dims(), wl.dims(), self.0)?;
+        let out = crate::cuda_ops::depthwise(x, xl, w, wl, g.kernel("depthwise_conv2d")?)?;
         Ok((out, Shape::from((g.n, g.c, g.oh, g.ow))))
     }
 
@@ -250,5 +273,24 @@ impl CustomOp3 for DepthwiseBackward {
             T::to_cpu_storage_owned(out)
         });
         Ok((out, Shape::from(numel + g.c * taps)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
+        gr: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let op = "depthwise_conv2d backward";
+        let g = Geometry::new(xl.dims(), wl.dims(), self.0)?;
+        if gl.dims() != [g.n, g.c, g.oh, g.ow] {
+            bail!("{op}: gradient shape {:?}, expected {:?}", gl.dims(), [g.n, g.c, g.oh, g.ow])
+        }
+        let out = crate::cuda_ops::depthwise_backward(x, xl, w, wl, gr, gl, g.kernel(op)?)?;
+        Ok((out, Shape::from(g.n * g.c * g.h * g.w + g.c * g.kh * g.kw)))
     }
 }

@@ -5,7 +5,9 @@
 //! * `Reference` — composed from ordinary, differentiable Candle ops. It is the definition
 //!   of what the op computes and runs on every device Candle supports.
 //! * `Fused` — a hand-written kernel (`CustomOp`) with its own backward pass: rayon-parallel
-//!   on CPU, `.cu` kernels under the `cuda` feature, `.metal` kernels under `metal`. Most fuse
+//!   on CPU, `.cu` kernels under the `cuda` feature (every op but Adam; the convolution as
+//!   im2col/col2im kernels around cuBLAS), `.metal` kernels under `metal` (the excitation
+//!   only). Most fuse
 //!   several steps into one pass; the convolution's im2col + gemm kernel fuses nothing and is
 //!   here because Candle's CPU paths are slow. Where a kernel does not exist (a dtype or a
 //!   device it does not take), `Fused` runs the reference.
@@ -32,16 +34,26 @@
 //!
 //! Each fused op is tested for parity with its reference, forward and every gradient.
 
+use candle_core::{DType, Device, Tensor};
+
 pub mod adam;
 pub mod batch_norm;
 pub mod conv;
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda_ops;
 pub mod depthwise;
 pub mod error;
 pub mod excitation;
 mod layout;
 pub mod max_pool;
 pub mod relu;
+
+/// The PTX of every `src/cuda/*.cu` file, one `&str` constant per file (`build.rs`).
+#[cfg(feature = "cuda")]
+mod ptx {
+    include!(concat!(env!("OUT_DIR"), "/sae_ptx.rs"));
+}
 
 pub use adam::{adam_update, adam_update_reference, AdamStep};
 pub use batch_norm::{batch_norm_eval, batch_norm_train, batch_norm_train_reference, BatchNormOutput};
@@ -52,6 +64,16 @@ pub use excitation::{
 };
 pub use max_pool::{max_pool2d, max_pool2d_reference, MaxPoolConfig};
 pub use relu::{add_relu, relu};
+
+/// Whether an op's fused kernel takes `t`: on the CPU, any float type, or only f32 where
+/// `cpu_f32_only`; on CUDA, f32, f16 and bf16. Elsewhere `Fused` runs the reference.
+pub(crate) fn has_fused_kernel(t: &Tensor, cpu_f32_only: bool) -> bool {
+    match t.device() {
+        Device::Cpu => !cpu_f32_only || t.dtype() == DType::F32,
+        Device::Cuda(_) => matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16),
+        _ => false,
+    }
+}
 
 /// Which implementation of an op to run. This is the one switch between the plain
 /// composition of Candle ops and the hand-written kernels.

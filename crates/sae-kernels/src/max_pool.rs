@@ -6,7 +6,9 @@
 //! Gradients go to the first maximal element of each window in row-major order; the
 //! reference gives tied elements the gradient each, so the two agree when maxima are unique.
 //!
-//! The fused kernel is CPU-only; on other devices [`max_pool2d`] runs the reference.
+//! The fused kernel runs on the CPU and on CUDA (`src/cuda/ops.cu`: one thread per output, and
+//! per input element for the gradient, which recomputes the windows' first maxima: no atomics);
+//! on other devices [`max_pool2d`] runs the reference.
 
 use crate::cpu::{dispatch_float, min_planes_per_task, same_dtype, uninit, Elem};
 use crate::layout::Strided4;
@@ -47,7 +49,7 @@ pub fn max_pool2d(x: &Tensor, cfg: MaxPoolConfig, implementation: Implementation
     let (_, _, h, w) = x.dims4()?;
     cfg.output_size(h, w)?;
     match implementation {
-        Implementation::Fused if x.device().is_cpu() => x.apply_op1(MaxPool(cfg)),
+        Implementation::Fused if crate::has_fused_kernel(x, false) => x.apply_op1(MaxPool(cfg)),
         _ => max_pool2d_reference(x, cfg),
     }
 }
@@ -139,6 +141,16 @@ impl MaxPoolConfig {
     }
 }
 
+impl MaxPoolConfig {
+    /// The CUDA kernels' description of a pool over `x`.
+    #[cfg(feature = "cuda")]
+    fn kernel_geometry(&self, op: &str, xl: &Layout) -> Result<crate::cuda_ops::KernelGeometry> {
+        let Strided4 { dims, .. } = Strided4::new(op, "input", xl)?;
+        let (oh, ow) = self.output_size(dims[2], dims[3])?;
+        crate::cuda_ops::KernelGeometry::new(op, dims, [self.kernel; 2], [oh, ow], self.stride, self.padding)
+    }
+}
+
 impl CustomOp1 for MaxPool {
     fn name(&self) -> &'static str {
         "sae-max-pool2d"
@@ -188,6 +200,13 @@ impl CustomOp1 for MaxPool {
         Ok((out, Shape::from((n, c, oh, ow))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, x: &candle_core::CudaStorage, xl: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let g = self.0.kernel_geometry("max_pool2d", xl)?;
+        let shape = Shape::from((g.n as usize, g.c as usize, g.oh as usize, g.ow as usize));
+        Ok((crate::cuda_ops::max_pool(x, xl, g)?, shape))
+    }
+
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(x.apply_op2_no_bwd(grad, &MaxPoolBackward(self.0))?))
     }
@@ -229,5 +248,21 @@ impl CustomOp2 for MaxPoolBackward {
             T::to_cpu_storage_owned(dx)
         });
         Ok((out, Shape::from((n, c, h, w))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        g: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let geometry = self.0.kernel_geometry("max_pool2d backward", xl)?;
+        let expected = [geometry.n, geometry.c, geometry.oh, geometry.ow].map(|v| v as usize);
+        if gl.dims() != expected {
+            bail!("max_pool2d backward: gradient shape {:?}, expected {:?}", gl.dims(), expected)
+        }
+        Ok((crate::cuda_ops::max_pool_backward(x, xl, g, gl, geometry)?, xl.shape().clone()))
     }
 }

@@ -3,18 +3,19 @@
 //! Candle differentiates `relu` as `grad · (x ≥ 0)` built from `zeros_like`, `ge`, a dtype
 //! conversion and a product: four passes and four allocations per ReLU, and a ResNet-50 has 49
 //! of them. Here the backward is one pass over the output and its gradient, with PyTorch's
-//! convention at zero (the gradient is 0 where the output is 0). The fused kernel is CPU and
-//! `f32` only; elsewhere [`relu`] runs Candle's `relu`, the reference.
+//! convention at zero (the gradient is 0 where the output is 0). The fused kernels take
+//! `f32` on the CPU and f32/f16/bf16 on CUDA; elsewhere [`relu`] runs Candle's `relu`, the
+//! reference.
 
 use crate::cpu::{f32_contiguous, uninit};
 use crate::Implementation;
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// `max(x, 0)` element-wise.
 pub fn relu(x: &Tensor, implementation: Implementation) -> Result<Tensor> {
     match implementation {
-        Implementation::Fused if x.device().is_cpu() && x.dtype() == DType::F32 => x.contiguous()?.apply_op1(Relu),
+        Implementation::Fused if crate::has_fused_kernel(x, true) => x.contiguous()?.apply_op1(Relu),
         _ => x.relu(),
     }
 }
@@ -25,7 +26,7 @@ pub fn add_relu(a: &Tensor, b: &Tensor, implementation: Implementation) -> Resul
         bail!("add_relu: operand shapes {:?} and {:?} differ", a.dims(), b.dims())
     }
     match implementation {
-        Implementation::Fused if a.device().is_cpu() && a.dtype() == DType::F32 && b.dtype() == DType::F32 => {
+        Implementation::Fused if crate::has_fused_kernel(a, true) && a.dtype() == b.dtype() => {
             a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)
         }
         _ => (a + b)?.relu(),
@@ -61,6 +62,11 @@ impl CustomOp1 for Relu {
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, x: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((crate::cuda_ops::relu(x, l, None)?, l.shape().clone()))
+    }
+
     fn bwd(&self, _x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(relu_gradient(res, grad)?))
     }
@@ -81,6 +87,17 @@ impl CustomOp2 for AddRelu {
             }
         });
         Ok((CpuStorage::F32(out), al.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        a: &candle_core::CudaStorage,
+        al: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((crate::cuda_ops::relu(a, al, Some((b, bl)))?, al.shape().clone()))
     }
 
     fn bwd(&self, _a: &Tensor, _b: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -106,5 +123,16 @@ impl CustomOp2 for ReluBackward {
             }
         });
         Ok((CpuStorage::F32(out), yl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        y: &candle_core::CudaStorage,
+        yl: &Layout,
+        g: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((crate::cuda_ops::relu_backward(y, yl, g, gl)?, yl.shape().clone()))
     }
 }

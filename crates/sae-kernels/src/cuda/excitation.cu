@@ -12,39 +12,9 @@
 // The packed parameter vector is [W1 (hidden x C) | b1 (hidden) | W2 (C x hidden) | b2 (C)].
 // gate: 0 means out = x * s, 1 means out = x + x * s.
 
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-#include <stdint.h>
-
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+#include "common.cuh"
 
 __device__ __forceinline__ float gate_factor(float s, uint32_t gate) { return gate == 1 ? 1.0f + s : s; }
-
-// Sum of v over the block; blockDim.x must be a multiple of 32 and at most 1024.
-__device__ float block_sum(float v) {
-    __shared__ float partial[32];
-    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffff, v, offset);
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    const int warps = blockDim.x / 32;
-    v = threadIdx.x < warps ? partial[threadIdx.x] : 0.0f;
-    if (warp == 0)
-        for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffff, v, offset);
-    __syncthreads();
-    return v;
-}
-
-struct Strides4 {
-    size_t offset, s0, s1, s2, s3;
-};
 
 template <typename T>
 __device__ void plane_sums(const T *x, Strides4 xs, const T *g, Strides4 gs, uint32_t C, uint32_t H, uint32_t W,

@@ -12,15 +12,8 @@ use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr,
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, WithDType};
 
-mod ptx {
-    include!(concat!(env!("OUT_DIR"), "/sae_ptx.rs"));
-}
-
 const MODULE: &str = "sae_excitation";
 const BLOCK: u32 = 256;
-
-// SAFETY: plain `repr(C)` integers, laid out as the `Strides4` struct of the `.cu` source.
-unsafe impl DeviceRepr for KernelStrides {}
 
 fn suffix(dtype: DType) -> Result<&'static str> {
     kernel_suffix("excitation", dtype, "CUDA")
@@ -77,7 +70,7 @@ fn pool_and_gate<T: CudaDType + DeviceRepr + WithDType>(
     let (c, h, w, hidden) = (d.c as u32, d.h as u32, d.w as u32, op.hidden as u32);
     let mean_x = unsafe { dev.alloc::<f32>(planes)? };
     let sum_gx = dev.alloc_zeros::<f32>(planes)?;
-    let func = dev.get_or_load_custom_func(&format!("sae_plane_sums_{sfx}"), MODULE, ptx::EXCITATION)?;
+    let func = dev.get_or_load_custom_func(&format!("sae_plane_sums_{sfx}"), MODULE, crate::ptx::EXCITATION)?;
     let xs = strides("input", xl)?;
     let mut b = func.builder();
     b.arg(x);
@@ -103,7 +96,7 @@ fn pool_and_gate<T: CudaDType + DeviceRepr + WithDType>(
 
     let hid = unsafe { dev.alloc::<f32>(d.n * op.hidden)? };
     let s = unsafe { dev.alloc::<f32>(planes)? };
-    let func = dev.get_or_load_custom_func(&format!("sae_gates_{sfx}"), MODULE, ptx::EXCITATION)?;
+    let func = dev.get_or_load_custom_func(&format!("sae_gates_{sfx}"), MODULE, crate::ptx::EXCITATION)?;
     let mut b = func.builder();
     b.arg(p);
     b.arg(&mean_x);
@@ -128,7 +121,8 @@ fn forward<T: CudaDType + DeviceRepr + WithDType>(
     let (_, _, _, s) = pool_and_gate::<T>(op, dev, x, xl, &p, None)?;
     let numel = d.numel();
     let out = unsafe { dev.alloc::<T>(numel)? };
-    let func = dev.get_or_load_custom_func(&format!("sae_scale_{}", suffix(T::DTYPE)?), MODULE, ptx::EXCITATION)?;
+    let func =
+        dev.get_or_load_custom_func(&format!("sae_scale_{}", suffix(T::DTYPE)?), MODULE, crate::ptx::EXCITATION)?;
     let mut b = func.builder();
     b.arg(x);
     let xs = strides("input", xl)?;
@@ -165,7 +159,7 @@ fn backward<T: CudaDType + DeviceRepr + WithDType>(
     let da = unsafe { dev.alloc::<f32>(d.n * d.c)? };
     let dh = unsafe { dev.alloc::<f32>(d.n * op.hidden)? };
     let dz = unsafe { dev.alloc::<f32>(d.n * d.c)? };
-    let func = dev.get_or_load_custom_func(&format!("sae_dense_bwd_{sfx}"), MODULE, ptx::EXCITATION)?;
+    let func = dev.get_or_load_custom_func(&format!("sae_dense_bwd_{sfx}"), MODULE, crate::ptx::EXCITATION)?;
     let mut b = func.builder();
     b.arg(&p);
     b.arg(&sum_gx);
@@ -182,7 +176,7 @@ fn backward<T: CudaDType + DeviceRepr + WithDType>(
     let mut out = unsafe { dev.alloc::<T>(numel + params)? };
     {
         let mut dx = out.slice_mut(0..numel);
-        let func = dev.get_or_load_custom_func(&format!("sae_input_grad_{sfx}"), MODULE, ptx::EXCITATION)?;
+        let func = dev.get_or_load_custom_func(&format!("sae_input_grad_{sfx}"), MODULE, crate::ptx::EXCITATION)?;
         let mut b = func.builder();
         b.arg(g);
         let gs = strides("output gradient", gl)?;
@@ -195,7 +189,7 @@ fn backward<T: CudaDType + DeviceRepr + WithDType>(
     }
     {
         let mut dparams = out.slice_mut(numel..);
-        let func = dev.get_or_load_custom_func(&format!("sae_param_grads_{sfx}"), MODULE, ptx::EXCITATION)?;
+        let func = dev.get_or_load_custom_func(&format!("sae_param_grads_{sfx}"), MODULE, crate::ptx::EXCITATION)?;
         let mut b = func.builder();
         b.arg(&z);
         b.arg(&hid);

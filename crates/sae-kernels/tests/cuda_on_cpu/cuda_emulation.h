@@ -9,6 +9,7 @@
 // once, warp-synchronous code that relies on lockstep without a shuffle or barrier, memory
 // coalescing, register pressure and anything about timing.
 #pragma once
+#include <algorithm>
 #include <barrier>
 #include <cmath>
 #include <cstddef>
@@ -31,19 +32,24 @@ inline SaeDim3 blockDim, gridDim;
 inline std::vector<float> sae_dynamic_shared;
 inline std::unique_ptr<std::barrier<>> sae_block_barrier;
 inline std::vector<std::unique_ptr<std::barrier<>>> sae_warp_barriers;
-inline std::vector<float> sae_warp_values;
+inline std::vector<double> sae_warp_values;
 
 inline void __syncthreads() { sae_block_barrier->arrive_and_wait(); }
 
-// Lane i receives lane i + offset's value within its warp (its own past the warp's end).
-inline float __shfl_down_sync(unsigned, float v, int offset) {
+// Lane i receives lane i + offset's value within its warp (its own past the warp's end); for
+// float and double, exchanged as double (exact for both).
+template <typename V> inline V __shfl_down_sync(unsigned, V v, int offset) {
     const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     sae_warp_values[threadIdx.x] = v;
     sae_warp_barriers[warp]->arrive_and_wait();
-    const float r = lane + offset < 32 ? sae_warp_values[warp * 32 + lane + offset] : v;
+    const V r = lane + offset < 32 ? (V)sae_warp_values[warp * 32 + lane + offset] : v;
     sae_warp_barriers[warp]->arrive_and_wait();
     return r;
 }
+
+using std::isnan;
+using std::max;
+using std::min;
 
 // kernel<<<grid, block, shared_floats * 4>>>(args...): one-dimensional grids and blocks.
 template <typename... Params, typename... Args>
@@ -51,7 +57,7 @@ void sae_launch(void (*kernel)(Params...), unsigned grid, unsigned block, size_t
     blockDim = {block, 1, 1};
     gridDim = {grid, 1, 1};
     sae_dynamic_shared.assign(shared_floats, 0.0f);
-    sae_warp_values.assign(block, 0.0f);
+    sae_warp_values.assign(block, 0.0);
     sae_block_barrier = std::make_unique<std::barrier<>>(block);
     sae_warp_barriers.clear();
     for (unsigned w = 0; w < (block + 31) / 32; ++w) sae_warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
