@@ -1,12 +1,17 @@
 """PyTorch side of `cargo xtask bench-train`: the same networks as sae's registry (ResNet-50,
 SE-ResNet-50, SENetV2-ResNet-50, SENetV2-ResNet-14b with the ImageNet stem, r = 32, K = 4, the
-`u + u*s` gate, no convolution bias), timed the same way, on CPU with a fixed thread count.
+`u + u*s` gate, no convolution bias), timed the same way, on CPU with a fixed thread count or
+on CUDA (`cargo xtask gpu-check`: synchronised steps, cuDNN benchmark mode, and the variant
+`channels_last_bf16`: channels-last memory format with bf16 autocast).
 
 Prints one JSON object per line: a `matmul` line (this machine's sgemm GFLOP/s through
 PyTorch), then one line per requested row with its parameter count and images/s.
 
     python bench_train.py --threads 2 --seconds 10 --rows resnet50:32:16:train,resnet50:140:1:infer
+    python bench_train.py --device cuda --variant channels_last_bf16 --rows senetv2_resnet50:224:64:train
 """
+
+import contextlib
 
 import argparse
 import json
@@ -85,48 +90,64 @@ MODELS = {
 }
 
 
-def timed(step, seconds):
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(step, seconds, device=torch.device("cpu")):
     """Median seconds of `step` after two warm-up calls, over at least 3 calls and `seconds`."""
     step()
     step()
+    sync(device)
     times, start = [], time.perf_counter()
     while len(times) < 3 or time.perf_counter() - start < seconds:
         t = time.perf_counter()
         step()
+        sync(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times), len(times)
 
 
-def bench_row(name, size, batch, mode, seconds):
+def bench_row(name, size, batch, mode, seconds, device, variant):
     torch.manual_seed(0)
     layers, attention = MODELS[name]
-    model = ResNet(layers, attention, 100)
-    x = torch.randn(batch, 3, size, size)
-    y = torch.randint(0, 100, (batch,))
+    model = ResNet(layers, attention, 100).to(device)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 100, (batch,), device=device)
+    autocast = contextlib.nullcontext
+    if variant == "channels_last_bf16":
+        model = model.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
+
+        def autocast():
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     if mode == "train":
         model.train()
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-7)
 
         def step():
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
+            with autocast():
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
             opt.step()
 
     else:
         # Realistic running statistics first, as `cargo xtask bench-train` does (WARM_STAT_FORWARDS).
         model.train()
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             for _ in range(20):
                 model(x)
         model.eval()
 
         def step():
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast():
                 model(x)
 
-    median, steps = timed(step, seconds)
+    median, steps = timed(step, seconds, device)
     params = sum(p.numel() for p in model.parameters())
-    return {"model": name, "size": size, "batch": batch, "mode": mode, "params": params,
+    return {"model": name, "size": size, "batch": batch, "mode": mode, "variant": variant, "params": params,
             "images_per_second": batch / median, "steps": steps}
 
 
@@ -135,15 +156,22 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--rows", required=True, help="model:size:batch:train|infer, comma-separated")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--variant", default="eager", choices=["eager", "channels_last_bf16"])
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    median, _ = timed(lambda: a @ b, 2.0)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    else:
+        torch.backends.cudnn.benchmark = True
+    a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
+    median, _ = timed(lambda: a @ b, 2.0, device)
     print(json.dumps({"matmul_gflops": 2 * 2048**3 / median / 1e9, "torch": torch.__version__,
                       "threads": torch.get_num_threads()}), flush=True)
     for row in args.rows.split(","):
         name, size, batch, mode = row.split(":")
-        print(json.dumps(bench_row(name, int(size), int(batch), mode, args.seconds)), flush=True)
+        print(json.dumps(bench_row(name, int(size), int(batch), mode, args.seconds, device, args.variant)),
+              flush=True)
 
 
 if __name__ == "__main__":

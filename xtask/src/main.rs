@@ -1,10 +1,12 @@
 //! The project's task runner (see <https://github.com/matklad/cargo-xtask/>): `cargo xtask ci`,
-//! `params`, `peak`, `bench-kernels`, `bench-data`, `bench-dist`, `bench-train`, `reproduce-table2|3|4`; `cargo xtask` lists them.
+//! `params`, `peak`, `bench-kernels`, `bench-data`, `bench-dist`, `bench-train`, `gpu-check`,
+//! `reproduce-table2|3|4`; `cargo xtask` lists them.
 
 mod bench;
 mod bench_data;
 mod bench_dist;
 mod bench_train;
+mod gpu_check;
 mod peak;
 mod ptx;
 mod reproduce;
@@ -25,8 +27,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// What to run before pushing: fmt --check, clippy -D warnings, all tests, the multi-process
-    /// tests under mpirun (skipped without OpenMPI unless SAE_REQUIRE_MPI=1), tidy, and the
-    /// CUDA kernels compiled to PTX (skipped without nvcc unless SAE_REQUIRE_NVCC=1).
+    /// tests under mpirun (skipped without OpenMPI unless SAE_REQUIRE_MPI=1), tidy, the GPU
+    /// check's runner on the CPU (`gpu-check --run --device cpu --smoke`), and the CUDA kernels
+    /// compiled to PTX (skipped without nvcc unless SAE_REQUIRE_NVCC=1).
     Ci,
     /// Checks that every crate and module starts with a `//!` doc comment.
     Tidy,
@@ -78,6 +81,27 @@ enum Cmd {
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
         /// A Python interpreter with torch installed, to run `bench/pytorch/bench_train.py`.
+        #[arg(long)]
+        python: Option<PathBuf>,
+    },
+    /// Builds the CUDA check runner into `target/gpu/xtask` (needs nvcc, no GPU); with `--run`,
+    /// runs it on a machine with an NVIDIA GPU: every op's parity with the CPU, 50 training
+    /// steps per model family, the excitation's bandwidth and senetv2_resnet50's images/s next
+    /// to PyTorch; writes OUT/gpu.md (commit it as results/gpu.md).
+    GpuCheck {
+        /// Run the checks (on the GPU machine) instead of building the runner.
+        #[arg(long)]
+        run: bool,
+        /// `cuda`, or `cpu` to exercise the runner here.
+        #[arg(long, default_value = "cuda")]
+        device: String,
+        /// Small sizes and short timings (CI runs the runner this way on the CPU).
+        #[arg(long)]
+        smoke: bool,
+        /// Where gpu.md goes.
+        #[arg(long, default_value = "target/gpu-check-report")]
+        out: PathBuf,
+        /// Python with PyTorch (default on CUDA: python3).
         #[arg(long)]
         python: Option<PathBuf>,
     },
@@ -238,12 +262,24 @@ fn main() -> Result<()> {
             cargo(&["test", "--workspace"])?;
             mpi_check()?;
             tidy::check(&project_root())?;
+            // The GPU runner's code, on the CPU with small sizes (PyTorch too where the interop
+            // tests' Python is set), so that it works when a GPU session comes.
+            gpu_check::run(&gpu_check::RunOptions {
+                device: "cpu".into(),
+                smoke: true,
+                out: project_root().join("target/gpu-check-smoke"),
+                python: std::env::var_os("SAE_TORCH_PYTHON").map(PathBuf::from),
+            })?;
             ptx::check(&project_root())
         }
         Cmd::Tidy => tidy::check(&project_root()),
         Cmd::Ptx => ptx::check(&project_root()),
         Cmd::Params { json } => params(json),
         Cmd::BenchKernels { seconds } => bench::kernels(seconds),
+        Cmd::GpuCheck { run: false, .. } => gpu_check::build(&project_root()),
+        Cmd::GpuCheck { run: true, device, smoke, out, python } => {
+            gpu_check::run(&gpu_check::RunOptions { device, smoke, out, python })
+        }
         Cmd::BenchTrain { seconds, python } => bench_train::run(seconds, python),
         Cmd::ReproduceTable2(a) => reproduce(reproduce::Table::Two, 2, a),
         Cmd::ReproduceTable3(a) => reproduce(reproduce::Table::Three, 3, a),

@@ -13,7 +13,7 @@ use std::process::Command;
 /// GPU architectures checked: Hopper (the H100/H200 machines) and Ampere.
 const ARCHS: [&str; 2] = ["sm_90", "sm_80"];
 
-fn nvcc() -> Option<PathBuf> {
+pub(crate) fn nvcc() -> Option<PathBuf> {
     let candidates = std::env::var_os("CUDA_HOME").map(|h| PathBuf::from(h).join("bin/nvcc")).into_iter();
     let candidates = candidates.chain(std::iter::once(PathBuf::from("nvcc")));
     candidates.into_iter().find(|c| Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()))
@@ -82,10 +82,7 @@ pub fn check(root: &Path) -> Result<()> {
 }
 
 /// `cargo clippy --features cuda` on the crates with CUDA code, in its own target directory.
-/// Candle's build scripts need a compute capability when no GPU is present (`CUDA_COMPUTE_CAP`,
-/// default 90 here) and find the CUDA version by running nvcc from `PATH`.
 fn check_cuda_feature(root: &Path, nvcc: &Path) -> Result<()> {
-    let bin = nvcc.parent().filter(|p| !p.as_os_str().is_empty());
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     // With OpenMPI present, the NCCL backend of data-parallel training (which needs MPI to
     // start) is type-checked too.
@@ -112,6 +109,20 @@ fn check_cuda_feature(root: &Path, nvcc: &Path) -> Result<()> {
         "-D",
         "warnings",
     ]);
+    cuda_env(&mut cmd, nvcc)?;
+    eprintln!("ptx: cargo clippy --features {features} (builds Candle's CUDA kernels; slow the first time)");
+    let status = cmd.status().context("running cargo clippy --features cuda")?;
+    if !status.success() {
+        bail!("cargo clippy --features cuda failed")
+    }
+    Ok(())
+}
+
+/// What a cargo build with the `cuda` feature needs: `nvcc`'s directory on `PATH`, `CUDA_HOME`
+/// and its headers for Candle's kernels, and a compute capability when no GPU is present
+/// (`CUDA_COMPUTE_CAP`, default 90 here).
+pub(crate) fn cuda_env(cmd: &mut Command, nvcc: &Path) -> Result<()> {
+    let bin = nvcc.parent().filter(|p| !p.as_os_str().is_empty());
     if let Some(bin) = bin {
         let path = std::env::var_os("PATH").unwrap_or_default();
         let paths = std::iter::once(bin.to_path_buf()).chain(std::env::split_paths(&path));
@@ -125,11 +136,6 @@ fn check_cuda_feature(root: &Path, nvcc: &Path) -> Result<()> {
     }
     if std::env::var_os("CUDA_COMPUTE_CAP").is_none() {
         cmd.env("CUDA_COMPUTE_CAP", "90");
-    }
-    eprintln!("ptx: cargo clippy --features {features} (builds Candle's CUDA kernels; slow the first time)");
-    let status = cmd.status().context("running cargo clippy --features cuda")?;
-    if !status.success() {
-        bail!("cargo clippy --features cuda failed")
     }
     Ok(())
 }

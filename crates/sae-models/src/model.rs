@@ -76,10 +76,16 @@ pub struct Model {
 impl Model {
     /// Builds `config` with weights initialised from `seed` (same seed → same weights).
     pub fn new(config: ModelConfig, seed: u64, device: &Device) -> Result<Self> {
+        Self::new_with_dtype(config, seed, device, DType::F32)
+    }
+
+    /// [`Model::new`] with every variable in `dtype` (the f32 initial values, rounded once), for
+    /// running the whole network in bf16 or f16 on a GPU.
+    pub fn new_with_dtype(config: ModelConfig, seed: u64, device: &Device, dtype: DType) -> Result<Self> {
         config.validate()?;
         let varmap = VarMap::new();
         let backend = SeededVarMap::new(varmap.clone(), seed);
-        let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone());
+        let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
         let network = Network::new(&config, vb)?;
         Ok(Self { config, varmap, network, device: device.clone() })
     }

@@ -1,0 +1,709 @@
+//! `cargo xtask gpu-check`: everything the CUDA path must show on a real GPU, in one command
+//! for a machine that has the NVIDIA driver and PyTorch but no Rust toolchain.
+//!
+//! Here (any machine with nvcc): `cargo xtask gpu-check` builds this runner with the `cuda`
+//! feature into `target/gpu/xtask` (stripped; it must stay under 50 MB to be carried) and
+//! prints the command to run there. There: `target/gpu/xtask gpu-check --run --out DIR`
+//! finds the CUDA libraries (PyTorch's, or a CUDA install), then
+//!
+//! 1. runs every op's parity check: the fused op on the GPU in f32, f16 and bf16 against the
+//!    reference on the CPU in f32 on the same rounded values, output and every gradient;
+//! 2. trains each model family 50 steps on generated data: the first steps' losses must match
+//!    the CPU's, and the loss must fall;
+//! 3. measures the fused excitation's memory bandwidth against a device copy, and training
+//!    and inference images/s of `senetv2_resnet50` (224×224, batch 64) in f32 and bf16, with
+//!    PyTorch (`bench/pytorch/bench_train.py`: eager f32, and channels_last with bf16
+//!    autocast, cuDNN benchmark mode) in the same call;
+//!
+//! and writes `DIR/gpu.md`, to be committed as `results/gpu.md`. A failing section is written
+//! into the report and makes the command fail at the end, so one run always reports all it can.
+//! `--device cpu --smoke` runs the same code on the CPU with small sizes (CI does, to keep this
+//! runner working between the rare GPU sessions).
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, ModuleT, Tensor, Var};
+use sae_kernels::Implementation;
+use sae_train::metrics::cross_entropy;
+use sae_train::optim::OptimizerConfig;
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+/// Set once the runner has re-executed itself with the CUDA libraries on the loader's path.
+const LIBS_SET: &str = "SAE_GPU_CHECK_LIBS";
+
+/// The largest binary worth carrying to a GPU machine.
+const MAX_BINARY_BYTES: u64 = 50 << 20;
+
+/// Builds the CUDA runner into `target/gpu/xtask`.
+pub fn build(root: &Path) -> Result<()> {
+    let Some(nvcc) = crate::ptx::nvcc() else {
+        bail!("gpu-check: no nvcc found; set CUDA_HOME to a CUDA 12/13 toolkit")
+    };
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root).args([
+        "build",
+        "--release",
+        "-p",
+        "xtask",
+        "--features",
+        "cuda",
+        "--target-dir",
+        "target/gpu-check",
+    ]);
+    crate::ptx::cuda_env(&mut cmd, &nvcc)?;
+    cmd.env("CARGO_PROFILE_RELEASE_STRIP", "symbols").env("CARGO_PROFILE_RELEASE_DEBUG", "0");
+    eprintln!("gpu-check: cargo build --release -p xtask --features cuda (slow the first time)");
+    if !cmd.status().context("running cargo build")?.success() {
+        bail!("gpu-check: building the CUDA runner failed")
+    }
+    let dir = root.join("target/gpu");
+    std::fs::create_dir_all(&dir)?;
+    let bin = dir.join("xtask");
+    std::fs::copy(root.join("target/gpu-check/release/xtask"), &bin).context("copying the runner")?;
+    let size = std::fs::metadata(&bin)?.len();
+    if size > MAX_BINARY_BYTES {
+        bail!("gpu-check: the runner is {} MB, over the {} MB that can be carried", size >> 20, MAX_BINARY_BYTES >> 20)
+    }
+    println!(
+        "gpu-check: {} ({:.1} MB). On the GPU machine, from the repository root:\n  target/gpu/xtask gpu-check --run --out OUT_DIR\nthen commit OUT_DIR/gpu.md as results/gpu.md.",
+        bin.display(),
+        size as f64 / 1e6
+    );
+    Ok(())
+}
+
+/// Options of a run on the GPU machine.
+pub struct RunOptions {
+    pub device: String,
+    pub smoke: bool,
+    pub out: PathBuf,
+    pub python: Option<PathBuf>,
+}
+
+/// Library directories of a CUDA install and of PyTorch's CUDA wheels (`nvidia/*/lib`).
+fn cuda_library_dirs(python: &Path) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = ["/usr/local/cuda/lib64", "/usr/local/cuda/targets/x86_64-linux/lib"]
+        .iter()
+        .map(PathBuf::from)
+        .chain(std::env::var_os("CUDA_HOME").map(|h| PathBuf::from(h).join("lib64")))
+        .collect();
+    let site = Command::new(python)
+        .args(["-c", "import site; print('\\n'.join(site.getsitepackages()))"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default();
+    for nvidia in site.lines().map(|l| PathBuf::from(l).join("nvidia")) {
+        dirs.extend(std::fs::read_dir(&nvidia).into_iter().flatten().flatten().map(|e| e.path().join("lib")));
+    }
+    dirs.retain(|d| d.is_dir());
+    dirs
+}
+
+/// On CUDA, re-executes this runner with the CUDA libraries on `LD_LIBRARY_PATH` (cudarc
+/// loads cuBLAS and cuRAND at run time), unless that was done already. Returns `Some(exit
+/// code)` when it did.
+fn with_cuda_libraries(python: &Path) -> Result<Option<i32>> {
+    if std::env::var_os(LIBS_SET).is_some() {
+        return Ok(None);
+    }
+    let dirs = cuda_library_dirs(python);
+    let has_cublas = |d: &PathBuf| {
+        std::fs::read_dir(d)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("libcublas.so"))
+    };
+    if !dirs.iter().any(has_cublas) {
+        bail!(
+            "gpu-check: no libcublas found (looked in /usr/local/cuda, $CUDA_HOME and the nvidia wheels of {}); \
+             install PyTorch with CUDA or the CUDA toolkit, or pass --python with the Python that has them",
+            python.display()
+        )
+    }
+    let mut path = dirs;
+    if let Some(old) = std::env::var_os("LD_LIBRARY_PATH") {
+        path.extend(std::env::split_paths(&old));
+    }
+    let status = Command::new(std::env::current_exe()?)
+        .args(std::env::args_os().skip(1))
+        .env("LD_LIBRARY_PATH", std::env::join_paths(path)?)
+        .env(LIBS_SET, "1")
+        .status()
+        .context("re-running gpu-check with the CUDA libraries")?;
+    Ok(Some(status.code().unwrap_or(1)))
+}
+
+/// An error's message on one line, fit for a table cell (Candle appends a backtrace when
+/// RUST_BACKTRACE is set).
+fn brief(e: &anyhow::Error) -> String {
+    format!("{e:#}").lines().next().unwrap_or("").replace('|', "/")
+}
+
+/// The report under construction, and whether any check failed.
+struct Report {
+    md: String,
+    failures: Vec<String>,
+}
+
+impl Report {
+    fn section(&mut self, title: &str) {
+        eprintln!("gpu-check: {title}");
+        let _ = writeln!(self.md, "\n## {title}\n");
+    }
+
+    /// Records a section's error without stopping the run.
+    fn failed(&mut self, what: &str, e: &anyhow::Error) {
+        eprintln!("gpu-check: {what} FAILED: {e:#}");
+        let _ = writeln!(self.md, "\n**{what} failed:** `{}`\n", brief(e));
+        self.failures.push(what.to_string());
+    }
+}
+
+/// Runs the checks on the GPU machine (or, with `--device cpu`, here).
+pub fn run(opts: &RunOptions) -> Result<()> {
+    // On the GPU machine the Python with PyTorch is `python3`; elsewhere PyTorch is measured
+    // only when `--python` names one.
+    let python = opts.python.clone().or_else(|| (opts.device == "cuda").then(|| PathBuf::from("python3")));
+    if let (Some(python), "cuda") = (&python, opts.device.as_str()) {
+        if let Some(code) = with_cuda_libraries(python)? {
+            std::process::exit(code);
+        }
+    }
+    let device = sae_train::device(&opts.device, 0)?;
+    let started = Instant::now();
+    let mut report = Report { md: String::new(), failures: Vec::new() };
+    let _ = writeln!(
+        report.md,
+        "# GPU check\n\nWritten by `target/gpu/xtask gpu-check --run` (`cargo xtask gpu-check` builds it)."
+    );
+    report.section("Machine");
+    let smi = Command::new("nvidia-smi")
+        .args(["--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|_| "no nvidia-smi".into());
+    let _ = writeln!(report.md, "- device: `{}` ({smi})\n- smoke sizes: {}", opts.device, opts.smoke);
+
+    report.section("Parity of every fused op with the CPU reference");
+    match parity(&device) {
+        Ok((table, failed)) => {
+            report.md.push_str(&table);
+            for f in failed {
+                report.failures.push(format!("parity: {f}"));
+            }
+        }
+        Err(e) => report.failed("parity", &e),
+    }
+
+    report.section("50 training steps per model family");
+    match training(&device, opts.smoke) {
+        Ok((table, failed)) => {
+            report.md.push_str(&table);
+            for f in failed {
+                report.failures.push(format!("training: {f}"));
+            }
+        }
+        Err(e) => report.failed("training", &e),
+    }
+
+    report.section("Fused excitation: memory bandwidth");
+    match bandwidth(&device, opts.smoke) {
+        Ok(text) => report.md.push_str(&text),
+        Err(e) => report.failed("bandwidth", &e),
+    }
+
+    let (model, size, batch) = if opts.smoke { ("senetv2_resnet14b", 32, 4) } else { ("senetv2_resnet50", 224, 64) };
+    report.section(&format!("Throughput: {model}, {size}×{size}, batch {batch}"));
+    match throughput(&device, model, size, batch, opts.smoke, python.as_deref(), &opts.device) {
+        Ok(text) => report.md.push_str(&text),
+        Err(e) => report.failed("throughput", &e),
+    }
+
+    let _ = writeln!(
+        report.md,
+        "\n## Verdict\n\n{} in {:.0} s.",
+        if report.failures.is_empty() {
+            "Every check passed".to_string()
+        } else {
+            format!("FAILED: {}", report.failures.join("; "))
+        },
+        started.elapsed().as_secs_f64()
+    );
+    std::fs::create_dir_all(&opts.out)?;
+    let path = opts.out.join("gpu.md");
+    sae_fs::write_atomic(&path, report.md.as_bytes())?;
+    println!("{}", report.md);
+    eprintln!("gpu-check: wrote {}", path.display());
+    if !report.failures.is_empty() {
+        bail!("gpu-check: {} check(s) failed: {}", report.failures.len(), report.failures.join("; "))
+    }
+    Ok(())
+}
+
+/// Values in [−1, 1) from `seed` (splitmix64), rounded to `dtype` and back: what both sides
+/// of a parity check see.
+fn rounded(seed: u64, dims: &[usize], dtype: DType) -> Result<Tensor> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let values: Vec<f32> = (0..dims.iter().product::<usize>())
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect();
+    Ok(Tensor::from_vec(values, dims, &Device::Cpu)?.to_dtype(dtype)?.to_dtype(DType::F32)?)
+}
+
+/// The largest |a − b| relative to max |b| (its scale), with b the reference.
+fn relative_error(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let (a, b) = (a.to_device(&Device::Cpu)?.to_dtype(DType::F64)?, b.to_dtype(DType::F64)?);
+    if a.dims() != b.dims() {
+        bail!("shape {:?}, reference {:?}", a.dims(), b.dims())
+    }
+    let scale = b.abs()?.max_all()?.to_scalar::<f64>()?.max(1e-12);
+    Ok((a - b)?.abs()?.max_all()?.to_scalar::<f64>()? / scale)
+}
+
+type OpFn = Box<dyn Fn(&[Tensor], Implementation) -> candle_core::Result<Tensor>>;
+
+/// One op's parity case: its inputs' shapes, and the op applied to inputs of any device.
+struct ParityCase {
+    name: &'static str,
+    inputs: Vec<Vec<usize>>,
+    /// The CPU implementation the GPU is held to: the reference, except for max-pool, whose
+    /// reference gives every tied maximum the gradient (bf16 inputs do tie).
+    cpu: Implementation,
+    op: OpFn,
+}
+
+fn parity_cases() -> Vec<ParityCase> {
+    use sae_kernels::*;
+    let case = |name, inputs: &[&[usize]], cpu, op: OpFn| ParityCase {
+        name,
+        inputs: inputs.iter().map(|d| d.to_vec()).collect(),
+        cpu,
+        op,
+    };
+    let r = Implementation::Reference;
+    vec![
+        case(
+            "excitation SaE (K=4, r=4), gate 1+s",
+            &[&[3, 64, 7, 5], &[64, 64], &[64], &[64, 64], &[64]],
+            r,
+            Box::new(|t, imp| {
+                let w = ExcitationWeights { fc1_weight: &t[1], fc1_bias: &t[2], fc2_weight: &t[3], fc2_bias: &t[4] };
+                excitation(&t[0], &w, Gate::OnePlusS, imp)
+            }),
+        ),
+        case(
+            "excitation SE (r=16), gate s",
+            &[&[2, 48, 9, 9], &[3, 48], &[3], &[48, 3], &[48]],
+            r,
+            Box::new(|t, imp| {
+                let w = ExcitationWeights { fc1_weight: &t[1], fc1_bias: &t[2], fc2_weight: &t[3], fc2_bias: &t[4] };
+                excitation(&t[0], &w, Gate::S, imp)
+            }),
+        ),
+        case(
+            "conv2d 3×3 stride 2 pad 1",
+            &[&[2, 16, 15, 13], &[24, 16, 3, 3]],
+            r,
+            Box::new(|t, imp| conv2d(&t[0], &t[1], Conv2dConfig { stride: 2, padding: 1, groups: 1 }, imp)),
+        ),
+        case(
+            "conv2d 1×1, batch 1",
+            &[&[1, 32, 7, 7], &[48, 32, 1, 1]],
+            r,
+            Box::new(|t, imp| conv2d(&t[0], &t[1], Conv2dConfig { stride: 1, padding: 0, groups: 1 }, imp)),
+        ),
+        case(
+            "conv2d 3×3 groups 8",
+            &[&[2, 32, 9, 9], &[32, 4, 3, 3]],
+            r,
+            Box::new(|t, imp| conv2d(&t[0], &t[1], Conv2dConfig { stride: 1, padding: 1, groups: 8 }, imp)),
+        ),
+        case(
+            "conv2d 7×7 stride 2 pad 3 (stem)",
+            &[&[2, 3, 32, 32], &[16, 3, 7, 7]],
+            r,
+            Box::new(|t, imp| conv2d(&t[0], &t[1], Conv2dConfig { stride: 2, padding: 3, groups: 1 }, imp)),
+        ),
+        case(
+            "max_pool2d 3×3 stride 2 pad 1",
+            &[&[2, 8, 15, 13]],
+            Implementation::Fused,
+            Box::new(|t, imp| max_pool2d(&t[0], MaxPoolConfig { kernel: 3, stride: 2, padding: 1 }, imp)),
+        ),
+        case(
+            "depthwise 3×3 stride 2 pad 1",
+            &[&[2, 32, 14, 11], &[32, 1, 3, 3]],
+            r,
+            Box::new(|t, imp| depthwise_conv2d(&t[0], &t[1], DepthwiseConfig { stride: 2, padding: 1 }, imp)),
+        ),
+        case(
+            "batch_norm train + ReLU",
+            &[&[4, 24, 9, 7], &[24], &[24]],
+            r,
+            Box::new(|t, imp| batch_norm_train(&t[0], &t[1], &t[2], 1e-5, true, imp).map(|o| o.output)),
+        ),
+        case(
+            "batch_norm train",
+            &[&[1, 16, 5, 5], &[16], &[16]],
+            r,
+            Box::new(|t, imp| batch_norm_train(&t[0], &t[1], &t[2], 1e-3, false, imp).map(|o| o.output)),
+        ),
+        case(
+            "batch_norm eval + ReLU",
+            &[&[3, 24, 6, 6], &[24], &[24], &[24]],
+            r,
+            Box::new(|t, imp| {
+                // Running mean from the third input, a positive running variance from it too.
+                let var = (t[3].abs()? + 0.5)?;
+                batch_norm_eval(&t[0], &t[1], &t[2], &t[3], &var, 1e-5, true, imp)
+            }),
+        ),
+        case("relu", &[&[4, 16, 9, 9]], r, Box::new(|t, imp| relu(&t[0], imp))),
+        case("add_relu", &[&[4, 16, 9, 9], &[4, 16, 9, 9]], r, Box::new(|t, imp| add_relu(&t[0], &t[1], imp))),
+    ]
+}
+
+/// The dtypes the fused ops are checked in: f32, f16 and bf16 on CUDA; on the CPU (the smoke
+/// run) f32 and f16, as Candle's CPU matmul has no bf16.
+fn dtypes_on(device: &Device) -> Vec<DType> {
+    match device {
+        Device::Cpu => vec![DType::F32, DType::F16],
+        _ => vec![DType::F32, DType::F16, DType::BF16],
+    }
+}
+
+/// Every case in each dtype of [`dtypes_on`]: the fused op on `device` against the CPU in f32, output
+/// and the gradient of Σ output ⊙ probe for every input.
+fn parity(device: &Device) -> Result<(String, Vec<String>)> {
+    let mut md =
+        String::from("| op | dtype | output | worst gradient | tolerance | result |\n|---|---|---:|---:|---:|---|\n");
+    let mut failed = Vec::new();
+    for (i, case) in parity_cases().iter().enumerate() {
+        for (dtype, tol) in dtypes_on(device).into_iter().zip([1e-4, 1e-2, 4e-2]) {
+            let inputs: Vec<Tensor> = case
+                .inputs
+                .iter()
+                .enumerate()
+                .map(|(k, d)| rounded((i * 10 + k) as u64, d, dtype))
+                .collect::<Result<_>>()?;
+            let run = |dev: &Device, dt: DType, imp: Implementation| -> Result<(Tensor, Vec<Option<Tensor>>)> {
+                let vars: Vec<Var> = inputs
+                    .iter()
+                    .map(|t| Var::from_tensor(&t.to_dtype(dt)?.to_device(dev)?))
+                    .collect::<candle_core::Result<_>>()?;
+                let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+                let out = (case.op)(&tensors, imp)?.to_dtype(DType::F32)?;
+                let probe = Tensor::ones(out.dims(), DType::F32, dev)?.cumsum(out.rank() - 1)?.cos()?;
+                let grads = (&out * probe)?.sum_all()?.backward()?;
+                let grads = vars
+                    .iter()
+                    .map(|v| grads.get(v).map(|g| g.to_dtype(DType::F32)).transpose())
+                    .collect::<candle_core::Result<_>>()?;
+                Ok((out, grads))
+            };
+            let outcome = (|| -> Result<(f64, f64)> {
+                let (out_ref, g_ref) = run(&Device::Cpu, DType::F32, case.cpu)?;
+                let (out, g) = run(device, dtype, Implementation::Fused)?;
+                let out_err = relative_error(&out, &out_ref)?;
+                let mut grad_err = 0f64;
+                for (k, (a, b)) in g.iter().zip(&g_ref).enumerate() {
+                    match (a, b) {
+                        (Some(a), Some(b)) => {
+                            grad_err = grad_err.max(relative_error(a, b).with_context(|| format!("input {k}"))?)
+                        }
+                        (None, None) => {}
+                        _ => bail!("input {k}: a gradient on one side only"),
+                    }
+                }
+                Ok((out_err, grad_err))
+            })();
+            let name = format!("{} {dtype:?}", case.name);
+            match outcome {
+                Ok((o, g)) => {
+                    let ok = o <= tol && g <= tol;
+                    let _ = writeln!(
+                        md,
+                        "| {} | {dtype:?} | {o:.1e} | {g:.1e} | {tol:.0e} | {} |",
+                        case.name,
+                        if ok { "pass" } else { "**FAIL**" }
+                    );
+                    if !ok {
+                        failed.push(name);
+                    }
+                }
+                Err(e) => {
+                    let _ = writeln!(md, "| {} | {dtype:?} | | | | **error**: `{}` |", case.name, brief(&e));
+                    failed.push(name);
+                }
+            }
+        }
+    }
+    let _ = writeln!(md, "\nErrors are max |GPU − CPU| / max |CPU| over the output and over each input's gradient; inputs are rounded to the dtype first, the CPU computes in f32. Max-pool is held to the CPU kernel (first maximum on ties).");
+    Ok((md, failed))
+}
+
+/// A learnable batch: class k's images are a pattern of frequency k plus noise.
+fn generated_batch(batch: usize, size: usize, classes: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    let mut pixels = Vec::with_capacity(batch * 3 * size * size);
+    let labels: Vec<u32> = (0..batch).map(|i| (i % classes) as u32).collect();
+    for (i, &k) in labels.iter().enumerate() {
+        for c in 0..3 {
+            for y in 0..size {
+                for x in 0..size {
+                    let phase = (k as f32 + 1.0) * (x + 2 * y + c) as f32 / size as f32;
+                    let noise = ((i * 7919 + c * 104729 + y * 31 + x * 17) % 97) as f32 / 97.0 - 0.5;
+                    pixels.push(phase.sin() + 0.3 * noise);
+                }
+            }
+        }
+    }
+    Ok((Tensor::from_vec(pixels, (batch, 3, size, size), device)?, Tensor::new(labels.as_slice(), device)?))
+}
+
+/// Each family 50 (smoke: 12) Adam steps on one generated batch on `device`; the first 3
+/// steps also on the CPU from the same weights.
+fn training(device: &Device, smoke: bool) -> Result<(String, Vec<String>)> {
+    let families: &[&str] = if smoke {
+        &["senetv2_resnet14b", "mobilenet_v1"]
+    } else {
+        &["resnet18", "seresnet18", "senetv2_resnet18", "senetv2_resnet50", "senetv2_resnext50_32x4d", "mobilenet_v1"]
+    };
+    let steps = if smoke { 12 } else { 50 };
+    let (classes, batch, size) = (10, 16, 32);
+    let mut md = String::from(
+        "| model | first 3 losses, device | CPU | worst relative difference | mean of first 5 → last 5 | result |\n|---|---|---|---:|---|---|\n",
+    );
+    let mut failed = Vec::new();
+    for &name in families {
+        let outcome = (|| -> Result<(Vec<f32>, Vec<f32>)> {
+            let losses = |dev: &Device, n: usize| -> Result<Vec<f32>> {
+                let model = sae_models::Model::new(sae_models::config(name, classes)?, 0, dev)?;
+                let mut opt = OptimizerConfig::keras_adam().build(model.trainable_vars(), Implementation::Fused);
+                let (x, y) = generated_batch(batch, size, classes, dev)?;
+                let mut out = Vec::new();
+                for _ in 0..n {
+                    let loss = cross_entropy(&model.forward_t(&x, true)?, &y, 0.0)?;
+                    out.push(loss.to_scalar::<f32>()?);
+                    opt.step(&loss.backward()?)?;
+                }
+                Ok(out)
+            };
+            Ok((losses(device, steps)?, losses(&Device::Cpu, 3)?))
+        })();
+        match outcome {
+            Ok((gpu, cpu)) => {
+                let diff = gpu.iter().zip(&cpu).map(|(a, b)| ((a - b) / b.abs().max(1.0)).abs()).fold(0f32, f32::max);
+                let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
+                let (first, last) = (mean(&gpu[..5]), mean(&gpu[gpu.len() - 5..]));
+                let ok = diff <= 1e-3 && last < 0.7 * first && gpu.iter().all(|l| l.is_finite());
+                let fmt = |v: &[f32]| v.iter().map(|l| format!("{l:.4}")).collect::<Vec<_>>().join(", ");
+                let _ = writeln!(
+                    md,
+                    "| {name} | {} | {} | {diff:.1e} | {first:.3} → {last:.3} | {} |",
+                    fmt(&gpu[..3]),
+                    fmt(&cpu),
+                    if ok { "pass" } else { "**FAIL**" }
+                );
+                if !ok {
+                    failed.push(name.to_string());
+                }
+            }
+            Err(e) => {
+                let _ = writeln!(md, "| {name} | | | | | **error**: `{}` |", brief(&e));
+                failed.push(name.to_string());
+            }
+        }
+    }
+    let _ = writeln!(md, "\n{steps} Adam steps (Keras settings) on one generated batch of {batch} images of {size}×{size}, {classes} classes, default (fused) kernels. Pass: the first three losses within 1e-3 (relative) of the CPU's from the same initial weights, and the last five steps' mean loss below 70 % of the first five's.");
+    Ok((md, failed))
+}
+
+/// Median seconds of `f` (which must finish its device work) after two warm-up calls, over
+/// at least 3 calls and `seconds`.
+fn timed(device: &Device, seconds: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..2 {
+        f()?;
+    }
+    device.synchronize()?;
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while times.len() < 3 || start.elapsed().as_secs_f64() < seconds {
+        let t = Instant::now();
+        f()?;
+        device.synchronize()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// Nominal HBM bandwidth of the GPUs this is likely to meet, bytes/s.
+fn nominal_bandwidth(name: &str) -> Option<f64> {
+    [("H200", 4.8e12), ("H100 SXM", 3.35e12), ("H100 PCIe", 2.0e12), ("A100-SXM4-80GB", 2.04e12), ("A100", 1.55e12)]
+        .iter()
+        .find(|(k, _)| name.contains(k))
+        .map(|&(_, v)| v)
+}
+
+fn bandwidth(device: &Device, smoke: bool) -> Result<String> {
+    use sae_kernels::{excitation, ExcitationWeights, Gate};
+    let (n, c, hw) = if smoke { (4, 64, 14) } else { (64, 256, 56) };
+    let hidden = 4 * c / 32;
+    let x = Tensor::randn(0f32, 1.0, (n, c, hw, hw), device)?;
+    let w = [
+        Tensor::randn(0f32, 0.1, (hidden, c), device)?,
+        Tensor::zeros(hidden, DType::F32, device)?,
+        Tensor::randn(0f32, 0.1, (c, hidden), device)?,
+        Tensor::zeros(c, DType::F32, device)?,
+    ];
+    let weights = ExcitationWeights { fc1_weight: &w[0], fc1_bias: &w[1], fc2_weight: &w[2], fc2_bias: &w[3] };
+    let bytes = (x.elem_count() * 4) as f64;
+    let seconds = if smoke { 0.2 } else { 2.0 };
+    let fused =
+        timed(device, seconds, || Ok(excitation(&x, &weights, Gate::OnePlusS, Implementation::Fused).map(drop)?))?;
+    let copy = timed(device, seconds, || Ok(x.copy().map(drop)?))?;
+    // The fused forward reads x twice (plane sums, then scale) and writes the output once; a
+    // copy reads and writes once each.
+    let (fused_bw, copy_bw) = (3.0 * bytes / fused, 2.0 * bytes / copy);
+    let name = Command::new("nvidia-smi")
+        .args(["--query-gpu=name", "--format=csv,noheader"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let mut md = format!(
+        "Input ({n}, {c}, {hw}, {hw}) f32, SaE K=4 r=32, forward. Fused: {:.3} ms, {:.0} GB/s (3 × {:.0} MB moved); device copy of the input: {:.3} ms, {:.0} GB/s; fused / copy = **{:.0} %**",
+        fused * 1e3,
+        fused_bw / 1e9,
+        bytes / 1e6,
+        copy * 1e3,
+        copy_bw / 1e9,
+        100.0 * fused_bw / copy_bw
+    );
+    if let Some(peak) = nominal_bandwidth(&name) {
+        let _ = write!(md, "; of the {name}'s nominal {:.1} TB/s: **{:.0} %**", peak / 1e12, 100.0 * fused_bw / peak);
+    }
+    md.push_str(".\n");
+    Ok(md)
+}
+
+/// Images/s of one training step (forward, backward, Adam) or one inference forward.
+fn ours(
+    device: &Device,
+    model: &str,
+    size: usize,
+    batch: usize,
+    dtype: DType,
+    train: bool,
+    seconds: f64,
+) -> Result<f64> {
+    let net = sae_models::Model::new_with_dtype(sae_models::config(model, 1000)?, 0, device, dtype)?;
+    let x = Tensor::randn(0f32, 1.0, (batch, 3, size, size), device)?.to_dtype(dtype)?;
+    let y = Tensor::new((0..batch as u32).map(|i| i * 37 % 1000).collect::<Vec<_>>().as_slice(), device)?;
+    let mut opt = OptimizerConfig::keras_adam().build(net.trainable_vars(), Implementation::Fused);
+    let step = timed(device, seconds, || {
+        if train {
+            let loss = cross_entropy(&net.forward_t(&x, true)?.to_dtype(DType::F32)?, &y, 0.0)?;
+            opt.step(&loss.backward()?)?;
+        } else {
+            net.forward_t(&x, false)?;
+        }
+        Ok(())
+    })?;
+    Ok(batch as f64 / step)
+}
+
+/// PyTorch's images/s for the same rows: (eager f32, channels_last + bf16 autocast).
+fn torch_rows(
+    python: &Path,
+    device: &str,
+    model: &str,
+    size: usize,
+    batch: usize,
+    seconds: f64,
+) -> Result<Vec<(String, f64)>> {
+    let script = std::env::current_dir()?.join("bench/pytorch/bench_train.py");
+    let rows = format!("{model}:{size}:{batch}:train,{model}:{size}:{batch}:infer");
+    let mut out = Vec::new();
+    for variant in ["eager", "channels_last_bf16"] {
+        let o = Command::new(python)
+            .arg(&script)
+            .args(["--device", device, "--variant", variant, "--seconds", &seconds.to_string(), "--rows", &rows])
+            .output()
+            .with_context(|| format!("running {}", python.display()))?;
+        if !o.status.success() {
+            bail!("{} failed: {}", script.display(), String::from_utf8_lossy(&o.stderr))
+        }
+        let lines: Vec<serde_json::Value> =
+            String::from_utf8_lossy(&o.stdout).lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+        let version = lines.first().and_then(|l| l["torch"].as_str()).unwrap_or("?").to_string();
+        for l in lines.iter().skip(1) {
+            let mode = l["mode"].as_str().unwrap_or("?");
+            out.push((
+                format!("PyTorch {version} {variant}, {mode}"),
+                l["images_per_second"].as_f64().context("no images/s")?,
+            ));
+        }
+    }
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn throughput(
+    device: &Device,
+    model: &str,
+    size: usize,
+    batch: usize,
+    smoke: bool,
+    python: Option<&Path>,
+    device_name: &str,
+) -> Result<String> {
+    let seconds = if smoke { 0.5 } else { 10.0 };
+    let mut md = String::from("| what | images/s |\n|---|---:|\n");
+    let mut ours_f32_train = None;
+    for dtype in dtypes_on(device).into_iter().filter(|&d| d != DType::F16) {
+        let what = if dtype == DType::F32 { "f32" } else { "bf16 (weights and activations)" };
+        for train in [true, false] {
+            let mode = if train { "train" } else { "infer" };
+            match ours(device, model, size, batch, dtype, train, seconds) {
+                Ok(v) => {
+                    if train && dtype == DType::F32 {
+                        ours_f32_train = Some(v);
+                    }
+                    let _ = writeln!(md, "| sae {what}, {mode} | {v:.1} |");
+                }
+                Err(e) => {
+                    let _ = writeln!(md, "| sae {what}, {mode} | **error**: `{}` |", brief(&e));
+                }
+            }
+        }
+    }
+    let Some(python) = python else {
+        md.push_str("\nPyTorch not measured (no `--python`).\n");
+        return Ok(md);
+    };
+    match torch_rows(python, device_name, model, size, batch, seconds) {
+        Ok(rows) => {
+            for (what, v) in &rows {
+                let _ = writeln!(md, "| {what} | {v:.1} |");
+            }
+            let eager_train = rows.iter().find(|(w, _)| w.contains("eager, train")).map(|r| r.1);
+            if let (Some(a), Some(b)) = (ours_f32_train, eager_train) {
+                let _ = writeln!(md, "\nTraining f32, sae / PyTorch eager: **{:.2}×** (target ≥ 1).", a / b);
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(md, "| PyTorch | **error**: `{}` |", brief(&e));
+        }
+    }
+    let _ = writeln!(md, "\nTraining: forward, backward and the Adam step; inference: an eval-mode forward. Median step after two warm-ups, at least {seconds} s each, synchronised.");
+    Ok(md)
+}
