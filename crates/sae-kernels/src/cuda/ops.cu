@@ -10,6 +10,30 @@
 
 #include "common.cuh"
 
+// Element e of a contiguous (N, C, H, W) tensor: its four indices.
+struct Position {
+    uint32_t n, c, i, j;
+};
+
+__device__ __forceinline__ Position position(size_t e, uint32_t C, uint32_t H, uint32_t W) {
+    return Position{(uint32_t)(e / ((size_t)C * H * W)), (uint32_t)(e / ((size_t)H * W) % C), (uint32_t)(e / W % H),
+                    (uint32_t)(e % W)};
+}
+
+// Calls f(ky, kx, oy, ox) for every output (oy, ox) whose window reads input (iy, ix) at tap
+// (ky, kx): the transpose of a window's gather, for the input gradients.
+template <typename F> __device__ void for_each_reader(const Geometry &g, uint32_t iy, uint32_t ix, F f) {
+    for (uint32_t ky = 0; ky < g.kh; ++ky) {
+        const int ty = (int)(iy + g.pad) - (int)ky;
+        if (ty < 0 || ty % g.stride != 0 || ty / g.stride >= g.oh) continue;
+        for (uint32_t kx = 0; kx < g.kw; ++kx) {
+            const int tx = (int)(ix + g.pad) - (int)kx;
+            if (tx < 0 || tx % g.stride != 0 || tx / g.stride >= g.ow) continue;
+            f(ky, kx, (uint32_t)(ty / g.stride), (uint32_t)(tx / g.stride));
+        }
+    }
+}
+
 // ---- conv.rs: im2col and col2im around cuBLAS multiplies ----
 
 // col (C·kh·kw, N·OH·OW), row (c, ky, kx), column (n, oy, ox): the input value each tap sees
@@ -17,8 +41,8 @@
 template <typename T> __device__ void im2col(const T *x, Strides4 xs, Geometry g, T *col) {
     const size_t pixels = (size_t)g.n * g.oh * g.ow, count = (size_t)g.c * g.kh * g.kw * pixels;
     SAE_FOR_EACH(e, count) {
-        const size_t row = e / pixels, p = e % pixels;
-        const uint32_t n = p / (g.oh * g.ow), oy = p / g.ow % g.oh, ox = p % g.ow;
+        const size_t row = e / pixels, column = e % pixels;
+        const uint32_t n = column / ((size_t)g.oh * g.ow), oy = column / g.ow % g.oh, ox = column % g.ow;
         const uint32_t kx = row % g.kw, ky = row / g.kw % g.kh, c = row / ((size_t)g.kh * g.kw);
         const int iy = (int)(oy * g.stride + ky) - (int)g.pad, ix = (int)(ox * g.stride + kx) - (int)g.pad;
         const bool inside = iy >= 0 && iy < (int)g.h && ix >= 0 && ix < (int)g.w;
@@ -31,20 +55,12 @@ template <typename T> __device__ void im2col(const T *x, Strides4 xs, Geometry g
 template <typename T> __device__ void col2im(const T *dcol, Geometry g, T *dx) {
     const size_t pixels = (size_t)g.n * g.oh * g.ow, count = (size_t)g.n * g.c * g.h * g.w;
     SAE_FOR_EACH(e, count) {
-        const uint32_t ix = e % g.w, iy = e / g.w % g.h, c = e / ((size_t)g.h * g.w) % g.c;
-        const uint32_t n = e / ((size_t)g.c * g.h * g.w);
+        const Position p = position(e, g.c, g.h, g.w);
         float acc = 0.0f;
-        for (uint32_t ky = 0; ky < g.kh; ++ky) {
-            const int ty = (int)(iy + g.pad) - (int)ky;
-            if (ty < 0 || ty % g.stride != 0 || ty / g.stride >= g.oh) continue;
-            for (uint32_t kx = 0; kx < g.kw; ++kx) {
-                const int tx = (int)(ix + g.pad) - (int)kx;
-                if (tx < 0 || tx % g.stride != 0 || tx / g.stride >= g.ow) continue;
-                const size_t row = ((size_t)c * g.kh + ky) * g.kw + kx;
-                const size_t p = ((size_t)n * g.oh + ty / g.stride) * g.ow + tx / g.stride;
-                acc += to_f(dcol[row * pixels + p]);
-            }
-        }
+        for_each_reader(g, p.i, p.j, [&](uint32_t ky, uint32_t kx, uint32_t oy, uint32_t ox) {
+            const size_t row = ((size_t)p.c * g.kh + ky) * g.kw + kx;
+            acc += to_f(dcol[row * pixels + ((size_t)p.n * g.oh + oy) * g.ow + ox]);
+        });
         dx[e] = from_f<T>(acc);
     }
 }
@@ -78,10 +94,9 @@ __device__ int window_argmax(const T *x, const Strides4 &xs, const Geometry &g, 
 template <typename T> __device__ void max_pool_fwd(const T *x, Strides4 xs, Geometry g, T *out) {
     const size_t count = (size_t)g.n * g.c * g.oh * g.ow;
     SAE_FOR_EACH(e, count) {
-        const uint32_t ox = e % g.ow, oy = e / g.ow % g.oh, c = e / ((size_t)g.oh * g.ow) % g.c;
-        const uint32_t n = e / ((size_t)g.c * g.oh * g.ow);
+        const Position o = position(e, g.c, g.oh, g.ow);
         float m;
-        window_argmax(x, xs, g, n, c, oy, ox, &m);
+        window_argmax(x, xs, g, o.n, o.c, o.i, o.j, &m);
         out[e] = from_f<T>(m);
     }
 }
@@ -91,8 +106,8 @@ template <typename T> __device__ void max_pool_fwd(const T *x, Strides4 xs, Geom
 template <typename T> __device__ void max_pool_bwd(const T *x, Strides4 xs, const T *grad, Strides4 gs, Geometry g, T *dx) {
     const size_t count = (size_t)g.n * g.c * g.h * g.w;
     SAE_FOR_EACH(e, count) {
-        const uint32_t ix = e % g.w, iy = e / g.w % g.h, c = e / ((size_t)g.h * g.w) % g.c;
-        const uint32_t n = e / ((size_t)g.c * g.h * g.w);
+        const Position p = position(e, g.c, g.h, g.w);
+        const uint32_t n = p.n, c = p.c, iy = p.i, ix = p.j;
         // Windows oy with oy·stride − pad ≤ iy < oy·stride − pad + k.
         const int lo_y = max(0, ((int)(iy + g.pad) - (int)g.kh) / (int)g.stride);
         const int lo_x = max(0, ((int)(ix + g.pad) - (int)g.kw) / (int)g.stride);
@@ -112,8 +127,8 @@ template <typename T> __device__ void max_pool_bwd(const T *x, Strides4 xs, cons
 template <typename T> __device__ void depthwise_fwd(const T *x, Strides4 xs, const T *w, Geometry g, T *out) {
     const size_t count = (size_t)g.n * g.c * g.oh * g.ow;
     SAE_FOR_EACH(e, count) {
-        const uint32_t ox = e % g.ow, oy = e / g.ow % g.oh, c = e / ((size_t)g.oh * g.ow) % g.c;
-        const uint32_t n = e / ((size_t)g.c * g.oh * g.ow);
+        const Position o = position(e, g.c, g.oh, g.ow);
+        const uint32_t n = o.n, c = o.c, oy = o.i, ox = o.j;
         float acc = 0.0f;
         for (uint32_t ky = 0; ky < g.kh; ++ky) {
             const int iy = (int)(oy * g.stride + ky) - (int)g.pad;
@@ -134,19 +149,11 @@ template <typename T>
 __device__ void depthwise_bwd_input(const T *w, const T *grad, Strides4 gs, Geometry g, T *dx) {
     const size_t count = (size_t)g.n * g.c * g.h * g.w;
     SAE_FOR_EACH(e, count) {
-        const uint32_t ix = e % g.w, iy = e / g.w % g.h, c = e / ((size_t)g.h * g.w) % g.c;
-        const uint32_t n = e / ((size_t)g.c * g.h * g.w);
+        const Position p = position(e, g.c, g.h, g.w);
         float acc = 0.0f;
-        for (uint32_t ky = 0; ky < g.kh; ++ky) {
-            const int ty = (int)(iy + g.pad) - (int)ky;
-            if (ty < 0 || ty % g.stride != 0 || ty / g.stride >= g.oh) continue;
-            for (uint32_t kx = 0; kx < g.kw; ++kx) {
-                const int tx = (int)(ix + g.pad) - (int)kx;
-                if (tx < 0 || tx % g.stride != 0 || tx / g.stride >= g.ow) continue;
-                acc += to_f(w[((size_t)c * g.kh + ky) * g.kw + kx]) *
-                       to_f(grad[element(gs, n, c, ty / g.stride, tx / g.stride)]);
-            }
-        }
+        for_each_reader(g, p.i, p.j, [&](uint32_t ky, uint32_t kx, uint32_t oy, uint32_t ox) {
+            acc += to_f(w[((size_t)p.c * g.kh + ky) * g.kw + kx]) * to_f(grad[element(gs, p.n, p.c, oy, ox)]);
+        });
         dx[e] = from_f<T>(acc);
     }
 }
@@ -198,9 +205,9 @@ __device__ void channel_affine(const T *x, Strides4 xs, const T *a, const T *b, 
                                const float *inv_std, uint32_t relu, Geometry g, T *out) {
     const size_t count = (size_t)g.n * g.c * g.h * g.w;
     SAE_FOR_EACH(e, count) {
-        const uint32_t j = e % g.w, i = e / g.w % g.h, c = e / ((size_t)g.h * g.w) % g.c;
-        const uint32_t n = e / ((size_t)g.c * g.h * g.w);
-        float v = to_f(x[element(xs, n, c, i, j)]);
+        const Position p = position(e, g.c, g.h, g.w);
+        const uint32_t c = p.c;
+        float v = to_f(x[element(xs, p.n, c, p.i, p.j)]);
         if (mean != nullptr) v = (v - mean[c]) * inv_std[c];
         v = v * to_f(a[c]) + to_f(b[c]);
         // As Rust's f32::max(v, 0): 0 for NaN.
@@ -243,15 +250,15 @@ __device__ void channel_input_grad(const T *x, Strides4 xs, const T *dy, const T
     const size_t count = (size_t)g.n * g.c * g.h * g.w;
     const float m = (float)((size_t)g.n * g.h * g.w);
     SAE_FOR_EACH(e, count) {
-        const uint32_t j = e % g.w, i = e / g.w % g.h, c = e / ((size_t)g.h * g.w) % g.c;
-        const uint32_t n = e / ((size_t)g.c * g.h * g.w);
+        const Position p = position(e, g.c, g.h, g.w);
+        const uint32_t c = p.c;
         const float gv = to_f(dy[e]);
         if (mean == nullptr) {
             dx[e] = from_f<T>(gv * to_f(a[c]));
             continue;
         }
         const float inv = inv_std[c], scale = to_f(a[c]) * inv;
-        const float xhat = (to_f(x[element(xs, n, c, i, j)]) - mean[c]) * inv;
+        const float xhat = (to_f(x[element(xs, p.n, c, p.i, p.j)]) - mean[c]) * inv;
         dx[e] = from_f<T>(scale * (gv - sums[c] / m - xhat * (sums[g.c + c] * inv) / m));
     }
 }
