@@ -2,9 +2,11 @@
 //! for a machine that has the NVIDIA driver and PyTorch but no Rust toolchain.
 //!
 //! Here (any machine with nvcc): `cargo xtask gpu-check` builds this runner with the `cuda`
-//! feature into `target/gpu/xtask` (stripped; it must stay under 50 MB to be carried) and
-//! prints the command to run there. There: `target/gpu/xtask gpu-check --run --out DIR`
-//! finds the CUDA libraries (PyTorch's, or a CUDA install), then
+//! feature into `target/gpu/xtask.gz` (stripped and compressed: 16 MB to carry), linked
+//! against CUDA 13's libraries (a toolkit's, or pip's wheels and a driver stub), and writes
+//! `target/gpu/gpu-check.sh`. There: `target/gpu/gpu-check.sh --out DIR` puts the machine's
+//! CUDA libraries (PyTorch's nvidia-* wheels, or /usr/local/cuda) on the loader's path, says
+//! which are missing if any, and runs `xtask gpu-check --run`, which
 //!
 //! 1. runs every op's parity check: the fused op on the GPU in f32, f16 and bf16 against the
 //!    reference on the CPU in f32 on the same rounded values, output and every gradient;
@@ -30,17 +32,44 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-/// Set once the runner has re-executed itself with the CUDA libraries on the loader's path.
-const LIBS_SET: &str = "SAE_GPU_CHECK_LIBS";
+/// The most the runner may take when carried to a GPU machine (gzip-compressed: Candle's
+/// CUDA kernels make the stripped binary about 60 MB, 16 MB compressed).
+const MAX_CARRIED_BYTES: u64 = 50 << 20;
 
-/// The largest binary worth carrying to a GPU machine.
-const MAX_BINARY_BYTES: u64 = 50 << 20;
+/// The CUDA libraries Candle links (cudarc's `dynamic-linking`), with the SONAME versions of
+/// CUDA 13; the driver's `libcuda` comes separately (a stub at link time).
+const CUDA_LIBRARIES: [(&str, &str); 5] =
+    [("cublas", "13"), ("cublasLt", "13"), ("cudart", "13"), ("nvrtc", "13"), ("curand", "10")];
 
-/// Builds the CUDA runner into `target/gpu/xtask`.
+/// The wheels that hold [`CUDA_LIBRARIES`], for linking where the CUDA toolkit is only nvcc.
+const CUDA_WHEELS: [&str; 4] =
+    ["nvidia-cublas==13.0.*", "nvidia-cuda-runtime==13.0.*", "nvidia-cuda-nvrtc==13.0.*", "nvidia-curand==10.4.*"];
+
+/// Runs the runner beside it with the CUDA libraries of the machine's PyTorch (its nvidia-*
+/// wheels) or CUDA install on the loader's path: the binary links them, so it cannot start
+/// without them.
+const WRAPPER: &str = r#"#!/bin/sh
+# Written by `cargo xtask gpu-check`. Usage: target/gpu/gpu-check.sh [--out DIR] [--python PY]
+here=$(dirname "$0")
+bin=${TMPDIR:-/tmp}/sae-gpu-check-xtask
+gzip -dc "$here/xtask.gz" > "$bin" && chmod +x "$bin" || exit 1
+py=${PYTHON:-python3}
+wheels=$("$py" -c 'import glob, site; print(":".join(d for s in site.getsitepackages() for d in glob.glob(s + "/nvidia/*/lib")))' 2>/dev/null)
+export LD_LIBRARY_PATH="${wheels}:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+missing=$(ldd "$bin" | grep 'not found')
+if [ -n "$missing" ]; then
+    echo "gpu-check: CUDA libraries not found:" >&2
+    echo "$missing" >&2
+    echo "install PyTorch with CUDA 13 (its nvidia-* wheels, found through \$PYTHON, default python3) or the CUDA 13 toolkit in /usr/local/cuda, or set LD_LIBRARY_PATH" >&2
+    exit 1
+fi
+exec "$bin" gpu-check --run "$@"
+"#;
+
+/// Builds the CUDA runner into `target/gpu/xtask.gz`, with `target/gpu/gpu-check.sh` to start it.
 pub fn build(root: &Path) -> Result<()> {
-    let Some(nvcc) = crate::ptx::nvcc() else {
-        bail!("gpu-check: no nvcc found; set CUDA_HOME to a CUDA 12/13 toolkit")
-    };
+    let Some(nvcc) = crate::ptx::nvcc() else { bail!("gpu-check: no nvcc found; set CUDA_HOME to a CUDA 13 toolkit") };
+    let link_dirs = link_libraries(root, &nvcc)?;
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(root).args([
         "build",
@@ -53,6 +82,13 @@ pub fn build(root: &Path) -> Result<()> {
         "target/gpu-check",
     ]);
     crate::ptx::cuda_env(&mut cmd, &nvcc)?;
+    // The C compiler driving the link searches LIBRARY_PATH for `-l` libraries; unlike
+    // RUSTFLAGS it does not make cargo rebuild the dependencies.
+    let mut library_path = link_dirs;
+    if let Some(old) = std::env::var_os("LIBRARY_PATH") {
+        library_path.extend(std::env::split_paths(&old));
+    }
+    cmd.env("LIBRARY_PATH", std::env::join_paths(library_path)?);
     cmd.env("CARGO_PROFILE_RELEASE_STRIP", "symbols").env("CARGO_PROFILE_RELEASE_DEBUG", "0");
     eprintln!("gpu-check: cargo build --release -p xtask --features cuda (slow the first time)");
     if !cmd.status().context("running cargo build")?.success() {
@@ -60,17 +96,106 @@ pub fn build(root: &Path) -> Result<()> {
     }
     let dir = root.join("target/gpu");
     std::fs::create_dir_all(&dir)?;
-    let bin = dir.join("xtask");
-    std::fs::copy(root.join("target/gpu-check/release/xtask"), &bin).context("copying the runner")?;
-    let size = std::fs::metadata(&bin)?.len();
-    if size > MAX_BINARY_BYTES {
-        bail!("gpu-check: the runner is {} MB, over the {} MB that can be carried", size >> 20, MAX_BINARY_BYTES >> 20)
+    let bin = root.join("target/gpu-check/release/xtask");
+    let carried = dir.join("xtask.gz");
+    let gz = Command::new("gzip").arg("-9").arg("-c").arg(&bin).output().context("running gzip")?;
+    if !gz.status.success() {
+        bail!("gpu-check: gzip failed on {}", bin.display())
+    }
+    sae_fs::write_atomic(&carried, &gz.stdout)?;
+    let wrapper = dir.join("gpu-check.sh");
+    std::fs::write(&wrapper, WRAPPER)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
+    let size = gz.stdout.len() as u64;
+    if size > MAX_CARRIED_BYTES {
+        bail!(
+            "gpu-check: the runner is {} MB compressed, over the {} MB that can be carried",
+            size >> 20,
+            MAX_CARRIED_BYTES >> 20
+        )
     }
     println!(
-        "gpu-check: {} ({:.1} MB). On the GPU machine, from the repository root:\n  target/gpu/xtask gpu-check --run --out OUT_DIR\nthen commit OUT_DIR/gpu.md as results/gpu.md.",
-        bin.display(),
-        size as f64 / 1e6
+        "gpu-check: {} ({:.1} MB; {:.1} MB uncompressed). On the GPU machine, from the repository root:\n  target/gpu/gpu-check.sh --out OUT_DIR\nthen commit OUT_DIR/gpu.md as results/gpu.md.",
+        carried.display(),
+        size as f64 / 1e6,
+        std::fs::metadata(&bin)?.len() as f64 / 1e6
     );
+    Ok(())
+}
+
+/// Directories to link the CUDA libraries from: a full toolkit's `lib64` and `lib64/stubs`
+/// beside nvcc, or else `target/gpu-check/link` with the libraries of [`CUDA_WHEELS`]
+/// (installed once into `~/.cache/sae/cuda13-libs`) under their link names and a stub
+/// `libcuda.so` (the driver is the GPU machine's).
+fn link_libraries(root: &Path, nvcc: &Path) -> Result<Vec<PathBuf>> {
+    if let Some(home) = nvcc.parent().and_then(Path::parent) {
+        let lib64 = home.join("lib64");
+        if lib64.join("libcublas.so").exists() && lib64.join("stubs/libcuda.so").exists() {
+            return Ok(vec![lib64.clone(), lib64.join("stubs")]);
+        }
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).context("HOME is not set")?;
+    let wheels =
+        std::env::var_os("SAE_CUDA_LIBS_DIR").map(PathBuf::from).unwrap_or(home.join(".cache/sae/cuda13-libs"));
+    let lib = wheels.join("nvidia/cu13/lib");
+    if !CUDA_LIBRARIES.iter().all(|(name, v)| lib.join(format!("lib{name}.so.{v}")).exists()) {
+        eprintln!("gpu-check: pip install {} (about 700 MB, once) into {}", CUDA_WHEELS.join(" "), wheels.display());
+        let status = Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps", "--target"])
+            .arg(&wheels)
+            .args(CUDA_WHEELS)
+            .status()
+            .context("running pip")?;
+        if !status.success() {
+            bail!("gpu-check: pip could not install the CUDA libraries to link against")
+        }
+    }
+    let link = root.join("target/gpu-check/link");
+    std::fs::create_dir_all(&link)?;
+    for (name, version) in CUDA_LIBRARIES {
+        let path = link.join(format!("lib{name}.so"));
+        let _ = std::fs::remove_file(&path);
+        std::os::unix::fs::symlink(lib.join(format!("lib{name}.so.{version}")), &path)?;
+    }
+    driver_stub(root, &link)?;
+    Ok(vec![link])
+}
+
+/// `libcuda.so` (SONAME `libcuda.so.1`) defining every driver function cudarc declares, each
+/// returning 0: enough to link; at run time the loader binds the real driver.
+fn driver_stub(root: &Path, link: &Path) -> Result<()> {
+    let metadata = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(root)
+        .args(["metadata", "--format-version", "1", "--features", "xtask/cuda"])
+        .output()
+        .context("running cargo metadata")?;
+    let metadata: serde_json::Value = serde_json::from_slice(&metadata.stdout).context("reading cargo metadata")?;
+    let manifest = metadata["packages"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["name"] == "cudarc"))
+        .and_then(|p| p["manifest_path"].as_str())
+        .context("cudarc is not among the dependencies")?;
+    let sys = Path::new(manifest).with_file_name("src/driver/sys/mod.rs");
+    let source = std::fs::read_to_string(&sys).with_context(|| format!("reading {}", sys.display()))?;
+    let mut names: Vec<&str> = source
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.len() > 3 && w.starts_with("cu") && w.as_bytes()[2].is_ascii_uppercase())
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    let stub: String = names.iter().map(|n| format!("int {n}(void) {{ return 0; }}\n")).collect();
+    let c = link.join("cuda_stub.c");
+    std::fs::write(&c, stub)?;
+    let status = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
+        .args(["-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o"])
+        .arg(link.join("libcuda.so"))
+        .arg(&c)
+        .status()
+        .context("running cc")?;
+    if !status.success() {
+        bail!("gpu-check: compiling the libcuda stub failed")
+    }
     Ok(())
 }
 
@@ -80,60 +205,6 @@ pub struct RunOptions {
     pub smoke: bool,
     pub out: PathBuf,
     pub python: Option<PathBuf>,
-}
-
-/// Library directories of a CUDA install and of PyTorch's CUDA wheels (`nvidia/*/lib`).
-fn cuda_library_dirs(python: &Path) -> Vec<PathBuf> {
-    let mut dirs: Vec<PathBuf> = ["/usr/local/cuda/lib64", "/usr/local/cuda/targets/x86_64-linux/lib"]
-        .iter()
-        .map(PathBuf::from)
-        .chain(std::env::var_os("CUDA_HOME").map(|h| PathBuf::from(h).join("lib64")))
-        .collect();
-    let site = Command::new(python)
-        .args(["-c", "import site; print('\\n'.join(site.getsitepackages()))"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
-        .unwrap_or_default();
-    for nvidia in site.lines().map(|l| PathBuf::from(l).join("nvidia")) {
-        dirs.extend(std::fs::read_dir(&nvidia).into_iter().flatten().flatten().map(|e| e.path().join("lib")));
-    }
-    dirs.retain(|d| d.is_dir());
-    dirs
-}
-
-/// On CUDA, re-executes this runner with the CUDA libraries on `LD_LIBRARY_PATH` (cudarc
-/// loads cuBLAS and cuRAND at run time), unless that was done already. Returns `Some(exit
-/// code)` when it did.
-fn with_cuda_libraries(python: &Path) -> Result<Option<i32>> {
-    if std::env::var_os(LIBS_SET).is_some() {
-        return Ok(None);
-    }
-    let dirs = cuda_library_dirs(python);
-    let has_cublas = |d: &PathBuf| {
-        std::fs::read_dir(d)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|e| e.file_name().to_string_lossy().starts_with("libcublas.so"))
-    };
-    if !dirs.iter().any(has_cublas) {
-        bail!(
-            "gpu-check: no libcublas found (looked in /usr/local/cuda, $CUDA_HOME and the nvidia wheels of {}); \
-             install PyTorch with CUDA or the CUDA toolkit, or pass --python with the Python that has them",
-            python.display()
-        )
-    }
-    let mut path = dirs;
-    if let Some(old) = std::env::var_os("LD_LIBRARY_PATH") {
-        path.extend(std::env::split_paths(&old));
-    }
-    let status = Command::new(std::env::current_exe()?)
-        .args(std::env::args_os().skip(1))
-        .env("LD_LIBRARY_PATH", std::env::join_paths(path)?)
-        .env(LIBS_SET, "1")
-        .status()
-        .context("re-running gpu-check with the CUDA libraries")?;
-    Ok(Some(status.code().unwrap_or(1)))
 }
 
 /// An error's message on one line, fit for a table cell (Candle appends a backtrace when
@@ -167,11 +238,6 @@ pub fn run(opts: &RunOptions) -> Result<()> {
     // On the GPU machine the Python with PyTorch is `python3`; elsewhere PyTorch is measured
     // only when `--python` names one.
     let python = opts.python.clone().or_else(|| (opts.device == "cuda").then(|| PathBuf::from("python3")));
-    if let (Some(python), "cuda") = (&python, opts.device.as_str()) {
-        if let Some(code) = with_cuda_libraries(python)? {
-            std::process::exit(code);
-        }
-    }
     let device = sae_train::device(&opts.device, 0)?;
     let started = Instant::now();
     let mut report = Report { md: String::new(), failures: Vec::new() };
@@ -683,6 +749,20 @@ fn throughput(
                 Err(e) => {
                     let _ = writeln!(md, "| sae {what}, {mode} | **error**: `{}` |", brief(&e));
                 }
+            }
+        }
+    }
+    if device.is_cuda() {
+        // PyTorch's cuDNN convolutions use TF32 by default (torch.backends.cudnn.allow_tf32).
+        candle_core::cuda::set_gemm_reduced_precision_f32(true);
+        let tf32 = ours(device, model, size, batch, DType::F32, true, seconds);
+        candle_core::cuda::set_gemm_reduced_precision_f32(false);
+        match tf32 {
+            Ok(v) => {
+                let _ = writeln!(md, "| sae f32 with TF32 matmuls (PyTorch's cuDNN default), train | {v:.1} |");
+            }
+            Err(e) => {
+                let _ = writeln!(md, "| sae f32 with TF32 matmuls, train | **error**: `{}` |", brief(&e));
             }
         }
     }
