@@ -5,7 +5,8 @@ on CUDA (`cargo xtask gpu-check`: synchronised steps, cuDNN benchmark mode, and 
 `channels_last_bf16`: channels-last memory format with bf16 autocast).
 
 Prints one JSON object per line: a `matmul` line (this machine's sgemm GFLOP/s through
-PyTorch), then one line per requested row with its parameter count and images/s.
+PyTorch; not with --skip-matmul), then one line per requested row with its parameter count,
+images/s and resident memory (before the model was built, and the process's peak).
 
     python bench_train.py --threads 2 --seconds 10 --rows resnet50:32:16:train,resnet50:140:1:infer
     python bench_train.py --device cuda --variant channels_last_bf16 --rows senetv2_resnet50:224:64:train
@@ -15,6 +16,7 @@ import contextlib
 
 import argparse
 import json
+import resource
 import statistics
 import time
 
@@ -109,7 +111,20 @@ def timed(step, seconds, device=torch.device("cpu")):
     return statistics.median(times), len(times)
 
 
+def resident_bytes():
+    """VmRSS of this process (Linux), bytes; 0 where unreadable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def bench_row(name, size, batch, mode, seconds, device, variant):
+    baseline = resident_bytes()
     torch.manual_seed(0)
     layers, attention = MODELS[name]
     model = ResNet(layers, attention, 100).to(device)
@@ -147,7 +162,11 @@ def bench_row(name, size, batch, mode, seconds, device, variant):
 
     median, steps = timed(step, seconds, device)
     params = sum(p.numel() for p in model.parameters())
+    # ru_maxrss is in KiB on Linux: the peak of the whole process, this row being its only one
+    # when `cargo xtask bench-train` runs it.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"model": name, "size": size, "batch": batch, "mode": mode, "variant": variant, "params": params,
+            "baseline_rss": baseline, "peak_rss": peak,
             "images_per_second": batch / median, "steps": steps}
 
 
@@ -155,7 +174,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--rows", required=True, help="model:size:batch:train|infer, comma-separated")
+    ap.add_argument("--rows", default="", help="model:size:batch:train|infer, comma-separated")
+    ap.add_argument("--skip-matmul", action="store_true", help="no matmul line (bench-train times it once)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--variant", default="eager", choices=["eager", "channels_last_bf16"])
     args = ap.parse_args()
@@ -164,11 +184,12 @@ def main():
         torch.set_num_threads(args.threads)
     else:
         torch.backends.cudnn.benchmark = True
-    a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
-    median, _ = timed(lambda: a @ b, 2.0, device)
-    print(json.dumps({"matmul_gflops": 2 * 2048**3 / median / 1e9, "torch": torch.__version__,
-                      "threads": torch.get_num_threads()}), flush=True)
-    for row in args.rows.split(","):
+    if not args.skip_matmul:
+        a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
+        median, _ = timed(lambda: a @ b, 2.0, device)
+        print(json.dumps({"matmul_gflops": 2 * 2048**3 / median / 1e9, "torch": torch.__version__,
+                          "threads": torch.get_num_threads()}), flush=True)
+    for row in filter(None, args.rows.split(",")):
         name, size, batch, mode = row.split(":")
         print(json.dumps(bench_row(name, int(size), int(batch), mode, args.seconds, device, args.variant)),
               flush=True)

@@ -28,7 +28,7 @@ enum Mode {
 }
 
 /// One measured configuration.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 struct Row {
     model: &'static str,
     size: usize,
@@ -55,13 +55,41 @@ const ROWS: &[Row] = &[
 ];
 
 /// Median step time (and its forward / backward / optimiser parts) after one warm-up step,
-/// over at least 3 steps and `seconds`.
+/// over at least 3 steps and `seconds`, and the measuring process's memory.
 #[derive(Debug, Clone, Copy, Default)]
 struct Timing {
     step: f64,
     forward: f64,
     backward: f64,
     optimizer: f64,
+    memory: Memory,
+}
+
+/// A process's resident memory: before the model was built, and its peak (bytes).
+#[derive(Debug, Clone, Copy, Default)]
+struct Memory {
+    baseline: u64,
+    peak: u64,
+}
+
+impl Memory {
+    /// "peak MB (+ above the baseline)".
+    fn describe(&self) -> String {
+        format!("{:.0} (+{:.0})", self.peak as f64 / 1e6, self.peak.saturating_sub(self.baseline) as f64 / 1e6)
+    }
+}
+
+/// `(VmRSS, VmHWM)` of this process from /proc/self/status, bytes (zeros where unreadable).
+fn resident_memory() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -69,7 +97,53 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Measures one row in a process of its own (`xtask bench-train-row`), so that its peak
+/// memory is its own.
 fn measure_ours(r: Row, kernels: Implementation, seconds: f64) -> Result<Timing> {
+    let mode = if r.mode == Mode::Train { "train" } else { "infer" };
+    let out = Command::new(std::env::current_exe()?)
+        .args(["bench-train-row", r.model, &r.size.to_string(), &r.batch.to_string(), mode, kernels.name()])
+        .arg(seconds.to_string())
+        .output()
+        .context("starting bench-train-row")?;
+    if !out.status.success() {
+        bail!("bench-train-row {} failed: {}", r.model, String::from_utf8_lossy(&out.stderr))
+    }
+    let v: Vec<f64> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .context("reading bench-train-row's output")?;
+    let &[step, forward, backward, optimizer, baseline, peak] = v.as_slice() else {
+        bail!("bench-train-row printed {} numbers, expected 6", v.len())
+    };
+    Ok(Timing { step, forward, backward, optimizer, memory: Memory { baseline: baseline as u64, peak: peak as u64 } })
+}
+
+/// `xtask bench-train-row MODEL SIZE BATCH train|infer KERNELS SECONDS`: one row measured in
+/// this process; prints step, forward, backward and optimiser seconds, then the resident
+/// memory before the model was built and the process's peak, in bytes.
+pub fn row_in_this_process(args: &[String]) -> Result<()> {
+    let [model, size, batch, mode, kernels, seconds] = args else {
+        bail!("usage: bench-train-row MODEL SIZE BATCH train|infer KERNELS SECONDS")
+    };
+    let row = ROWS
+        .iter()
+        .find(|r| {
+            r.model == model
+                && r.size.to_string() == *size
+                && r.batch.to_string() == *batch
+                && (r.mode == Mode::Train) == (mode == "train")
+        })
+        .with_context(|| format!("no bench-train row {model} {size} {batch} {mode}"))?;
+    let kernels: Implementation = kernels.parse()?;
+    let t = measure_here(*row, kernels, seconds.parse()?)?;
+    println!("{} {} {} {} {} {}", t.step, t.forward, t.backward, t.optimizer, t.memory.baseline, t.memory.peak);
+    Ok(())
+}
+
+fn measure_here(r: Row, kernels: Implementation, seconds: f64) -> Result<Timing> {
+    let baseline = resident_memory().0;
     let device = Device::Cpu;
     let mut cfg = sae_models::config(r.model, CLASSES)?;
     cfg.kernels = kernels;
@@ -113,6 +187,7 @@ fn measure_ours(r: Row, kernels: Implementation, seconds: f64) -> Result<Timing>
         forward: part(0),
         backward: part(1),
         optimizer: part(2),
+        memory: Memory { baseline, peak: resident_memory().1 },
     })
 }
 
@@ -132,52 +207,56 @@ pub fn gemm_gflops() -> Result<f64> {
     Ok(2.0 * 2048f64.powi(3) / median(times) / 1e9)
 }
 
-/// PyTorch's images/s per row (and its matmul GFLOP/s and version), from the script.
+/// PyTorch's images/s, parameter count and memory per row (and its matmul GFLOP/s and
+/// version), from the script: the matmul in one process, then each row in one of its own.
 struct Torch {
     matmul_gflops: f64,
     version: String,
-    rows: Vec<(f64, u64)>,
+    rows: Vec<(f64, u64, Memory)>,
 }
 
 fn measure_torch(python: &PathBuf, seconds: f64) -> Result<Torch> {
     let script = project_root().join("bench/pytorch/bench_train.py");
-    let rows: Vec<String> = ROWS
-        .iter()
-        .map(|r| {
-            format!("{}:{}:{}:{}", r.model, r.size, r.batch, if r.mode == Mode::Train { "train" } else { "infer" })
-        })
-        .collect();
     let threads = rayon::current_num_threads().to_string();
-    eprintln!("$ {} {} --threads {threads} --seconds {seconds}", python.display(), script.display());
-    let out = Command::new(python)
-        .arg(&script)
-        .args(["--threads", &threads, "--seconds", &seconds.to_string(), "--rows", &rows.join(",")])
-        .output()
-        .with_context(|| format!("running {}", python.display()))?;
-    if !out.status.success() {
-        bail!("{} failed ({}):\n{}", script.display(), out.status, String::from_utf8_lossy(&out.stderr))
-    }
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()
-        .context("parsing the PyTorch script's output")?;
-    let Some((head, rows)) = lines.split_first() else { bail!("the PyTorch script printed nothing") };
-    if rows.len() != ROWS.len() {
-        bail!("the PyTorch script measured {} rows, expected {}", rows.len(), ROWS.len())
+    let run = |rows: Option<String>| -> Result<Vec<serde_json::Value>> {
+        let mut cmd = Command::new(python);
+        cmd.arg(&script).args(["--threads", &threads, "--seconds", &seconds.to_string()]);
+        if let Some(rows) = &rows {
+            cmd.args(["--skip-matmul", "--rows", rows]);
+        }
+        eprintln!(
+            "$ {} {} --threads {threads} --seconds {seconds} {}",
+            python.display(),
+            script.display(),
+            rows.unwrap_or_default()
+        );
+        let out = cmd.output().with_context(|| format!("running {}", python.display()))?;
+        if !out.status.success() {
+            bail!("{} failed ({}):\n{}", script.display(), out.status, String::from_utf8_lossy(&out.stderr))
+        }
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).context("parsing the PyTorch script's output"))
+            .collect()
+    };
+    let head = run(None)?;
+    let head = head.first().context("the PyTorch script printed nothing")?;
+    let mut rows = Vec::new();
+    for r in ROWS {
+        let mode = if r.mode == Mode::Train { "train" } else { "infer" };
+        let lines = run(Some(format!("{}:{}:{}:{mode}", r.model, r.size, r.batch)))?;
+        let [v] = lines.as_slice() else { bail!("the PyTorch script printed {} rows, expected 1", lines.len()) };
+        let bytes = |k: &str| v[k].as_u64().with_context(|| format!("no {k}"));
+        rows.push((
+            v["images_per_second"].as_f64().context("no images_per_second")?,
+            v["params"].as_u64().unwrap_or(0),
+            Memory { baseline: bytes("baseline_rss")?, peak: bytes("peak_rss")? },
+        ));
     }
     Ok(Torch {
         matmul_gflops: head["matmul_gflops"].as_f64().context("no matmul_gflops")?,
         version: head["torch"].as_str().unwrap_or("?").to_string(),
-        rows: rows
-            .iter()
-            .map(|v| {
-                Ok((
-                    v["images_per_second"].as_f64().context("no images_per_second")?,
-                    v["params"].as_u64().unwrap_or(0),
-                ))
-            })
-            .collect::<Result<_>>()?,
+        rows,
     })
 }
 
@@ -234,8 +313,9 @@ pub fn run(seconds: f64, python: Option<PathBuf>) -> Result<()> {
         Some(t) => writeln!(md, "PyTorch {} eager, `torch.set_num_threads({})`, measured in the same run by `bench/pytorch/bench_train.py` (same networks: the parameter counts below are checked equal). sgemm 2048³ GFLOP/s: `gemm` crate through our 1×1 convolution **{}**, PyTorch `a @ b` **{}**.\n", t.version, rayon::current_num_threads(), of_peak(peak), of_peak(t.matmul_gflops))?,
         None => writeln!(md, "PyTorch not measured in this run (pass `--python` with a Python that has torch). sgemm 2048³ GFLOP/s: `gemm` crate through our 1×1 convolution **{}**.\n", of_peak(peak))?,
     }
-    writeln!(md, "| model | input | batch | mode | params | ours img/s | Candle img/s | PyTorch img/s | ours / PyTorch | ours GFLOP/s (% of peak) | PyTorch GFLOP/s (% of peak) | ours: fwd / bwd / optimiser ms |")?;
-    writeln!(md, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|")?;
+    writeln!(md, "Every row is measured in a process of its own (ours, Candle's and PyTorch's), so that its peak resident memory (VmHWM) is its own: *peak MB* is that peak, and in brackets what it rose above the process's resident memory just before the model was built (for PyTorch that baseline includes the loaded torch library).\n")?;
+    writeln!(md, "| model | input | batch | mode | params | ours img/s | Candle img/s | PyTorch img/s | ours / PyTorch | ours GFLOP/s (% of peak) | PyTorch GFLOP/s (% of peak) | ours: fwd / bwd / optimiser ms | peak MB ours | peak MB PyTorch |")?;
+    writeln!(md, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")?;
     for (i, r) in ROWS.iter().enumerate() {
         let model = sae_models::config(r.model, CLASSES)?;
         let params = model.param_counts()?.trainable;
@@ -253,15 +333,20 @@ pub fn run(seconds: f64, python: Option<PathBuf>) -> Result<()> {
             ips(&ours),
             ips(&candle)
         );
-        let (torch_ips, ratio, torch_gflops) = match &torch {
+        let (torch_ips, ratio, torch_gflops, torch_memory) = match &torch {
             Some(t) => {
-                let (tips, tparams) = t.rows[i];
+                let (tips, tparams, memory) = t.rows[i];
                 if tparams as usize != params {
                     bail!("{}: PyTorch's network has {tparams} parameters, ours {params}", r.model)
                 }
-                (format!("{tips:.1}"), format!("**{:.2}×**", ips(&ours) / tips), of_peak(tips * flop_per_image / 1e9))
+                (
+                    format!("{tips:.1}"),
+                    format!("**{:.2}×**", ips(&ours) / tips),
+                    of_peak(tips * flop_per_image / 1e9),
+                    memory.describe(),
+                )
             }
-            None => ("—".into(), "—".into(), "—".into()),
+            None => ("—".into(), "—".into(), "—".into(), "—".into()),
         };
         let split = if r.mode == Mode::Train {
             format!("{:.0} / {:.0} / {:.0}", ours.forward * 1e3, ours.backward * 1e3, ours.optimizer * 1e3)
@@ -273,8 +358,8 @@ pub fn run(seconds: f64, python: Option<PathBuf>) -> Result<()> {
         let ours_gflops = of_peak(ours_ips * flop_per_image / 1e9);
         writeln!(
             md,
-            "| {} | {}×{} | {} | {mode} | {params} | {ours_ips:.1} | {candle_ips:.1} | {torch_ips} | {ratio} | {ours_gflops} | {torch_gflops} | {split} |",
-            r.model, r.size, r.size, r.batch,
+            "| {} | {}×{} | {} | {mode} | {params} | {ours_ips:.1} | {candle_ips:.1} | {torch_ips} | {ratio} | {ours_gflops} | {torch_gflops} | {split} | {} | {torch_memory} |",
+            r.model, r.size, r.size, r.batch, ours.memory.describe(),
         )?;
     }
     let out = project_root().join("results/train-speed.md");

@@ -84,8 +84,8 @@ enum Cmd {
         #[arg(long)]
         python: Option<PathBuf>,
     },
-    /// Builds the CUDA check runner into `target/gpu/xtask` (needs nvcc, no GPU); with `--run`,
-    /// runs it on a machine with an NVIDIA GPU: every op's parity with the CPU, 50 training
+    /// Builds the CUDA check runner into `target/gpu/` (`xtask.gz` and `gpu-check.sh`, which
+    /// starts it; needs nvcc, no GPU); with `--run`, runs it on a machine with an NVIDIA GPU: every op's parity with the CPU, 50 training
     /// steps per model family, the excitation's bandwidth and senetv2_resnet50's images/s next
     /// to PyTorch; writes OUT/gpu.md (commit it as results/gpu.md).
     GpuCheck {
@@ -105,6 +105,9 @@ enum Cmd {
         #[arg(long)]
         python: Option<PathBuf>,
     },
+    /// One row of bench-train, measured in this process (bench-train runs each row this way).
+    #[command(hide = true)]
+    BenchTrainRow { args: Vec<String> },
     /// Runs the kernel benchmarks and writes `results/kernels.md`.
     BenchKernels {
         /// Criterion's measurement time per benchmark, in seconds.
@@ -281,6 +284,7 @@ fn main() -> Result<()> {
             gpu_check::run(&gpu_check::RunOptions { device, smoke, out, python })
         }
         Cmd::BenchTrain { seconds, python } => bench_train::run(seconds, python),
+        Cmd::BenchTrainRow { args } => bench_train::row_in_this_process(&args),
         Cmd::ReproduceTable2(a) => reproduce(reproduce::Table::Two, 2, a),
         Cmd::ReproduceTable3(a) => reproduce(reproduce::Table::Three, 3, a),
         Cmd::ReproduceTable4(a) => reproduce(reproduce::Table::Four, 4, a),

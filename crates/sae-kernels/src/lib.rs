@@ -7,9 +7,8 @@
 //! * `Fused` — a hand-written kernel (`CustomOp`) with its own backward pass: rayon-parallel
 //!   on CPU, `.cu` kernels under the `cuda` feature (every op but Adam; the convolution as
 //!   im2col/col2im kernels around cuBLAS), `.metal` kernels under `metal` (the excitation
-//!   only). Most fuse
-//!   several steps into one pass; the convolution's im2col + gemm kernel fuses nothing and is
-//!   here because Candle's CPU paths are slow. Where a kernel does not exist (a dtype or a
+//!   only). Most fuse several steps into one pass; the convolution's im2col + gemm kernel
+//!   fuses nothing and is here because Candle's CPU paths are slow. Where a kernel does not exist (a dtype or a
 //!   device it does not take), `Fused` runs the reference.
 //!
 //! A model's `ModelConfig::kernels` (in `sae-models`) is this switch for a whole run: it
