@@ -246,11 +246,7 @@ pub fn run(opts: &RunOptions) -> Result<()> {
         "# GPU check\n\nWritten by `target/gpu/xtask gpu-check --run` (`cargo xtask gpu-check` builds it)."
     );
     report.section("Machine");
-    let smi = Command::new("nvidia-smi")
-        .args(["--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|_| "no nvidia-smi".into());
+    let smi = nvidia_smi("name,memory.total,driver_version").unwrap_or_else(|| "no nvidia-smi".into());
     let _ = writeln!(report.md, "- device: `{}` ({smi})\n- smoke sizes: {}", opts.device, opts.smoke);
 
     report.section("Parity of every fused op with the CPU reference");
@@ -612,6 +608,13 @@ fn timed(device: &Device, seconds: f64, mut f: impl FnMut() -> Result<()>) -> Re
     Ok(times[times.len() / 2])
 }
 
+/// `nvidia-smi --query-gpu=FIELDS` (CSV, no header), if it runs.
+fn nvidia_smi(fields: &str) -> Option<String> {
+    let out =
+        Command::new("nvidia-smi").args([&format!("--query-gpu={fields}"), "--format=csv,noheader"]).output().ok()?;
+    Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
 /// Nominal HBM bandwidth of the GPUs this is likely to meet, bytes/s.
 fn nominal_bandwidth(name: &str) -> Option<f64> {
     [("H200", 4.8e12), ("H100 SXM", 3.35e12), ("H100 PCIe", 2.0e12), ("A100-SXM4-80GB", 2.04e12), ("A100", 1.55e12)]
@@ -640,11 +643,7 @@ fn bandwidth(device: &Device, smoke: bool) -> Result<String> {
     // The fused forward reads x twice (plane sums, then scale) and writes the output once; a
     // copy reads and writes once each.
     let (fused_bw, copy_bw) = (3.0 * bytes / fused, 2.0 * bytes / copy);
-    let name = Command::new("nvidia-smi")
-        .args(["--query-gpu=name", "--format=csv,noheader"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
+    let name = nvidia_smi("name").unwrap_or_default();
     let mut md = format!(
         "Input ({n}, {c}, {hw}, {hw}) f32, SaE K=4 r=32, forward. Fused: {:.3} ms, {:.0} GB/s (3 × {:.0} MB moved); device copy of the input: {:.3} ms, {:.0} GB/s; fused / copy = **{:.0} %**",
         fused * 1e3,
