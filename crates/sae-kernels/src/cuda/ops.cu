@@ -20,8 +20,22 @@ __device__ __forceinline__ Position position(size_t e, uint32_t C, uint32_t H, u
                     (uint32_t)(e % W)};
 }
 
+// Calls f(ky, kx, iy, ix) for every tap (ky, kx) of output (oy, ox)'s window that reads an input
+// (iy, ix) inside the image, in row-major order: a window's gather.
+template <typename F> __device__ void for_each_tap(const Geometry &g, uint32_t oy, uint32_t ox, F f) {
+    for (uint32_t ky = 0; ky < g.kh; ++ky) {
+        const int iy = (int)(oy * g.stride + ky) - (int)g.pad;
+        if (iy < 0 || iy >= (int)g.h) continue;
+        for (uint32_t kx = 0; kx < g.kw; ++kx) {
+            const int ix = (int)(ox * g.stride + kx) - (int)g.pad;
+            if (ix < 0 || ix >= (int)g.w) continue;
+            f(ky, kx, (uint32_t)iy, (uint32_t)ix);
+        }
+    }
+}
+
 // Calls f(ky, kx, oy, ox) for every output (oy, ox) whose window reads input (iy, ix) at tap
-// (ky, kx): the transpose of a window's gather, for the input gradients.
+// (ky, kx): the transpose of for_each_tap, for the input gradients.
 template <typename F> __device__ void for_each_reader(const Geometry &g, uint32_t iy, uint32_t ix, F f) {
     for (uint32_t ky = 0; ky < g.kh; ++ky) {
         const int ty = (int)(iy + g.pad) - (int)ky;
@@ -74,19 +88,13 @@ __device__ int window_argmax(const T *x, const Strides4 &xs, const Geometry &g, 
                              uint32_t ox, float *value) {
     int best = -1;
     float m = -INFINITY;
-    for (uint32_t ky = 0; ky < g.kh; ++ky) {
-        const int iy = (int)(oy * g.stride + ky) - (int)g.pad;
-        if (iy < 0 || iy >= (int)g.h) continue;
-        for (uint32_t kx = 0; kx < g.kw; ++kx) {
-            const int ix = (int)(ox * g.stride + kx) - (int)g.pad;
-            if (ix < 0 || ix >= (int)g.w) continue;
-            const float v = to_f(x[element(xs, n, c, iy, ix)]);
-            if (best < 0 || v > m || isnan(v)) {
-                best = iy * (int)g.w + ix;
-                m = v;
-            }
+    for_each_tap(g, oy, ox, [&](uint32_t, uint32_t, uint32_t iy, uint32_t ix) {
+        const float v = to_f(x[element(xs, n, c, iy, ix)]);
+        if (best < 0 || v > m || isnan(v)) {
+            best = (int)(iy * g.w + ix);
+            m = v;
         }
-    }
+    });
     *value = m;
     return best;
 }
@@ -107,17 +115,11 @@ template <typename T> __device__ void max_pool_bwd(const T *x, Strides4 xs, cons
     const size_t count = (size_t)g.n * g.c * g.h * g.w;
     SAE_FOR_EACH(e, count) {
         const Position p = position(e, g.c, g.h, g.w);
-        const uint32_t n = p.n, c = p.c, iy = p.i, ix = p.j;
-        // Windows oy with oy·stride − pad ≤ iy < oy·stride − pad + k.
-        const int lo_y = max(0, ((int)(iy + g.pad) - (int)g.kh) / (int)g.stride);
-        const int lo_x = max(0, ((int)(ix + g.pad) - (int)g.kw) / (int)g.stride);
-        const int hi_y = min((int)g.oh - 1, (int)(iy + g.pad) / (int)g.stride);
-        const int hi_x = min((int)g.ow - 1, (int)(ix + g.pad) / (int)g.stride);
         float acc = 0.0f, unused;
-        for (int oy = lo_y; oy <= hi_y; ++oy)
-            for (int ox = lo_x; ox <= hi_x; ++ox)
-                if (window_argmax(x, xs, g, n, c, oy, ox, &unused) == (int)(iy * g.w + ix))
-                    acc += to_f(grad[element(gs, n, c, oy, ox)]);
+        for_each_reader(g, p.i, p.j, [&](uint32_t, uint32_t, uint32_t oy, uint32_t ox) {
+            if (window_argmax(x, xs, g, p.n, p.c, oy, ox, &unused) == (int)(p.i * g.w + p.j))
+                acc += to_f(grad[element(gs, p.n, p.c, oy, ox)]);
+        });
         dx[e] = from_f<T>(acc);
     }
 }
@@ -128,17 +130,10 @@ template <typename T> __device__ void depthwise_fwd(const T *x, Strides4 xs, con
     const size_t count = (size_t)g.n * g.c * g.oh * g.ow;
     SAE_FOR_EACH(e, count) {
         const Position o = position(e, g.c, g.oh, g.ow);
-        const uint32_t n = o.n, c = o.c, oy = o.i, ox = o.j;
         float acc = 0.0f;
-        for (uint32_t ky = 0; ky < g.kh; ++ky) {
-            const int iy = (int)(oy * g.stride + ky) - (int)g.pad;
-            if (iy < 0 || iy >= (int)g.h) continue;
-            for (uint32_t kx = 0; kx < g.kw; ++kx) {
-                const int ix = (int)(ox * g.stride + kx) - (int)g.pad;
-                if (ix < 0 || ix >= (int)g.w) continue;
-                acc += to_f(w[((size_t)c * g.kh + ky) * g.kw + kx]) * to_f(x[element(xs, n, c, iy, ix)]);
-            }
-        }
+        for_each_tap(g, o.i, o.j, [&](uint32_t ky, uint32_t kx, uint32_t iy, uint32_t ix) {
+            acc += to_f(w[((size_t)o.c * g.kh + ky) * g.kw + kx]) * to_f(x[element(xs, o.n, o.c, iy, ix)]);
+        });
         out[e] = from_f<T>(acc);
     }
 }
