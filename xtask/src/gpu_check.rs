@@ -604,8 +604,7 @@ fn timed(device: &Device, seconds: f64, mut f: impl FnMut() -> Result<()>) -> Re
         device.synchronize()?;
         times.push(t.elapsed().as_secs_f64());
     }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+    Ok(crate::bench_train::median(times))
 }
 
 /// `nvidia-smi --query-gpu=FIELDS` (CSV, no header), if it runs.

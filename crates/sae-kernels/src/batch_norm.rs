@@ -70,11 +70,14 @@ pub fn batch_norm_train(
     }
     match implementation {
         Implementation::Fused if crate::has_fused_kernel(x, true) => {
-            // f32 statistics of any input type; the per-channel values go through the host
-            // (a synchronisation on CUDA), as the ops carry them as plain vectors.
+            // f32 statistics of any input type; the per-channel values go through the host in
+            // one copy (a synchronisation on CUDA), as the ops carry them as plain vectors.
             let stats = x.detach().apply_op1_no_bwd(&ChannelStats)?;
             let (mean, variance) = (stats.get(0)?, stats.get(1)?);
-            let (mean_v, var_v) = (mean.to_vec1::<f32>()?, variance.to_vec1::<f32>()?);
+            let [mean_v, var_v]: [Vec<f32>; 2] = stats
+                .to_vec2::<f32>()?
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("batch_norm: statistics are not (2, C)".into()))?;
             let inv_std = var_v.iter().map(|v| 1.0 / (v + eps as f32).sqrt()).collect();
             let op = BatchNormTrain { mean: mean_v, inv_std, relu };
             let output = x.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?;
