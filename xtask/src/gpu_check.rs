@@ -225,11 +225,20 @@ impl Report {
         let _ = writeln!(self.md, "\n## {title}\n");
     }
 
-    /// Records a section's error without stopping the run.
-    fn failed(&mut self, what: &str, e: &anyhow::Error) {
-        eprintln!("gpu-check: {what} FAILED: {e:#}");
-        let _ = writeln!(self.md, "\n**{what} failed:** `{}`\n", brief(e));
-        self.failures.push(what.to_string());
+    /// Appends a section's text and records the rows it says failed, or records the section's
+    /// error; the run goes on either way.
+    fn add(&mut self, what: &str, outcome: Result<(String, Vec<String>)>) {
+        match outcome {
+            Ok((md, failed)) => {
+                self.md.push_str(&md);
+                self.failures.extend(failed.into_iter().map(|f| format!("{what}: {f}")));
+            }
+            Err(e) => {
+                eprintln!("gpu-check: {what} FAILED: {e:#}");
+                let _ = writeln!(self.md, "\n**{what} failed:** `{}`\n", brief(&e));
+                self.failures.push(what.to_string());
+            }
+        }
     }
 }
 
@@ -243,46 +252,22 @@ pub fn run(opts: &RunOptions) -> Result<()> {
     let mut report = Report { md: String::new(), failures: Vec::new() };
     let _ = writeln!(
         report.md,
-        "# GPU check\n\nWritten by `target/gpu/xtask gpu-check --run` (`cargo xtask gpu-check` builds it)."
+        "# GPU check\n\nWritten by `target/gpu/gpu-check.sh` (`xtask gpu-check --run`; `cargo xtask gpu-check` builds it)."
     );
     report.section("Machine");
     let smi = nvidia_smi("name,memory.total,driver_version").unwrap_or_else(|| "no nvidia-smi".into());
     let _ = writeln!(report.md, "- device: `{}` ({smi})\n- smoke sizes: {}", opts.device, opts.smoke);
 
     report.section("Parity of every fused op with the CPU reference");
-    match parity(&device) {
-        Ok((table, failed)) => {
-            report.md.push_str(&table);
-            for f in failed {
-                report.failures.push(format!("parity: {f}"));
-            }
-        }
-        Err(e) => report.failed("parity", &e),
-    }
-
+    report.add("parity", parity(&device));
     report.section("50 training steps per model family");
-    match training(&device, opts.smoke) {
-        Ok((table, failed)) => {
-            report.md.push_str(&table);
-            for f in failed {
-                report.failures.push(format!("training: {f}"));
-            }
-        }
-        Err(e) => report.failed("training", &e),
-    }
-
+    report.add("training", training(&device, opts.smoke));
     report.section("Fused excitation: memory bandwidth");
-    match bandwidth(&device, opts.smoke) {
-        Ok(text) => report.md.push_str(&text),
-        Err(e) => report.failed("bandwidth", &e),
-    }
-
+    report.add("bandwidth", bandwidth(&device, opts.smoke).map(|text| (text, Vec::new())));
     let (model, size, batch) = if opts.smoke { ("senetv2_resnet14b", 32, 4) } else { ("senetv2_resnet50", 224, 64) };
     report.section(&format!("Throughput: {model}, {size}×{size}, batch {batch}"));
-    match throughput(&device, model, size, batch, opts.smoke, python.as_deref(), &opts.device) {
-        Ok(text) => report.md.push_str(&text),
-        Err(e) => report.failed("throughput", &e),
-    }
+    let measured = throughput(&device, model, size, batch, opts.smoke, python.as_deref(), &opts.device);
+    report.add("throughput", measured.map(|text| (text, Vec::new())));
 
     let _ = writeln!(
         report.md,
