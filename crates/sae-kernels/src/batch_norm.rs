@@ -21,10 +21,10 @@
 //! and back between the two forward passes (a synchronisation per BatchNorm), because the ops
 //! carry them as plain vectors.
 
-use crate::cpu::{f32_contiguous, f32_storage, min_planes_per_task, uninit, unpack};
+use crate::cpu::{f32_contiguous, f32_storage, in_f32, min_planes_per_task, uninit, unpack};
 use crate::layout::Strided4;
 use crate::Implementation;
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, D};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 /// Output of [`batch_norm_train`].
@@ -32,9 +32,9 @@ use rayon::prelude::*;
 pub struct BatchNormOutput {
     /// The normalised, scaled and shifted input, (N, C, H, W).
     pub output: Tensor,
-    /// Per-channel batch mean, (C), not differentiable.
+    /// Per-channel batch mean, (C), f32 whatever the input's type, not differentiable.
     pub mean: Tensor,
-    /// Per-channel biased batch variance, (C), not differentiable.
+    /// Per-channel biased batch variance, (C), f32, not differentiable.
     pub variance: Tensor,
 }
 
@@ -69,7 +69,7 @@ pub fn batch_norm_train(
         bail!("batch_norm: eps must be positive, got {eps}")
     }
     match implementation {
-        Implementation::Fused if crate::has_fused_kernel(x, true) => {
+        Implementation::Fused if crate::has_fused_kernel(x) => {
             // f32 statistics of any input type; the per-channel values go through the host in
             // one copy (a synchronisation on CUDA), as the ops carry them as plain vectors.
             let stats = x.detach().apply_op1_no_bwd(&ChannelStats)?;
@@ -81,7 +81,6 @@ pub fn batch_norm_train(
             let inv_std = var_v.iter().map(|v| 1.0 / (v + eps as f32).sqrt()).collect();
             let op = BatchNormTrain { mean: mean_v, inv_std, relu };
             let output = x.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?;
-            let (mean, variance) = (mean.to_dtype(x.dtype())?, variance.to_dtype(x.dtype())?);
             Ok(BatchNormOutput { output, mean, variance })
         }
         _ => {
@@ -122,7 +121,8 @@ pub fn batch_norm_train_reference(x: &Tensor, weight: &Tensor, bias: &Tensor, ep
     let y = normalised.broadcast_mul(&weight.reshape((c, 1))?)?.broadcast_add(&bias.reshape((c, 1))?)?;
     let (n, _, h, w) = x.dims4()?;
     let output = y.reshape((c, n, h, w))?.transpose(0, 1)?;
-    Ok(BatchNormOutput { output, mean: mean.flatten_all()?.detach(), variance: variance.flatten_all()?.detach() })
+    let stat = |t: Tensor| t.flatten_all()?.detach().to_dtype(DType::F32);
+    Ok(BatchNormOutput { output, mean: stat(mean)?, variance: stat(variance)? })
 }
 
 /// BatchNorm of `x` (N, C, H, W) with given statistics (eval mode): `y = (x − mean)·γ/√(var + ε) + β`,
@@ -146,10 +146,14 @@ pub fn batch_norm_eval(
             bail!("batch_norm: {name} must be ({c}) for {c} channels, got {:?}", t.dims())
         }
     }
-    let scale = (weight / (running_var + eps)?.sqrt()?)?;
-    let shift = (bias - (running_mean * &scale)?)?;
+    // In f32 whatever the input's type (bf16 would round every intermediate), then rounded
+    // once to it.
+    let f32 = |t: &Tensor| crate::cast(t, DType::F32);
+    let scale = (f32(weight)? / (f32(running_var)? + eps)?.sqrt()?)?;
+    let shift = (f32(bias)? - (f32(running_mean)? * &scale)?)?;
+    let (scale, shift) = (crate::cast(&scale, x.dtype())?, crate::cast(&shift, x.dtype())?);
     match implementation {
-        Implementation::Fused if crate::has_fused_kernel(x, true) => {
+        Implementation::Fused if crate::has_fused_kernel(x) => {
             x.apply_op3(&scale.contiguous()?, &shift.contiguous()?, ChannelAffine { relu })
         }
         _ => {
@@ -180,14 +184,16 @@ impl CustomOp3 for ChannelAffine {
         shift: &CpuStorage,
         tl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let xs = Strided4::new("batch_norm", "input", xl)?;
-        let (x, scale, shift) = (
-            f32_storage("batch_norm", "input", x)?,
-            f32_contiguous("batch_norm", "scale", scale, sl)?,
-            f32_contiguous("batch_norm", "shift", shift, tl)?,
-        );
-        let out = affine(x, &xs, self.relu, |c| (scale[c], shift[c]));
-        Ok((CpuStorage::F32(out), Shape::from(xs.dims.to_vec())))
+        in_f32([(x, xl), (scale, sl), (shift, tl)], false, |[(x, xl), (scale, sl), (shift, tl)]| {
+            let xs = Strided4::new("batch_norm", "input", xl)?;
+            let (x, scale, shift) = (
+                f32_storage("batch_norm", "input", x)?,
+                f32_contiguous("batch_norm", "scale", scale, sl)?,
+                f32_contiguous("batch_norm", "shift", shift, tl)?,
+            );
+            let out = affine(x, &xs, self.relu, |c| (scale[c], shift[c]));
+            Ok((CpuStorage::F32(out), Shape::from(xs.dims.to_vec())))
+        })
     }
 
     #[cfg(feature = "cuda")]
@@ -233,13 +239,15 @@ impl CustomOp3 for ChannelAffineBackward {
         g: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let BackwardOperands { xs, x, param: scale, g } = backward_operands(x, xl, scale, sl, g, gl)?;
-        let sums = gradient_sums(x, &xs, g, |_| 0.0);
-        // d scale = Σ dy·x, d shift = Σ dy, dx = dy·scale.
-        Ok(packed_gradients(&xs, g, sums.iter().map(|s| (s.dy_x, s.dy)), |plane, dy, dx| {
-            let s = scale[plane % xs.dims[1]];
-            dx.iter_mut().zip(dy).for_each(|(d, &gv)| *d = gv * s);
-        }))
+        in_f32([(x, xl), (scale, sl), (g, gl)], false, |[(x, xl), (scale, sl), (g, gl)]| {
+            let BackwardOperands { xs, x, param: scale, g } = backward_operands(x, xl, scale, sl, g, gl)?;
+            let sums = gradient_sums(x, &xs, g, |_| 0.0);
+            // d scale = Σ dy·x, d shift = Σ dy, dx = dy·scale.
+            Ok(packed_gradients(&xs, g, sums.iter().map(|s| (s.dy_x, s.dy)), |plane, dy, dx| {
+                let s = scale[plane % xs.dims[1]];
+                dx.iter_mut().zip(dy).for_each(|(d, &gv)| *d = gv * s);
+            }))
+        })
     }
 
     #[cfg(feature = "cuda")]
@@ -424,10 +432,12 @@ impl CustomOp1 for ChannelStats {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let xs = Strided4::new("batch_norm", "input", xl)?;
-        let stats = channel_stats(f32_storage("batch_norm", "input", x)?, &xs);
-        let (mean, var): (Vec<f32>, Vec<f32>) = stats.into_iter().unzip();
-        Ok((CpuStorage::F32([mean, var].concat()), Shape::from((2, xs.dims[1]))))
+        in_f32([(x, xl)], true, |[(x, xl)]| {
+            let xs = Strided4::new("batch_norm", "input", xl)?;
+            let stats = channel_stats(f32_storage("batch_norm", "input", x)?, &xs);
+            let (mean, var): (Vec<f32>, Vec<f32>) = stats.into_iter().unzip();
+            Ok((CpuStorage::F32([mean, var].concat()), Shape::from((2, xs.dims[1]))))
+        })
     }
 
     #[cfg(feature = "cuda")]
@@ -451,17 +461,19 @@ impl CustomOp3 for BatchNormTrain {
         b: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let xs = Strided4::new("batch_norm", "input", xl)?;
-        let (x, w, b) = (
-            f32_storage("batch_norm", "input", x)?,
-            f32_contiguous("batch_norm", "weight", w, wl)?,
-            f32_contiguous("batch_norm", "bias", b, bl)?,
-        );
-        let out = affine(x, &xs, self.relu, |c| {
-            let scale = self.inv_std[c] * w[c];
-            (scale, b[c] - self.mean[c] * scale)
-        });
-        Ok((CpuStorage::F32(out), Shape::from(xs.dims.to_vec())))
+        in_f32([(x, xl), (w, wl), (b, bl)], false, |[(x, xl), (w, wl), (b, bl)]| {
+            let xs = Strided4::new("batch_norm", "input", xl)?;
+            let (x, w, b) = (
+                f32_storage("batch_norm", "input", x)?,
+                f32_contiguous("batch_norm", "weight", w, wl)?,
+                f32_contiguous("batch_norm", "bias", b, bl)?,
+            );
+            let out = affine(x, &xs, self.relu, |c| {
+                let scale = self.inv_std[c] * w[c];
+                (scale, b[c] - self.mean[c] * scale)
+            });
+            Ok((CpuStorage::F32(out), Shape::from(xs.dims.to_vec())))
+        })
     }
 
     #[cfg(feature = "cuda")]
@@ -508,28 +520,30 @@ impl CustomOp3 for BatchNormBackward {
         g: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let BackwardOperands { xs, x, param: w, g } = backward_operands(x, xl, w, wl, g, gl)?;
-        let c = xs.dims[1];
-        let count = (xs.dims[0] * xs.plane_len()) as f32;
-        // Pass 1, per channel: dβ = Σ dy and dγ = Σ dy·x̂ = inv_std · Σ dy·(x − mean).
-        let sums = gradient_sums(x, &xs, g, |ci| self.mean[ci]);
-        let dw = |ci: usize| sums[ci].dy_x * self.inv_std[ci];
-        // Pass 2: dx = γ·inv_std·(dy − dβ/M − x̂·dγ/M), as dy·a + x·k + shift per channel.
-        Ok(packed_gradients(&xs, g, (0..c).map(|ci| (dw(ci), sums[ci].dy)), |plane, dy, d| {
-            let (ni, ci) = (plane / c, plane % c);
-            let inv_std = self.inv_std[ci];
-            let a = w[ci] * inv_std;
-            let k = -a * inv_std * dw(ci) / count;
-            let shift = -a * sums[ci].dy / count - k * self.mean[ci];
-            match xs.contiguous_plane(x, ni, ci) {
-                Some(p) => {
-                    for ((d, &gv), &xv) in d.iter_mut().zip(dy).zip(p) {
-                        *d = gv * a + xv * k + shift;
+        in_f32([(x, xl), (w, wl), (g, gl)], false, |[(x, xl), (w, wl), (g, gl)]| {
+            let BackwardOperands { xs, x, param: w, g } = backward_operands(x, xl, w, wl, g, gl)?;
+            let c = xs.dims[1];
+            let count = (xs.dims[0] * xs.plane_len()) as f32;
+            // Pass 1, per channel: dβ = Σ dy and dγ = Σ dy·x̂ = inv_std · Σ dy·(x − mean).
+            let sums = gradient_sums(x, &xs, g, |ci| self.mean[ci]);
+            let dw = |ci: usize| sums[ci].dy_x * self.inv_std[ci];
+            // Pass 2: dx = γ·inv_std·(dy − dβ/M − x̂·dγ/M), as dy·a + x·k + shift per channel.
+            Ok(packed_gradients(&xs, g, (0..c).map(|ci| (dw(ci), sums[ci].dy)), |plane, dy, d| {
+                let (ni, ci) = (plane / c, plane % c);
+                let inv_std = self.inv_std[ci];
+                let a = w[ci] * inv_std;
+                let k = -a * inv_std * dw(ci) / count;
+                let shift = -a * sums[ci].dy / count - k * self.mean[ci];
+                match xs.contiguous_plane(x, ni, ci) {
+                    Some(p) => {
+                        for ((d, &gv), &xv) in d.iter_mut().zip(dy).zip(p) {
+                            *d = gv * a + xv * k + shift;
+                        }
                     }
+                    None => xs.for_each_in_plane(x, ni, ci, |i, xv| d[i] = dy[i] * a + xv * k + shift),
                 }
-                None => xs.for_each_in_plane(x, ni, ci, |i, xv| d[i] = dy[i] * a + xv * k + shift),
-            }
-        }))
+            }))
+        })
     }
 
     #[cfg(feature = "cuda")]

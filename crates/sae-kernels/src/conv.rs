@@ -24,10 +24,10 @@
 //! as the im2col node's gradient, so the input gradient does not go through Candle's direct
 //! `conv_transpose2d` kernel. Elsewhere [`conv2d`] runs the reference (Candle's `conv2d`).
 
-use crate::cpu::{f32_contiguous, f32_storage, matmul, matmul_threads, uninit, unpack, Mat};
+use crate::cpu::{f32_contiguous, f32_storage, in_f32, matmul, matmul_threads, uninit, unpack, Mat};
 use crate::layout::Strided4;
 use crate::Implementation;
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Stride, zero padding and channel groups of a convolution (dilation 1).
@@ -232,12 +232,10 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, cfg: Conv2dConfig, implementation: Im
         bail!("conv2d: weight dtype {:?} differs from input dtype {:?}", weight.dtype(), x.dtype())
     }
     match implementation {
-        Implementation::Fused if x.device().is_cpu() && x.dtype() == DType::F32 => {
+        Implementation::Fused if x.device().is_cpu() && crate::has_fused_kernel(x) => {
             x.apply_op2(&weight.contiguous()?, Conv { cfg, col_budget: COL_BUDGET })
         }
-        Implementation::Fused if x.device().is_cuda() && crate::has_fused_kernel(x, false) => {
-            conv2d_unrolled(x, weight, cfg)
-        }
+        Implementation::Fused if x.device().is_cuda() && crate::has_fused_kernel(x) => conv2d_unrolled(x, weight, cfg),
         _ => conv2d_reference(x, weight, cfg),
     }
 }
@@ -281,11 +279,13 @@ impl CustomOp1 for Im2Col {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = self.0;
-        let xs = Strided4::new("conv2d", "input", xl)?;
-        let mut col = Vec::new();
-        g.im2col_into(f32_storage("conv2d", "input", x)?, &xs, 0..g.n, &mut col);
-        Ok((CpuStorage::F32(col), g.unrolled_shape()))
+        in_f32([(x, xl)], false, |[(x, xl)]| {
+            let g = self.0;
+            let xs = Strided4::new("conv2d", "input", xl)?;
+            let mut col = Vec::new();
+            g.im2col_into(f32_storage("conv2d", "input", x)?, &xs, 0..g.n, &mut col);
+            Ok((CpuStorage::F32(col), g.unrolled_shape()))
+        })
     }
 
     #[cfg(feature = "cuda")]
@@ -304,12 +304,14 @@ impl CustomOp1 for Col2Im {
     }
 
     fn cpu_fwd(&self, dcol: &CpuStorage, dl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = self.0;
-        let dcol = f32_contiguous("conv2d backward", "unrolled gradient", dcol, dl)?;
-        let (image_len, ld) = (g.c * g.h * g.w, g.n * g.pixels());
-        let mut dx = vec![0f32; g.n * image_len];
-        dx.par_chunks_mut(image_len).enumerate().for_each(|(n, d)| g.col2im(&dcol[n * g.pixels()..], ld, d));
-        Ok((CpuStorage::F32(dx), Shape::from((g.n, g.c, g.h, g.w))))
+        in_f32([(dcol, dl)], false, |[(dcol, dl)]| {
+            let g = self.0;
+            let dcol = f32_contiguous("conv2d backward", "unrolled gradient", dcol, dl)?;
+            let (image_len, ld) = (g.c * g.h * g.w, g.n * g.pixels());
+            let mut dx = vec![0f32; g.n * image_len];
+            dx.par_chunks_mut(image_len).enumerate().for_each(|(n, d)| g.col2im(&dcol[n * g.pixels()..], ld, d));
+            Ok((CpuStorage::F32(dx), Shape::from((g.n, g.c, g.h, g.w))))
+        })
     }
 
     #[cfg(feature = "cuda")]
@@ -353,53 +355,55 @@ impl CustomOp2 for Conv {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, w: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let op = "conv2d";
-        let g = Geometry::new(xl.dims(), wl.dims(), self.cfg)?;
-        let xs = Strided4::new(op, "input", xl)?;
-        let x = f32_storage(op, "input", x)?;
-        let w = f32_contiguous(op, "weight", w, wl)?;
-        let (p, kg, og) = (g.pixels(), g.rows_per_group(), g.out_per_group());
-        // Every element is written by a multiply (without accumulation) or a copy below.
-        let mut out = uninit::<f32>(g.n * g.oc * p);
-        if g.per_image() {
-            let pool = rayon::current_num_threads();
-            let image = |threads: usize, scratch: &mut Vec<f32>, n: usize, out: &mut [f32]| {
-                let col = g.image_matrix(x, &xs, n, scratch);
+        in_f32([(x, xl), (w, wl)], false, |[(x, xl), (w, wl)]| {
+            let op = "conv2d";
+            let g = Geometry::new(xl.dims(), wl.dims(), self.cfg)?;
+            let xs = Strided4::new(op, "input", xl)?;
+            let x = f32_storage(op, "input", x)?;
+            let w = f32_contiguous(op, "weight", w, wl)?;
+            let (p, kg, og) = (g.pixels(), g.rows_per_group(), g.out_per_group());
+            // Every element is written by a multiply (without accumulation) or a copy below.
+            let mut out = uninit::<f32>(g.n * g.oc * p);
+            if g.per_image() {
+                let pool = rayon::current_num_threads();
+                let image = |threads: usize, scratch: &mut Vec<f32>, n: usize, out: &mut [f32]| {
+                    let col = g.image_matrix(x, &xs, n, scratch);
+                    for gi in 0..g.groups {
+                        let wg = Mat { data: &w[gi * og * kg..], rs: kg, cs: 1 };
+                        let colg = Mat { data: &col.data[gi * kg * col.rs..], ..col };
+                        matmul_threads(threads, og, p, kg, wg, colg, &mut out[gi * og * p..(gi + 1) * og * p], false);
+                    }
+                };
+                if g.n >= pool {
+                    out.par_chunks_mut(g.oc * p)
+                        .enumerate()
+                        .for_each_init(Vec::new, |scratch, (n, o)| image(1, scratch, n, o));
+                } else {
+                    let mut scratch = Vec::new();
+                    out.chunks_mut(g.oc * p).enumerate().for_each(|(n, o)| image(pool, &mut scratch, n, o));
+                }
+                return Ok((CpuStorage::F32(out), Shape::from((g.n, g.oc, g.oh, g.ow))));
+            }
+            let chunk = g.images_per_chunk(self.col_budget);
+            let mut col = Vec::new();
+            for (c, out) in out.chunks_mut(chunk * g.oc * p).enumerate() {
+                let images = c * chunk..(c * chunk + chunk).min(g.n);
+                let np = images.len() * p;
+                g.im2col_into(x, &xs, images, &mut col);
+                let mut y = uninit::<f32>(g.oc * np);
                 for gi in 0..g.groups {
                     let wg = Mat { data: &w[gi * og * kg..], rs: kg, cs: 1 };
-                    let colg = Mat { data: &col.data[gi * kg * col.rs..], ..col };
-                    matmul_threads(threads, og, p, kg, wg, colg, &mut out[gi * og * p..(gi + 1) * og * p], false);
+                    let colg = Mat { data: &col[gi * kg * np..], rs: np, cs: 1 };
+                    matmul(og, np, kg, wg, colg, &mut y[gi * og * np..(gi + 1) * og * np], false);
                 }
-            };
-            if g.n >= pool {
-                out.par_chunks_mut(g.oc * p)
-                    .enumerate()
-                    .for_each_init(Vec::new, |scratch, (n, o)| image(1, scratch, n, o));
-            } else {
-                let mut scratch = Vec::new();
-                out.chunks_mut(g.oc * p).enumerate().for_each(|(n, o)| image(pool, &mut scratch, n, o));
+                // (O, images · P) → (images, O, P).
+                out.par_chunks_mut(p).enumerate().for_each(|(plane, o)| {
+                    let (i, oi) = (plane / g.oc, plane % g.oc);
+                    o.copy_from_slice(&y[oi * np + i * p..][..p]);
+                });
             }
-            return Ok((CpuStorage::F32(out), Shape::from((g.n, g.oc, g.oh, g.ow))));
-        }
-        let chunk = g.images_per_chunk(self.col_budget);
-        let mut col = Vec::new();
-        for (c, out) in out.chunks_mut(chunk * g.oc * p).enumerate() {
-            let images = c * chunk..(c * chunk + chunk).min(g.n);
-            let np = images.len() * p;
-            g.im2col_into(x, &xs, images, &mut col);
-            let mut y = uninit::<f32>(g.oc * np);
-            for gi in 0..g.groups {
-                let wg = Mat { data: &w[gi * og * kg..], rs: kg, cs: 1 };
-                let colg = Mat { data: &col[gi * kg * np..], rs: np, cs: 1 };
-                matmul(og, np, kg, wg, colg, &mut y[gi * og * np..(gi + 1) * og * np], false);
-            }
-            // (O, images · P) → (images, O, P).
-            out.par_chunks_mut(p).enumerate().for_each(|(plane, o)| {
-                let (i, oi) = (plane / g.oc, plane % g.oc);
-                o.copy_from_slice(&y[oi * np + i * p..][..p]);
-            });
-        }
-        Ok((CpuStorage::F32(out), Shape::from((g.n, g.oc, g.oh, g.ow))))
+            Ok((CpuStorage::F32(out), Shape::from((g.n, g.oc, g.oh, g.ow))))
+        })
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -502,60 +506,62 @@ impl CustomOp3 for ConvBackward {
         gr: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let op = "conv2d backward";
-        let g = Geometry::new(xl.dims(), wl.dims(), self.cfg)?;
-        if gl.dims() != [g.n, g.oc, g.oh, g.ow] {
-            bail!("{op}: gradient shape {:?}, expected {:?}", gl.dims(), [g.n, g.oc, g.oh, g.ow])
-        }
-        let xs = Strided4::new(op, "input", xl)?;
-        let x = f32_storage(op, "input", x)?;
-        let w = f32_contiguous(op, "weight", w, wl)?;
-        let gr = f32_contiguous(op, "output gradient", gr, gl)?;
-        let (p, kg, og) = (g.pixels(), g.rows_per_group(), g.out_per_group());
-        let image_len = if self.input_gradient { g.c * g.h * g.w } else { 0 };
-        let w_len = g.oc * kg;
-        // Every element is written below: dW by its first multiply or a copy, dx by a
-        // multiply or zero-filled before col2im adds into it.
-        let mut out = uninit::<f32>(g.n * image_len + w_len);
-        let (dx, dw) = out.split_at_mut(g.n * image_len);
-        if g.per_image() {
-            self.backward_per_image(&g, x, &xs, w, gr, dx, dw);
-            return Ok((CpuStorage::F32(out), Shape::from(g.n * image_len + w_len)));
-        }
-        let chunk = g.images_per_chunk(self.col_budget);
-        let mut col = Vec::new();
-        for c in 0..g.n.div_ceil(chunk) {
-            let images = c * chunk..(c * chunk + chunk).min(g.n);
-            let np = images.len() * p;
-            g.im2col_into(x, &xs, images.clone(), &mut col);
-            // The output gradient as (O, images · P), like the forward's product.
-            let mut dy = uninit::<f32>(g.oc * np);
-            dy.par_chunks_mut(np).enumerate().for_each(|(oi, row)| {
-                for (r, ni) in row.chunks_exact_mut(p).zip(images.clone()) {
-                    r.copy_from_slice(&gr[(ni * g.oc + oi) * p..][..p]);
+        in_f32([(x, xl), (w, wl), (gr, gl)], false, |[(x, xl), (w, wl), (gr, gl)]| {
+            let op = "conv2d backward";
+            let g = Geometry::new(xl.dims(), wl.dims(), self.cfg)?;
+            if gl.dims() != [g.n, g.oc, g.oh, g.ow] {
+                bail!("{op}: gradient shape {:?}, expected {:?}", gl.dims(), [g.n, g.oc, g.oh, g.ow])
+            }
+            let xs = Strided4::new(op, "input", xl)?;
+            let x = f32_storage(op, "input", x)?;
+            let w = f32_contiguous(op, "weight", w, wl)?;
+            let gr = f32_contiguous(op, "output gradient", gr, gl)?;
+            let (p, kg, og) = (g.pixels(), g.rows_per_group(), g.out_per_group());
+            let image_len = if self.input_gradient { g.c * g.h * g.w } else { 0 };
+            let w_len = g.oc * kg;
+            // Every element is written below: dW by its first multiply or a copy, dx by a
+            // multiply or zero-filled before col2im adds into it.
+            let mut out = uninit::<f32>(g.n * image_len + w_len);
+            let (dx, dw) = out.split_at_mut(g.n * image_len);
+            if g.per_image() {
+                self.backward_per_image(&g, x, &xs, w, gr, dx, dw);
+                return Ok((CpuStorage::F32(out), Shape::from(g.n * image_len + w_len)));
+            }
+            let chunk = g.images_per_chunk(self.col_budget);
+            let mut col = Vec::new();
+            for c in 0..g.n.div_ceil(chunk) {
+                let images = c * chunk..(c * chunk + chunk).min(g.n);
+                let np = images.len() * p;
+                g.im2col_into(x, &xs, images.clone(), &mut col);
+                // The output gradient as (O, images · P), like the forward's product.
+                let mut dy = uninit::<f32>(g.oc * np);
+                dy.par_chunks_mut(np).enumerate().for_each(|(oi, row)| {
+                    for (r, ni) in row.chunks_exact_mut(p).zip(images.clone()) {
+                        r.copy_from_slice(&gr[(ni * g.oc + oi) * p..][..p]);
+                    }
+                });
+                for gi in 0..g.groups {
+                    let dyg = Mat { data: &dy[gi * og * np..], rs: np, cs: 1 };
+                    let colt = Mat { data: &col[gi * kg * np..], rs: 1, cs: np };
+                    matmul(og, kg, np, dyg, colt, &mut dw[gi * og * kg..(gi + 1) * og * kg], c > 0);
                 }
-            });
-            for gi in 0..g.groups {
-                let dyg = Mat { data: &dy[gi * og * np..], rs: np, cs: 1 };
-                let colt = Mat { data: &col[gi * kg * np..], rs: 1, cs: np };
-                matmul(og, kg, np, dyg, colt, &mut dw[gi * og * kg..(gi + 1) * og * kg], c > 0);
+                if !self.input_gradient {
+                    continue;
+                }
+                // `col` is no longer needed: it becomes dcol = Wᵀ · dy.
+                for gi in 0..g.groups {
+                    let wt = Mat { data: &w[gi * og * kg..], rs: 1, cs: kg };
+                    let dyg = Mat { data: &dy[gi * og * np..], rs: np, cs: 1 };
+                    matmul(kg, np, og, wt, dyg, &mut col[gi * kg * np..(gi + 1) * kg * np], false);
+                }
+                let dx = &mut dx[images.start * image_len..images.end * image_len];
+                dx.par_chunks_mut(image_len).enumerate().for_each(|(i, d)| {
+                    d.fill(0.0);
+                    g.col2im(&col[i * p..], np, d)
+                });
             }
-            if !self.input_gradient {
-                continue;
-            }
-            // `col` is no longer needed: it becomes dcol = Wᵀ · dy.
-            for gi in 0..g.groups {
-                let wt = Mat { data: &w[gi * og * kg..], rs: 1, cs: kg };
-                let dyg = Mat { data: &dy[gi * og * np..], rs: np, cs: 1 };
-                matmul(kg, np, og, wt, dyg, &mut col[gi * kg * np..(gi + 1) * kg * np], false);
-            }
-            let dx = &mut dx[images.start * image_len..images.end * image_len];
-            dx.par_chunks_mut(image_len).enumerate().for_each(|(i, d)| {
-                d.fill(0.0);
-                g.col2im(&col[i * p..], np, d)
-            });
-        }
-        Ok((CpuStorage::F32(out), Shape::from(g.n * image_len + w_len)))
+            Ok((CpuStorage::F32(out), Shape::from(g.n * image_len + w_len)))
+        })
     }
 }
 

@@ -2,8 +2,9 @@
 //! dot/axpy loops, and the matrix multiply.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, Layout, Result, Tensor, WithDType};
+use candle_core::{bail, CpuStorage, DType, Layout, Result, Shape, Tensor, WithDType};
 use half::{bf16, f16};
+use rayon::prelude::*;
 use std::borrow::Cow;
 
 /// An element type the CPU kernels accept; arithmetic is always done in `f32`.
@@ -96,6 +97,63 @@ pub(crate) fn same_dtype<'a, T: Elem>(op: &str, storage: &'a CpuStorage) -> Resu
     }
 }
 
+/// Elements per rayon task of the element-wise conversions.
+const CONVERT_CHUNK: usize = 1 << 15;
+
+/// Runs an `f32` CPU kernel on operands of any float type: the CPU's mixed precision, bf16
+/// (or f16) storage with f32 arithmetic. All-f32 operands go straight through. Otherwise each
+/// operand is converted to a contiguous f32 copy that lives only for the call, and the result
+/// is converted to the first operand's type, unless `f32_result` (statistics stay f32). The
+/// graph keeps the narrow operands, so activations saved for the backward pass take half the
+/// memory; the copies cost one conversion pass per operand.
+pub(crate) fn in_f32<const N: usize>(
+    operands: [(&CpuStorage, &Layout); N],
+    f32_result: bool,
+    kernel: impl FnOnce([(&CpuStorage, &Layout); N]) -> Result<(CpuStorage, Shape)>,
+) -> Result<(CpuStorage, Shape)> {
+    if operands.iter().all(|(s, _)| s.dtype() == DType::F32) {
+        return kernel(operands);
+    }
+    let dtype = operands[0].0.dtype();
+    let wide = operands.iter().map(|(s, l)| widen(s, l)).collect::<Result<Vec<_>>>()?;
+    let (out, shape) = kernel(std::array::from_fn(|i| (&wide[i].0, &wide[i].1)))?;
+    Ok((if f32_result { out } else { convert_storage(&out, &Layout::contiguous(&shape), dtype)? }, shape))
+}
+
+/// A contiguous f32 copy of the elements `layout` describes, and its layout.
+fn widen(storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Layout)> {
+    let data = match layout.contiguous_offsets() {
+        Some(_) => convert_storage(storage, layout, DType::F32)?,
+        // Strided operands are rare here (the ops make most of them contiguous): Candle's copy.
+        None => storage.to_dtype(layout, DType::F32)?,
+    };
+    Ok((data, Layout::contiguous(layout.shape())))
+}
+
+/// The elements of a contiguous storage converted to `dtype` (f32, bf16 or f16), in parallel.
+pub(crate) fn convert_storage(storage: &CpuStorage, layout: &Layout, dtype: DType) -> Result<CpuStorage> {
+    let Some((start, end)) = layout.contiguous_offsets() else { bail!("dtype conversion: input must be contiguous") };
+    fn to<U: Elem>(storage: &CpuStorage, range: std::ops::Range<usize>) -> Result<Vec<U>> {
+        Ok(dispatch_float!("dtype conversion", storage, |s: T| convert::<T, U>(&s[range])))
+    }
+    let range = start..end;
+    Ok(match dtype {
+        DType::F32 => CpuStorage::F32(to::<f32>(storage, range)?),
+        DType::BF16 => CpuStorage::BF16(to::<bf16>(storage, range)?),
+        DType::F16 => CpuStorage::F16(to::<f16>(storage, range)?),
+        other => bail!("dtype conversion: {other:?} is not a float type the CPU kernels take"),
+    })
+}
+
+/// `src` converted element by element (rounding to nearest even when narrowing), in parallel.
+fn convert<T: Elem, U: Elem>(src: &[T]) -> Vec<U> {
+    let mut out = uninit::<U>(src.len());
+    out.par_chunks_mut(CONVERT_CHUNK).zip(src.par_chunks(CONVERT_CHUNK)).for_each(|(o, s)| {
+        o.iter_mut().zip(s).for_each(|(o, &v)| *o = U::from_f32(v.to_f32()));
+    });
+    out
+}
+
 /// `y += alpha * x`.
 #[inline]
 pub(crate) fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
@@ -115,6 +173,14 @@ pub(crate) fn as_f32<'a, T: Elem>(op: &str, what: &str, data: &'a [T], layout: &
     })
 }
 
+/// The elements of a contiguous tensor.
+pub(crate) fn contiguous<'a, T>(op: &str, what: &str, data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("{op}: the {what} must be contiguous"),
+    }
+}
+
 /// All of a storage's `f32` data, to be read with its layout (any strides).
 pub(crate) fn f32_storage<'a>(op: &str, what: &str, storage: &'a CpuStorage) -> Result<&'a [f32]> {
     match storage {
@@ -125,11 +191,7 @@ pub(crate) fn f32_storage<'a>(op: &str, what: &str, storage: &'a CpuStorage) -> 
 
 /// The elements of a contiguous `f32` tensor.
 pub(crate) fn f32_contiguous<'a>(op: &str, what: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let data = f32_storage(op, what, storage)?;
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => bail!("{op}: the {what} must be contiguous"),
-    }
+    contiguous(op, what, f32_storage(op, what, storage)?, layout)
 }
 
 /// The elements of a contiguous `f32` tensor, to update in place.

@@ -92,9 +92,7 @@ pub fn depthwise_conv2d(
         bail!("depthwise_conv2d: weight dtype {:?} differs from input dtype {:?}", weight.dtype(), x.dtype())
     }
     match implementation {
-        Implementation::Fused if crate::has_fused_kernel(x, false) => {
-            x.apply_op2(&weight.contiguous()?, Depthwise(cfg))
-        }
+        Implementation::Fused if crate::has_fused_kernel(x) => x.apply_op2(&weight.contiguous()?, Depthwise(cfg)),
         _ => depthwise_conv2d_reference(x, weight, cfg),
     }
 }

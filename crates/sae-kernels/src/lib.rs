@@ -33,10 +33,11 @@
 //!
 //! Each fused op is tested for parity with its reference, forward and every gradient.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
 pub mod adam;
 pub mod batch_norm;
+mod cast;
 pub mod conv;
 mod cpu;
 #[cfg(feature = "cuda")]
@@ -56,6 +57,7 @@ mod ptx {
 
 pub use adam::{adam_update, adam_update_reference, AdamStep};
 pub use batch_norm::{batch_norm_eval, batch_norm_train, batch_norm_train_reference, BatchNormOutput};
+pub use cast::cast;
 pub use conv::{conv2d, conv2d_reference, Conv2dConfig};
 pub use depthwise::{depthwise_conv2d, depthwise_conv2d_reference, DepthwiseConfig};
 pub use excitation::{
@@ -64,14 +66,10 @@ pub use excitation::{
 pub use max_pool::{max_pool2d, max_pool2d_reference, MaxPoolConfig};
 pub use relu::{add_relu, relu};
 
-/// Whether an op's fused kernel takes `t`: on the CPU, any float type, or only f32 where
-/// `cpu_f32_only`; on CUDA, f32, f16 and bf16. Elsewhere `Fused` runs the reference.
-pub(crate) fn has_fused_kernel(t: &Tensor, cpu_f32_only: bool) -> bool {
-    match t.device() {
-        Device::Cpu => !cpu_f32_only || t.dtype() == DType::F32,
-        Device::Cuda(_) => matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16),
-        _ => false,
-    }
+/// Whether the fused kernels take `t`: f32, bf16 or f16 on the CPU and on CUDA. Elsewhere
+/// `Fused` runs the reference.
+pub(crate) fn has_fused_kernel(t: &Tensor) -> bool {
+    (t.device().is_cpu() || t.device().is_cuda()) && matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16)
 }
 
 /// Which implementation of an op to run. This is the one switch between the plain

@@ -49,7 +49,7 @@ pub fn max_pool2d(x: &Tensor, cfg: MaxPoolConfig, implementation: Implementation
     let (_, _, h, w) = x.dims4()?;
     cfg.output_size(h, w)?;
     match implementation {
-        Implementation::Fused if crate::has_fused_kernel(x, false) => x.apply_op1(MaxPool(cfg)),
+        Implementation::Fused if crate::has_fused_kernel(x) => x.apply_op1(MaxPool(cfg)),
         _ => max_pool2d_reference(x, cfg),
     }
 }

@@ -4,18 +4,18 @@
 //! conversion and a product: four passes and four allocations per ReLU, and a ResNet-50 has 49
 //! of them. Here the backward is one pass over the output and its gradient, with PyTorch's
 //! convention at zero (the gradient is 0 where the output is 0). The fused kernels take
-//! `f32` on the CPU and f32/f16/bf16 on CUDA; elsewhere [`relu`] runs Candle's `relu`, the
+//! f32/f16/bf16 on the CPU and on CUDA; elsewhere [`relu`] runs Candle's `relu`, the
 //! reference.
 
-use crate::cpu::{f32_contiguous, uninit};
+use crate::cpu::{contiguous, dispatch_float, same_dtype, uninit, Elem};
 use crate::Implementation;
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 /// `max(x, 0)` element-wise.
 pub fn relu(x: &Tensor, implementation: Implementation) -> Result<Tensor> {
     match implementation {
-        Implementation::Fused if crate::has_fused_kernel(x, true) => x.contiguous()?.apply_op1(Relu),
+        Implementation::Fused if crate::has_fused_kernel(x) => x.contiguous()?.apply_op1(Relu),
         _ => x.relu(),
     }
 }
@@ -26,7 +26,7 @@ pub fn add_relu(a: &Tensor, b: &Tensor, implementation: Implementation) -> Resul
         bail!("add_relu: operand shapes {:?} and {:?} differ", a.dims(), b.dims())
     }
     match implementation {
-        Implementation::Fused if crate::has_fused_kernel(a, true) && a.dtype() == b.dtype() => {
+        Implementation::Fused if crate::has_fused_kernel(a) && a.dtype() == b.dtype() => {
             a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)
         }
         _ => (a + b)?.relu(),
@@ -48,18 +48,33 @@ struct ReluBackward;
 /// Elements per rayon task.
 const CHUNK: usize = 1 << 15;
 
+/// `len` outputs, output `i` being `f` of the operands' elements `i` (`read(i)`), in parallel.
+fn map<T: Elem, const K: usize>(
+    len: usize,
+    read: impl Fn(usize) -> [T; K] + Sync,
+    f: impl Fn([T; K]) -> T + Sync,
+) -> Vec<T> {
+    let mut out = uninit::<T>(len);
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+        for (j, o) in o.iter_mut().enumerate() {
+            *o = f(read(c * CHUNK + j));
+        }
+    });
+    out
+}
+
 impl CustomOp1 for Relu {
     fn name(&self) -> &'static str {
         "sae-relu"
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_contiguous("relu", "input", x, l)?;
-        let mut out = uninit::<f32>(x.len());
-        out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| {
-            o.iter_mut().zip(x).for_each(|(o, &v)| *o = v.max(0.0));
+        let out = dispatch_float!("relu", x, |x: T| {
+            let x = contiguous("relu", "input", x, l)?;
+            let zero = T::from_f32(0.0);
+            T::to_cpu_storage_owned(map(x.len(), |i| [x[i]], |[v]| if v.to_f32() > 0.0 { v } else { zero }))
         });
-        Ok((CpuStorage::F32(out), l.shape().clone()))
+        Ok((out, l.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -78,15 +93,19 @@ impl CustomOp2 for AddRelu {
     }
 
     fn cpu_fwd(&self, a: &CpuStorage, al: &Layout, b: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (a, b) =
-            (f32_contiguous("add_relu", "first operand", a, al)?, f32_contiguous("add_relu", "second operand", b, bl)?);
-        let mut out = uninit::<f32>(a.len());
-        out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(|(o, (a, b))| {
-            for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
-                *o = (a + b).max(0.0);
+        let out = dispatch_float!("add_relu", a, |a: T| {
+            let a = contiguous("add_relu", "first operand", a, al)?;
+            let b = contiguous("add_relu", "second operand", same_dtype::<T>("add_relu", b)?, bl)?;
+            if a.len() != b.len() {
+                bail!("add_relu: operands have {} and {} elements", a.len(), b.len())
             }
+            T::to_cpu_storage_owned(map(
+                a.len(),
+                |i| [a[i], b[i]],
+                |[a, b]| T::from_f32((a.to_f32() + b.to_f32()).max(0.0)),
+            ))
         });
-        Ok((CpuStorage::F32(out), al.shape().clone()))
+        Ok((out, al.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -112,17 +131,16 @@ impl CustomOp2 for ReluBackward {
     }
 
     fn cpu_fwd(&self, y: &CpuStorage, yl: &Layout, g: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (y, g) = (f32_contiguous("relu", "output", y, yl)?, f32_contiguous("relu", "output gradient", g, gl)?);
-        if y.len() != g.len() {
-            bail!("relu backward: output has {} elements, its gradient {}", y.len(), g.len())
-        }
-        let mut out = uninit::<f32>(y.len());
-        out.par_chunks_mut(CHUNK).zip(y.par_chunks(CHUNK).zip(g.par_chunks(CHUNK))).for_each(|(o, (y, g))| {
-            for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
-                *o = if y > 0.0 { g } else { 0.0 };
+        let out = dispatch_float!("relu backward", y, |y: T| {
+            let y = contiguous("relu backward", "output", y, yl)?;
+            let g = contiguous("relu backward", "output gradient", same_dtype::<T>("relu backward", g)?, gl)?;
+            if y.len() != g.len() {
+                bail!("relu backward: output has {} elements, its gradient {}", y.len(), g.len())
             }
+            let zero = T::from_f32(0.0);
+            T::to_cpu_storage_owned(map(y.len(), |i| [y[i], g[i]], |[y, g]| if y.to_f32() > 0.0 { g } else { zero }))
         });
-        Ok((CpuStorage::F32(out), yl.shape().clone()))
+        Ok((out, yl.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]

@@ -567,6 +567,124 @@ fn check_relu_zero_convention() {
     assert_eq!(grads.get(&x).unwrap().to_vec1::<f32>().unwrap(), [0.0, 0.0, 1.0]);
 }
 
+/// One bf16 rounding of the output (2⁻⁹ relative) with margin; the f32 arithmetic inside
+/// differs from the reference's by f32 ulps only.
+const BF16_ONCE_TOL: (f64, f64) = (1e-5, 4e-3);
+
+/// BatchNorm's eval mode rounds its per-channel scale and shift to bf16 as well (each once,
+/// from f32): with cancellation between x·scale and shift the error is 2⁻⁹ of those terms,
+/// which reach about the largest output here.
+const BF16_EVAL_TOL: (f64, f64) = (1e-2, 4e-3);
+
+/// The CPU kernels' mixed precision: on bf16 operands an op computes in f32 and rounds its
+/// result once, so its output and every gradient match the f32 reference run on the same
+/// (bf16-representable) values within one bf16 rounding. `op` gets the operands (and the
+/// implementation) as tensors made from Vars of `shapes`; `strided` transposes the first
+/// operand's two leading axes, as in [`input`].
+fn assert_bf16_rounds_the_reference_once(
+    what: &str,
+    shapes: &[&[usize]],
+    strided: bool,
+    seed: u64,
+    tol: (f64, f64),
+    op: impl Fn(&[Tensor], Implementation) -> Tensor,
+) {
+    let run = |dtype: DType, imp| {
+        let vars: Vec<Var> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &shape)| {
+                let mut shape = shape.to_vec();
+                if strided && i == 0 {
+                    shape.swap(0, 1);
+                }
+                let values = randn(seed + i as u64, &shape, DType::BF16);
+                Var::from_tensor(&values.to_dtype(dtype).unwrap()).unwrap()
+            })
+            .collect();
+        let operands: Vec<Tensor> = vars
+            .iter()
+            .enumerate()
+            .map(|(i, v)| if strided && i == 0 { v.transpose(0, 1).unwrap() } else { v.as_tensor().clone() })
+            .collect();
+        let out = op(&operands, imp);
+        assert_eq!(out.dtype(), dtype, "{what}: output dtype");
+        let probe = randn(seed + 99, out.dims(), DType::BF16).to_dtype(dtype).unwrap();
+        let grads = (&out * probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads: Vec<Tensor> = vars.iter().map(|v| grads.get(v).unwrap().clone()).collect();
+        (out, grads)
+    };
+    let (out, grads) = run(DType::BF16, Implementation::Fused);
+    let (out_ref, grads_ref) = run(DType::F32, Implementation::Reference);
+    assert_close(&format!("{what} bf16 forward"), &out, &out_ref, tol);
+    for (i, (g, r)) in grads.iter().zip(&grads_ref).enumerate() {
+        assert_eq!(g.dtype(), DType::BF16, "{what}: gradient {i} dtype");
+        assert_close(&format!("{what} bf16 d/d(operand {i})"), g, r, tol);
+    }
+}
+
+#[test]
+fn cpu_kernels_take_bf16_and_round_the_f32_result_once() {
+    for (i, &(cfg, x, k)) in CONV_CASES.iter().enumerate() {
+        for strided in [false, true] {
+            let what = format!("conv {cfg:?} {x:?} weight {k:?} strided={strided}");
+            assert_bf16_rounds_the_reference_once(
+                &what,
+                &[&x, &k],
+                strided,
+                300 + i as u64,
+                BF16_ONCE_TOL,
+                |t, imp| conv2d(&t[0], &t[1], cfg, imp).unwrap(),
+            );
+        }
+    }
+    for (i, &[n, c, h, w]) in BATCH_NORM_CASES.iter().enumerate() {
+        for (strided, relu) in [(false, false), (true, true)] {
+            let what = format!("batch norm {:?} strided={strided} relu={relu}", [n, c, h, w]);
+            let shapes: [&[usize]; 3] = [&[n, c, h, w], &[c], &[c]];
+            assert_bf16_rounds_the_reference_once(&what, &shapes, strided, 400 + i as u64, BF16_ONCE_TOL, |t, imp| {
+                let out = batch_norm_train(&t[0], &t[1], &t[2], 1e-5, relu, imp).unwrap();
+                assert_eq!((out.mean.dtype(), out.variance.dtype()), (DType::F32, DType::F32), "{what}");
+                out.output
+            });
+            let what = format!("eval {what}");
+            assert_bf16_rounds_the_reference_once(&what, &shapes, strided, 500 + i as u64, BF16_EVAL_TOL, |t, imp| {
+                let stats = randn(7, &[2, c], DType::BF16).to_dtype(t[0].dtype()).unwrap();
+                let (mean, var) = (stats.get(0).unwrap(), (stats.get(1).unwrap().abs().unwrap() + 0.5).unwrap());
+                batch_norm_eval(&t[0], &t[1], &t[2], &mean, &var, 1e-5, relu, imp).unwrap()
+            });
+        }
+    }
+    let shape: &[usize] = &[2, 3, 5, 7];
+    assert_bf16_rounds_the_reference_once("relu", &[shape], false, 600, BF16_ONCE_TOL, |t, imp| {
+        relu(&t[0], imp).unwrap()
+    });
+    assert_bf16_rounds_the_reference_once("add_relu", &[shape, shape], false, 601, BF16_ONCE_TOL, |t, imp| {
+        add_relu(&t[0], &t[1], imp).unwrap()
+    });
+}
+
+/// `cast` rounds to nearest even and carries the gradient back in the input's type.
+#[test]
+fn cast_rounds_to_nearest_and_carries_the_gradient_back() {
+    // 1 + 2⁻⁸ is halfway between the bf16 values 1 and 1 + 2⁻⁷ (ties to even: 1);
+    // 1 + 3·2⁻⁸ is halfway between 1 + 2⁻⁷ and 1 + 2⁻⁶ (ties to even: 1 + 2⁻⁶).
+    let x = Var::new(&[1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, -2.5e-3, 3.0e38f32], &Device::Cpu).unwrap();
+    let y = cast(&x, DType::BF16).unwrap();
+    assert_eq!(y.dtype(), DType::BF16);
+    let got: Vec<f32> = y.to_dtype(DType::F32).unwrap().to_vec1().unwrap();
+    let expected: Vec<f32> =
+        [1.0f32, 1.0 + 1.0 / 64.0, -2.5e-3, 3.0e38].iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+    assert_eq!(got, expected);
+    assert_eq!(got[..2], [1.0, 1.0 + 1.0 / 64.0]);
+    let probe = Tensor::new(&[1.5f32, -2.0, 0.25, 4.0], &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap();
+    let grad = (y * probe).unwrap().sum_all().unwrap().backward().unwrap();
+    let g = grad.get(&x).unwrap();
+    assert_eq!(g.dtype(), DType::F32);
+    assert_eq!(g.to_vec1::<f32>().unwrap(), [1.5, -2.0, 0.25, 4.0]);
+    assert_eq!(cast(&x, DType::F32).unwrap().id(), x.id(), "a cast to the same type is the tensor itself");
+}
+
 #[test]
 fn implementation_and_gate_names_round_trip() {
     for imp in Implementation::ALL {
