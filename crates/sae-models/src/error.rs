@@ -16,6 +16,14 @@ pub enum Error {
         /// Every registered name.
         known: Vec<&'static str>,
     },
+    /// A precision name that is not one of [`crate::Precision::ALL`].
+    #[error("unknown precision {name:?}; known precisions: {}", known.join(", "))]
+    UnknownPrecision {
+        /// The name asked for.
+        name: String,
+        /// Every known name.
+        known: Vec<&'static str>,
+    },
     /// A config value out of range or inconsistent.
     #[error("invalid model config: {0}")]
     InvalidConfig(String),

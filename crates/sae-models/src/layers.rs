@@ -2,12 +2,15 @@
 //! dense, and the SE / SaE channel-attention module.
 //!
 //! Each layer is a struct implementing `Module`/`ModuleT`, built by `new(…, vb)` where `vb`
-//! is already at the layer's path, so tensor names follow PyTorch state dicts.
+//! is already at the layer's path, so tensor names follow PyTorch state dicts. Every layer
+//! runs in its input's type: it rounds its weights to that type for the pass (a no-op when
+//! they already have it), which is how [`crate::Precision::Bf16`] reaches every layer.
 
 use crate::config::ModelConfig;
 use candle_core::{Module, ModuleT, Result, Tensor, Var};
 use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
 use candle_nn::{Init, VarBuilder};
+use sae_kernels::cast;
 use sae_kernels::{Conv2dConfig, DepthwiseConfig, ExcitationWeights, Gate, Implementation};
 
 /// Kaiming-normal with fan-out and ReLU gain, as torchvision initialises ResNet convolutions.
@@ -87,15 +90,16 @@ impl Conv2d {
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let s = &self.spec;
+        let weight = cast(&self.weight, x.dtype())?;
         let y = if s.is_depthwise() {
             let cfg = DepthwiseConfig { stride: s.stride, padding: s.padding };
-            sae_kernels::depthwise_conv2d(x, &self.weight, cfg, self.kernels)?
+            sae_kernels::depthwise_conv2d(x, &weight, cfg, self.kernels)?
         } else {
             let cfg = Conv2dConfig { stride: s.stride, padding: s.padding, groups: s.groups };
-            sae_kernels::conv2d(x, &self.weight, cfg, self.kernels)?
+            sae_kernels::conv2d(x, &weight, cfg, self.kernels)?
         };
         match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            Some(b) => y.broadcast_add(&cast(b, x.dtype())?.reshape((1, (), 1, 1))?),
             None => Ok(y),
         }
     }
@@ -135,22 +139,22 @@ impl BatchNorm {
     }
 
     fn forward_maybe_relu(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        let (weight, bias) = (cast(&self.weight, x.dtype())?, cast(&self.bias, x.dtype())?);
         if !train {
             let (mean, var) = (self.running_mean.as_tensor(), self.running_var.as_tensor());
-            return sae_kernels::batch_norm_eval(x, &self.weight, &self.bias, mean, var, self.eps, relu, self.kernels);
+            return sae_kernels::batch_norm_eval(x, &weight, &bias, mean, var, self.eps, relu, self.kernels);
         }
         let (out, count) = match crate::sync_batch_norm::current() {
-            Some(sum) => {
-                crate::sync_batch_norm::batch_norm_train_synced(x, &self.weight, &self.bias, self.eps, relu, &sum)?
-            }
+            Some(sum) => crate::sync_batch_norm::batch_norm_train_synced(x, &weight, &bias, self.eps, relu, &sum)?,
             None => {
                 let (n, _, h, w) = x.dims4()?;
-                (sae_kernels::batch_norm_train(x, &self.weight, &self.bias, self.eps, relu, self.kernels)?, n * h * w)
+                (sae_kernels::batch_norm_train(x, &weight, &bias, self.eps, relu, self.kernels)?, n * h * w)
             }
         };
         let count = count as f64;
         let unbiased = if count > 1.0 { (out.variance * (count / (count - 1.0)))? } else { out.variance };
         let update = |running: &Var, batch: &Tensor| -> Result<()> {
+            let batch = cast(batch, running.dtype())?;
             running.set(&((running.as_tensor().detach() * (1.0 - BN_MOMENTUM))? + (batch * BN_MOMENTUM)?)?)
         };
         update(&self.running_mean, &out.mean)?;
@@ -195,7 +199,7 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
+        x.matmul(&cast(&self.weight, x.dtype())?.t()?)?.broadcast_add(&cast(&self.bias, x.dtype())?)
     }
 }
 
@@ -247,12 +251,9 @@ impl Module for Excitation {
             stacked = (Tensor::cat(&w, 0)?, Tensor::cat(&b, 0)?);
             (&stacked.0, &stacked.1)
         };
-        let weights = ExcitationWeights {
-            fc1_weight: w1,
-            fc1_bias: b1,
-            fc2_weight: self.fc2.weight(),
-            fc2_bias: self.fc2.bias(),
-        };
+        let like_x = |t: &Tensor| cast(t, x.dtype());
+        let (w1, b1, w2, b2) = (like_x(w1)?, like_x(b1)?, like_x(self.fc2.weight())?, like_x(self.fc2.bias())?);
+        let weights = ExcitationWeights { fc1_weight: &w1, fc1_bias: &b1, fc2_weight: &w2, fc2_bias: &b2 };
         sae_kernels::excitation(x, &weights, self.gate, self.kernels)
     }
 }

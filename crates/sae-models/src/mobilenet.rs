@@ -7,7 +7,7 @@
 
 use crate::config::{Arch, ModelConfig, Stem};
 use crate::layers::{ConvBn, ConvSpec, Linear};
-use candle_core::{ModuleT, Result, Tensor};
+use candle_core::{DType, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 
 /// (output channels at α = 1, stride) of the 13 depthwise-separable blocks.
@@ -84,6 +84,7 @@ impl ModuleT for MobileNetV1 {
             y = relu6(&dw.forward_t(&y, train)?)?;
             y = relu6(&pw.forward_t(&y, train)?)?;
         }
-        y.mean((2, 3))?.apply(&self.classifier)
+        // The head in f32 whatever the precision: pooling sums many values, and it is cheap.
+        sae_kernels::cast(&y, DType::F32)?.mean((2, 3))?.apply(&self.classifier)
     }
 }

@@ -5,7 +5,7 @@ use crate::config::{Arch, ModelConfig};
 use crate::init::{SeededVarMap, ShapeRecorder};
 use crate::mobilenet::MobileNetV1;
 use crate::resnet::ResNet;
-use crate::{registry, Error, Result};
+use crate::{registry, Error, Precision, Result};
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use std::collections::{BTreeMap, HashMap};
@@ -71,6 +71,7 @@ pub struct Model {
     varmap: VarMap,
     network: Network,
     device: Device,
+    precision: Precision,
 }
 
 impl Model {
@@ -87,7 +88,7 @@ impl Model {
         let backend = SeededVarMap::new(varmap.clone(), seed);
         let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
         let network = Network::new(&config, vb)?;
-        Ok(Self { config, varmap, network, device: device.clone() })
+        Ok(Self { config, varmap, network, device: device.clone(), precision: Precision::F32 })
     }
 
     /// Builds the registered model `name` with `num_classes` outputs (see [`registry::create`]).
@@ -105,6 +106,16 @@ impl Model {
     /// The config.
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// The precision [`Model::forward_t`] runs in (f32 unless set).
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Runs the forward pass in `precision` from now on (the variables do not change).
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
     }
 
     /// The device the weights live on.
@@ -210,8 +221,16 @@ impl Model {
 }
 
 impl ModuleT for Model {
-    /// Logits (N, num_classes) for images (N, in_channels, H, W).
+    /// Logits (N, num_classes) for images (N, in_channels, H, W): f32 whatever the precision.
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let cast;
+        let x = match self.precision.activation_dtype() {
+            Some(dtype) => {
+                cast = sae_kernels::cast(x, dtype)?;
+                &cast
+            }
+            None => x,
+        };
         match &self.network {
             Network::ResNet(n) => n.forward_t(x, train),
             Network::MobileNetV1(n) => n.forward_t(x, train),

@@ -8,7 +8,7 @@
 
 use crate::config::{Arch, Attention, BlockKind, ModelConfig, Stem};
 use crate::layers::{ConvBn, ConvSpec, Excitation, Linear};
-use candle_core::{Module, ModuleT, Result, Tensor};
+use candle_core::{DType, Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 use sae_kernels::{Implementation, MaxPoolConfig};
 
@@ -168,6 +168,7 @@ impl ModuleT for ResNet {
         for b in &self.blocks {
             y = b.forward_t(&y, train)?;
         }
-        y.mean((2, 3))?.apply(&self.fc)
+        // The head in f32 whatever the precision: pooling sums many values, and it is cheap.
+        sae_kernels::cast(&y, DType::F32)?.mean((2, 3))?.apply(&self.fc)
     }
 }

@@ -1,0 +1,73 @@
+//! [`Precision`]: the number format a network trains and runs in.
+//!
+//! `bf16` is mixed precision in the way of PyTorch's autocast: the variables (master weights)
+//! stay f32, and so do the optimiser state, BatchNorm's statistics, the classifier head and
+//! the loss. Each forward pass rounds the input and each layer's weights to bf16 (their
+//! gradients come back as f32), so activations, and the copies autograd keeps of them, take
+//! half the memory. What the arithmetic is depends on the device: CUDA multiplies bf16 with
+//! f32 accumulation (cuBLAS, tensor cores); the CPU kernels convert to f32 for the arithmetic
+//! and round each result once (bf16 storage, f32 compute), because no bf16 dot-product path
+//! exists in them.
+
+use candle_core::{DType, Device};
+
+/// The number format of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// Everything in the variables' type (f32).
+    #[default]
+    F32,
+    /// bf16 activations and weight copies, f32 master weights (see the module docs).
+    Bf16,
+}
+
+impl Precision {
+    /// Every precision, in the order the help text lists them.
+    pub const ALL: [Precision; 2] = [Precision::F32, Precision::Bf16];
+
+    /// The name used on command lines and in configs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
+    /// The type activations are stored in; `None` for the variables' own type.
+    pub fn activation_dtype(self) -> Option<DType> {
+        match self {
+            Precision::F32 => None,
+            Precision::Bf16 => Some(DType::BF16),
+        }
+    }
+
+    /// What runs on `device` in this precision, for logs and reports.
+    pub fn describe(self, device: &Device) -> &'static str {
+        match (self, device) {
+            (Precision::F32, _) => "f32",
+            (Precision::Bf16, Device::Cpu) => {
+                "bf16 mixed precision: bf16 activations, f32 arithmetic in the CPU kernels (bf16 storage, f32 compute), f32 master weights"
+            }
+            (Precision::Bf16, _) => {
+                "bf16 mixed precision: bf16 activations and multiplies (f32 accumulation), f32 master weights"
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<Self> {
+        Precision::ALL.into_iter().find(|p| p.name() == s).ok_or_else(|| crate::Error::UnknownPrecision {
+            name: s.to_string(),
+            known: Precision::ALL.map(Precision::name).to_vec(),
+        })
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
