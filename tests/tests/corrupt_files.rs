@@ -224,6 +224,7 @@ fn run_config_and_summary_never_panic() {
         label_smoothing: 0.1,
         steps: Default::default(),
         augment: Default::default(),
+        precision: sae_models::Precision::Bf16,
     };
     let json = serde_json::to_string_pretty(&cfg).unwrap();
     std::fs::write(dir.join("config.json"), &json).unwrap();

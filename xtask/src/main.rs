@@ -135,6 +135,10 @@ struct ReproduceArgs {
     /// `cpu`, `cuda` or `metal`.
     #[arg(long, value_enum, default_value_t = reproduce::DeviceName::Cpu)]
     device: reproduce::DeviceName,
+    /// `f32`, or `bf16` mixed precision; bf16 runs and reports go to `runs/tableN/PRESET-bf16`
+    /// and `results/tableN-bf16.md`.
+    #[arg(long, default_value = "f32")]
+    precision: sae_models::Precision,
     /// Where runs go (default runs/tableN).
     #[arg(long)]
     runs: Option<PathBuf>,
@@ -152,8 +156,12 @@ fn reproduce(table: reproduce::Table, number: u8, args: ReproduceArgs) -> Result
         seeds: args.seeds,
         labels: args.labels,
         device: args.device,
+        precision: args.precision,
         runs: args.runs.unwrap_or_else(|| root.join(format!("runs/table{number}"))),
-        out: root.join(format!("results/table{number}.md")),
+        out: root.join(match args.precision {
+            sae_models::Precision::F32 => format!("results/table{number}.md"),
+            p => format!("results/table{number}-{p}.md"),
+        }),
         command: std::iter::once("cargo xtask".to_string())
             .chain(std::env::args().skip(1))
             .collect::<Vec<_>>()

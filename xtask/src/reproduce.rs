@@ -7,7 +7,7 @@
 
 use anyhow::{bail, Context, Result};
 use sae_data::{CifarKind, HubSource, LabelSet};
-use sae_models::{config, PaperPreset};
+use sae_models::{config, PaperPreset, Precision};
 use sae_train::plot::Series;
 use sae_train::stats::{self, mean_std, Verdict};
 use sae_train::{read_summary, DataConfig, DatasetKind, EpochSummary, OptimizerConfig, Schedule, TrainConfig};
@@ -112,6 +112,8 @@ pub struct Options {
     pub labels: Labels,
     /// Device.
     pub device: DeviceName,
+    /// Number format of every run.
+    pub precision: Precision,
     /// Where runs go.
     pub runs: PathBuf,
     /// The report file.
@@ -216,6 +218,7 @@ fn run_config(table: Table, data: TableData, opts: &Options, model: &str, seed: 
         label_smoothing: 0.0,
         steps: Default::default(),
         augment: Default::default(),
+        precision: opts.precision,
     })
 }
 
@@ -233,7 +236,7 @@ pub fn reproduce(table: Table, opts: &Options) -> Result<Vec<ModelRuns>> {
     let collective = sae_train::dist::for_device(host, &dev)?;
     let is_root = collective.rank() == 0;
     let data = TableData::new(table, opts)?;
-    let runs_dir = opts.runs.join(value_name(opts.preset));
+    let runs_dir = opts.runs.join(preset_label(opts));
     let mut results = Vec::new();
     for row in table.rows() {
         let mut runs = Vec::new();
@@ -318,10 +321,19 @@ impl RowStats {
     }
 }
 
+/// The preset's name, and the precision where it is not f32: `cpu`, `cpu-bf16` (the runs'
+/// directory, so that runs in two precisions never resume each other).
+pub fn preset_label(opts: &Options) -> String {
+    match opts.precision {
+        Precision::F32 => value_name(opts.preset),
+        p => format!("{}-{p}", value_name(opts.preset)),
+    }
+}
+
 /// The report's markdown.
 fn report_markdown(table: Table, data: TableData, opts: &Options, results: &[ModelRuns]) -> Result<String> {
     let n = table.number();
-    let preset = value_name(opts.preset);
+    let preset = preset_label(opts);
     let first_cfg = run_config(table, data, opts, &results[0].0, opts.seeds[0])?;
     let mut md = String::new();
     writeln!(md, "# Table {n} — reproduction ({preset} preset)\n")?;
@@ -333,14 +345,15 @@ fn report_markdown(table: Table, data: TableData, opts: &Options, results: &[Mod
     };
     writeln!(
         md,
-        "Data: `{}`{labels}; input {}×{}, {} epochs, batch {}, seeds {:?}, device {}.",
+        "Data: `{}`{labels}; input {}×{}, {} epochs, batch {}, seeds {:?}, device {}, precision {}.",
         opts.data.display(),
         first_cfg.data.input_size,
         first_cfg.data.input_size,
         first_cfg.epochs,
         first_cfg.batch_size,
         opts.seeds,
-        value_name(opts.device)
+        value_name(opts.device),
+        opts.precision
     )?;
     if let (Some(t), Some(e)) = (first_cfg.data.train_images, first_cfg.data.eval_images) {
         writeln!(md, "Subset: {t} training and {e} evaluation images (seeded uniform samples).")?;
@@ -459,7 +472,7 @@ fn write_report(table: Table, data: TableData, opts: &Options, results: &[ModelR
     if let Some(parent) = opts.out.parent() {
         std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     }
-    let title = format!("Table {} ({} preset): evaluation top-1", table.number(), value_name(opts.preset));
+    let title = format!("Table {} ({} preset): evaluation top-1", table.number(), preset_label(opts));
     sae_train::plot::plot_comparison(&top1_series(results), &title, "top-1 %", &opts.out.with_extension("png"))?;
     sae_fs::write_atomic(&opts.out, md.as_bytes())?;
     eprintln!("wrote {}", opts.out.display());
@@ -542,6 +555,7 @@ mod tests {
             seeds: vec![0],
             labels: Labels::Coarse,
             device: DeviceName::Cpu,
+            precision: Precision::F32,
             runs: root.join("runs"),
             out: root.join("table3.md"),
             command: "cargo xtask reproduce-table3 --preset smoke".into(),

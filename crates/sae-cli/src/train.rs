@@ -177,6 +177,10 @@ pub struct TrainArgs {
     /// `fused` kernels or the `reference` Candle compositions.
     #[arg(long)]
     pub kernels: Option<Implementation>,
+    /// `f32`, or `bf16` mixed precision: bf16 activations, f32 master weights, optimiser state,
+    /// BatchNorm statistics and loss (on the CPU the arithmetic stays f32: bf16 storage).
+    #[arg(long)]
+    pub precision: Option<sae_models::Precision>,
     /// `cpu`, `cuda` or `metal`.
     #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda", "metal"])]
     pub device: String,
@@ -348,6 +352,7 @@ pub fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
             label_smoothing: 0.0,
             steps: Default::default(),
             augment: Default::default(),
+            precision: Default::default(),
         },
     };
     // The head follows the data: a config file's model on another dataset gets a new head
@@ -356,6 +361,7 @@ pub fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
     if let Some(k) = a.kernels {
         cfg.model.kernels = k;
     }
+    set(&mut cfg.precision, a.precision);
     match a.stem.as_deref() {
         Some("cifar") => cfg.model.stem = sae_models::Stem::Cifar,
         Some(_) => cfg.model.stem = sae_models::Stem::Imagenet,
@@ -465,11 +471,12 @@ fn train_rank(a: &TrainArgs, host: std::sync::Arc<dyn sae_train::Collective>) ->
             ),
         };
         eprintln!(
-            "training {} on {} ({} epochs, batch {}{processes}) in {}",
+            "training {} on {} ({} epochs, batch {}, {}{processes}) in {}",
             cfg.model.name,
             cfg.data.dir.display(),
             cfg.epochs,
             cfg.batch_size,
+            cfg.precision.describe(&dev),
             a.out.display()
         );
     }
@@ -496,7 +503,8 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
             };
             // Evaluate the weight average when the run kept one, as training did.
             let weights = if dir.join("ema.safetensors").is_file() { "ema.safetensors" } else { "model.safetensors" };
-            let model = Model::load(cfg.model.clone(), &dir.join(weights), &dev)?;
+            let mut model = Model::load(cfg.model.clone(), &dir.join(weights), &dev)?;
+            model.set_precision(cfg.precision);
             let data = a.data.apply(Some(cfg.data.clone()))?;
             (model, data, cfg.seed, Some(a.confusion.clone().unwrap_or_else(|| run.join("confusion.png"))))
         }

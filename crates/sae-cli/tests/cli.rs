@@ -110,6 +110,10 @@ fn bad_input_fails_with_a_message_naming_it() {
     let out = sae(&["export", "--model", "resnet9000", "--weights", "w.safetensors", "--out", "x.onnx"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("unknown model \"resnet9000\""), "{}", stderr(&out));
+    let out =
+        sae(&["train", "--model", "resnet18", "--data", s(&dir), "--precision", "fp8", "--out", s(&dir.join("r"))]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("unknown precision \"fp8\"; known precisions: f32, bf16"), "{}", stderr(&out));
     let out = sae(&["predict", "--model", "resnet18", "--weights", s(&dir.join("missing.safetensors")), "x.png"]);
     assert!(!out.status.success() && stderr(&out).contains("missing.safetensors"), "{}", stderr(&out));
 }
@@ -187,6 +191,8 @@ fn train_eval_resume_and_fine_tune() {
         "0.8",
         "--cutmix",
         "1.0",
+        "--precision",
+        "bf16",
         "--out",
         s(&run),
     ]);
@@ -203,6 +209,8 @@ fn train_eval_resume_and_fine_tune() {
         (Some(true), Some(1.0))
     );
     assert_eq!(cfg["data"]["dataset"], "cifar10");
+    assert_eq!(cfg["precision"], "bf16");
+    assert!(stderr(&out).contains("bf16 mixed precision"), "{}", stderr(&out));
     for file in ["summary.csv", "train.log", "curves.png", "checkpoints/epoch-0001/ema.safetensors"] {
         assert!(run.join(file).exists(), "{file}");
     }

@@ -2,7 +2,7 @@
 //! everything the optimiser sees stays f32, and unknown precision names are errors.
 
 use candle_core::{DType, Device, ModuleT, Tensor};
-use sae_models::{is_running_stat, Model, Precision};
+use sae_models::{Model, Precision};
 
 /// Pseudo-random images in [−1, 1) (xorshift): no repeating pattern, so no max-pool ties
 /// that a rounding could flip.

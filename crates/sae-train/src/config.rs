@@ -4,7 +4,7 @@
 use crate::error::io;
 use crate::optim::{OptimizerConfig, Schedule};
 use crate::{Error, Result};
-use sae_models::ModelConfig;
+use sae_models::{ModelConfig, Precision};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -62,6 +62,10 @@ pub struct TrainConfig {
     /// Augmentation beyond the dataset's crop and flip.
     #[serde(default)]
     pub augment: AugmentConfig,
+    /// Number format of training and evaluation: f32, or bf16 mixed precision (f32 master
+    /// weights, optimiser state, BatchNorm statistics and loss).
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 /// Augmentation beyond the crop and flip of the training transform (see `sae_data::augment`).
@@ -165,6 +169,9 @@ impl TrainConfig {
                 "mix_prob and switch_prob must be in [0, 1], got {} and {}",
                 a.mix_prob, a.switch_prob
             )));
+        }
+        if s.sync_bn && self.precision != Precision::F32 {
+            return Err(Error::Config(format!("sync_bn runs in f32 only, not with precision {}", self.precision)));
         }
         if s.checkpoint_every == Some(0) {
             return Err(Error::Config("checkpoint_every must be at least 1 step".into()));

@@ -62,9 +62,14 @@ pub fn train_with(
     let is_root = rank == 0;
     let mut silent = Silent;
     let progress: &mut dyn Progress = if is_root { progress } else { &mut silent };
-    let model = Model::new(cfg.model.clone(), cfg.seed, device)?;
+    let new_model = || -> Result<Model> {
+        let mut model = Model::new(cfg.model.clone(), cfg.seed, device)?;
+        model.set_precision(cfg.precision);
+        Ok(model)
+    };
+    let model = new_model()?;
     let ema = match cfg.steps.ema_decay {
-        Some(_) => Some(Model::new(cfg.model.clone(), cfg.seed, device)?),
+        Some(_) => Some(new_model()?),
         None => None,
     };
     // The run's one kernel switch reaches the optimiser's update too.
@@ -135,6 +140,11 @@ pub fn train_with(
         true => Some(std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(io(&log_path))?),
         false => None,
     };
+    if let Some(log) = &mut log {
+        let what = if resume { "resumed" } else { "started" };
+        writeln!(log, "# run {what} at epoch {}: precision {}", run.state.epoch, cfg.precision.describe(device))
+            .map_err(io(&log_path))?;
+    }
 
     for epoch in run.state.epoch..cfg.epochs {
         let trained = run.train_epoch(optimizer.as_mut(), &train_loader, epoch, progress)?;
