@@ -2,7 +2,8 @@
 SE-ResNet-50, SENetV2-ResNet-50, SENetV2-ResNet-14b with the ImageNet stem, r = 32, K = 4, the
 `u + u*s` gate, no convolution bias), timed the same way, on CPU with a fixed thread count or
 on CUDA (`cargo xtask gpu-check`: synchronised steps, cuDNN benchmark mode, and the variant
-`channels_last_bf16`: channels-last memory format with bf16 autocast).
+`channels_last_bf16`: channels-last memory format with bf16 autocast), and with bf16 autocast
+alone (`autocast_bf16`, bench-train's `--bf16` rows on CPU).
 
 Prints one JSON object per line: a `matmul` line (this machine's sgemm GFLOP/s through
 PyTorch; not with --skip-matmul), then one line per requested row with its parameter count,
@@ -134,7 +135,7 @@ def bench_row(name, size, batch, mode, seconds, device, variant):
     if variant == "channels_last_bf16":
         model = model.to(memory_format=torch.channels_last)
         x = x.to(memory_format=torch.channels_last)
-
+    if variant in ("channels_last_bf16", "autocast_bf16"):
         def autocast():
             return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     if mode == "train":
@@ -177,7 +178,7 @@ def main():
     ap.add_argument("--rows", default="", help="model:size:batch:train|infer, comma-separated")
     ap.add_argument("--skip-matmul", action="store_true", help="no matmul line (bench-train times it once)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--variant", default="eager", choices=["eager", "channels_last_bf16"])
+    ap.add_argument("--variant", default="eager", choices=["eager", "autocast_bf16", "channels_last_bf16"])
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":

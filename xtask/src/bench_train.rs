@@ -8,6 +8,7 @@ use crate::project_root;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, ModuleT, Tensor};
 use sae_kernels::Implementation;
+use sae_models::Precision;
 use sae_train::metrics::cross_entropy;
 use sae_train::optim::OptimizerConfig;
 use std::fmt::Write;
@@ -99,11 +100,11 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
 
 /// Measures one row in a process of its own (`xtask bench-train-row`), so that its peak
 /// memory is its own.
-fn measure_ours(r: Row, kernels: Implementation, seconds: f64) -> Result<Timing> {
+fn measure_ours(r: Row, kernels: Implementation, precision: Precision, seconds: f64) -> Result<Timing> {
     let mode = if r.mode == Mode::Train { "train" } else { "infer" };
     let out = Command::new(std::env::current_exe()?)
         .args(["bench-train-row", r.model, &r.size.to_string(), &r.batch.to_string(), mode, kernels.name()])
-        .arg(seconds.to_string())
+        .args([precision.name(), &seconds.to_string()])
         .output()
         .context("starting bench-train-row")?;
     if !out.status.success() {
@@ -120,12 +121,12 @@ fn measure_ours(r: Row, kernels: Implementation, seconds: f64) -> Result<Timing>
     Ok(Timing { step, forward, backward, optimizer, memory: Memory { baseline: baseline as u64, peak: peak as u64 } })
 }
 
-/// `xtask bench-train-row MODEL SIZE BATCH train|infer KERNELS SECONDS`: one row measured in
-/// this process; prints step, forward, backward and optimiser seconds, then the resident
-/// memory before the model was built and the process's peak, in bytes.
+/// `xtask bench-train-row MODEL SIZE BATCH train|infer KERNELS PRECISION SECONDS`: one row
+/// measured in this process; prints step, forward, backward and optimiser seconds, then the
+/// resident memory before the model was built and the process's peak, in bytes.
 pub fn row_in_this_process(args: &[String]) -> Result<()> {
-    let [model, size, batch, mode, kernels, seconds] = args else {
-        bail!("usage: bench-train-row MODEL SIZE BATCH train|infer KERNELS SECONDS")
+    let [model, size, batch, mode, kernels, precision, seconds] = args else {
+        bail!("usage: bench-train-row MODEL SIZE BATCH train|infer KERNELS PRECISION SECONDS")
     };
     let row = ROWS
         .iter()
@@ -137,17 +138,18 @@ pub fn row_in_this_process(args: &[String]) -> Result<()> {
         })
         .with_context(|| format!("no bench-train row {model} {size} {batch} {mode}"))?;
     let kernels: Implementation = kernels.parse()?;
-    let t = measure_here(*row, kernels, seconds.parse()?)?;
+    let t = measure_here(*row, kernels, precision.parse()?, seconds.parse()?)?;
     println!("{} {} {} {} {} {}", t.step, t.forward, t.backward, t.optimizer, t.memory.baseline, t.memory.peak);
     Ok(())
 }
 
-fn measure_here(r: Row, kernels: Implementation, seconds: f64) -> Result<Timing> {
+fn measure_here(r: Row, kernels: Implementation, precision: Precision, seconds: f64) -> Result<Timing> {
     let baseline = resident_memory().0;
     let device = Device::Cpu;
     let mut cfg = sae_models::config(r.model, CLASSES)?;
     cfg.kernels = kernels;
-    let model = sae_models::Model::new(cfg, 0, &device)?;
+    let mut model = sae_models::Model::new(cfg, 0, &device)?;
+    model.set_precision(precision);
     let x = Tensor::randn(0f32, 1.0, (r.batch, 3, r.size, r.size), &device)?;
     let labels: Vec<u32> = (0..r.batch as u32).map(|i| i * 37 % CLASSES as u32).collect();
     let y = Tensor::new(labels.as_slice(), &device)?;
@@ -215,12 +217,12 @@ struct Torch {
     rows: Vec<(f64, u64, Memory)>,
 }
 
-fn measure_torch(python: &PathBuf, seconds: f64) -> Result<Torch> {
+fn measure_torch(python: &PathBuf, seconds: f64, rows: &[Row], variant: &str) -> Result<Torch> {
     let script = project_root().join("bench/pytorch/bench_train.py");
     let threads = rayon::current_num_threads().to_string();
     let run = |rows: Option<String>| -> Result<Vec<serde_json::Value>> {
         let mut cmd = Command::new(python);
-        cmd.arg(&script).args(["--threads", &threads, "--seconds", &seconds.to_string()]);
+        cmd.arg(&script).args(["--threads", &threads, "--seconds", &seconds.to_string(), "--variant", variant]);
         if let Some(rows) = &rows {
             cmd.args(["--skip-matmul", "--rows", rows]);
         }
@@ -241,13 +243,13 @@ fn measure_torch(python: &PathBuf, seconds: f64) -> Result<Torch> {
     };
     let head = run(None)?;
     let head = head.first().context("the PyTorch script printed nothing")?;
-    let mut rows = Vec::new();
-    for r in ROWS {
+    let mut measured = Vec::new();
+    for r in rows {
         let mode = if r.mode == Mode::Train { "train" } else { "infer" };
         let lines = run(Some(format!("{}:{}:{}:{mode}", r.model, r.size, r.batch)))?;
         let [v] = lines.as_slice() else { bail!("the PyTorch script printed {} rows, expected 1", lines.len()) };
         let bytes = |k: &str| v[k].as_u64().with_context(|| format!("no {k}"));
-        rows.push((
+        measured.push((
             v["images_per_second"].as_f64().context("no images_per_second")?,
             v["params"].as_u64().unwrap_or(0),
             Memory { baseline: bytes("baseline_rss")?, peak: bytes("peak_rss")? },
@@ -256,13 +258,16 @@ fn measure_torch(python: &PathBuf, seconds: f64) -> Result<Torch> {
     Ok(Torch {
         matmul_gflops: head["matmul_gflops"].as_f64().context("no matmul_gflops")?,
         version: head["torch"].as_str().unwrap_or("?").to_string(),
-        rows,
+        rows: measured,
     })
 }
 
-pub fn run(seconds: f64, python: Option<PathBuf>) -> Result<()> {
+pub fn run(seconds: f64, python: Option<PathBuf>, bf16: bool) -> Result<()> {
+    if bf16 {
+        return run_bf16(seconds, python);
+    }
     let torch = match &python {
-        Some(p) => Some(measure_torch(p, seconds)?),
+        Some(p) => Some(measure_torch(p, seconds, ROWS, "eager")?),
         None => None,
     };
     let machine_peak = crate::peak::measure();
@@ -321,8 +326,8 @@ pub fn run(seconds: f64, python: Option<PathBuf>) -> Result<()> {
         let params = model.param_counts()?.trainable;
         let macs = sae_models::Model::new(model, 0, &Device::Cpu)?.macs(r.size, r.size) as f64;
         let flop_per_image = 2.0 * macs * if r.mode == Mode::Train { 3.0 } else { 1.0 };
-        let ours = measure_ours(*r, Implementation::Fused, seconds)?;
-        let candle = measure_ours(*r, Implementation::Reference, seconds)?;
+        let ours = measure_ours(*r, Implementation::Fused, Precision::F32, seconds)?;
+        let candle = measure_ours(*r, Implementation::Reference, Precision::F32, seconds)?;
         let ips = |t: &Timing| r.batch as f64 / t.step;
         eprintln!(
             "{} {}px batch {} {:?}: ours {:.1} img/s, Candle {:.1} img/s",
@@ -364,6 +369,91 @@ pub fn run(seconds: f64, python: Option<PathBuf>) -> Result<()> {
     }
     let out = project_root().join("results/train-speed.md");
     std::fs::create_dir_all(out.parent().expect("results dir"))?;
+    sae_fs::write_atomic(&out, md.as_bytes())?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
+
+/// The rows of the bf16 comparison: both image sizes, training and inference.
+const BF16_ROWS: &[Row] = &[
+    row("resnet50", 32, 16, Mode::Train),
+    row("senetv2_resnet50", 32, 16, Mode::Train),
+    row("senetv2_resnet50", 140, 16, Mode::Train),
+    row("senetv2_resnet50", 140, 16, Mode::Infer),
+];
+
+/// `bench-train --bf16`: our f32 and bf16 mixed precision beside PyTorch eager f32 and bf16
+/// autocast, speed and peak memory, each row in a process of its own; writes
+/// `results/train-speed-bf16.md`.
+fn run_bf16(seconds: f64, python: Option<PathBuf>) -> Result<()> {
+    let torch = match &python {
+        Some(p) => Some((
+            measure_torch(p, seconds, BF16_ROWS, "eager")?,
+            measure_torch(p, seconds, BF16_ROWS, "autocast_bf16")?,
+        )),
+        None => None,
+    };
+    let peak = crate::peak::measure();
+    let mut md = String::new();
+    writeln!(md, "# bf16 mixed precision on CPU\n")?;
+    let command = std::iter::once("cargo xtask".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>();
+    writeln!(
+        md,
+        "Made by `{}`. Machine: {}; {} rayon threads.",
+        command.join(" "),
+        crate::bench::machine(),
+        rayon::current_num_threads()
+    )?;
+    let bf16_peak = match peak.bf16_gflops {
+        Some(g) => format!("bf16 dot products (`vdpbf16ps`) {g:.0} GFLOP/s"),
+        None => "no bf16 dot-product instructions".into(),
+    };
+    writeln!(
+        md,
+        "CPU flags: {}. Measured peak: f32 {} {:.0} GFLOP/s, {bf16_peak}.\n",
+        crate::peak::cpu_flags().join(", "),
+        peak.f32_isa,
+        peak.f32_gflops
+    )?;
+    writeln!(md, "Rows and timing as in `results/train-speed.md` (random inputs, median step, each row in its own process). *bf16* is `--precision bf16`: bf16 activations and weight copies, f32 master weights, Adam state, BatchNorm statistics and loss; on the CPU our kernels convert bf16 operands to f32 for the arithmetic and round each result once (bf16 storage, f32 compute), so it saves memory, not time. PyTorch bf16 is `torch.autocast(\"cpu\", dtype=torch.bfloat16)` around the forward and loss.\n")?;
+    match &torch {
+        Some((t, _)) => writeln!(md, "PyTorch {} measured in the same run.\n", t.version)?,
+        None => writeln!(md, "PyTorch not measured in this run (pass `--python`).\n")?,
+    }
+    writeln!(md, "| model | input | batch | mode | ours f32 img/s | ours bf16 img/s | bf16 / f32 | PyTorch f32 img/s | PyTorch bf16 img/s | ours bf16 / PyTorch bf16 | peak MB ours f32 | ours bf16 | PyTorch f32 | PyTorch bf16 |")?;
+    writeln!(md, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    for (i, r) in BF16_ROWS.iter().enumerate() {
+        let f32_run = measure_ours(*r, Implementation::Fused, Precision::F32, seconds)?;
+        let bf16_run = measure_ours(*r, Implementation::Fused, Precision::Bf16, seconds)?;
+        let ips = |t: &Timing| r.batch as f64 / t.step;
+        eprintln!(
+            "{} {}px batch {} {:?}: f32 {:.1} img/s, bf16 {:.1} img/s",
+            r.model,
+            r.size,
+            r.batch,
+            r.mode,
+            ips(&f32_run),
+            ips(&bf16_run)
+        );
+        let (torch_f32, torch_bf16, ratio, mem_f32, mem_bf16) = match &torch {
+            Some((e, a)) => (
+                format!("{:.1}", e.rows[i].0),
+                format!("{:.1}", a.rows[i].0),
+                format!("**{:.2}×**", ips(&bf16_run) / a.rows[i].0),
+                e.rows[i].2.describe(),
+                a.rows[i].2.describe(),
+            ),
+            None => ("—".into(), "—".into(), "—".into(), "—".into(), "—".into()),
+        };
+        let mode = if r.mode == Mode::Train { "train" } else { "inference" };
+        writeln!(
+            md,
+            "| {} | {}×{} | {} | {mode} | {:.1} | {:.1} | **{:.2}×** | {torch_f32} | {torch_bf16} | {ratio} | {} | {} | {mem_f32} | {mem_bf16} |",
+            r.model, r.size, r.size, r.batch, ips(&f32_run), ips(&bf16_run), ips(&bf16_run) / ips(&f32_run),
+            f32_run.memory.describe(), bf16_run.memory.describe(),
+        )?;
+    }
+    let out = project_root().join("results/train-speed-bf16.md");
     sae_fs::write_atomic(&out, md.as_bytes())?;
     eprintln!("wrote {}", out.display());
     Ok(())

@@ -83,6 +83,10 @@ enum Cmd {
         /// A Python interpreter with torch installed, to run `bench/pytorch/bench_train.py`.
         #[arg(long)]
         python: Option<PathBuf>,
+        /// Instead: f32 against `--precision bf16` (and PyTorch's bf16 autocast), written to
+        /// `results/train-speed-bf16.md`.
+        #[arg(long)]
+        bf16: bool,
     },
     /// Builds the CUDA check runner into `target/gpu/` (`xtask.gz` and `gpu-check.sh`, which
     /// starts it; needs nvcc, no GPU); with `--run`, runs it on a machine with an NVIDIA GPU: every op's parity with the CPU, 50 training
@@ -291,7 +295,7 @@ fn main() -> Result<()> {
         Cmd::GpuCheck { run: true, device, smoke, out, python } => {
             gpu_check::run(&gpu_check::RunOptions { device, smoke, out, python })
         }
-        Cmd::BenchTrain { seconds, python } => bench_train::run(seconds, python),
+        Cmd::BenchTrain { seconds, python, bf16 } => bench_train::run(seconds, python, bf16),
         Cmd::BenchTrainRow { args } => bench_train::row_in_this_process(&args),
         Cmd::ReproduceTable2(a) => reproduce(reproduce::Table::Two, 2, a),
         Cmd::ReproduceTable3(a) => reproduce(reproduce::Table::Three, 3, a),
