@@ -17,6 +17,12 @@ use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// mimalloc instead of glibc's malloc: glibc keeps freed activations in per-thread arenas
+/// and hands large blocks back to the system after each use, so every step faults its pages
+/// in again (see `results/train-speed.md`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Tasks of the sae workspace")]
 struct Cli {

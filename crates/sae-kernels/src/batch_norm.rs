@@ -15,16 +15,18 @@
 //! ([`batch_norm_eval`]) it is one per-channel scale and shift, in one pass each way. Both can
 //! apply a ReLU in the same pass (`relu`); the backward then masks the gradient by the output,
 //! so BatchNorm + ReLU is one graph node instead of two (Candle's backward adds a `zeros_like`
-//! and an `add` for every node's gradient). The fused kernels take `f32` on the CPU and
-//! f32/f16/bf16 on CUDA (`src/cuda/ops.cu`, the same passes with f64 sums); elsewhere
+//! and an `add` for every node's gradient). The fused kernels take f32/f16/bf16 on the CPU
+//! (f32 arithmetic, statistics in f32) and on CUDA (`src/cuda/ops.cu`, the same passes with f64 sums); elsewhere
 //! [`batch_norm_train`] runs the reference. On CUDA the per-channel statistics go to the host
 //! and back between the two forward passes (a synchronisation per BatchNorm), because the ops
 //! carry them as plain vectors.
 
-use crate::cpu::{f32_contiguous, f32_storage, in_f32, min_planes_per_task, uninit, unpack};
+use crate::cpu::{
+    as_f32, contiguous, dispatch_float, min_planes_per_task, read_f32, same_dtype, uninit, unpack, write_f32, Elem,
+};
 use crate::layout::Strided4;
 use crate::Implementation;
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, D};
 use rayon::prelude::*;
 
 /// Output of [`batch_norm_train`].
@@ -184,16 +186,13 @@ impl CustomOp3 for ChannelAffine {
         shift: &CpuStorage,
         tl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        in_f32([(x, xl), (scale, sl), (shift, tl)], false, |[(x, xl), (scale, sl), (shift, tl)]| {
-            let xs = Strided4::new("batch_norm", "input", xl)?;
-            let (x, scale, shift) = (
-                f32_storage("batch_norm", "input", x)?,
-                f32_contiguous("batch_norm", "scale", scale, sl)?,
-                f32_contiguous("batch_norm", "shift", shift, tl)?,
-            );
-            let out = affine(x, &xs, self.relu, |c| (scale[c], shift[c]));
-            Ok((CpuStorage::F32(out), Shape::from(xs.dims.to_vec())))
-        })
+        let (op, xs) = ("batch_norm", Strided4::new("batch_norm", "input", xl)?);
+        let out = dispatch_float!(op, x, |x: T| {
+            let scale = as_f32(op, "scale", same_dtype::<T>(op, scale)?, sl)?;
+            let shift = as_f32(op, "shift", same_dtype::<T>(op, shift)?, tl)?;
+            T::to_cpu_storage_owned(affine(x, &xs, self.relu, |c| (scale[c], shift[c])))
+        });
+        Ok((out, Shape::from(xs.dims.to_vec())))
     }
 
     #[cfg(feature = "cuda")]
@@ -239,8 +238,9 @@ impl CustomOp3 for ChannelAffineBackward {
         g: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        in_f32([(x, xl), (scale, sl), (g, gl)], false, |[(x, xl), (scale, sl), (g, gl)]| {
-            let BackwardOperands { xs, x, param: scale, g } = backward_operands(x, xl, scale, sl, g, gl)?;
+        let xs = backward_layout(xl, gl)?;
+        dispatch_float!("batch_norm backward", x, |x: T| {
+            let (scale, g) = backward_operands::<T>(scale, sl, g, gl)?;
             let sums = gradient_sums(x, &xs, g, |_| 0.0);
             // d scale = Σ dy·x, d shift = Σ dy, dx = dy·scale.
             Ok(packed_gradients(&xs, g, sums.iter().map(|s| (s.dy_x, s.dy)), |plane, dy, dx| {
@@ -267,19 +267,22 @@ impl CustomOp3 for ChannelAffineBackward {
 
 /// `x·scale + shift` with per-channel `(scale, shift) = coef(c)`, as a contiguous (N, C, H, W),
 /// clamped at 0 when `relu` is set.
-fn affine(x: &[f32], xs: &Strided4, relu: bool, coef: impl Fn(usize) -> (f32, f32) + Sync) -> Vec<f32> {
+fn affine<T: Elem>(x: &[T], xs: &Strided4, relu: bool, coef: impl Fn(usize) -> (f32, f32) + Sync) -> Vec<T> {
     let [n, c, h, w] = xs.dims;
-    let mut out = uninit::<f32>(n * c * h * w);
-    out.par_chunks_mut(h * w).with_min_len(min_planes_per_task(h * w)).enumerate().for_each(|(plane, y)| {
+    let mut out = uninit::<T>(n * c * h * w);
+    let planes = out.par_chunks_mut(h * w).with_min_len(min_planes_per_task(h * w)).enumerate();
+    planes.for_each_init(Vec::new, |buf, (plane, y)| {
         let (ni, ci) = (plane / c, plane % c);
         let (scale, shift) = coef(ci);
-        match xs.contiguous_plane(x, ni, ci) {
-            Some(p) => y.iter_mut().zip(p).for_each(|(y, &v)| *y = v * scale + shift),
-            None => xs.for_each_in_plane(x, ni, ci, |k, v| y[k] = v * scale + shift),
-        }
-        if relu {
-            y.iter_mut().for_each(|v| *v = v.max(0.0));
-        }
+        write_f32(y, buf, |y| {
+            match xs.contiguous_plane(x, ni, ci) {
+                Some(p) => y.iter_mut().zip(p).for_each(|(y, v)| *y = v.to_f32() * scale + shift),
+                None => xs.for_each_in_plane(x, ni, ci, |k, v| y[k] = v.to_f32() * scale + shift),
+            }
+            if relu {
+                y.iter_mut().for_each(|v| *v = v.max(0.0));
+            }
+        })
     });
     out
 }
@@ -302,69 +305,68 @@ struct BatchNormBackward {
 
 /// Calls `f(plane index n, values)` for every plane of channel `c`, copying strided planes
 /// into `buf`.
-fn for_each_plane(x: &[f32], xs: &Strided4, c: usize, buf: &mut Vec<f32>, mut f: impl FnMut(usize, &[f32])) {
+fn for_each_plane<T: Elem>(x: &[T], xs: &Strided4, c: usize, buf: &mut Vec<f32>, mut f: impl FnMut(usize, &[f32])) {
     for n in 0..xs.dims[0] {
         match xs.contiguous_plane(x, n, c) {
-            Some(p) => f(n, p),
+            Some(p) => f(n, read_f32(p, buf)),
             None => {
                 buf.resize(xs.plane_len(), 0.0);
-                xs.for_each_in_plane(x, n, c, |k, v| buf[k] = v);
+                xs.for_each_in_plane(x, n, c, |k, v| buf[k] = v.to_f32());
                 f(n, buf)
             }
         }
     }
 }
 
-/// The operands of both backward ops, checked: the input (any strides), the per-channel
-/// parameter (scale or γ) and the contiguous output gradient of the same shape.
-struct BackwardOperands<'a> {
-    xs: Strided4,
-    x: &'a [f32],
-    param: &'a [f32],
-    g: &'a [f32],
-}
-
-fn backward_operands<'a>(
-    x: &'a CpuStorage,
-    xl: &Layout,
-    param: &'a CpuStorage,
-    pl: &Layout,
-    g: &'a CpuStorage,
-    gl: &Layout,
-) -> Result<BackwardOperands<'a>> {
+/// The input layout of both backward ops, checked against the output gradient's shape.
+fn backward_layout(xl: &Layout, gl: &Layout) -> Result<Strided4> {
     let xs = Strided4::new("batch_norm backward", "input", xl)?;
     if gl.dims() != xs.dims {
         bail!("batch_norm backward: gradient shape {:?}, expected {:?}", gl.dims(), xs.dims)
     }
-    Ok(BackwardOperands {
-        xs,
-        x: f32_storage("batch_norm", "input", x)?,
-        param: f32_contiguous("batch_norm", "weight", param, pl)?,
-        g: f32_contiguous("batch_norm", "output gradient", g, gl)?,
-    })
+    Ok(xs)
+}
+
+/// The other operands of both backward ops, of the input's type `T`: the per-channel
+/// parameter (scale or γ) as f32 and the contiguous output gradient.
+fn backward_operands<'a, T: Elem>(
+    param: &'a CpuStorage,
+    pl: &Layout,
+    g: &'a CpuStorage,
+    gl: &Layout,
+) -> Result<(std::borrow::Cow<'a, [f32]>, &'a [T])> {
+    let op = "batch_norm backward";
+    Ok((
+        as_f32(op, "weight", same_dtype::<T>(op, param)?, pl)?,
+        contiguous(op, "output gradient", same_dtype::<T>(op, g)?, gl)?,
+    ))
 }
 
 /// The packed output `[dx | dparam | dshift]` of a backward op: the per-channel gradients
 /// `(dparam, dshift)` in channel order, and `dx` plane by plane from `dx_plane(plane, dy, dx)`.
-fn packed_gradients(
+fn packed_gradients<T: Elem>(
     xs: &Strided4,
-    g: &[f32],
+    g: &[T],
     per_channel: impl ExactSizeIterator<Item = (f32, f32)>,
     dx_plane: impl Fn(usize, &[f32], &mut [f32]) + Sync,
 ) -> (CpuStorage, Shape) {
     let [n, c, h, w] = xs.dims;
     let (plane_len, len) = (h * w, n * c * h * w + 2 * c);
-    let mut out = uninit::<f32>(len);
+    let mut out = uninit::<T>(len);
     let (dx, rest) = out.split_at_mut(n * c * plane_len);
     for (ci, (dparam, dshift)) in per_channel.enumerate() {
-        rest[ci] = dparam;
-        rest[c + ci] = dshift;
+        rest[ci] = T::from_f32(dparam);
+        rest[c + ci] = T::from_f32(dshift);
     }
-    dx.par_chunks_mut(plane_len)
-        .with_min_len(min_planes_per_task(plane_len))
-        .enumerate()
-        .for_each(|(plane, d)| dx_plane(plane, &g[plane * plane_len..(plane + 1) * plane_len], d));
-    (CpuStorage::F32(out), Shape::from(len))
+    let planes = dx.par_chunks_mut(plane_len).with_min_len(min_planes_per_task(plane_len)).enumerate();
+    planes.for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(g_buf, dx_buf), (plane, d)| {
+            let dy = read_f32(&g[plane * plane_len..(plane + 1) * plane_len], g_buf);
+            write_f32(d, dx_buf, |d| dx_plane(plane, dy, d))
+        },
+    );
+    (T::to_cpu_storage_owned(out), Shape::from(len))
 }
 
 /// One channel's sums over the batch for the backward passes.
@@ -380,7 +382,7 @@ struct GradientSums {
 /// Per channel `c`: Σ dy and Σ dy·(x − shift(c)) over the batch. The shift is subtracted plane
 /// by plane, before the f64 accumulation, so a large mean does not cancel away the precision
 /// of the sum. `g` is the contiguous output gradient.
-fn gradient_sums(x: &[f32], xs: &Strided4, g: &[f32], shift: impl Fn(usize) -> f32 + Sync) -> Vec<GradientSums> {
+fn gradient_sums<T: Elem>(x: &[T], xs: &Strided4, g: &[T], shift: impl Fn(usize) -> f32 + Sync) -> Vec<GradientSums> {
     let [_, c, h, w] = xs.dims;
     let plane_len = h * w;
     (0..c)
@@ -400,7 +402,7 @@ fn gradient_sums(x: &[f32], xs: &Strided4, g: &[f32], shift: impl Fn(usize) -> f
 }
 
 /// Per-channel (mean, biased variance) of `x`, in f64 accumulators.
-fn channel_stats(x: &[f32], xs: &Strided4) -> Vec<(f32, f32)> {
+fn channel_stats<T: Elem>(x: &[T], xs: &Strided4) -> Vec<(f32, f32)> {
     let count = (xs.dims[0] * xs.plane_len()) as f64;
     (0..xs.dims[1])
         .into_par_iter()
@@ -432,12 +434,10 @@ impl CustomOp1 for ChannelStats {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
-        in_f32([(x, xl)], true, |[(x, xl)]| {
-            let xs = Strided4::new("batch_norm", "input", xl)?;
-            let stats = channel_stats(f32_storage("batch_norm", "input", x)?, &xs);
-            let (mean, var): (Vec<f32>, Vec<f32>) = stats.into_iter().unzip();
-            Ok((CpuStorage::F32([mean, var].concat()), Shape::from((2, xs.dims[1]))))
-        })
+        let xs = Strided4::new("batch_norm", "input", xl)?;
+        let stats = dispatch_float!("batch_norm", x, |x: T| channel_stats::<T>(x, &xs));
+        let (mean, var): (Vec<f32>, Vec<f32>) = stats.into_iter().unzip();
+        Ok((CpuStorage::F32([mean, var].concat()), Shape::from((2, xs.dims[1]))))
     }
 
     #[cfg(feature = "cuda")]
@@ -461,19 +461,16 @@ impl CustomOp3 for BatchNormTrain {
         b: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        in_f32([(x, xl), (w, wl), (b, bl)], false, |[(x, xl), (w, wl), (b, bl)]| {
-            let xs = Strided4::new("batch_norm", "input", xl)?;
-            let (x, w, b) = (
-                f32_storage("batch_norm", "input", x)?,
-                f32_contiguous("batch_norm", "weight", w, wl)?,
-                f32_contiguous("batch_norm", "bias", b, bl)?,
-            );
-            let out = affine(x, &xs, self.relu, |c| {
+        let (op, xs) = ("batch_norm", Strided4::new("batch_norm", "input", xl)?);
+        let out = dispatch_float!(op, x, |x: T| {
+            let w = as_f32(op, "weight", same_dtype::<T>(op, w)?, wl)?;
+            let b = as_f32(op, "bias", same_dtype::<T>(op, b)?, bl)?;
+            T::to_cpu_storage_owned(affine(x, &xs, self.relu, |c| {
                 let scale = self.inv_std[c] * w[c];
                 (scale, b[c] - self.mean[c] * scale)
-            });
-            Ok((CpuStorage::F32(out), Shape::from(xs.dims.to_vec())))
-        })
+            }))
+        });
+        Ok((out, Shape::from(xs.dims.to_vec())))
     }
 
     #[cfg(feature = "cuda")]
@@ -520,8 +517,9 @@ impl CustomOp3 for BatchNormBackward {
         g: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        in_f32([(x, xl), (w, wl), (g, gl)], false, |[(x, xl), (w, wl), (g, gl)]| {
-            let BackwardOperands { xs, x, param: w, g } = backward_operands(x, xl, w, wl, g, gl)?;
+        let xs = backward_layout(xl, gl)?;
+        dispatch_float!("batch_norm backward", x, |x: T| {
+            let (w, g) = backward_operands::<T>(w, wl, g, gl)?;
             let c = xs.dims[1];
             let count = (xs.dims[0] * xs.plane_len()) as f32;
             // Pass 1, per channel: dβ = Σ dy and dγ = Σ dy·x̂ = inv_std · Σ dy·(x − mean).
@@ -536,11 +534,11 @@ impl CustomOp3 for BatchNormBackward {
                 let shift = -a * sums[ci].dy / count - k * self.mean[ci];
                 match xs.contiguous_plane(x, ni, ci) {
                     Some(p) => {
-                        for ((d, &gv), &xv) in d.iter_mut().zip(dy).zip(p) {
-                            *d = gv * a + xv * k + shift;
+                        for ((d, &gv), xv) in d.iter_mut().zip(dy).zip(p) {
+                            *d = gv * a + xv.to_f32() * k + shift;
                         }
                     }
-                    None => xs.for_each_in_plane(x, ni, ci, |i, xv| d[i] = dy[i] * a + xv * k + shift),
+                    None => xs.for_each_in_plane(x, ni, ci, |i, xv| d[i] = dy[i] * a + xv.to_f32() * k + shift),
                 }
             }))
         })

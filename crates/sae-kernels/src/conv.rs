@@ -18,16 +18,20 @@
 //! stride-1 convolution without padding reads its input planes as the matrix itself, with no
 //! unrolling. Smaller images are unrolled side by side into one matrix per chunk of the batch,
 //! so that the multiplies are large enough for the gemm kernels. This im2col kernel fuses no
-//! steps; [`Implementation::Fused`] selects it because it replaces Candle's slow paths. It is
-//! CPU and `f32` only. On CUDA, `Fused` is the same three products as graph nodes: an im2col
+//! steps; [`Implementation::Fused`] selects it because it replaces Candle's slow paths. On the
+//! CPU it takes f32, bf16 and f16, multiplying in f32 (bf16 and f16 are converted while
+//! unrolling and rounded once when written). On CUDA, `Fused` is the same three products as graph nodes: an im2col
 //! kernel (`src/cuda/ops.cu`) for the whole batch, Candle's batched matmul (cuBLAS) and col2im
 //! as the im2col node's gradient, so the input gradient does not go through Candle's direct
 //! `conv_transpose2d` kernel. Elsewhere [`conv2d`] runs the reference (Candle's `conv2d`).
 
-use crate::cpu::{f32_contiguous, f32_storage, in_f32, matmul, matmul_threads, uninit, unpack, Mat};
+use crate::cpu::{
+    as_f32, contiguous, dispatch_float, matmul, matmul_threads, read_f32, same_dtype, uninit, unpack, write_f32, Elem,
+    Mat,
+};
 use crate::layout::Strided4;
 use crate::Implementation;
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 /// Stride, zero padding and channel groups of a convolution (dilation 1).
@@ -116,7 +120,7 @@ impl Geometry {
     /// Fills `out` (oh·ow values) with the input values that tap (ky, kx) of channel `ci` sees
     /// at every output pixel of image `n`: one row of the unrolled input.
     #[allow(clippy::too_many_arguments)]
-    fn im2col_row(&self, x: &[f32], xs: &Strided4, n: usize, ci: usize, ky: usize, kx: usize, out: &mut [f32]) {
+    fn im2col_row<T: Elem>(&self, x: &[T], xs: &Strided4, n: usize, ci: usize, ky: usize, kx: usize, out: &mut [f32]) {
         let plane = xs.offset + n * xs.strides[0] + ci * xs.strides[1];
         let (lo, hi) = self.valid_columns(kx);
         for (oy, out) in out.chunks_exact_mut(self.ow).enumerate() {
@@ -129,11 +133,12 @@ impl Geometry {
             let start = plane + iy * xs.strides[2];
             let ix0 = lo * self.stride + kx - self.pad;
             if self.stride == 1 && xs.strides[3] == 1 {
-                out[lo..hi].copy_from_slice(&x[start + ix0..start + ix0 + hi - lo]);
+                let src = &x[start + ix0..start + ix0 + hi - lo];
+                out[lo..hi].iter_mut().zip(src).for_each(|(o, v)| *o = v.to_f32());
             } else {
                 let step = self.stride * xs.strides[3];
                 for (j, o) in out[lo..hi].iter_mut().enumerate() {
-                    *o = x[start + ix0 * xs.strides[3] + j * step];
+                    *o = x[start + ix0 * xs.strides[3] + j * step].to_f32();
                 }
             }
         }
@@ -182,9 +187,11 @@ impl Geometry {
     /// Image `n`'s unrolled input (C·kh·kw × oh·ow) as a matrix: its input planes themselves
     /// for a 1×1 stride-1 unpadded convolution whose planes are contiguous, otherwise
     /// unrolled into `scratch` (reused between images of one task).
-    fn image_matrix<'a>(&self, x: &'a [f32], xs: &Strided4, n: usize, scratch: &'a mut Vec<f32>) -> Mat<'a> {
+    fn image_matrix<'a, T: Elem>(&self, x: &'a [T], xs: &Strided4, n: usize, scratch: &'a mut Vec<f32>) -> Mat<'a> {
         if self.is_pointwise() && xs.strides[3] == 1 && xs.strides[2] == self.w {
-            return Mat { data: &x[xs.offset + n * xs.strides[0]..], rs: xs.strides[1], cs: 1 };
+            if let Some(x) = T::as_f32_slice(x) {
+                return Mat { data: &x[xs.offset + n * xs.strides[0]..], rs: xs.strides[1], cs: 1 };
+            }
         }
         self.im2col_into(x, xs, n..n + 1, scratch);
         Mat { data: scratch, rs: self.pixels(), cs: 1 }
@@ -197,7 +204,7 @@ impl Geometry {
 
     /// Images `images` unrolled side by side into `col`: C·kh·kw rows × (images · oh·ow)
     /// columns, image `images.start + i` in the columns from `i · oh·ow`.
-    fn im2col_into(&self, x: &[f32], xs: &Strided4, images: std::ops::Range<usize>, col: &mut Vec<f32>) {
+    fn im2col_into<T: Elem>(&self, x: &[T], xs: &Strided4, images: std::ops::Range<usize>, col: &mut Vec<f32>) {
         let p = self.pixels();
         let ld = images.len() * p;
         let len = self.c * self.kh * self.kw * ld;
@@ -279,13 +286,13 @@ impl CustomOp1 for Im2Col {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
-        in_f32([(x, xl)], false, |[(x, xl)]| {
-            let g = self.0;
-            let xs = Strided4::new("conv2d", "input", xl)?;
-            let mut col = Vec::new();
-            g.im2col_into(f32_storage("conv2d", "input", x)?, &xs, 0..g.n, &mut col);
-            Ok((CpuStorage::F32(col), g.unrolled_shape()))
-        })
+        let (g, xs) = (self.0, Strided4::new("conv2d", "input", xl)?);
+        let mut col = Vec::new();
+        let col = dispatch_float!("conv2d", x, |x: T| {
+            g.im2col_into(x, &xs, 0..g.n, &mut col);
+            T::to_cpu_storage_owned(col.into_iter().map(T::from_f32).collect())
+        });
+        Ok((col, g.unrolled_shape()))
     }
 
     #[cfg(feature = "cuda")]
@@ -304,14 +311,16 @@ impl CustomOp1 for Col2Im {
     }
 
     fn cpu_fwd(&self, dcol: &CpuStorage, dl: &Layout) -> Result<(CpuStorage, Shape)> {
-        in_f32([(dcol, dl)], false, |[(dcol, dl)]| {
-            let g = self.0;
-            let dcol = f32_contiguous("conv2d backward", "unrolled gradient", dcol, dl)?;
+        let (g, op) = (self.0, "conv2d backward");
+        let shape = Shape::from((g.n, g.c, g.h, g.w));
+        let dx = dispatch_float!(op, dcol, |dcol: T| {
+            let dcol = as_f32(op, "unrolled gradient", dcol, dl)?;
             let (image_len, ld) = (g.c * g.h * g.w, g.n * g.pixels());
             let mut dx = vec![0f32; g.n * image_len];
             dx.par_chunks_mut(image_len).enumerate().for_each(|(n, d)| g.col2im(&dcol[n * g.pixels()..], ld, d));
-            Ok((CpuStorage::F32(dx), Shape::from((g.n, g.c, g.h, g.w))))
-        })
+            T::to_cpu_storage_owned(dx.into_iter().map(T::from_f32).collect())
+        });
+        Ok((dx, shape))
     }
 
     #[cfg(feature = "cuda")]
@@ -355,55 +364,14 @@ impl CustomOp2 for Conv {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, w: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
-        in_f32([(x, xl), (w, wl)], false, |[(x, xl), (w, wl)]| {
-            let op = "conv2d";
-            let g = Geometry::new(xl.dims(), wl.dims(), self.cfg)?;
-            let xs = Strided4::new(op, "input", xl)?;
-            let x = f32_storage(op, "input", x)?;
-            let w = f32_contiguous(op, "weight", w, wl)?;
-            let (p, kg, og) = (g.pixels(), g.rows_per_group(), g.out_per_group());
-            // Every element is written by a multiply (without accumulation) or a copy below.
-            let mut out = uninit::<f32>(g.n * g.oc * p);
-            if g.per_image() {
-                let pool = rayon::current_num_threads();
-                let image = |threads: usize, scratch: &mut Vec<f32>, n: usize, out: &mut [f32]| {
-                    let col = g.image_matrix(x, &xs, n, scratch);
-                    for gi in 0..g.groups {
-                        let wg = Mat { data: &w[gi * og * kg..], rs: kg, cs: 1 };
-                        let colg = Mat { data: &col.data[gi * kg * col.rs..], ..col };
-                        matmul_threads(threads, og, p, kg, wg, colg, &mut out[gi * og * p..(gi + 1) * og * p], false);
-                    }
-                };
-                if g.n >= pool {
-                    out.par_chunks_mut(g.oc * p)
-                        .enumerate()
-                        .for_each_init(Vec::new, |scratch, (n, o)| image(1, scratch, n, o));
-                } else {
-                    let mut scratch = Vec::new();
-                    out.chunks_mut(g.oc * p).enumerate().for_each(|(n, o)| image(pool, &mut scratch, n, o));
-                }
-                return Ok((CpuStorage::F32(out), Shape::from((g.n, g.oc, g.oh, g.ow))));
-            }
-            let chunk = g.images_per_chunk(self.col_budget);
-            let mut col = Vec::new();
-            for (c, out) in out.chunks_mut(chunk * g.oc * p).enumerate() {
-                let images = c * chunk..(c * chunk + chunk).min(g.n);
-                let np = images.len() * p;
-                g.im2col_into(x, &xs, images, &mut col);
-                let mut y = uninit::<f32>(g.oc * np);
-                for gi in 0..g.groups {
-                    let wg = Mat { data: &w[gi * og * kg..], rs: kg, cs: 1 };
-                    let colg = Mat { data: &col[gi * kg * np..], rs: np, cs: 1 };
-                    matmul(og, np, kg, wg, colg, &mut y[gi * og * np..(gi + 1) * og * np], false);
-                }
-                // (O, images · P) → (images, O, P).
-                out.par_chunks_mut(p).enumerate().for_each(|(plane, o)| {
-                    let (i, oi) = (plane / g.oc, plane % g.oc);
-                    o.copy_from_slice(&y[oi * np + i * p..][..p]);
-                });
-            }
-            Ok((CpuStorage::F32(out), Shape::from((g.n, g.oc, g.oh, g.ow))))
-        })
+        let op = "conv2d";
+        let g = Geometry::new(xl.dims(), wl.dims(), self.cfg)?;
+        let xs = Strided4::new(op, "input", xl)?;
+        let out = dispatch_float!(op, x, |x: T| {
+            let w = as_f32(op, "weight", same_dtype::<T>(op, w)?, wl)?;
+            T::to_cpu_storage_owned(self.forward(&g, x, &xs, &w))
+        });
+        Ok((out, Shape::from((g.n, g.oc, g.oh, g.ow))))
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -420,18 +388,69 @@ impl CustomOp2 for Conv {
     }
 }
 
+impl Conv {
+    /// The forward pass in f32 arithmetic on any element type (bf16 and f16 converted as
+    /// they are read and written).
+    fn forward<T: Elem>(&self, g: &Geometry, x: &[T], xs: &Strided4, w: &[f32]) -> Vec<T> {
+        let (p, kg, og) = (g.pixels(), g.rows_per_group(), g.out_per_group());
+        // Every element is written by a multiply (without accumulation) or a copy below.
+        let mut out = uninit::<T>(g.n * g.oc * p);
+        if g.per_image() {
+            let pool = rayon::current_num_threads();
+            let image = |threads: usize, (scratch, y): &mut (Vec<f32>, Vec<f32>), n: usize, out: &mut [T]| {
+                let col = g.image_matrix(x, xs, n, scratch);
+                write_f32(out, y, |out| {
+                    for gi in 0..g.groups {
+                        let wg = Mat { data: &w[gi * og * kg..], rs: kg, cs: 1 };
+                        let colg = Mat { data: &col.data[gi * kg * col.rs..], ..col };
+                        matmul_threads(threads, og, p, kg, wg, colg, &mut out[gi * og * p..(gi + 1) * og * p], false);
+                    }
+                })
+            };
+            if g.n >= pool {
+                out.par_chunks_mut(g.oc * p)
+                    .enumerate()
+                    .for_each_init(Default::default, |scratch, (n, o)| image(1, scratch, n, o));
+            } else {
+                let mut scratch = Default::default();
+                out.chunks_mut(g.oc * p).enumerate().for_each(|(n, o)| image(pool, &mut scratch, n, o));
+            }
+            return out;
+        }
+        let chunk = g.images_per_chunk(self.col_budget);
+        let mut col = Vec::new();
+        for (c, out) in out.chunks_mut(chunk * g.oc * p).enumerate() {
+            let images = c * chunk..(c * chunk + chunk).min(g.n);
+            let np = images.len() * p;
+            g.im2col_into(x, xs, images, &mut col);
+            let mut y = uninit::<f32>(g.oc * np);
+            for gi in 0..g.groups {
+                let wg = Mat { data: &w[gi * og * kg..], rs: kg, cs: 1 };
+                let colg = Mat { data: &col[gi * kg * np..], rs: np, cs: 1 };
+                matmul(og, np, kg, wg, colg, &mut y[gi * og * np..(gi + 1) * og * np], false);
+            }
+            // (O, images · P) → (images, O, P).
+            out.par_chunks_mut(p).enumerate().for_each(|(plane, o)| {
+                let (i, oi) = (plane / g.oc, plane % g.oc);
+                o.iter_mut().zip(&y[oi * np + i * p..][..p]).for_each(|(o, &v)| *o = T::from_f32(v));
+            });
+        }
+        out
+    }
+}
+
 impl ConvBackward {
     /// The backward pass one image at a time: images are split into one contiguous range per
     /// thread, each range sums its own weight gradient, and the ranges' sums are added.
     #[allow(clippy::too_many_arguments)]
-    fn backward_per_image(
+    fn backward_per_image<T: Elem>(
         &self,
         g: &Geometry,
-        x: &[f32],
+        x: &[T],
         xs: &Strided4,
         w: &[f32],
-        gr: &[f32],
-        dx: &mut [f32],
+        gr: &[T],
+        dx: &mut [T],
         dw: &mut [f32],
     ) {
         let (p, kg, og) = (g.pixels(), g.rows_per_group(), g.out_per_group());
@@ -440,18 +459,18 @@ impl ConvBackward {
         // Each range multiplies on one thread when there are enough images for all threads.
         let (ranges, threads) = if g.n >= pool { (pool, 1) } else { (1, pool) };
         let per_range = g.n.div_ceil(ranges);
-        let mut dx_ranges: Vec<Option<&mut [f32]>> = if self.input_gradient {
+        let mut dx_ranges: Vec<Option<&mut [T]>> = if self.input_gradient {
             dx.chunks_mut(per_range * image_len).map(Some).collect()
         } else {
             (0..g.n.div_ceil(per_range)).map(|_| None).collect()
         };
         // dcol = Wᵀ · dy; for a pointwise convolution dcol is dx itself.
         let pointwise = g.is_pointwise();
-        let image_range = |r: usize, mut dx: Option<&mut [f32]>, dw: &mut [f32]| {
-            let mut scratch = Vec::new();
+        let image_range = |r: usize, mut dx: Option<&mut [T]>, dw: &mut [f32]| {
+            let (mut scratch, mut dy_buf, mut dx_buf) = (Vec::new(), Vec::new(), Vec::new());
             let mut dcol = if dx.is_some() && !pointwise { uninit::<f32>(g.groups * kg * p) } else { Vec::new() };
             for (i, n) in (r * per_range..((r + 1) * per_range).min(g.n)).enumerate() {
-                let dy = &gr[n * g.oc * p..(n + 1) * g.oc * p];
+                let dy = read_f32(&gr[n * g.oc * p..(n + 1) * g.oc * p], &mut dy_buf);
                 let col = g.image_matrix(x, xs, n, &mut scratch);
                 for gi in 0..g.groups {
                     let dyg = Mat { data: &dy[gi * og * p..], rs: p, cs: 1 };
@@ -459,17 +478,19 @@ impl ConvBackward {
                     matmul_threads(threads, og, kg, p, dyg, colt, &mut dw[gi * og * kg..(gi + 1) * og * kg], i > 0);
                 }
                 let Some(dx) = dx.as_deref_mut() else { continue };
-                let dx = &mut dx[i * image_len..(i + 1) * image_len];
-                let target: &mut [f32] = if pointwise { dx } else { &mut dcol };
-                for gi in 0..g.groups {
-                    let wt = Mat { data: &w[gi * og * kg..], rs: 1, cs: kg };
-                    let dyg = Mat { data: &dy[gi * og * p..], rs: p, cs: 1 };
-                    matmul_threads(threads, kg, p, og, wt, dyg, &mut target[gi * kg * p..(gi + 1) * kg * p], false);
-                }
-                if !pointwise {
-                    dx.fill(0.0);
-                    g.col2im(&dcol, p, dx);
-                }
+                write_f32(&mut dx[i * image_len..(i + 1) * image_len], &mut dx_buf, |dx| {
+                    let target: &mut [f32] = if pointwise { dx } else { &mut dcol };
+                    for gi in 0..g.groups {
+                        let wt = Mat { data: &w[gi * og * kg..], rs: 1, cs: kg };
+                        let dyg = Mat { data: &dy[gi * og * p..], rs: p, cs: 1 };
+                        let target = &mut target[gi * kg * p..(gi + 1) * kg * p];
+                        matmul_threads(threads, kg, p, og, wt, dyg, target, false);
+                    }
+                    if !pointwise {
+                        dx.fill(0.0);
+                        g.col2im(&dcol, p, dx);
+                    }
+                });
             }
         };
         if ranges == 1 {
@@ -506,38 +527,48 @@ impl CustomOp3 for ConvBackward {
         gr: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        in_f32([(x, xl), (w, wl), (gr, gl)], false, |[(x, xl), (w, wl), (gr, gl)]| {
-            let op = "conv2d backward";
-            let g = Geometry::new(xl.dims(), wl.dims(), self.cfg)?;
-            if gl.dims() != [g.n, g.oc, g.oh, g.ow] {
-                bail!("{op}: gradient shape {:?}, expected {:?}", gl.dims(), [g.n, g.oc, g.oh, g.ow])
-            }
-            let xs = Strided4::new(op, "input", xl)?;
-            let x = f32_storage(op, "input", x)?;
-            let w = f32_contiguous(op, "weight", w, wl)?;
-            let gr = f32_contiguous(op, "output gradient", gr, gl)?;
-            let (p, kg, og) = (g.pixels(), g.rows_per_group(), g.out_per_group());
-            let image_len = if self.input_gradient { g.c * g.h * g.w } else { 0 };
-            let w_len = g.oc * kg;
-            // Every element is written below: dW by its first multiply or a copy, dx by a
-            // multiply or zero-filled before col2im adds into it.
-            let mut out = uninit::<f32>(g.n * image_len + w_len);
-            let (dx, dw) = out.split_at_mut(g.n * image_len);
-            if g.per_image() {
-                self.backward_per_image(&g, x, &xs, w, gr, dx, dw);
-                return Ok((CpuStorage::F32(out), Shape::from(g.n * image_len + w_len)));
-            }
-            let chunk = g.images_per_chunk(self.col_budget);
-            let mut col = Vec::new();
+        let op = "conv2d backward";
+        let g = Geometry::new(xl.dims(), wl.dims(), self.cfg)?;
+        if gl.dims() != [g.n, g.oc, g.oh, g.ow] {
+            bail!("{op}: gradient shape {:?}, expected {:?}", gl.dims(), [g.n, g.oc, g.oh, g.ow])
+        }
+        let xs = Strided4::new(op, "input", xl)?;
+        let out = dispatch_float!(op, x, |x: T| {
+            let w = as_f32(op, "weight", same_dtype::<T>(op, w)?, wl)?;
+            let gr = contiguous(op, "output gradient", same_dtype::<T>(op, gr)?, gl)?;
+            T::to_cpu_storage_owned(self.backward(&g, x, &xs, &w, gr))
+        });
+        let len = if self.input_gradient { g.n * g.c * g.h * g.w } else { 0 } + g.oc * g.rows_per_group();
+        Ok((out, Shape::from(len)))
+    }
+}
+
+impl ConvBackward {
+    /// [dx | dW] in f32 arithmetic on any element type; dW is summed in f32 and rounded once.
+    fn backward<T: Elem>(&self, g: &Geometry, x: &[T], xs: &Strided4, w: &[f32], gr: &[T]) -> Vec<T> {
+        let (p, kg, og) = (g.pixels(), g.rows_per_group(), g.out_per_group());
+        let image_len = if self.input_gradient { g.c * g.h * g.w } else { 0 };
+        // Every element is written below: dW by its first multiply or a copy, dx by a
+        // multiply or zero-filled before col2im adds into it.
+        let mut out = uninit::<T>(g.n * image_len + g.oc * kg);
+        let (dx, dw) = out.split_at_mut(g.n * image_len);
+        let mut dw_buf = Vec::new();
+        if g.per_image() {
+            write_f32(dw, &mut dw_buf, |dw| self.backward_per_image(g, x, xs, w, gr, dx, dw));
+            return out;
+        }
+        let chunk = g.images_per_chunk(self.col_budget);
+        let mut col = Vec::new();
+        write_f32(dw, &mut dw_buf, |dw| {
             for c in 0..g.n.div_ceil(chunk) {
                 let images = c * chunk..(c * chunk + chunk).min(g.n);
                 let np = images.len() * p;
-                g.im2col_into(x, &xs, images.clone(), &mut col);
+                g.im2col_into(x, xs, images.clone(), &mut col);
                 // The output gradient as (O, images · P), like the forward's product.
                 let mut dy = uninit::<f32>(g.oc * np);
                 dy.par_chunks_mut(np).enumerate().for_each(|(oi, row)| {
                     for (r, ni) in row.chunks_exact_mut(p).zip(images.clone()) {
-                        r.copy_from_slice(&gr[(ni * g.oc + oi) * p..][..p]);
+                        r.iter_mut().zip(&gr[(ni * g.oc + oi) * p..][..p]).for_each(|(r, v)| *r = v.to_f32());
                     }
                 });
                 for gi in 0..g.groups {
@@ -555,13 +586,15 @@ impl CustomOp3 for ConvBackward {
                     matmul(kg, np, og, wt, dyg, &mut col[gi * kg * np..(gi + 1) * kg * np], false);
                 }
                 let dx = &mut dx[images.start * image_len..images.end * image_len];
-                dx.par_chunks_mut(image_len).enumerate().for_each(|(i, d)| {
-                    d.fill(0.0);
-                    g.col2im(&col[i * p..], np, d)
+                dx.par_chunks_mut(image_len).enumerate().for_each_init(Vec::new, |buf, (i, d)| {
+                    write_f32(d, buf, |d| {
+                        d.fill(0.0);
+                        g.col2im(&col[i * p..], np, d)
+                    })
                 });
             }
-            Ok((CpuStorage::F32(out), Shape::from(g.n * image_len + w_len)))
-        })
+        });
+        out
     }
 }
 

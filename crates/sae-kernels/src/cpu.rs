@@ -2,7 +2,7 @@
 //! dot/axpy loops, and the matrix multiply.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{bail, CpuStorage, DType, Layout, Result, Tensor, WithDType};
 use half::{bf16, f16};
 use rayon::prelude::*;
 use std::borrow::Cow;
@@ -105,36 +105,6 @@ pub(crate) fn same_dtype<'a, T: Elem>(op: &str, storage: &'a CpuStorage) -> Resu
 /// Elements per rayon task of the element-wise conversions.
 const CONVERT_CHUNK: usize = 1 << 15;
 
-/// Runs an `f32` CPU kernel on operands of any float type: the CPU's mixed precision, bf16
-/// (or f16) storage with f32 arithmetic. All-f32 operands go straight through. Otherwise each
-/// operand is converted to a contiguous f32 copy that lives only for the call, and the result
-/// is converted to the first operand's type, unless `f32_result` (statistics stay f32). The
-/// graph keeps the narrow operands, so activations saved for the backward pass take half the
-/// memory; the copies cost one conversion pass per operand.
-pub(crate) fn in_f32<const N: usize>(
-    operands: [(&CpuStorage, &Layout); N],
-    f32_result: bool,
-    kernel: impl FnOnce([(&CpuStorage, &Layout); N]) -> Result<(CpuStorage, Shape)>,
-) -> Result<(CpuStorage, Shape)> {
-    if operands.iter().all(|(s, _)| s.dtype() == DType::F32) {
-        return kernel(operands);
-    }
-    let dtype = operands[0].0.dtype();
-    let wide = operands.iter().map(|(s, l)| widen(s, l)).collect::<Result<Vec<_>>>()?;
-    let (out, shape) = kernel(std::array::from_fn(|i| (&wide[i].0, &wide[i].1)))?;
-    Ok((if f32_result { out } else { convert_storage(&out, &Layout::contiguous(&shape), dtype)? }, shape))
-}
-
-/// A contiguous f32 copy of the elements `layout` describes, and its layout.
-fn widen(storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Layout)> {
-    let data = match layout.contiguous_offsets() {
-        Some(_) => convert_storage(storage, layout, DType::F32)?,
-        // Strided operands are rare here (the ops make most of them contiguous): Candle's copy.
-        None => storage.to_dtype(layout, DType::F32)?,
-    };
-    Ok((data, Layout::contiguous(layout.shape())))
-}
-
 /// The elements of a contiguous storage converted to `dtype` (f32, bf16 or f16), in parallel.
 pub(crate) fn convert_storage(storage: &CpuStorage, layout: &Layout, dtype: DType) -> Result<CpuStorage> {
     let Some((start, end)) = layout.contiguous_offsets() else { bail!("dtype conversion: input must be contiguous") };
@@ -157,6 +127,32 @@ fn convert<T: Elem, U: Elem>(src: &[T]) -> Vec<U> {
         o.iter_mut().zip(s).for_each(|(o, &v)| *o = U::from_f32(v.to_f32()));
     });
     out
+}
+
+/// `data` as f32: the slice itself when `T` is f32, otherwise converted into `buf`.
+pub(crate) fn read_f32<'a, T: Elem>(data: &'a [T], buf: &'a mut Vec<f32>) -> &'a [f32] {
+    match T::as_f32_slice(data) {
+        Some(f) => f,
+        None => {
+            buf.clear();
+            buf.extend(data.iter().map(|v| v.to_f32()));
+            buf
+        }
+    }
+}
+
+/// Lets `fill` write `out` in f32: into `out` itself when `T` is f32, otherwise into `buf`
+/// (resized to `out`'s length, contents unspecified), converted into `out` afterwards.
+pub(crate) fn write_f32<T: Elem, R>(out: &mut [T], buf: &mut Vec<f32>, fill: impl FnOnce(&mut [f32]) -> R) -> R {
+    if let Some(f) = T::as_f32_slice_mut(out) {
+        return fill(f);
+    }
+    if buf.len() != out.len() {
+        *buf = uninit::<f32>(out.len());
+    }
+    let r = fill(buf);
+    out.iter_mut().zip(buf.iter()).for_each(|(o, &v)| *o = T::from_f32(v));
+    r
 }
 
 /// `y += alpha * x`.
@@ -370,7 +366,7 @@ pub(crate) fn sum<T: Elem>(v: &[T]) -> f32 {
 
 /// (Σ x, Σ g·x) with eight independent accumulators each (vectorisable).
 #[inline]
-pub(crate) fn sum_and_dot<T: Elem>(x: &[T], g: &[T]) -> (f32, f32) {
+pub(crate) fn sum_and_dot<T: Elem, U: Elem>(x: &[T], g: &[U]) -> (f32, f32) {
     let (mut sx, mut sgx) = ([0f32; 8], [0f32; 8]);
     let n = x.len().min(g.len());
     let full = n / 8 * 8;
