@@ -17,9 +17,8 @@ use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// mimalloc instead of glibc's malloc: glibc keeps freed activations in per-thread arenas
-/// and hands large blocks back to the system after each use, so every step faults its pages
-/// in again (see `results/train-speed.md`).
+/// mimalloc instead of glibc's malloc, as in the `sae` binary (see there): the benchmarks
+/// measure what users run.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
