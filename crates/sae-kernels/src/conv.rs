@@ -26,8 +26,8 @@
 //! `conv_transpose2d` kernel. Elsewhere [`conv2d`] runs the reference (Candle's `conv2d`).
 
 use crate::cpu::{
-    as_f32, contiguous, dispatch_float, matmul, matmul_threads, read_f32, same_dtype, uninit, unpack, write_f32, Elem,
-    Mat,
+    as_f32, contiguous, copy_converted, dispatch_float, matmul, matmul_threads, read_f32, same_dtype, uninit, unpack,
+    write_f32, Elem, Mat,
 };
 use crate::layout::Strided4;
 use crate::Implementation;
@@ -133,8 +133,7 @@ impl Geometry {
             let start = plane + iy * xs.strides[2];
             let ix0 = lo * self.stride + kx - self.pad;
             if self.stride == 1 && xs.strides[3] == 1 {
-                let src = &x[start + ix0..start + ix0 + hi - lo];
-                out[lo..hi].iter_mut().zip(src).for_each(|(o, v)| *o = v.to_f32());
+                copy_converted(&x[start + ix0..start + ix0 + hi - lo], &mut out[lo..hi]);
             } else {
                 let step = self.stride * xs.strides[3];
                 for (j, o) in out[lo..hi].iter_mut().enumerate() {
@@ -432,7 +431,7 @@ impl Conv {
             // (O, images · P) → (images, O, P).
             out.par_chunks_mut(p).enumerate().for_each(|(plane, o)| {
                 let (i, oi) = (plane / g.oc, plane % g.oc);
-                o.iter_mut().zip(&y[oi * np + i * p..][..p]).for_each(|(o, &v)| *o = T::from_f32(v));
+                copy_converted(&y[oi * np + i * p..][..p], o);
             });
         }
         out
@@ -568,7 +567,7 @@ impl ConvBackward {
                 let mut dy = uninit::<f32>(g.oc * np);
                 dy.par_chunks_mut(np).enumerate().for_each(|(oi, row)| {
                     for (r, ni) in row.chunks_exact_mut(p).zip(images.clone()) {
-                        r.iter_mut().zip(&gr[(ni * g.oc + oi) * p..][..p]).for_each(|(r, v)| *r = v.to_f32());
+                        copy_converted(&gr[(ni * g.oc + oi) * p..][..p], r);
                     }
                 });
                 for gi in 0..g.groups {

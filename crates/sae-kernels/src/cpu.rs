@@ -123,10 +123,20 @@ pub(crate) fn convert_storage(storage: &CpuStorage, layout: &Layout, dtype: DTyp
 /// `src` converted element by element (rounding to nearest even when narrowing), in parallel.
 fn convert<T: Elem, U: Elem>(src: &[T]) -> Vec<U> {
     let mut out = uninit::<U>(src.len());
-    out.par_chunks_mut(CONVERT_CHUNK).zip(src.par_chunks(CONVERT_CHUNK)).for_each(|(o, s)| {
-        o.iter_mut().zip(s).for_each(|(o, &v)| *o = U::from_f32(v.to_f32()));
-    });
+    out.par_chunks_mut(CONVERT_CHUNK).zip(src.par_chunks(CONVERT_CHUNK)).for_each(|(o, s)| copy_converted(s, o));
     out
+}
+
+/// `dst[i] = src[i]` converted (as many as the shorter has): a plain copy (`memcpy`) from f32
+/// to f32, which the element loop does not become.
+#[inline]
+pub(crate) fn copy_converted<T: Elem, U: Elem>(src: &[T], dst: &mut [U]) {
+    let n = src.len().min(dst.len());
+    if let (Some(s), Some(d)) = (T::as_f32_slice(&src[..n]), U::as_f32_slice_mut(&mut dst[..n])) {
+        d.copy_from_slice(s);
+        return;
+    }
+    dst[..n].iter_mut().zip(&src[..n]).for_each(|(d, &s)| *d = U::from_f32(s.to_f32()));
 }
 
 /// `data` as f32: the slice itself when `T` is f32, otherwise converted into `buf`.
@@ -134,8 +144,10 @@ pub(crate) fn read_f32<'a, T: Elem>(data: &'a [T], buf: &'a mut Vec<f32>) -> &'a
     match T::as_f32_slice(data) {
         Some(f) => f,
         None => {
-            buf.clear();
-            buf.extend(data.iter().map(|v| v.to_f32()));
+            if buf.len() != data.len() {
+                *buf = uninit::<f32>(data.len());
+            }
+            copy_converted(data, buf);
             buf
         }
     }
@@ -151,7 +163,7 @@ pub(crate) fn write_f32<T: Elem, R>(out: &mut [T], buf: &mut Vec<f32>, fill: imp
         *buf = uninit::<f32>(out.len());
     }
     let r = fill(buf);
-    out.iter_mut().zip(buf.iter()).for_each(|(o, &v)| *o = T::from_f32(v));
+    copy_converted(buf, out);
     r
 }
 

@@ -48,16 +48,21 @@ struct ReluBackward;
 /// Elements per rayon task.
 const CHUNK: usize = 1 << 15;
 
-/// `len` outputs, output `i` being `f` of the operands' elements `i` (`read(i)`), in parallel.
-fn map<T: Elem, const K: usize>(
-    len: usize,
-    read: impl Fn(usize) -> [T; K] + Sync,
-    f: impl Fn([T; K]) -> T + Sync,
-) -> Vec<T> {
-    let mut out = uninit::<T>(len);
-    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
-        for (j, o) in o.iter_mut().enumerate() {
-            *o = f(read(c * CHUNK + j));
+/// `f(a[i], b[i])` for every element, in parallel, in f32 arithmetic: f32 data as it is (the
+/// loop the f32 kernels always ran), bf16/f16 converted per element.
+fn map2<T: Elem>(a: &[T], b: &[T], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<T> {
+    let mut out = uninit::<T>(a.len());
+    if let (Some(a), Some(b), Some(o)) = (T::as_f32_slice(a), T::as_f32_slice(b), T::as_f32_slice_mut(&mut out)) {
+        o.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(|(o, (a, b))| {
+            for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+                *o = f(a, b);
+            }
+        });
+        return out;
+    }
+    out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(|(o, (a, b))| {
+        for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+            *o = T::from_f32(f(a.to_f32(), b.to_f32()));
         }
     });
     out
@@ -71,8 +76,7 @@ impl CustomOp1 for Relu {
     fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let out = dispatch_float!("relu", x, |x: T| {
             let x = contiguous("relu", "input", x, l)?;
-            let zero = T::from_f32(0.0);
-            T::to_cpu_storage_owned(map(x.len(), |i| [x[i]], |[v]| if v.to_f32() > 0.0 { v } else { zero }))
+            T::to_cpu_storage_owned(map2(x, x, |v, _| v.max(0.0)))
         });
         Ok((out, l.shape().clone()))
     }
@@ -99,11 +103,7 @@ impl CustomOp2 for AddRelu {
             if a.len() != b.len() {
                 bail!("add_relu: operands have {} and {} elements", a.len(), b.len())
             }
-            T::to_cpu_storage_owned(map(
-                a.len(),
-                |i| [a[i], b[i]],
-                |[a, b]| T::from_f32((a.to_f32() + b.to_f32()).max(0.0)),
-            ))
+            T::to_cpu_storage_owned(map2(a, b, |a, b| (a + b).max(0.0)))
         });
         Ok((out, al.shape().clone()))
     }
@@ -137,8 +137,7 @@ impl CustomOp2 for ReluBackward {
             if y.len() != g.len() {
                 bail!("relu backward: output has {} elements, its gradient {}", y.len(), g.len())
             }
-            let zero = T::from_f32(0.0);
-            T::to_cpu_storage_owned(map(y.len(), |i| [y[i], g[i]], |[y, g]| if y.to_f32() > 0.0 { g } else { zero }))
+            T::to_cpu_storage_owned(map2(y, g, |y, g| if y > 0.0 { g } else { 0.0 }))
         });
         Ok((out, yl.shape().clone()))
     }
