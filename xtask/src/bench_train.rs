@@ -262,6 +262,32 @@ fn measure_torch(python: &PathBuf, seconds: f64, rows: &[Row], variant: &str) ->
     })
 }
 
+/// A report's title, the command that made it, the machine, and its measured peak.
+fn report_header(title: &str, peak: &crate::peak::Peak) -> Result<String> {
+    let mut md = format!("# {title}\n\n");
+    let command = std::iter::once("cargo xtask".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>();
+    writeln!(
+        md,
+        "Made by `{}`. Machine: {}; {} rayon threads.",
+        command.join(" "),
+        crate::bench::machine(),
+        rayon::current_num_threads()
+    )?;
+    let bf16 = match peak.bf16_gflops {
+        Some(g) => format!(", bf16 dot products (`vdpbf16ps`) **{g:.0} GFLOP/s**"),
+        None => ", no bf16 dot-product instructions".into(),
+    };
+    writeln!(
+        md,
+        "CPU flags: {}. Measured peak of this machine on all threads (`xtask/src/peak.rs`, register-only FMA chains): \
+         f32 {} **{:.0} GFLOP/s**{bf16}; every GFLOP/s below also says its % of the f32 peak.\n",
+        crate::peak::cpu_flags().join(", "),
+        peak.f32_isa,
+        peak.f32_gflops
+    )?;
+    Ok(md)
+}
+
 pub fn run(seconds: f64, python: Option<PathBuf>, bf16: bool) -> Result<()> {
     if bf16 {
         return run_bf16(seconds, python);
@@ -273,28 +299,7 @@ pub fn run(seconds: f64, python: Option<PathBuf>, bf16: bool) -> Result<()> {
     let machine_peak = crate::peak::measure();
     let peak = gemm_gflops()?;
     let of_peak = |gflops: f64| format!("{gflops:.0} ({:.0} %)", 100.0 * gflops / machine_peak.f32_gflops);
-    let mut md = String::new();
-    writeln!(md, "# Training speed on CPU\n")?;
-    let command = std::iter::once("cargo xtask".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>();
-    writeln!(
-        md,
-        "Made by `{}`. Machine: {}; {} rayon threads.",
-        command.join(" "),
-        crate::bench::machine(),
-        rayon::current_num_threads()
-    )?;
-    let bf16 = match machine_peak.bf16_gflops {
-        Some(g) => format!(", bf16 dot products (`vdpbf16ps`) **{g:.0} GFLOP/s**"),
-        None => ", no bf16 dot-product instructions".into(),
-    };
-    writeln!(
-        md,
-        "CPU flags: {}. Measured peak of this machine on all threads (`xtask/src/peak.rs`, register-only FMA chains): \
-         f32 {} **{:.0} GFLOP/s**{bf16}; every GFLOP/s below also says its % of the f32 peak.\n",
-        crate::peak::cpu_flags().join(", "),
-        machine_peak.f32_isa,
-        machine_peak.f32_gflops
-    )?;
+    let mut md = report_header("Training speed on CPU", &machine_peak)?;
     writeln!(
         md,
         "Models from the registry with 100 classes and the ImageNet stem (7×7/2 conv, 3×3/2 max-pool), random"
@@ -393,28 +398,7 @@ fn run_bf16(seconds: f64, python: Option<PathBuf>) -> Result<()> {
         )),
         None => None,
     };
-    let peak = crate::peak::measure();
-    let mut md = String::new();
-    writeln!(md, "# bf16 mixed precision on CPU\n")?;
-    let command = std::iter::once("cargo xtask".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>();
-    writeln!(
-        md,
-        "Made by `{}`. Machine: {}; {} rayon threads.",
-        command.join(" "),
-        crate::bench::machine(),
-        rayon::current_num_threads()
-    )?;
-    let bf16_peak = match peak.bf16_gflops {
-        Some(g) => format!("bf16 dot products (`vdpbf16ps`) {g:.0} GFLOP/s"),
-        None => "no bf16 dot-product instructions".into(),
-    };
-    writeln!(
-        md,
-        "CPU flags: {}. Measured peak: f32 {} {:.0} GFLOP/s, {bf16_peak}.\n",
-        crate::peak::cpu_flags().join(", "),
-        peak.f32_isa,
-        peak.f32_gflops
-    )?;
+    let mut md = report_header("bf16 mixed precision on CPU", &crate::peak::measure())?;
     writeln!(md, "Rows and timing as in `results/train-speed.md` (random inputs, median step, each row in its own process). *bf16* is `--precision bf16`: bf16 activations and weight copies, f32 master weights, Adam state, BatchNorm statistics and loss; on the CPU our kernels convert bf16 operands to f32 for the arithmetic and round each result once (bf16 storage, f32 compute), so it saves memory, not time. PyTorch bf16 is `torch.autocast(\"cpu\", dtype=torch.bfloat16)` around the forward and loss.\n")?;
     match &torch {
         Some((t, _)) => writeln!(md, "PyTorch {} measured in the same run.\n", t.version)?,
