@@ -13,9 +13,10 @@
 //! 2. trains each model family 50 steps on generated data: the first steps' losses must match
 //!    the CPU's, and the loss must fall;
 //! 3. measures the fused excitation's memory bandwidth against a device copy, and training
-//!    and inference images/s of `senetv2_resnet50` (224×224, batch 64) in f32 and bf16, with
-//!    PyTorch (`bench/pytorch/bench_train.py`: eager f32, and channels_last with bf16
-//!    autocast, cuDNN benchmark mode) in the same call;
+//!    and inference images/s of `senetv2_resnet50` (224×224, batch 64) in f32, whole-network
+//!    bf16 and mixed precision (`--precision bf16`), with PyTorch
+//!    (`bench/pytorch/bench_train.py`: eager f32, and channels_last with bf16 autocast,
+//!    cuDNN benchmark mode) in the same call;
 //!
 //! and writes `DIR/gpu.md`, to be committed as `results/gpu.md`. A failing section is written
 //! into the report and makes the command fail at the end, so one run always reports all it can.
@@ -25,6 +26,7 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
 use sae_kernels::Implementation;
+use sae_models::Precision;
 use sae_train::metrics::cross_entropy;
 use sae_train::optim::OptimizerConfig;
 use std::fmt::Write;
@@ -644,17 +646,21 @@ fn bandwidth(device: &Device, smoke: bool) -> Result<String> {
     Ok(md)
 }
 
-/// Images/s of one training step (forward, backward, Adam) or one inference forward.
+/// Images/s of one training step (forward, backward, Adam) or one inference forward, with
+/// the variables in `dtype` and the forward in `precision`.
+#[allow(clippy::too_many_arguments)]
 fn ours(
     device: &Device,
     model: &str,
     size: usize,
     batch: usize,
     dtype: DType,
+    precision: Precision,
     train: bool,
     seconds: f64,
 ) -> Result<f64> {
-    let net = sae_models::Model::new_with_dtype(sae_models::config(model, 1000)?, 0, device, dtype)?;
+    let mut net = sae_models::Model::new_with_dtype(sae_models::config(model, 1000)?, 0, device, dtype)?;
+    net.set_precision(precision);
     let x = Tensor::randn(0f32, 1.0, (batch, 3, size, size), device)?.to_dtype(dtype)?;
     let y = Tensor::new((0..batch as u32).map(|i| i * 37 % 1000).collect::<Vec<_>>().as_slice(), device)?;
     let mut opt = OptimizerConfig::keras_adam().build(net.trainable_vars(), Implementation::Fused);
@@ -718,13 +724,18 @@ fn throughput(
     let seconds = if smoke { 0.5 } else { 10.0 };
     let mut md = String::from("| what | images/s |\n|---|---:|\n");
     let mut ours_f32_train = None;
-    for dtype in dtypes_on(device).into_iter().filter(|&d| d != DType::F16) {
-        let what = if dtype == DType::F32 { "f32" } else { "bf16 (weights and activations)" };
+    let mut variants: Vec<_> = dtypes_on(device)
+        .into_iter()
+        .filter(|&d| d != DType::F16)
+        .map(|d| (d, Precision::F32, if d == DType::F32 { "f32" } else { "bf16 (weights and activations)" }))
+        .collect();
+    variants.push((DType::F32, Precision::Bf16, "`--precision bf16` (f32 master weights)"));
+    for (dtype, precision, what) in variants {
         for train in [true, false] {
             let mode = if train { "train" } else { "infer" };
-            match ours(device, model, size, batch, dtype, train, seconds) {
+            match ours(device, model, size, batch, dtype, precision, train, seconds) {
                 Ok(v) => {
-                    if train && dtype == DType::F32 {
+                    if train && dtype == DType::F32 && precision == Precision::F32 {
                         ours_f32_train = Some(v);
                     }
                     let _ = writeln!(md, "| sae {what}, {mode} | {v:.1} |");
@@ -738,7 +749,7 @@ fn throughput(
     if device.is_cuda() {
         // PyTorch's cuDNN convolutions use TF32 by default (torch.backends.cudnn.allow_tf32).
         candle_core::cuda::set_gemm_reduced_precision_f32(true);
-        let tf32 = ours(device, model, size, batch, DType::F32, true, seconds);
+        let tf32 = ours(device, model, size, batch, DType::F32, Precision::F32, true, seconds);
         candle_core::cuda::set_gemm_reduced_precision_f32(false);
         match tf32 {
             Ok(v) => {
