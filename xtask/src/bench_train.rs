@@ -41,6 +41,13 @@ const fn row(model: &'static str, size: usize, batch: usize, mode: Mode) -> Row 
     Row { model, size, batch, mode }
 }
 
+impl Row {
+    /// "senetv2_resnet50 140px batch 16 Train", for progress lines.
+    fn label(&self) -> String {
+        format!("{} {}px batch {} {:?}", self.model, self.size, self.batch, self.mode)
+    }
+}
+
 /// The rows the training-speed issue asks for: training at batch 16, inference at 1 and 16.
 const ROWS: &[Row] = &[
     row("resnet50", 32, 16, Mode::Train),
@@ -334,15 +341,7 @@ pub fn run(seconds: f64, python: Option<PathBuf>, bf16: bool) -> Result<()> {
         let ours = measure_ours(*r, Implementation::Fused, Precision::F32, seconds)?;
         let candle = measure_ours(*r, Implementation::Reference, Precision::F32, seconds)?;
         let ips = |t: &Timing| r.batch as f64 / t.step;
-        eprintln!(
-            "{} {}px batch {} {:?}: ours {:.1} img/s, Candle {:.1} img/s",
-            r.model,
-            r.size,
-            r.batch,
-            r.mode,
-            ips(&ours),
-            ips(&candle)
-        );
+        eprintln!("{}: ours {:.1} img/s, Candle {:.1} img/s", r.label(), ips(&ours), ips(&candle));
         let (torch_ips, ratio, torch_gflops, torch_memory) = match &torch {
             Some(t) => {
                 let (tips, tparams, memory) = t.rows[i];
@@ -410,15 +409,7 @@ fn run_bf16(seconds: f64, python: Option<PathBuf>) -> Result<()> {
         let f32_run = measure_ours(*r, Implementation::Fused, Precision::F32, seconds)?;
         let bf16_run = measure_ours(*r, Implementation::Fused, Precision::Bf16, seconds)?;
         let ips = |t: &Timing| r.batch as f64 / t.step;
-        eprintln!(
-            "{} {}px batch {} {:?}: f32 {:.1} img/s, bf16 {:.1} img/s",
-            r.model,
-            r.size,
-            r.batch,
-            r.mode,
-            ips(&f32_run),
-            ips(&bf16_run)
-        );
+        eprintln!("{}: f32 {:.1} img/s, bf16 {:.1} img/s", r.label(), ips(&f32_run), ips(&bf16_run));
         let (torch_f32, torch_bf16, ratio, mem_f32, mem_bf16) = match &torch {
             Some((e, a)) => (
                 format!("{:.1}", e.rows[i].0),

@@ -16,13 +16,14 @@
 //! apply a ReLU in the same pass (`relu`); the backward then masks the gradient by the output,
 //! so BatchNorm + ReLU is one graph node instead of two (Candle's backward adds a `zeros_like`
 //! and an `add` for every node's gradient). The fused kernels take f32/f16/bf16 on the CPU
-//! (f32 arithmetic, statistics in f32) and on CUDA (`src/cuda/ops.cu`, the same passes with f64 sums); elsewhere
-//! [`batch_norm_train`] runs the reference. On CUDA the per-channel statistics go to the host
+//! (f32 arithmetic, statistics in f32) and on CUDA (`src/cuda/ops.cu`, the same passes with
+//! f64 sums); elsewhere [`batch_norm_train`] runs the reference. On CUDA the per-channel statistics go to the host
 //! and back between the two forward passes (a synchronisation per BatchNorm), because the ops
 //! carry them as plain vectors.
 
 use crate::cpu::{
-    as_f32, contiguous, dispatch_float, min_planes_per_task, read_f32, same_dtype, uninit, unpack, write_f32, Elem,
+    as_f32, contiguous, dispatch_float, min_planes_per_task, plane_f32, read_f32, same_dtype, uninit, unpack,
+    write_f32, Elem,
 };
 use crate::layout::Strided4;
 use crate::Implementation;
@@ -303,18 +304,11 @@ struct BatchNormBackward {
     inv_std: Vec<f32>,
 }
 
-/// Calls `f(plane index n, values)` for every plane of channel `c`, copying strided planes
-/// into `buf`.
+/// Calls `f(plane index n, values as f32)` for every plane of channel `c`, converting or
+/// gathering through `buf` where a plane is not contiguous f32.
 fn for_each_plane<T: Elem>(x: &[T], xs: &Strided4, c: usize, buf: &mut Vec<f32>, mut f: impl FnMut(usize, &[f32])) {
     for n in 0..xs.dims[0] {
-        match xs.contiguous_plane(x, n, c) {
-            Some(p) => f(n, read_f32(p, buf)),
-            None => {
-                buf.resize(xs.plane_len(), 0.0);
-                xs.for_each_in_plane(x, n, c, |k, v| buf[k] = v.to_f32());
-                f(n, buf)
-            }
-        }
+        f(n, plane_f32(x, xs, n, c, buf));
     }
 }
 

@@ -10,7 +10,7 @@
 //! per input element for the gradient, which recomputes the windows' first maxima: no atomics);
 //! on other devices [`max_pool2d`] runs the reference.
 
-use crate::cpu::{dispatch_float, min_planes_per_task, same_dtype, uninit, Elem};
+use crate::cpu::{dispatch_float, min_planes_per_task, plane_f32, same_dtype, uninit, Elem};
 use crate::layout::Strided4;
 use crate::Implementation;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
@@ -171,14 +171,7 @@ impl CustomOp1 for MaxPool {
                 scratch,
                 |(buf, rows, acc), (plane, out)| {
                     let (ni, ci) = (plane / c, plane % c);
-                    let values = match xs.contiguous_plane(x, ni, ci).and_then(T::as_f32_slice) {
-                        Some(v) => v,
-                        None => {
-                            buf.resize(h * w, 0.0);
-                            xs.for_each_in_plane(x, ni, ci, |k, v| buf[k] = v.to_f32());
-                            &buf[..]
-                        }
-                    };
+                    let values = plane_f32(x, &xs, ni, ci, buf);
                     for (row, maxima) in values.chunks_exact(w).zip(rows.chunks_exact_mut(ow)) {
                         for (o, m) in maxima.iter_mut().enumerate() {
                             let (lo, hi) = cfg.window(o, w);
