@@ -13,13 +13,10 @@ use sae_models::Model;
 use sae_train::checkpoint::{self, CheckpointState};
 use sae_train::{read_summary, OptimizerConfig, TrainConfig};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sae-corrupt-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn scratch(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("sae-corrupt-{name}-")).tempdir().unwrap()
 }
 
 /// A damaged copy of `valid`. Mutations favour the first `header` bytes, where the sizes,
@@ -100,6 +97,7 @@ fn fuzz<T, E: std::fmt::Display>(
 #[test]
 fn cifar_batches_never_panic() {
     let dir = scratch("cifar");
+    let dir = dir.path();
     // CIFAR-100 layout: (coarse, fine, 3072 pixels) per record.
     let record = |i: usize| -> Vec<u8> {
         let mut r = vec![(i % 20) as u8, (i % 100) as u8];
@@ -113,7 +111,7 @@ fn cifar_batches_never_panic() {
     std::fs::write(dir.join("fine_label_names.txt"), (0..100).map(|k| format!("f{k}\n")).collect::<String>()).unwrap();
     let kind = CifarKind::Cifar100(LabelSet::Fine);
     let load =
-        || Cifar::load(&dir, kind, Split::Train).and_then(|c| (0..c.len()).try_for_each(|i| c.get(i).map(|_| ())));
+        || Cifar::load(dir, kind, Split::Train).and_then(|c| (0..c.len()).try_for_each(|i| c.get(i).map(|_| ())));
     assert!(load().is_ok());
     let errors = fuzz("CIFAR batch", &dir.join("train.bin"), &train, 64, 200, load);
     assert!(errors > 50, "only {errors} of 200 damaged batches were refused");
@@ -130,6 +128,7 @@ fn cifar_batches_never_panic() {
 #[test]
 fn folder_images_never_panic() {
     let dir = scratch("images");
+    let dir = dir.path();
     let img = image::RgbImage::from_fn(37, 23, |x, y| image::Rgb([(x * 7) as u8, (y * 11) as u8, (x * y) as u8]));
     for (name, format) in [("a.png", image::ImageFormat::Png), ("b.jpg", image::ImageFormat::Jpeg)] {
         let path = dir.join(name);
@@ -165,6 +164,7 @@ fn crc32(bytes: &[u8]) -> u32 {
 #[test]
 fn weights_and_checkpoints_never_panic() {
     let run = scratch("checkpoint");
+    let run = run.path();
     let model = Model::from_name("mobilenet_v1", 10, 0, &Device::Cpu).unwrap();
     let mut optimizer = OptimizerConfig::keras_adam().build(model.trainable_vars(), model.config().kernels);
     // One step so that the optimiser has moments to save.
@@ -172,7 +172,7 @@ fn weights_and_checkpoints_never_panic() {
     let loss = candle_core::ModuleT::forward_t(&model, &x, true).unwrap().sum_all().unwrap();
     optimizer.step(&loss.backward().unwrap()).unwrap();
     let mut state = CheckpointState { epoch: 1, step: 1, ..Default::default() };
-    checkpoint::save(&run, &model, None, optimizer.as_ref(), &mut state, Some(10.0)).unwrap();
+    checkpoint::save(run, &model, None, optimizer.as_ref(), &mut state, Some(10.0)).unwrap();
     let dir = run.join("checkpoints/epoch-0001");
     let mut load = || checkpoint::load_dir(&dir, &model, None, optimizer.as_mut());
     assert!(load().is_ok());
@@ -186,7 +186,7 @@ fn weights_and_checkpoints_never_panic() {
     }
     let pointer = run.join("checkpoints/last.json");
     let valid = std::fs::read(&pointer).unwrap();
-    fuzz("last.json", &pointer, &valid, 64, 100, || checkpoint::load_last(&run, &model, None, optimizer.as_mut()));
+    fuzz("last.json", &pointer, &valid, 64, 100, || checkpoint::load_last(run, &model, None, optimizer.as_mut()));
     // A safetensors header claiming an 18-exabyte length is refused, naming the file.
     let path = dir.join("model.safetensors");
     let mut bytes = std::fs::read(&path).unwrap();
@@ -199,12 +199,13 @@ fn weights_and_checkpoints_never_panic() {
 #[test]
 fn run_config_and_summary_never_panic() {
     let dir = scratch("run-files");
+    let dir = dir.path();
     let summary = "epoch,train_loss,train_top1,eval_loss,eval_top1,eval_top5,lr,seconds,images_per_second\n\
                    1,2.302585,10.0000,2.300000,11.0000,50.0000,1.000000e-3,12.50,80.00\n\
                    2,2.100000,20.0000,2.000000,21.0000,60.0000,1.000000e-3,12.40,81.00\n";
     std::fs::write(dir.join("summary.csv"), summary).unwrap();
-    assert_eq!(read_summary(&dir).unwrap().len(), 2);
-    let errors = fuzz("summary.csv", &dir.join("summary.csv"), summary.as_bytes(), 300, 200, || read_summary(&dir));
+    assert_eq!(read_summary(dir).unwrap().len(), 2);
+    let errors = fuzz("summary.csv", &dir.join("summary.csv"), summary.as_bytes(), 300, 200, || read_summary(dir));
     assert!(errors > 50, "only {errors} of 200 damaged summaries were refused");
 
     let cfg = TrainConfig {
@@ -228,9 +229,9 @@ fn run_config_and_summary_never_panic() {
     };
     let json = serde_json::to_string_pretty(&cfg).unwrap();
     std::fs::write(dir.join("config.json"), &json).unwrap();
-    assert_eq!(TrainConfig::read(&dir).unwrap(), cfg);
+    assert_eq!(TrainConfig::read(dir).unwrap(), cfg);
     let errors = fuzz("config.json", &dir.join("config.json"), json.as_bytes(), 2_000, 200, || {
-        TrainConfig::read(&dir).and_then(|c| c.validate().map(|()| c))
+        TrainConfig::read(dir).and_then(|c| c.validate().map(|()| c))
     });
     assert!(errors > 100, "only {errors} of 200 damaged configs were refused");
 }

@@ -48,12 +48,12 @@ mod tests {
 
     #[test]
     fn an_undocumented_file_is_reported() {
-        let dir = std::env::temp_dir().join(format!("sae-tidy-{}", std::process::id()));
+        let dir = tempfile::Builder::new().prefix("sae-tidy-").tempdir().unwrap();
+        let dir = dir.path();
         std::fs::create_dir_all(dir.join("crates/x/src")).unwrap();
         std::fs::write(dir.join("crates/x/src/lib.rs"), "//! documented\n").unwrap();
         std::fs::write(dir.join("crates/x/src/bare.rs"), "fn f() {}\n").unwrap();
-        let err = super::check(&dir).unwrap_err().to_string();
+        let err = super::check(dir).unwrap_err().to_string();
         assert!(err.contains("bare.rs") && !err.contains("lib.rs"), "{err}");
-        std::fs::remove_dir_all(dir).unwrap();
     }
 }

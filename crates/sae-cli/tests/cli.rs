@@ -37,6 +37,7 @@ fn models_lists_every_model_with_known_counts() {
 #[test]
 fn convert_export_and_predict_chain() {
     let dir = scratch("chain");
+    let dir = dir.path();
     // A torchvision-style checkpoint: our resnet18 tensors plus num_batches_tracked.
     let model = sae_models::Model::from_name("resnet18", 3, 1, &candle_core::Device::Cpu).unwrap();
     let mut tensors: std::collections::HashMap<String, candle_core::Tensor> =
@@ -103,6 +104,7 @@ fn convert_export_and_predict_chain() {
 #[test]
 fn bad_input_fails_with_a_message_naming_it() {
     let dir = scratch("errors");
+    let dir = dir.path();
     std::fs::write(dir.join("junk.pth"), b"definitely not a checkpoint").unwrap();
     let out = sae(&["convert", s(&dir.join("junk.pth")), s(&dir.join("out.safetensors"))]);
     assert_eq!(out.status.code(), Some(1));
@@ -111,7 +113,7 @@ fn bad_input_fails_with_a_message_naming_it() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("unknown model \"resnet9000\""), "{}", stderr(&out));
     let out =
-        sae(&["train", "--model", "resnet18", "--data", s(&dir), "--precision", "fp8", "--out", s(&dir.join("r"))]);
+        sae(&["train", "--model", "resnet18", "--data", s(dir), "--precision", "fp8", "--out", s(&dir.join("r"))]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("unknown precision \"fp8\"; known precisions: f32, bf16"), "{}", stderr(&out));
     let out = sae(&["predict", "--model", "resnet18", "--weights", s(&dir.join("missing.safetensors")), "x.png"]);
@@ -121,6 +123,7 @@ fn bad_input_fails_with_a_message_naming_it() {
 #[test]
 fn data_check_lists_the_files_that_do_not_decode() {
     let dir = scratch("data");
+    let dir = dir.path();
     std::fs::create_dir_all(dir.join("train/cat")).unwrap();
     std::fs::create_dir_all(dir.join("train/dog")).unwrap();
     for i in 0..5 {
@@ -134,20 +137,21 @@ fn data_check_lists_the_files_that_do_not_decode() {
         .unwrap();
     std::fs::write(dir.join("train/dog/truncated.jpg"), &jpeg[..jpeg.len() / 3]).unwrap();
     std::fs::write(dir.join("train/dog/text.png"), b"hello").unwrap();
-    let out = sae(&["data", "check", s(&dir)]);
+    let out = sae(&["data", "check", s(dir)]);
     assert_eq!(out.status.code(), Some(1));
     let listed = stdout(&out);
     assert!(listed.contains("truncated.jpg") && listed.contains("text.png") && !listed.contains("cat/"), "{listed}");
     assert!(stderr(&out).contains("7 images checked, 2 unreadable"), "{}", stderr(&out));
     std::fs::remove_file(dir.join("train/dog/truncated.jpg")).unwrap();
     std::fs::remove_file(dir.join("train/dog/text.png")).unwrap();
-    let out = sae(&["data", "check", s(&dir)]);
+    let out = sae(&["data", "check", s(dir)]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
 #[test]
 fn train_eval_resume_and_fine_tune() {
     let dir = scratch("train");
+    let dir = dir.path();
     let data = dir.join("cifar");
     std::fs::create_dir_all(&data).unwrap();
     write_cifar10(&data, 2);
@@ -299,6 +303,7 @@ fn train_eval_resume_and_fine_tune() {
 #[test]
 fn train_refuses_inconsistent_settings() {
     let dir = scratch("train-errors");
+    let dir = dir.path();
     let data = dir.join("cifar");
     std::fs::create_dir_all(&data).unwrap();
     write_cifar10(&data, 1);
@@ -319,7 +324,7 @@ fn train_refuses_inconsistent_settings() {
         &run,
     ]);
     assert!(!out.status.success() && stderr(&out).contains("Adam settings"), "{}", stderr(&out));
-    let out = sae(&["train", "--model", "resnet14b", "--data", s(&dir), "--out", &run]);
+    let out = sae(&["train", "--model", "resnet14b", "--data", s(dir), "--out", &run]);
     assert!(!out.status.success() && stderr(&out).contains("not a CIFAR-10/100 binary directory"), "{}", stderr(&out));
     let out = sae(&["train", "--model", "resnet14b", "--data", s(&data), "--ema-decay", "1.5", "--out", &run]);
     assert!(!out.status.success() && stderr(&out).contains("ema_decay must be in [0, 1)"), "{}", stderr(&out));
@@ -340,6 +345,7 @@ fn last_weights(run: &Path) -> Vec<u8> {
 #[test]
 fn kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run() {
     let dir = scratch("kill9");
+    let dir = dir.path();
     let data = dir.join("cifar");
     std::fs::create_dir_all(&data).unwrap();
     write_cifar10(&data, 4);
@@ -411,8 +417,9 @@ fn kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run() {
 #[test]
 fn several_processes_without_mpi_support_are_an_error_not_independent_runs() {
     let dir = scratch("no-mpi");
+    let dir = dir.path();
     let out = Command::new(env!("CARGO_BIN_EXE_sae"))
-        .args(["train", "--model", "resnet14b", "--data", s(&dir), "--out", s(&dir.join("run"))])
+        .args(["train", "--model", "resnet14b", "--data", s(dir), "--out", s(&dir.join("run"))])
         .env("OMPI_COMM_WORLD_SIZE", "2")
         .output()
         .unwrap();

@@ -89,6 +89,7 @@ fn evals(run: &Path) -> Vec<(f64, f64)> {
 #[test]
 fn two_ranks_with_sync_bn_reach_the_weights_of_one_process_with_twice_the_batch() {
     let dir = scratch("mpi-equivalence");
+    let dir = dir.path();
     let data = dir.join("noise");
     write_noise_folder(&data);
     // 32 images: 4 steps of 2 × 4 or 1 × 8.
@@ -165,7 +166,6 @@ fn two_ranks_with_sync_bn_reach_the_weights_of_one_process_with_twice_the_batch(
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("trained by 2 process(es) and is resumed by 1") && err.contains("mpirun -np 2"), "{err}");
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 /// The process of rank `rank` training into `out`.
@@ -237,6 +237,7 @@ fn signal(pid: u32, sig: &str) {
 #[test]
 fn two_ranks_learn_a_killed_rank_ends_the_run_and_it_resumes() {
     let dir = scratch("mpi-kill");
+    let dir = dir.path();
     let data = dir.join("cifar");
     write_cifar10(&data, 8);
     let out = dir.join("run");
@@ -254,12 +255,12 @@ fn two_ranks_learn_a_killed_rank_ends_the_run_and_it_resumes() {
     assert_eq!(evals.len(), 4);
     assert!(evals[3].1 >= 50.0, "eval top-1 after 4 epochs: {evals:?}");
     assert!(evals[3].0 < evals[0].0, "eval loss did not fall: {evals:?}");
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
 fn a_hung_rank_ends_the_run_after_the_collective_timeout() {
     let dir = scratch("mpi-hang");
+    let dir = dir.path();
     let data = dir.join("cifar");
     write_cifar10(&data, 8);
     let out = dir.join("run");
@@ -273,5 +274,4 @@ fn a_hung_rank_ends_the_run_after_the_collective_timeout() {
     assert!(!status.success());
     assert!(err.contains("rank 0 of 2") && err.contains("waited 10 s") && err.contains("stopped or hangs"), "{err}");
     assert!(took < Duration::from_secs(40), "took {took:?}");
-    std::fs::remove_dir_all(dir).unwrap();
 }

@@ -6,11 +6,8 @@ use sae_data::*;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sae-data-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tmp(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("sae-data-{name}-")).tempdir().unwrap()
 }
 
 /// Pixel byte of image `i` (global index), channel `c`, pixel `p` — a known pattern.
@@ -67,9 +64,10 @@ fn write_cifar100(dir: &Path, train: usize, test: usize) {
 #[test]
 fn cifar10_reads_the_official_layout() {
     let dir = tmp("c10");
-    write_cifar10(&dir, 20);
-    let train = Cifar::load(&dir, CifarKind::Cifar10, Split::Train).unwrap();
-    let test = Cifar::load(&dir, CifarKind::Cifar10, Split::Test).unwrap();
+    let dir = dir.path();
+    write_cifar10(dir, 20);
+    let train = Cifar::load(dir, CifarKind::Cifar10, Split::Train).unwrap();
+    let test = Cifar::load(dir, CifarKind::Cifar10, Split::Test).unwrap();
     assert_eq!((train.labels.len(), test.labels.len()), (100, 20));
     assert_eq!(train.class_counts(), vec![10; 10]);
     assert_eq!(train.classes[6], "frog");
@@ -86,16 +84,17 @@ fn cifar10_reads_the_official_layout() {
 #[test]
 fn cifar100_gives_fine_or_coarse_labels() {
     let dir = tmp("c100");
-    write_cifar100(&dir, 40, 10);
-    let fine = Cifar::load(&dir, CifarKind::Cifar100(LabelSet::Fine), Split::Train).unwrap();
-    let coarse = Cifar::load(&dir, CifarKind::Cifar100(LabelSet::Coarse), Split::Train).unwrap();
+    let dir = dir.path();
+    write_cifar100(dir, 40, 10);
+    let fine = Cifar::load(dir, CifarKind::Cifar100(LabelSet::Fine), Split::Train).unwrap();
+    let coarse = Cifar::load(dir, CifarKind::Cifar100(LabelSet::Coarse), Split::Train).unwrap();
     assert_eq!(fine.classes.len(), 100);
     assert_eq!(coarse.classes.len(), 20);
     assert_eq!(fine.labels[13], 39);
     assert_eq!(coarse.labels[13], 13);
     assert_eq!(coarse.classes[13], "superclass_13");
     assert_eq!(fine.pixels, coarse.pixels);
-    let test = Cifar::load(&dir, CifarKind::Cifar100(LabelSet::Coarse), Split::Test).unwrap();
+    let test = Cifar::load(dir, CifarKind::Cifar100(LabelSet::Coarse), Split::Test).unwrap();
     assert_eq!(test.labels.len(), 10);
     assert_eq!(test.planes(0)[5], pixel(40, 0, 5));
 }
@@ -131,21 +130,22 @@ fn real_cifar10_has_its_known_values() {
 #[test]
 fn bad_cifar_files_give_errors_naming_the_file() {
     let dir = tmp("c10-bad");
-    write_cifar10(&dir, 3);
+    let dir = dir.path();
+    write_cifar10(dir, 3);
     let batch3 = dir.join("data_batch_3.bin");
     let bytes = std::fs::read(&batch3).unwrap();
     std::fs::write(&batch3, &bytes[..bytes.len() - 100]).unwrap();
-    let err = Cifar::load(&dir, CifarKind::Cifar10, Split::Train).unwrap_err().to_string();
+    let err = Cifar::load(dir, CifarKind::Cifar10, Split::Train).unwrap_err().to_string();
     assert!(err.contains("data_batch_3.bin") && err.contains("not a whole number of 3073-byte records"), "{err}");
 
     let mut bytes = bytes.clone();
     bytes[3073] = 12; // record 1's label
     std::fs::write(&batch3, &bytes).unwrap();
-    let err = Cifar::load(&dir, CifarKind::Cifar10, Split::Train).unwrap_err().to_string();
+    let err = Cifar::load(dir, CifarKind::Cifar10, Split::Train).unwrap_err().to_string();
     assert!(err.contains("data_batch_3.bin") && err.contains("record 1: label 12 out of range 0..10"), "{err}");
 
     std::fs::remove_file(&batch3).unwrap();
-    let err = Cifar::load(&dir, CifarKind::Cifar10, Split::Train).unwrap_err().to_string();
+    let err = Cifar::load(dir, CifarKind::Cifar10, Split::Train).unwrap_err().to_string();
     assert!(err.contains("data_batch_3.bin"), "{err}");
 
     let err = Cifar::load(&dir.join("absent"), CifarKind::Cifar10, Split::Test).unwrap_err().to_string();
@@ -153,13 +153,15 @@ fn bad_cifar_files_give_errors_naming_the_file() {
 
     // A CIFAR-10 file read as CIFAR-100: 3073 is not a multiple of 3074.
     std::fs::copy(dir.join("test_batch.bin"), dir.join("test.bin")).unwrap();
-    let err = Cifar::load(&dir, CifarKind::Cifar100(LabelSet::Fine), Split::Test).unwrap_err().to_string();
+    let err = Cifar::load(dir, CifarKind::Cifar100(LabelSet::Fine), Split::Test).unwrap_err().to_string();
     assert!(err.contains("test.bin") && err.contains("3074-byte records"), "{err}");
 
     let dir = tmp("c100-names");
-    write_cifar100(&dir, 2, 2);
+
+    let dir = dir.path();
+    write_cifar100(dir, 2, 2);
     std::fs::write(dir.join("fine_label_names.txt"), "just\ntwo\n").unwrap();
-    let err = Cifar::load(&dir, CifarKind::Cifar100(LabelSet::Fine), Split::Test).unwrap_err().to_string();
+    let err = Cifar::load(dir, CifarKind::Cifar100(LabelSet::Fine), Split::Test).unwrap_err().to_string();
     assert!(err.contains("fine_label_names.txt") && err.contains("lists 2 class names, expected 100"), "{err}");
 }
 
@@ -179,8 +181,9 @@ fn write_folder(root: &Path) {
 #[test]
 fn image_folders_list_classes_and_decode_images() {
     let root = tmp("folder");
-    write_folder(&root);
-    let ds = ImageFolder::open(&root).unwrap();
+    let root = root.path();
+    write_folder(root);
+    let ds = ImageFolder::open(root).unwrap();
     assert_eq!(ds.classes, ["n01", "n02"]);
     assert_eq!(ds.len(), 7);
     let (img, label) = ds.get(6).unwrap();
@@ -189,7 +192,7 @@ fn image_folders_list_classes_and_decode_images() {
     assert_eq!(label, 1);
     assert!(grey.data.chunks(3).all(|p| p[0] == p[1] && p[1] == p[2]), "greyscale must become equal RGB");
     std::fs::write(root.join("classes.txt"), "n02 second class\nn01 first class\n").unwrap();
-    let ds = ImageFolder::open_with_class_file(&root, &root.join("classes.txt")).unwrap();
+    let ds = ImageFolder::open_with_class_file(root, &root.join("classes.txt")).unwrap();
     assert_eq!(ds.classes, ["n02", "n01"]);
     assert_eq!(ds.samples[0].1, 0);
 }
@@ -197,21 +200,22 @@ fn image_folders_list_classes_and_decode_images() {
 #[test]
 fn bad_folders_and_images_give_errors_naming_them() {
     let root = tmp("folder-bad");
-    write_folder(&root);
+    let root = root.path();
+    write_folder(root);
     std::fs::create_dir_all(root.join("n03")).unwrap();
-    let err = ImageFolder::open(&root).unwrap_err().to_string();
+    let err = ImageFolder::open(root).unwrap_err().to_string();
     assert!(err.contains("n03") && err.contains("no JPEG or PNG images"), "{err}");
     std::fs::remove_dir(root.join("n03")).unwrap();
 
     std::fs::write(root.join("n01").join("broken.jpg"), b"\xff\xd8\xff garbage").unwrap();
-    let ds = ImageFolder::open(&root).unwrap();
+    let ds = ImageFolder::open(root).unwrap();
     let idx = ds.samples.iter().position(|(p, _)| p.ends_with("broken.jpg")).unwrap();
     let err = ds.get(idx).unwrap_err().to_string();
     assert!(err.contains("broken.jpg") && err.contains("cannot decode"), "{err}");
 
     let err = ImageFolder::open(&root.join("missing")).unwrap_err().to_string();
     assert!(err.contains("missing"), "{err}");
-    let err = ImageFolder::open_with_class_file(&root, &root.join("nope.txt")).unwrap_err().to_string();
+    let err = ImageFolder::open_with_class_file(root, &root.join("nope.txt")).unwrap_err().to_string();
     assert!(err.contains("nope.txt"), "{err}");
 }
 
@@ -225,8 +229,9 @@ const CFG: LoaderConfig = LoaderConfig { batch_size: 16, shuffle: true, drop_las
 #[test]
 fn augmentation_is_deterministic_whatever_the_thread_count() {
     let dir = tmp("determinism");
-    write_cifar10(&dir, 20);
-    let loader = cifar_loader(&dir, Transform::PadCropFlip { pad: 4, size: 32 }, CFG);
+    let dir = dir.path();
+    write_cifar10(dir, 20);
+    let loader = cifar_loader(dir, Transform::PadCropFlip { pad: 4, size: 32 }, CFG);
     let run = |threads| {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         pool.install(|| loader.epoch(1).collect::<Result<Vec<_>>>().unwrap())
@@ -246,10 +251,11 @@ fn augmentation_is_deterministic_whatever_the_thread_count() {
 #[test]
 fn policy_and_mixing_are_deterministic_and_resume_mid_epoch() {
     let dir = tmp("augment-determinism");
-    write_cifar10(&dir, 20);
+    let dir = dir.path();
+    write_cifar10(dir, 20);
     let mixing = sae_data::Mixing { mixup_alpha: 0.2, cutmix_alpha: 1.0, prob: 0.8, switch_prob: 0.5 };
-    let plain = cifar_loader(&dir, Transform::PadCropFlip { pad: 4, size: 32 }, CFG);
-    let loader = cifar_loader(&dir, Transform::PadCropFlip { pad: 4, size: 32 }, CFG).with_augmentation(true, mixing);
+    let plain = cifar_loader(dir, Transform::PadCropFlip { pad: 4, size: 32 }, CFG);
+    let loader = cifar_loader(dir, Transform::PadCropFlip { pad: 4, size: 32 }, CFG).with_augmentation(true, mixing);
     let epoch = loader.epoch(1).collect::<Result<Vec<_>>>().unwrap();
     assert_eq!(epoch, loader.epoch(1).collect::<Result<Vec<_>>>().unwrap());
     // Resuming at batch 2 gives the same batches, mixing included.
@@ -266,8 +272,9 @@ fn policy_and_mixing_are_deterministic_and_resume_mid_epoch() {
 #[test]
 fn pad_crop_flip_moves_pixels_and_keeps_values() {
     let dir = tmp("crop");
-    write_cifar10(&dir, 2);
-    let ds = Cifar::load(&dir, CifarKind::Cifar10, Split::Train).unwrap();
+    let dir = dir.path();
+    write_cifar10(dir, 2);
+    let ds = Cifar::load(dir, CifarKind::Cifar10, Split::Train).unwrap();
     let (img, _) = ds.get(0).unwrap();
     let norm = Normalize { mean: [0.0; 3], std: [1.0; 3] };
     let mut shifted = 0;
@@ -293,8 +300,9 @@ fn pad_crop_flip_moves_pixels_and_keeps_values() {
 #[test]
 fn resizing_keeps_shapes_and_ranges() {
     let root = tmp("resize");
-    write_folder(&root);
-    let ds = Arc::new(ImageFolder::open(&root).unwrap());
+    let root = root.path();
+    write_folder(root);
+    let ds = Arc::new(ImageFolder::open(root).unwrap());
     for transform in
         [Transform::RandomResizedCropFlip { size: 24 }, Transform::ResizeCenterCrop { resize: 28, size: 24 }]
     {
@@ -310,8 +318,9 @@ fn resizing_keeps_shapes_and_ranges() {
     }
     // Upscaling CIFAR to the paper's 70×70 keeps the mean colour.
     let dir = tmp("resize-cifar");
-    write_cifar10(&dir, 2);
-    let c = Cifar::load(&dir, CifarKind::Cifar10, Split::Train).unwrap();
+    let dir = dir.path();
+    write_cifar10(dir, 2);
+    let c = Cifar::load(dir, CifarKind::Cifar10, Split::Train).unwrap();
     let (img, _) = c.get(1).unwrap();
     let norm = Normalize { mean: [0.0; 3], std: [1.0; 3] };
     let mut out = vec![0f32; 3 * 70 * 70];
@@ -324,24 +333,25 @@ fn resizing_keeps_shapes_and_ranges() {
 #[test]
 fn loader_batches_drop_or_keep_the_last_and_report_errors() {
     let dir = tmp("loader");
-    write_cifar10(&dir, 10); // 50 train images
-    let keep = cifar_loader(&dir, Transform::PadCropFlip { pad: 4, size: 32 }, CFG);
+    let dir = dir.path();
+    write_cifar10(dir, 10); // 50 train images
+    let keep = cifar_loader(dir, Transform::PadCropFlip { pad: 4, size: 32 }, CFG);
     let sizes: Vec<usize> = keep.epoch(0).map(|b| b.unwrap().labels.len()).collect();
     assert_eq!(sizes, [16, 16, 16, 2]);
     assert_eq!(keep.batches_per_epoch(), 4);
     let mut all: Vec<usize> = keep.epoch(0).flat_map(|b| b.unwrap().indices).collect();
     all.sort();
     assert_eq!(all, (0..50).collect::<Vec<_>>(), "an epoch visits every image once");
-    let drop = cifar_loader(&dir, Transform::PadCropFlip { pad: 4, size: 32 }, LoaderConfig { drop_last: true, ..CFG });
+    let drop = cifar_loader(dir, Transform::PadCropFlip { pad: 4, size: 32 }, LoaderConfig { drop_last: true, ..CFG });
     assert_eq!(drop.epoch(0).count(), 3);
     assert_eq!(drop.batches_per_epoch(), 3);
     let ordered =
-        cifar_loader(&dir, Transform::PadCropFlip { pad: 4, size: 32 }, LoaderConfig { shuffle: false, ..CFG });
+        cifar_loader(dir, Transform::PadCropFlip { pad: 4, size: 32 }, LoaderConfig { shuffle: false, ..CFG });
     assert_eq!(ordered.epoch(0).next().unwrap().unwrap().indices, (0..16).collect::<Vec<_>>());
     let labels = ordered.epoch(0).next().unwrap().unwrap().labels;
     assert_eq!(labels[..12], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]);
 
-    let ds = Arc::new(Cifar::load(&dir, CifarKind::Cifar10, Split::Train).unwrap());
+    let ds = Arc::new(Cifar::load(dir, CifarKind::Cifar10, Split::Train).unwrap());
     assert!(Loader::new(
         ds.clone(),
         Transform::PadCropFlip { pad: 4, size: 32 },
@@ -358,9 +368,10 @@ fn loader_batches_drop_or_keep_the_last_and_report_errors() {
 
     // An undecodable image surfaces as the epoch's error, naming the file.
     let root = tmp("loader-bad");
-    write_folder(&root);
+    let root = root.path();
+    write_folder(root);
     std::fs::write(root.join("n02").join("zz.png"), b"\x89PNG broken").unwrap();
-    let ds = Arc::new(ImageFolder::open(&root).unwrap());
+    let ds = Arc::new(ImageFolder::open(root).unwrap());
     let loader = Loader::new(ds, Transform::RandomResizedCropFlip { size: 16 }, Normalize::IMAGENET, CFG).unwrap();
     let results: Vec<Result<Batch>> = loader.epoch(0).collect();
     let err = results.into_iter().find_map(|r| r.err()).expect("an error").to_string();
@@ -370,11 +381,12 @@ fn loader_batches_drop_or_keep_the_last_and_report_errors() {
 #[test]
 fn shards_are_disjoint_cover_the_epoch_and_make_up_the_whole_batches() {
     let dir = tmp("shards");
-    write_cifar10(&dir, 10); // 50 train images
+    let dir = dir.path();
+    write_cifar10(dir, 10); // 50 train images
     let transform = Transform::PadCropFlip { pad: 4, size: 32 };
     let cfg = LoaderConfig { batch_size: 4, ..CFG };
     let shard = |rank, world, drop_last| {
-        cifar_loader(&dir, transform, LoaderConfig { drop_last, ..cfg }).with_shard(rank, world).unwrap()
+        cifar_loader(dir, transform, LoaderConfig { drop_last, ..cfg }).with_shard(rank, world).unwrap()
     };
     for world in [1, 2, 3] {
         for drop_last in [false, true] {
@@ -393,7 +405,7 @@ fn shards_are_disjoint_cover_the_epoch_and_make_up_the_whole_batches() {
             assert_eq!(visited, expected, "world {world}, drop_last {drop_last}");
             // Batch k of the ranks together is batch k of one loader with batch 4·world,
             // and every image is transformed as there (augmentation is keyed by index).
-            let whole = cifar_loader(&dir, transform, LoaderConfig { batch_size: 4 * world, drop_last, ..cfg });
+            let whole = cifar_loader(dir, transform, LoaderConfig { batch_size: 4 * world, drop_last, ..cfg });
             for (k, big) in whole.epoch(5).enumerate() {
                 let big = big.unwrap();
                 let parts: Vec<&Batch> = epochs.iter().filter_map(|e| e.get(k)).collect();
@@ -404,6 +416,6 @@ fn shards_are_disjoint_cover_the_epoch_and_make_up_the_whole_batches() {
             }
         }
     }
-    let loader = cifar_loader(&dir, transform, cfg);
+    let loader = cifar_loader(dir, transform, cfg);
     assert!(loader.with_shard(2, 2).err().unwrap().to_string().contains("rank 2 of a world of 2"));
 }

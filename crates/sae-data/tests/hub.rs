@@ -15,7 +15,6 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -183,11 +182,11 @@ fn planes(i: usize) -> Vec<u8> {
 
 #[test]
 fn hub_download_converts_verifies_caches_and_works_offline() {
-    let home: PathBuf = std::env::temp_dir().join(format!("sae-hub-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&home);
+    let home = tempfile::Builder::new().prefix("sae-hub-").tempdir().unwrap();
+    let home = home.path();
     let hub = Arc::new(Hub { files: Mutex::new(HashMap::new()), requests: AtomicUsize::new(0) });
     let url = hub.clone().serve();
-    std::env::set_var("HF_HOME", &home);
+    std::env::set_var("HF_HOME", home);
     std::env::set_var("HF_ENDPOINT", &url);
     std::env::remove_var("HF_HUB_OFFLINE");
 
@@ -214,7 +213,7 @@ fn hub_download_converts_verifies_caches_and_works_offline() {
     std::env::remove_var("HF_HUB_OFFLINE");
 
     let dir = prepare_cifar(CifarKind::Cifar100(LabelSet::Coarse), &src).unwrap();
-    assert!(dir.starts_with(&home), "{} is not under HF_HOME", dir.display());
+    assert!(dir.starts_with(home), "{} is not under HF_HOME", dir.display());
     let train = Cifar::load(&dir, CifarKind::Cifar100(LabelSet::Coarse), Split::Train).unwrap();
     assert_eq!(train.labels, [0, 1, 2, 3, 4]);
     assert_eq!(train.classes[3], "coarse_label_3");
@@ -318,5 +317,4 @@ fn hub_download_converts_verifies_caches_and_works_offline() {
     // A missing file on the server is an error naming it.
     let err = prepare_cifar(CifarKind::Cifar10, &source("test/absent", &["x.parquet"], &["y.parquet"], &c10));
     assert!(err.unwrap_err().to_string().contains("test/absent"));
-    std::fs::remove_dir_all(&home).unwrap();
 }

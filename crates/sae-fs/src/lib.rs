@@ -67,16 +67,14 @@ pub fn replace_dir(tmp: &Path, dest: &Path) -> Result<(), Error> {
 mod tests {
     use super::*;
 
-    fn scratch(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("sae-fs-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    fn scratch(name: &str) -> tempfile::TempDir {
+        tempfile::Builder::new().prefix(&format!("sae-fs-{name}-")).tempdir().unwrap()
     }
 
     #[test]
     fn writes_replace_whole_files_and_failed_writes_leave_the_old_one() {
         let dir = scratch("file");
+        let dir = dir.path();
         let path = dir.join("summary.csv");
         write_atomic(&path, b"first").unwrap();
         write_atomic(&path, b"second").unwrap();
@@ -95,6 +93,7 @@ mod tests {
     #[test]
     fn replace_dir_swaps_in_the_new_directory() {
         let dir = scratch("dir");
+        let dir = dir.path();
         let (tmp, dest) = (dir.join("epoch-0001.tmp"), dir.join("epoch-0001"));
         for contents in ["old", "new"] {
             std::fs::create_dir_all(&tmp).unwrap();

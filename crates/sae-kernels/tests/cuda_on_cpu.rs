@@ -66,10 +66,8 @@ fn excitation_harness(dir: &Path) -> Option<PathBuf> {
     build(dir, "harness.cpp")
 }
 
-fn scratch_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sae-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn scratch_dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("sae-{name}-")).tempdir().unwrap()
 }
 
 /// Element bytes of `t` (any dtype of the three) in storage order.
@@ -95,7 +93,8 @@ fn from_bytes(b: &[u8], dtype: DType, shape: &[usize]) -> Tensor {
 #[test]
 fn cuda_kernels_on_the_cpu_match_the_reference() {
     let dir = scratch_dir("cuda-on-cpu");
-    let Some(exe) = excitation_harness(&dir) else { return };
+    let dir = dir.path();
+    let Some(exe) = excitation_harness(dir) else { return };
     // (N, C, H, W, hidden): batch 1, 1×1 planes, odd sizes, C/r = 1, planes longer than a block.
     let cases = [(2, 64, 7, 7, 8), (1, 32, 1, 1, 1), (3, 48, 5, 9, 4), (2, 16, 17, 19, 2), (1, 300, 3, 3, 7)];
     let mut checked = 0;
@@ -189,7 +188,6 @@ fn cuda_kernels_on_the_cpu_match_the_reference() {
         }
     }
     assert_eq!(checked, cases.len() * 12);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// `src/cuda/ops.cu` through `ops_harness.cpp`: one call of the harness per kernel sequence.
@@ -293,7 +291,8 @@ fn with_grads(vars: &[&Var], probe: &Tensor, f: impl Fn() -> Tensor) -> (Tensor,
 fn ops_kernels_on_the_cpu_match_the_reference() {
     use sae_kernels::*;
     let dir = scratch_dir("cuda-ops-on-cpu");
-    let Some(exe) = build(&dir, "ops_harness.cpp") else { return };
+    let dir = dir.path();
+    let Some(exe) = build(dir, "ops_harness.cpp") else { return };
     let contiguous = |[_, c, h, w]: [usize; 4]| [0, c * h * w, h * w, w, 1];
     let mut checked = 0;
     for (dtype, strided, block, max_blocks) in [
@@ -303,7 +302,7 @@ fn ops_kernels_on_the_cpu_match_the_reference() {
         (DType::BF16, false, BLOCK, 3),
         (DType::BF16, true, BLOCK, 5),
     ] {
-        let h = OpsHarness { exe: exe.clone(), dir: dir.clone(), dtype, block, max_blocks };
+        let h = OpsHarness { exe: exe.clone(), dir: dir.to_path_buf(), dtype, block, max_blocks };
         let tol = h.tol();
         let what = |op: &str, dims: &dyn std::fmt::Debug| format!("{op} {dims:?} {dtype:?} strided={strided}");
 
@@ -480,5 +479,4 @@ fn ops_kernels_on_the_cpu_match_the_reference() {
         checked += 3;
     }
     assert_eq!(checked, 5 * (6 + 6 + 9 + 33 + 3));
-    std::fs::remove_dir_all(&dir).unwrap();
 }

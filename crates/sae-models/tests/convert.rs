@@ -9,13 +9,10 @@
 use candle_core::{DType, Device, ModuleT, Tensor};
 use sae_models::{config, convert_checkpoint, Error, Gate, Model, ModelConfig};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-fn tmp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sae-convert-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn tmp_dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("sae-convert-{name}-")).tempdir().unwrap()
 }
 
 fn images() -> Tensor {
@@ -61,6 +58,7 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 #[test]
 fn torchvision_state_dicts_convert_to_the_same_network() {
     let dir = tmp_dir("torchvision");
+    let dir = dir.path();
     for (name, classes) in [("resnet18", 10), ("resnext50_32x4d", 7)] {
         let original = trained(config(name, classes).unwrap());
         let src = dir.join(format!("{name}.safetensors"));
@@ -85,6 +83,7 @@ fn torchvision_state_dicts_convert_to_the_same_network() {
 #[test]
 fn timm_se_resnets_convert_with_rounded_widths_and_the_plain_gate() {
     let dir = tmp_dir("timm");
+    let dir = dir.path();
     // timm's SE on 64 channels: 64 / 16 = 4, rounded up to 8; on 512: 32.
     let timm = config("seresnet18", 10).unwrap().with_timm_se();
     assert_eq!((timm.reduced_channels(64), timm.reduced_channels(512)), (8, 32));
@@ -109,6 +108,7 @@ fn timm_se_resnets_convert_with_rounded_widths_and_the_plain_gate() {
 #[test]
 fn what_does_not_map_is_refused_by_name() {
     let dir = tmp_dir("refused");
+    let dir = dir.path();
     let original = Model::new(config("resnet18", 10).unwrap(), 0, &Device::Cpu).unwrap();
     let good = pytorch_state_dict(&original, false);
     let convert = |tensors: &HashMap<String, Tensor>, file: &str| {

@@ -4,18 +4,17 @@
 use candle_core::{Device, Tensor};
 use image::{GrayImage, Luma, Rgb, RgbImage};
 use sae_models::{read_labels, Error, Model, Preprocess, IMAGENET_MEAN, IMAGENET_STD};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-fn dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sae-inference-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("sae-inference-{name}-")).tempdir().unwrap()
 }
 
 #[test]
 fn preprocessing_resizes_crops_and_normalises() {
     let d = dir("pre");
+    let d = d.path();
     // 300×200 image: left half red, right half blue. After resizing the short side to 73 and
     // cropping the centre 64, the left columns are red and the right ones blue.
     let mut img = RgbImage::new(300, 200);
@@ -45,7 +44,6 @@ fn preprocessing_resizes_crops_and_normalises() {
     std::fs::write(d.join("broken.jpg"), b"\xff\xd8\xff\xe0 not really a jpeg").unwrap();
     let err = Preprocess::imagenet(32).load(&d.join("broken.jpg")).unwrap_err();
     assert!(matches!(err, Error::Image { .. }) && err.to_string().contains("broken.jpg"), "{err}");
-    std::fs::remove_dir_all(d).unwrap();
 }
 
 #[test]
@@ -83,6 +81,7 @@ fn classify_example() -> Command {
 #[test]
 fn classify_example_runs_end_to_end() {
     let d = dir("example");
+    let d = d.path();
     let weights = d.join("m.safetensors");
     Model::from_name("seresnet18", 3, 1, &Device::Cpu).unwrap().save(&weights).unwrap();
     let labels = d.join("labels.txt");
@@ -105,5 +104,4 @@ fn classify_example_runs_end_to_end() {
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("a.png"), "{stdout}");
     assert_eq!(stdout.lines().filter(|l| l.contains('%')).count(), 2, "{stdout}");
-    std::fs::remove_dir_all(d).unwrap();
 }

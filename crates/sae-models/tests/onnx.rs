@@ -17,8 +17,8 @@ fn exported_graphs_give_our_logits_in_onnxruntime() {
         eprintln!("skipped: set SAE_TORCH_PYTHON to a Python with onnxruntime");
         return;
     };
-    let dir = std::env::temp_dir().join(format!("sae-onnx-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = tempfile::Builder::new().prefix("sae-onnx-").tempdir().unwrap();
+    let dir = dir.path();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/pytorch/run_onnx.py");
     let cifar = |name: &str| ModelConfig { stem: Stem::Cifar, ..config(name, 10).unwrap() };
     let cases = [
@@ -63,5 +63,4 @@ fn exported_graphs_give_our_logits_in_onnxruntime() {
         let diff = ours.iter().zip(&theirs).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         assert!(diff <= 1e-5 * scale, "{what}: onnxruntime's logits differ by {diff} (scale {scale})");
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -36,9 +36,10 @@ fn torchvision_and_timm_checkpoints_give_pytorchs_logits() {
         eprintln!("skipped: set SAE_TORCH_PYTHON to a Python with torch, torchvision and timm");
         return;
     };
-    let dir = std::env::temp_dir().join(format!("sae-torch-interop-{}", std::process::id()));
+    let dir = tempfile::Builder::new().prefix("sae-torch-interop-").tempdir().unwrap();
+    let dir = dir.path();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/pytorch/export_checkpoints.py");
-    let status = Command::new(&python).arg(&script).arg(&dir).status().expect("running the export script");
+    let status = Command::new(&python).arg(&script).arg(dir).status().expect("running the export script");
     assert!(status.success(), "{} failed", script.display());
     let models = [
         ("tv_resnet18", "resnet18"),
@@ -63,7 +64,6 @@ fn torchvision_and_timm_checkpoints_give_pytorchs_logits() {
             assert!(diff <= 1e-5 * scale, "{file}.{format}: logits differ by {diff} (scale {scale})");
         }
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 fn max_abs(t: &Tensor) -> f32 {

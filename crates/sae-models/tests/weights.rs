@@ -3,12 +3,9 @@
 use candle_core::{DType, Device, ModuleT, Tensor};
 use sae_models::{config, Error, Model};
 use std::collections::HashMap;
-use std::path::PathBuf;
 
-fn tmp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sae-models-test-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn tmp_dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("sae-models-test-{name}-")).tempdir().unwrap()
 }
 
 fn images() -> Tensor {
@@ -71,6 +68,7 @@ fn initialisation_has_the_documented_statistics() {
 #[test]
 fn save_then_load_gives_identical_logits() {
     let dir = tmp_dir("roundtrip");
+    let dir = dir.path();
     let path = dir.join("w.safetensors");
     let cfg = config("senetv2_resnet14b", 10).unwrap();
     let trained = Model::new(cfg.clone(), 7, &Device::Cpu).unwrap();
@@ -98,7 +96,6 @@ fn save_then_load_gives_identical_logits() {
     }
     let se = Model::from_name("seresnet14b", 10, 0, &Device::Cpu).unwrap();
     assert!(se.named_vars().contains_key("layer4.0.se.fc1.weight"));
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 /// Writes the model's tensors after `edit` has changed them.
@@ -112,6 +109,7 @@ fn write_edited(model: &Model, path: &std::path::Path, edit: impl FnOnce(&mut Ha
 #[test]
 fn bad_weight_files_give_errors_naming_the_tensor() {
     let dir = tmp_dir("errors");
+    let dir = dir.path();
     let model = Model::from_name("seresnet14b", 10, 0, &Device::Cpu).unwrap();
     let path = dir.join("bad.safetensors");
 
@@ -157,7 +155,6 @@ fn bad_weight_files_give_errors_naming_the_tensor() {
     });
     assert!(model.load_weights(&path).is_err());
     assert_eq!(before, all_values(&model));
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]

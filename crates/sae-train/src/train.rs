@@ -591,8 +591,8 @@ mod tests {
 
     #[test]
     fn recalibration_runs_the_epochs_first_batches_in_training_mode() {
-        let dir = std::env::temp_dir().join(format!("sae-recalibrate-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = tempfile::Builder::new().prefix("sae-recalibrate-").tempdir().unwrap();
+        let dir = dir.path();
         // A CIFAR-10 directory of 20 images.
         let record = |i: usize| -> Vec<u8> {
             let mut r = vec![(i % 10) as u8];
@@ -609,7 +609,7 @@ mod tests {
         std::fs::write(dir.join("batches.meta.txt"), (0..10).map(|k| format!("c{k}\n")).collect::<String>()).unwrap();
         let data = crate::DataConfig {
             dataset: crate::DatasetKind::Cifar10,
-            dir: dir.clone(),
+            dir: dir.to_path_buf(),
             input_size: 16,
             train_images: None,
             eval_images: None,
@@ -627,7 +627,6 @@ mod tests {
         let stat = |m: &Model| m.named_vars()["layer2.0.bn1.running_mean"].to_vec1::<f32>().unwrap();
         assert_eq!(stat(&recalibrated), stat(&by_hand));
         assert_ne!(stat(&recalibrated), stat(&model(1)), "the statistics moved");
-        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

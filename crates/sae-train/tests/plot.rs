@@ -29,8 +29,8 @@ fn pixels_of_series(png: &image::RgbImage, i: usize) -> usize {
 
 #[test]
 fn run_curves_and_comparison_are_real_pngs() {
-    let dir = std::env::temp_dir().join(format!("sae-plot-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = tempfile::Builder::new().prefix("sae-plot-").tempdir().unwrap();
+    let dir = dir.path();
     let curves = dir.join("curves.png");
     plot_run(&history(), "resnet14b", &curves).unwrap();
     let png = image::open(&curves).unwrap().to_rgb8();
@@ -56,10 +56,9 @@ fn run_curves_and_comparison_are_real_pngs() {
     }
     // No temporary file is left beside the outputs.
     let names: Vec<String> =
-        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     assert_eq!(names.len(), 2, "{names:?}");
     let bad = dir.join("missing-dir/curves.png");
     let err = plot_run(&history(), "x", &bad).unwrap_err().to_string();
     assert!(err.contains("missing-dir"), "{err}");
-    std::fs::remove_dir_all(dir).unwrap();
 }

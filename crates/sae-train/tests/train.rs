@@ -5,13 +5,10 @@
 use candle_core::{Device, Tensor, Var};
 use sae_models::{config, Implementation, Precision, Stem};
 use sae_train::*;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sae-train-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tmp(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("sae-train-{name}-")).tempdir().unwrap()
 }
 
 /// One step of the optimiser on θ with a fixed gradient function; returns θ after each step.
@@ -224,17 +221,19 @@ fn small_config(model: &str, data: &Path, epochs: usize) -> TrainConfig {
 #[test]
 fn resnet_senetv2_and_mobilenet_learn_a_small_problem() {
     let data = tmp("learn-data");
-    write_colour_dataset(&data, 8, 5);
+    let data = data.path();
+    write_colour_dataset(data, 8, 5);
     for model in ["resnet14b", "senetv2_resnet14b", "mobilenet_v1"] {
         let run = tmp(&format!("learn-{model}"));
+        let run = run.path();
         // 80 training images, batch 8, 20 epochs: 200 steps.
-        let mut cfg = TrainConfig { batch_size: 8, ..small_config(model, &data, 20) };
+        let mut cfg = TrainConfig { batch_size: 8, ..small_config(model, data, 20) };
         if model == "mobilenet_v1" {
             // MobileNet's total stride of 32 would leave nothing of a 16×16 input to look at
             // after its stride-2 stem; the CIFAR stem keeps 1×1 at the end.
             cfg.model.stem = Stem::Cifar;
         }
-        let history = train(&cfg, &run, &Device::Cpu, false, &mut LogLines::default()).unwrap();
+        let history = train(&cfg, run, &Device::Cpu, false, &mut LogLines::default()).unwrap();
         let late = &history[15..];
         let best_late_loss = late.iter().map(|s| s.train_loss).fold(f64::INFINITY, f64::min);
         assert!(best_late_loss < 0.75 * history[0].train_loss, "{model}: loss did not fall: {history:?}");
@@ -242,8 +241,8 @@ fn resnet_senetv2_and_mobilenet_learn_a_small_problem() {
         // the last five epochs is compared.
         let best_late = late.iter().map(|s| s.eval_top1).fold(0.0, f64::max);
         assert!(best_late >= 60.0, "{model}: eval top-1 at most {best_late} in epochs 16-20");
-        assert_same_rows(&read_summary(&run).unwrap(), &history);
-        let cfg = TrainConfig::read(&run).unwrap();
+        assert_same_rows(&read_summary(run).unwrap(), &history);
+        let cfg = TrainConfig::read(run).unwrap();
         assert_eq!(cfg.model.name, model);
     }
 }
@@ -274,16 +273,18 @@ fn checkpoint_model_bytes(run: &Path) -> Vec<u8> {
 #[test]
 fn resuming_gives_the_same_result_as_not_stopping() {
     let data = tmp("resume-data");
-    write_colour_dataset(&data, 4, 2);
+    let data = data.path();
+    write_colour_dataset(data, 4, 2);
     let straight = tmp("resume-straight");
-    let cfg = small_config("senetv2_resnet14b", &data, 2);
-    let full = train(&cfg, &straight, &Device::Cpu, false, &mut LogLines::default()).unwrap();
+    let straight = straight.path();
+    let cfg = small_config("senetv2_resnet14b", data, 2);
+    let full = train(&cfg, straight, &Device::Cpu, false, &mut LogLines::default()).unwrap();
     let stopped = tmp("resume-stopped");
-    train(&small_config("senetv2_resnet14b", &data, 1), &stopped, &Device::Cpu, false, &mut LogLines::default())
-        .unwrap();
-    let resumed = train(&cfg, &stopped, &Device::Cpu, true, &mut LogLines::default()).unwrap();
+    let stopped = stopped.path();
+    train(&small_config("senetv2_resnet14b", data, 1), stopped, &Device::Cpu, false, &mut LogLines::default()).unwrap();
+    let resumed = train(&cfg, stopped, &Device::Cpu, true, &mut LogLines::default()).unwrap();
     assert_eq!(resumed.len(), 2);
-    assert_eq!(checkpoint_model_bytes(&straight), checkpoint_model_bytes(&stopped), "weights differ after resume");
+    assert_eq!(checkpoint_model_bytes(straight), checkpoint_model_bytes(stopped), "weights differ after resume");
     assert_same_rows(&full, &resumed);
     // Only the last and the best checkpoints are kept.
     let kept: Vec<String> = std::fs::read_dir(straight.join("checkpoints"))
@@ -295,25 +296,27 @@ fn resuming_gives_the_same_result_as_not_stopping() {
     assert!(kept.len() <= 2 && kept.contains(&"epoch-0002".to_string()), "{kept:?}");
 
     // A second fresh run into the same directory is refused; a resume with another model is too.
-    let err = train(&cfg, &straight, &Device::Cpu, false, &mut LogLines::default()).unwrap_err().to_string();
+    let err = train(&cfg, straight, &Device::Cpu, false, &mut LogLines::default()).unwrap_err().to_string();
     assert!(err.contains("already holds a run"), "{err}");
-    let other = small_config("seresnet14b", &data, 3);
-    let err = train(&other, &straight, &Device::Cpu, true, &mut LogLines::default()).unwrap_err().to_string();
+    let other = small_config("seresnet14b", data, 3);
+    let err = train(&other, straight, &Device::Cpu, true, &mut LogLines::default()).unwrap_err().to_string();
     assert!(err.contains("different config"), "{err}");
 }
 
 #[test]
 fn a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
     let data = tmp("nan-data");
-    write_colour_dataset(&data, 4, 2);
+    let data = data.path();
+    write_colour_dataset(data, 4, 2);
     let run = tmp("nan-run");
-    let mut cfg = small_config("resnet14b", &data, 3);
+    let run = run.path();
+    let mut cfg = small_config("resnet14b", data, 3);
     // Epoch 1 at 1e-3; from epoch 2 the rate is 1e27, which overflows the weights.
     cfg.schedule = Schedule::Step { every: 1, gamma: 1e30 };
-    let err = train(&cfg, &run, &Device::Cpu, false, &mut LogLines::default()).unwrap_err();
+    let err = train(&cfg, run, &Device::Cpu, false, &mut LogLines::default()).unwrap_err();
     assert!(matches!(err, Error::NonFiniteLoss { epoch: 1, .. }), "{err}");
     assert!(err.to_string().contains("last good checkpoint"), "{err}");
-    assert_eq!(read_summary(&run).unwrap().len(), 1);
+    assert_eq!(read_summary(run).unwrap().len(), 1);
     let last = std::fs::read_to_string(run.join("checkpoints/last.json")).unwrap();
     assert!(last.contains("epoch-0001"), "{last}");
     // The kept checkpoint loads and is finite.
@@ -328,24 +331,26 @@ fn a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
 #[test]
 fn damaged_checkpoints_give_clear_errors() {
     let data = tmp("damaged-data");
-    write_colour_dataset(&data, 4, 2);
+    let data = data.path();
+    write_colour_dataset(data, 4, 2);
     let run = tmp("damaged-run");
-    let cfg = small_config("mobilenet_v1", &data, 1);
-    train(&cfg, &run, &Device::Cpu, false, &mut LogLines::default()).unwrap();
+    let run = run.path();
+    let cfg = small_config("mobilenet_v1", data, 1);
+    train(&cfg, run, &Device::Cpu, false, &mut LogLines::default()).unwrap();
     let ckpt = run.join("checkpoints/epoch-0001");
     let model_file = ckpt.join("model.safetensors");
     let good = std::fs::read(&model_file).unwrap();
     std::fs::write(&model_file, &good[..good.len() / 3]).unwrap();
     let longer = TrainConfig { epochs: 2, ..cfg.clone() };
-    let err = train(&longer, &run, &Device::Cpu, true, &mut LogLines::default()).unwrap_err().to_string();
+    let err = train(&longer, run, &Device::Cpu, true, &mut LogLines::default()).unwrap_err().to_string();
     assert!(err.contains("model.safetensors") && err.contains("not a valid safetensors"), "{err}");
     std::fs::write(&model_file, &good).unwrap();
     std::fs::write(ckpt.join("state.json"), "{ not json").unwrap();
-    let err = train(&longer, &run, &Device::Cpu, true, &mut LogLines::default()).unwrap_err().to_string();
+    let err = train(&longer, run, &Device::Cpu, true, &mut LogLines::default()).unwrap_err().to_string();
     assert!(err.contains("epoch-0001") && err.contains("state.json"), "{err}");
     std::fs::remove_file(ckpt.join("optimizer.safetensors")).unwrap();
     std::fs::write(ckpt.join("state.json"), r#"{"epoch":1,"step":1,"best_top1":0.0,"best_epoch":1}"#).unwrap();
-    let err = train(&longer, &run, &Device::Cpu, true, &mut LogLines::default()).unwrap_err().to_string();
+    let err = train(&longer, run, &Device::Cpu, true, &mut LogLines::default()).unwrap_err().to_string();
     assert!(err.contains("optimizer.safetensors"), "{err}");
 }
 
@@ -369,11 +374,12 @@ impl Progress for KillAfter {
 #[test]
 fn a_run_killed_mid_epoch_resumes_from_its_last_step_checkpoint_with_the_same_result() {
     let data = tmp("kill-data");
-    write_colour_dataset(&data, 4, 2);
+    let data = data.path();
+    write_colour_dataset(data, 4, 2);
     // 40 images, batch 4: 10 batches per epoch; 2 batches per step, a checkpoint every 2 steps,
     // clipping, a weight average, BatchNorm recalibration, the augmentation policy and mixing,
     // so that every piece of state and randomness must survive the restart.
-    let mut cfg = TrainConfig { batch_size: 4, ..small_config("seresnet14b", &data, 2) };
+    let mut cfg = TrainConfig { batch_size: 4, ..small_config("seresnet14b", data, 2) };
     cfg.steps = StepConfig {
         accumulate: 2,
         clip_grad_norm: Some(0.5),
@@ -385,11 +391,13 @@ fn a_run_killed_mid_epoch_resumes_from_its_last_step_checkpoint_with_the_same_re
     };
     cfg.augment = AugmentConfig { trivial_augment: true, mixup_alpha: 0.4, cutmix_alpha: 1.0, ..Default::default() };
     let straight = tmp("kill-straight");
-    let full = train(&cfg, &straight, &Device::Cpu, false, &mut LogLines::default()).unwrap();
+    let straight = straight.path();
+    let full = train(&cfg, straight, &Device::Cpu, false, &mut LogLines::default()).unwrap();
     let killed = tmp("kill-killed");
+    let killed = killed.path();
     // Killed in epoch 2 at its 7th batch: the last checkpoint is after its 6th (step 5 + 3).
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        train(&cfg, &killed, &Device::Cpu, false, &mut KillAfter { after: 17, seen: 0 })
+        train(&cfg, killed, &Device::Cpu, false, &mut KillAfter { after: 17, seen: 0 })
     }));
     assert!(outcome.is_err(), "the run was not killed");
     let last = std::fs::read_to_string(killed.join("checkpoints/last.json")).unwrap();
@@ -399,19 +407,20 @@ fn a_run_killed_mid_epoch_resumes_from_its_last_step_checkpoint_with_the_same_re
     )
     .unwrap();
     assert_eq!((state["epoch"].as_u64(), state["batch"].as_u64(), state["step"].as_u64()), (Some(1), Some(6), Some(8)));
-    let resumed = train(&cfg, &killed, &Device::Cpu, true, &mut LogLines::default()).unwrap();
-    assert_eq!(checkpoint_model_bytes(&straight), checkpoint_model_bytes(&killed), "weights differ after resume");
+    let resumed = train(&cfg, killed, &Device::Cpu, true, &mut LogLines::default()).unwrap();
+    assert_eq!(checkpoint_model_bytes(straight), checkpoint_model_bytes(killed), "weights differ after resume");
     let ema = |run: &Path| std::fs::read(run.join("checkpoints/epoch-0002/ema.safetensors")).unwrap();
-    assert_eq!(ema(&straight), ema(&killed), "weight averages differ after resume");
+    assert_eq!(ema(straight), ema(killed), "weight averages differ after resume");
     assert_same_rows(&full, &resumed);
     // Killed within the first epoch, before any summary was written, it resumes too.
     let early = tmp("kill-early");
+    let early = early.path();
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        train(&cfg, &early, &Device::Cpu, false, &mut KillAfter { after: 5, seen: 0 })
+        train(&cfg, early, &Device::Cpu, false, &mut KillAfter { after: 5, seen: 0 })
     }));
     assert!(outcome.is_err() && !early.join("summary.csv").exists());
-    let resumed = train(&cfg, &early, &Device::Cpu, true, &mut LogLines::default()).unwrap();
-    assert_eq!(checkpoint_model_bytes(&straight), checkpoint_model_bytes(&early), "weights differ after resume");
+    let resumed = train(&cfg, early, &Device::Cpu, true, &mut LogLines::default()).unwrap();
+    assert_eq!(checkpoint_model_bytes(straight), checkpoint_model_bytes(early), "weights differ after resume");
     assert_same_rows(&full, &resumed);
     // Five steps per epoch (ten batches, two per step).
     let state: serde_json::Value =
@@ -423,17 +432,19 @@ fn a_run_killed_mid_epoch_resumes_from_its_last_step_checkpoint_with_the_same_re
 #[test]
 fn init_weights_fine_tune_with_a_new_head() {
     let data = tmp("init-data");
-    write_colour_dataset(&data, 2, 1);
+    let data = data.path();
+    write_colour_dataset(data, 2, 1);
     let source = sae_models::Model::new(config("resnet14b", 7).unwrap(), 9, &Device::Cpu).unwrap();
     let weights = data.join("pretrained.safetensors");
     source.save(&weights).unwrap();
-    let mut cfg = small_config("resnet14b", &data, 1);
+    let mut cfg = small_config("resnet14b", data, 1);
     cfg.model.stem = source.config().stem;
     cfg.optimizer =
         OptimizerConfig::Sgd { lr: 0.0, momentum: 0.0, nesterov: false, weight_decay: 0.0, decoupled: false };
     cfg.steps.init = Some(weights.clone());
     let run = tmp("init-run");
-    train(&cfg, &run, &Device::Cpu, false, &mut LogLines::default()).unwrap();
+    let run = run.path();
+    train(&cfg, run, &Device::Cpu, false, &mut LogLines::default()).unwrap();
     let trained = sae_models::Model::new(cfg.model.clone(), 0, &Device::Cpu).unwrap();
     trained.load_weights(&run.join("checkpoints/epoch-0001/model.safetensors")).unwrap();
     let (a, b) = (source.named_vars(), trained.named_vars());
@@ -445,7 +456,8 @@ fn init_weights_fine_tune_with_a_new_head() {
     let other = sae_models::Model::new(config("resnet18", 7).unwrap(), 9, &Device::Cpu).unwrap();
     other.save(&weights).unwrap();
     let bad_run = tmp("init-bad");
-    let err = train(&cfg, &bad_run, &Device::Cpu, false, &mut LogLines::default()).unwrap_err().to_string();
+    let bad_run = bad_run.path();
+    let err = train(&cfg, bad_run, &Device::Cpu, false, &mut LogLines::default()).unwrap_err().to_string();
     assert!(err.contains("pretrained.safetensors") && err.contains("layer1.1"), "{err}");
     assert!(!bad_run.join("config.json").exists(), "a failed start leaves no run behind");
 }
@@ -456,17 +468,19 @@ fn init_weights_fine_tune_with_a_new_head() {
 #[test]
 fn bf16_run_ends_within_one_point_of_the_f32_run() {
     let data = tmp("bf16-data");
-    write_colour_dataset(&data, 40, 20);
+    let data = data.path();
+    write_colour_dataset(data, 40, 20);
     let mut accuracy = Vec::new();
     for precision in [Precision::F32, Precision::Bf16] {
         let run = tmp(&format!("bf16-{precision}"));
-        let mut cfg = TrainConfig { batch_size: 20, precision, ..small_config("resnet14b", &data, 8) };
+        let run = run.path();
+        let mut cfg = TrainConfig { batch_size: 20, precision, ..small_config("resnet14b", data, 8) };
         // Evaluation-mode BatchNorm after a few steps swings by tens of points between epochs
         // (one image is 0.5 point here); statistics recalibrated to the final weights do not.
         cfg.steps.recalibrate_bn = 20;
-        let history = train(&cfg, &run, &Device::Cpu, false, &mut LogLines::default()).unwrap();
+        let history = train(&cfg, run, &Device::Cpu, false, &mut LogLines::default()).unwrap();
         accuracy.push(history.last().unwrap().eval_top1);
-        assert_eq!(TrainConfig::read(&run).unwrap().precision, precision);
+        assert_eq!(TrainConfig::read(run).unwrap().precision, precision);
         let log = std::fs::read_to_string(run.join("train.log")).unwrap();
         assert!(log.starts_with(&format!("# run started at epoch 0: precision {}", precision.describe(&Device::Cpu))));
     }

@@ -1,13 +1,10 @@
 //! Helpers shared by the `sae` binary's test files: scratch directories and generated data.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-/// An empty directory for one test, unique to this test binary's process.
-pub fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sae-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// An empty directory for one test, removed when the returned guard drops (a failing test too).
+pub fn scratch(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("sae-cli-{name}-")).tempdir().unwrap()
 }
 
 /// A path as the `&str` the binary's arguments need.
