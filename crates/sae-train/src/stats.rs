@@ -203,12 +203,12 @@ impl Verdict {
     }
 }
 
-/// Seeds needed per model for a two-sample comparison to detect a gap `delta` with 80 % power
-/// at the 5 % level, given the seed-to-seed standard deviation `sd` (normal approximation,
-/// `2·(z₀.₉₇₅ + z₀.₈)²·sd²/δ²`, rounded up, at least 2).
-pub fn seeds_needed(delta: f64, sd: f64) -> usize {
+/// Seeds needed for a paired comparison (same seeds for both models) to detect a gap `delta`
+/// with 80 % power at the 5 % level, given the standard deviation `sd` of the per-seed
+/// differences (normal approximation, `(z₀.₉₇₅ + z₀.₈)²·sd²/δ²`, rounded up, at least 2).
+pub fn seeds_needed_paired(delta: f64, sd: f64) -> usize {
     let z = 1.959_963_984_540_054 + 0.841_621_233_572_914_3;
-    ((2.0 * z * z * sd * sd / (delta * delta)).ceil() as usize).max(2)
+    ((z * z * sd * sd / (delta * delta)).ceil() as usize).max(2)
 }
 
 #[cfg(test)]
@@ -250,7 +250,8 @@ mod tests {
         assert_eq!(Verdict::of(&paired(&[2.0, 2.0, 3.0, 3.0, 5.0], &[3.0, 4.0, 6.0, 5.0, 7.0])), Verdict::Contradicted);
         // One seed: no interval, not resolved.
         assert_eq!(Verdict::of(&welch(&[70.0], &[69.0])), Verdict::NotResolved);
-        // 1-point gap with a 1-point seed spread: 2·(1.96 + 0.8416)²·1/1 = 15.7 → 16 seeds.
-        assert_eq!(seeds_needed(1.0, 1.0), 16);
+        // Paired, sd of the differences 1: 2.801585² = 7.85 → 8; sd 2, gap 1 → 31.4 → 32.
+        assert_eq!(seeds_needed_paired(1.0, 1.0), 8);
+        assert_eq!(seeds_needed_paired(1.0, 2.0), 32);
     }
 }
