@@ -200,12 +200,14 @@ fn measure_here(r: Row, kernels: Implementation, precision: Precision, seconds: 
     })
 }
 
-/// sgemm GFLOP/s of the `gemm` crate as our convolution drives it: a 1×1 convolution with 2,048
-/// input and output channels over 2,048 pixels is a 2048 × 2048 × 2048 multiply (plus a copy).
-pub fn gemm_gflops() -> Result<f64> {
+/// Matrix-multiply GFLOP/s as our convolution drives it: a 1×1 convolution with 2,048 input
+/// and output channels over 2,048 pixels is a 2048 × 2048 × 2048 multiply (plus a copy). In
+/// f32 that is the `gemm` crate; in bf16 the bf16 dot-product kernel where the CPU has one
+/// (plus the conversions of the operands and the result).
+pub fn gemm_gflops(dtype: DType) -> Result<f64> {
     let device = Device::Cpu;
-    let x = Tensor::randn(0f32, 1.0, (1, 2048, 32, 64), &device)?;
-    let w = Tensor::randn(0f32, 1.0, (2048, 2048, 1, 1), &device)?;
+    let x = Tensor::randn(0f32, 1.0, (1, 2048, 32, 64), &device)?.to_dtype(dtype)?;
+    let w = Tensor::randn(0f32, 1.0, (2048, 2048, 1, 1), &device)?.to_dtype(dtype)?;
     let cfg = sae_kernels::Conv2dConfig { stride: 1, padding: 0, groups: 1 };
     let mut times = Vec::new();
     for _ in 0..6 {
@@ -304,7 +306,7 @@ pub fn run(seconds: f64, python: Option<PathBuf>, bf16: bool) -> Result<()> {
         None => None,
     };
     let machine_peak = crate::peak::measure();
-    let peak = gemm_gflops()?;
+    let peak = gemm_gflops(DType::F32)?;
     let of_peak = |gflops: f64| format!("{gflops:.0} ({:.0} %)", 100.0 * gflops / machine_peak.f32_gflops);
     let mut md = report_header("Training speed on CPU", &machine_peak)?;
     writeln!(

@@ -316,10 +316,15 @@ fn main() -> Result<()> {
                 Some(g) => println!("peak bf16 dot products: {g:.1} GFLOP/s"),
                 None => println!("peak bf16 dot products: none (no AVX512-BF16)"),
             }
-            let sgemm = bench_train::gemm_gflops()?;
+            let sgemm = bench_train::gemm_gflops(candle_core::DType::F32)?;
             println!(
-                "sgemm 2048³ through our 1×1 convolution: {sgemm:.1} GFLOP/s ({:.0} % of peak)",
+                "sgemm 2048³ through our 1×1 convolution: {sgemm:.1} GFLOP/s ({:.0} % of the f32 peak)",
                 100.0 * sgemm / p.f32_gflops
+            );
+            let bf16 = bench_train::gemm_gflops(candle_core::DType::BF16)?;
+            println!(
+                "bf16 2048³ through our 1×1 convolution: {bf16:.1} GFLOP/s ({:.0} % of the f32 peak)",
+                100.0 * bf16 / p.f32_gflops
             );
             Ok(())
         }

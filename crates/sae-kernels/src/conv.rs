@@ -27,7 +27,7 @@
 
 use crate::cpu::{
     as_f32, contiguous, copy_converted, dispatch_float, matmul, matmul_threads, read_f32, same_dtype, uninit, unpack,
-    write_f32, Elem, Mat,
+    write_f32, Elem, Mat, Products,
 };
 use crate::layout::Strided4;
 use crate::Implementation;
@@ -391,6 +391,7 @@ impl Conv {
     /// The forward pass in f32 arithmetic on any element type (bf16 and f16 converted as
     /// they are read and written).
     fn forward<T: Elem>(&self, g: &Geometry, x: &[T], xs: &Strided4, w: &[f32]) -> Vec<T> {
+        let products = Products::for_operands::<T>();
         let (p, kg, og) = (g.pixels(), g.rows_per_group(), g.out_per_group());
         // Every element is written by a multiply (without accumulation) or a copy below.
         let mut out = uninit::<T>(g.n * g.oc * p);
@@ -402,7 +403,17 @@ impl Conv {
                     for gi in 0..g.groups {
                         let wg = Mat { data: &w[gi * og * kg..], rs: kg, cs: 1 };
                         let colg = Mat { data: &col.data[gi * kg * col.rs..], ..col };
-                        matmul_threads(threads, og, p, kg, wg, colg, &mut out[gi * og * p..(gi + 1) * og * p], false);
+                        matmul_threads(
+                            products,
+                            threads,
+                            og,
+                            p,
+                            kg,
+                            wg,
+                            colg,
+                            &mut out[gi * og * p..(gi + 1) * og * p],
+                            false,
+                        );
                     }
                 })
             };
@@ -426,7 +437,7 @@ impl Conv {
             for gi in 0..g.groups {
                 let wg = Mat { data: &w[gi * og * kg..], rs: kg, cs: 1 };
                 let colg = Mat { data: &col[gi * kg * np..], rs: np, cs: 1 };
-                matmul(og, np, kg, wg, colg, &mut y[gi * og * np..(gi + 1) * og * np], false);
+                matmul(products, og, np, kg, wg, colg, &mut y[gi * og * np..(gi + 1) * og * np], false);
             }
             // (O, images · P) → (images, O, P).
             out.par_chunks_mut(p).enumerate().for_each(|(plane, o)| {
@@ -453,6 +464,7 @@ impl ConvBackward {
         dw: &mut [f32],
     ) {
         let (p, kg, og) = (g.pixels(), g.rows_per_group(), g.out_per_group());
+        let products = Products::for_operands::<T>();
         let image_len = g.c * g.h * g.w;
         let pool = rayon::current_num_threads();
         // Each range multiplies on one thread when there are enough images for all threads.
@@ -474,7 +486,17 @@ impl ConvBackward {
                 for gi in 0..g.groups {
                     let dyg = Mat { data: &dy[gi * og * p..], rs: p, cs: 1 };
                     let colt = Mat { data: &col.data[gi * kg * col.rs..], rs: 1, cs: col.rs };
-                    matmul_threads(threads, og, kg, p, dyg, colt, &mut dw[gi * og * kg..(gi + 1) * og * kg], i > 0);
+                    matmul_threads(
+                        products,
+                        threads,
+                        og,
+                        kg,
+                        p,
+                        dyg,
+                        colt,
+                        &mut dw[gi * og * kg..(gi + 1) * og * kg],
+                        i > 0,
+                    );
                 }
                 let Some(dx) = dx.as_deref_mut() else { continue };
                 write_f32(&mut dx[i * image_len..(i + 1) * image_len], &mut dx_buf, |dx| {
@@ -483,7 +505,7 @@ impl ConvBackward {
                         let wt = Mat { data: &w[gi * og * kg..], rs: 1, cs: kg };
                         let dyg = Mat { data: &dy[gi * og * p..], rs: p, cs: 1 };
                         let target = &mut target[gi * kg * p..(gi + 1) * kg * p];
-                        matmul_threads(threads, kg, p, og, wt, dyg, target, false);
+                        matmul_threads(products, threads, kg, p, og, wt, dyg, target, false);
                     }
                     if !pointwise {
                         dx.fill(0.0);
@@ -545,6 +567,7 @@ impl CustomOp3 for ConvBackward {
 impl ConvBackward {
     /// [dx | dW] in f32 arithmetic on any element type; dW is summed in f32 and rounded once.
     fn backward<T: Elem>(&self, g: &Geometry, x: &[T], xs: &Strided4, w: &[f32], gr: &[T]) -> Vec<T> {
+        let products = Products::for_operands::<T>();
         let (p, kg, og) = (g.pixels(), g.rows_per_group(), g.out_per_group());
         let image_len = if self.input_gradient { g.c * g.h * g.w } else { 0 };
         // Every element is written below: dW by its first multiply or a copy, dx by a
@@ -573,7 +596,7 @@ impl ConvBackward {
                 for gi in 0..g.groups {
                     let dyg = Mat { data: &dy[gi * og * np..], rs: np, cs: 1 };
                     let colt = Mat { data: &col[gi * kg * np..], rs: 1, cs: np };
-                    matmul(og, kg, np, dyg, colt, &mut dw[gi * og * kg..(gi + 1) * og * kg], c > 0);
+                    matmul(products, og, kg, np, dyg, colt, &mut dw[gi * og * kg..(gi + 1) * og * kg], c > 0);
                 }
                 if !self.input_gradient {
                     continue;
@@ -582,7 +605,7 @@ impl ConvBackward {
                 for gi in 0..g.groups {
                     let wt = Mat { data: &w[gi * og * kg..], rs: 1, cs: kg };
                     let dyg = Mat { data: &dy[gi * og * np..], rs: np, cs: 1 };
-                    matmul(kg, np, og, wt, dyg, &mut col[gi * kg * np..(gi + 1) * kg * np], false);
+                    matmul(products, kg, np, og, wt, dyg, &mut col[gi * kg * np..(gi + 1) * kg * np], false);
                 }
                 let dx = &mut dx[images.start * image_len..images.end * image_len];
                 dx.par_chunks_mut(image_len).enumerate().for_each_init(Vec::new, |buf, (i, d)| {

@@ -253,6 +253,28 @@ pub(crate) struct Mat<'a> {
     pub cs: usize,
 }
 
+/// How a matrix multiply computes its products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Products {
+    /// f32 multiplies (the `gemm` crate).
+    F32,
+    /// bf16 dot products with f32 sums ([`crate::gemm_bf16`]); the operands must hold bf16
+    /// values, which packing then takes exactly.
+    Bf16,
+}
+
+impl Products {
+    /// bf16 dot products for operands of type `T` where `T` is bf16 and the CPU has them
+    /// (the same values and f32 sums, at twice the rate); f32 multiplies otherwise.
+    pub(crate) fn for_operands<T: Elem>() -> Self {
+        if T::DTYPE == candle_core::DType::BF16 && crate::gemm_bf16::available() {
+            Products::Bf16
+        } else {
+            Products::F32
+        }
+    }
+}
+
 /// `out (m × n, row-major) = [out +] a (m × k) · b (k × n)` through the `gemm` crate (the
 /// matrix multiply Candle uses), parallel on the current rayon pool.
 ///
@@ -261,14 +283,25 @@ pub(crate) struct Mat<'a> {
 /// its speed on the thin products convolutions make (64 output channels × thousands of
 /// pixels): 33 vs 71 GFLOP/s for 64 × 16384 × 576 on the 2-core machine of
 /// `results/train-speed.md`, and the split is never markedly slower on the shapes of ResNet-50.
-pub(crate) fn matmul(m: usize, n: usize, k: usize, a: Mat, b: Mat, out: &mut [f32], accumulate: bool) {
-    matmul_threads(rayon::current_num_threads(), m, n, k, a, b, out, accumulate)
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul(
+    products: Products,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Mat,
+    b: Mat,
+    out: &mut [f32],
+    accumulate: bool,
+) {
+    matmul_threads(products, rayon::current_num_threads(), m, n, k, a, b, out, accumulate)
 }
 
 /// [`matmul`] on at most `threads` threads (1: on the calling thread only, for callers that
 /// already run one multiply per rayon task).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul_threads(
+    products: Products,
     threads: usize,
     m: usize,
     n: usize,
@@ -290,10 +323,14 @@ pub(crate) fn matmul_threads(
         return;
     }
     assert!(last(&a, m, k) < a.data.len() && last(&b, k, n) < b.data.len(), "matmul: view out of bounds");
+    // Below this size packing for the bf16 kernel costs more than it saves.
+    let multiply =
+        if products == Products::Bf16 && m * n * k >= 1 << 16 { crate::gemm_bf16::gemm_block } else { gemm_block };
     if m * n * k < 1 << 16 || threads <= 1 {
         // SAFETY: the asserts above keep every index the views and the output describe in
-        // bounds; `out` is exclusively borrowed and does not alias the inputs.
-        unsafe { gemm_block(m, n, k, a, b, out.as_mut_ptr(), n, accumulate) };
+        // bounds; `out` is exclusively borrowed and does not alias the inputs; the bf16
+        // kernel is chosen only where the CPU has it.
+        unsafe { multiply(m, n, k, a, b, out.as_mut_ptr(), n, accumulate) };
         return;
     }
     let split_columns = n >= m || n >= 64 * threads;
@@ -310,10 +347,10 @@ pub(crate) fn matmul_threads(
                 unsafe {
                     if split_columns {
                         let b = Mat { data: &b.data[start * b.cs..], ..b };
-                        gemm_block(m, size, k, a, b, out.add(start), n, accumulate)
+                        multiply(m, size, k, a, b, out.add(start), n, accumulate)
                     } else {
                         let a = Mat { data: &a.data[start * a.rs..], ..a };
-                        gemm_block(size, n, k, a, b, out.add(start * n), n, accumulate)
+                        multiply(size, n, k, a, b, out.add(start * n), n, accumulate)
                     }
                 }
             });

@@ -45,6 +45,7 @@ mod cuda_ops;
 pub mod depthwise;
 pub mod error;
 pub mod excitation;
+mod gemm_bf16;
 mod layout;
 pub mod max_pool;
 pub mod relu;

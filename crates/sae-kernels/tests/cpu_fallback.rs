@@ -4,7 +4,9 @@
 //! re-runs `convolutions_and_matmuls_match_a_plain_loop` under qemu-user emulating a Haswell
 //! (AVX2 and FMA, no AVX-512), where that test asserts the CPU it sees has no AVX-512, so the
 //! other path is the one checked. Both compare with plain f64 loops, not with Candle (whose
-//! matmul runs on the same `gemm`).
+//! matmul runs on the same `gemm`). The same holds for bf16 convolutions: bf16 dot products
+//! (`vdpbf16ps`) where the CPU has AVX-512 BF16, f32 multiplies of the same values elsewhere
+//! (the emulated Haswell).
 //!
 //! Without `qemu-x86_64` the emulated run says it is skipped, unless `SAE_REQUIRE_QEMU=1` (CI),
 //! which makes that a failure.
@@ -60,11 +62,19 @@ fn conv_plain(x: &Tensor, w: &Tensor, cfg: Conv2dConfig) -> Vec<f64> {
 }
 
 fn assert_close(what: &str, got: &Tensor, want: &[f64]) {
+    assert_within(what, got, want, 0.0)
+}
+
+/// Within f32 summation error of the plain loop, plus `relative`·|value| (a rounded output).
+fn assert_within(what: &str, got: &Tensor, want: &[f64], relative: f64) {
     let got = values(got);
     assert_eq!(got.len(), want.len(), "{what}: length");
     let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
     for (i, (a, b)) in got.iter().zip(want).enumerate() {
-        assert!((a - b).abs() <= 1e-5 * scale.max(1.0), "{what}: element {i} is {a}, the plain loop gives {b}");
+        assert!(
+            (a - b).abs() <= 1e-5 * scale.max(1.0) + relative * b.abs(),
+            "{what}: element {i} is {a}, the plain loop gives {b}"
+        );
     }
 }
 
@@ -75,7 +85,7 @@ fn convolutions_and_matmuls_match_a_plain_loop() {
         assert!(!avx512, "the emulated CPU reports AVX-512F");
         assert!(std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"));
     }
-    eprintln!("CPU with AVX-512F: {avx512}");
+    eprintln!("CPU with AVX-512F: {avx512}, AVX-512 BF16: {}", std::arch::is_x86_feature_detected!("avx512bf16"));
     // Per-image multiplies (≥ 256 output pixels), the batched unrolled path, groups, 1×1.
     let cases = [
         ((2, 16, 17, 17), (24, 16, 3, 3), 1, 1, 1),
@@ -89,6 +99,12 @@ fn convolutions_and_matmuls_match_a_plain_loop() {
         let cfg = Conv2dConfig { stride, padding, groups };
         let y = conv2d(&x, &w, cfg, Implementation::Fused).unwrap();
         assert_close(&format!("conv2d {xd:?} {wd:?}"), &y, &conv_plain(&x, &w, cfg));
+        // bf16 operands: exact products summed in f32, the result rounded once to bf16
+        // (at most half a unit in the last of its 8 significant bits: 2⁻⁸ relative).
+        let (x, w) = (x.to_dtype(DType::BF16).unwrap(), w.to_dtype(DType::BF16).unwrap());
+        let y = conv2d(&x, &w, cfg, Implementation::Fused).unwrap();
+        assert_eq!(y.dtype(), DType::BF16);
+        assert_within(&format!("bf16 conv2d {xd:?} {wd:?}"), &y, &conv_plain(&x, &w, cfg), 1.0 / 256.0);
     }
     // Candle's matmul on the same `gemm`, odd sizes.
     for (m, k, n) in [(67, 129, 45), (128, 64, 96), (1, 300, 7)] {

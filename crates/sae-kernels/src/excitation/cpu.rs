@@ -3,7 +3,7 @@
 //! the input gradient (backward).
 
 use super::op::ExcitationOp;
-use crate::cpu::{as_f32, axpy, matmul_threads, min_planes_per_task, sum, sum_and_dot, uninit, Elem, Mat};
+use crate::cpu::{as_f32, axpy, matmul_threads, min_planes_per_task, sum, sum_and_dot, uninit, Elem, Mat, Products};
 use crate::layout::Strided4;
 use candle_core::{bail, Layout, Result};
 use rayon::prelude::*;
@@ -193,5 +193,5 @@ impl ExcitationOp {
 /// multiply-adds, waking the thread pool costs more than it saves.
 fn dense_matmul(m: usize, n: usize, k: usize, a: Mat, b: Mat, out: &mut [f32]) {
     let threads = if m * n * k < 1 << 22 { 1 } else { rayon::current_num_threads() };
-    matmul_threads(threads, m, n, k, a, b, out, false)
+    matmul_threads(Products::F32, threads, m, n, k, a, b, out, false)
 }

@@ -1,0 +1,308 @@
+//! A matrix multiply on bf16 dot products (`vdpbf16ps`, AVX-512 BF16) for the bf16
+//! mixed-precision convolutions: `out (f32) [+]= a · b`, where `a` and `b` hold bf16 values
+//! (stored as f32, the way the convolutions unroll them) and every product and sum is f32.
+//!
+//! One `vdpbf16ps` does 32 multiplies and adds, twice the work of an f32 FMA in the same time
+//! on CPUs that have it (measured on the AMD EPYC of `results/train-speed.md`: 461 vs 228
+//! GFLOP/s), so the bf16 convolutions use it where [`available`] says the CPU has it, and
+//! the `gemm` crate's f32 kernels (the same values, multiplied in f32) everywhere else.
+//!
+//! The structure is the classic packed one (Goto & van de Geijn): `b` is packed block by
+//! block into panels of [`NR`] columns with consecutive pairs of `k` interleaved (the operand
+//! layout of `vdpbf16ps`), `a` into panels of [`MR`] rows holding each pair as one 32-bit word
+//! to broadcast, and a micro-kernel keeps an `MR × NR` tile of `out` in 24 registers while it
+//! runs down `k`. Packing rounds to bf16 (to nearest even): exact for values that are bf16
+//! already, which is what the callers pass. Blocks at the edges are zero-padded, so the
+//! micro-kernel has one shape.
+
+use crate::cpu::{Elem, Mat};
+use half::bf16;
+
+/// Rows of the micro-tile.
+const MR: usize = 12;
+/// Columns of the micro-tile: two vectors of 16 f32.
+const NR: usize = 32;
+/// Depth of a packed block, in elements of `k` (even: packed by pairs).
+const KC: usize = 512;
+/// Rows of a packed block of `a` (a multiple of [`MR`]).
+const MC: usize = 96;
+/// Columns of a packed block of `b` (a multiple of [`NR`]).
+const NC: usize = 1024;
+
+/// Whether this CPU has AVX-512 BF16 (and AVX-512F and BW), decided once per process.
+pub(crate) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVAILABLE.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512bf16")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The 32-bit word `vdpbf16ps` reads as one pair: `lo` and `hi` rounded to bf16 (nearest
+/// even, NaN kept), `lo` in the low half.
+#[inline(always)]
+fn pair(lo: f32, hi: f32) -> u32 {
+    let bits = |v: f32| <bf16 as Elem>::from_f32(v).to_bits() as u32;
+    bits(lo) | (bits(hi) << 16)
+}
+
+/// Packs `len` lines of `m` (rows of `a`, or columns of `b`) and depth `p0..p0 + depth` into
+/// panels of `width` lines: for each panel, for each pair of `k`, `width` words of
+/// [`pair`]. `line_stride` steps from one line to the next and `depth_stride` along `k`.
+/// Lines and pairs past the end are zero. The inner loop runs along whichever of the two
+/// strides is 1, so that it reads memory in order (and vectorises, in AVX-512).
+///
+/// # Safety
+/// AVX-512F and AVX-512BW must be available ([`available`] implies both).
+#[allow(clippy::too_many_arguments)]
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw"))]
+unsafe fn pack(
+    data: &[f32],
+    first: usize,
+    len: usize,
+    line_stride: usize,
+    depth_stride: usize,
+    p0: usize,
+    depth: usize,
+    width: usize,
+    out: &mut Vec<u32>,
+) {
+    let pairs = depth.div_ceil(2);
+    out.clear();
+    out.resize(len.div_ceil(width) * pairs * width, 0);
+    let at = |line: usize, p: usize| data[(first + line) * line_stride + (p0 + p) * depth_stride];
+    let mut halves: Vec<u16> = Vec::new();
+    for (panel, chunk) in out.chunks_exact_mut(pairs * width).enumerate() {
+        let l0 = panel * width;
+        let lines = width.min(len - l0);
+        // Full pairs, then the odd last element of `k` paired with zero.
+        let full = depth / 2;
+        if line_stride == 1 {
+            for q in 0..full {
+                let dst = &mut chunk[q * width..q * width + lines];
+                let (even, odd) =
+                    ((first + l0) + (p0 + 2 * q) * depth_stride, (first + l0) + (p0 + 2 * q + 1) * depth_stride);
+                let (even, odd) = (&data[even..even + lines], &data[odd..odd + lines]);
+                for ((d, &lo), &hi) in dst.iter_mut().zip(even).zip(odd) {
+                    *d = pair(lo, hi);
+                }
+            }
+        } else if depth_stride == 1 {
+            // A line's pairs are adjacent: round the line in order (vectorised), then spread
+            // its words over the panel.
+            for l in 0..lines {
+                let start = (first + l0 + l) * line_stride + p0;
+                halves.clear();
+                halves.extend(data[start..start + 2 * full].iter().map(|&v| <bf16 as Elem>::from_f32(v).to_bits()));
+                for (q, h) in halves.chunks_exact(2).enumerate() {
+                    chunk[q * width + l] = h[0] as u32 | ((h[1] as u32) << 16);
+                }
+            }
+        } else {
+            for l in 0..lines {
+                for q in 0..full {
+                    chunk[q * width + l] = pair(at(l0 + l, 2 * q), at(l0 + l, 2 * q + 1));
+                }
+            }
+        }
+        if depth % 2 == 1 {
+            for l in 0..lines {
+                chunk[full * width + l] = pair(at(l0 + l, depth - 1), 0.0);
+            }
+        }
+    }
+}
+
+/// `out (m × n, rows out_rs apart) = [out +] a (m × k) · b (k × n)` on one thread, with
+/// bf16 dot products.
+///
+/// # Safety
+/// [`available`] must be true; the views must hold every element they describe, and the
+/// `m × n` block at `out` must be in bounds and written by no one else during the call.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_block(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Mat,
+    b: Mat,
+    out: *mut f32,
+    out_rs: usize,
+    accumulate: bool,
+) {
+    let (mut packed_a, mut packed_b) = (Vec::new(), Vec::new());
+    let mut tile = [0f32; MR * NR];
+    for j0 in (0..n).step_by(NC) {
+        let cols = NC.min(n - j0);
+        for p0 in (0..k).step_by(KC) {
+            let depth = KC.min(k - p0);
+            let pairs = depth.div_ceil(2);
+            // The first block of `k` writes or accumulates as asked; the later ones add.
+            let add = accumulate || p0 > 0;
+            // SAFETY: the caller's contract (`available`).
+            unsafe { pack(b.data, j0, cols, b.cs, b.rs, p0, depth, NR, &mut packed_b) };
+            for i0 in (0..m).step_by(MC) {
+                let rows = MC.min(m - i0);
+                // SAFETY: as above.
+                unsafe { pack(a.data, i0, rows, a.rs, a.cs, p0, depth, MR, &mut packed_a) };
+                for (jp, b_panel) in packed_b.chunks_exact(pairs * NR).enumerate() {
+                    let width = NR.min(cols - jp * NR);
+                    for (ip, a_panel) in packed_a.chunks_exact(pairs * MR).enumerate() {
+                        let height = MR.min(rows - ip * MR);
+                        // SAFETY: the caller's contract; the tile's rows and columns are the
+                        // valid `height × width` corner of the block at (i0 + ip·MR, j0 + jp·NR).
+                        unsafe {
+                            let c = out.add((i0 + ip * MR) * out_rs + j0 + jp * NR);
+                            if height == MR && width == NR {
+                                kernel(pairs, a_panel, b_panel, c, out_rs, add);
+                            } else {
+                                // An edge: the full tile into a buffer, then its valid corner.
+                                kernel(pairs, a_panel, b_panel, tile.as_mut_ptr(), NR, false);
+                                for r in 0..height {
+                                    let row = c.add(r * out_rs);
+                                    for (j, &v) in tile[r * NR..r * NR + width].iter().enumerate() {
+                                        *row.add(j) = if add { *row.add(j) + v } else { v };
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The micro-kernel: the `MR × NR` tile at `c` (rows `rs` apart) `[+]= a_panel · b_panel`
+/// over `pairs` pairs of `k`.
+///
+/// # Safety
+/// AVX-512F and AVX-512 BF16 must be available; the panels must hold `pairs` pairs; the tile
+/// at `c` must be writable.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn kernel(pairs: usize, a_panel: &[u32], b_panel: &[u32], c: *mut f32, rs: usize, add: bool) {
+    use std::arch::x86_64::*;
+    assert!(a_panel.len() >= pairs * MR && b_panel.len() >= pairs * NR, "gemm_bf16: panels too short");
+    // SAFETY: the caller's contract and the lengths above.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let (a, b) = (a_panel.as_ptr(), b_panel.as_ptr());
+        for q in 0..pairs {
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(q * NR) as *const _));
+            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(q * NR + 16) as *const _));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let pair: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(q * MR + r) as i32));
+                acc[0] = _mm512_dpbf16_ps(acc[0], pair, b0);
+                acc[1] = _mm512_dpbf16_ps(acc[1], pair, b1);
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            let row = c.add(r * rs);
+            for (h, v) in acc.iter().enumerate() {
+                let dst = row.add(16 * h);
+                let v = if add { _mm512_add_ps(*v, _mm512_loadu_ps(dst)) } else { *v };
+                _mm512_storeu_ps(dst, v);
+            }
+        }
+    }
+}
+
+/// Elsewhere [`available`] is false and nothing calls this.
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn kernel(_: usize, _: &[u32], _: &[u32], _: *mut f32, _: usize, _: bool) {
+    unreachable!("bf16 dot products are x86-64 only")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values that are exact in bf16 (8 significant bits), of both signs.
+    fn bf16_values(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..len)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let mantissa = ((s >> 33) % 256) as f32 - 128.0;
+                mantissa / 64.0
+            })
+            .collect()
+    }
+
+    /// The plain product in f64 (exact here: the values are small multiples of 1/64).
+    fn reference(m: usize, n: usize, k: usize, a: &Mat, b: &Mat) -> Vec<f64> {
+        let mut out = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] =
+                    (0..k).map(|p| a.data[i * a.rs + p * a.cs] as f64 * b.data[p * b.rs + j * b.cs] as f64).sum();
+            }
+        }
+        out
+    }
+
+    /// Every edge: odd `k`, `k` across blocks, rows and columns not multiples of the tile,
+    /// one row, one column, transposed (column-major) views, and accumulation.
+    #[test]
+    fn products_equal_the_plain_loop() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX-512 BF16 (the f32 path is tested by the convolution tests)");
+            return;
+        }
+        let shapes = [(1, 1, 1), (12, 32, 2), (13, 33, 3), (1, 100, 7), (100, 1, 9), (37, 70, 1100), (97, 1030, 64)];
+        for (m, n, k) in shapes {
+            for (transpose_a, transpose_b) in [(false, false), (true, true), (false, true), (true, false)] {
+                let (av, bv) = (bf16_values(m * k, 1), bf16_values(k * n, 2));
+                let a = if transpose_a { Mat { data: &av, rs: 1, cs: m } } else { Mat { data: &av, rs: k, cs: 1 } };
+                let b = if transpose_b { Mat { data: &bv, rs: 1, cs: k } } else { Mat { data: &bv, rs: n, cs: 1 } };
+                let want = reference(m, n, k, &a, &b);
+                let prior = bf16_values(m * n, 3);
+                for accumulate in [false, true] {
+                    let mut out = prior.clone();
+                    // SAFETY: available() is true; the views and output are in bounds.
+                    unsafe { gemm_block(m, n, k, a, b, out.as_mut_ptr(), n, accumulate) };
+                    for (i, (&got, &w)) in out.iter().zip(&want).enumerate() {
+                        let w = if accumulate { w + prior[i] as f64 } else { w };
+                        // f32 sums of exact products: relative rounding of ~k·2⁻²⁴.
+                        let tol = 1e-6 * (k as f64).max(1.0) * (1.0 + w.abs());
+                        assert!(
+                            (got as f64 - w).abs() <= tol,
+                            "{m}×{n}×{k} ({transpose_a}, {transpose_b}, accumulate {accumulate}) [{i}]: {got} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+        // A NaN operand stays NaN through packing: its row of the result is NaN, the rest not.
+        let (m, n, k) = (20, 40, 30);
+        let mut av = bf16_values(m * k, 4);
+        av[5 * k + 7] = f32::NAN;
+        let bv = bf16_values(k * n, 5);
+        let mut out = vec![0f32; m * n];
+        // SAFETY: as above.
+        unsafe {
+            gemm_block(
+                m,
+                n,
+                k,
+                Mat { data: &av, rs: k, cs: 1 },
+                Mat { data: &bv, rs: n, cs: 1 },
+                out.as_mut_ptr(),
+                n,
+                false,
+            )
+        };
+        for (i, row) in out.chunks(n).enumerate() {
+            assert!(row.iter().all(|v| v.is_nan() == (i == 5)), "row {i}: {row:?}");
+        }
+    }
+}
