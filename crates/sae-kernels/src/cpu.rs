@@ -323,19 +323,27 @@ pub(crate) fn matmul_threads(
         return;
     }
     assert!(last(&a, m, k) < a.data.len() && last(&b, k, n) < b.data.len(), "matmul: view out of bounds");
-    // Below this size packing for the bf16 kernel costs more than it saves.
-    let multiply =
-        if products == Products::Bf16 && m * n * k >= 1 << 16 { crate::gemm_bf16::gemm_block } else { gemm_block };
-    if m * n * k < 1 << 16 || threads <= 1 {
+    let single = m * n * k < 1 << 16 || threads <= 1;
+    let split_columns = n >= m || n >= 64 * threads;
+    let len = if split_columns { n } else { m };
+    let block = if single { len } else { len.div_ceil(threads) };
+    // The bf16 kernel rounds and repacks both operands on every call: packing `a` costs about
+    // as much as 22 of its columns of multiplies and packing `b` as 22 of its rows, so it pays
+    // (at twice the f32 rate) only for blocks with many of both: inference's small late-stage
+    // images (25 columns) and 64-channel layers stay on `gemm`.
+    let (block_rows, block_cols) = if split_columns { (m, block) } else { (block, n) };
+    let multiply = if products == Products::Bf16 && 32.0 / block_rows as f64 + 32.0 / block_cols as f64 <= 0.5 {
+        crate::gemm_bf16::gemm_block
+    } else {
+        gemm_block
+    };
+    if single {
         // SAFETY: the asserts above keep every index the views and the output describe in
         // bounds; `out` is exclusively borrowed and does not alias the inputs; the bf16
         // kernel is chosen only where the CPU has it.
         unsafe { multiply(m, n, k, a, b, out.as_mut_ptr(), n, accumulate) };
         return;
     }
-    let split_columns = n >= m || n >= 64 * threads;
-    let len = if split_columns { n } else { m };
-    let block = len.div_ceil(threads);
     let out = out.as_mut_ptr() as usize;
     rayon::scope(|s| {
         for start in (0..len).step_by(block) {

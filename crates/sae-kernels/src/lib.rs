@@ -67,6 +67,23 @@ pub use excitation::{
 pub use max_pool::{max_pool2d, max_pool2d_reference, MaxPoolConfig};
 pub use relu::{add_relu, relu};
 
+/// Shortens how long Candle's CPU worker threads spin after each of its elementwise ops,
+/// unless `CANDLE_BARRIER_POOL_SPIN_LIMIT` is set already; call it first thing in `main`,
+/// before any tensor op (Candle reads the variable when it starts its pool).
+///
+/// Candle runs large elementwise ops (the adds of backpropagation among them) on a pool of
+/// its own whose workers spin 25,000 times before sleeping, while our kernels run on rayon's
+/// threads: on a 2-core machine the spinning takes the cores from the convolutions. A limit
+/// of 1,000 made a ResNet-50 training step at 32×32 10–20 % faster on the 2-core EPYC of
+/// `results/train-speed.md` (`xtask bench-train-row`, 3 A/B pairs), with no change at 140×140.
+pub fn shorten_candle_spin() {
+    const VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
+    if std::env::var_os(VAR).is_none() {
+        // Single-threaded still: this runs before anything starts a thread.
+        std::env::set_var(VAR, "1000");
+    }
+}
+
 /// Whether the fused kernels take `t`: f32, bf16 or f16 on the CPU and on CUDA. Elsewhere
 /// `Fused` runs the reference.
 pub(crate) fn has_fused_kernel(t: &Tensor) -> bool {
