@@ -400,7 +400,7 @@ fn run_bf16(seconds: f64, python: Option<PathBuf>) -> Result<()> {
         None => None,
     };
     let mut md = report_header("bf16 mixed precision on CPU", &crate::peak::measure())?;
-    writeln!(md, "Rows and timing as in `results/train-speed.md` (random inputs, median step, each row in its own process). *bf16* is `--precision bf16`: bf16 activations and weight copies, f32 master weights, Adam state, BatchNorm statistics and loss; on the CPU our kernels convert bf16 operands to f32 for the arithmetic and round each result once (bf16 storage, f32 compute), so it saves memory, not time. PyTorch bf16 is `torch.autocast(\"cpu\", dtype=torch.bfloat16)` around the forward and loss.\n")?;
+    writeln!(md, "Rows and timing as in `results/train-speed.md` (random inputs, median step, each row in its own process). *bf16* is `--precision bf16`: bf16 activations and weight copies, f32 master weights, Adam state, BatchNorm statistics and loss; on the CPU our convolutions multiply with bf16 dot products (`vdpbf16ps`, f32 sums) where the CPU has AVX-512 BF16 and the products are large enough to repay packing, and every other kernel converts bf16 operands to f32 for the arithmetic and rounds each result once (bf16 storage, f32 compute). This run's CPU {} AVX-512 BF16. PyTorch bf16 is `torch.autocast(\"cpu\", dtype=torch.bfloat16)` around the forward and loss.\n", if sae_kernels::cpu_has_bf16_dot_products() { "has" } else { "has no" })?;
     match &torch {
         Some((t, _)) => writeln!(md, "PyTorch {} measured in the same run.\n", t.version)?,
         None => writeln!(md, "PyTorch not measured in this run (pass `--python`).\n")?,

@@ -84,6 +84,12 @@ pub fn shorten_candle_spin() {
     }
 }
 
+/// Whether this CPU has bf16 dot products (AVX-512 BF16), which the bf16 convolutions then
+/// multiply with; without them they multiply the same values in f32.
+pub fn cpu_has_bf16_dot_products() -> bool {
+    gemm_bf16::available()
+}
+
 /// Whether the fused kernels take `t`: f32, bf16 or f16 on the CPU and on CUDA. Elsewhere
 /// `Fused` runs the reference.
 pub(crate) fn has_fused_kernel(t: &Tensor) -> bool {

@@ -5,9 +5,10 @@
 //! the loss. Each forward pass rounds the input and each layer's weights to bf16 (their
 //! gradients come back as f32), so activations, and the copies autograd keeps of them, take
 //! half the memory. What the arithmetic is depends on the device: CUDA multiplies bf16 with
-//! f32 accumulation (cuBLAS, tensor cores); the CPU kernels convert to f32 for the arithmetic
-//! and round each result once (bf16 storage, f32 compute), because no bf16 dot-product path
-//! exists in them.
+//! f32 accumulation (cuBLAS, tensor cores); on the CPU the convolutions multiply with bf16
+//! dot products and f32 sums where the CPU has AVX-512 BF16, and every other CPU kernel (and
+//! every kernel on other CPUs) converts to f32 for the arithmetic and rounds each result once
+//! (bf16 storage, f32 compute).
 
 use candle_core::{DType, Device};
 
@@ -46,8 +47,11 @@ impl Precision {
     pub fn describe(self, device: &Device) -> &'static str {
         match (self, device) {
             (Precision::F32, _) => "f32",
+            (Precision::Bf16, Device::Cpu) if sae_kernels::cpu_has_bf16_dot_products() => {
+                "bf16 mixed precision: bf16 activations, bf16 dot products with f32 sums in the convolutions (AVX-512 BF16), f32 arithmetic in the other CPU kernels, f32 master weights"
+            }
             (Precision::Bf16, Device::Cpu) => {
-                "bf16 mixed precision: bf16 activations, f32 arithmetic in the CPU kernels (bf16 storage, f32 compute), f32 master weights"
+                "bf16 mixed precision: bf16 activations, f32 arithmetic in the CPU kernels (bf16 storage, f32 compute; this CPU has no AVX-512 BF16), f32 master weights"
             }
             (Precision::Bf16, _) => {
                 "bf16 mixed precision: bf16 activations and multiplies (f32 accumulation), f32 master weights"
