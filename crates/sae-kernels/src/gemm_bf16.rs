@@ -13,7 +13,8 @@
 //! to broadcast, and a micro-kernel keeps an `MR × NR` tile of `out` in 24 registers while it
 //! runs down `k`. Packing rounds to bf16 (to nearest even): exact for values that are bf16
 //! already, which is what the callers pass. Blocks at the edges are zero-padded, so the
-//! micro-kernel has one shape.
+//! micro-kernel has one shape. Unlike the f32 path, `vdpbf16ps` treats subnormal inputs and
+//! results as zero (below 1.2e-38; activations and weights of a trained network are not there).
 
 use crate::cpu::{Elem, Mat};
 use half::bf16;
