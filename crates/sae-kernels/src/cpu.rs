@@ -276,7 +276,8 @@ impl Products {
 }
 
 /// `out (m × n, row-major) = [out +] a (m × k) · b (k × n)` through the `gemm` crate (the
-/// matrix multiply Candle uses), parallel on the current rayon pool.
+/// matrix multiply Candle uses), or with bf16 dot products as `products` allows, parallel on
+/// the current rayon pool.
 ///
 /// The output is split into one block of columns (or of rows, when it has few columns) per
 /// thread, each multiplied single-threaded. The `gemm` crate's own threading loses up to half
