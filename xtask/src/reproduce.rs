@@ -443,7 +443,15 @@ fn comparisons(results: &[ModelRuns]) -> String {
     let mut md = String::from("\n## Are the paper's orderings reproduced?\n\n");
     md += "Differences in evaluation top-1 (percentage points), paired by seed: mean [95 % interval] and p-value of no difference, for the last epoch and for each run's mean over its last three epochs.\n\n";
     md += "| comparison | last epoch | p | verdict | last 3 epochs | p | verdict | seeds |\n|---|---|---|---|---|---|---|---|\n";
+    // Evaluation top-1 per epoch, then per seed (over the epochs every run has).
+    let by_epoch = |name: &str| -> Option<Vec<Vec<f64>>> {
+        let (_, runs) = results.iter().find(|(m, _)| m == name)?;
+        let epochs = runs.iter().map(Vec::len).min()?;
+        Some((0..epochs).map(|e| runs.iter().map(|r| r[e].eval_top1).collect()).collect())
+    };
     let (mut spread_last, mut spread_last3) = (0.0f64, 0.0f64);
+    // The largest spread of a paired difference at each epoch: does training longer shrink it?
+    let mut spread_by_epoch: Vec<f64> = Vec::new();
     let mut rows = 0;
     for (plain, _) in results.iter().filter(|(m, _)| m.starts_with("res")) {
         let (se, v2) = (format!("se{plain}"), format!("senetv2_{plain}"));
@@ -453,6 +461,15 @@ fn comparisons(results: &[ModelRuns]) -> String {
             let (last3, verdict3, sd3) = cell(&x3, &y3);
             spread_last = spread_last.max(sd);
             spread_last3 = spread_last3.max(sd3);
+            if let (Some(xe), Some(ye)) = (by_epoch(a), by_epoch(b)) {
+                for (e, (x, y)) in xe.iter().zip(&ye).enumerate() {
+                    let d: Vec<f64> = x.iter().zip(y).map(|(p, q)| p - q).collect();
+                    if spread_by_epoch.len() <= e {
+                        spread_by_epoch.push(0.0);
+                    }
+                    spread_by_epoch[e] = spread_by_epoch[e].max(mean_std(&d).1);
+                }
+            }
             md += &format!(
                 "| {a} > {b} | {last} | {} | {last3} | {} | {} |\n",
                 verdict.words(),
@@ -470,6 +487,15 @@ fn comparisons(results: &[ModelRuns]) -> String {
             "\nSeeds needed: the largest seed-to-seed standard deviation of a paired difference here is {spread_last:.2} points for the last epoch and {spread_last3:.2} for the last-three-epoch mean; resolving a 1-point gap (80 % power, 5 % level, paired) would take about {} and {} seeds per model at this setting (the paper's gaps are 0.4–1.3 points).\n",
             stats::seeds_needed_paired(1.0, spread_last),
             stats::seeds_needed_paired(1.0, spread_last3)
+        );
+        let epochs: Vec<String> = spread_by_epoch
+            .iter()
+            .enumerate()
+            .map(|(e, sd)| format!("{}: {sd:.2} ({})", e + 1, stats::seeds_needed_paired(1.0, *sd)))
+            .collect();
+        md += &format!(
+            "\nEpochs: the same largest spread after each epoch (and the seeds a 1-point gap would need there) — {}. Where it falls with the epochs, training longer resolves more per seed.\n",
+            epochs.join(", ")
         );
     } else {
         md += "\nWith one seed per model nothing is resolved: rerun with `--seeds 0,1,2,3,4` or more.\n";
@@ -628,6 +654,9 @@ mod tests {
         // last epoch: 2.8016²·0.5 = 3.9 → 4).
         assert!(!md.contains("mobilenet"), "{md}");
         assert!(md.contains("0.71 points for the last epoch") && md.contains("about 4 and"), "{md}");
+        // By epoch: epochs 1–2 differ by constants (SENetV2 − SE = 9, SE − ResNet = 0, SENetV2 −
+        // ResNet = 9 in every seed: spread 0, 2 seeds); epoch 3 is the last epoch's 0.71 (4 seeds).
+        assert!(md.contains("1: 0.00 (2), 2: 0.00 (2), 3: 0.71 (4)."), "{md}");
     }
 
     #[test]
