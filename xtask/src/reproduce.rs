@@ -164,7 +164,7 @@ fn preset(table: Table, name: PresetName) -> Preset {
         // Scaled for the 2-core CPU machine: native 32×32 CIFAR input, a uniform subset of the
         // training set, fewer epochs; several seeds (one run cannot separate the models), as
         // many as fit about three hours here (a seed of Table 2 is ~25 minutes of training
-        // alone on the 2-core machine, of Table 4 ~30).
+        // alone on the 2-core machine, of Table 4 45–55).
         (PresetName::Cpu, Table::Two | Table::Three) => {
             Preset { train_images: Some(10_000), eval_images: Some(2_000), seeds: 5, ..base }
         }
