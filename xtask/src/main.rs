@@ -317,16 +317,13 @@ fn main() -> Result<()> {
                 Some(g) => println!("peak bf16 dot products: {g:.1} GFLOP/s"),
                 None => println!("peak bf16 dot products: none (no AVX512-BF16)"),
             }
-            let sgemm = bench_train::gemm_gflops(candle_core::DType::F32)?;
-            println!(
-                "sgemm 2048³ through our 1×1 convolution: {sgemm:.1} GFLOP/s ({:.0} % of the f32 peak)",
-                100.0 * sgemm / p.f32_gflops
-            );
-            let bf16 = bench_train::gemm_gflops(candle_core::DType::BF16)?;
-            println!(
-                "bf16 2048³ through our 1×1 convolution: {bf16:.1} GFLOP/s ({:.0} % of the f32 peak)",
-                100.0 * bf16 / p.f32_gflops
-            );
+            for (dtype, name) in [(candle_core::DType::F32, "sgemm"), (candle_core::DType::BF16, "bf16")] {
+                let gflops = bench_train::gemm_gflops(dtype)?;
+                println!(
+                    "{name} 2048³ through our 1×1 convolution: {gflops:.1} GFLOP/s ({:.0} % of the f32 peak)",
+                    100.0 * gflops / p.f32_gflops
+                );
+            }
             Ok(())
         }
         Cmd::BenchDist { cifar10, images, batch } => bench_dist::run(cifar10, images, batch),

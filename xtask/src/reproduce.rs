@@ -274,6 +274,18 @@ pub fn reproduce(table: Table, opts: &Options) -> Result<Vec<ModelRuns>> {
     Ok(results)
 }
 
+/// A run's evaluation top-1 averaged over its last three epochs (steadier than the last
+/// epoch alone); 0 for a run without epochs.
+fn last3_top1(run: &[EpochSummary]) -> f64 {
+    let tail = &run[run.len().saturating_sub(3)..];
+    tail.iter().map(|s| s.eval_top1).sum::<f64>() / tail.len().max(1) as f64
+}
+
+/// Standard deviation over seeds of the per-seed differences `x − y`.
+fn paired_spread(x: &[f64], y: &[f64]) -> f64 {
+    mean_std(&x.iter().zip(y).map(|(p, q)| p - q).collect::<Vec<_>>()).1
+}
+
 /// One model's row of the report, over its seeds.
 struct RowStats {
     /// Mean last-epoch evaluation top-1.
@@ -310,13 +322,7 @@ impl RowStats {
         };
         let (top1, top1_text) = with_spread(last.iter().map(|s| s.eval_top1).collect());
         let (_, top5_text) = with_spread(last.iter().map(|s| s.eval_top5).collect());
-        let last3: Vec<f64> = runs
-            .iter()
-            .map(|r| {
-                let tail = &r[r.len().saturating_sub(3)..];
-                tail.iter().map(|s| s.eval_top1).sum::<f64>() / tail.len().max(1) as f64
-            })
-            .collect();
+        let last3: Vec<f64> = runs.iter().map(|r| last3_top1(r)).collect();
         Self {
             top1,
             top1_text,
@@ -343,7 +349,8 @@ pub fn preset_label(opts: &Options) -> String {
 fn report_markdown(table: Table, data: TableData, opts: &Options, results: &[ModelRuns]) -> Result<String> {
     let n = table.number();
     let preset = preset_label(opts);
-    let first_cfg = run_config(table, data, opts, &results[0].0, seeds(table, opts)[0])?;
+    let seeds = seeds(table, opts);
+    let first_cfg = run_config(table, data, opts, &results[0].0, seeds[0])?;
     let mut md = String::new();
     writeln!(md, "# Table {n} — reproduction ({preset} preset)\n")?;
     writeln!(md, "Command: `{}`\n", opts.command)?;
@@ -360,7 +367,7 @@ fn report_markdown(table: Table, data: TableData, opts: &Options, results: &[Mod
         first_cfg.data.input_size,
         first_cfg.epochs,
         first_cfg.batch_size,
-        seeds(table, opts),
+        seeds,
         value_name(opts.device),
         opts.precision
     )?;
@@ -376,7 +383,7 @@ fn report_markdown(table: Table, data: TableData, opts: &Options, results: &[Mod
     writeln!(md, " top-1 last 3 | top-1 (paper) | Δ | epochs | wall time / run | images/s |")?;
     writeln!(md, "|---|---|---|---|{}---|---|---|---|---|---|", if top5 { "---|" } else { "" })?;
     for ((model, runs), row) in results.iter().zip(table.rows()) {
-        let counts = run_config(table, data, opts, model, seeds(table, opts)[0])?.model.param_counts()?;
+        let counts = run_config(table, data, opts, model, seeds[0])?.model.param_counts()?;
         let stats = RowStats::new(runs);
         write!(
             md,
@@ -423,22 +430,14 @@ fn comparisons(results: &[ModelRuns]) -> String {
         let (_, runs) = results.iter().find(|(m, _)| m == name)?;
         let runs: Vec<&Vec<EpochSummary>> = runs.iter().filter(|r| !r.is_empty()).collect();
         let last = runs.iter().map(|r| r[r.len() - 1].eval_top1).collect();
-        let last3 = runs
-            .iter()
-            .map(|r| {
-                let tail = &r[r.len().saturating_sub(3)..];
-                tail.iter().map(|s| s.eval_top1).sum::<f64>() / tail.len() as f64
-            })
-            .collect();
-        Some((last, last3))
+        Some((last, runs.iter().map(|r| last3_top1(r)).collect()))
     };
     let cell = |x: &[f64], y: &[f64]| -> (String, Verdict, f64) {
         let e = stats::paired(x, y);
         let (lo, hi) = e.interval();
         let interval = if e.half_width.is_finite() { format!(" [{lo:+.2}, {hi:+.2}]") } else { String::new() };
         let p = if e.p_value.is_finite() { format!("{:.3}", e.p_value) } else { "—".into() };
-        let d: Vec<f64> = x.iter().zip(y).map(|(p, q)| p - q).collect();
-        (format!("{:+.2}{interval} | {p}", e.mean), Verdict::of(&e), mean_std(&d).1)
+        (format!("{:+.2}{interval} | {p}", e.mean), Verdict::of(&e), paired_spread(x, y))
     };
     let mut md = String::from("\n## Are the paper's orderings reproduced?\n\n");
     md += "Differences in evaluation top-1 (percentage points), paired by seed: mean [95 % interval] and p-value of no difference, for the last epoch and for each run's mean over its last three epochs.\n\n";
@@ -462,12 +461,9 @@ fn comparisons(results: &[ModelRuns]) -> String {
             spread_last = spread_last.max(sd);
             spread_last3 = spread_last3.max(sd3);
             if let (Some(xe), Some(ye)) = (by_epoch(a), by_epoch(b)) {
-                for (e, (x, y)) in xe.iter().zip(&ye).enumerate() {
-                    let d: Vec<f64> = x.iter().zip(y).map(|(p, q)| p - q).collect();
-                    if spread_by_epoch.len() <= e {
-                        spread_by_epoch.push(0.0);
-                    }
-                    spread_by_epoch[e] = spread_by_epoch[e].max(mean_std(&d).1);
+                spread_by_epoch.resize(spread_by_epoch.len().max(xe.len().min(ye.len())), 0.0);
+                for (spread, (x, y)) in spread_by_epoch.iter_mut().zip(xe.iter().zip(&ye)) {
+                    *spread = spread.max(paired_spread(x, y));
                 }
             }
             md += &format!(
@@ -616,8 +612,9 @@ mod tests {
         // Five seeds. SE beats ResNet by exactly 1 point in every seed at the last epoch:
         // supported. SENetV2 loses 1, 2, 3, 2, 2 to SE (the paired t-test by hand: mean −2, sd
         // √0.5, t = −6.32, df 4, p = 0.0032): contradicted. SENetV2 vs ResNet: −0, −1, −2, −1,
-        // −1, mean −1, sd √0.5, t = −3.16, p = 0.0341: contradicted. The last-three means differ from the
-        // last epochs only by the first two epochs, equal across models except for SENetV2's.
+        // −1, mean −1, sd √0.5, t = −3.16, p = 0.0341: contradicted. The last-three means
+        // differ from the last epochs only by the first two epochs, equal across models except
+        // for SENetV2's.
         let base = [60.0, 61.0, 58.0, 62.0, 59.0];
         let loss_to_se = [1.0, 2.0, 3.0, 2.0, 2.0];
         let resnet: Vec<_> = base.iter().map(|b| run([50.0, 50.0, *b])).collect();

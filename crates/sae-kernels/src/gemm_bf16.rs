@@ -77,20 +77,20 @@ unsafe fn pack(
     out: &mut Vec<u32>,
 ) {
     let pairs = depth.div_ceil(2);
+    // Full pairs, then the odd last element of `k` paired with zero.
+    let full = depth / 2;
     out.clear();
     out.resize(len.div_ceil(width) * pairs * width, 0);
-    let at = |line: usize, p: usize| data[(first + line) * line_stride + (p0 + p) * depth_stride];
+    let index = |line: usize, p: usize| (first + line) * line_stride + (p0 + p) * depth_stride;
+    let at = |line: usize, p: usize| data[index(line, p)];
     let mut halves: Vec<u16> = Vec::new();
     for (panel, chunk) in out.chunks_exact_mut(pairs * width).enumerate() {
         let l0 = panel * width;
         let lines = width.min(len - l0);
-        // Full pairs, then the odd last element of `k` paired with zero.
-        let full = depth / 2;
         if line_stride == 1 {
             for q in 0..full {
                 let dst = &mut chunk[q * width..q * width + lines];
-                let (even, odd) =
-                    ((first + l0) + (p0 + 2 * q) * depth_stride, (first + l0) + (p0 + 2 * q + 1) * depth_stride);
+                let (even, odd) = (index(l0, 2 * q), index(l0, 2 * q + 1));
                 let (even, odd) = (&data[even..even + lines], &data[odd..odd + lines]);
                 for ((d, &lo), &hi) in dst.iter_mut().zip(even).zip(odd) {
                     *d = pair(lo, hi);
@@ -100,7 +100,7 @@ unsafe fn pack(
             // A line's pairs are adjacent: round the line in order (vectorised), then spread
             // its words over the panel.
             for l in 0..lines {
-                let start = (first + l0 + l) * line_stride + p0;
+                let start = index(l0 + l, 0);
                 halves.clear();
                 halves.extend(data[start..start + 2 * full].iter().map(|&v| <bf16 as Elem>::from_f32(v).to_bits()));
                 for (q, h) in halves.chunks_exact(2).enumerate() {
