@@ -275,6 +275,7 @@ fn mpi_check() -> Result<()> {
 
 fn main() -> Result<()> {
     sae_kernels::shorten_candle_spin();
+    sae_train::allocator::keep_freed_memory();
     let cli = Cli::parse();
     std::env::set_current_dir(project_root())?;
     match cli.command {

@@ -190,6 +190,7 @@ fn read_config(path: &Path) -> Result<ModelConfig> {
 
 fn main() {
     sae_kernels::shorten_candle_spin();
+    sae_train::allocator::keep_freed_memory();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

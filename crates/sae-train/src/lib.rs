@@ -6,6 +6,7 @@
 //! loop), `optim` (optimisers and schedules), `metrics`, `checkpoint`, `summary`
 //! (`summary.csv`), `progress` (bar or log lines), `plot` (`curves.png`).
 
+pub mod allocator;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
