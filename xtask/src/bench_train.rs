@@ -135,15 +135,21 @@ pub fn row_in_this_process(args: &[String]) -> Result<()> {
     let [model, size, batch, mode, kernels, precision, seconds] = args else {
         bail!("usage: bench-train-row MODEL SIZE BATCH train|infer KERNELS PRECISION SECONDS")
     };
-    let row = ROWS
+    // Any size and batch, for A/B checks beyond the report's rows; the model by its name in
+    // the report (the rows hold `&'static str`).
+    let model = ROWS
         .iter()
-        .find(|r| {
-            r.model == model
-                && r.size.to_string() == *size
-                && r.batch.to_string() == *batch
-                && (r.mode == Mode::Train) == (mode == "train")
-        })
-        .with_context(|| format!("no bench-train row {model} {size} {batch} {mode}"))?;
+        .chain(BF16_ROWS)
+        .map(|r| r.model)
+        .find(|m| m == model)
+        .with_context(|| format!("bench-train-row: no row has model {model}"))?;
+    let number = |what: &str, v: &str| v.parse::<usize>().with_context(|| format!("bench-train-row: {what} {v:?}"));
+    let mode = match mode.as_str() {
+        "train" => Mode::Train,
+        "infer" => Mode::Infer,
+        other => bail!("bench-train-row: mode {other:?} is neither train nor infer"),
+    };
+    let row = &row(model, number("size", size)?, number("batch", batch)?, mode);
     let kernels: Implementation = kernels.parse()?;
     let t = measure_here(*row, kernels, precision.parse()?, seconds.parse()?)?;
     println!("{} {} {} {} {} {}", t.step, t.forward, t.backward, t.optimizer, t.memory.baseline, t.memory.peak);
