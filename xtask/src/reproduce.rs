@@ -452,6 +452,8 @@ fn comparisons(results: &[ModelRuns]) -> String {
     // The largest spread of a paired difference at each epoch: does training longer shrink it?
     let mut spread_by_epoch: Vec<f64> = Vec::new();
     let mut rows = 0;
+    // The fewest seeds any comparison has.
+    let mut seeds = usize::MAX;
     for (plain, _) in results.iter().filter(|(m, _)| m.starts_with("res")) {
         let (se, v2) = (format!("se{plain}"), format!("senetv2_{plain}"));
         for (a, b) in [(&v2, &se), (&se, plain), (&v2, plain)] {
@@ -460,6 +462,7 @@ fn comparisons(results: &[ModelRuns]) -> String {
             let (last3, verdict3, sd3) = cell(&x3, &y3);
             spread_last = spread_last.max(sd);
             spread_last3 = spread_last3.max(sd3);
+            seeds = seeds.min(xl.len().min(yl.len()));
             if let (Some(xe), Some(ye)) = (by_epoch(a), by_epoch(b)) {
                 spread_by_epoch.resize(spread_by_epoch.len().max(xe.len().min(ye.len())), 0.0);
                 for (spread, (x, y)) in spread_by_epoch.iter_mut().zip(xe.iter().zip(&ye)) {
@@ -483,6 +486,18 @@ fn comparisons(results: &[ModelRuns]) -> String {
             "\nSeeds needed: the largest seed-to-seed standard deviation of a paired difference here is {spread_last:.2} points for the last epoch and {spread_last3:.2} for the last-three-epoch mean; resolving a 1-point gap (80 % power, 5 % level, paired) would take about {} and {} seeds per model at this setting (the paper's gaps are 0.4–1.3 points).\n",
             stats::seeds_needed_paired(1.0, spread_last),
             stats::seeds_needed_paired(1.0, spread_last3)
+        );
+        // A seed of the table: every model once, each at the mean wall time of its runs.
+        let seed_minutes = results
+            .iter()
+            .map(|(_, runs)| runs.iter().flatten().map(|s| s.seconds).sum::<f64>() / runs.len().max(1) as f64)
+            .sum::<f64>()
+            / 60.0;
+        let in_three_hours = (180.0 / seed_minutes.max(1e-3)).floor() as usize;
+        md += &format!(
+            "\nBudget: one seed of this table (every model once) took {seed_minutes:.0} minutes of wall time here (including any other work on the machine), so three hours hold {in_three_hours} seeds. With the spread above, the {seeds} seeds here resolve gaps down to about {:.2} points on the last-three-epoch mean (80 % power, 5 % level), and {in_three_hours} seeds would resolve {:.2}.\n",
+            stats::smallest_gap_paired(spread_last3, seeds),
+            stats::smallest_gap_paired(spread_last3, in_three_hours),
         );
         let epochs: Vec<String> = spread_by_epoch
             .iter()
@@ -654,6 +669,13 @@ mod tests {
         // By epoch: epochs 1–2 differ by constants (SENetV2 − SE = 9, SE − ResNet = 0, SENetV2 −
         // ResNet = 9 in every seed: spread 0, 2 seeds); epoch 3 is the last epoch's 0.71 (4 seeds).
         assert!(md.contains("1: 0.00 (2), 2: 0.00 (2), 3: 0.71 (4)."), "{md}");
+        // Budget: four models × 3 epochs × 10 s = 2 minutes a seed, 90 seeds in three hours.
+        // The last-three spread is that of l / 3, √0.5 / 3 = 0.2357: 2.8016 · 0.2357 / √5 =
+        // 0.295 with the 5 seeds compared (MobileNet's single run is in no comparison), and
+        // / √90 = 0.070.
+        assert!(md.contains("took 2 minutes of wall time") && md.contains("three hours hold 90 seeds"), "{md}");
+        assert!(md.contains("the 5 seeds here resolve gaps down to about 0.30 points"), "{md}");
+        assert!(md.contains("and 90 seeds would resolve 0.07."), "{md}");
     }
 
     #[test]

@@ -207,8 +207,18 @@ impl Verdict {
 /// with 80 % power at the 5 % level, given the standard deviation `sd` of the per-seed
 /// differences (normal approximation, `(z₀.₉₇₅ + z₀.₈)²·sd²/δ²`, rounded up, at least 2).
 pub fn seeds_needed_paired(delta: f64, sd: f64) -> usize {
-    let z = 1.959_963_984_540_054 + 0.841_621_233_572_914_3;
+    let z = Z_TWO_SIDED_5_POWER_80;
     ((z * z * sd * sd / (delta * delta)).ceil() as usize).max(2)
+}
+
+/// z₀.₉₇₅ + z₀.₈: a two-sided test at the 5 % level with 80 % power.
+const Z_TWO_SIDED_5_POWER_80: f64 = 1.959_963_984_540_054 + 0.841_621_233_572_914_3;
+
+/// The smallest gap a paired comparison over `seeds` seeds detects with 80 % power at the 5 %
+/// level, given the standard deviation `sd` of the per-seed differences (the normal
+/// approximation of [`seeds_needed_paired`], solved for the gap).
+pub fn smallest_gap_paired(sd: f64, seeds: usize) -> f64 {
+    Z_TWO_SIDED_5_POWER_80 * sd / (seeds.max(1) as f64).sqrt()
 }
 
 #[cfg(test)]
@@ -228,6 +238,22 @@ mod tests {
         assert_eq!(student_t_cdf(0.0, 3.0), 0.5);
         // ln Γ(5) = ln 24.
         assert!((ln_gamma(5.0) - 24f64.ln()).abs() < 1e-12);
+    }
+
+    /// 2.801585 · 0.95 / √5 = 2.661506 / 2.236068 = 1.190262; and the gap that the seeds `seeds_needed_paired`
+    /// asks for resolve is never larger than the gap asked for.
+    #[test]
+    fn the_smallest_gap_inverts_the_seeds_needed() {
+        assert!((smallest_gap_paired(0.95, 5) - 1.190_262).abs() < 1e-6);
+        for sd in [0.3, 0.95, 1.63, 5.91] {
+            for delta in [0.5, 1.0, 2.0] {
+                let n = seeds_needed_paired(delta, sd);
+                assert!(smallest_gap_paired(sd, n) <= delta + 1e-12, "sd {sd}, delta {delta}: {n} seeds");
+                if n > 2 {
+                    assert!(smallest_gap_paired(sd, n - 1) > delta, "sd {sd}, delta {delta}: {n} seeds");
+                }
+            }
+        }
     }
 
     #[test]
