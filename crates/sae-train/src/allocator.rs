@@ -13,10 +13,11 @@ const PURGE_DELAY: mi_option_t = 15;
 /// Keeps memory freed by mimalloc mapped for reuse instead of returning it to the OS, unless
 /// `MIMALLOC_PURGE_DELAY` sets the delay; call it first thing in `main`.
 ///
-/// In `perf`, a ResNet-50 training step at 140×140 (batch 16, `xtask bench-train-row`) spent
-/// 19 % of its CPU time in the kernel zeroing pages for ~98,000 page faults; without purging
-/// the process took 1,300 faults. The cost: resident memory stays at the run's peak, which a
-/// training process reaches in its first step anyway.
+/// A ResNet-50 training step at 140×140 (batch 16, `xtask bench-train-row`) took 1.90 s with
+/// the default delay and 1.67 s without purging (five alternating pairs on a 2-core EPYC), and
+/// a 12 s run took 98,000 page faults against 1,300 (`results/train-profile.md`). The cost:
+/// resident memory stays at the run's peak, which a training process reaches in its first
+/// step anyway.
 pub fn keep_freed_memory() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: setting an option is a plain store in mimalloc's option table, valid at any

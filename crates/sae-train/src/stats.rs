@@ -240,8 +240,8 @@ mod tests {
         assert!((ln_gamma(5.0) - 24f64.ln()).abs() < 1e-12);
     }
 
-    /// 2.801585 · 0.95 / √5 = 2.661506 / 2.236068 = 1.190262; and the gap that the seeds `seeds_needed_paired`
-    /// asks for resolve is never larger than the gap asked for.
+    /// 2.801585 · 0.95 / √5 = 2.661506 / 2.236068 = 1.190262; and the seeds that
+    /// `seeds_needed_paired` asks for resolve the gap asked for, one seed fewer does not.
     #[test]
     fn the_smallest_gap_inverts_the_seeds_needed() {
         assert!((smallest_gap_paired(0.95, 5) - 1.190_262).abs() < 1e-6);
