@@ -53,6 +53,39 @@ impl ImageFolder {
         Self::with_classes(root, classes)
     }
 
+    /// Scans `root` as a split of a dataset whose classes are `classes` (another split's, in
+    /// its order, so that labels agree): its sub-folders must be among them, but may be fewer —
+    /// a validation split without images of some class is still one. Errors name a folder that
+    /// is not a class, or a split without images.
+    pub fn open_split_of(root: &Path, classes: &[String]) -> Result<Self> {
+        let mut present = Vec::new();
+        for entry in std::fs::read_dir(root).map_err(io(root))?.flatten() {
+            let Some(name) = entry.file_name().to_str().map(String::from) else { continue };
+            if !entry.path().is_dir() {
+                continue;
+            }
+            if !classes.contains(&name) {
+                return Err(Error::Format {
+                    path: entry.path(),
+                    reason: format!("is not one of the {} classes of the training split", classes.len()),
+                });
+            }
+            present.push(name);
+        }
+        if present.is_empty() {
+            return Err(Error::Format { path: root.to_path_buf(), reason: "no class folders".into() });
+        }
+        let mut split = Self::with_classes(root, present)?;
+        // Labels by the given classes' order, not the folders found.
+        for (_, label) in &mut split.samples {
+            let name = &split.classes[*label as usize];
+            *label = classes.iter().position(|c| c == name).expect("checked above") as u32;
+        }
+        split.samples.sort_by_key(|(_, label)| *label);
+        split.classes = classes.to_vec();
+        Ok(split)
+    }
+
     fn with_classes(root: &Path, classes: Vec<String>) -> Result<Self> {
         let mut samples = Vec::new();
         for (label, class) in classes.iter().enumerate() {

@@ -197,6 +197,26 @@ fn image_folders_list_classes_and_decode_images() {
     assert_eq!(ds.samples[0].1, 0);
 }
 
+/// A validation split may lack classes of the training split: its labels follow the training
+/// split's class order, and a folder that is no class of it is an error naming it.
+#[test]
+fn a_split_takes_the_other_splits_classes() {
+    let root = tmp("folder-split");
+    let root = root.path();
+    write_folder(root);
+    let classes: Vec<String> = ["n00", "n01", "n02"].map(String::from).to_vec();
+    let split = ImageFolder::open_split_of(root, &classes).unwrap();
+    assert_eq!(split.classes, classes);
+    let whole = ImageFolder::open(root).unwrap();
+    assert_eq!(split.len(), whole.len());
+    for ((path, label), (whole_path, whole_label)) in split.samples.iter().zip(&whole.samples) {
+        assert_eq!((path, *label), (whole_path, whole_label + 1), "n01 is class 1 and n02 class 2 here");
+    }
+    std::fs::create_dir_all(root.join("zz")).unwrap();
+    let err = ImageFolder::open_split_of(root, &classes).unwrap_err().to_string();
+    assert!(err.contains("zz") && err.contains("not one of the 3 classes"), "{err}");
+}
+
 #[test]
 fn bad_folders_and_images_give_errors_naming_them() {
     let root = tmp("folder-bad");

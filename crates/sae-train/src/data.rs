@@ -2,7 +2,7 @@
 //! augmentation and normalisation, and batches as tensors.
 
 use crate::config::{DataConfig, DatasetKind};
-use crate::{Error, Result};
+use crate::Result;
 use candle_core::{Device, Tensor};
 use sae_data::{
     Batch, Cifar, CifarKind, Dataset, ImageFolder, LabelSet, Loader, LoaderConfig, Normalize, Split, Subset, Transform,
@@ -44,13 +44,8 @@ pub(crate) fn datasets(cfg: &DataConfig, seed: u64) -> Result<Splits> {
         DatasetKind::Cifar100Coarse => cifar(CifarKind::Cifar100(LabelSet::Coarse)),
         DatasetKind::Folder => {
             let train = ImageFolder::open(&cfg.dir.join("train"))?;
-            let val = ImageFolder::open(&cfg.dir.join("val"))?;
-            if train.classes != val.classes {
-                return Err(Error::Config(format!(
-                    "{}: train and val have different class folders",
-                    cfg.dir.display()
-                )));
-            }
+            // val/ may lack some classes (few validation images); its labels follow train/'s.
+            let val = ImageFolder::open_split_of(&cfg.dir.join("val"), &train.classes)?;
             Ok(Splits {
                 train: subset(train, cfg.train_images, seed),
                 eval: subset(val, cfg.eval_images, seed ^ 1),
