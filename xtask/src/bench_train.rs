@@ -171,14 +171,14 @@ fn measure_here(r: Row, kernels: Implementation, precision: Precision, seconds: 
         // Realistic running statistics for eval mode: with the initial ones the activations
         // are unnormalised, and their values slow some kernels down (both ours and PyTorch's).
         for _ in 0..WARM_STAT_FORWARDS {
-            device.with_context(|| model.forward_t(&x, true))?;
+            device.with_context(|| model.forward_without_graph(&x, true))?;
         }
     }
     let mut parts: Vec<[f64; 3]> = Vec::new();
     let mut step = || -> Result<[f64; 3]> {
         let t0 = Instant::now();
         if r.mode == Mode::Infer {
-            device.with_context(|| model.forward_t(&x, false)?.to_dtype(DType::F32))?;
+            device.with_context(|| model.forward_without_graph(&x, false)?.to_dtype(DType::F32))?;
             return Ok([t0.elapsed().as_secs_f64(), 0.0, 0.0]);
         }
         let (loss, t1) = device.with_context(|| -> Result<_> {

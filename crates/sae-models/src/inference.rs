@@ -2,7 +2,7 @@
 //! crop, normalise), class labels, and top-k predictions.
 
 use crate::{Error, Model, Result};
-use candle_core::{ModuleT, Tensor, D};
+use candle_core::{Tensor, D};
 use image::imageops::FilterType;
 use std::path::Path;
 
@@ -90,7 +90,7 @@ impl Model {
     /// The `k` most probable classes of each image in `images` (N, C, H, W), in eval mode.
     pub fn top_k(&self, images: &Tensor, k: usize) -> Result<Vec<Vec<Prediction>>> {
         let images = images.to_device(self.device())?;
-        let logits = self.forward_t(&images, false)?;
+        let logits = self.forward_without_graph(&images, false)?;
         let probs: Vec<Vec<f32>> = candle_nn::ops::softmax(&logits, D::Minus1)?.to_vec2()?;
         Ok(probs
             .into_iter()

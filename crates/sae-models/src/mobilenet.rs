@@ -77,14 +77,23 @@ impl MobileNetV1 {
     }
 }
 
-impl ModuleT for MobileNetV1 {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut y = relu6(&self.stem.forward_t(x, train)?)?;
+impl MobileNetV1 {
+    /// The forward pass; with `graph` false every layer's output is detached, so its
+    /// activations are freed once the next layer has its output.
+    pub(crate) fn forward_graph(&self, x: &Tensor, train: bool, graph: bool) -> Result<Tensor> {
+        let cut = |y: Tensor| if graph { y } else { y.detach() };
+        let mut y = cut(relu6(&self.stem.forward_t(x, train)?)?);
         for (dw, pw) in &self.blocks {
-            y = relu6(&dw.forward_t(&y, train)?)?;
-            y = relu6(&pw.forward_t(&y, train)?)?;
+            y = cut(relu6(&dw.forward_t(&y, train)?)?);
+            y = cut(relu6(&pw.forward_t(&y, train)?)?);
         }
         // The head in f32 whatever the precision: pooling sums many values, and it is cheap.
         sae_kernels::cast(&y, DType::F32)?.mean((2, 3))?.apply(&self.classifier)
+    }
+}
+
+impl ModuleT for MobileNetV1 {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_graph(x, train, true)
     }
 }

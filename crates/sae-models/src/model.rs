@@ -220,9 +220,18 @@ impl Model {
     }
 }
 
-impl ModuleT for Model {
-    /// Logits (N, num_classes) for images (N, in_channels, H, W): f32 whatever the precision.
-    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+impl Model {
+    /// [`ModuleT::forward_t`] without a gradient graph, for evaluation, prediction and
+    /// BatchNorm recalibration (PyTorch's `torch.no_grad()`): every block's output is
+    /// detached, so each block's activations are freed as soon as the next block has its
+    /// output, where a forward that could be differentiated keeps every activation of the
+    /// network alive until its result is dropped. The logits are the same; no gradient
+    /// reaches the weights before the head.
+    pub fn forward_without_graph(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.forward_graph(x, train, false)
+    }
+
+    fn forward_graph(&self, x: &Tensor, train: bool, graph: bool) -> candle_core::Result<Tensor> {
         let cast;
         let x = match self.precision.activation_dtype() {
             Some(dtype) => {
@@ -232,8 +241,15 @@ impl ModuleT for Model {
             None => x,
         };
         match &self.network {
-            Network::ResNet(n) => n.forward_t(x, train),
-            Network::MobileNetV1(n) => n.forward_t(x, train),
+            Network::ResNet(n) => n.forward_graph(x, train, graph),
+            Network::MobileNetV1(n) => n.forward_graph(x, train, graph),
         }
+    }
+}
+
+impl ModuleT for Model {
+    /// Logits (N, num_classes) for images (N, in_channels, H, W): f32 whatever the precision.
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.forward_graph(x, train, true)
     }
 }

@@ -159,16 +159,25 @@ impl ResNet {
     }
 }
 
-impl ModuleT for ResNet {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut y = self.stem.forward_relu_t(x, train)?;
+impl ResNet {
+    /// The forward pass; with `graph` false every block's output is detached, so the
+    /// activations inside a block are freed once the next block has its output.
+    pub(crate) fn forward_graph(&self, x: &Tensor, train: bool, graph: bool) -> Result<Tensor> {
+        let cut = |y: Tensor| if graph { y } else { y.detach() };
+        let mut y = cut(self.stem.forward_relu_t(x, train)?);
         if self.pool {
-            y = sae_kernels::max_pool2d(&y, STEM_POOL, self.kernels)?;
+            y = cut(sae_kernels::max_pool2d(&y, STEM_POOL, self.kernels)?);
         }
         for b in &self.blocks {
-            y = b.forward_t(&y, train)?;
+            y = cut(b.forward_t(&y, train)?);
         }
         // The head in f32 whatever the precision: pooling sums many values, and it is cheap.
         sae_kernels::cast(&y, DType::F32)?.mean((2, 3))?.apply(&self.fc)
+    }
+}
+
+impl ModuleT for ResNet {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_graph(x, train, true)
     }
 }

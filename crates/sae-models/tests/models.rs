@@ -45,6 +45,34 @@ fn every_model_trains_and_evaluates() {
     }
 }
 
+/// The forward without a gradient graph gives the same logits as the differentiable one, in
+/// both modes (train mode moving the running statistics the same way), for both network
+/// families; and its graph stops at the head: no gradient reaches the stem.
+#[test]
+fn the_forward_without_a_graph_matches_and_keeps_no_graph() {
+    let x = images(2, 32);
+    for name in ["senetv2_resnet14b", "mobilenet_v1"] {
+        let (with, without) =
+            (Model::from_name(name, 5, 3, &Device::Cpu).unwrap(), Model::from_name(name, 5, 3, &Device::Cpu).unwrap());
+        for train in [true, false] {
+            let a = with.forward_t(&x, train).unwrap().to_vec2::<f32>().unwrap();
+            let b = without.forward_without_graph(&x, train).unwrap().to_vec2::<f32>().unwrap();
+            assert_eq!(a, b, "{name} train={train}");
+        }
+        let stat = |m: &Model| m.named_vars()["bn1.running_var"].to_vec1::<f32>().unwrap();
+        assert_eq!(stat(&with), stat(&without), "{name}: running statistics");
+        let logits = without.forward_without_graph(&x, false).unwrap();
+        let grads = logits.sum_all().unwrap().backward().unwrap();
+        let vars = without.named_vars();
+        let (stem, head) = match name {
+            "mobilenet_v1" => ("conv_stem.weight", "classifier.weight"),
+            _ => ("conv1.weight", "fc.weight"),
+        };
+        assert!(grads.get(&vars[stem]).is_none(), "{name}: a gradient reached the stem");
+        assert!(grads.get(&vars[head]).is_some(), "{name}: the head has no gradient");
+    }
+}
+
 #[test]
 fn eval_mode_is_per_image_and_train_mode_uses_batch_statistics() {
     let model = Model::from_name("senetv2_resnet14b", 5, 3, &Device::Cpu).unwrap();

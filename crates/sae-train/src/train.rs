@@ -261,7 +261,7 @@ fn recalibrate_bn<D: Dataset + 'static>(
 ) -> Result<()> {
     for batch in loader.epoch(epoch as u64).take(batches) {
         let (x, _) = to_tensors(&batch?, device)?;
-        device.with_context(|| model.forward_t(&x.detach(), true))?;
+        device.with_context(|| model.forward_without_graph(&x, true))?;
     }
     Ok(())
 }
@@ -521,7 +521,7 @@ fn evaluation_sum<D: Dataset + 'static>(
         let batch = batch?;
         on_batch(batch.labels.len());
         let (x, y) = to_tensors(&batch, device)?;
-        let logits = model.forward_t(&x, false)?;
+        let logits = model.forward_without_graph(&x, false)?;
         let loss = cross_entropy(&logits, &y, 0.0)?.to_scalar::<f32>()? as f64;
         sum.update(&logits, &batch.labels, loss)?;
     }
