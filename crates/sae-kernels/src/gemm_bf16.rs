@@ -56,8 +56,8 @@ fn pair(lo: f32, hi: f32) -> u32 {
 }
 
 /// Packs `len` lines of `m` (rows of `a`, or columns of `b`) and depth `p0..p0 + depth` into
-/// panels of `width` lines: for each panel, for each pair of `k`, `width` words of
-/// [`pair`]. `line_stride` steps from one line to the next and `depth_stride` along `k`.
+/// panels of `width` lines: for each panel, for each of `pairs` pairs of `k`, `width` words of
+/// [`pair`] (the layout of `b` for both kernels and of `a` for `vdpbf16ps`). `line_stride` steps from one line to the next and `depth_stride` along `k`.
 /// Lines and pairs past the end are zero. The inner loop runs along whichever of the two
 /// strides is 1, so that it reads memory in order (and vectorises, in AVX-512).
 ///
@@ -74,11 +74,13 @@ unsafe fn pack(
     p0: usize,
     depth: usize,
     width: usize,
+    pairs: usize,
     out: &mut Vec<u32>,
 ) {
-    let pairs = depth.div_ceil(2);
-    // Full pairs, then the odd last element of `k` paired with zero.
+    // Full pairs, then the odd last element of `k` paired with zero, then zero pairs up to
+    // `pairs`.
     let full = depth / 2;
+    debug_assert!(pairs >= depth.div_ceil(2));
     out.clear();
     out.resize(len.div_ceil(width) * pairs * width, 0);
     let index = |line: usize, p: usize| (first + line) * line_stride + (p0 + p) * depth_stride;
@@ -123,7 +125,7 @@ unsafe fn pack(
 }
 
 /// `out (m × n, rows out_rs apart) = [out +] a (m × k) · b (k × n)` on one thread, with
-/// bf16 dot products.
+/// bf16 dot products: AMX tiles where [`amx::available`] says so, `vdpbf16ps` otherwise.
 ///
 /// # Safety
 /// [`available`] must be true; the views must hold every element they describe, and the
@@ -139,6 +141,21 @@ pub(crate) unsafe fn gemm_block(
     out_rs: usize,
     accumulate: bool,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if amx::available() {
+        // SAFETY: the caller's contract and `amx::available`.
+        return unsafe { amx::gemm_block(m, n, k, a, b, out, out_rs, accumulate) };
+    }
+    // SAFETY: the caller's contract.
+    unsafe { gemm_block_dot(m, n, k, a, b, out, out_rs, accumulate) }
+}
+
+/// [`gemm_block`] with `vdpbf16ps` (AVX-512 BF16).
+///
+/// # Safety
+/// As [`gemm_block`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_block_dot(m: usize, n: usize, k: usize, a: Mat, b: Mat, out: *mut f32, out_rs: usize, accumulate: bool) {
     let (mut packed_a, mut packed_b) = (Vec::new(), Vec::new());
     let mut tile = [0f32; MR * NR];
     for j0 in (0..n).step_by(NC) {
@@ -149,11 +166,11 @@ pub(crate) unsafe fn gemm_block(
             // The first block of `k` writes or accumulates as asked; the later ones add.
             let add = accumulate || p0 > 0;
             // SAFETY: the caller's contract (`available`).
-            unsafe { pack(b.data, j0, cols, b.cs, b.rs, p0, depth, NR, &mut packed_b) };
+            unsafe { pack(b.data, j0, cols, b.cs, b.rs, p0, depth, NR, pairs, &mut packed_b) };
             for i0 in (0..m).step_by(MC) {
                 let rows = MC.min(m - i0);
                 // SAFETY: as above.
-                unsafe { pack(a.data, i0, rows, a.rs, a.cs, p0, depth, MR, &mut packed_a) };
+                unsafe { pack(a.data, i0, rows, a.rs, a.cs, p0, depth, MR, pairs, &mut packed_a) };
                 for (jp, b_panel) in packed_b.chunks_exact(pairs * NR).enumerate() {
                     let width = NR.min(cols - jp * NR);
                     for (ip, a_panel) in packed_a.chunks_exact(pairs * MR).enumerate() {
@@ -223,6 +240,236 @@ unsafe fn kernel(_: usize, _: &[u32], _: &[u32], _: *mut f32, _: usize, _: bool)
     unreachable!("bf16 dot products are x86-64 only")
 }
 
+/// The same product on AMX tiles (Intel Advanced Matrix Extensions, `tdpbf16ps`): one
+/// instruction multiplies a 16 × 32 tile of bf16 `a` by a 32 × 16 tile of `b` into a 16 × 16
+/// tile of f32 sums, 16 times the work of a `vdpbf16ps`. The micro-kernel keeps a 32 × 32
+/// block of `out` in four of the eight tile registers and streams two tiles of `a` and two
+/// of `b` through the other four. `b` is packed as for `vdpbf16ps` (panels of [`NR`]
+/// columns, pairs of `k` interleaved: the tile layout AMX calls VNNI), `a` into panels of 32
+/// rows with each row's pairs contiguous (a tile row), and the depth is zero-padded to whole
+/// tiles of 16 pairs.
+///
+/// Rust has no stable AMX intrinsics, so the tile instructions are inline assembly; Linux
+/// hands the tile registers to a process only after it asks (`arch_prctl`), which
+/// [`available`](amx::available) does once.
+#[cfg(target_arch = "x86_64")]
+mod amx {
+    use super::{pack, Mat, KC, NC, NR};
+
+    /// Rows of the micro-tile: two tiles of 16.
+    const MR: usize = 32;
+    /// Pairs of `k` in one tile row (64 bytes).
+    const TILE_PAIRS: usize = 16;
+    /// Rows of a packed block of `a` (a multiple of [`MR`]).
+    const MC: usize = 128;
+
+    /// Whether this CPU has AMX-BF16 tiles and the OS lets this process use them, decided
+    /// once per process; false when `SAE_DISABLE_AMX` is set (to compare with `vdpbf16ps`).
+    pub(crate) fn available() -> bool {
+        static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVAILABLE.get_or_init(|| std::env::var_os("SAE_DISABLE_AMX").is_none() && request_tiles())
+    }
+
+    #[cfg(target_os = "linux")]
+    fn request_tiles() -> bool {
+        if !super::available() {
+            return false;
+        }
+        // CPUID leaf 7: EDX bit 22 is AMX-BF16 and bit 24 AMX-TILE.
+        let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
+        if edx & (1 << 22) == 0 || edx & (1 << 24) == 0 {
+            return false;
+        }
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: a plain system call with integer arguments; it fails cleanly on kernels
+        // that do not know it.
+        unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn request_tiles() -> bool {
+        false
+    }
+
+    /// The tile configuration of this thread while alive: eight tiles of 16 rows × 64 bytes
+    /// (palette 1); released on drop, so the OS need not save the tiles on a context switch.
+    struct Tiles;
+
+    impl Tiles {
+        /// # Safety
+        /// [`available`] must be true.
+        unsafe fn configure() -> Tiles {
+            #[repr(C, align(64))]
+            struct Config([u8; 64]);
+            let mut config = Config([0; 64]);
+            config.0[0] = 1;
+            for tile in 0..8 {
+                config.0[16 + 2 * tile] = 64;
+                config.0[48 + tile] = 16;
+            }
+            // SAFETY: the caller's contract; the configuration is 64 valid bytes.
+            unsafe { std::arch::asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly)) };
+            Tiles
+        }
+    }
+
+    impl Drop for Tiles {
+        fn drop(&mut self) {
+            // SAFETY: tiles are configured (`configure` made `self`).
+            unsafe { std::arch::asm!("tilerelease", options(nostack, nomem)) };
+        }
+    }
+
+    /// Packs `len` rows of `a` (depth `p0..p0 + depth`) into panels of [`MR`] rows, each row
+    /// its `pairs` words of [`pair`](super::pair) in order (zero past the data).
+    ///
+    /// # Safety
+    /// AVX-512F and AVX-512BW must be available (for the rounding, vectorised).
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn pack_rows(a: &Mat, first: usize, len: usize, p0: usize, depth: usize, pairs: usize, out: &mut Vec<u32>) {
+        out.clear();
+        out.resize(len.div_ceil(MR) * MR * pairs, 0);
+        let at = |row: usize, p: usize| a.data[(first + row) * a.rs + (p0 + p) * a.cs];
+        for (row, words) in out.chunks_exact_mut(pairs).take(len).enumerate() {
+            if a.cs == 1 {
+                let start = (first + row) * a.rs + p0;
+                let line = &a.data[start..start + depth];
+                let mut halves = line.chunks_exact(2);
+                for (w, h) in words.iter_mut().zip(&mut halves) {
+                    *w = super::pair(h[0], h[1]);
+                }
+                if let [last] = halves.remainder() {
+                    words[depth / 2] = super::pair(*last, 0.0);
+                }
+            } else {
+                for (q, w) in words[..depth.div_ceil(2)].iter_mut().enumerate() {
+                    let hi = if 2 * q + 1 < depth { at(row, 2 * q + 1) } else { 0.0 };
+                    *w = super::pair(at(row, 2 * q), hi);
+                }
+            }
+        }
+    }
+
+    /// [`gemm_block`](super::gemm_block) on AMX tiles.
+    ///
+    /// # Safety
+    /// [`available`] must be true; otherwise as [`gemm_block`](super::gemm_block).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn gemm_block(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: Mat,
+        b: Mat,
+        out: *mut f32,
+        out_rs: usize,
+        accumulate: bool,
+    ) {
+        // SAFETY: the caller's contract.
+        let _tiles = unsafe { Tiles::configure() };
+        let (mut packed_a, mut packed_b) = (Vec::new(), Vec::new());
+        let mut tile = [0f32; MR * NR];
+        for j0 in (0..n).step_by(NC) {
+            let cols = NC.min(n - j0);
+            for p0 in (0..k).step_by(KC) {
+                let depth = KC.min(k - p0);
+                let pairs = depth.div_ceil(2).next_multiple_of(TILE_PAIRS);
+                let add = accumulate || p0 > 0;
+                // SAFETY: `available` implies AVX-512F and BW.
+                unsafe { pack(b.data, j0, cols, b.cs, b.rs, p0, depth, NR, pairs, &mut packed_b) };
+                for i0 in (0..m).step_by(MC) {
+                    let rows = MC.min(m - i0);
+                    // SAFETY: as above.
+                    unsafe { pack_rows(&a, i0, rows, p0, depth, pairs, &mut packed_a) };
+                    for (jp, b_panel) in packed_b.chunks_exact(pairs * NR).enumerate() {
+                        let width = NR.min(cols - jp * NR);
+                        for (ip, a_panel) in packed_a.chunks_exact(pairs * MR).enumerate() {
+                            let height = MR.min(rows - ip * MR);
+                            // SAFETY: as in `gemm_block_dot`: the valid corner of the tile.
+                            unsafe {
+                                let c = out.add((i0 + ip * MR) * out_rs + j0 + jp * NR);
+                                if height == MR && width == NR {
+                                    kernel(pairs, a_panel, b_panel, c, out_rs, add);
+                                } else {
+                                    kernel(pairs, a_panel, b_panel, tile.as_mut_ptr(), NR, false);
+                                    for r in 0..height {
+                                        let row = c.add(r * out_rs);
+                                        for (j, &v) in tile[r * NR..r * NR + width].iter().enumerate() {
+                                            *row.add(j) = if add { *row.add(j) + v } else { v };
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The micro-kernel: the 32 × 32 block at `c` (rows `rs` floats apart) `[+]= a_panel ·
+    /// b_panel` over `pairs` pairs of `k` (a multiple of 16). Tiles 0–3 hold the block's
+    /// quarters, 4–5 the two 16-row halves of `a`, 6–7 the two 16-column halves of `b`.
+    ///
+    /// # Safety
+    /// Tiles configured by [`Tiles::configure`]; the panels must hold `pairs` pairs; the block
+    /// at `c` must be readable and writable.
+    unsafe fn kernel(pairs: usize, a_panel: &[u32], b_panel: &[u32], c: *mut f32, rs: usize, add: bool) {
+        use std::arch::asm;
+        assert!(
+            pairs.is_multiple_of(TILE_PAIRS) && a_panel.len() >= pairs * MR && b_panel.len() >= pairs * NR,
+            "gemm_bf16: AMX panels too short"
+        );
+        let (a, b) = (a_panel.as_ptr(), b_panel.as_ptr());
+        let (a_stride, b_stride, c_stride) = (pairs * 4, NR * 4, rs * 4);
+        // SAFETY: the caller's contract and the lengths above: every tile row read or
+        // written lies in the panels or the block.
+        unsafe {
+            let (c0, c1, c2, c3) = (c, c.add(16), c.add(16 * rs), c.add(16 * rs + 16));
+            if add {
+                asm!(
+                    "tileloadd tmm0, [{c0} + {s}*1]",
+                    "tileloadd tmm1, [{c1} + {s}*1]",
+                    "tileloadd tmm2, [{c2} + {s}*1]",
+                    "tileloadd tmm3, [{c3} + {s}*1]",
+                    c0 = in(reg) c0, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3, s = in(reg) c_stride,
+                    options(nostack, readonly),
+                );
+            } else {
+                asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+            }
+            for q0 in (0..pairs).step_by(TILE_PAIRS) {
+                asm!(
+                    "tileloadd tmm4, [{a0} + {sa}*1]",
+                    "tileloadd tmm6, [{b0} + {sb}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tileloadd tmm7, [{b1} + {sb}*1]",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tileloadd tmm5, [{a1} + {sa}*1]",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    a0 = in(reg) a.add(q0),
+                    a1 = in(reg) a.add(16 * pairs + q0),
+                    b0 = in(reg) b.add(q0 * NR),
+                    b1 = in(reg) b.add(q0 * NR + 16),
+                    sa = in(reg) a_stride,
+                    sb = in(reg) b_stride,
+                    options(nostack, readonly),
+                );
+            }
+            asm!(
+                "tilestored [{c0} + {s}*1], tmm0",
+                "tilestored [{c1} + {s}*1], tmm1",
+                "tilestored [{c2} + {s}*1], tmm2",
+                "tilestored [{c3} + {s}*1], tmm3",
+                c0 = in(reg) c0, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3, s = in(reg) c_stride,
+                options(nostack),
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -253,13 +500,47 @@ mod tests {
 
     /// Every edge: odd `k`, `k` across blocks, rows and columns not multiples of the tile,
     /// one row, one column, transposed (column-major) views, and accumulation.
+    /// The kernels this CPU can run, by name: `vdpbf16ps` always (where [`available`]), AMX
+    /// tiles where the CPU has them.
+    #[allow(clippy::type_complexity)]
+    fn kernels() -> Vec<(&'static str, unsafe fn(usize, usize, usize, Mat, Mat, *mut f32, usize, bool))> {
+        let mut kernels: Vec<(&'static str, unsafe fn(usize, usize, usize, Mat, Mat, *mut f32, usize, bool))> =
+            vec![("vdpbf16ps", gemm_block_dot)];
+        #[cfg(target_arch = "x86_64")]
+        if amx::available() {
+            kernels.push(("AMX", amx::gemm_block));
+        } else {
+            eprintln!("AMX not tested: this CPU or OS has no AMX-BF16 tiles");
+        }
+        kernels
+    }
+
     #[test]
     fn products_equal_the_plain_loop() {
         if !available() {
             eprintln!("skipped: this CPU has no AVX-512 BF16 (the f32 path is tested by the convolution tests)");
             return;
         }
-        let shapes = [(1, 1, 1), (12, 32, 2), (13, 33, 3), (1, 100, 7), (100, 1, 9), (37, 70, 1100), (97, 1030, 64)];
+        for (name, kernel) in kernels() {
+            products_of_one_kernel_equal_the_plain_loop(name, kernel);
+        }
+    }
+
+    fn products_of_one_kernel_equal_the_plain_loop(
+        name: &str,
+        gemm_block: unsafe fn(usize, usize, usize, Mat, Mat, *mut f32, usize, bool),
+    ) {
+        let shapes = [
+            (1, 1, 1),
+            (12, 32, 2),
+            (13, 33, 3),
+            (32, 32, 32),
+            (1, 100, 7),
+            (100, 1, 9),
+            (37, 70, 1100),
+            (97, 1030, 64),
+            (160, 64, 33),
+        ];
         for (m, n, k) in shapes {
             for (transpose_a, transpose_b) in [(false, false), (true, true), (false, true), (true, false)] {
                 let (av, bv) = (bf16_values(m * k, 1), bf16_values(k * n, 2));
@@ -277,7 +558,7 @@ mod tests {
                         let tol = 1e-6 * (k as f64).max(1.0) * (1.0 + w.abs());
                         assert!(
                             (got as f64 - w).abs() <= tol,
-                            "{m}×{n}×{k} ({transpose_a}, {transpose_b}, accumulate {accumulate}) [{i}]: {got} vs {w}"
+                            "{name} {m}×{n}×{k} ({transpose_a}, {transpose_b}, accumulate {accumulate}) [{i}]: {got} vs {w}"
                         );
                     }
                 }
@@ -303,7 +584,7 @@ mod tests {
             )
         };
         for (i, row) in out.chunks(n).enumerate() {
-            assert!(row.iter().all(|v| v.is_nan() == (i == 5)), "row {i}: {row:?}");
+            assert!(row.iter().all(|v| v.is_nan() == (i == 5)), "{name} row {i}: {row:?}");
         }
     }
 }
