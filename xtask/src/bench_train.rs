@@ -288,10 +288,13 @@ fn report_header(title: &str, peak: &crate::peak::Peak) -> Result<String> {
         crate::bench::machine(),
         rayon::current_num_threads()
     )?;
-    let bf16 = match peak.bf16_gflops {
+    let mut bf16 = match peak.bf16_gflops {
         Some(g) => format!(", bf16 dot products (`vdpbf16ps`) **{g:.0} GFLOP/s**"),
         None => ", no bf16 dot-product instructions".into(),
     };
+    if let Some(g) = peak.amx_gflops {
+        bf16 += &format!(", bf16 AMX tiles (`tdpbf16ps`) **{g:.0} GFLOP/s**");
+    }
     writeln!(
         md,
         "CPU flags: {}. Measured peak of this machine on all threads (`xtask/src/peak.rs`, register-only FMA chains): \
@@ -527,7 +530,7 @@ fn run_bf16(seconds: f64, python: Option<PathBuf>) -> Result<()> {
         None => None,
     };
     let mut md = report_header("bf16 mixed precision on CPU", &crate::peak::measure())?;
-    writeln!(md, "Rows and timing as in `results/train-speed.md` (random inputs, median step, each row in its own process). *bf16* is `--precision bf16`: bf16 activations and weight copies, f32 master weights, Adam state, BatchNorm statistics and loss; on the CPU our convolutions multiply with bf16 dot products (`vdpbf16ps`, f32 sums) where the CPU has AVX-512 BF16 and the products are large enough to repay packing, and every other kernel converts bf16 operands to f32 for the arithmetic and rounds each result once (bf16 storage, f32 compute). This run's CPU {} AVX-512 BF16. PyTorch bf16 is `torch.autocast(\"cpu\", dtype=torch.bfloat16)` around the forward and loss.\n", if sae_kernels::cpu_has_bf16_dot_products() { "has" } else { "has no" })?;
+    writeln!(md, "Rows and timing as in `results/train-speed.md` (random inputs, median step, each row in its own process). *bf16* is `--precision bf16`: bf16 activations and weight copies, f32 master weights, Adam state, BatchNorm statistics and loss; on the CPU our convolutions multiply bf16 with f32 sums (AMX tiles where the CPU has AMX-BF16, else AVX-512 BF16 dot products) where the products are large enough to repay packing, and every other kernel converts bf16 operands to f32 for the arithmetic and rounds each result once (bf16 storage, f32 compute). This run's convolutions multiply with {}. PyTorch bf16 is `torch.autocast(\"cpu\", dtype=torch.bfloat16)` around the forward and loss.\n", sae_kernels::Bf16Multiply::of_this_cpu().map_or("f32 instructions (this CPU has no bf16 multiplies)", sae_kernels::Bf16Multiply::describe))?;
     match &torch {
         Some((t, _)) => writeln!(md, "PyTorch {} measured in the same run.\n", t.version)?,
         None => writeln!(md, "PyTorch not measured in this run (pass `--python`).\n")?,

@@ -318,6 +318,9 @@ fn main() -> Result<()> {
                 Some(g) => println!("peak bf16 dot products: {g:.1} GFLOP/s"),
                 None => println!("peak bf16 dot products: none (no AVX512-BF16)"),
             }
+            if let Some(g) = p.amx_gflops {
+                println!("peak bf16 AMX tiles: {g:.1} GFLOP/s");
+            }
             for (dtype, name) in [(candle_core::DType::F32, "sgemm"), (candle_core::DType::BF16, "bf16")] {
                 let gflops = bench_train::gemm_gflops(dtype)?;
                 println!(

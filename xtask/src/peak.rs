@@ -2,7 +2,8 @@
 //! thread runs independent chains of vector FMA instructions on registers (more chains than
 //! the FMA latency × units, so the units never wait), and the FLOP count over the wall time is
 //! the ceiling no kernel can pass. f32 with the widest FMA the CPU has (AVX-512 or AVX2), and
-//! bf16 dot products (`vdpbf16ps`) where the CPU has AVX512-BF16. Also the CPU flags that
+//! bf16 dot products (`vdpbf16ps`) where the CPU has AVX512-BF16, and AMX tile multiplies
+//! (`tdpbf16ps`) where it has AMX-BF16. Also the CPU flags that
 //! decide which kernels can run.
 
 use rayon::prelude::*;
@@ -16,6 +17,8 @@ pub struct Peak {
     pub f32_isa: &'static str,
     /// bf16 dot products accumulating in f32, if the CPU has them.
     pub bf16_gflops: Option<f64>,
+    /// bf16 AMX tile multiplies accumulating in f32, if the CPU and OS have them.
+    pub amx_gflops: Option<f64>,
 }
 
 /// The CPU flags (of `/proc/cpuinfo`) that matter for the kernels, in a fixed order.
@@ -62,10 +65,18 @@ pub fn measure() -> Peak {
             (gflops(scalar_fma), "scalar")
         };
         let bf16 = std::arch::is_x86_feature_detected!("avx512bf16").then(|| gflops(x86::dot_bf16));
-        Peak { f32_gflops, f32_isa, bf16_gflops: bf16 }
+        let amx = sae_kernels::amx_register_flops(1).map(|_| gflops(amx_tiles));
+        Peak { f32_gflops, f32_isa, bf16_gflops: bf16, amx_gflops: amx }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    Peak { f32_gflops: gflops(scalar_fma), f32_isa: "scalar", bf16_gflops: None }
+    Peak { f32_gflops: gflops(scalar_fma), f32_isa: "scalar", bf16_gflops: None, amx_gflops: None }
+}
+
+/// Four independent AMX tile multiplies per round (a 16 × 16 × 32 product each: 16 cycles
+/// on Sapphire Rapids, so a round in 64 cycles; fewer rounds than the vector kernels).
+#[cfg(target_arch = "x86_64")]
+fn amx_tiles(iterations: usize) -> f64 {
+    sae_kernels::amx_register_flops(iterations / 8).unwrap_or(0.0)
 }
 
 /// Eight independent scalar chains (what the compiler vectorises or not).

@@ -150,6 +150,30 @@ pub(crate) unsafe fn gemm_block(
     unsafe { gemm_block_dot(m, n, k, a, b, out, out_rs, accumulate) }
 }
 
+/// Whether the bf16 products run on AMX tiles (see [`amx`]).
+pub(crate) fn amx_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        amx::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// FLOPs of `iterations` rounds of four independent `tdpbf16ps` on registers; `None` without
+/// AMX.
+pub(crate) fn amx_register_flops(iterations: usize) -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    if amx::available() {
+        // SAFETY: AMX is available.
+        return Some(unsafe { amx::register_flops(iterations) });
+    }
+    let _ = iterations;
+    None
+}
+
 /// [`gemm_block`] with `vdpbf16ps` (AVX-512 BF16).
 ///
 /// # Safety
@@ -319,6 +343,40 @@ mod amx {
             // SAFETY: tiles are configured (`configure` made `self`).
             unsafe { std::arch::asm!("tilerelease", options(nostack, nomem)) };
         }
+    }
+
+    /// FLOPs of `iterations` rounds of four independent `tdpbf16ps` on zeroed tiles (each
+    /// 16 × 16 × 32 multiply-adds).
+    ///
+    /// # Safety
+    /// [`available`] must be true.
+    pub(crate) unsafe fn register_flops(iterations: usize) -> f64 {
+        use std::arch::asm;
+        // SAFETY: the caller's contract; only tile registers are touched.
+        unsafe {
+            let _tiles = Tiles::configure();
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                "tilezero tmm4",
+                "tilezero tmm5",
+                "tilezero tmm6",
+                "tilezero tmm7",
+                options(nostack, nomem),
+            );
+            for _ in 0..iterations {
+                asm!(
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    options(nostack, nomem),
+                );
+            }
+        }
+        iterations as f64 * 4.0 * (16 * 16 * 32 * 2) as f64
     }
 
     /// Packs `len` rows of `a` (depth `p0..p0 + depth`) into panels of [`MR`] rows, each row

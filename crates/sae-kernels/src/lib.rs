@@ -84,10 +84,41 @@ pub fn shorten_candle_spin() {
     }
 }
 
-/// Whether this CPU has bf16 dot products (AVX-512 BF16), which the bf16 convolutions then
-/// multiply with; without them they multiply the same values in f32.
-pub fn cpu_has_bf16_dot_products() -> bool {
-    gemm_bf16::available()
+/// The bf16 multiply instructions of the bf16 convolutions on a CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bf16Multiply {
+    /// AMX tiles (`tdpbf16ps`, Intel AMX-BF16).
+    AmxTiles,
+    /// AVX-512 BF16 dot products (`vdpbf16ps`).
+    DotProducts,
+}
+
+impl Bf16Multiply {
+    /// What runs on this CPU: AMX tiles where the CPU and OS have them, else AVX-512 BF16 dot
+    /// products; `None` where there are neither and the same values are multiplied in f32.
+    pub fn of_this_cpu() -> Option<Bf16Multiply> {
+        if !gemm_bf16::available() {
+            None
+        } else if gemm_bf16::amx_available() {
+            Some(Bf16Multiply::AmxTiles)
+        } else {
+            Some(Bf16Multiply::DotProducts)
+        }
+    }
+
+    /// "AMX tiles (`tdpbf16ps`)" or "AVX-512 BF16 dot products (`vdpbf16ps`)", for reports.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Bf16Multiply::AmxTiles => "AMX tiles (`tdpbf16ps`)",
+            Bf16Multiply::DotProducts => "AVX-512 BF16 dot products (`vdpbf16ps`)",
+        }
+    }
+}
+
+/// FLOPs of `iterations` rounds of four independent AMX `tdpbf16ps` on tile registers, for a
+/// peak measurement (run it on every thread at once); `None` without AMX.
+pub fn amx_register_flops(iterations: usize) -> Option<f64> {
+    gemm_bf16::amx_register_flops(iterations)
 }
 
 /// Whether the fused kernels take `t`: f32, bf16 or f16 on the CPU and on CUDA. Elsewhere

@@ -5,12 +5,14 @@
 //! the loss. Each forward pass rounds the input and each layer's weights to bf16 (their
 //! gradients come back as f32), so activations, and the copies autograd keeps of them, take
 //! half the memory. What the arithmetic is depends on the device: CUDA multiplies bf16 with
-//! f32 accumulation (cuBLAS, tensor cores); on the CPU the convolutions multiply with bf16
-//! dot products and f32 sums where the CPU has AVX-512 BF16, and every other CPU kernel (and
+//! f32 accumulation (cuBLAS, tensor cores); on the CPU the convolutions multiply bf16 with f32
+//! sums on AMX tiles where the CPU has AMX-BF16, else with dot products where it has AVX-512
+//! BF16, and every other CPU kernel (and
 //! every kernel on other CPUs) converts to f32 for the arithmetic and rounds each result once
 //! (bf16 storage, f32 compute).
 
 use candle_core::{DType, Device};
+use sae_kernels::Bf16Multiply;
 
 /// The number format of a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
@@ -47,7 +49,10 @@ impl Precision {
     pub fn describe(self, device: &Device) -> &'static str {
         match (self, device) {
             (Precision::F32, _) => "f32",
-            (Precision::Bf16, Device::Cpu) if sae_kernels::cpu_has_bf16_dot_products() => {
+            (Precision::Bf16, Device::Cpu) if Bf16Multiply::of_this_cpu() == Some(Bf16Multiply::AmxTiles) => {
+                "bf16 mixed precision: bf16 activations, bf16 multiplies with f32 sums in the convolutions (AMX tiles), f32 arithmetic in the other CPU kernels, f32 master weights"
+            }
+            (Precision::Bf16, Device::Cpu) if Bf16Multiply::of_this_cpu() == Some(Bf16Multiply::DotProducts) => {
                 "bf16 mixed precision: bf16 activations, bf16 dot products with f32 sums in the convolutions (AVX-512 BF16), f32 arithmetic in the other CPU kernels, f32 master weights"
             }
             (Precision::Bf16, Device::Cpu) => {
