@@ -180,34 +180,80 @@ pub(crate) fn amx_register_flops(iterations: usize) -> Option<f64> {
 /// As [`gemm_block`].
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_block_dot(m: usize, n: usize, k: usize, a: Mat, b: Mat, out: *mut f32, out_rs: usize, accumulate: bool) {
+    /// `a`'s panels as `vdpbf16ps` broadcasts them: for each pair, [`MR`] rows' words.
+    ///
+    /// # Safety
+    /// As [`pack`].
+    unsafe fn pack_a(a: &Mat, first: usize, len: usize, p0: usize, depth: usize, pairs: usize, out: &mut Vec<u32>) {
+        // SAFETY: the caller's contract.
+        unsafe { pack(a.data, first, len, a.rs, a.cs, p0, depth, MR, pairs, out) }
+    }
+    let micro = MicroKernel { rows: MR, block_rows: MC, pair_multiple: 1, pack_a, multiply: kernel };
+    // SAFETY: the caller's contract.
+    unsafe { gemm_blocked(&micro, m, n, k, a, b, out, out_rs, accumulate) }
+}
+
+/// A micro-kernel and how its operands are packed, for [`gemm_blocked`].
+struct MicroKernel {
+    /// Rows of its tile of `out` (its columns are [`NR`]).
+    rows: usize,
+    /// Rows of a packed block of `a` (a multiple of `rows`).
+    block_rows: usize,
+    /// The packed depth, in pairs, is rounded up to a multiple of this.
+    pair_multiple: usize,
+    /// Packs `len` rows of `a` from `first`, depth `p0..p0 + depth`, into panels of `rows`
+    /// rows with `pairs` pairs each.
+    pack_a: unsafe fn(&Mat, usize, usize, usize, usize, usize, &mut Vec<u32>),
+    /// The `rows × NR` tile at `c` (rows `rs` apart) `[+]= a_panel · b_panel` over `pairs`.
+    multiply: unsafe fn(usize, &[u32], &[u32], *mut f32, usize, bool),
+}
+
+/// The blocked product both bf16 kernels share: `b` packed block by block into panels of
+/// [`NR`] columns, `a` by `micro.pack_a`, and the micro-kernel run over every pair of panels.
+///
+/// # Safety
+/// As [`gemm_block`], and whatever `micro`'s functions need (AVX-512, or configured tiles).
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_blocked(
+    micro: &MicroKernel,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Mat,
+    b: Mat,
+    out: *mut f32,
+    out_rs: usize,
+    accumulate: bool,
+) {
+    let mr = micro.rows;
     let (mut packed_a, mut packed_b) = (Vec::new(), Vec::new());
-    let mut tile = [0f32; MR * NR];
+    let mut tile = vec![0f32; mr * NR];
     for j0 in (0..n).step_by(NC) {
         let cols = NC.min(n - j0);
         for p0 in (0..k).step_by(KC) {
             let depth = KC.min(k - p0);
-            let pairs = depth.div_ceil(2);
+            let pairs = depth.div_ceil(2).next_multiple_of(micro.pair_multiple);
             // The first block of `k` writes or accumulates as asked; the later ones add.
             let add = accumulate || p0 > 0;
             // SAFETY: the caller's contract (`available`).
             unsafe { pack(b.data, j0, cols, b.cs, b.rs, p0, depth, NR, pairs, &mut packed_b) };
-            for i0 in (0..m).step_by(MC) {
-                let rows = MC.min(m - i0);
+            for i0 in (0..m).step_by(micro.block_rows) {
+                let rows = micro.block_rows.min(m - i0);
                 // SAFETY: as above.
-                unsafe { pack(a.data, i0, rows, a.rs, a.cs, p0, depth, MR, pairs, &mut packed_a) };
+                unsafe { (micro.pack_a)(&a, i0, rows, p0, depth, pairs, &mut packed_a) };
                 for (jp, b_panel) in packed_b.chunks_exact(pairs * NR).enumerate() {
                     let width = NR.min(cols - jp * NR);
-                    for (ip, a_panel) in packed_a.chunks_exact(pairs * MR).enumerate() {
-                        let height = MR.min(rows - ip * MR);
+                    for (ip, a_panel) in packed_a.chunks_exact(pairs * mr).enumerate() {
+                        let height = mr.min(rows - ip * mr);
                         // SAFETY: the caller's contract; the tile's rows and columns are the
-                        // valid `height × width` corner of the block at (i0 + ip·MR, j0 + jp·NR).
+                        // valid `height × width` corner of the block at (i0 + ip·mr, j0 + jp·NR).
                         unsafe {
-                            let c = out.add((i0 + ip * MR) * out_rs + j0 + jp * NR);
-                            if height == MR && width == NR {
-                                kernel(pairs, a_panel, b_panel, c, out_rs, add);
+                            let c = out.add((i0 + ip * mr) * out_rs + j0 + jp * NR);
+                            if height == mr && width == NR {
+                                (micro.multiply)(pairs, a_panel, b_panel, c, out_rs, add);
                             } else {
                                 // An edge: the full tile into a buffer, then its valid corner.
-                                kernel(pairs, a_panel, b_panel, tile.as_mut_ptr(), NR, false);
+                                (micro.multiply)(pairs, a_panel, b_panel, tile.as_mut_ptr(), NR, false);
                                 for r in 0..height {
                                     let row = c.add(r * out_rs);
                                     for (j, &v) in tile[r * NR..r * NR + width].iter().enumerate() {
@@ -278,7 +324,7 @@ unsafe fn kernel(_: usize, _: &[u32], _: &[u32], _: *mut f32, _: usize, _: bool)
 /// [`available`](amx::available) does once.
 #[cfg(target_arch = "x86_64")]
 mod amx {
-    use super::{pack, Mat, KC, NC, NR};
+    use super::{gemm_blocked, Mat, MicroKernel, NR};
 
     /// Rows of the micro-tile: two tiles of 16.
     const MR: usize = 32;
@@ -426,44 +472,10 @@ mod amx {
     ) {
         // SAFETY: the caller's contract.
         let _tiles = unsafe { Tiles::configure() };
-        let (mut packed_a, mut packed_b) = (Vec::new(), Vec::new());
-        let mut tile = [0f32; MR * NR];
-        for j0 in (0..n).step_by(NC) {
-            let cols = NC.min(n - j0);
-            for p0 in (0..k).step_by(KC) {
-                let depth = KC.min(k - p0);
-                let pairs = depth.div_ceil(2).next_multiple_of(TILE_PAIRS);
-                let add = accumulate || p0 > 0;
-                // SAFETY: `available` implies AVX-512F and BW.
-                unsafe { pack(b.data, j0, cols, b.cs, b.rs, p0, depth, NR, pairs, &mut packed_b) };
-                for i0 in (0..m).step_by(MC) {
-                    let rows = MC.min(m - i0);
-                    // SAFETY: as above.
-                    unsafe { pack_rows(&a, i0, rows, p0, depth, pairs, &mut packed_a) };
-                    for (jp, b_panel) in packed_b.chunks_exact(pairs * NR).enumerate() {
-                        let width = NR.min(cols - jp * NR);
-                        for (ip, a_panel) in packed_a.chunks_exact(pairs * MR).enumerate() {
-                            let height = MR.min(rows - ip * MR);
-                            // SAFETY: as in `gemm_block_dot`: the valid corner of the tile.
-                            unsafe {
-                                let c = out.add((i0 + ip * MR) * out_rs + j0 + jp * NR);
-                                if height == MR && width == NR {
-                                    kernel(pairs, a_panel, b_panel, c, out_rs, add);
-                                } else {
-                                    kernel(pairs, a_panel, b_panel, tile.as_mut_ptr(), NR, false);
-                                    for r in 0..height {
-                                        let row = c.add(r * out_rs);
-                                        for (j, &v) in tile[r * NR..r * NR + width].iter().enumerate() {
-                                            *row.add(j) = if add { *row.add(j) + v } else { v };
-                                        }
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        let micro =
+            MicroKernel { rows: MR, block_rows: MC, pair_multiple: TILE_PAIRS, pack_a: pack_rows, multiply: kernel };
+        // SAFETY: the caller's contract; the tiles are configured.
+        unsafe { gemm_blocked(&micro, m, n, k, a, b, out, out_rs, accumulate) }
     }
 
     /// The micro-kernel: the 32 × 32 block at `c` (rows `rs` floats apart) `[+]= a_panel ·
