@@ -65,7 +65,8 @@ pub fn measure() -> Peak {
             (gflops(scalar_fma), "scalar")
         };
         let bf16 = std::arch::is_x86_feature_detected!("avx512bf16").then(|| gflops(x86::dot_bf16));
-        let amx = sae_kernels::amx_register_flops(1).map(|_| gflops(amx_tiles));
+        let has_amx = sae_kernels::Bf16Multiply::of_this_cpu() == Some(sae_kernels::Bf16Multiply::AmxTiles);
+        let amx = has_amx.then(|| gflops(amx_tiles));
         Peak { f32_gflops, f32_isa, bf16_gflops: bf16, amx_gflops: amx }
     }
     #[cfg(not(target_arch = "x86_64"))]

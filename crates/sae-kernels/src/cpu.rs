@@ -258,14 +258,16 @@ pub(crate) struct Mat<'a> {
 pub(crate) enum Products {
     /// f32 multiplies (the `gemm` crate).
     F32,
-    /// bf16 dot products with f32 sums ([`crate::gemm_bf16`]); the operands must hold bf16
-    /// values, which packing then takes exactly.
+    /// bf16 multiplies with f32 sums ([`crate::gemm_bf16`]: AMX tiles or AVX-512 BF16 dot
+    /// products); the operands must hold bf16 values, which packing then takes exactly.
     Bf16,
 }
 
 impl Products {
-    /// bf16 dot products for operands of type `T` where `T` is bf16 and the CPU has them
-    /// (the same values and f32 sums, at twice the rate); f32 multiplies otherwise.
+    /// bf16 multiplies for operands of type `T` where `T` is bf16 and the CPU has AVX-512
+    /// BF16 (the same values and f32 sums; faster than f32 with AMX tiles and with the EPYC's
+    /// dot products, slower with the Xeon's dot products alone: see `gemm_bf16`); f32
+    /// multiplies otherwise.
     pub(crate) fn for_operands<T: Elem>() -> Self {
         if T::DTYPE == candle_core::DType::BF16 && crate::gemm_bf16::available() {
             Products::Bf16
@@ -330,8 +332,10 @@ pub(crate) fn matmul_threads(
     let block = if single { len } else { len.div_ceil(threads) };
     // The bf16 kernel rounds and repacks both operands on every call: packing `a` costs about
     // as much as 22 of its columns of multiplies and packing `b` as 22 of its rows, so it pays
-    // (at twice the f32 rate) only for blocks with many of both: inference's small late-stage
-    // images (25 columns) and 64-channel layers stay on `gemm`.
+    // (with `vdpbf16ps` at twice the f32 rate, on the EPYC) only for blocks with many of both:
+    // inference's small late-stage images (25 columns) and 64-channel layers stay on `gemm`.
+    // With AMX tiles, looser limits (1.5, and none) made no clear difference to the bf16 rows
+    // of `xtask bench-train-row` on the Xeon, so the limit is the same.
     let (block_rows, block_cols) = if split_columns { (m, block) } else { (block, n) };
     let multiply = if products == Products::Bf16 && 32.0 / block_rows as f64 + 32.0 / block_cols as f64 <= 0.5 {
         crate::gemm_bf16::gemm_block

@@ -1,11 +1,13 @@
-//! A matrix multiply on bf16 dot products (`vdpbf16ps`, AVX-512 BF16) for the bf16
-//! mixed-precision convolutions: `out (f32) [+]= a · b`, where `a` and `b` hold bf16 values
-//! (stored as f32, the way the convolutions unroll them) and every product and sum is f32.
+//! A matrix multiply on bf16 multiplies with f32 sums for the bf16 mixed-precision
+//! convolutions: `out (f32) [+]= a · b`, where `a` and `b` hold bf16 values (stored as f32,
+//! the way the convolutions unroll them) and every product and sum is f32.
 //!
-//! One `vdpbf16ps` does 32 multiplies and adds, twice the work of an f32 FMA in the same time
-//! on CPUs that have it (measured on the AMD EPYC of `results/train-speed.md`: 461 vs 228
-//! GFLOP/s), so the bf16 convolutions use it where [`available`] says the CPU has it, and
-//! the `gemm` crate's f32 kernels (the same values, multiplied in f32) everywhere else.
+//! Two micro-kernels, chosen at run time: AMX tiles ([`amx`], `tdpbf16ps`) where the CPU has
+//! AMX-BF16 (3.3× sgemm on the Xeon of `results/peak.md`), else AVX-512 BF16 dot products
+//! (`vdpbf16ps`: 32 multiplies and adds, twice the work of an f32 FMA in the same time on the
+//! AMD EPYC of `results/train-speed-epyc.md`, 461 vs 228 GFLOP/s, but half on that Xeon). The
+//! bf16 convolutions use them where [`available`] says the CPU has AVX-512 BF16, and the
+//! `gemm` crate's f32 kernels (the same values, multiplied in f32) everywhere else.
 //!
 //! The structure is the classic packed one (Goto & van de Geijn): `b` is packed block by
 //! block into panels of [`NR`] columns with consecutive pairs of `k` interleaved (the operand
@@ -57,7 +59,8 @@ fn pair(lo: f32, hi: f32) -> u32 {
 
 /// Packs `len` lines of `m` (rows of `a`, or columns of `b`) and depth `p0..p0 + depth` into
 /// panels of `width` lines: for each panel, for each of `pairs` pairs of `k`, `width` words of
-/// [`pair`] (the layout of `b` for both kernels and of `a` for `vdpbf16ps`). `line_stride` steps from one line to the next and `depth_stride` along `k`.
+/// [`pair`] (the layout of `b` for both kernels and of `a` for `vdpbf16ps`). `line_stride`
+/// steps from one line to the next and `depth_stride` along `k`.
 /// Lines and pairs past the end are zero. The inner loop runs along whichever of the two
 /// strides is 1, so that it reads memory in order (and vectorises, in AVX-512).
 ///
@@ -570,12 +573,13 @@ mod tests {
 
     /// Every edge: odd `k`, `k` across blocks, rows and columns not multiples of the tile,
     /// one row, one column, transposed (column-major) views, and accumulation.
+    /// The signature of [`gemm_block`] and of each kernel behind it.
+    type GemmBlock = unsafe fn(usize, usize, usize, Mat, Mat, *mut f32, usize, bool);
+
     /// The kernels this CPU can run, by name: `vdpbf16ps` always (where [`available`]), AMX
     /// tiles where the CPU has them.
-    #[allow(clippy::type_complexity)]
-    fn kernels() -> Vec<(&'static str, unsafe fn(usize, usize, usize, Mat, Mat, *mut f32, usize, bool))> {
-        let mut kernels: Vec<(&'static str, unsafe fn(usize, usize, usize, Mat, Mat, *mut f32, usize, bool))> =
-            vec![("vdpbf16ps", gemm_block_dot)];
+    fn kernels() -> Vec<(&'static str, GemmBlock)> {
+        let mut kernels: Vec<(&'static str, GemmBlock)> = vec![("vdpbf16ps", gemm_block_dot)];
         #[cfg(target_arch = "x86_64")]
         if amx::available() {
             kernels.push(("AMX", amx::gemm_block));
@@ -596,10 +600,7 @@ mod tests {
         }
     }
 
-    fn products_of_one_kernel_equal_the_plain_loop(
-        name: &str,
-        gemm_block: unsafe fn(usize, usize, usize, Mat, Mat, *mut f32, usize, bool),
-    ) {
+    fn products_of_one_kernel_equal_the_plain_loop(name: &str, gemm_block: GemmBlock) {
         let shapes = [
             (1, 1, 1),
             (12, 32, 2),

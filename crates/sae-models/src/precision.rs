@@ -49,15 +49,17 @@ impl Precision {
     pub fn describe(self, device: &Device) -> &'static str {
         match (self, device) {
             (Precision::F32, _) => "f32",
-            (Precision::Bf16, Device::Cpu) if Bf16Multiply::of_this_cpu() == Some(Bf16Multiply::AmxTiles) => {
-                "bf16 mixed precision: bf16 activations, bf16 multiplies with f32 sums in the convolutions (AMX tiles), f32 arithmetic in the other CPU kernels, f32 master weights"
-            }
-            (Precision::Bf16, Device::Cpu) if Bf16Multiply::of_this_cpu() == Some(Bf16Multiply::DotProducts) => {
-                "bf16 mixed precision: bf16 activations, bf16 dot products with f32 sums in the convolutions (AVX-512 BF16), f32 arithmetic in the other CPU kernels, f32 master weights"
-            }
-            (Precision::Bf16, Device::Cpu) => {
-                "bf16 mixed precision: bf16 activations, f32 arithmetic in the CPU kernels (bf16 storage, f32 compute; this CPU has no AVX-512 BF16), f32 master weights"
-            }
+            (Precision::Bf16, Device::Cpu) => match Bf16Multiply::of_this_cpu() {
+                Some(Bf16Multiply::AmxTiles) => {
+                    "bf16 mixed precision: bf16 activations, bf16 multiplies with f32 sums in the convolutions (AMX tiles), f32 arithmetic in the other CPU kernels, f32 master weights"
+                }
+                Some(Bf16Multiply::DotProducts) => {
+                    "bf16 mixed precision: bf16 activations, bf16 dot products with f32 sums in the convolutions (AVX-512 BF16), f32 arithmetic in the other CPU kernels, f32 master weights"
+                }
+                None => {
+                    "bf16 mixed precision: bf16 activations, f32 arithmetic in the CPU kernels (bf16 storage, f32 compute; this CPU has no AVX-512 BF16), f32 master weights"
+                }
+            },
             (Precision::Bf16, _) => {
                 "bf16 mixed precision: bf16 activations and multiplies (f32 accumulation), f32 master weights"
             }
