@@ -26,13 +26,16 @@
 //! `conv_transpose2d` kernel. Elsewhere [`conv2d`] runs the reference (Candle's `conv2d`).
 
 use crate::cpu::{
-    as_f32, contiguous, copy_converted, dispatch_float, matmul, matmul_threads, read_f32, same_dtype, uninit, unpack,
-    write_f32, Elem, Mat, Products,
+    as_f32, contiguous, convert, copy_converted, dispatch_float, matmul, matmul_threads, read_f32, same_dtype, uninit,
+    weight_as_f32, write_f32, Elem, Mat, Products,
 };
 use crate::layout::Strided4;
 use crate::Implementation;
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType,
+};
 use rayon::prelude::*;
+use std::sync::Mutex;
 
 /// Stride, zero padding and channel groups of a convolution (dilation 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -232,17 +235,26 @@ const PER_IMAGE_PIXELS: usize = 256;
 const COL_BUDGET: usize = 16 << 20;
 
 /// Convolves `x` (N, C, H, W) with `weight` (O, C / groups, kh, kw).
+///
+/// `weight` has `x`'s dtype, or is f32 with a bf16 or f16 `x`: the f32 master weights of
+/// mixed-precision training. The CPU kernel then uses them as they are, with no copy in
+/// `x`'s type: its bf16 products (AMX tiles, AVX-512 BF16) round them to bf16 as they pack
+/// them, its f32 products take them whole, and their gradient comes back f32, summed in f32
+/// and never rounded to bf16. Every other path converts them to `x`'s type first.
 pub fn conv2d(x: &Tensor, weight: &Tensor, cfg: Conv2dConfig, implementation: Implementation) -> Result<Tensor> {
     Geometry::new(x.dims(), weight.dims(), cfg)?;
-    if weight.dtype() != x.dtype() {
-        bail!("conv2d: weight dtype {:?} differs from input dtype {:?}", weight.dtype(), x.dtype())
+    let master_weights = weight.dtype() == DType::F32 && matches!(x.dtype(), DType::BF16 | DType::F16);
+    if weight.dtype() != x.dtype() && !master_weights {
+        bail!("conv2d: weight dtype {:?} differs from input dtype {:?} (and is not f32 master weights for a bf16 or f16 input)", weight.dtype(), x.dtype())
     }
     match implementation {
         Implementation::Fused if x.device().is_cpu() && crate::has_fused_kernel(x) => {
             x.apply_op2(&weight.contiguous()?, Conv { cfg, col_budget: COL_BUDGET })
         }
-        Implementation::Fused if x.device().is_cuda() && crate::has_fused_kernel(x) => conv2d_unrolled(x, weight, cfg),
-        _ => conv2d_reference(x, weight, cfg),
+        Implementation::Fused if x.device().is_cuda() && crate::has_fused_kernel(x) => {
+            conv2d_unrolled(x, &crate::cast(weight, x.dtype())?, cfg)
+        }
+        _ => conv2d_reference(x, &crate::cast(weight, x.dtype())?, cfg),
     }
 }
 
@@ -349,12 +361,15 @@ struct Conv {
     col_budget: usize,
 }
 
-/// Backward op: (x, weight, output gradient) → [dx | dweight] packed in one 1-D tensor; dx
-/// is left out when the input needs no gradient (a network's first convolution).
+/// Backward op: (x, weight, output gradient) → dx, empty when the input needs no gradient (a
+/// network's first convolution). The weight gradient, in the weight's dtype (f32 for master
+/// weights, see [`conv2d`]), is left in `weight_gradient` for [`Conv::bwd`] to take: a custom
+/// op returns one storage of one dtype.
 struct ConvBackward {
     cfg: Conv2dConfig,
     col_budget: usize,
     input_gradient: bool,
+    weight_gradient: Mutex<Option<Tensor>>,
 }
 
 impl CustomOp2 for Conv {
@@ -367,7 +382,7 @@ impl CustomOp2 for Conv {
         let g = Geometry::new(xl.dims(), wl.dims(), self.cfg)?;
         let xs = Strided4::new(op, "input", xl)?;
         let out = dispatch_float!(op, x, |x: T| {
-            let w = as_f32(op, "weight", same_dtype::<T>(op, w)?, wl)?;
+            let w = weight_as_f32::<T>(op, w, wl)?;
             T::to_cpu_storage_owned(self.forward(&g, x, &xs, &w))
         });
         Ok((out, Shape::from((g.n, g.oc, g.oh, g.ow))))
@@ -375,15 +390,18 @@ impl CustomOp2 for Conv {
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let input_gradient = x.track_op();
-        let op = ConvBackward { cfg: self.cfg, col_budget: self.col_budget, input_gradient };
-        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &op)?;
-        if input_gradient {
-            let [dx, dw] = unpack(&packed, [x.dims(), w.dims()])?;
-            Ok((Some(dx), Some(dw)))
-        } else {
-            let [dw] = unpack(&packed, [w.dims()])?;
-            Ok((None, Some(dw)))
-        }
+        let op = ConvBackward {
+            cfg: self.cfg,
+            col_budget: self.col_budget,
+            input_gradient,
+            weight_gradient: Mutex::default(),
+        };
+        let dx = x.apply_op3_no_bwd(w, &grad.contiguous()?, &op)?;
+        let dw = match op.weight_gradient.into_inner() {
+            Ok(Some(dw)) => dw,
+            _ => bail!("conv2d backward: the kernel left no weight gradient"),
+        };
+        Ok((input_gradient.then_some(dx), Some(dw)))
     }
 }
 
@@ -554,69 +572,74 @@ impl CustomOp3 for ConvBackward {
             bail!("{op}: gradient shape {:?}, expected {:?}", gl.dims(), [g.n, g.oc, g.oh, g.ow])
         }
         let xs = Strided4::new(op, "input", xl)?;
-        let out = dispatch_float!(op, x, |x: T| {
-            let w = as_f32(op, "weight", same_dtype::<T>(op, w)?, wl)?;
+        let (dx, dw) = dispatch_float!(op, x, |x: T| {
+            let w32 = weight_as_f32::<T>(op, w, wl)?;
             let gr = contiguous(op, "output gradient", same_dtype::<T>(op, gr)?, gl)?;
-            T::to_cpu_storage_owned(self.backward(&g, x, &xs, &w, gr))
+            let (dx, dw) = self.backward(&g, x, &xs, &w32, gr);
+            let dw = match w {
+                CpuStorage::F32(_) => Tensor::from_vec(dw, wl.dims(), &Device::Cpu)?,
+                _ => Tensor::from_vec(convert::<f32, T>(&dw), wl.dims(), &Device::Cpu)?,
+            };
+            (T::to_cpu_storage_owned(dx), dw)
         });
-        let len = if self.input_gradient { g.n * g.c * g.h * g.w } else { 0 } + g.oc * g.rows_per_group();
-        Ok((out, Shape::from(len)))
+        match self.weight_gradient.lock() {
+            Ok(mut slot) => *slot = Some(dw),
+            Err(_) => bail!("{op}: the weight gradient's slot is poisoned"),
+        }
+        let shape = if self.input_gradient { Shape::from((g.n, g.c, g.h, g.w)) } else { Shape::from(0) };
+        Ok((dx, shape))
     }
 }
 
 impl ConvBackward {
-    /// [dx | dW] in f32 arithmetic on any element type; dW is summed in f32 and rounded once.
-    fn backward<T: Elem>(&self, g: &Geometry, x: &[T], xs: &Strided4, w: &[f32], gr: &[T]) -> Vec<T> {
+    /// (dx, dW) in f32 arithmetic on any element type; dW is summed in f32 and left in f32.
+    fn backward<T: Elem>(&self, g: &Geometry, x: &[T], xs: &Strided4, w: &[f32], gr: &[T]) -> (Vec<T>, Vec<f32>) {
         let products = Products::for_operands::<T>();
         let (p, kg, og) = (g.pixels(), g.rows_per_group(), g.out_per_group());
         let image_len = if self.input_gradient { g.c * g.h * g.w } else { 0 };
         // Every element is written below: dW by its first multiply or a copy, dx by a
         // multiply or zero-filled before col2im adds into it.
-        let mut out = uninit::<T>(g.n * image_len + g.oc * kg);
-        let (dx, dw) = out.split_at_mut(g.n * image_len);
-        let mut dw_buf = Vec::new();
+        let (mut dx, mut dw) = (uninit::<T>(g.n * image_len), uninit::<f32>(g.oc * kg));
         if g.per_image() {
-            write_f32(dw, &mut dw_buf, |dw| self.backward_per_image(g, x, xs, w, gr, dx, dw));
-            return out;
+            self.backward_per_image(g, x, xs, w, gr, &mut dx, &mut dw);
+            return (dx, dw);
         }
         let chunk = g.images_per_chunk(self.col_budget);
         let mut col = Vec::new();
-        write_f32(dw, &mut dw_buf, |dw| {
-            for c in 0..g.n.div_ceil(chunk) {
-                let images = c * chunk..(c * chunk + chunk).min(g.n);
-                let np = images.len() * p;
-                g.im2col_into(x, xs, images.clone(), &mut col);
-                // The output gradient as (O, images · P), like the forward's product.
-                let mut dy = uninit::<f32>(g.oc * np);
-                dy.par_chunks_mut(np).enumerate().for_each(|(oi, row)| {
-                    for (r, ni) in row.chunks_exact_mut(p).zip(images.clone()) {
-                        copy_converted(&gr[(ni * g.oc + oi) * p..][..p], r);
-                    }
-                });
-                for gi in 0..g.groups {
-                    let dyg = Mat { data: &dy[gi * og * np..], rs: np, cs: 1 };
-                    let colt = Mat { data: &col[gi * kg * np..], rs: 1, cs: np };
-                    matmul(products, og, kg, np, dyg, colt, &mut dw[gi * og * kg..(gi + 1) * og * kg], c > 0);
+        for c in 0..g.n.div_ceil(chunk) {
+            let images = c * chunk..(c * chunk + chunk).min(g.n);
+            let np = images.len() * p;
+            g.im2col_into(x, xs, images.clone(), &mut col);
+            // The output gradient as (O, images · P), like the forward's product.
+            let mut dy = uninit::<f32>(g.oc * np);
+            dy.par_chunks_mut(np).enumerate().for_each(|(oi, row)| {
+                for (r, ni) in row.chunks_exact_mut(p).zip(images.clone()) {
+                    copy_converted(&gr[(ni * g.oc + oi) * p..][..p], r);
                 }
-                if !self.input_gradient {
-                    continue;
-                }
-                // `col` is no longer needed: it becomes dcol = Wᵀ · dy.
-                for gi in 0..g.groups {
-                    let wt = Mat { data: &w[gi * og * kg..], rs: 1, cs: kg };
-                    let dyg = Mat { data: &dy[gi * og * np..], rs: np, cs: 1 };
-                    matmul(products, kg, np, og, wt, dyg, &mut col[gi * kg * np..(gi + 1) * kg * np], false);
-                }
-                let dx = &mut dx[images.start * image_len..images.end * image_len];
-                dx.par_chunks_mut(image_len).enumerate().for_each_init(Vec::new, |buf, (i, d)| {
-                    write_f32(d, buf, |d| {
-                        d.fill(0.0);
-                        g.col2im(&col[i * p..], np, d)
-                    })
-                });
+            });
+            for gi in 0..g.groups {
+                let dyg = Mat { data: &dy[gi * og * np..], rs: np, cs: 1 };
+                let colt = Mat { data: &col[gi * kg * np..], rs: 1, cs: np };
+                matmul(products, og, kg, np, dyg, colt, &mut dw[gi * og * kg..(gi + 1) * og * kg], c > 0);
             }
-        });
-        out
+            if !self.input_gradient {
+                continue;
+            }
+            // `col` is no longer needed: it becomes dcol = Wᵀ · dy.
+            for gi in 0..g.groups {
+                let wt = Mat { data: &w[gi * og * kg..], rs: 1, cs: kg };
+                let dyg = Mat { data: &dy[gi * og * np..], rs: np, cs: 1 };
+                matmul(products, kg, np, og, wt, dyg, &mut col[gi * kg * np..(gi + 1) * kg * np], false);
+            }
+            let dx = &mut dx[images.start * image_len..images.end * image_len];
+            dx.par_chunks_mut(image_len).enumerate().for_each_init(Vec::new, |buf, (i, d)| {
+                write_f32(d, buf, |d| {
+                    d.fill(0.0);
+                    g.col2im(&col[i * p..], np, d)
+                })
+            });
+        }
+        (dx, dw)
     }
 }
 

@@ -122,7 +122,7 @@ pub(crate) fn convert_storage(storage: &CpuStorage, layout: &Layout, dtype: DTyp
 }
 
 /// `src` converted element by element (rounding to nearest even when narrowing), in parallel.
-fn convert<T: Elem, U: Elem>(src: &[T]) -> Vec<U> {
+pub(crate) fn convert<T: Elem, U: Elem>(src: &[T]) -> Vec<U> {
     let mut out = uninit::<U>(src.len());
     out.par_chunks_mut(CONVERT_CHUNK).zip(src.par_chunks(CONVERT_CHUNK)).for_each(|(o, s)| copy_converted(s, o));
     out
@@ -203,6 +203,16 @@ pub(crate) fn as_f32<'a, T: Elem>(op: &str, what: &str, data: &'a [T], layout: &
     Ok(match T::as_f32_slice(data) {
         Some(f) => Cow::Borrowed(f),
         None => Cow::Owned(data.iter().map(|v| v.to_f32()).collect()),
+    })
+}
+
+/// The weights of an op on `T` inputs, as f32: weights of type `T` converted (in parallel),
+/// or f32 master weights of mixed-precision training borrowed as they are.
+pub(crate) fn weight_as_f32<'a, T: Elem>(op: &str, w: &'a CpuStorage, layout: &Layout) -> Result<Cow<'a, [f32]>> {
+    let Some((start, end)) = layout.contiguous_offsets() else { bail!("{op}: the weight must be contiguous") };
+    Ok(match w {
+        CpuStorage::F32(w) => Cow::Borrowed(&w[start..end]),
+        _ => Cow::Owned(convert::<T, f32>(&same_dtype::<T>(op, w)?[start..end])),
     })
 }
 

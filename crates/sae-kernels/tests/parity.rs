@@ -668,6 +668,52 @@ fn cpu_kernels_take_bf16_and_round_the_f32_result_once() {
     });
 }
 
+/// Mixed precision's f32 master weights go into the convolution with a bf16 input as they
+/// are. With bf16-representable weights every product path computes the f32 reference's
+/// products exactly: the output and input gradient are that reference rounded once to bf16,
+/// and the weight gradient comes back in f32, never rounded to bf16 (f32 tolerance).
+/// Weights that bf16 cannot represent stay within one bf16 rounding of the weights.
+#[test]
+fn conv_takes_f32_master_weights_with_a_bf16_input() {
+    for (i, &(cfg, [n, c, h, w], wshape)) in CONV_CASES.iter().enumerate() {
+        let what = format!("{cfg:?} {:?} weight {wshape:?}", [n, c, h, w]);
+        let x_values = randn(700 + i as u64, &[n, c, h, w], DType::BF16);
+        let w_values = randn(800 + i as u64, &wshape, DType::BF16).to_dtype(DType::F32).unwrap();
+        let run = |dtype: DType, imp| {
+            let x = Var::from_tensor(&x_values.to_dtype(dtype).unwrap()).unwrap();
+            let k = Var::from_tensor(&w_values).unwrap();
+            let out = conv2d(&x, &k, cfg, imp).unwrap();
+            assert_eq!(out.dtype(), dtype, "{what}: output dtype");
+            let probe = randn(900 + i as u64, out.dims(), DType::BF16).to_dtype(dtype).unwrap();
+            let grads = (&out * probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let (dx, dk) = (grads.get(&x).unwrap().clone(), grads.get(&k).unwrap().clone());
+            assert_eq!((dx.dtype(), dk.dtype()), (dtype, DType::F32), "{what}: gradient dtypes");
+            (out, dx, dk)
+        };
+        let (out, dx, dk) = run(DType::BF16, Implementation::Fused);
+        let (out_ref, dx_ref, dk_ref) = run(DType::F32, Implementation::Reference);
+        assert_close(&format!("{what} output"), &out, &out_ref, BF16_ONCE_TOL);
+        assert_close(&format!("{what} d/dx"), &dx, &dx_ref, BF16_ONCE_TOL);
+        assert_close(&format!("{what} d/dweight"), &dk, &dk_ref, F32_TOL);
+    }
+    // Any f32 weights: rounded to bf16 (bf16 products) or not (f32 products), so within 2⁻⁸
+    // of the sum of |x·w| of the f32 reference.
+    let (cfg, [n, c, h, w], wshape) = CONV_CASES[CONV_CASES.len() - 1];
+    let x = randn(1, &[n, c, h, w], DType::BF16);
+    let k = randn(2, &wshape, DType::F32);
+    let out = conv2d(&x, &k, cfg, Implementation::Fused).unwrap().to_dtype(DType::F32).unwrap();
+    let x32 = x.to_dtype(DType::F32).unwrap();
+    let out_ref = conv2d(&x32, &k, cfg, Implementation::Reference).unwrap();
+    let magnitude = conv2d(&x32.abs().unwrap(), &k.abs().unwrap(), cfg, Implementation::Reference).unwrap();
+    let excess = ((out - out_ref).unwrap().abs().unwrap() - (magnitude * (1.0 / 256.0)).unwrap()).unwrap();
+    let worst = excess.max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(worst <= 1e-4, "the output is {worst} beyond 2⁻⁸ of Σ|x·w|");
+    // Any other mix of dtypes is an error that names both.
+    let err = conv2d(&x.to_dtype(DType::F16).unwrap(), &k.to_dtype(DType::BF16).unwrap(), cfg, Implementation::Fused);
+    let err = err.unwrap_err().to_string();
+    assert!(err.contains("BF16") && err.contains("F16"), "{err}");
+}
+
 /// `cast` rounds to nearest even and carries the gradient back in the input's type.
 #[test]
 fn cast_rounds_to_nearest_and_carries_the_gradient_back() {

@@ -90,13 +90,14 @@ impl Conv2d {
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let s = &self.spec;
-        let weight = cast(&self.weight, x.dtype())?;
         let y = if s.is_depthwise() {
             let cfg = DepthwiseConfig { stride: s.stride, padding: s.padding };
-            sae_kernels::depthwise_conv2d(x, &weight, cfg, self.kernels)?
+            sae_kernels::depthwise_conv2d(x, &cast(&self.weight, x.dtype())?, cfg, self.kernels)?
         } else {
+            // The convolution takes f32 (master) weights with a bf16 input as they are: no
+            // bf16 copy of them, and an f32 gradient (see `sae_kernels::conv2d`).
             let cfg = Conv2dConfig { stride: s.stride, padding: s.padding, groups: s.groups };
-            sae_kernels::conv2d(x, &weight, cfg, self.kernels)?
+            sae_kernels::conv2d(x, &self.weight, cfg, self.kernels)?
         };
         match &self.bias {
             Some(b) => y.broadcast_add(&cast(b, x.dtype())?.reshape((1, (), 1, 1))?),

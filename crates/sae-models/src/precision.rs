@@ -9,7 +9,10 @@
 //! sums on AMX tiles where the CPU has AMX-BF16, else with dot products where it has AVX-512
 //! BF16, and every other CPU kernel (and
 //! every kernel on other CPUs) converts to f32 for the arithmetic and rounds each result once
-//! (bf16 storage, f32 compute).
+//! (bf16 storage, f32 compute). The CPU convolutions (not the depthwise ones) take the f32
+//! weights themselves rather than bf16 copies: their bf16 kernels round them while packing,
+//! their f32 products (small multiplies, CPUs without bf16 products) use them unrounded, and
+//! their weight gradients are summed and returned in f32 (`sae_kernels::conv2d`).
 
 use candle_core::{DType, Device};
 use sae_kernels::Bf16Multiply;
