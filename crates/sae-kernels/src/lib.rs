@@ -56,7 +56,7 @@ mod ptx {
     include!(concat!(env!("OUT_DIR"), "/sae_ptx.rs"));
 }
 
-pub use adam::{adam_update, adam_update_reference, AdamStep};
+pub use adam::{adam_interleaved_applies, adam_update, adam_update_interleaved, adam_update_reference, AdamStep};
 pub use batch_norm::{batch_norm_eval, batch_norm_train, batch_norm_train_reference, BatchNormOutput};
 pub use cast::cast;
 pub use conv::{conv2d, conv2d_reference, Conv2dConfig};

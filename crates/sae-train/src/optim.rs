@@ -8,7 +8,7 @@
 use crate::{Error, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
-use sae_kernels::{adam_update, AdamStep, Implementation};
+use sae_kernels::{adam_interleaved_applies, adam_update, adam_update_interleaved, AdamStep, Implementation};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -67,7 +67,8 @@ impl OptimizerConfig {
     pub fn build(&self, vars: Vec<(String, Var)>, implementation: Implementation) -> Box<dyn Optimizer> {
         match *self {
             OptimizerConfig::Adam { lr, beta1, beta2, eps } => {
-                Box::new(Adam { lr, beta1, beta2, eps, implementation, params: Params::new(vars) })
+                let interleaved = vec![None; vars.len()];
+                Box::new(Adam { lr, beta1, beta2, eps, implementation, params: Params::new(vars), interleaved })
             }
             OptimizerConfig::Sgd { lr, momentum, nesterov, weight_decay, decoupled } => {
                 Box::new(Sgd { lr, momentum, nesterov, weight_decay, decoupled, params: Params::new(vars) })
@@ -169,6 +170,34 @@ pub struct Adam {
     eps: f64,
     implementation: Implementation,
     params: Params,
+    /// Per variable, with the fused kernels on the CPU: its moments as (m, v) pairs, updated
+    /// with the parameter in one pass (`sae_kernels::adam_update_interleaved`); the variable's
+    /// slots in `params.state` are then empty. Elsewhere the moments are tensors there.
+    interleaved: Vec<Option<Vec<f32>>>,
+}
+
+/// `m` and `v` (zeros where absent) as (m, v) pairs.
+fn interleave(m: Option<Var>, v: Option<Var>, len: usize) -> Result<Vec<f32>> {
+    if m.is_none() && v.is_none() {
+        return Ok(vec![0.0; 2 * len]);
+    }
+    let values = |t: Option<Var>| -> Result<Vec<f32>> {
+        Ok(match t {
+            Some(t) => t.as_tensor().flatten_all()?.to_vec1::<f32>()?,
+            None => vec![0.0; len],
+        })
+    };
+    let (m, v) = (values(m)?, values(v)?);
+    Ok(m.iter().zip(&v).flat_map(|(&m, &v)| [m, v]).collect())
+}
+
+/// (m, v) pairs as two tensors of `var`'s shape.
+fn deinterleave(pairs: &[f32], var: &Var) -> Result<(Tensor, Tensor)> {
+    let part = |i: usize| -> Result<Tensor> {
+        let values: Vec<f32> = pairs.iter().skip(i).step_by(2).copied().collect();
+        Ok(Tensor::from_vec(values, var.shape(), var.device())?)
+    };
+    Ok((part(0)?, part(1)?))
 }
 
 impl Optimizer for Adam {
@@ -177,8 +206,21 @@ impl Optimizer for Adam {
         let t = self.params.step as i32;
         let alpha = self.lr * (1.0 - self.beta2.powi(t)).sqrt() / (1.0 - self.beta1.powi(t));
         let step = AdamStep { beta1: self.beta1, beta2: self.beta2, eps: self.eps, alpha };
-        for ((_, var), (m, v)) in self.params.vars.iter().zip(self.params.state.iter_mut()) {
+        let slots = self.params.vars.iter().zip(self.params.state.iter_mut()).zip(self.interleaved.iter_mut());
+        for (((_, var), (m, v)), interleaved) in slots {
             let Some(g) = gradient(grads, var) else { continue };
+            if self.implementation == Implementation::Fused && adam_interleaved_applies(var, &g) {
+                let pairs = match interleaved {
+                    Some(pairs) => pairs,
+                    None => interleaved.insert(interleave(m.take(), v.take(), var.elem_count())?),
+                };
+                adam_update_interleaved(var, &g, pairs, step)?;
+                continue;
+            }
+            if let Some(pairs) = interleaved.take() {
+                let (m_values, v_values) = deinterleave(&pairs, var)?;
+                (*m, *v) = (Some(Var::from_tensor(&m_values)?), Some(Var::from_tensor(&v_values)?));
+            }
             let zeros = || Var::zeros(g.shape(), g.dtype(), g.device());
             let m = match m {
                 Some(m) => m,
@@ -206,10 +248,20 @@ impl Optimizer for Adam {
     }
 
     fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
-        self.params.state_tensors()
+        let mut out = self.params.state_tensors()?;
+        for ((name, var), pairs) in self.params.vars.iter().zip(&self.interleaved) {
+            if let Some(pairs) = pairs {
+                let (m, v) = deinterleave(pairs, var)?;
+                out.insert(format!("{name}.m"), m);
+                out.insert(format!("{name}.v"), v);
+            }
+        }
+        Ok(out)
     }
 
     fn load_state(&mut self, tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+        // The moments load as tensors; the next step interleaves them where it can.
+        self.interleaved.iter_mut().for_each(|pairs| *pairs = None);
         self.params.load_state(tensors, path)
     }
 }
