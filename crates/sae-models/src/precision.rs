@@ -24,7 +24,7 @@ pub enum Precision {
     /// Everything in the variables' type (f32).
     #[default]
     F32,
-    /// bf16 activations and weight copies, f32 master weights (see the module docs).
+    /// bf16 activations, f32 master weights (see the module docs).
     Bf16,
 }
 
