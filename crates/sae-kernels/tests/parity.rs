@@ -668,10 +668,11 @@ fn cpu_kernels_take_bf16_and_round_the_f32_result_once() {
     });
 }
 
-/// Mixed precision's f32 master weights go into the convolution with a bf16 input as they
-/// are. With bf16-representable weights every product path computes the f32 reference's
-/// products exactly: the output and input gradient are that reference rounded once to bf16,
-/// and the weight gradient comes back in f32, never rounded to bf16 (f32 tolerance).
+/// Mixed precision's f32 master weights go into the convolution with a bf16 (or f16) input
+/// as they are. With bf16-representable weights every product path computes the f32
+/// reference's products exactly: the output and input gradient are that reference rounded
+/// once to the input's type, and the weight gradient comes back in f32, never rounded
+/// (f32 tolerance).
 /// Weights that bf16 cannot represent stay within one bf16 rounding of the weights.
 #[test]
 fn conv_takes_f32_master_weights_with_a_bf16_input() {
@@ -690,11 +691,13 @@ fn conv_takes_f32_master_weights_with_a_bf16_input() {
             assert_eq!((dx.dtype(), dk.dtype()), (dtype, DType::F32), "{what}: gradient dtypes");
             (out, dx, dk)
         };
-        let (out, dx, dk) = run(DType::BF16, Implementation::Fused);
         let (out_ref, dx_ref, dk_ref) = run(DType::F32, Implementation::Reference);
-        assert_close(&format!("{what} output"), &out, &out_ref, BF16_ONCE_TOL);
-        assert_close(&format!("{what} d/dx"), &dx, &dx_ref, BF16_ONCE_TOL);
-        assert_close(&format!("{what} d/dweight"), &dk, &dk_ref, F32_TOL);
+        for dtype in [DType::BF16, DType::F16] {
+            let (out, dx, dk) = run(dtype, Implementation::Fused);
+            assert_close(&format!("{what} {dtype:?} output"), &out, &out_ref, BF16_ONCE_TOL);
+            assert_close(&format!("{what} {dtype:?} d/dx"), &dx, &dx_ref, BF16_ONCE_TOL);
+            assert_close(&format!("{what} {dtype:?} d/dweight"), &dk, &dk_ref, F32_TOL);
+        }
     }
     // Any f32 weights: rounded to bf16 (bf16 products) or not (f32 products), so within 2⁻⁸
     // of the sum of |x·w| of the f32 reference.
