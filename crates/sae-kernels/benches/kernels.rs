@@ -115,6 +115,11 @@ fn max_pool_benches(c: &mut Criterion) {
             group.bench_function(BenchmarkId::new(imp.name(), "fwd"), |b| {
                 b.iter(|| black_box(max_pool2d(&x, cfg, imp).unwrap()))
             });
+            // Inference: an input no gradient flows to (the fused op keeps no argmax).
+            let detached = x.as_tensor().detach();
+            group.bench_function(BenchmarkId::new(imp.name(), "fwd-no-grad"), |b| {
+                b.iter(|| black_box(max_pool2d(&detached, cfg, imp).unwrap()))
+            });
             group.bench_function(BenchmarkId::new(imp.name(), "fwd+bwd"), |b| {
                 b.iter(|| black_box(max_pool2d(&x, cfg, imp).unwrap().sum_all().unwrap().backward().unwrap()))
             });

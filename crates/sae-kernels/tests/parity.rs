@@ -154,6 +154,9 @@ const POOL_CASES: &[(MaxPoolConfig, [usize; 4])] = &[
     (MaxPoolConfig { kernel: 2, stride: 2, padding: 0 }, [2, 2, 6, 4]),
     (MaxPoolConfig { kernel: 3, stride: 1, padding: 1 }, [1, 4, 5, 5]),
     (MaxPoolConfig { kernel: 3, stride: 2, padding: 1 }, [1, 1, 1, 1]),
+    (MaxPoolConfig { kernel: 5, stride: 3, padding: 2 }, [2, 2, 11, 13]),
+    (MaxPoolConfig { kernel: 4, stride: 3, padding: 1 }, [1, 3, 10, 9]),
+    (MaxPoolConfig { kernel: 1, stride: 2, padding: 0 }, [1, 2, 5, 6]),
 ];
 
 #[test]
@@ -212,6 +215,74 @@ fn max_pool_fused_gradient_follows_its_tie_and_nan_rule() {
     let dx = (y * probe).unwrap().sum_all().unwrap().backward().unwrap();
     let dx = dx.get(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(dx, vec![0., 1., 0., 0., 0., 0., 2., 0., 0., 3., 0., 0.]);
+}
+
+/// Overlapping windows full of ties and NaNs (values from {0, 1, 2, NaN}), in f32 and bf16,
+/// against a plain loop over each window: the output is the window's maximum (NaN if it has
+/// one) and the gradient goes to its first maximum in row-major order, or its last NaN.
+#[test]
+fn max_pool_fused_gradient_follows_its_rule_in_overlapping_windows() {
+    let cases = [
+        (MaxPoolConfig { kernel: 3, stride: 2, padding: 1 }, (9, 8)),
+        (MaxPoolConfig { kernel: 3, stride: 1, padding: 1 }, (5, 7)),
+        (MaxPoolConfig { kernel: 5, stride: 3, padding: 2 }, (11, 10)),
+    ];
+    for (cfg, (h, w)) in cases {
+        let (oh, ow) = cfg.output_size(h, w).unwrap();
+        let c = 3;
+        let values: Vec<f32> = (0..c * h * w)
+            .map(|i| [0.0, 1.0, 2.0, 2.0, 1.0, f32::NAN][(i * 7 + i / 5) % if i < h * w { 5 } else { 6 }])
+            .collect();
+        let weights: Vec<f32> = (0..c * oh * ow).map(|i| 1.0 + i as f32).collect();
+        // The plain loop.
+        let (mut want_y, mut want_dx) = (vec![0f32; c * oh * ow], vec![0f32; c * h * w]);
+        for ci in 0..c {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut best: Option<(usize, f32)> = None;
+                    for y in (oy * cfg.stride).saturating_sub(cfg.padding)
+                        ..(oy * cfg.stride + cfg.kernel - cfg.padding).min(h)
+                    {
+                        for x in (ox * cfg.stride).saturating_sub(cfg.padding)
+                            ..(ox * cfg.stride + cfg.kernel - cfg.padding).min(w)
+                        {
+                            let (i, v) = (ci * h * w + y * w + x, values[ci * h * w + y * w + x]);
+                            best = match best {
+                                Some((_, b)) if !(v > b || v.is_nan()) => best,
+                                _ => Some((i, v)),
+                            };
+                        }
+                    }
+                    let (i, v) = best.unwrap();
+                    let o = (ci * oh + oy) * ow + ox;
+                    want_y[o] = v;
+                    want_dx[i] += weights[o];
+                }
+            }
+        }
+        for dtype in [DType::F32, DType::BF16] {
+            let what = format!("{cfg:?} {h}×{w} {dtype:?}");
+            let x = Var::from_tensor(
+                &Tensor::from_vec(values.clone(), (1, c, h, w), &Device::Cpu).unwrap().to_dtype(dtype).unwrap(),
+            )
+            .unwrap();
+            let y = max_pool2d(&x, cfg, Implementation::Fused).unwrap();
+            let got_y = y.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for (o, (&g, &want)) in got_y.iter().zip(&want_y).enumerate() {
+                assert!(g == want || (g.is_nan() && want.is_nan()), "{what}: output {o}: {g} vs {want}");
+            }
+            let probe =
+                Tensor::from_vec(weights.clone(), (1, c, oh, ow), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            // NaN outputs times their weight stay NaN in the loss; the gradient does not care.
+            let grads = (y * probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let dx =
+                grads.get(&x).unwrap().to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            // bf16 holds the integer sums here exactly up to 256; compare in bf16's precision.
+            for (i, (&g, &want)) in dx.iter().zip(&want_dx).enumerate() {
+                assert!((g - want).abs() <= want.abs() / 128.0, "{what}: dx[{i}]: {g} vs {want}");
+            }
+        }
+    }
 }
 
 #[test]
