@@ -346,17 +346,20 @@ pub(crate) fn matmul_threads(
     // The bf16 kernel rounds and repacks both operands on every call: packing `a` costs about
     // as much as 22 of its columns of multiplies and packing `b` as 22 of its rows, so it pays
     // (with `vdpbf16ps` at twice the f32 rate, on the EPYC) only for blocks with many of both:
-    // inference's small late-stage images (25 columns) and 64-channel layers stay on `gemm`.
-    // With AMX tiles, looser limits (1.5, and none) made no clear difference to the bf16 rows
-    // of `xtask bench-train-row` on the Xeon, so the limit is the same. The depth matters as
-    // well: AMX pads it to 32 and loads and stores its 32×32 block of `out` once per block of
+    // inference's small late-stage images (25 columns) stay on `gemm`, and with `vdpbf16ps`
+    // 64-channel layers too. AMX tiles take those (64 rows and at least 320 columns: the
+    // limit is 0.6 with AMX, 0.5 without): on the Xeon, alternating `xtask bench-train-row
+    // senetv2_resnet50 140 16 infer fused bf16` runs took 0.200–0.210 s at 0.5 and
+    // 0.186–0.191 s at 0.6 (layer 1's 3×3 and 256 → 64 products had been f32), training at
+    // 140×140 and 32×32 no slower; 1.0 was no faster. The depth matters as well: AMX pads it to 32 and loads and stores its 32×32 block of `out` once per block of
     // depth, which shallow products (the weight gradients of small images, depth = the
     // batch's pixels) do not repay: below a depth of 128 they stay on `gemm`. On the Xeon
     // that made a 32×32 ResNet-50 bf16 training step 5 % faster (0.149 → 0.137–0.144 s; 64:
     // 0.142–0.147, 256: 0.140–0.147), and 140×140 training and inference no slower.
     let (block_rows, block_cols) = if split_columns { (m, block) } else { (block, n) };
+    let limit = if crate::gemm_bf16::amx_available() { 0.6 } else { 0.5 };
     let multiply = if products == Products::Bf16
-        && 32.0 / block_rows as f64 + 32.0 / block_cols as f64 <= 0.5
+        && 32.0 / block_rows as f64 + 32.0 / block_cols as f64 <= limit
         && k >= BF16_MIN_DEPTH
     {
         crate::gemm_bf16::gemm_block
