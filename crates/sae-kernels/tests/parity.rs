@@ -115,6 +115,62 @@ fn excitation_fused_matches_reference_in_bf16_and_f16() {
     }
 }
 
+/// f32 master weights with a bf16 or f16 input: the fused CPU kernel uses them whole (no
+/// bf16 copy) and returns their gradients in f32, so its output and input gradient are the
+/// f32 computation rounded once, and the weight gradients are the f32 ones. The reference
+/// path casts them, and its weight gradients come back f32 through the cast.
+/// `excitation_backward` gives the same f32 weight gradients as the autograd path.
+#[test]
+fn excitation_takes_f32_master_weights_with_a_bf16_input() {
+    let (n, c, h, w, hidden) = (2, 64, 5, 5, 8);
+    for gate in [Gate::S, Gate::OnePlusS] {
+        // Input and output gradient hold bf16 values (exact in f16 at this scale as well).
+        let x_values = randn(30, &[n, c, h, w], DType::BF16);
+        let probe = randn(31, &[n, c, h, w], DType::BF16);
+        let wts = Weights::new(300, c, hidden, DType::F32);
+        let run = |dtype: DType, imp| {
+            let x = Var::from_tensor(&x_values.to_dtype(dtype).unwrap()).unwrap();
+            let out = excitation(&x, &wts.get(), gate, imp).unwrap();
+            assert_eq!(out.dtype(), dtype, "{gate:?}: output dtype");
+            let grads = (&out * probe.to_dtype(dtype).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+            let dx = grads.get(&x).unwrap().clone();
+            let dw: Vec<Tensor> = wts.vars().iter().map(|(_, v)| grads.get(v).unwrap().clone()).collect();
+            assert!(dw.iter().all(|d| d.dtype() == DType::F32), "{gate:?} {dtype:?}: weight gradients in f32");
+            (out, dx, dw)
+        };
+        let (out_ref, dx_ref, dw_ref) = run(DType::F32, Implementation::Reference);
+        for dtype in [DType::BF16, DType::F16] {
+            let what = format!("{gate:?} {dtype:?}");
+            let (out, dx, dw) = run(dtype, Implementation::Fused);
+            assert_close(&format!("{what} output"), &out, &out_ref, BF16_ONCE_TOL);
+            assert_close(&format!("{what} d/dx"), &dx, &dx_ref, BF16_ONCE_TOL);
+            for ((name, _), (d, d_ref)) in wts.vars().iter().zip(dw.iter().zip(&dw_ref)) {
+                assert_close(&format!("{what} d/d{name}"), d, d_ref, F32_TOL);
+            }
+            let (out, dx, dw) = run(dtype, Implementation::Reference);
+            assert_close(&format!("{what} reference output"), &out, &out_ref, BF16_TOL);
+            assert_close(&format!("{what} reference d/dx"), &dx, &dx_ref, BF16_TOL);
+            for ((name, _), (d, d_ref)) in wts.vars().iter().zip(dw.iter().zip(&dw_ref)) {
+                assert_close(&format!("{what} reference d/d{name}"), d, d_ref, BF16_TOL);
+            }
+        }
+        let x = x_values.clone();
+        let direct = excitation_backward(&x, &wts.get(), gate, &probe).unwrap();
+        let (_, dx_autograd, dw_autograd) = run(DType::BF16, Implementation::Fused);
+        assert_close(&format!("{gate:?} excitation_backward d/dx"), &direct.input, &dx_autograd, F32_TOL);
+        let direct_dw = [&direct.fc1_weight, &direct.fc1_bias, &direct.fc2_weight, &direct.fc2_bias];
+        for ((name, _), (d, d_ref)) in wts.vars().iter().zip(direct_dw.into_iter().zip(&dw_autograd)) {
+            assert_eq!(d.dtype(), DType::F32, "excitation_backward d/d{name} dtype");
+            assert_close(&format!("{gate:?} excitation_backward d/d{name}"), d, d_ref, F32_TOL);
+        }
+    }
+    // Any other mix of dtypes is an error that names both.
+    let x = randn(1, &[2, 16, 4, 4], DType::F16);
+    let wts = Weights::new(1, 16, 4, DType::BF16);
+    let err = excitation(&x, &wts.get(), Gate::S, Implementation::Fused).unwrap_err().to_string();
+    assert!(err.contains("BF16") && err.contains("F16"), "{err}");
+}
+
 #[test]
 fn excitation_reference_gradients_match_finite_differences() {
     for gate in [Gate::S, Gate::OnePlusS] {

@@ -7,7 +7,7 @@
 //! they already have it), which is how [`crate::Precision::Bf16`] reaches every layer.
 
 use crate::config::ModelConfig;
-use candle_core::{Module, ModuleT, Result, Tensor, Var};
+use candle_core::{DType, Module, ModuleT, Result, Tensor, Var};
 use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
 use candle_nn::{Init, VarBuilder};
 use sae_kernels::cast;
@@ -252,7 +252,10 @@ impl Module for Excitation {
             stacked = (Tensor::cat(&w, 0)?, Tensor::cat(&b, 0)?);
             (&stacked.0, &stacked.1)
         };
-        let like_x = |t: &Tensor| cast(t, x.dtype());
+        // f32 weights stay f32 with a bf16 or f16 input: `excitation` takes them as master
+        // weights (the CPU kernel computes in f32) or casts them itself.
+        let master = matches!(x.dtype(), DType::BF16 | DType::F16);
+        let like_x = |t: &Tensor| if master && t.dtype() == DType::F32 { Ok(t.clone()) } else { cast(t, x.dtype()) };
         let (w1, b1, w2, b2) = (like_x(w1)?, like_x(b1)?, like_x(self.fc2.weight())?, like_x(self.fc2.bias())?);
         let weights = ExcitationWeights { fc1_weight: &w1, fc1_bias: &b1, fc2_weight: &w2, fc2_bias: &b2 };
         sae_kernels::excitation(x, &weights, self.gate, self.kernels)

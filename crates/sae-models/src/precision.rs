@@ -12,7 +12,8 @@
 //! (bf16 storage, f32 compute). The CPU convolutions (not the depthwise ones) take the f32
 //! weights themselves rather than bf16 copies: their bf16 kernels round them while packing,
 //! their f32 products (small multiplies, CPUs without bf16 products) use them unrounded, and
-//! their weight gradients are summed and returned in f32 (`sae_kernels::conv2d`).
+//! their weight gradients are summed and returned in f32 (`sae_kernels::conv2d`). The SE/SaE
+//! excitation's CPU kernel does the same with its dense layers' weights (it computes in f32).
 
 use candle_core::{DType, Device};
 use sae_kernels::Bf16Multiply;

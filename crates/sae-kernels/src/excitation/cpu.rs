@@ -3,7 +3,7 @@
 //! the input gradient (backward).
 
 use super::op::ExcitationOp;
-use crate::cpu::{as_f32, axpy, matmul_threads, min_planes_per_task, sum, sum_and_dot, uninit, Elem, Mat, Products};
+use crate::cpu::{axpy, matmul_threads, min_planes_per_task, sum, sum_and_dot, uninit, Elem, Mat, Products};
 use crate::layout::Strided4;
 use candle_core::{bail, Layout, Result};
 use rayon::prelude::*;
@@ -49,9 +49,9 @@ impl ExcitationOp {
         (ht, s)
     }
 
-    pub(crate) fn cpu_forward<T: Elem>(&self, x: &[T], xl: &Layout, p: &[T], pl: &Layout) -> Result<Vec<T>> {
+    /// The forward pass; `p` is the parameters in f32 (converted, or f32 master weights).
+    pub(crate) fn cpu_forward<T: Elem>(&self, x: &[T], xl: &Layout, p: &[f32]) -> Result<Vec<T>> {
         let xs = Strided4::new("excitation", "input", xl)?;
-        let p = as_f32("excitation", "parameters", p, pl)?;
         self.check(&xs, p.len())?;
         let [n, c, _, _] = xs.dims;
         let hw = xs.plane_len();
@@ -72,7 +72,7 @@ impl ExcitationOp {
                 total * inv_hw
             })
             .collect();
-        let (_, s) = self.gates(&p, &z);
+        let (_, s) = self.gates(p, &z);
         let mut out = uninit::<T>(n * c * hw);
         out.par_chunks_mut(hw).with_min_len(min_len).enumerate().for_each(|(plane, out)| {
             let g = self.gate.factor(s[plane]);
@@ -88,21 +88,24 @@ impl ExcitationOp {
         Ok(out)
     }
 
+    /// The backward pass; `p` as in [`Self::cpu_forward`]. With `packed`, the parameters'
+    /// gradient follows the input's in the returned vector, in `T`; otherwise the vector is
+    /// the input's gradient and the parameters' comes second, in f32.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn cpu_backward<T: Elem>(
         &self,
         x: &[T],
         xl: &Layout,
-        p: &[T],
-        pl: &Layout,
+        p: &[f32],
         g: &[T],
         gl: &Layout,
-    ) -> Result<Vec<T>> {
+        packed: bool,
+    ) -> Result<(Vec<T>, Vec<f32>)> {
         let xs = Strided4::new("excitation backward", "input", xl)?;
         let gs = Strided4::new("excitation backward", "output gradient", gl)?;
         if gs.dims != xs.dims {
             bail!("excitation backward: gradient shape {:?} differs from input shape {:?}", gs.dims, xs.dims)
         }
-        let p = as_f32("excitation backward", "parameters", p, pl)?;
         self.check(&xs, p.len())?;
         let [n, c, _, _] = xs.dims;
         let hd = self.hidden;
@@ -136,7 +139,7 @@ impl ExcitationOp {
             )
             .collect();
         let z: Vec<f32> = sums.iter().map(|s| s.0).collect();
-        let (ht, s) = self.gates(&p, &z);
+        let (ht, s) = self.gates(p, &z);
 
         // The dense layers for the whole batch, weights on the left as in `gates`:
         // da = ds·s(1−s), dhᵀ = W2ᵀ daᵀ masked by the ReLU, dzᵀ = W1ᵀ dhᵀ, and the parameter
@@ -153,17 +156,16 @@ impl ExcitationOp {
         let mut dzt = vec![0f32; c * n];
         dense_matmul(c, n, hd, Mat { data: w1, rs: 1, cs: c }, Mat { data: &dht, rs: n, cs: 1 }, &mut dzt);
 
-        // The parameter gradients go straight into the packed output when it is f32.
+        // The parameter gradients go straight into the packed output when it is f32, into
+        // their own f32 vector when not packed.
         let numel = n * c * hw;
-        let mut out = uninit::<T>(numel + o.len);
+        let mut out = uninit::<T>(numel + if packed { o.len } else { 0 });
         let (dx, dparams) = out.split_at_mut(numel);
-        let mut converted = Vec::new();
+        let direct = packed && T::DTYPE == candle_core::DType::F32;
+        let mut separate = if direct { Vec::new() } else { uninit::<f32>(o.len) };
         let dp = match T::as_f32_slice_mut(dparams) {
-            Some(dp) => dp,
-            None => {
-                converted = uninit::<f32>(o.len);
-                &mut converted
-            }
+            Some(dp) if direct => dp,
+            _ => &mut separate,
         };
         dense_matmul(hd, c, n, Mat { data: &dht, rs: n, cs: 1 }, Mat { data: &z, rs: c, cs: 1 }, &mut dp[..o.b1]);
         dense_matmul(c, hd, n, Mat { data: &da, rs: 1, cs: c }, Mat { data: &ht, rs: 1, cs: n }, &mut dp[o.w2..o.b2]);
@@ -175,8 +177,9 @@ impl ExcitationOp {
         for row in da.chunks(c) {
             axpy(1.0, row, db2);
         }
-        for (d, v) in dparams.iter_mut().zip(&converted) {
-            *d = T::from_f32(*v);
+        if packed && !direct {
+            dparams.iter_mut().zip(&separate).for_each(|(d, &v)| *d = T::from_f32(v));
+            separate = Vec::new();
         }
 
         // Pass 2: dx = g·gate(s) + dz/HW, written straight into the packed output.
@@ -185,7 +188,7 @@ impl ExcitationOp {
             let shift = dzt[(plane % c) * n + plane / c] * inv_hw;
             gs.for_each_in_plane(g, plane / c, plane % c, |k, v| dx[k] = T::from_f32(v.to_f32() * factor + shift));
         });
-        Ok(out)
+        Ok((out, separate))
     }
 }
 

@@ -30,10 +30,12 @@ mod op;
 
 pub use op::Gate;
 
-use crate::cpu::{dispatch_float, same_dtype, unpack};
+use crate::cpu::{dispatch_float, same_dtype, unpack, weight_as_f32};
 use crate::Implementation;
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use op::{ExcitationBackwardOp, ExcitationOp};
+use std::sync::Mutex;
 
 /// The dense layers of an SE (K = 1) or SaE (K > 1) module.
 ///
@@ -77,6 +79,11 @@ impl ExcitationWeights<'_> {
 
 /// Applies the excitation with the chosen implementation.
 ///
+/// The weights have `x`'s dtype, or are all f32 with a bf16 or f16 `x`: the f32 master
+/// weights of mixed-precision training, which the fused CPU kernel uses as they are and
+/// whose gradients it returns in f32 (see `master_weights` in the source); the other paths
+/// cast them to `x`'s dtype first.
+///
 /// # Shapes
 /// * `x`: (N, C, H, W), any strides; the weights as in [`ExcitationWeights`]
 /// * returns (N, C, H, W), contiguous
@@ -86,10 +93,28 @@ pub fn excitation(
     gate: Gate,
     implementation: Implementation,
 ) -> Result<Tensor> {
+    if master_weights(x, weights) && !(implementation == Implementation::Fused && x.device().is_cpu()) {
+        let cast = |t: &Tensor| crate::cast(t, x.dtype());
+        let (w1, b1, w2, b2) =
+            (cast(weights.fc1_weight)?, cast(weights.fc1_bias)?, cast(weights.fc2_weight)?, cast(weights.fc2_bias)?);
+        let weights = ExcitationWeights { fc1_weight: &w1, fc1_bias: &b1, fc2_weight: &w2, fc2_bias: &b2 };
+        return excitation(x, &weights, gate, implementation);
+    }
     match implementation {
         Implementation::Reference => excitation_reference(x, weights, gate),
         Implementation::Fused => excitation_fused(x, weights, gate),
     }
+}
+
+/// Whether the weights are the f32 master weights of mixed-precision training for a bf16 or
+/// f16 input (all four f32). The fused CPU kernel takes them as they are: it computes in f32
+/// anyway, so a bf16 copy per step would only be rounded and converted back, and their
+/// gradient is returned in f32. Every other path casts them to the input's dtype first.
+fn master_weights(x: &Tensor, weights: &ExcitationWeights) -> bool {
+    matches!(x.dtype(), DType::BF16 | DType::F16)
+        && [weights.fc1_weight, weights.fc1_bias, weights.fc2_weight, weights.fc2_bias]
+            .iter()
+            .all(|t| t.dtype() == DType::F32)
 }
 
 /// The excitation composed of plain Candle ops; the definition the fused op is tested against.
@@ -137,17 +162,31 @@ pub fn excitation_backward(
     gate: Gate,
     grad: &Tensor,
 ) -> Result<ExcitationGradients> {
+    if master_weights(x, weights) && !x.device().is_cpu() {
+        bail!("excitation_backward: f32 master weights with a {:?} input are for the CPU kernel only", x.dtype())
+    }
     let (op, params) = fused_operands(x, weights, gate)?;
-    let packed = x.apply_op3_no_bwd(&params, grad, &ExcitationBackwardOp(op))?;
-    let shapes = [
-        x.dims(),
-        weights.fc1_weight.dims(),
-        weights.fc1_bias.dims(),
-        weights.fc2_weight.dims(),
-        weights.fc2_bias.dims(),
-    ];
-    let [input, fc1_weight, fc1_bias, fc2_weight, fc2_bias] = unpack(&packed, shapes)?;
+    let (input, params) = op.backward(x, &params, grad)?;
+    let shapes =
+        [weights.fc1_weight.dims(), weights.fc1_bias.dims(), weights.fc2_weight.dims(), weights.fc2_bias.dims()];
+    let [fc1_weight, fc1_bias, fc2_weight, fc2_bias] = unpack(&params.flatten_all()?, shapes)?;
     Ok(ExcitationGradients { input, fc1_weight, fc1_bias, fc2_weight, fc2_bias })
+}
+
+impl ExcitationOp {
+    /// The gradients for `x` (its shape) and for the packed parameters (1-D, their dtype).
+    fn backward(&self, x: &Tensor, params: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+        let op = ExcitationBackwardOp(*self, Mutex::default());
+        let out = x.apply_op3_no_bwd(params, grad, &op)?;
+        if params.dtype() == x.dtype() {
+            let [dx, dparams] = unpack(&out, [x.dims(), params.dims()])?;
+            return Ok((dx, dparams));
+        }
+        match op.1.into_inner() {
+            Ok(Some(dparams)) => Ok((out.reshape(x.dims())?, dparams)),
+            _ => bail!("excitation backward: the kernel left no parameter gradient"),
+        }
+    }
 }
 
 /// Checks the weights against `x` and packs them for the fused ops.
@@ -160,8 +199,12 @@ fn fused_operands(x: &Tensor, weights: &ExcitationWeights, gate: Gate) -> Result
         ("fc2_weight", weights.fc2_weight),
         ("fc2_bias", weights.fc2_bias),
     ] {
-        if t.dtype() != x.dtype() {
-            bail!("excitation: {name} has dtype {:?} but the input has {:?}", t.dtype(), x.dtype())
+        if t.dtype() != x.dtype() && !master_weights(x, weights) {
+            bail!(
+                "excitation: {name} has dtype {:?} but the input has {:?} (and the weights are not all f32 master weights for a bf16 or f16 input)",
+                t.dtype(),
+                x.dtype()
+            )
         }
     }
     // One flat parameter tensor keeps the op at two operands; Candle's `cat` backward splits
@@ -185,8 +228,8 @@ impl CustomOp2 for ExcitationOp {
 
     fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, p: &CpuStorage, pl: &Layout) -> Result<(CpuStorage, Shape)> {
         let out = dispatch_float!("excitation", x, |x: T| {
-            let p = same_dtype::<T>("excitation", p)?;
-            T::to_cpu_storage_owned(self.cpu_forward::<T>(x, xl, p, pl)?)
+            let p = weight_as_f32::<T>("excitation", p, pl)?;
+            T::to_cpu_storage_owned(self.cpu_forward::<T>(x, xl, &p)?)
         });
         Ok((out, xl.shape().clone()))
     }
@@ -220,8 +263,7 @@ impl CustomOp2 for ExcitationOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let packed = x.apply_op3_no_bwd(params, grad, &ExcitationBackwardOp(*self))?;
-        let [dx, dparams] = unpack(&packed, [x.dims(), params.dims()])?;
+        let (dx, dparams) = self.backward(x, params, grad)?;
         Ok((Some(dx), Some(dparams)))
     }
 }
@@ -240,12 +282,24 @@ impl CustomOp3 for ExcitationBackwardOp {
         g: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = dispatch_float!("excitation backward", x, |x: T| {
-            let p = same_dtype::<T>("excitation backward", p)?;
-            let g = same_dtype::<T>("excitation backward", g)?;
-            T::to_cpu_storage_owned(self.0.cpu_backward::<T>(x, xl, p, pl, g, gl)?)
+        let op = "excitation backward";
+        // f32 master weights with a narrower input: their gradient goes to the slot, in f32.
+        let packed = BackendStorage::dtype(p) == BackendStorage::dtype(x);
+        let (out, dparams) = dispatch_float!(op, x, |x: T| {
+            let params = weight_as_f32::<T>(op, p, pl)?;
+            let g = same_dtype::<T>(op, g)?;
+            let (out, dparams) = self.0.cpu_backward::<T>(x, xl, &params, g, gl, packed)?;
+            (T::to_cpu_storage_owned(out), dparams)
         });
-        Ok((out, Shape::from(xl.shape().elem_count() + self.0.offsets().len)))
+        if packed {
+            return Ok((out, Shape::from(xl.shape().elem_count() + self.0.offsets().len)));
+        }
+        let dparams = Tensor::from_vec(dparams, pl.shape(), &candle_core::Device::Cpu)?;
+        match self.1.lock() {
+            Ok(mut slot) => *slot = Some(dparams),
+            Err(_) => bail!("{op}: the parameter gradient's slot is poisoned"),
+        }
+        Ok((out, Shape::from(xl.shape().elem_count())))
     }
 
     #[cfg(feature = "cuda")]

@@ -61,8 +61,11 @@ pub(crate) struct ExcitationOp {
 }
 
 /// Backward op: (x, packed params, output gradient) → [dx | dparams] packed in one 1-D tensor.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ExcitationBackwardOp(pub ExcitationOp);
+/// With f32 master weights and a bf16 or f16 input (CPU only), the parameters' gradient is
+/// f32 and comes back in the slot (`.1`) rather than packed after the input's gradient: a
+/// custom op returns one storage of one dtype.
+#[derive(Debug)]
+pub(crate) struct ExcitationBackwardOp(pub ExcitationOp, pub std::sync::Mutex<Option<candle_core::Tensor>>);
 
 /// Offsets of the four parameter blocks inside the packed parameter vector.
 pub(crate) struct ParamOffsets {
