@@ -27,7 +27,7 @@
 
 use crate::cpu::{
     as_f32, contiguous, convert, copy_converted, dispatch_float, matmul, matmul_threads, read_f32, same_dtype, uninit,
-    weight_as_f32, write_f32, Elem, Mat, Products,
+    weight_as_f32, write_f32, Elem, GradientSlot, Mat, Products,
 };
 use crate::layout::Strided4;
 use crate::Implementation;
@@ -35,7 +35,6 @@ use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType,
 };
 use rayon::prelude::*;
-use std::sync::Mutex;
 
 /// Stride, zero padding and channel groups of a convolution (dilation 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -369,7 +368,7 @@ struct ConvBackward {
     cfg: Conv2dConfig,
     col_budget: usize,
     input_gradient: bool,
-    weight_gradient: Mutex<Option<Tensor>>,
+    weight_gradient: GradientSlot,
 }
 
 impl CustomOp2 for Conv {
@@ -394,13 +393,10 @@ impl CustomOp2 for Conv {
             cfg: self.cfg,
             col_budget: self.col_budget,
             input_gradient,
-            weight_gradient: Mutex::default(),
+            weight_gradient: GradientSlot::default(),
         };
         let dx = x.apply_op3_no_bwd(w, &grad.contiguous()?, &op)?;
-        let dw = match op.weight_gradient.into_inner() {
-            Ok(Some(dw)) => dw,
-            _ => bail!("conv2d backward: the kernel left no weight gradient"),
-        };
+        let dw = op.weight_gradient.take("conv2d backward")?;
         Ok((input_gradient.then_some(dx), Some(dw)))
     }
 }
@@ -582,10 +578,7 @@ impl CustomOp3 for ConvBackward {
             };
             (T::to_cpu_storage_owned(dx), dw)
         });
-        match self.weight_gradient.lock() {
-            Ok(mut slot) => *slot = Some(dw),
-            Err(_) => bail!("{op}: the weight gradient's slot is poisoned"),
-        }
+        self.weight_gradient.put(op, dw)?;
         let shape = if self.input_gradient { Shape::from((g.n, g.c, g.h, g.w)) } else { Shape::from(0) };
         Ok((dx, shape))
     }

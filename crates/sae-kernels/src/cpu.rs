@@ -351,8 +351,9 @@ pub(crate) fn matmul_threads(
     // limit is 0.6 with AMX, 0.5 without): on the Xeon, alternating `xtask bench-train-row
     // senetv2_resnet50 140 16 infer fused bf16` runs took 0.200–0.210 s at 0.5 and
     // 0.186–0.191 s at 0.6 (layer 1's 3×3 and 256 → 64 products had been f32), training at
-    // 140×140 and 32×32 no slower; 1.0 was no faster. The depth matters as well: AMX pads it to 32 and loads and stores its 32×32 block of `out` once per block of
-    // depth, which shallow products (the weight gradients of small images, depth = the
+    // 140×140 and 32×32 no slower; 1.0 was no faster. The depth matters as well: AMX pads
+    // it to 32 and loads and stores its 32×32 block of `out` once per block of depth, which
+    // shallow products (the weight gradients of small images, depth = the
     // batch's pixels) do not repay: below a depth of 128 they stay on `gemm`. On the Xeon
     // that made a 32×32 ResNet-50 bf16 training step 5 % faster (0.149 → 0.137–0.144 s; 64:
     // 0.142–0.147, 256: 0.140–0.147), and 140×140 training and inference no slower.
@@ -489,6 +490,31 @@ unsafe fn gemm_strided(
             false,
             gemm::Parallelism::None,
         )
+    }
+}
+
+/// A gradient a backward op computes beside its output, in another dtype than the output
+/// (f32 for the f32 master weights of a bf16 input): a custom op returns one storage of one
+/// dtype, so its CPU kernel leaves this one here for the op's `bwd` to take.
+#[derive(Debug, Default)]
+pub(crate) struct GradientSlot(std::sync::Mutex<Option<Tensor>>);
+
+impl GradientSlot {
+    /// Leaves `gradient` in the slot (`op` names the kernel in errors).
+    pub(crate) fn put(&self, op: &str, gradient: Tensor) -> Result<()> {
+        match self.0.lock() {
+            Ok(mut slot) => *slot = Some(gradient),
+            Err(_) => bail!("{op}: the gradient slot is poisoned"),
+        }
+        Ok(())
+    }
+
+    /// The gradient the kernel left, or an error naming `op` if it left none.
+    pub(crate) fn take(self, op: &str) -> Result<Tensor> {
+        match self.0.into_inner() {
+            Ok(Some(gradient)) => Ok(gradient),
+            _ => bail!("{op}: the kernel left no gradient in its slot"),
+        }
     }
 }
 

@@ -471,9 +471,9 @@ mod amx {
             // two lines `cs` apart; depth step by depth step, the rows are read in order, a
             // loop over contiguous values makes the words (it vectorises), and they are stored
             // `pairs` apart, in lines that stay in L1. Together with the u16 writes below, a
-            // 140×140 ResNet-50 bf16 step on the Xeon went from 0.75–0.77 to 0.72–0.73 s;
-            // `pack_rows` is still 9 % of it (`results/train-profile.md`), as `Wᵀ` is packed
-            // again for every image.
+            // 140×140 ResNet-50 bf16 step on the Xeon went from 0.75–0.77 to 0.72–0.73 s.
+            // (Packing `Wᵀ` once per convolution instead of per image gained nothing
+            // measurable: `results/train-profile.md`.)
             let mut words = [0u32; 64];
             for q in 0..depth.div_ceil(2) {
                 let even = first + (p0 + 2 * q) * a.cs;

@@ -30,12 +30,11 @@ mod op;
 
 pub use op::Gate;
 
-use crate::cpu::{dispatch_float, same_dtype, unpack, weight_as_f32};
+use crate::cpu::{dispatch_float, same_dtype, unpack, weight_as_f32, GradientSlot};
 use crate::Implementation;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use op::{ExcitationBackwardOp, ExcitationOp};
-use std::sync::Mutex;
 
 /// The dense layers of an SE (K = 1) or SaE (K > 1) module.
 ///
@@ -176,16 +175,14 @@ pub fn excitation_backward(
 impl ExcitationOp {
     /// The gradients for `x` (its shape) and for the packed parameters (1-D, their dtype).
     fn backward(&self, x: &Tensor, params: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
-        let op = ExcitationBackwardOp(*self, Mutex::default());
+        let op = ExcitationBackwardOp(*self, GradientSlot::default());
         let out = x.apply_op3_no_bwd(params, grad, &op)?;
         if params.dtype() == x.dtype() {
             let [dx, dparams] = unpack(&out, [x.dims(), params.dims()])?;
             return Ok((dx, dparams));
         }
-        match op.1.into_inner() {
-            Ok(Some(dparams)) => Ok((out.reshape(x.dims())?, dparams)),
-            _ => bail!("excitation backward: the kernel left no parameter gradient"),
-        }
+        let dparams = op.1.take("excitation backward")?;
+        Ok((out.reshape(x.dims())?, dparams))
     }
 }
 
@@ -193,13 +190,14 @@ impl ExcitationOp {
 fn fused_operands(x: &Tensor, weights: &ExcitationWeights, gate: Gate) -> Result<(ExcitationOp, Tensor)> {
     let (_, channels, _, _) = x.dims4()?;
     let hidden = weights.hidden(channels)?;
+    let master = master_weights(x, weights);
     for (name, t) in [
         ("fc1_weight", weights.fc1_weight),
         ("fc1_bias", weights.fc1_bias),
         ("fc2_weight", weights.fc2_weight),
         ("fc2_bias", weights.fc2_bias),
     ] {
-        if t.dtype() != x.dtype() && !master_weights(x, weights) {
+        if t.dtype() != x.dtype() && !master {
             bail!(
                 "excitation: {name} has dtype {:?} but the input has {:?} (and the weights are not all f32 master weights for a bf16 or f16 input)",
                 t.dtype(),
@@ -295,10 +293,7 @@ impl CustomOp3 for ExcitationBackwardOp {
             return Ok((out, Shape::from(xl.shape().elem_count() + self.0.offsets().len)));
         }
         let dparams = Tensor::from_vec(dparams, pl.shape(), &candle_core::Device::Cpu)?;
-        match self.1.lock() {
-            Ok(mut slot) => *slot = Some(dparams),
-            Err(_) => bail!("{op}: the parameter gradient's slot is poisoned"),
-        }
+        self.1.put(op, dparams)?;
         Ok((out, Shape::from(xl.shape().elem_count())))
     }
 

@@ -65,7 +65,7 @@ pub(crate) struct ExcitationOp {
 /// f32 and comes back in the slot (`.1`) rather than packed after the input's gradient: a
 /// custom op returns one storage of one dtype.
 #[derive(Debug)]
-pub(crate) struct ExcitationBackwardOp(pub ExcitationOp, pub std::sync::Mutex<Option<candle_core::Tensor>>);
+pub(crate) struct ExcitationBackwardOp(pub ExcitationOp, pub crate::cpu::GradientSlot);
 
 /// Offsets of the four parameter blocks inside the packed parameter vector.
 pub(crate) struct ParamOffsets {
