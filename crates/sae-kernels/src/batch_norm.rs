@@ -104,7 +104,7 @@ fn relu_if(t: Tensor, relu: bool) -> Result<Tensor> {
 
 /// The gradient reaching the input of an op's fused ReLU, from the op's output:
 /// `grad · (output > 0)` when `relu` is set, else `grad` itself (contiguous).
-fn gradient_before_relu(output: &Tensor, grad: &Tensor, relu: bool) -> Result<Tensor> {
+pub(crate) fn gradient_before_relu(output: &Tensor, grad: &Tensor, relu: bool) -> Result<Tensor> {
     if relu {
         crate::relu::relu_gradient(output, grad)
     } else {
@@ -149,12 +149,37 @@ pub fn batch_norm_eval(
             bail!("batch_norm: {name} must be ({c}) for {c} channels, got {:?}", t.dims())
         }
     }
-    // In f32 whatever the input's type (bf16 would round every intermediate), then rounded
-    // once to it.
+    let (scale, shift) = batch_norm_eval_affine(weight, bias, running_mean, running_var, eps)?;
+    channel_affine(x, &scale, &shift, relu, implementation)
+}
+
+/// Eval-mode BatchNorm as a per-channel `(scale, shift)`, both f32 (C):
+/// `scale = γ/√(var + ε)`, `shift = β − mean·scale`, computed with Candle ops (so gradients
+/// reach γ and β) in f32 whatever the parameters' type (bf16 would round every intermediate).
+pub fn batch_norm_eval_affine(
+    weight: &Tensor,
+    bias: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
     let f32 = |t: &Tensor| crate::cast(t, DType::F32);
     let scale = (f32(weight)? / (f32(running_var)? + eps)?.sqrt()?)?;
     let shift = (f32(bias)? - (f32(running_mean)? * &scale)?)?;
-    let (scale, shift) = (crate::cast(&scale, x.dtype())?, crate::cast(&shift, x.dtype())?);
+    Ok((scale, shift))
+}
+
+/// `x·scale[c] + shift[c]` per channel of `x` (N, C, H, W), then a ReLU when `relu` is set;
+/// `scale` and `shift` (C) of any float type are rounded once to `x`'s.
+pub fn channel_affine(
+    x: &Tensor,
+    scale: &Tensor,
+    shift: &Tensor,
+    relu: bool,
+    implementation: Implementation,
+) -> Result<Tensor> {
+    let c = x.dim(1)?;
+    let (scale, shift) = (crate::cast(scale, x.dtype())?, crate::cast(shift, x.dtype())?);
     match implementation {
         Implementation::Fused if crate::has_fused_kernel(x) => {
             x.apply_op3(&scale.contiguous()?, &shift.contiguous()?, ChannelAffine { relu })

@@ -26,8 +26,8 @@
 //! `conv_transpose2d` kernel. Elsewhere [`conv2d`] runs the reference (Candle's `conv2d`).
 
 use crate::cpu::{
-    as_f32, contiguous, convert, copy_converted, dispatch_float, matmul, matmul_threads, read_f32, same_dtype, uninit,
-    weight_as_f32, write_f32, Elem, GradientSlot, Mat, Products,
+    as_f32, contiguous, convert, copy_converted, dispatch_float, f32_contiguous, matmul, matmul_threads,
+    min_planes_per_task, read_f32, same_dtype, uninit, weight_as_f32, write_f32, Elem, GradientSlot, Mat, Products,
 };
 use crate::layout::Strided4;
 use crate::Implementation;
@@ -180,6 +180,48 @@ impl Geometry {
         self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
     }
 
+    /// `dw [+]= dy · colᵀ` for every group over `np` pixels: `dy` is (O × np), `col` the
+    /// unrolled input (C·kh·kw rows of np, `col.rs` apart), `dw` (O × C/groups·kh·kw), or each
+    /// group's transpose when `transposed`.
+    #[allow(clippy::too_many_arguments)]
+    fn weight_gradient(
+        &self,
+        products: Products,
+        transposed: bool,
+        threads: usize,
+        dy: &[f32],
+        np: usize,
+        col: Mat,
+        dw: &mut [f32],
+        accumulate: bool,
+    ) {
+        let (kg, og) = (self.rows_per_group(), self.out_per_group());
+        for gi in 0..self.groups {
+            let block = &mut dw[gi * og * kg..(gi + 1) * og * kg];
+            let (dy, rs) = (&dy[gi * og * np..], col.rs);
+            let col = &col.data[gi * kg * rs..];
+            if transposed {
+                let (col, dyt) = (Mat { data: col, rs, cs: 1 }, Mat { data: dy, rs: 1, cs: np });
+                matmul_threads(products, threads, kg, og, np, col, dyt, block, accumulate);
+            } else {
+                let (dy, colt) = (Mat { data: dy, rs: np, cs: 1 }, Mat { data: col, rs: 1, cs: rs });
+                matmul_threads(products, threads, og, kg, np, dy, colt, block, accumulate);
+            }
+        }
+    }
+
+    /// Each group's dWᵀ (C/groups·kh·kw × O/groups) in `dwt`, written transposed into `dw`.
+    fn untranspose_weight_gradient(&self, dwt: &[f32], dw: &mut [f32]) {
+        let (kg, og) = (self.rows_per_group(), self.out_per_group());
+        for (dw, dwt) in dw.chunks_exact_mut(og * kg).zip(dwt.chunks_exact(og * kg)) {
+            for (k, row) in dwt.chunks_exact(og).enumerate() {
+                for (o, &v) in row.iter().enumerate() {
+                    dw[o * kg + k] = v;
+                }
+            }
+        }
+    }
+
     /// Whether images are multiplied one at a time (see the module doc).
     fn per_image(&self) -> bool {
         self.pixels() >= PER_IMAGE_PIXELS || self.n == 1
@@ -241,11 +283,7 @@ const COL_BUDGET: usize = 16 << 20;
 /// them, its f32 products take them whole, and their gradient comes back f32, summed in f32
 /// and never rounded to bf16. Every other path converts them to `x`'s type first.
 pub fn conv2d(x: &Tensor, weight: &Tensor, cfg: Conv2dConfig, implementation: Implementation) -> Result<Tensor> {
-    Geometry::new(x.dims(), weight.dims(), cfg)?;
-    let master_weights = weight.dtype() == DType::F32 && matches!(x.dtype(), DType::BF16 | DType::F16);
-    if weight.dtype() != x.dtype() && !master_weights {
-        bail!("conv2d: weight dtype {:?} differs from input dtype {:?} (and is not f32 master weights for a bf16 or f16 input)", weight.dtype(), x.dtype())
-    }
+    check_operands(x, weight, cfg)?;
     match implementation {
         Implementation::Fused if x.device().is_cpu() && crate::has_fused_kernel(x) => {
             x.apply_op2(&weight.contiguous()?, Conv { cfg, col_budget: COL_BUDGET })
@@ -254,6 +292,58 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, cfg: Conv2dConfig, implementation: Im
             conv2d_unrolled(x, &crate::cast(weight, x.dtype())?, cfg)
         }
         _ => conv2d_reference(x, &crate::cast(weight, x.dtype())?, cfg),
+    }
+}
+
+/// The shapes of a convolution and the dtypes [`conv2d`] accepts.
+fn check_operands(x: &Tensor, weight: &Tensor, cfg: Conv2dConfig) -> Result<()> {
+    Geometry::new(x.dims(), weight.dims(), cfg)?;
+    let master_weights = weight.dtype() == DType::F32 && matches!(x.dtype(), DType::BF16 | DType::F16);
+    if weight.dtype() != x.dtype() && !master_weights {
+        bail!("conv2d: weight dtype {:?} differs from input dtype {:?} (and is not f32 master weights for a bf16 or f16 input)", weight.dtype(), x.dtype())
+    }
+    Ok(())
+}
+
+/// `max(conv2d(x, weight)·scale[c] + shift[c], 0)` per output channel `c` (without the
+/// `max` unless `relu`): a convolution followed by eval-mode BatchNorm (see
+/// [`crate::batch_norm_eval_affine`]) and its ReLU, as one op.
+///
+/// On the CPU the fused kernel applies the scale, shift and ReLU to each image's output right
+/// after its multiply, while it is in cache, instead of in a pass of its own over the whole
+/// output; everything else is [`conv2d`]'s (`weight` may be f32 master weights with a bf16 or
+/// f16 input). Its backward, for eval-mode fine-tuning, recomputes the convolution's output
+/// (it is not kept) for the gradient of `scale`. `scale` and `shift` (O) may have any float
+/// type; the kernel applies them in f32. Elsewhere the two ops run one after the other.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_affine(
+    x: &Tensor,
+    weight: &Tensor,
+    cfg: Conv2dConfig,
+    scale: &Tensor,
+    shift: &Tensor,
+    relu: bool,
+    implementation: Implementation,
+) -> Result<Tensor> {
+    let oc = weight.dims().first().copied().unwrap_or(0);
+    for (name, t) in [("scale", scale), ("shift", shift)] {
+        if t.dims() != [oc] {
+            bail!("conv2d_affine: {name} must be ({oc}) for {oc} output channels, got {:?}", t.dims())
+        }
+    }
+    match implementation {
+        Implementation::Fused if x.device().is_cpu() && crate::has_fused_kernel(x) => {
+            check_operands(x, weight, cfg)?;
+            let affine = Tensor::stack(&[crate::cast(scale, DType::F32)?, crate::cast(shift, DType::F32)?], 0)?;
+            x.apply_op3(&weight.contiguous()?, &affine, ConvAffine { conv: Conv { cfg, col_budget: COL_BUDGET }, relu })
+        }
+        _ => crate::batch_norm::channel_affine(
+            &conv2d(x, weight, cfg, implementation)?,
+            scale,
+            shift,
+            relu,
+            implementation,
+        ),
     }
 }
 
@@ -382,7 +472,7 @@ impl CustomOp2 for Conv {
         let xs = Strided4::new(op, "input", xl)?;
         let out = dispatch_float!(op, x, |x: T| {
             let w = weight_as_f32::<T>(op, w, wl)?;
-            T::to_cpu_storage_owned(self.forward(&g, x, &xs, &w))
+            T::to_cpu_storage_owned(self.forward(&g, x, &xs, &w, None))
         });
         Ok((out, Shape::from((g.n, g.oc, g.oh, g.ow))))
     }
@@ -401,10 +491,87 @@ impl CustomOp2 for Conv {
     }
 }
 
+/// [`conv2d_affine`]'s op: (x, weight, [scale; shift] as an f32 (2, O)) → the scaled,
+/// shifted (and clamped) convolution.
+struct ConvAffine {
+    conv: Conv,
+    relu: bool,
+}
+
+/// A per-channel `v·scale + shift`, clamped at 0 when `relu`, applied to each output plane.
+#[derive(Clone, Copy)]
+struct Epilogue<'a> {
+    scale: &'a [f32],
+    shift: &'a [f32],
+    relu: bool,
+}
+
+impl Epilogue<'_> {
+    fn apply(&self, channel: usize, plane: &mut [f32]) {
+        let (scale, shift) = (self.scale[channel], self.shift[channel]);
+        if self.relu {
+            plane.iter_mut().for_each(|v| *v = (*v * scale + shift).max(0.0));
+        } else {
+            plane.iter_mut().for_each(|v| *v = *v * scale + shift);
+        }
+    }
+}
+
+impl CustomOp3 for ConvAffine {
+    fn name(&self) -> &'static str {
+        "sae-conv2d-affine"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+        affine: &CpuStorage,
+        al: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = "conv2d_affine";
+        let g = Geometry::new(xl.dims(), wl.dims(), self.conv.cfg)?;
+        let xs = Strided4::new(op, "input", xl)?;
+        let affine = f32_contiguous(op, "scale and shift", affine, al)?;
+        if affine.len() != 2 * g.oc {
+            bail!("{op}: scale and shift have {} values for {} output channels", affine.len(), g.oc)
+        }
+        let (scale, shift) = affine.split_at(g.oc);
+        let epilogue = Epilogue { scale, shift, relu: self.relu };
+        let out = dispatch_float!(op, x, |x: T| {
+            let w = weight_as_f32::<T>(op, w, wl)?;
+            T::to_cpu_storage_owned(self.conv.forward(&g, x, &xs, &w, Some(epilogue)))
+        });
+        Ok((out, Shape::from((g.n, g.oc, g.oh, g.ow))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        affine: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // The convolution's own output, recomputed: dscale = Σ dv·conv.
+        let conv = x.detach().apply_op2_no_bwd(&w.detach(), &self.conv)?;
+        let dv = crate::batch_norm::gradient_before_relu(res, grad, self.relu)?.to_dtype(DType::F32)?;
+        let dshift = dv.sum((0, 2, 3))?;
+        let dscale = (&dv * conv.to_dtype(DType::F32)?)?.sum((0, 2, 3))?;
+        let scale = affine.get(0)?.reshape((1, (), 1, 1))?;
+        let dconv = dv.broadcast_mul(&scale)?.to_dtype(x.dtype())?;
+        let (dx, dw) = self.conv.bwd(x, w, &conv, &dconv)?;
+        Ok((dx, dw, Some(Tensor::stack(&[dscale, dshift], 0)?)))
+    }
+}
+
 impl Conv {
     /// The forward pass in f32 arithmetic on any element type (bf16 and f16 converted as
-    /// they are read and written).
-    fn forward<T: Elem>(&self, g: &Geometry, x: &[T], xs: &Strided4, w: &[f32]) -> Vec<T> {
+    /// they are read and written), with `epilogue` applied to each output plane before it is
+    /// written (per image, while the image's output is in cache).
+    fn forward<T: Elem>(&self, g: &Geometry, x: &[T], xs: &Strided4, w: &[f32], epilogue: Option<Epilogue>) -> Vec<T> {
         let products = Products::for_operands::<T>();
         let (p, kg, og) = (g.pixels(), g.rows_per_group(), g.out_per_group());
         // Every element is written by a multiply (without accumulation) or a copy below.
@@ -428,6 +595,15 @@ impl Conv {
                             &mut out[gi * og * p..(gi + 1) * og * p],
                             false,
                         );
+                    }
+                    if let Some(e) = epilogue {
+                        // In parallel where the multiply was (a batch smaller than the pool).
+                        if threads > 1 {
+                            let planes = out.par_chunks_mut(p).with_min_len(min_planes_per_task(p));
+                            planes.enumerate().for_each(|(c, plane)| e.apply(c, plane));
+                        } else {
+                            out.chunks_exact_mut(p).enumerate().for_each(|(c, plane)| e.apply(c, plane));
+                        }
                     }
                 })
             };
@@ -454,9 +630,16 @@ impl Conv {
                 matmul(products, og, np, kg, wg, colg, &mut y[gi * og * np..(gi + 1) * og * np], false);
             }
             // (O, images · P) → (images, O, P).
-            out.par_chunks_mut(p).enumerate().for_each(|(plane, o)| {
+            out.par_chunks_mut(p).enumerate().for_each_init(Vec::new, |buf, (plane, o)| {
                 let (i, oi) = (plane / g.oc, plane % g.oc);
-                copy_converted(&y[oi * np + i * p..][..p], o);
+                let y = &y[oi * np + i * p..][..p];
+                match epilogue {
+                    Some(e) => write_f32(o, buf, |o| {
+                        o.copy_from_slice(y);
+                        e.apply(oi, o)
+                    }),
+                    None => copy_converted(y, o),
+                }
             });
         }
         out
@@ -491,27 +674,26 @@ impl ConvBackward {
         };
         // dcol = Wᵀ · dy; for a pointwise convolution dcol is dx itself.
         let pointwise = g.is_pointwise();
+        // Where packing dy is cheaper than packing the unrolled input, the weight gradient is
+        // summed transposed: the `gemm` crate runs its tiles along the output's contiguous
+        // dimension and packs the operand that runs along it by transposing it (both are
+        // contiguous along the depth, the pixels), so for dWᵀ (C·kh·kw × O) it transposes dy
+        // (O × pixels) rather than the unrolled input (C·kh·kw × pixels), 9 times less for a
+        // 3×3 convolution. dWᵀ goes into dW once per range of images. Only for f32 products
+        // of whole images: ResNet-50 140×140 f32 training on the Xeon, alternating `xtask
+        // bench-train-row`, backward 0.500–0.514 → 0.487–0.490 s; in the batched path below
+        // (small images, depth = the batch's pixels) the 32×32 backward took twice as long,
+        // and the bf16 kernels pack their own way (bf16 140×140 backward 0.37 → 0.41 s).
+        let transposed = products == Products::F32 && og < kg;
         let image_range = |r: usize, mut dx: Option<&mut [T]>, dw: &mut [f32]| {
             let (mut scratch, mut dy_buf, mut dx_buf) = (Vec::new(), Vec::new(), Vec::new());
             let mut dcol = if dx.is_some() && !pointwise { uninit::<f32>(g.groups * kg * p) } else { Vec::new() };
+            let mut dwt = if transposed { uninit::<f32>(dw.len()) } else { Vec::new() };
             for (i, n) in (r * per_range..((r + 1) * per_range).min(g.n)).enumerate() {
                 let dy = read_f32(&gr[n * g.oc * p..(n + 1) * g.oc * p], &mut dy_buf);
                 let col = g.image_matrix(x, xs, n, &mut scratch);
-                for gi in 0..g.groups {
-                    let dyg = Mat { data: &dy[gi * og * p..], rs: p, cs: 1 };
-                    let colt = Mat { data: &col.data[gi * kg * col.rs..], rs: 1, cs: col.rs };
-                    matmul_threads(
-                        products,
-                        threads,
-                        og,
-                        kg,
-                        p,
-                        dyg,
-                        colt,
-                        &mut dw[gi * og * kg..(gi + 1) * og * kg],
-                        i > 0,
-                    );
-                }
+                let target = if transposed { &mut dwt[..] } else { &mut dw[..] };
+                g.weight_gradient(products, transposed, threads, dy, p, col, target, i > 0);
                 let Some(dx) = dx.as_deref_mut() else { continue };
                 write_f32(&mut dx[i * image_len..(i + 1) * image_len], &mut dx_buf, |dx| {
                     let target: &mut [f32] = if pointwise { dx } else { &mut dcol };
@@ -526,6 +708,9 @@ impl ConvBackward {
                         g.col2im(&dcol, p, dx);
                     }
                 });
+            }
+            if transposed {
+                g.untranspose_weight_gradient(&dwt, dw);
             }
         };
         if ranges == 1 {
@@ -610,11 +795,8 @@ impl ConvBackward {
                     copy_converted(&gr[(ni * g.oc + oi) * p..][..p], r);
                 }
             });
-            for gi in 0..g.groups {
-                let dyg = Mat { data: &dy[gi * og * np..], rs: np, cs: 1 };
-                let colt = Mat { data: &col[gi * kg * np..], rs: 1, cs: np };
-                matmul(products, og, kg, np, dyg, colt, &mut dw[gi * og * kg..(gi + 1) * og * kg], c > 0);
-            }
+            let threads = rayon::current_num_threads();
+            g.weight_gradient(products, false, threads, &dy, np, Mat { data: &col, rs: np, cs: 1 }, &mut dw, c > 0);
             if !self.input_gradient {
                 continue;
             }

@@ -57,9 +57,12 @@ mod ptx {
 }
 
 pub use adam::{adam_interleaved_applies, adam_update, adam_update_interleaved, adam_update_reference, AdamStep};
-pub use batch_norm::{batch_norm_eval, batch_norm_train, batch_norm_train_reference, BatchNormOutput};
+pub use batch_norm::{
+    batch_norm_eval, batch_norm_eval_affine, batch_norm_train, batch_norm_train_reference, channel_affine,
+    BatchNormOutput,
+};
 pub use cast::cast;
-pub use conv::{conv2d, conv2d_reference, Conv2dConfig};
+pub use conv::{conv2d, conv2d_affine, conv2d_reference, Conv2dConfig};
 pub use depthwise::{depthwise_conv2d, depthwise_conv2d_reference, DepthwiseConfig};
 pub use excitation::{
     excitation, excitation_backward, excitation_reference, ExcitationGradients, ExcitationWeights, Gate,

@@ -443,6 +443,39 @@ fn conv_fused_matches_reference_forward_and_backward() {
     }
 }
 
+/// A convolution with eval-mode BatchNorm (and its ReLU) as one op: the fused kernel applies
+/// the scale and shift to each image's output as it is multiplied, in both the per-image and
+/// the batched paths; its output and the gradients of all four operands match the reference
+/// convolution followed by the reference scale and shift.
+#[test]
+fn conv_affine_fused_matches_reference_forward_and_backward() {
+    for (i, &(cfg, [n, c, h, w], wshape)) in CONV_CASES.iter().enumerate() {
+        let (relu, strided) = (i % 2 == 0, i % 3 == 0);
+        let what = format!("{cfg:?} {:?} weight {wshape:?} strided={strided} relu={relu}", [n, c, h, w]);
+        let (xv, x) = input(90 + i as u64, n, c, h, w, strided, DType::F32);
+        let k = var(110 + i as u64, &wshape, DType::F32);
+        let (scale, shift) =
+            (var(130 + i as u64, &[wshape[0]], DType::F32), var(150 + i as u64, &[wshape[0]], DType::F32));
+        let vars = [("x", &xv), ("weight", &k), ("scale", &scale), ("shift", &shift)];
+        assert_fused_matches_reference(&what, &vars, 5, F32_TOL, |imp| {
+            conv2d_affine(&x, k.as_tensor(), cfg, scale.as_tensor(), shift.as_tensor(), relu, imp).unwrap()
+        });
+    }
+}
+
+#[test]
+fn conv_affine_rejects_a_scale_or_shift_of_the_wrong_length() {
+    let cfg = Conv2dConfig { stride: 1, padding: 1, groups: 1 };
+    let (x, k) = (randn(1, &[2, 4, 5, 5], DType::F32), randn(2, &[6, 4, 3, 3], DType::F32));
+    let (good, bad) = (randn(3, &[6], DType::F32), randn(4, &[4], DType::F32));
+    for imp in [Implementation::Fused, Implementation::Reference] {
+        let err = conv2d_affine(&x, &k, cfg, &bad, &good, true, imp).unwrap_err().to_string();
+        assert!(err.contains("scale must be (6)") && err.contains("[4]"), "{err}");
+        let err = conv2d_affine(&x, &k, cfg, &good, &bad, true, imp).unwrap_err().to_string();
+        assert!(err.contains("shift must be (6)"), "{err}");
+    }
+}
+
 /// A network's first convolution reads a plain tensor: only the weight gradient is
 /// computed, and it is still right.
 #[test]
@@ -707,6 +740,13 @@ const BF16_ONCE_TOL: (f64, f64) = (1e-5, 4e-3);
 /// which reach about the largest output here.
 const BF16_EVAL_TOL: (f64, f64) = (1e-2, 4e-3);
 
+/// Where a gradient rounded to bf16 is summed again over many products (the backward of a
+/// convolution with eval-mode BatchNorm rounds the convolution's output gradient once before
+/// the convolution's backward, as the two separate ops do, and its scale's gradient sums the
+/// bf16 output): the rounding errors, 2⁻⁹ of each term, add up to a fraction of the largest
+/// gradient rather than of each element.
+const BF16_SUMMED_TOL: (f64, f64) = (4e-2, 4e-3);
+
 /// The CPU kernels' mixed precision: on bf16 operands an op computes in f32 and rounds its
 /// result once, so its output and every gradient match the f32 reference run on the same
 /// (bf16-representable) values within one bf16 rounding. `op` gets the operands (and the
@@ -768,6 +808,15 @@ fn cpu_kernels_take_bf16_and_round_the_f32_result_once() {
                 |t, imp| conv2d(&t[0], &t[1], cfg, imp).unwrap(),
             );
         }
+    }
+    // Not the 65×64 stem case: its gradients sum over 1,056 pixels of one image, and their
+    // bf16 error is 2⁻⁹ of the largest (66.9 for the scale), beyond any per-element bound.
+    for (i, &(cfg, x, k)) in CONV_CASES.iter().enumerate().filter(|(i, _)| i % 3 == 0 && *i != 12) {
+        let what = format!("conv affine {cfg:?} {x:?} weight {k:?}");
+        let shapes: [&[usize]; 4] = [&x, &k, &k[..1], &k[..1]];
+        assert_bf16_rounds_the_reference_once(&what, &shapes, false, 350 + i as u64, BF16_SUMMED_TOL, |t, imp| {
+            conv2d_affine(&t[0], &t[1], cfg, &t[2], &t[3], i % 2 == 0, imp).unwrap()
+        });
     }
     for (i, &[n, c, h, w]) in BATCH_NORM_CASES.iter().enumerate() {
         for (strided, relu) in [(false, false), (true, true)] {

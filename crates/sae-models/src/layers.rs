@@ -85,6 +85,22 @@ impl Conv2d {
     pub fn spec(&self) -> &ConvSpec {
         &self.spec
     }
+
+    /// `max(conv(x)·scale + shift, 0)` per output channel (without the `max` unless `relu`)
+    /// as one op where the convolution is not depthwise (`sae_kernels::conv2d_affine`); a
+    /// bias folds into the shift.
+    fn forward_affine(&self, x: &Tensor, scale: &Tensor, shift: &Tensor, relu: bool) -> Result<Tensor> {
+        let s = &self.spec;
+        let shift = match &self.bias {
+            Some(b) => (shift + (cast(b, DType::F32)? * scale)?)?,
+            None => shift.clone(),
+        };
+        if s.is_depthwise() {
+            return sae_kernels::channel_affine(&self.forward(x)?, scale, &shift, relu, self.kernels);
+        }
+        let cfg = Conv2dConfig { stride: s.stride, padding: s.padding, groups: s.groups };
+        sae_kernels::conv2d_affine(x, &self.weight, cfg, scale, &shift, relu, self.kernels)
+    }
 }
 
 impl Module for Conv2d {
@@ -137,6 +153,12 @@ impl BatchNorm {
     /// BatchNorm followed by a ReLU, fused into one op (`max(BN(x), 0)`).
     pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.forward_maybe_relu(x, train, true)
+    }
+
+    /// Eval mode as a per-channel `(scale, shift)`, f32 (see `sae_kernels::batch_norm_eval_affine`).
+    fn eval_affine(&self) -> Result<(Tensor, Tensor)> {
+        let (mean, var) = (self.running_mean.as_tensor(), self.running_var.as_tensor());
+        sae_kernels::batch_norm_eval_affine(&self.weight, &self.bias, mean, var, self.eps)
     }
 
     fn forward_maybe_relu(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
@@ -279,14 +301,24 @@ impl ConvBn {
         Ok(Self { conv, bn })
     }
 
-    /// Convolution, BatchNorm and a ReLU (the last two fused).
+    /// Convolution, BatchNorm and a ReLU (the last two fused; in eval mode all three).
     pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.bn.forward_relu_t(&x.apply(&self.conv)?, train)
+        self.forward_maybe_relu(x, train, true)
+    }
+
+    /// In eval mode BatchNorm is a per-channel scale and shift, which the convolution
+    /// applies to each image's output while it is in cache (no pass of its own).
+    fn forward_maybe_relu(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        if train {
+            return self.bn.forward_maybe_relu(&x.apply(&self.conv)?, train, relu);
+        }
+        let (scale, shift) = self.bn.eval_affine()?;
+        self.conv.forward_affine(x, &scale, &shift, relu)
     }
 }
 
 impl ModuleT for ConvBn {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        x.apply(&self.conv)?.apply_t(&self.bn, train)
+        self.forward_maybe_relu(x, train, false)
     }
 }
