@@ -137,9 +137,15 @@ impl Geometry {
             if self.stride == 1 && xs.strides[3] == 1 {
                 copy_converted(&x[start + ix0..start + ix0 + hi - lo], &mut out[lo..hi]);
             } else {
-                let step = self.stride * xs.strides[3];
-                for (j, o) in out[lo..hi].iter_mut().enumerate() {
-                    *o = x[start + ix0 * xs.strides[3] + j * step].to_f32();
+                let (step, first, out) = (self.stride * xs.strides[3], start + ix0 * xs.strides[3], &mut out[lo..hi]);
+                // Every `step`-th value from `first`. Stride 2 (ResNet's stem and downsampling)
+                // as pairs, which the compiler turns into vector shuffles (an indexed loop
+                // stays scalar), where the row's last pair lies inside `x`.
+                match x.get(first..first + 2 * out.len()) {
+                    Some(pairs) if step == 2 => {
+                        out.iter_mut().zip(pairs.chunks_exact(2)).for_each(|(o, pair)| *o = pair[0].to_f32())
+                    }
+                    _ => out.iter_mut().zip(x[first..].iter().step_by(step)).for_each(|(o, v)| *o = v.to_f32()),
                 }
             }
         }
@@ -159,14 +165,18 @@ impl Geometry {
                     for (oy, src) in row.chunks_exact(self.ow).enumerate() {
                         let Some(iy) = self.input_row(oy, ky) else { continue };
                         let ix0 = lo * self.stride + kx - self.pad;
-                        let dst = &mut plane[iy * self.w..(iy + 1) * self.w];
+                        let (first, src) = (iy * self.w + ix0, &src[lo..hi]);
                         if self.stride == 1 {
-                            for (d, &s) in dst[ix0..ix0 + hi - lo].iter_mut().zip(&src[lo..hi]) {
-                                *d += s;
-                            }
+                            plane[first..first + src.len()].iter_mut().zip(src).for_each(|(d, &s)| *d += s);
                         } else {
-                            for (j, &s) in src[lo..hi].iter().enumerate() {
-                                dst[ix0 + j * self.stride] += s;
+                            // As pairs for stride 2 (as in `im2col_row`), where the last fits.
+                            match plane.get_mut(first..first + 2 * src.len()) {
+                                Some(pairs) if self.stride == 2 => {
+                                    pairs.chunks_exact_mut(2).zip(src).for_each(|(pair, &s)| pair[0] += s)
+                                }
+                                _ => {
+                                    plane[first..].iter_mut().step_by(self.stride).zip(src).for_each(|(d, &s)| *d += s)
+                                }
                             }
                         }
                     }
