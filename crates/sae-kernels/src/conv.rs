@@ -11,6 +11,11 @@
 //! * input gradient: `dcol = Wᵀ · dy`, then col2im adds each column back where it was read
 //! * weight gradient: `dW += dy · colᵀ`, summed over the batch
 //!
+//! A 3×3 stride-1 ungrouped convolution (most of ResNet's 3×3 ones) with f32 products takes
+//! Winograd's F(2×2, 3×3) algorithm instead for its output and its input gradient
+//! (`crate::winograd`: 16 multiplies per 2×2 output pixels instead of 36, the input expanded 4
+//! times instead of 9); its weight gradient is still unrolled.
+//!
 //! Images with at least [`PER_IMAGE_PIXELS`] output pixels (and batches of one) run one
 //! multiply per image and group, written straight into the image's place in the output:
 //! images are spread over rayon tasks when there are at least as many as threads (each
@@ -30,6 +35,7 @@ use crate::cpu::{
     min_planes_per_task, read_f32, same_dtype, uninit, weight_as_f32, write_f32, Elem, GradientSlot, Mat, Products,
 };
 use crate::layout::Strided4;
+use crate::winograd::{transform_weights, Winograd};
 use crate::Implementation;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType,
@@ -183,6 +189,12 @@ impl Geometry {
                 }
             }
         }
+    }
+
+    /// Winograd's shapes for a 3×3 stride-1 ungrouped convolution with padding up to 2.
+    fn winograd(&self) -> Option<Winograd> {
+        let square = self.kh == 3 && self.kw == 3 && self.stride == 1 && self.groups == 1;
+        square.then(|| Winograd::new(self.n, self.c, self.h, self.w, self.oc, self.pad)).flatten()
     }
 
     /// A 1×1 stride-1 unpadded convolution: the unrolled input is the input itself.
@@ -586,6 +598,15 @@ impl Conv {
         let (p, kg, og) = (g.pixels(), g.rows_per_group(), g.out_per_group());
         // Every element is written by a multiply (without accumulation) or a copy below.
         let mut out = uninit::<T>(g.n * g.oc * p);
+        if let Some(winograd) = g.winograd().filter(|_| products == Products::F32) {
+            let u = transform_weights(w, g.oc, g.c, false);
+            winograd.forward(x, xs, &u, &mut out, |c, plane| {
+                if let Some(e) = epilogue {
+                    e.apply(c, plane)
+                }
+            });
+            return out;
+        }
         if g.per_image() {
             let pool = rayon::current_num_threads();
             let image = |threads: usize, (scratch, y): &mut (Vec<f32>, Vec<f32>), n: usize, out: &mut [T]| {
@@ -667,7 +688,7 @@ impl ConvBackward {
         xs: &Strided4,
         w: &[f32],
         gr: &[T],
-        dx: &mut [T],
+        dx: Option<&mut [T]>,
         dw: &mut [f32],
     ) {
         let (p, kg, og) = (g.pixels(), g.rows_per_group(), g.out_per_group());
@@ -677,10 +698,9 @@ impl ConvBackward {
         // Each range multiplies on one thread when there are enough images for all threads.
         let (ranges, threads) = if g.n >= pool { (pool, 1) } else { (1, pool) };
         let per_range = g.n.div_ceil(ranges);
-        let mut dx_ranges: Vec<Option<&mut [T]>> = if self.input_gradient {
-            dx.chunks_mut(per_range * image_len).map(Some).collect()
-        } else {
-            (0..g.n.div_ceil(per_range)).map(|_| None).collect()
+        let mut dx_ranges: Vec<Option<&mut [T]>> = match dx {
+            Some(dx) => dx.chunks_mut(per_range * image_len).map(Some).collect(),
+            None => (0..g.n.div_ceil(per_range)).map(|_| None).collect(),
         };
         // dcol = Wᵀ · dy; for a pointwise convolution dcol is dx itself.
         let pointwise = g.is_pointwise();
@@ -786,10 +806,19 @@ impl ConvBackward {
         let (p, kg, og) = (g.pixels(), g.rows_per_group(), g.out_per_group());
         let image_len = if self.input_gradient { g.c * g.h * g.w } else { 0 };
         // Every element is written below: dW by its first multiply or a copy, dx by a
-        // multiply or zero-filled before col2im adds into it.
+        // multiply or zero-filled before col2im adds into it, or by Winograd's convolution.
         let (mut dx, mut dw) = (uninit::<T>(g.n * image_len), uninit::<f32>(g.oc * kg));
+        let winograd = g.winograd().filter(|_| self.input_gradient && products == Products::F32);
+        if let Some(winograd) = winograd {
+            let u = transform_weights(w, g.oc, g.c, true);
+            let dims = [g.n, g.oc, g.oh, g.ow];
+            let dys = Strided4 { dims, strides: [g.oc * p, p, g.ow, 1], offset: 0 };
+            winograd.input_gradient().forward(gr, &dys, &u, &mut dx, |_, _| ());
+        }
+        // dx by unrolling, where Winograd's convolution does not take it.
+        let unrolled_dx = self.input_gradient && winograd.is_none();
         if g.per_image() {
-            self.backward_per_image(g, x, xs, w, gr, &mut dx, &mut dw);
+            self.backward_per_image(g, x, xs, w, gr, unrolled_dx.then_some(&mut dx[..]), &mut dw);
             return (dx, dw);
         }
         let chunk = g.images_per_chunk(self.col_budget);
@@ -807,7 +836,7 @@ impl ConvBackward {
             });
             let threads = rayon::current_num_threads();
             g.weight_gradient(products, false, threads, &dy, np, Mat { data: &col, rs: np, cs: 1 }, &mut dw, c > 0);
-            if !self.input_gradient {
+            if !unrolled_dx {
                 continue;
             }
             // `col` is no longer needed: it becomes dcol = Wᵀ · dy.

@@ -49,6 +49,7 @@ mod gemm_bf16;
 mod layout;
 pub mod max_pool;
 pub mod relu;
+mod winograd;
 
 /// The PTX of every `src/cuda/*.cu` file, one `&str` constant per file (`build.rs`).
 #[cfg(feature = "cuda")]

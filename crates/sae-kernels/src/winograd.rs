@@ -1,0 +1,261 @@
+//! Winograd's F(2×2, 3×3) convolution (Lavin and Gray, "Fast Algorithms for Convolutional
+//! Neural Networks", 2016) for 3×3, stride-1, ungrouped convolutions on the CPU in f32.
+//!
+//! Each 2×2 block of output pixels ("tile") is computed from the 4×4 input block around it
+//! with 16 multiplies per (input, output) channel pair instead of 36:
+//!
+//! ```text
+//! Y = Aᵀ [ (G g Gᵀ) ⊙ (Bᵀ d B) ] A
+//! ```
+//!
+//! where `d` is the 4×4 input block, `g` the 3×3 filter and `⊙` the element-wise product.
+//! Summed over input channels, each of the 16 positions of that product is one matrix
+//! multiply: `M[t] (O × tiles) = U[t] (O × C) · V[t] (C × tiles)`, with `U = G g Gᵀ` (the
+//! transformed weights) and `V = Bᵀ d B` (the transformed input). The input is expanded 4
+//! times (16 values per 4 pixels) instead of im2col's 9, and the multiplies are 16/36 of the
+//! direct ones for even output sizes. The transforms are additions only; in f32 their
+//! rounding is a few ulps of the terms (the parity tests hold the same tolerance as im2col's).
+//!
+//! The input gradient of such a convolution is one too: the output gradient convolved with
+//! the weights rotated by 180° and their channel axes swapped, padded by `2 − padding`
+//! ([`transform_weights`] with `rotate`).
+
+use crate::cpu::{matmul_threads, plane_f32, uninit, write_f32, Elem, Mat, Products};
+use crate::layout::Strided4;
+use rayon::prelude::*;
+
+/// Tiles per multiply at least, where the batch has them: the 16 products of a chunk of
+/// images run one per rayon task, and below this they are too narrow for the gemm kernels.
+const MIN_TILES: usize = 512;
+
+/// Floats the transformed input and the products of one chunk may take (64 MiB).
+const BUDGET: usize = 16 << 20;
+
+/// One call's shapes: input (n, c, h, w), `oc` output channels, zero padding `pad`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Winograd {
+    n: usize,
+    c: usize,
+    w: usize,
+    oc: usize,
+    pad: usize,
+    oh: usize,
+    ow: usize,
+    /// Tile rows and columns: the output rounded up to an even size, halved.
+    th: usize,
+    tw: usize,
+}
+
+impl Winograd {
+    /// The shapes of a 3×3 stride-1 convolution with padding at most 2 (so that its input
+    /// gradient is one as well) and a non-empty output.
+    pub fn new(n: usize, c: usize, h: usize, w: usize, oc: usize, pad: usize) -> Option<Self> {
+        let (oh, ow) = ((h + 2 * pad).checked_sub(2)?, (w + 2 * pad).checked_sub(2)?);
+        if pad > 2 || oh == 0 || ow == 0 || n * c * oc == 0 {
+            return None;
+        }
+        Some(Self { n, c, w, oc, pad, oh, ow, th: oh.div_ceil(2), tw: ow.div_ceil(2) })
+    }
+
+    /// The input gradient's convolution: the output gradient (n, oc, oh, ow) in, `c`
+    /// channels of (h, w) out.
+    pub fn input_gradient(&self) -> Self {
+        Self::new(self.n, self.oc, self.oh, self.ow, self.c, 2 - self.pad).expect("the transpose of a valid call")
+    }
+
+    fn tiles(&self) -> usize {
+        self.th * self.tw
+    }
+
+    /// `out` (n, oc, oh, ow) = the convolution of `x` (n, c, h, w, any strides) with the
+    /// transformed weights `u` ([`transform_weights`]); `epilogue(channel, plane)` then runs
+    /// on each output plane in f32 before it is written.
+    pub fn forward<T: Elem>(
+        &self,
+        x: &[T],
+        xs: &Strided4,
+        u: &[f32],
+        out: &mut [T],
+        epilogue: impl Fn(usize, &mut [f32]) + Sync,
+    ) {
+        let (c, oc, tiles, plane) = (self.c, self.oc, self.tiles(), self.oh * self.ow);
+        let per_chunk = MIN_TILES.div_ceil(tiles).min((BUDGET / (16 * (c + oc) * tiles)).max(1)).clamp(1, self.n);
+        for (chunk, out) in out.chunks_mut(per_chunk * oc * plane).enumerate() {
+            let images = chunk * per_chunk..(chunk * per_chunk + per_chunk).min(self.n);
+            let cols = images.len() * tiles;
+            // V as (c, 16, cols): matrix t is rows c, `16 · cols` apart.
+            let mut v = uninit::<f32>(c * 16 * cols);
+            v.par_chunks_mut(16 * cols).enumerate().for_each_init(
+                || (Vec::new(), Scratch::default()),
+                |(buf, scratch), (ci, v)| {
+                    for (i, n) in images.clone().enumerate() {
+                        let x = plane_f32(x, xs, n, ci, buf);
+                        self.transform_input(x, scratch, v, i * tiles, cols);
+                    }
+                },
+            );
+            // M as (16, oc, cols).
+            let mut m = uninit::<f32>(16 * oc * cols);
+            m.par_chunks_mut(oc * cols).enumerate().for_each(|(t, m)| {
+                let u = Mat { data: &u[t * c..], rs: 16 * c, cs: 1 };
+                let v = Mat { data: &v[t * cols..], rs: 16 * cols, cs: 1 };
+                matmul_threads(Products::F32, 1, oc, cols, c, u, v, m, false);
+            });
+            out.par_chunks_mut(plane).enumerate().for_each_init(
+                || (Vec::new(), Vec::new()),
+                |(buf, rows), (k, y)| {
+                    let (i, o) = (k / oc, k % oc);
+                    write_f32(y, buf, |y| {
+                        self.transform_output(&m, o * cols + i * tiles, oc * cols, rows, y);
+                        epilogue(o, y)
+                    })
+                },
+            );
+        }
+    }
+
+    /// Writes `Bᵀ d B` of every tile of plane `x` (h × w) into `v` (16 rows, `stride` apart,
+    /// tile `k` at column `first + k`). The plane is copied zero-padded into `even` and `odd`,
+    /// its even and odd columns, so that every step below is a contiguous vector operation
+    /// over a row of tiles (tile `tx` reads columns 2·tx to 2·tx + 3).
+    fn transform_input(&self, x: &[f32], scratch: &mut Scratch, v: &mut [f32], first: usize, stride: usize) {
+        let (ph, half) = (2 * self.th + 2, self.tw + 1);
+        let Scratch { even, odd, rows } = scratch;
+        for buf in [&mut *even, &mut *odd] {
+            buf.clear();
+            buf.resize(ph * half, 0.0);
+        }
+        rows.resize(8 * half, 0.0);
+        // 2·th + 2 ≥ h + 2·pad (and so for the columns): the whole input fits.
+        // Input column 2k lands in padded column 2k + pad, 2k + 1 in 2k + 1 + pad: which of
+        // the two halves each goes to depends on the padding's parity.
+        let (to_even, to_odd) =
+            if self.pad.is_multiple_of(2) { (&mut *even, &mut *odd) } else { (&mut *odd, &mut *even) };
+        let (even_at, odd_at) = (self.pad / 2, self.pad.div_ceil(2));
+        for (r, row) in x.chunks_exact(self.w).enumerate() {
+            let at = (r + self.pad) * half;
+            let (dst_e, dst_o) = (&mut to_even[at + even_at..][..self.w.div_ceil(2)], &mut to_odd[at + odd_at..]);
+            let pairs = row.chunks_exact(2);
+            if let Some(&last) = pairs.remainder().first() {
+                dst_e[self.w / 2] = last;
+            }
+            for ((e, o), pair) in dst_e.iter_mut().zip(dst_o.iter_mut()).zip(pairs) {
+                (*e, *o) = (pair[0], pair[1]);
+            }
+        }
+        let tw = self.tw;
+        for ty in 0..self.th {
+            let (r_even, r_odd) = rows.split_at_mut(4 * half);
+            // Bᵀ d: rows (d0 − d2, d1 + d2, d2 − d1, d1 − d3), on even and odd columns.
+            for (buf, r) in [(&*even, r_even), (&*odd, r_odd)] {
+                let block = &buf[2 * ty * half..][..4 * half];
+                let (d0, d1, d2, d3) =
+                    (&block[..half], &block[half..2 * half], &block[2 * half..3 * half], &block[3 * half..]);
+                let (r0, rest) = r.split_at_mut(half);
+                let (r1, rest) = rest.split_at_mut(half);
+                let (r2, r3) = rest.split_at_mut(half);
+                for k in 0..half {
+                    r0[k] = d0[k] - d2[k];
+                    r1[k] = d1[k] + d2[k];
+                    r2[k] = d2[k] - d1[k];
+                    r3[k] = d1[k] - d3[k];
+                }
+            }
+            // · B: columns (c0 − c2, c1 + c2, c2 − c1, c1 − c3) of each tile, where c0 and c2
+            // are even columns tx and tx + 1, c1 and c3 odd columns tx and tx + 1.
+            let col = first + ty * tw;
+            for i in 0..4 {
+                let (e, o) = (&rows[i * half..][..half], &rows[(4 + i) * half..][..half]);
+                let out = |j: usize| (4 * i + j) * stride + col;
+                let (v0, rest) = v[out(0)..].split_at_mut(stride);
+                let (v1, rest) = rest.split_at_mut(stride);
+                let (v2, v3) = rest.split_at_mut(stride);
+                for k in 0..tw {
+                    v0[k] = e[k] - e[k + 1];
+                    v1[k] = o[k] + e[k + 1];
+                    v2[k] = e[k + 1] - o[k];
+                    v3[k] = o[k] - o[k + 1];
+                }
+            }
+        }
+    }
+
+    /// Writes `Aᵀ m A` of every tile of one output plane `y` (oh × ow), element `t` of tile
+    /// `k` being `m[t · stride + first + k]`: per row of tiles, the rows of `Aᵀ m` as vectors
+    /// over its tiles, then each tile's two columns.
+    fn transform_output(&self, m: &[f32], first: usize, stride: usize, rows: &mut Vec<f32>, y: &mut [f32]) {
+        let tw = self.tw;
+        rows.resize(8 * tw, 0.0);
+        for ty in 0..self.th {
+            let e = |t: usize| &m[t * stride + first + ty * tw..][..tw];
+            // Aᵀ m: rows (m0 + m1 + m2, m1 − m2 − m3), per column j of the tile.
+            for j in 0..4 {
+                let (r0, r1) = rows.split_at_mut(4 * tw);
+                let (r0, r1) = (&mut r0[j * tw..][..tw], &mut r1[j * tw..][..tw]);
+                let (m0, m1, m2, m3) = (e(j), e(4 + j), e(8 + j), e(12 + j));
+                for k in 0..tw {
+                    r0[k] = m0[k] + m1[k] + m2[k];
+                    r1[k] = m1[k] - m2[k] - m3[k];
+                }
+            }
+            // · A: columns (c0 + c1 + c2, c1 − c2 − c3), written as pairs of output pixels.
+            for i in 0..2 {
+                let oy = 2 * ty + i;
+                if oy >= self.oh {
+                    break;
+                }
+                let r = |j: usize| &rows[(4 * i + j) * tw..][..tw];
+                let (c0, c1, c2, c3) = (r(0), r(1), r(2), r(3));
+                let out = &mut y[oy * self.ow..(oy + 1) * self.ow];
+                let (pairs, last) = out.split_at_mut(self.ow / 2 * 2);
+                for (k, pair) in pairs.chunks_exact_mut(2).enumerate() {
+                    pair[0] = c0[k] + c1[k] + c2[k];
+                    pair[1] = c1[k] - c2[k] - c3[k];
+                }
+                // An odd width: the last tile's first column.
+                if let Some(v) = last.first_mut() {
+                    let k = tw - 1;
+                    *v = c0[k] + c1[k] + c2[k];
+                }
+            }
+        }
+    }
+}
+
+/// Per-task buffers of [`Winograd::transform_input`].
+#[derive(Default)]
+struct Scratch {
+    even: Vec<f32>,
+    odd: Vec<f32>,
+    rows: Vec<f32>,
+}
+
+/// `G g Gᵀ` of every 3×3 filter of `w` (o, c, 3, 3) as (o, 16, c): matrix `t` is rows `o`,
+/// `16 · c` apart. With `rotate`, of the input gradient's filters instead: each rotated by
+/// 180°, as (c, 16, o).
+pub(crate) fn transform_weights(w: &[f32], o: usize, c: usize, rotate: bool) -> Vec<f32> {
+    let (rows, cols) = if rotate { (c, o) } else { (o, c) };
+    let mut u = uninit::<f32>(rows * 16 * cols);
+    u.par_chunks_mut(16 * cols).enumerate().for_each(|(r, u)| {
+        for k in 0..cols {
+            let (oi, ci) = if rotate { (k, r) } else { (r, k) };
+            let g = &w[(oi * c + ci) * 9..][..9];
+            let tap = |ky: usize, kx: usize| if rotate { g[(2 - ky) * 3 + 2 - kx] } else { g[ky * 3 + kx] };
+            // G g: rows (g0, (g0 + g1 + g2)/2, (g0 − g1 + g2)/2, g2), per column; then the
+            // same on the columns of each row.
+            let column = |j: usize| {
+                let (a, b, d) = (tap(0, j), tap(1, j), tap(2, j));
+                [a, 0.5 * (a + b + d), 0.5 * (a - b + d), d]
+            };
+            let (c0, c1, c2) = (column(0), column(1), column(2));
+            let gg: [[f32; 3]; 4] = std::array::from_fn(|i| [c0[i], c1[i], c2[i]]);
+            for (i, &[a, b, d]) in gg.iter().enumerate() {
+                let vals = [a, 0.5 * (a + b + d), 0.5 * (a - b + d), d];
+                for (j, val) in vals.into_iter().enumerate() {
+                    u[(4 * i + j) * cols + k] = val;
+                }
+            }
+        }
+    });
+    u
+}
