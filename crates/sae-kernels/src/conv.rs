@@ -12,9 +12,8 @@
 //! * weight gradient: `dW += dy · colᵀ`, summed over the batch
 //!
 //! A 3×3 stride-1 ungrouped convolution (most of ResNet's 3×3 ones) with f32 products takes
-//! Winograd's F(2×2, 3×3) algorithm instead for its output and its input gradient
-//! (`crate::winograd`: 16 multiplies per 2×2 output pixels instead of 36, the input expanded 4
-//! times instead of 9); its weight gradient is still unrolled.
+//! Winograd's F(2×2, 3×3) algorithm instead for all three products (`crate::winograd`: 16
+//! multiplies per 2×2 output pixels instead of 36, the input expanded 4 times instead of 9).
 //!
 //! Images with at least [`PER_IMAGE_PIXELS`] output pixels (and batches of one) run one
 //! multiply per image and group, written straight into the image's place in the output:
@@ -191,10 +190,14 @@ impl Geometry {
         }
     }
 
-    /// Winograd's shapes for a 3×3 stride-1 ungrouped convolution with padding up to 2.
+    /// Winograd's shapes for a 3×3 stride-1 ungrouped convolution with padding up to 2, where
+    /// they save multiplies.
     fn winograd(&self) -> Option<Winograd> {
         let square = self.kh == 3 && self.kw == 3 && self.stride == 1 && self.groups == 1;
-        square.then(|| Winograd::new(self.n, self.c, self.h, self.w, self.oc, self.pad)).flatten()
+        square
+            .then(|| Winograd::new(self.n, self.c, self.h, self.w, self.oc, self.pad))
+            .flatten()
+            .filter(Winograd::pays)
     }
 
     /// A 1×1 stride-1 unpadded convolution: the unrolled input is the input itself.
@@ -688,7 +691,7 @@ impl ConvBackward {
         xs: &Strided4,
         w: &[f32],
         gr: &[T],
-        dx: Option<&mut [T]>,
+        dx: &mut [T],
         dw: &mut [f32],
     ) {
         let (p, kg, og) = (g.pixels(), g.rows_per_group(), g.out_per_group());
@@ -698,9 +701,10 @@ impl ConvBackward {
         // Each range multiplies on one thread when there are enough images for all threads.
         let (ranges, threads) = if g.n >= pool { (pool, 1) } else { (1, pool) };
         let per_range = g.n.div_ceil(ranges);
-        let mut dx_ranges: Vec<Option<&mut [T]>> = match dx {
-            Some(dx) => dx.chunks_mut(per_range * image_len).map(Some).collect(),
-            None => (0..g.n.div_ceil(per_range)).map(|_| None).collect(),
+        let mut dx_ranges: Vec<Option<&mut [T]>> = if self.input_gradient {
+            dx.chunks_mut(per_range * image_len).map(Some).collect()
+        } else {
+            (0..g.n.div_ceil(per_range)).map(|_| None).collect()
         };
         // dcol = Wᵀ · dy; for a pointwise convolution dcol is dx itself.
         let pointwise = g.is_pointwise();
@@ -808,17 +812,18 @@ impl ConvBackward {
         // Every element is written below: dW by its first multiply or a copy, dx by a
         // multiply or zero-filled before col2im adds into it, or by Winograd's convolution.
         let (mut dx, mut dw) = (uninit::<T>(g.n * image_len), uninit::<f32>(g.oc * kg));
-        let winograd = g.winograd().filter(|_| self.input_gradient && products == Products::F32);
-        if let Some(winograd) = winograd {
-            let u = transform_weights(w, g.oc, g.c, true);
-            let dims = [g.n, g.oc, g.oh, g.ow];
-            let dys = Strided4 { dims, strides: [g.oc * p, p, g.ow, 1], offset: 0 };
-            winograd.input_gradient().forward(gr, &dys, &u, &mut dx, |_, _| ());
+        if let Some(winograd) = g.winograd().filter(|_| products == Products::F32) {
+            if self.input_gradient {
+                let u = transform_weights(w, g.oc, g.c, true);
+                let dims = [g.n, g.oc, g.oh, g.ow];
+                let dys = Strided4 { dims, strides: [g.oc * p, p, g.ow, 1], offset: 0 };
+                winograd.input_gradient().forward(gr, &dys, &u, &mut dx, |_, _| ());
+            }
+            winograd.weight_gradient(x, xs, gr, &mut dw);
+            return (dx, dw);
         }
-        // dx by unrolling, where Winograd's convolution does not take it.
-        let unrolled_dx = self.input_gradient && winograd.is_none();
         if g.per_image() {
-            self.backward_per_image(g, x, xs, w, gr, unrolled_dx.then_some(&mut dx[..]), &mut dw);
+            self.backward_per_image(g, x, xs, w, gr, &mut dx, &mut dw);
             return (dx, dw);
         }
         let chunk = g.images_per_chunk(self.col_budget);
@@ -836,7 +841,7 @@ impl ConvBackward {
             });
             let threads = rayon::current_num_threads();
             g.weight_gradient(products, false, threads, &dy, np, Mat { data: &col, rs: np, cs: 1 }, &mut dw, c > 0);
-            if !unrolled_dx {
+            if !self.input_gradient {
                 continue;
             }
             // `col` is no longer needed: it becomes dcol = Wᵀ · dy.

@@ -20,13 +20,20 @@
 //! the weights rotated by 180° and their channel axes swapped, padded by `2 − padding`
 //! ([`transform_weights`] with `rotate`).
 
-use crate::cpu::{matmul_threads, plane_f32, uninit, write_f32, Elem, Mat, Products};
+use crate::cpu::{matmul_threads, plane_f32, read_f32, uninit, write_f32, Elem, Mat, Products};
 use crate::layout::Strided4;
 use rayon::prelude::*;
 
 /// Tiles per multiply at least, where the batch has them: the 16 products of a chunk of
 /// images run one per rayon task, and below this they are too narrow for the gemm kernels.
 const MIN_TILES: usize = 512;
+
+/// Tiles a batch needs for Winograd to pay: the 16 products are that narrow. On the Xeon of
+/// `results/train-speed.md`, alternating `xtask bench-train-row` runs, with no limit a
+/// SENetV2-ResNet-50 140×140 batch-1 inference took 0.031 s (25 and 9 tiles at layers 3 and
+/// 4) and the unrolled convolution 0.024–0.026; at 128, 0.024–0.025; ResNet-50 32×32 training
+/// (16 tiles at layer 3) 0.119–0.120 s with no limit, 0.107 at 128, 0.108–0.109 unrolled.
+const MIN_BATCH_TILES: usize = 128;
 
 /// Floats the transformed input and the products of one chunk may take (64 MiB).
 const BUDGET: usize = 16 << 20;
@@ -57,6 +64,14 @@ impl Winograd {
         Some(Self { n, c, w, oc, pad, oh, ow, th: oh.div_ceil(2), tw: ow.div_ceil(2) })
     }
 
+    /// Whether this is faster than the unrolled convolution: it must save a quarter of the
+    /// direct multiplies at least (odd output sizes pay for whole tiles: a 1×1 output takes 16
+    /// multiplies per channel pair instead of 9, a 3×3 one 64 instead of 81; the transforms
+    /// are not free), and the batch must have [`MIN_BATCH_TILES`] tiles.
+    pub fn pays(&self) -> bool {
+        4 * 16 * self.tiles() <= 3 * 9 * self.oh * self.ow && self.n * self.tiles() >= MIN_BATCH_TILES
+    }
+
     /// The input gradient's convolution: the output gradient (n, oc, oh, ow) in, `c`
     /// channels of (h, w) out.
     pub fn input_gradient(&self) -> Self {
@@ -79,21 +94,11 @@ impl Winograd {
         epilogue: impl Fn(usize, &mut [f32]) + Sync,
     ) {
         let (c, oc, tiles, plane) = (self.c, self.oc, self.tiles(), self.oh * self.ow);
-        let per_chunk = MIN_TILES.div_ceil(tiles).min((BUDGET / (16 * (c + oc) * tiles)).max(1)).clamp(1, self.n);
+        let per_chunk = self.images_per_chunk();
         for (chunk, out) in out.chunks_mut(per_chunk * oc * plane).enumerate() {
             let images = chunk * per_chunk..(chunk * per_chunk + per_chunk).min(self.n);
             let cols = images.len() * tiles;
-            // V as (c, 16, cols): matrix t is rows c, `16 · cols` apart.
-            let mut v = uninit::<f32>(c * 16 * cols);
-            v.par_chunks_mut(16 * cols).enumerate().for_each_init(
-                || (Vec::new(), Scratch::default()),
-                |(buf, scratch), (ci, v)| {
-                    for (i, n) in images.clone().enumerate() {
-                        let x = plane_f32(x, xs, n, ci, buf);
-                        self.transform_input(x, scratch, v, i * tiles, cols);
-                    }
-                },
-            );
+            let v = self.transformed_input(x, xs, images.clone());
             // M as (16, oc, cols).
             let mut m = uninit::<f32>(16 * oc * cols);
             m.par_chunks_mut(oc * cols).enumerate().for_each(|(t, m)| {
@@ -111,6 +116,131 @@ impl Winograd {
                     })
                 },
             );
+        }
+    }
+
+    /// Images per chunk: enough for [`MIN_TILES`] columns, within [`BUDGET`].
+    fn images_per_chunk(&self) -> usize {
+        let tiles = self.tiles();
+        MIN_TILES.div_ceil(tiles).min((BUDGET / (16 * (self.c + self.oc) * tiles)).max(1)).clamp(1, self.n)
+    }
+
+    /// `V = Bᵀ d B` of every tile of `images` as (c, 16, cols), cols = images · tiles:
+    /// matrix `t` is rows c, `16 · cols` apart.
+    fn transformed_input<T: Elem>(&self, x: &[T], xs: &Strided4, images: std::ops::Range<usize>) -> Vec<f32> {
+        let (tiles, cols) = (self.tiles(), images.len() * self.tiles());
+        let mut v = uninit::<f32>(self.c * 16 * cols);
+        v.par_chunks_mut(16 * cols).enumerate().for_each_init(
+            || (Vec::new(), Scratch::default()),
+            |(buf, scratch), (ci, v)| {
+                for (i, n) in images.clone().enumerate() {
+                    let x = plane_f32(x, xs, n, ci, buf);
+                    self.transform_input(x, scratch, v, i * tiles, cols);
+                }
+            },
+        );
+        v
+    }
+
+    /// The weight gradient (oc, c, 3, 3), f32, from the input `x` (n, c, h, w, any strides)
+    /// and the output gradient `dy` (n, oc, oh, ow, contiguous): the adjoint of
+    /// [`Self::forward`], `dU[t] = Σ (A dY Aᵀ)[t] · V[t]ᵀ` summed over tiles as 16 products,
+    /// then `dW = Gᵀ dU G` per filter.
+    pub fn weight_gradient<T: Elem>(&self, x: &[T], xs: &Strided4, dy: &[T], dw: &mut [f32]) {
+        let (c, oc, tiles, plane) = (self.c, self.oc, self.tiles(), self.oh * self.ow);
+        let per_chunk = self.images_per_chunk();
+        let mut du = uninit::<f32>(16 * oc * c);
+        for chunk in 0..self.n.div_ceil(per_chunk) {
+            let images = chunk * per_chunk..(chunk * per_chunk + per_chunk).min(self.n);
+            let cols = images.len() * tiles;
+            let v = self.transformed_input(x, xs, images.clone());
+            // dM = A dY Aᵀ as (oc, 16, cols).
+            let mut dm = uninit::<f32>(oc * 16 * cols);
+            dm.par_chunks_mut(16 * cols).enumerate().for_each_init(
+                || (Vec::new(), Scratch::default()),
+                |(buf, scratch), (o, dm)| {
+                    for (i, n) in images.clone().enumerate() {
+                        let dy = read_f32(&dy[(n * oc + o) * plane..][..plane], buf);
+                        self.transform_gradient(dy, scratch, dm, i * tiles, cols);
+                    }
+                },
+            );
+            du.par_chunks_mut(oc * c).enumerate().for_each(|(t, du)| {
+                let dm = Mat { data: &dm[t * cols..], rs: 16 * cols, cs: 1 };
+                let vt = Mat { data: &v[t * cols..], rs: 1, cs: 16 * cols };
+                matmul_threads(Products::F32, 1, oc, c, cols, dm, vt, du, chunk > 0);
+            });
+        }
+        // Gᵀ dU G: rows (u0 + (u1 + u2)/2, (u1 − u2)/2, (u1 + u2)/2 + u3), then the same on
+        // the columns of each row.
+        let adjoint = |a: f32, b: f32, cc: f32, d: f32| [a + 0.5 * (b + cc), 0.5 * (b - cc), 0.5 * (b + cc) + d];
+        dw.par_chunks_mut(c * 9).enumerate().for_each(|(o, dw)| {
+            for (ci, g) in dw.chunks_exact_mut(9).enumerate() {
+                let u = |t: usize| du[(t * oc + o) * c + ci];
+                let columns: [[f32; 3]; 4] = std::array::from_fn(|j| adjoint(u(j), u(4 + j), u(8 + j), u(12 + j)));
+                for i in 0..3 {
+                    let row = adjoint(columns[0][i], columns[1][i], columns[2][i], columns[3][i]);
+                    g[i * 3..i * 3 + 3].copy_from_slice(&row);
+                }
+            }
+        });
+    }
+
+    /// Writes `A dY Aᵀ` of every tile of one output-gradient plane `dy` (oh × ow; zero past
+    /// its edges) into `dm` (16 rows, `stride` apart, tile `k` at column `first + k`), as
+    /// vector passes over each row of tiles like [`Self::transform_input`].
+    fn transform_gradient(&self, dy: &[f32], scratch: &mut Scratch, dm: &mut [f32], first: usize, stride: usize) {
+        let tw = self.tw;
+        let Scratch { even, odd, rows } = scratch;
+        // The two output rows of a row of tiles, split into even and odd columns: even[0..tw]
+        // and odd[0..tw] the first row, even[tw..] and odd[tw..] the second.
+        for buf in [&mut *even, &mut *odd] {
+            buf.clear();
+            buf.resize(2 * tw, 0.0);
+        }
+        rows.resize(8 * tw, 0.0);
+        for ty in 0..self.th {
+            for r in 0..2 {
+                let (e, o) = (&mut even[r * tw..][..tw], &mut odd[r * tw..][..tw]);
+                let oy = 2 * ty + r;
+                if oy >= self.oh {
+                    e.fill(0.0);
+                    o.fill(0.0);
+                    continue;
+                }
+                let row = &dy[oy * self.ow..][..self.ow];
+                let pairs = row.chunks_exact(2);
+                if let Some(&last) = pairs.remainder().first() {
+                    (e[tw - 1], o[tw - 1]) = (last, 0.0);
+                }
+                for ((e, o), pair) in e.iter_mut().zip(o.iter_mut()).zip(pairs) {
+                    (*e, *o) = (pair[0], pair[1]);
+                }
+            }
+            // A dY: rows (y0, y0 + y1, y0 − y1, −y1), on even and odd columns.
+            for (buf, r) in [(&*even, 0), (&*odd, 4)] {
+                let (y0, y1) = buf.split_at(tw);
+                for k in 0..tw {
+                    rows[r * tw + k] = y0[k];
+                    rows[(r + 1) * tw + k] = y0[k] + y1[k];
+                    rows[(r + 2) * tw + k] = y0[k] - y1[k];
+                    rows[(r + 3) * tw + k] = -y1[k];
+                }
+            }
+            // · Aᵀ: columns (p, p + q, p − q, −q) of each row (p, q) = (even, odd).
+            let col = first + ty * tw;
+            for i in 0..4 {
+                let (e, o) = (&rows[i * tw..][..tw], &rows[(4 + i) * tw..][..tw]);
+                let (d0, rest) = dm[(4 * i) * stride + col..].split_at_mut(stride);
+                let (d1, rest) = rest.split_at_mut(stride);
+                let (d2, d3) = rest.split_at_mut(stride);
+                for k in 0..tw {
+                    d0[k] = e[k];
+                    d1[k] = e[k] + o[k];
+                    d2[k] = e[k] - o[k];
+                    d3[k] = -o[k];
+                }
+            }
         }
     }
 
@@ -258,4 +388,115 @@ pub(crate) fn transform_weights(w: &[f32], o: usize, c: usize, rotate: bool) -> 
         }
     });
     u
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 3×3 stride-1 convolution's output, input gradient and weight gradient as plain f64
+    /// loops over taps, from the values `x` (n, c, h, w), `w` (o, c, 3, 3) and `dy` (n, o, oh, ow).
+    struct Plain {
+        y: Vec<f64>,
+        dx: Vec<f64>,
+        dw: Vec<f64>,
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn plain(x: &[f32], w: &[f32], dy: &[f32], [n, c, h, wd]: [usize; 4], o: usize, pad: usize) -> Plain {
+        let (oh, ow) = (h + 2 * pad - 2, wd + 2 * pad - 2);
+        let (mut y, mut dx, mut dw) = (vec![0.0; n * o * oh * ow], vec![0.0; n * c * h * wd], vec![0.0; o * c * 9]);
+        for ni in 0..n {
+            for oi in 0..o {
+                for yy in 0..oh {
+                    for xx in 0..ow {
+                        let out = ((ni * o + oi) * oh + yy) * ow + xx;
+                        for ci in 0..c {
+                            for ky in 0..3 {
+                                for kx in 0..3 {
+                                    let (iy, ix) = ((yy + ky).checked_sub(pad), (xx + kx).checked_sub(pad));
+                                    let (Some(iy), Some(ix)) = (iy, ix) else { continue };
+                                    if iy >= h || ix >= wd {
+                                        continue;
+                                    }
+                                    let (xi, wi) =
+                                        (((ni * c + ci) * h + iy) * wd + ix, (oi * c + ci) * 9 + ky * 3 + kx);
+                                    y[out] += x[xi] as f64 * w[wi] as f64;
+                                    dx[xi] += dy[out] as f64 * w[wi] as f64;
+                                    dw[wi] += dy[out] as f64 * x[xi] as f64;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Plain { y, dx, dw }
+    }
+
+    fn values(seed: usize, len: usize) -> Vec<f32> {
+        (0..len).map(|i| (((i + seed) * 7919 % 1009) as f32 / 504.5) - 1.0).collect()
+    }
+
+    fn assert_close(what: &str, got: &[f32], want: &[f64]) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        let scale = want.iter().fold(1f64, |m, v| m.max(v.abs()));
+        for (i, (&g, &r)) in got.iter().zip(want).enumerate() {
+            assert!((g as f64 - r).abs() <= 1e-5 * scale, "{what}: element {i}: {g} vs {r}");
+        }
+    }
+
+    fn contiguous(dims: [usize; 4]) -> Strided4 {
+        let [_, c, h, w] = dims;
+        Strided4 { dims, strides: [c * h * w, h * w, w, 1], offset: 0 }
+    }
+
+    /// All three products against the plain loops, for paddings 0, 1 and 2 (the input
+    /// gradient's own padding is then 2, 1 and 0), odd and even sizes, a 1×1 output, and
+    /// images of over 512 tiles, which go one image per chunk.
+    #[test]
+    fn output_and_gradients_match_plain_loops() {
+        let cases = [
+            ([2, 3, 7, 6], 4, 0),
+            ([2, 3, 7, 6], 4, 1),
+            ([3, 2, 5, 8], 5, 2),
+            ([2, 4, 1, 1], 3, 1),
+            ([2, 2, 46, 45], 3, 1),
+        ];
+        for (case, (dims, o, pad)) in cases.into_iter().enumerate() {
+            let [n, c, h, wd] = dims;
+            let wg = Winograd::new(n, c, h, wd, o, pad).unwrap();
+            let (oh, ow) = (wg.oh, wg.ow);
+            let x = values(case, n * c * h * wd);
+            let w = values(case + 100, o * c * 9);
+            let dy = values(case + 200, n * o * oh * ow);
+            let want = plain(&x, &w, &dy, dims, o, pad);
+            let what = format!("{dims:?} → {o} channels, padding {pad}");
+
+            let mut y = vec![f32::NAN; n * o * oh * ow];
+            wg.forward(&x, &contiguous(dims), &transform_weights(&w, o, c, false), &mut y, |_, _| ());
+            assert_close(&format!("{what}: output"), &y, &want.y);
+
+            let mut dx = vec![f32::NAN; x.len()];
+            let dys = contiguous([n, o, oh, ow]);
+            wg.input_gradient().forward(&dy, &dys, &transform_weights(&w, o, c, true), &mut dx, |_, _| ());
+            assert_close(&format!("{what}: input gradient"), &dx, &want.dx);
+
+            let mut dw = vec![f32::NAN; w.len()];
+            wg.weight_gradient(&x, &contiguous(dims), &dy, &mut dw);
+            assert_close(&format!("{what}: weight gradient"), &dw, &want.dw);
+        }
+    }
+
+    #[test]
+    fn pays_only_where_it_saves_multiplies_on_enough_tiles() {
+        // ResNet-50's 3×3 convolutions at 140×140, batch 16 and 1.
+        assert!(Winograd::new(16, 64, 35, 35, 64, 1).unwrap().pays());
+        assert!(Winograd::new(16, 512, 5, 5, 512, 1).unwrap().pays());
+        assert!(!Winograd::new(1, 512, 5, 5, 512, 1).unwrap().pays());
+        // 1×1 and 3×3 outputs save too little whatever the batch.
+        assert!(!Winograd::new(256, 8, 1, 1, 8, 1).unwrap().pays());
+        assert!(!Winograd::new(256, 8, 3, 3, 8, 1).unwrap().pays());
+        assert!(Winograd::new(1, 8, 3, 3, 8, 3).is_none());
+    }
 }

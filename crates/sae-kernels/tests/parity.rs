@@ -413,11 +413,12 @@ const CONV_CASES: &[(Conv2dConfig, [usize; 4], [usize; 4])] = &[
     (Conv2dConfig { stride: 1, padding: 0, groups: 1 }, [3, 8, 5, 6], [6, 8, 1, 1]),
     (Conv2dConfig { stride: 2, padding: 0, groups: 1 }, [2, 6, 7, 7], [10, 6, 1, 1]),
     (Conv2dConfig { stride: 1, padding: 1, groups: 1 }, [2, 5, 8, 7], [4, 5, 3, 3]),
-    // 3×3 stride 1 without and with double padding (Winograd's convolution, whose input
-    // gradient then has padding 2 and 0), odd sizes.
-    (Conv2dConfig { stride: 1, padding: 0, groups: 1 }, [2, 3, 7, 6], [5, 3, 3, 3]),
-    (Conv2dConfig { stride: 1, padding: 2, groups: 1 }, [3, 4, 5, 6], [3, 4, 3, 3]),
-    // Over 512 tiles of 2×2 output pixels per image: Winograd takes one image at a time.
+    // 3×3 stride 1 without and with double padding, with the 128 tiles of 2×2 output pixels
+    // from which Winograd's convolution takes them (its input gradient then has padding 2
+    // and 0), odd sizes.
+    (Conv2dConfig { stride: 1, padding: 0, groups: 1 }, [2, 3, 18, 17], [5, 3, 3, 3]),
+    (Conv2dConfig { stride: 1, padding: 2, groups: 1 }, [2, 4, 13, 14], [3, 4, 3, 3]),
+    // Over 512 tiles per image: Winograd takes one image at a time.
     (Conv2dConfig { stride: 1, padding: 1, groups: 1 }, [3, 2, 46, 45], [3, 2, 3, 3]),
     (Conv2dConfig { stride: 2, padding: 1, groups: 1 }, [3, 4, 9, 7], [6, 4, 3, 3]),
     (Conv2dConfig { stride: 2, padding: 3, groups: 1 }, [2, 3, 15, 13], [8, 3, 7, 7]),
