@@ -335,7 +335,11 @@ pub fn run(seconds: f64, python: Option<PathBuf>, bf16: bool) -> Result<()> {
     writeln!(md, "convolution, pooling and composed excitation). GFLOP/s count 2 FLOP per multiply-accumulate of the")?;
     writeln!(
         md,
-        "convolutions and dense layers, ×3 for a training step (forward, input gradient, weight gradient).\n"
+        "convolutions and dense layers, ×3 for a training step (forward, input gradient, weight gradient): the direct"
+    )?;
+    writeln!(
+        md,
+        "algorithm's count, by which the GFLOP/s of all three columns are comparable. Our f32 3×3 stride-1 convolutions run\nWinograd's F(2×2, 3×3), which does 16 multiplies where the direct algorithm does 36, so that the share of the f32 peak\nthey show is not the share of the FMA units they keep busy.\n"
     )?;
     match &torch {
         Some(t) => writeln!(md, "PyTorch {} eager, `torch.set_num_threads({})`, measured in the same run by `bench/pytorch/bench_train.py` (same networks: the parameter counts below are checked equal). sgemm 2048³ GFLOP/s: `gemm` crate through our 1×1 convolution **{}**, PyTorch `a @ b` **{}**.\n", t.version, rayon::current_num_threads(), of_peak(peak), of_peak(t.matmul_gflops))?,
