@@ -492,14 +492,8 @@ impl CustomOp2 for Conv {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, w: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let op = "conv2d";
         let g = Geometry::new(xl.dims(), wl.dims(), self.cfg)?;
-        let xs = Strided4::new(op, "input", xl)?;
-        let out = dispatch_float!(op, x, |x: T| {
-            let w = weight_as_f32::<T>(op, w, wl)?;
-            T::to_cpu_storage_owned(self.forward(&g, x, &xs, &w, None))
-        });
-        Ok((out, Shape::from((g.n, g.oc, g.oh, g.ow))))
+        self.cpu_forward("conv2d", &g, x, xl, w, wl, None)
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -558,18 +552,12 @@ impl CustomOp3 for ConvAffine {
     ) -> Result<(CpuStorage, Shape)> {
         let op = "conv2d_affine";
         let g = Geometry::new(xl.dims(), wl.dims(), self.conv.cfg)?;
-        let xs = Strided4::new(op, "input", xl)?;
         let affine = f32_contiguous(op, "scale and shift", affine, al)?;
         if affine.len() != 2 * g.oc {
             bail!("{op}: scale and shift have {} values for {} output channels", affine.len(), g.oc)
         }
         let (scale, shift) = affine.split_at(g.oc);
-        let epilogue = Epilogue { scale, shift, relu: self.relu };
-        let out = dispatch_float!(op, x, |x: T| {
-            let w = weight_as_f32::<T>(op, w, wl)?;
-            T::to_cpu_storage_owned(self.conv.forward(&g, x, &xs, &w, Some(epilogue)))
-        });
-        Ok((out, Shape::from((g.n, g.oc, g.oh, g.ow))))
+        self.conv.cpu_forward(op, &g, x, xl, w, wl, Some(Epilogue { scale, shift, relu: self.relu }))
     }
 
     fn bwd(
@@ -593,6 +581,27 @@ impl CustomOp3 for ConvAffine {
 }
 
 impl Conv {
+    /// The CPU forward of [`Conv`] and [`ConvAffine`]: the input's layout, the weights in
+    /// f32, [`Self::forward`] on the input's element type.
+    #[allow(clippy::too_many_arguments)]
+    fn cpu_forward(
+        &self,
+        op: &str,
+        g: &Geometry,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+        epilogue: Option<Epilogue>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let xs = Strided4::new(op, "input", xl)?;
+        let out = dispatch_float!(op, x, |x: T| {
+            let w = weight_as_f32::<T>(op, w, wl)?;
+            T::to_cpu_storage_owned(self.forward(g, x, &xs, &w, epilogue))
+        });
+        Ok((out, Shape::from((g.n, g.oc, g.oh, g.ow))))
+    }
+
     /// The forward pass in f32 arithmetic on any element type (bf16 and f16 converted as
     /// they are read and written), with `epilogue` applied to each output plane before it is
     /// written (per image, while the image's output is in cache).
