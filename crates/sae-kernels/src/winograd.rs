@@ -453,7 +453,8 @@ mod tests {
 
     /// All three products against the plain loops, for paddings 0, 1 and 2 (the input
     /// gradient's own padding is then 2, 1 and 0), odd and even sizes, a 1×1 output, and
-    /// images of over 512 tiles, which go one image per chunk.
+    /// images of over 512 tiles, which go one image per chunk, and wide channel counts (70 in,
+    /// 131 out).
     #[test]
     fn output_and_gradients_match_plain_loops() {
         let cases = [
@@ -462,6 +463,7 @@ mod tests {
             ([3, 2, 5, 8], 5, 2),
             ([2, 4, 1, 1], 3, 1),
             ([2, 2, 46, 45], 3, 1),
+            ([1, 70, 4, 4], 131, 1),
         ];
         for (case, (dims, o, pad)) in cases.into_iter().enumerate() {
             let [n, c, h, wd] = dims;

@@ -1002,3 +1002,63 @@ fn cuda_excitation_matches_cpu_reference() {
 fn metal_excitation_matches_cpu_reference() {
     accelerator_parity(&Device::new_metal(0).expect("the metal feature's tests need a Metal device"));
 }
+
+/// The reduction layer given as K branches (`excitation_branches`, one packing copy) computes
+/// what the stacked weight does (`excitation`, the reference and the fused op): the output
+/// and the gradients of the input and of every branch's weight and bias, which must be the
+/// rows of the stacked weight's gradients. In f32, and in bf16 with f32 master weights.
+#[test]
+fn excitation_branches_match_the_stacked_weights() {
+    let values = |t: &Tensor| -> Vec<f32> { t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap() };
+    let (n, c, h, w, rows, k) = (2, 24, 5, 6, 3, 4);
+    for dtype in [DType::F32, DType::BF16] {
+        let weight_dtype = DType::F32;
+        let (xv, x) = input(40, n, c, h, w, false, dtype);
+        let fc1: Vec<(Var, Var)> = (0..k as u64)
+            .map(|i| (var(50 + i, &[rows, c], weight_dtype), var(60 + i, &[rows], weight_dtype)))
+            .collect();
+        let (w2, b2) = (var(70, &[c, k * rows], weight_dtype), var(71, &[c], weight_dtype));
+        let branches: Vec<(&Tensor, &Tensor)> = fc1.iter().map(|(w, b)| (w.as_tensor(), b.as_tensor())).collect();
+        for imp in Implementation::ALL {
+            let what = format!("{dtype:?} {imp:?}");
+            let got = excitation_branches(&x, &branches, &w2, &b2, Gate::OnePlusS, imp).unwrap();
+            let w1 = Tensor::cat(&fc1.iter().map(|(w, _)| w.as_tensor()).collect::<Vec<_>>(), 0).unwrap();
+            let b1 = Tensor::cat(&fc1.iter().map(|(_, b)| b.as_tensor()).collect::<Vec<_>>(), 0).unwrap();
+            let stacked = ExcitationWeights { fc1_weight: &w1, fc1_bias: &b1, fc2_weight: &w2, fc2_bias: &b2 };
+            let want = excitation(&x, &stacked, Gate::OnePlusS, imp).unwrap();
+            assert_eq!(values(&got), values(&want), "{what}: output");
+
+            // Weighted sums so that every output element has its own gradient.
+            let probe = randn(80, &[n, c, h, w], DType::F32);
+            let loss = |y: &Tensor| y.to_dtype(DType::F32).unwrap().mul(&probe).unwrap().sum_all().unwrap();
+            let (g_got, g_want) = (loss(&got).backward().unwrap(), loss(&want).backward().unwrap());
+            let grad = |g: &candle_core::backprop::GradStore, t: &Tensor| values(g.get(t).unwrap());
+            assert_eq!(grad(&g_got, &xv), grad(&g_want, &xv), "{what}: input gradient");
+            for t in [w2.as_tensor(), b2.as_tensor()] {
+                assert_eq!(grad(&g_got, t), grad(&g_want, t), "{what}: fc2 gradient");
+            }
+            for (i, (wi, bi)) in fc1.iter().enumerate() {
+                assert_eq!(grad(&g_got, wi), grad(&g_want, wi), "{what}: branch {i} weight gradient");
+                assert_eq!(grad(&g_got, bi), grad(&g_want, bi), "{what}: branch {i} bias gradient");
+            }
+        }
+    }
+}
+
+#[test]
+fn excitation_branches_reject_a_wrong_branch() {
+    let x = randn(1, &[2, 16, 4, 4], DType::F32);
+    let (w, b) = (randn(2, &[4, 16], DType::F32), randn(3, &[4], DType::F32));
+    let (w_bad, b_bad) = (randn(4, &[4, 15], DType::F32), randn(5, &[3], DType::F32));
+    let (w2, b2) = (randn(6, &[16, 8], DType::F32), randn(7, &[16], DType::F32));
+    for imp in Implementation::ALL {
+        let err = excitation_branches(&x, &[(&w, &b), (&w_bad, &b)], &w2, &b2, Gate::S, imp).unwrap_err();
+        assert!(err.to_string().contains("fc1 branch 1 weight must have shape (rows > 0, 16)"), "{err}");
+        let err = excitation_branches(&x, &[(&w, &b), (&w, &b_bad)], &w2, &b2, Gate::S, imp).unwrap_err();
+        assert!(err.to_string().contains("fc1 branch 1 bias must have shape [4]"), "{err}");
+        let err = excitation_branches(&x, &[(&w, &b)], &w2, &b2, Gate::S, imp).unwrap_err();
+        assert!(err.to_string().contains("fc2_weight must have shape [16, 4]"), "{err}");
+        let err = excitation_branches(&x, &[], &w2, &b2, Gate::S, imp).unwrap_err();
+        assert!(err.to_string().contains("no reduction layer"), "{err}");
+    }
+}

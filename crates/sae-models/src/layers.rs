@@ -11,7 +11,7 @@ use candle_core::{DType, Module, ModuleT, Result, Tensor, Var};
 use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
 use candle_nn::{Init, VarBuilder};
 use sae_kernels::cast;
-use sae_kernels::{Conv2dConfig, DepthwiseConfig, ExcitationWeights, Gate, Implementation};
+use sae_kernels::{Conv2dConfig, DepthwiseConfig, Gate, Implementation};
 
 /// Kaiming-normal with fan-out and ReLU gain, as torchvision initialises ResNet convolutions.
 const CONV_INIT: Init =
@@ -265,22 +265,17 @@ impl Excitation {
 
 impl Module for Excitation {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let stacked;
-        let (w1, b1) = if let [only] = self.branches.as_slice() {
-            (only.weight(), only.bias())
-        } else {
-            let w: Vec<&Tensor> = self.branches.iter().map(Linear::weight).collect();
-            let b: Vec<&Tensor> = self.branches.iter().map(Linear::bias).collect();
-            stacked = (Tensor::cat(&w, 0)?, Tensor::cat(&b, 0)?);
-            (&stacked.0, &stacked.1)
-        };
         // f32 weights stay f32 with a bf16 or f16 input: `excitation` takes them as master
         // weights (the CPU kernel computes in f32) or casts them itself.
         let master = matches!(x.dtype(), DType::BF16 | DType::F16);
         let like_x = |t: &Tensor| if master && t.dtype() == DType::F32 { Ok(t.clone()) } else { cast(t, x.dtype()) };
-        let (w1, b1, w2, b2) = (like_x(w1)?, like_x(b1)?, like_x(self.fc2.weight())?, like_x(self.fc2.bias())?);
-        let weights = ExcitationWeights { fc1_weight: &w1, fc1_bias: &b1, fc2_weight: &w2, fc2_bias: &b2 };
-        sae_kernels::excitation(x, &weights, self.gate, self.kernels)
+        let fc1: Vec<(Tensor, Tensor)> =
+            self.branches.iter().map(|b| Ok((like_x(b.weight())?, like_x(b.bias())?))).collect::<Result<_>>()?;
+        let fc1: Vec<(&Tensor, &Tensor)> = fc1.iter().map(|(w, b)| (w, b)).collect();
+        let (w2, b2) = (like_x(self.fc2.weight())?, like_x(self.fc2.bias())?);
+        // The branches go to the kernel as they are: it packs them with the other weights in
+        // one copy (stacking them here first was a second copy per call).
+        sae_kernels::excitation_branches(x, &fc1, &w2, &b2, self.gate, self.kernels)
     }
 }
 

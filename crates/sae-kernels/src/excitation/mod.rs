@@ -14,7 +14,8 @@
 //!
 //! The K branches all read the same `z`, so their concatenation equals one dense layer whose
 //! weight is the branches' weights stacked row-wise. [`ExcitationWeights::fc1_weight`] is that
-//! stack, (K·C/r, C); models keep one tensor per branch and stack them before calling.
+//! stack, (K·C/r, C); [`excitation_branches`] takes one tensor per branch, as models keep
+//! them, and the fused op packs them with the other weights in one copy.
 //!
 //! The fused CPU kernel reads `u` once in the forward pass to pool it and once to scale it,
 //! and in the backward pass reads `u` once and the output gradient twice, which is what the
@@ -58,21 +59,44 @@ pub struct ExcitationWeights<'a> {
 impl ExcitationWeights<'_> {
     /// Checks the shapes against `channels` and returns the hidden width K·C/r.
     fn hidden(&self, channels: usize) -> Result<usize> {
-        let (hidden, c1) = self.fc1_weight.dims2()?;
-        let expect = |t: &Tensor, name: &str, dims: &[usize]| -> Result<()> {
-            if t.dims() != dims {
-                bail!("excitation: {name} must have shape {dims:?}, got {:?}", t.dims())
-            }
-            Ok(())
-        };
-        expect(self.fc1_weight, "fc1_weight", &[hidden, channels])?;
-        if c1 != channels || hidden == 0 {
-            bail!("excitation: fc1_weight must have shape (hidden > 0, {channels}), got {:?}", self.fc1_weight.dims())
+        check_shapes(channels, &[(self.fc1_weight, self.fc1_bias)], self.fc2_weight, self.fc2_bias)
+    }
+}
+
+/// Checks the reduction layers `fc1` (one (weight, bias) per branch; with one, the stack of
+/// all branches) and the excitation layer against `channels`; returns the hidden width.
+fn check_shapes(channels: usize, fc1: &[(&Tensor, &Tensor)], fc2_weight: &Tensor, fc2_bias: &Tensor) -> Result<usize> {
+    let expect = |t: &Tensor, name: &str, dims: &[usize]| -> Result<()> {
+        if t.dims() != dims {
+            bail!("excitation: {name} must have shape {dims:?}, got {:?}", t.dims())
         }
-        expect(self.fc1_bias, "fc1_bias", &[hidden])?;
-        expect(self.fc2_weight, "fc2_weight", &[channels, hidden])?;
-        expect(self.fc2_bias, "fc2_bias", &[channels])?;
-        Ok(hidden)
+        Ok(())
+    };
+    if fc1.is_empty() {
+        bail!("excitation: no reduction layer (fc1) given")
+    }
+    let mut hidden = 0;
+    for (k, (weight, bias)) in fc1.iter().enumerate() {
+        let name = |what: &str| fc1_name(fc1.len(), k, what);
+        let rows = match weight.dims() {
+            &[rows, c] if c == channels && rows > 0 => rows,
+            other => bail!("excitation: {} must have shape (rows > 0, {channels}), got {other:?}", name("weight")),
+        };
+        expect(bias, &name("bias"), &[rows])?;
+        hidden += rows;
+    }
+    expect(fc2_weight, "fc2_weight", &[channels, hidden])?;
+    expect(fc2_bias, "fc2_bias", &[channels])?;
+    Ok(hidden)
+}
+
+/// The name of branch `k`'s `what` ("weight", "bias") in errors: `fc1_weight` where the
+/// reduction layer is one tensor.
+fn fc1_name(branches: usize, k: usize, what: &str) -> String {
+    if branches == 1 {
+        format!("fc1_{what}")
+    } else {
+        format!("fc1 branch {k} {what}")
     }
 }
 
@@ -92,28 +116,56 @@ pub fn excitation(
     gate: Gate,
     implementation: Implementation,
 ) -> Result<Tensor> {
-    if master_weights(x, weights) && !(implementation == Implementation::Fused && x.device().is_cpu()) {
+    let fc1 = [(weights.fc1_weight, weights.fc1_bias)];
+    excitation_branches(x, &fc1, weights.fc2_weight, weights.fc2_bias, gate, implementation)
+}
+
+/// [`excitation`] with the reduction layer given as its K branches, `fc1[k]` = (weight
+/// (C/r, C), bias (C/r)) in concatenation order, as an SaE module keeps them. The fused op
+/// packs all weights into one operand anyway, so it takes the branches straight into that
+/// copy: stacking them first (`Tensor::cat`) and calling [`excitation`] computes the same with
+/// one more copy of the reduction weights per call (in both directions in training).
+pub fn excitation_branches(
+    x: &Tensor,
+    fc1: &[(&Tensor, &Tensor)],
+    fc2_weight: &Tensor,
+    fc2_bias: &Tensor,
+    gate: Gate,
+    implementation: Implementation,
+) -> Result<Tensor> {
+    check_shapes(x.dims4()?.1, fc1, fc2_weight, fc2_bias)?;
+    let master = master_weights(x, fc1, fc2_weight, fc2_bias);
+    if implementation == Implementation::Fused && (x.device().is_cpu() || !master) {
+        let (op, params) = fused_operands(x, fc1, fc2_weight, fc2_bias, gate)?;
+        return x.apply_op2(&params, op);
+    }
+    // The other paths take one stacked reduction weight, of the input's dtype.
+    let stacked;
+    let (w1, b1) = match fc1 {
+        [(w, b)] => (*w, *b),
+        _ => {
+            let (ws, bs): (Vec<&Tensor>, Vec<&Tensor>) = fc1.iter().copied().unzip();
+            stacked = (Tensor::cat(&ws, 0)?, Tensor::cat(&bs, 0)?);
+            (&stacked.0, &stacked.1)
+        }
+    };
+    if master {
         let cast = |t: &Tensor| crate::cast(t, x.dtype());
-        let (w1, b1, w2, b2) =
-            (cast(weights.fc1_weight)?, cast(weights.fc1_bias)?, cast(weights.fc2_weight)?, cast(weights.fc2_bias)?);
+        let (w1, b1, w2, b2) = (cast(w1)?, cast(b1)?, cast(fc2_weight)?, cast(fc2_bias)?);
         let weights = ExcitationWeights { fc1_weight: &w1, fc1_bias: &b1, fc2_weight: &w2, fc2_bias: &b2 };
         return excitation(x, &weights, gate, implementation);
     }
-    match implementation {
-        Implementation::Reference => excitation_reference(x, weights, gate),
-        Implementation::Fused => excitation_fused(x, weights, gate),
-    }
+    // What is left is the reference: the fused op has run above.
+    excitation_reference(x, &ExcitationWeights { fc1_weight: w1, fc1_bias: b1, fc2_weight, fc2_bias }, gate)
 }
 
 /// Whether the weights are the f32 master weights of mixed-precision training for a bf16 or
 /// f16 input (all four f32). The fused CPU kernel takes them as they are: it computes in f32
 /// anyway, so a bf16 copy per step would only be rounded and converted back, and their
 /// gradient is returned in f32. Every other path casts them to the input's dtype first.
-fn master_weights(x: &Tensor, weights: &ExcitationWeights) -> bool {
+fn master_weights(x: &Tensor, fc1: &[(&Tensor, &Tensor)], fc2_weight: &Tensor, fc2_bias: &Tensor) -> bool {
     matches!(x.dtype(), DType::BF16 | DType::F16)
-        && [weights.fc1_weight, weights.fc1_bias, weights.fc2_weight, weights.fc2_bias]
-            .iter()
-            .all(|t| t.dtype() == DType::F32)
+        && fc1.iter().flat_map(|(w, b)| [w, b]).chain([&fc2_weight, &fc2_bias]).all(|t| t.dtype() == DType::F32)
 }
 
 /// The excitation composed of plain Candle ops; the definition the fused op is tested against.
@@ -129,11 +181,6 @@ pub fn excitation_reference(x: &Tensor, weights: &ExcitationWeights, gate: Gate)
         Gate::S => Ok(scaled),
         Gate::OnePlusS => x + scaled,
     }
-}
-
-fn excitation_fused(x: &Tensor, weights: &ExcitationWeights, gate: Gate) -> Result<Tensor> {
-    let (op, params) = fused_operands(x, weights, gate)?;
-    x.apply_op2(&params, op)
 }
 
 /// The gradients of [`excitation`] with respect to its input and every weight.
@@ -161,10 +208,11 @@ pub fn excitation_backward(
     gate: Gate,
     grad: &Tensor,
 ) -> Result<ExcitationGradients> {
-    if master_weights(x, weights) && !x.device().is_cpu() {
+    let fc1 = [(weights.fc1_weight, weights.fc1_bias)];
+    if master_weights(x, &fc1, weights.fc2_weight, weights.fc2_bias) && !x.device().is_cpu() {
         bail!("excitation_backward: f32 master weights with a {:?} input are for the CPU kernel only", x.dtype())
     }
-    let (op, params) = fused_operands(x, weights, gate)?;
+    let (op, params) = fused_operands(x, &fc1, weights.fc2_weight, weights.fc2_bias, gate)?;
     let (input, params) = op.backward(x, &params, grad)?;
     let shapes =
         [weights.fc1_weight.dims(), weights.fc1_bias.dims(), weights.fc2_weight.dims(), weights.fc2_bias.dims()];
@@ -186,17 +234,24 @@ impl ExcitationOp {
     }
 }
 
-/// Checks the weights against `x` and packs them for the fused ops.
-fn fused_operands(x: &Tensor, weights: &ExcitationWeights, gate: Gate) -> Result<(ExcitationOp, Tensor)> {
+/// Checks the weights against `x` and packs them for the fused ops: the reduction weights
+/// (branch by branch: their stack), their biases, the excitation weight and bias, in one copy.
+fn fused_operands(
+    x: &Tensor,
+    fc1: &[(&Tensor, &Tensor)],
+    fc2_weight: &Tensor,
+    fc2_bias: &Tensor,
+    gate: Gate,
+) -> Result<(ExcitationOp, Tensor)> {
     let (_, channels, _, _) = x.dims4()?;
-    let hidden = weights.hidden(channels)?;
-    let master = master_weights(x, weights);
-    for (name, t) in [
-        ("fc1_weight", weights.fc1_weight),
-        ("fc1_bias", weights.fc1_bias),
-        ("fc2_weight", weights.fc2_weight),
-        ("fc2_bias", weights.fc2_bias),
-    ] {
+    let hidden = check_shapes(channels, fc1, fc2_weight, fc2_bias)?;
+    let master = master_weights(x, fc1, fc2_weight, fc2_bias);
+    let mut named: Vec<(String, &Tensor)> = Vec::new();
+    for (k, &(w, b)) in fc1.iter().enumerate() {
+        named.extend([(fc1_name(fc1.len(), k, "weight"), w), (fc1_name(fc1.len(), k, "bias"), b)]);
+    }
+    named.extend([("fc2_weight".into(), fc2_weight), ("fc2_bias".into(), fc2_bias)]);
+    for (name, t) in &named {
         if t.dtype() != x.dtype() && !master {
             bail!(
                 "excitation: {name} has dtype {:?} but the input has {:?} (and the weights are not all f32 master weights for a bf16 or f16 input)",
@@ -207,15 +262,10 @@ fn fused_operands(x: &Tensor, weights: &ExcitationWeights, gate: Gate) -> Result
     }
     // One flat parameter tensor keeps the op at two operands; Candle's `cat` backward splits
     // the parameter gradient back onto the individual weights.
-    let params = Tensor::cat(
-        &[
-            weights.fc1_weight.flatten_all()?,
-            weights.fc1_bias.clone(),
-            weights.fc2_weight.flatten_all()?,
-            weights.fc2_bias.clone(),
-        ],
-        0,
-    )?;
+    let mut pieces: Vec<Tensor> = fc1.iter().map(|(w, _)| w.flatten_all()).collect::<Result<_>>()?;
+    pieces.extend(fc1.iter().map(|(_, b)| (*b).clone()));
+    pieces.extend([fc2_weight.flatten_all()?, fc2_bias.clone()]);
+    let params = Tensor::cat(&pieces, 0)?;
     Ok((ExcitationOp { channels, hidden, gate }, params))
 }
 
