@@ -669,7 +669,7 @@ fn ours(
             let loss = cross_entropy(&net.forward_t(&x, true)?.to_dtype(DType::F32)?, &y, 0.0)?;
             opt.step(&loss.backward()?)?;
         } else {
-            net.forward_t(&x, false)?;
+            net.forward_without_graph(&x, false)?;
         }
         Ok(())
     })?;

@@ -37,7 +37,7 @@ fn main() -> anyhow::Result<()> {
     for step in 0..steps {
         let t0 = Instant::now();
         if flag("eval") {
-            device.with_context(|| net.forward_t(&x, false))?;
+            device.with_context(|| net.forward_without_graph(&x, false))?;
             println!("step {step}: eval forward {:.0} ms", t0.elapsed().as_secs_f64() * 1e3);
             continue;
         }
