@@ -73,6 +73,15 @@ struct Timing {
     memory: Memory,
 }
 
+impl Timing {
+    /// The faster of two measurements of one row, with the memory of the one that peaked
+    /// higher (memory is not what a repeat should pick).
+    fn fastest(self, other: Timing) -> Timing {
+        let memory = if other.memory.peak > self.memory.peak { other.memory } else { self.memory };
+        Timing { memory, ..if other.step < self.step { other } else { self } }
+    }
+}
+
 /// A process's resident memory: before the model was built, and its peak (bytes).
 #[derive(Debug, Clone, Copy, Default)]
 struct Memory {
@@ -215,39 +224,58 @@ pub fn gemm_gflops(dtype: DType) -> Result<f64> {
     let x = Tensor::randn(0f32, 1.0, (1, 2048, 32, 64), &device)?.to_dtype(dtype)?;
     let w = Tensor::randn(0f32, 1.0, (2048, 2048, 1, 1), &device)?.to_dtype(dtype)?;
     let cfg = sae_kernels::Conv2dConfig { stride: 1, padding: 0, groups: 1 };
-    let mut times = Vec::new();
-    for _ in 0..6 {
+    let multiply = || device.with_context(|| sae_kernels::conv2d(&x, &w, cfg, Implementation::Fused));
+    // Timed as the PyTorch script times `a @ b`: two warm-up calls, then the median of at least
+    // 3 calls and 2 s (six calls, the first one cold, once gave 332 GFLOP/s against 427 in the
+    // runs around it on the Xeon: a stall of the VM outweighed them).
+    multiply()?;
+    multiply()?;
+    let (mut times, start) = (Vec::new(), Instant::now());
+    while times.len() < 3 || start.elapsed().as_secs_f64() < 2.0 {
         let t = Instant::now();
-        device.with_context(|| sae_kernels::conv2d(&x, &w, cfg, Implementation::Fused))?;
+        multiply()?;
         times.push(t.elapsed().as_secs_f64());
     }
     Ok(2.0 * 2048f64.powi(3) / median(times) / 1e9)
 }
 
-/// PyTorch's images/s, parameter count and memory per row (and its matmul GFLOP/s and
-/// version), from the script: the matmul in one process, then each row in one of its own.
-struct Torch {
-    matmul_gflops: f64,
-    version: String,
-    rows: Vec<(f64, u64, Memory)>,
+/// One row as PyTorch ran it: images/s, parameter count and memory.
+#[derive(Debug, Clone, Copy)]
+struct TorchRow {
+    images_per_second: f64,
+    params: u64,
+    memory: Memory,
 }
 
-fn measure_torch(python: &PathBuf, seconds: f64, rows: &[Row], variant: &str) -> Result<Torch> {
-    let script = project_root().join("bench/pytorch/bench_train.py");
-    let threads = rayon::current_num_threads().to_string();
-    let run = |rows: Option<String>| -> Result<Vec<serde_json::Value>> {
-        let mut cmd = Command::new(python);
-        cmd.arg(&script).args(["--threads", &threads, "--seconds", &seconds.to_string(), "--variant", variant]);
-        if let Some(rows) = &rows {
-            cmd.args(["--skip-matmul", "--rows", rows]);
-        }
+impl TorchRow {
+    /// As [`Timing::fastest`].
+    fn fastest(self, other: TorchRow) -> TorchRow {
+        let memory = if other.memory.peak > self.memory.peak { other.memory } else { self.memory };
+        let faster = if other.images_per_second > self.images_per_second { other } else { self };
+        TorchRow { memory, ..faster }
+    }
+}
+
+/// Runs `bench/pytorch/bench_train.py`: each call a process of its own.
+struct TorchScript<'a> {
+    python: &'a PathBuf,
+    seconds: f64,
+}
+
+impl TorchScript<'_> {
+    fn run(&self, args: &[&str]) -> Result<Vec<serde_json::Value>> {
+        let script = project_root().join("bench/pytorch/bench_train.py");
+        let threads = rayon::current_num_threads().to_string();
+        let mut cmd = Command::new(self.python);
+        cmd.arg(&script).args(["--threads", &threads, "--seconds", &self.seconds.to_string()]).args(args);
         eprintln!(
-            "$ {} {} --threads {threads} --seconds {seconds} {}",
-            python.display(),
+            "$ {} {} --threads {threads} --seconds {} {}",
+            self.python.display(),
             script.display(),
-            rows.unwrap_or_default()
+            self.seconds,
+            args.join(" ")
         );
-        let out = cmd.output().with_context(|| format!("running {}", python.display()))?;
+        let out = cmd.output().with_context(|| format!("running {}", self.python.display()))?;
         if !out.status.success() {
             bail!("{} failed ({}):\n{}", script.display(), out.status, String::from_utf8_lossy(&out.stderr))
         }
@@ -255,26 +283,31 @@ fn measure_torch(python: &PathBuf, seconds: f64, rows: &[Row], variant: &str) ->
             .lines()
             .map(|l| serde_json::from_str(l).context("parsing the PyTorch script's output"))
             .collect()
-    };
-    let head = run(None)?;
-    let head = head.first().context("the PyTorch script printed nothing")?;
-    let mut measured = Vec::new();
-    for r in rows {
+    }
+
+    /// PyTorch's `a @ b` GFLOP/s (2048³, f32) and its version.
+    fn matmul(&self) -> Result<(f64, String)> {
+        let lines = self.run(&[])?;
+        let head = lines.first().context("the PyTorch script printed nothing")?;
+        Ok((
+            head["matmul_gflops"].as_f64().context("no matmul_gflops")?,
+            head["torch"].as_str().unwrap_or("?").to_string(),
+        ))
+    }
+
+    /// One row with `variant` (`eager`, `autocast_bf16`).
+    fn row(&self, r: Row, variant: &str) -> Result<TorchRow> {
         let mode = if r.mode == Mode::Train { "train" } else { "infer" };
-        let lines = run(Some(format!("{}:{}:{}:{mode}", r.model, r.size, r.batch)))?;
+        let row = format!("{}:{}:{}:{mode}", r.model, r.size, r.batch);
+        let lines = self.run(&["--variant", variant, "--skip-matmul", "--rows", &row])?;
         let [v] = lines.as_slice() else { bail!("the PyTorch script printed {} rows, expected 1", lines.len()) };
         let bytes = |k: &str| v[k].as_u64().with_context(|| format!("no {k}"));
-        measured.push((
-            v["images_per_second"].as_f64().context("no images_per_second")?,
-            v["params"].as_u64().unwrap_or(0),
-            Memory { baseline: bytes("baseline_rss")?, peak: bytes("peak_rss")? },
-        ));
+        Ok(TorchRow {
+            images_per_second: v["images_per_second"].as_f64().context("no images_per_second")?,
+            params: v["params"].as_u64().unwrap_or(0),
+            memory: Memory { baseline: bytes("baseline_rss")?, peak: bytes("peak_rss")? },
+        })
     }
-    Ok(Torch {
-        matmul_gflops: head["matmul_gflops"].as_f64().context("no matmul_gflops")?,
-        version: head["torch"].as_str().unwrap_or("?").to_string(),
-        rows: measured,
-    })
 }
 
 /// A report's title, the command that made it, the machine, and its measured peak.
@@ -306,16 +339,23 @@ fn report_header(title: &str, peak: &crate::peak::Peak) -> Result<String> {
     Ok(md)
 }
 
-pub fn run(seconds: f64, python: Option<PathBuf>, bf16: bool) -> Result<()> {
+/// `repeats` measurements per row and side, alternating ours and PyTorch's; each side's
+/// fastest counts (a busy machine only slows a run down).
+pub fn run(seconds: f64, python: Option<PathBuf>, bf16: bool, repeats: usize) -> Result<()> {
+    let repeats = repeats.max(1);
+    let torch = python.as_ref().map(|python| TorchScript { python, seconds });
     if bf16 {
-        return run_bf16(seconds, python);
+        return run_bf16(seconds, torch, repeats);
     }
-    let torch = match &python {
-        Some(p) => Some(measure_torch(p, seconds, ROWS, "eager")?),
-        None => None,
-    };
     let machine_peak = crate::peak::measure();
-    let peak = gemm_gflops(DType::F32)?;
+    let (mut peak, mut torch_matmul) = (0f64, None::<(f64, String)>);
+    for _ in 0..repeats {
+        peak = peak.max(gemm_gflops(DType::F32)?);
+        if let Some(t) = &torch {
+            let (gflops, version) = t.matmul()?;
+            torch_matmul = Some((torch_matmul.map_or(gflops, |(g, _)| g.max(gflops)), version));
+        }
+    }
     let of_peak = |gflops: f64| format!("{gflops:.0} ({:.0} %)", 100.0 * gflops / machine_peak.f32_gflops);
     let mut md = report_header("Training speed on CPU", &machine_peak)?;
     writeln!(
@@ -326,7 +366,11 @@ pub fn run(seconds: f64, python: Option<PathBuf>, bf16: bool) -> Result<()> {
         md,
         "inputs; a training step is forward (BatchNorm in training mode) + cross-entropy + backward + Keras Adam."
     )?;
-    writeln!(md, "images/s = batch / median step time (one warm-up step, then at least 3 steps and {seconds} s).")?;
+    writeln!(
+        md,
+        "images/s = batch / median step time (one warm-up step, then at least 3 steps and {seconds} s); {}.",
+        repeats_sentence(repeats)
+    )?;
     writeln!(md, "Inference runs in eval mode after {WARM_STAT_FORWARDS} training-mode forwards have set realistic BatchNorm running statistics.")?;
     writeln!(
         md,
@@ -341,26 +385,34 @@ pub fn run(seconds: f64, python: Option<PathBuf>, bf16: bool) -> Result<()> {
         md,
         "algorithm's count, by which the GFLOP/s of all three columns are comparable. Our f32 3×3 stride-1 convolutions run\nWinograd's F(2×2, 3×3), which does 16 multiplies where the direct algorithm does 36, so that the share of the f32 peak\nthey show is not the share of the FMA units they keep busy.\n"
     )?;
-    match &torch {
-        Some(t) => writeln!(md, "PyTorch {} eager, `torch.set_num_threads({})`, measured in the same run by `bench/pytorch/bench_train.py` (same networks: the parameter counts below are checked equal). sgemm 2048³ GFLOP/s: `gemm` crate through our 1×1 convolution **{}**, PyTorch `a @ b` **{}**.\n", t.version, rayon::current_num_threads(), of_peak(peak), of_peak(t.matmul_gflops))?,
+    match &torch_matmul {
+        Some((gflops, version)) => writeln!(md, "PyTorch {version} eager, `torch.set_num_threads({})`, measured in the same run by `bench/pytorch/bench_train.py` (same networks: the parameter counts below are checked equal). sgemm 2048³ GFLOP/s: `gemm` crate through our 1×1 convolution **{}**, PyTorch `a @ b` **{}**.\n", rayon::current_num_threads(), of_peak(peak), of_peak(*gflops))?,
         None => writeln!(md, "PyTorch not measured in this run (pass `--python` with a Python that has torch). sgemm 2048³ GFLOP/s: `gemm` crate through our 1×1 convolution **{}**.\n", of_peak(peak))?,
     }
     writeln!(md, "Every row is measured in a process of its own (ours, Candle's and PyTorch's), so that its peak resident memory (VmHWM) is its own: *peak MB* is that peak, and in brackets what it rose above the process's resident memory just before the model was built (for PyTorch that baseline includes the loaded torch library).\n")?;
     writeln!(md, "| model | input | batch | mode | params | ours img/s | Candle img/s | PyTorch img/s | ours / PyTorch | ours GFLOP/s (% of peak) | PyTorch GFLOP/s (% of peak) | ours: fwd / bwd / optimiser ms | peak MB ours | peak MB PyTorch |")?;
     writeln!(md, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")?;
     let mut measured = Vec::new();
-    for (i, r) in ROWS.iter().enumerate() {
+    for r in ROWS {
         let model = sae_models::config(r.model, CLASSES)?;
         let params = model.param_counts()?.trainable;
         let macs = sae_models::Model::new(model, 0, &Device::Cpu)?.macs(r.size, r.size) as f64;
         let flop_per_image = 2.0 * macs * if r.mode == Mode::Train { 3.0 } else { 1.0 };
-        let ours = measure_ours(*r, Implementation::Fused, Precision::F32, seconds)?;
+        let (mut ours, mut torch_row) = (None::<Timing>, None::<TorchRow>);
+        for _ in 0..repeats {
+            let run = measure_ours(*r, Implementation::Fused, Precision::F32, seconds)?;
+            ours = Some(ours.map_or(run, |o| o.fastest(run)));
+            if let Some(t) = &torch {
+                let run = t.row(*r, "eager")?;
+                torch_row = Some(torch_row.map_or(run, |o| o.fastest(run)));
+            }
+        }
+        let ours = ours.expect("at least one repeat");
         let candle = measure_ours(*r, Implementation::Reference, Precision::F32, seconds)?;
         let ips = |t: &Timing| r.batch as f64 / t.step;
         eprintln!("{}: ours {:.1} img/s, Candle {:.1} img/s", r.label(), ips(&ours), ips(&candle));
-        let (torch_ips, ratio, torch_gflops, torch_memory) = match &torch {
-            Some(t) => {
-                let (tips, tparams, memory) = t.rows[i];
+        let (torch_ips, ratio, torch_gflops, torch_memory) = match torch_row {
+            Some(TorchRow { images_per_second: tips, params: tparams, memory }) => {
                 if tparams as usize != params {
                     bail!("{}: PyTorch's network has {tparams} parameters, ours {params}", r.model)
                 }
@@ -383,10 +435,10 @@ pub fn run(seconds: f64, python: Option<PathBuf>, bf16: bool) -> Result<()> {
         measured.push(Measured {
             row: *r,
             ours: ours_ips,
-            torch: torch.as_ref().map(|t| t.rows[i].0),
+            torch: torch_row.map(|t| t.images_per_second),
             ours_gflops: ours_ips * flop_per_image / 1e9,
             ours_peak: ours.memory.peak,
-            torch_peak: torch.as_ref().map(|t| t.rows[i].2.peak),
+            torch_peak: torch_row.map(|t| t.memory.peak),
         });
         let ours_gflops = of_peak(ours_ips * flop_per_image / 1e9);
         writeln!(
@@ -395,13 +447,22 @@ pub fn run(seconds: f64, python: Option<PathBuf>, bf16: bool) -> Result<()> {
             r.model, r.size, r.size, r.batch, ours.memory.describe(),
         )?;
     }
-    let gemm = Gemm { ours: peak, torch: torch.as_ref().map(|t| t.matmul_gflops), machine: machine_peak.f32_gflops };
+    let gemm = Gemm { ours: peak, torch: torch_matmul.map(|(g, _)| g), machine: machine_peak.f32_gflops };
     writeln!(md, "\n{}", render_targets(&f32_targets(&measured, gemm)))?;
     let out = project_root().join("results/train-speed.md");
     std::fs::create_dir_all(out.parent().expect("results dir"))?;
     sae_fs::write_atomic(&out, md.as_bytes())?;
     eprintln!("wrote {}", out.display());
     Ok(())
+}
+
+/// How the report says repeats were taken.
+fn repeats_sentence(repeats: usize) -> String {
+    if repeats == 1 {
+        "one measurement per row and side".into()
+    } else {
+        format!("each row measured {repeats} times per side, ours and PyTorch's in turn, and each side's fastest kept (with the highest peak memory of its runs)")
+    }
 }
 
 /// What one row of the f32 report measured, for the targets.
@@ -525,43 +586,50 @@ const BF16_ROWS: &[Row] = &[
 /// `bench-train --bf16`: our f32 and bf16 mixed precision beside PyTorch eager f32 and bf16
 /// autocast, speed and peak memory, each row in a process of its own; writes
 /// `results/train-speed-bf16.md`.
-fn run_bf16(seconds: f64, python: Option<PathBuf>) -> Result<()> {
-    let torch = match &python {
-        Some(p) => Some((
-            measure_torch(p, seconds, BF16_ROWS, "eager")?,
-            measure_torch(p, seconds, BF16_ROWS, "autocast_bf16")?,
-        )),
-        None => None,
-    };
+fn run_bf16(seconds: f64, torch: Option<TorchScript>, repeats: usize) -> Result<()> {
+    let version = torch.as_ref().map(|t| t.matmul().map(|(_, v)| v)).transpose()?;
     let mut md = report_header("bf16 mixed precision on CPU", &crate::peak::measure())?;
-    writeln!(md, "Rows and timing as in `results/train-speed.md` (random inputs, median step, each row in its own process). *bf16* is `--precision bf16`: bf16 activations, f32 master weights (which our CPU convolutions and excitations take as they are, returning f32 weight gradients; other layers use bf16 copies), Adam state, BatchNorm statistics and loss; on the CPU our convolutions multiply bf16 with f32 sums (AMX tiles where the CPU has AMX-BF16, else AVX-512 BF16 dot products) where the products are large enough to repay packing, and every other kernel converts bf16 operands to f32 for the arithmetic and rounds each result once (bf16 storage, f32 compute). This run's convolutions multiply with {}. PyTorch bf16 is `torch.autocast(\"cpu\", dtype=torch.bfloat16)` around the forward and loss.\n", sae_kernels::Bf16Multiply::of_this_cpu().map_or("f32 instructions (this CPU has no bf16 multiplies)", sae_kernels::Bf16Multiply::describe))?;
-    match &torch {
-        Some((t, _)) => writeln!(md, "PyTorch {} measured in the same run.\n", t.version)?,
+    writeln!(md, "Rows and timing as in `results/train-speed.md` (random inputs, median step, each row in its own process; {}). *bf16* is `--precision bf16`: bf16 activations, f32 master weights (which our CPU convolutions and excitations take as they are, returning f32 weight gradients; other layers use bf16 copies), Adam state, BatchNorm statistics and loss; on the CPU our convolutions multiply bf16 with f32 sums (AMX tiles where the CPU has AMX-BF16, else AVX-512 BF16 dot products) where the products are large enough to repay packing, and every other kernel converts bf16 operands to f32 for the arithmetic and rounds each result once (bf16 storage, f32 compute). This run's convolutions multiply with {}. PyTorch bf16 is `torch.autocast(\"cpu\", dtype=torch.bfloat16)` around the forward and loss.\n", repeats_sentence(repeats), sae_kernels::Bf16Multiply::of_this_cpu().map_or("f32 instructions (this CPU has no bf16 multiplies)", sae_kernels::Bf16Multiply::describe))?;
+    match &version {
+        Some(v) => writeln!(md, "PyTorch {v} measured in the same run.\n")?,
         None => writeln!(md, "PyTorch not measured in this run (pass `--python`).\n")?,
     }
     writeln!(md, "| model | input | batch | mode | ours f32 img/s | ours bf16 img/s | bf16 / f32 | PyTorch f32 img/s | PyTorch bf16 img/s | ours bf16 / PyTorch bf16 | peak MB ours f32 | ours bf16 | PyTorch f32 | PyTorch bf16 |")?;
     writeln!(md, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
     let mut measured = Vec::new();
-    for (i, r) in BF16_ROWS.iter().enumerate() {
-        let f32_run = measure_ours(*r, Implementation::Fused, Precision::F32, seconds)?;
-        let bf16_run = measure_ours(*r, Implementation::Fused, Precision::Bf16, seconds)?;
+    for r in BF16_ROWS {
+        // Our f32 and bf16, PyTorch's eager and autocast, in turn, each the fastest of its repeats.
+        let ours = |precision| measure_ours(*r, Implementation::Fused, precision, seconds);
+        let (mut f32_run, mut bf16_run) = (ours(Precision::F32)?, ours(Precision::Bf16)?);
+        let mut torch_runs = torch
+            .as_ref()
+            .map(|t| Ok::<_, anyhow::Error>((t.row(*r, "eager")?, t.row(*r, "autocast_bf16")?)))
+            .transpose()?;
+        for _ in 1..repeats {
+            f32_run = f32_run.fastest(ours(Precision::F32)?);
+            bf16_run = bf16_run.fastest(ours(Precision::Bf16)?);
+            if let (Some(t), Some((e, a))) = (&torch, &mut torch_runs) {
+                *e = e.fastest(t.row(*r, "eager")?);
+                *a = a.fastest(t.row(*r, "autocast_bf16")?);
+            }
+        }
         let ips = |t: &Timing| r.batch as f64 / t.step;
         eprintln!("{}: f32 {:.1} img/s, bf16 {:.1} img/s", r.label(), ips(&f32_run), ips(&bf16_run));
         measured.push(MeasuredBf16 {
             row: *r,
             f32: ips(&f32_run),
             bf16: ips(&bf16_run),
-            torch_bf16: torch.as_ref().map(|(_, a)| a.rows[i].0),
+            torch_bf16: torch_runs.map(|(_, a)| a.images_per_second),
             f32_peak: f32_run.memory.peak,
             bf16_peak: bf16_run.memory.peak,
         });
-        let (torch_f32, torch_bf16, ratio, mem_f32, mem_bf16) = match &torch {
+        let (torch_f32, torch_bf16, ratio, mem_f32, mem_bf16) = match torch_runs {
             Some((e, a)) => (
-                format!("{:.1}", e.rows[i].0),
-                format!("{:.1}", a.rows[i].0),
-                format!("**{:.2}×**", ips(&bf16_run) / a.rows[i].0),
-                e.rows[i].2.describe(),
-                a.rows[i].2.describe(),
+                format!("{:.1}", e.images_per_second),
+                format!("{:.1}", a.images_per_second),
+                format!("**{:.2}×**", ips(&bf16_run) / a.images_per_second),
+                e.memory.describe(),
+                a.memory.describe(),
             ),
             None => ("—".into(), "—".into(), "—".into(), "—".into(), "—".into()),
         };
@@ -621,6 +689,16 @@ fn bf16_targets(rows: &[MeasuredBf16]) -> Vec<Target> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repeats_keep_the_fastest_run_and_the_highest_peak_memory() {
+        let ours = |step, peak| Timing { step, memory: Memory { baseline: 1, peak }, ..Default::default() };
+        let best = ours(2.0, 10).fastest(ours(1.5, 7)).fastest(ours(1.8, 12));
+        assert_eq!((best.step, best.memory.peak), (1.5, 12));
+        let torch = |ips, peak| TorchRow { images_per_second: ips, params: 3, memory: Memory { baseline: 1, peak } };
+        let best = torch(10.0, 5).fastest(torch(12.0, 4));
+        assert_eq!((best.images_per_second, best.memory.peak), (12.0, 5));
+    }
 
     fn measured(
         model: &'static str,

@@ -92,6 +92,10 @@ enum Cmd {
         /// `results/train-speed-bf16.md`.
         #[arg(long)]
         bf16: bool,
+        /// Measurements per row and side, ours and PyTorch's in turn; each side's fastest
+        /// counts. More than one steadies the ratios on a machine whose speed drifts.
+        #[arg(long, default_value_t = 1)]
+        repeats: usize,
     },
     /// Builds the CUDA check runner into `target/gpu/` (`xtask.gz` and `gpu-check.sh`, which
     /// starts it; needs nvcc, no GPU); with `--run`, runs it on a machine with an NVIDIA GPU: every op's parity with the CPU, 50 training
@@ -303,7 +307,7 @@ fn main() -> Result<()> {
         Cmd::GpuCheck { run: true, device, smoke, out, python } => {
             gpu_check::run(&gpu_check::RunOptions { device, smoke, out, python })
         }
-        Cmd::BenchTrain { seconds, python, bf16 } => bench_train::run(seconds, python, bf16),
+        Cmd::BenchTrain { seconds, python, bf16, repeats } => bench_train::run(seconds, python, bf16, repeats),
         Cmd::BenchTrainRow { args } => bench_train::row_in_this_process(&args),
         Cmd::ReproduceTable2(a) => reproduce(reproduce::Table::Two, 2, a),
         Cmd::ReproduceTable3(a) => reproduce(reproduce::Table::Three, 3, a),
