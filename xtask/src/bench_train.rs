@@ -77,8 +77,7 @@ impl Timing {
     /// The faster of two measurements of one row, with the memory of the one that peaked
     /// higher (memory is not what a repeat should pick).
     fn fastest(self, other: Timing) -> Timing {
-        let memory = if other.memory.peak > self.memory.peak { other.memory } else { self.memory };
-        Timing { memory, ..if other.step < self.step { other } else { self } }
+        Timing { memory: self.memory.higher(other.memory), ..if other.step < self.step { other } else { self } }
     }
 }
 
@@ -90,6 +89,16 @@ struct Memory {
 }
 
 impl Memory {
+    /// Of two runs of one row, the one whose memory peaked higher (repeats keep the fastest
+    /// time but not the lowest memory).
+    fn higher(self, other: Memory) -> Memory {
+        if other.peak > self.peak {
+            other
+        } else {
+            self
+        }
+    }
+
     /// "peak MB (+ above the baseline)".
     fn describe(&self) -> String {
         format!("{:.0} (+{:.0})", self.peak as f64 / 1e6, self.peak.saturating_sub(self.baseline) as f64 / 1e6)
@@ -250,9 +259,8 @@ struct TorchRow {
 impl TorchRow {
     /// As [`Timing::fastest`].
     fn fastest(self, other: TorchRow) -> TorchRow {
-        let memory = if other.memory.peak > self.memory.peak { other.memory } else { self.memory };
         let faster = if other.images_per_second > self.images_per_second { other } else { self };
-        TorchRow { memory, ..faster }
+        TorchRow { memory: self.memory.higher(other.memory), ..faster }
     }
 }
 
@@ -398,16 +406,15 @@ pub fn run(seconds: f64, python: Option<PathBuf>, bf16: bool, repeats: usize) ->
         let params = model.param_counts()?.trainable;
         let macs = sae_models::Model::new(model, 0, &Device::Cpu)?.macs(r.size, r.size) as f64;
         let flop_per_image = 2.0 * macs * if r.mode == Mode::Train { 3.0 } else { 1.0 };
-        let (mut ours, mut torch_row) = (None::<Timing>, None::<TorchRow>);
-        for _ in 0..repeats {
-            let run = measure_ours(*r, Implementation::Fused, Precision::F32, seconds)?;
-            ours = Some(ours.map_or(run, |o| o.fastest(run)));
-            if let Some(t) = &torch {
-                let run = t.row(*r, "eager")?;
-                torch_row = Some(torch_row.map_or(run, |o| o.fastest(run)));
+        // Ours and PyTorch's in turn, each the fastest of its repeats.
+        let mut ours = measure_ours(*r, Implementation::Fused, Precision::F32, seconds)?;
+        let mut torch_row = torch.as_ref().map(|t| t.row(*r, "eager")).transpose()?;
+        for _ in 1..repeats {
+            ours = ours.fastest(measure_ours(*r, Implementation::Fused, Precision::F32, seconds)?);
+            if let (Some(t), Some(row)) = (&torch, &mut torch_row) {
+                *row = row.fastest(t.row(*r, "eager")?);
             }
         }
-        let ours = ours.expect("at least one repeat");
         let candle = measure_ours(*r, Implementation::Reference, Precision::F32, seconds)?;
         let ips = |t: &Timing| r.batch as f64 / t.step;
         eprintln!("{}: ours {:.1} img/s, Candle {:.1} img/s", r.label(), ips(&ours), ips(&candle));

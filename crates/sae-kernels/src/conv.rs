@@ -190,11 +190,12 @@ impl Geometry {
         }
     }
 
-    /// Winograd's shapes for a 3×3 stride-1 ungrouped convolution with padding up to 2, where
-    /// they save multiplies.
-    fn winograd(&self) -> Option<Winograd> {
-        let square = self.kh == 3 && self.kw == 3 && self.stride == 1 && self.groups == 1;
-        square
+    /// Winograd's shapes for a 3×3 stride-1 ungrouped convolution with padding up to 2 and f32
+    /// products (bf16 ones multiply faster directly), where they save multiplies.
+    fn winograd(&self, products: Products) -> Option<Winograd> {
+        let eligible =
+            self.kh == 3 && self.kw == 3 && self.stride == 1 && self.groups == 1 && products == Products::F32;
+        eligible
             .then(|| Winograd::new(self.n, self.c, self.h, self.w, self.oc, self.pad))
             .flatten()
             .filter(Winograd::pays)
@@ -610,7 +611,7 @@ impl Conv {
         let (p, kg, og) = (g.pixels(), g.rows_per_group(), g.out_per_group());
         // Every element is written by a multiply (without accumulation) or a copy below.
         let mut out = uninit::<T>(g.n * g.oc * p);
-        if let Some(winograd) = g.winograd().filter(|_| products == Products::F32) {
+        if let Some(winograd) = g.winograd(products) {
             let u = transform_weights(w, g.oc, g.c, false);
             winograd.forward(x, xs, &u, &mut out, |c, plane| {
                 if let Some(e) = epilogue {
@@ -821,7 +822,7 @@ impl ConvBackward {
         // Every element is written below: dW by its first multiply or a copy, dx by a
         // multiply or zero-filled before col2im adds into it, or by Winograd's convolution.
         let (mut dx, mut dw) = (uninit::<T>(g.n * image_len), uninit::<f32>(g.oc * kg));
-        if let Some(winograd) = g.winograd().filter(|_| products == Products::F32) {
+        if let Some(winograd) = g.winograd(products) {
             if self.input_gradient {
                 let u = transform_weights(w, g.oc, g.c, true);
                 let dims = [g.n, g.oc, g.oh, g.ow];

@@ -133,13 +133,14 @@ pub fn excitation_branches(
     gate: Gate,
     implementation: Implementation,
 ) -> Result<Tensor> {
-    check_shapes(x.dims4()?.1, fc1, fc2_weight, fc2_bias)?;
     let master = master_weights(x, fc1, fc2_weight, fc2_bias);
     if implementation == Implementation::Fused && (x.device().is_cpu() || !master) {
-        let (op, params) = fused_operands(x, fc1, fc2_weight, fc2_bias, gate)?;
+        let (op, params) = fused_operands(x, fc1, fc2_weight, fc2_bias, gate, master)?;
         return x.apply_op2(&params, op);
     }
-    // The other paths take one stacked reduction weight, of the input's dtype.
+    // The other paths take one stacked reduction weight, of the input's dtype (checked first,
+    // so that a wrong branch is named rather than failing the stacking).
+    check_shapes(x.dims4()?.1, fc1, fc2_weight, fc2_bias)?;
     let stacked;
     let (w1, b1) = match fc1 {
         [(w, b)] => (*w, *b),
@@ -209,10 +210,11 @@ pub fn excitation_backward(
     grad: &Tensor,
 ) -> Result<ExcitationGradients> {
     let fc1 = [(weights.fc1_weight, weights.fc1_bias)];
-    if master_weights(x, &fc1, weights.fc2_weight, weights.fc2_bias) && !x.device().is_cpu() {
+    let master = master_weights(x, &fc1, weights.fc2_weight, weights.fc2_bias);
+    if master && !x.device().is_cpu() {
         bail!("excitation_backward: f32 master weights with a {:?} input are for the CPU kernel only", x.dtype())
     }
-    let (op, params) = fused_operands(x, &fc1, weights.fc2_weight, weights.fc2_bias, gate)?;
+    let (op, params) = fused_operands(x, &fc1, weights.fc2_weight, weights.fc2_bias, gate, master)?;
     let (input, params) = op.backward(x, &params, grad)?;
     let shapes =
         [weights.fc1_weight.dims(), weights.fc1_bias.dims(), weights.fc2_weight.dims(), weights.fc2_bias.dims()];
@@ -236,30 +238,35 @@ impl ExcitationOp {
 
 /// Checks the weights against `x` and packs them for the fused ops: the reduction weights
 /// (branch by branch: their stack), their biases, the excitation weight and bias, in one copy.
+/// `master`: the weights are f32 master weights ([`master_weights`]).
 fn fused_operands(
     x: &Tensor,
     fc1: &[(&Tensor, &Tensor)],
     fc2_weight: &Tensor,
     fc2_bias: &Tensor,
     gate: Gate,
+    master: bool,
 ) -> Result<(ExcitationOp, Tensor)> {
     let (_, channels, _, _) = x.dims4()?;
     let hidden = check_shapes(channels, fc1, fc2_weight, fc2_bias)?;
-    let master = master_weights(x, fc1, fc2_weight, fc2_bias);
-    let mut named: Vec<(String, &Tensor)> = Vec::new();
-    for (k, &(w, b)) in fc1.iter().enumerate() {
-        named.extend([(fc1_name(fc1.len(), k, "weight"), w), (fc1_name(fc1.len(), k, "bias"), b)]);
-    }
-    named.extend([("fc2_weight".into(), fc2_weight), ("fc2_bias".into(), fc2_bias)]);
-    for (name, t) in &named {
+    // The names are formatted only for the error: this runs on every call.
+    let check_dtype = |t: &Tensor, name: &dyn Fn() -> String| -> Result<()> {
         if t.dtype() != x.dtype() && !master {
             bail!(
-                "excitation: {name} has dtype {:?} but the input has {:?} (and the weights are not all f32 master weights for a bf16 or f16 input)",
+                "excitation: {} has dtype {:?} but the input has {:?} (and the weights are not all f32 master weights for a bf16 or f16 input)",
+                name(),
                 t.dtype(),
                 x.dtype()
             )
         }
+        Ok(())
+    };
+    for (k, &(w, b)) in fc1.iter().enumerate() {
+        check_dtype(w, &|| fc1_name(fc1.len(), k, "weight"))?;
+        check_dtype(b, &|| fc1_name(fc1.len(), k, "bias"))?;
     }
+    check_dtype(fc2_weight, &|| "fc2_weight".into())?;
+    check_dtype(fc2_bias, &|| "fc2_bias".into())?;
     // One flat parameter tensor keeps the op at two operands; Candle's `cat` backward splits
     // the parameter gradient back onto the individual weights.
     let mut pieces: Vec<Tensor> = fc1.iter().map(|(w, _)| w.flatten_all()).collect::<Result<_>>()?;
