@@ -13,8 +13,9 @@
 //! with sums and M = N·H·W over each channel, σ² the biased batch variance. The batch mean
 //! and variance are returned for the caller's running statistics. In eval mode
 //! ([`batch_norm_eval`]) it is one per-channel scale and shift, in one pass each way. Both can
-//! apply a ReLU in the same pass (`relu`); the backward then masks the gradient by the output,
-//! so BatchNorm + ReLU is one graph node instead of two (Candle's backward adds a `zeros_like`
+//! apply a ReLU in the same pass (`relu`); the backward then masks the gradient (on the CPU
+//! recomputing the mask from the input, in its own passes; on CUDA by the output), so
+//! BatchNorm + ReLU is one graph node instead of two (Candle's backward adds a `zeros_like`
 //! and an `add` for every node's gradient). The fused kernels take f32/f16/bf16 on the CPU
 //! (f32 arithmetic, statistics in f32) and on CUDA (`src/cuda/ops.cu`, the same passes with
 //! f64 sums); elsewhere [`batch_norm_train`] runs the reference. On CUDA the per-channel statistics go to the host
@@ -22,8 +23,8 @@
 //! carry them as plain vectors.
 
 use crate::cpu::{
-    as_f32, contiguous, dispatch_float, min_planes_per_task, plane_f32, read_f32, same_dtype, uninit, unpack,
-    write_f32, Elem,
+    as_f32, contiguous, copy_converted, dispatch_float, min_planes_per_task, plane_f32, read_f32, same_dtype, uninit,
+    unpack, write_f32, Elem,
 };
 use crate::layout::Strided4;
 use crate::Implementation;
@@ -82,7 +83,7 @@ pub fn batch_norm_train(
                 .try_into()
                 .map_err(|_| candle_core::Error::Msg("batch_norm: statistics are not (2, C)".into()))?;
             let inv_std = var_v.iter().map(|v| 1.0 / (v + eps as f32).sqrt()).collect();
-            let op = BatchNormTrain { mean: mean_v, inv_std, relu };
+            let op = BatchNormTrain { stats: BatchStats { mean: mean_v, inv_std }, relu };
             let output = x.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?;
             Ok(BatchNormOutput { output, mean, variance })
         }
@@ -196,7 +197,11 @@ struct ChannelAffine {
 }
 
 /// (x, scale, dy) → [dx | dscale | dshift] packed in one 1-D tensor.
-struct ChannelAffineBackward;
+struct ChannelAffineBackward {
+    /// The forward's per-channel (scale, shift) when it ended in a ReLU and `dy` is the
+    /// gradient of that ReLU's output (CPU only; see [`channel_gradients`]).
+    relu: Option<Vec<(f32, f32)>>,
+}
 
 impl CustomOp3 for ChannelAffine {
     fn name(&self) -> &'static str {
@@ -239,12 +244,17 @@ impl CustomOp3 for ChannelAffine {
         &self,
         x: &Tensor,
         scale: &Tensor,
-        _shift: &Tensor,
+        shift: &Tensor,
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = gradient_before_relu(res, grad, self.relu)?;
-        let packed = x.apply_op3_no_bwd(scale, &grad, &ChannelAffineBackward)?;
+        let relu = match mask_in_backward(self.relu, x) {
+            true => Some(f32_values(scale)?.into_iter().zip(f32_values(shift)?).collect()),
+            false => None,
+        };
+        let grad = gradient_before_relu(res, grad, self.relu && relu.is_none())?;
+        let op = ChannelAffineBackward { relu };
+        let packed = x.apply_op3_no_bwd(scale, &grad, &op)?;
         let [dx, dscale, dshift] = unpack(&packed, [x.dims(), scale.dims(), scale.dims()])?;
         Ok((Some(dx), Some(dscale), Some(dshift)))
     }
@@ -267,12 +277,15 @@ impl CustomOp3 for ChannelAffineBackward {
         let xs = backward_layout(xl, gl)?;
         dispatch_float!("batch_norm backward", x, |x: T| {
             let (scale, g) = backward_operands::<T>(scale, sl, g, gl)?;
-            let sums = gradient_sums(x, &xs, g, |_| 0.0);
             // d scale = Σ dy·x, d shift = Σ dy, dx = dy·scale.
-            Ok(packed_gradients(&xs, g, sums.iter().map(|s| (s.dy_x, s.dy)), |plane, dy, dx| {
-                let s = scale[plane % xs.dims[1]];
-                dx.iter_mut().zip(dy).for_each(|(d, &gv)| *d = gv * s);
-            }))
+            Ok(channel_gradients(
+                x,
+                &xs,
+                g,
+                self.relu.as_deref(),
+                |_| 0.0,
+                |ci, sums| ChannelGradients { dparam: sums.dy_x, dshift: sums.dy, dx: [scale[ci], 0.0, 0.0] },
+            ))
         })
     }
 
@@ -318,15 +331,45 @@ struct ChannelStats;
 
 /// y = (x − mean)·inv_std·γ + β with the batch statistics computed beforehand.
 struct BatchNormTrain {
+    stats: BatchStats,
+    relu: bool,
+}
+
+/// Whether the backward of a forward with a fused ReLU (`relu`) masks the gradient itself,
+/// from the input and the forward's per-channel affine ([`channel_gradients`]): on the CPU.
+/// Elsewhere the gradient is masked by the output first ([`gradient_before_relu`]).
+fn mask_in_backward(relu: bool, x: &Tensor) -> bool {
+    relu && x.device().is_cpu()
+}
+
+/// A per-channel parameter's values as f32 (exact from bf16/f16), on the host.
+fn f32_values(t: &Tensor) -> Result<Vec<f32>> {
+    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+}
+
+/// A batch's per-channel statistics, as the training-mode ops carry them.
+#[derive(Clone)]
+struct BatchStats {
     mean: Vec<f32>,
     inv_std: Vec<f32>,
-    relu: bool,
+}
+
+impl BatchStats {
+    /// Channel `c`'s `(scale, shift)` of `y = x·scale + shift`: `scale = γ·inv_std`,
+    /// `shift = β − mean·scale`. The forward and the backward's ReLU mask both compute it
+    /// here, so that the mask sees the very values the forward clamped.
+    fn affine(&self, c: usize, gamma: &[f32], beta: &[f32]) -> (f32, f32) {
+        let scale = self.inv_std[c] * gamma[c];
+        (scale, beta[c] - self.mean[c] * scale)
+    }
 }
 
 /// (x, γ, dy) → [dx | dγ | dβ] packed in one 1-D tensor.
 struct BatchNormBackward {
-    mean: Vec<f32>,
-    inv_std: Vec<f32>,
+    stats: BatchStats,
+    /// The forward's per-channel (scale, shift) when it ended in a ReLU and `dy` is the
+    /// gradient of that ReLU's output (CPU only; see [`channel_gradients`]).
+    relu: Option<Vec<(f32, f32)>>,
 }
 
 /// Calls `f(plane index n, values as f32)` for every plane of channel `c`, converting or
@@ -361,63 +404,120 @@ fn backward_operands<'a, T: Elem>(
     ))
 }
 
-/// The packed output `[dx | dparam | dshift]` of a backward op: the per-channel gradients
-/// `(dparam, dshift)` in channel order, and `dx` plane by plane from `dx_plane(plane, dy, dx)`.
-fn packed_gradients<T: Elem>(
-    xs: &Strided4,
-    g: &[T],
-    per_channel: impl ExactSizeIterator<Item = (f32, f32)>,
-    dx_plane: impl Fn(usize, &[f32], &mut [f32]) + Sync,
-) -> (CpuStorage, Shape) {
-    let [n, c, h, w] = xs.dims;
-    let (plane_len, len) = (h * w, n * c * h * w + 2 * c);
-    let mut out = uninit::<T>(len);
-    let (dx, rest) = out.split_at_mut(n * c * plane_len);
-    for (ci, (dparam, dshift)) in per_channel.enumerate() {
-        rest[ci] = T::from_f32(dparam);
-        rest[c + ci] = T::from_f32(dshift);
-    }
-    let planes = dx.par_chunks_mut(plane_len).with_min_len(min_planes_per_task(plane_len)).enumerate();
-    planes.for_each_init(
-        || (Vec::new(), Vec::new()),
-        |(g_buf, dx_buf), (plane, d)| {
-            let dy = read_f32(&g[plane * plane_len..(plane + 1) * plane_len], g_buf);
-            write_f32(d, dx_buf, |d| dx_plane(plane, dy, d))
-        },
-    );
-    (T::to_cpu_storage_owned(out), Shape::from(len))
-}
-
 /// One channel's sums over the batch for the backward passes.
 #[derive(Debug, Clone, Copy)]
 struct GradientSums {
     /// Σ dy: the gradient of the shift (β).
     dy: f32,
-    /// Σ dy·(x − shift): with the batch mean as the shift, the gradient of γ before its
-    /// `inv_std`; with shift 0, the gradient of an eval-mode scale.
+    /// Σ dy·(x − centre): with the batch mean as the centre, the gradient of γ before its
+    /// `inv_std`; with centre 0, the gradient of an eval-mode scale.
     dy_x: f32,
 }
 
-/// Per channel `c`: Σ dy and Σ dy·(x − shift(c)) over the batch. The shift is subtracted plane
-/// by plane, before the f64 accumulation, so a large mean does not cancel away the precision
-/// of the sum. `g` is the contiguous output gradient.
-fn gradient_sums<T: Elem>(x: &[T], xs: &Strided4, g: &[T], shift: impl Fn(usize) -> f32 + Sync) -> Vec<GradientSums> {
-    let [_, c, h, w] = xs.dims;
+/// What a backward op makes of one channel's [`GradientSums`]: the gradients of its two
+/// per-channel parameters, and `dx = dy·a + x·k + b` as `[a, k, b]`.
+struct ChannelGradients {
+    dparam: f32,
+    dshift: f32,
+    dx: [f32; 3],
+}
+
+/// The packed output `[dx | dparam | dshift]` of a backward op, channel by channel: the
+/// channel's [`GradientSums`] over its planes (Σ dy·(x − centre(c)), the centre subtracted
+/// plane by plane before the f64 accumulation so that a large mean does not cancel away the
+/// sum's precision), then `dx` from `gradients(c, sums)` while the channel's planes are still
+/// in cache — x and dy come from memory once, where a pass over all planes for the sums and
+/// another for dx read them twice.
+///
+/// With `relu`, the forward's per-channel `(scale, shift)`: the forward ended in a ReLU and
+/// `g` is the gradient of its output, so dy counts only where `x·scale + shift > 0` — the
+/// forward's arithmetic recomputed bit for bit, instead of a pass of its own that masks the
+/// gradient by the output and writes it out.
+fn channel_gradients<T: Elem>(
+    x: &[T],
+    xs: &Strided4,
+    g: &[T],
+    relu: Option<&[(f32, f32)]>,
+    centre: impl Fn(usize) -> f32 + Sync,
+    gradients: impl Fn(usize, GradientSums) -> ChannelGradients + Sync,
+) -> (CpuStorage, Shape) {
+    let [n, c, h, w] = xs.dims;
     let plane_len = h * w;
-    (0..c)
-        .into_par_iter()
-        .map_init(Vec::new, |buf, ci| {
-            let (mut dy, mut dy_x) = (0f64, 0f64);
-            let shift = shift(ci);
-            for_each_plane(x, xs, ci, buf, |ni, p| {
-                let g = &g[(ni * c + ci) * plane_len..(ni * c + ci + 1) * plane_len];
-                let (sg, sgx) = crate::cpu::sum_and_dot(g, p);
-                dy += sg as f64;
-                dy_x += (sgx - shift * sg) as f64;
-            });
-            GradientSums { dy: dy as f32, dy_x: dy_x as f32 }
-        })
-        .collect()
+    let len = n * c * plane_len + 2 * c;
+    let mut out = uninit::<T>(len);
+    let (dx, per_channel) = out.split_at_mut(n * c * plane_len);
+    // Each channel's dx planes, one from every image, as disjoint slices: channel c's are
+    // `dx_planes[c·n..(c + 1)·n]` (one allocation; a vector per channel costs more than the
+    // arithmetic of small planes).
+    let mut dx_planes: Vec<Option<&mut [T]>> = (0..n * c).map(|_| None).collect();
+    for (ni, image) in dx.chunks_mut(c * plane_len).enumerate() {
+        for (ci, plane) in image.chunks_mut(plane_len).enumerate() {
+            dx_planes[ci * n + ni] = Some(plane);
+        }
+    }
+    let dy_plane = |ni: usize, ci: usize| &g[(ni * c + ci) * plane_len..(ni * c + ci + 1) * plane_len];
+    // f32 dy without a ReLU is read where it is; otherwise each channel's dy is converted and
+    // masked once into a buffer that the dx pass reads back from cache.
+    let dy_in_place = relu.is_none() && T::as_f32_slice(g).is_some();
+    let params: Vec<(f32, f32)> = dx_planes
+        .par_chunks_mut(n)
+        .enumerate()
+        .map_init(
+            || (Vec::new(), Vec::new(), Vec::new(), Vec::new()),
+            |(x_buf, g_buf, dy_buf, dx_buf), (ci, planes)| {
+                if !dy_in_place && dy_buf.len() != n * plane_len {
+                    *dy_buf = uninit::<f32>(n * plane_len);
+                }
+                let centre = centre(ci);
+                let (mut dy, mut dy_x) = (0f64, 0f64);
+                for ni in 0..n {
+                    let xp = plane_f32(x, xs, ni, ci, x_buf);
+                    let dyp = match dy_in_place {
+                        true => read_f32(dy_plane(ni, ci), g_buf),
+                        false => {
+                            let d = &mut dy_buf[ni * plane_len..(ni + 1) * plane_len];
+                            match relu.map(|r| r[ci]) {
+                                None => copy_converted(dy_plane(ni, ci), d),
+                                // The forward's ReLU passed what was positive (a select, not a
+                                // product: a non-finite dy where it clamped stays out). Written
+                                // so that LLVM vectorises the select: dy loaded before it, the
+                                // iterators zipped as (d, (dy, x)) — either changed, the loop
+                                // stays scalar with a branch per element.
+                                Some((scale, shift)) => {
+                                    for (d, (&gv, &xv)) in d.iter_mut().zip(dy_plane(ni, ci).iter().zip(xp)) {
+                                        let gv = gv.to_f32();
+                                        *d = if xv * scale + shift > 0.0 { gv } else { 0.0 };
+                                    }
+                                }
+                            }
+                            &*d
+                        }
+                    };
+                    let (sg, sgx) = crate::cpu::sum_and_dot(dyp, xp);
+                    dy += sg as f64;
+                    dy_x += (sgx - centre * sg) as f64;
+                }
+                let channel = gradients(ci, GradientSums { dy: dy as f32, dy_x: dy_x as f32 });
+                let [a, k, b] = channel.dx;
+                for (ni, plane) in planes.iter_mut().filter_map(Option::take).enumerate() {
+                    let xp = plane_f32(x, xs, ni, ci, x_buf);
+                    let dyp = match dy_in_place {
+                        true => read_f32(dy_plane(ni, ci), g_buf),
+                        false => &dy_buf[ni * plane_len..(ni + 1) * plane_len],
+                    };
+                    write_f32(plane, dx_buf, |d| {
+                        d.iter_mut().zip(dyp).zip(xp).for_each(|((d, &gv), &xv)| *d = gv * a + xv * k + b)
+                    });
+                }
+                (channel.dparam, channel.dshift)
+            },
+        )
+        .collect();
+    for (ci, (dparam, dshift)) in params.into_iter().enumerate() {
+        per_channel[ci] = T::from_f32(dparam);
+        per_channel[c + ci] = T::from_f32(dshift);
+    }
+    (T::to_cpu_storage_owned(out), Shape::from(len))
 }
 
 /// Per-channel (mean, biased variance) of `x`, in f64 accumulators.
@@ -484,10 +584,7 @@ impl CustomOp3 for BatchNormTrain {
         let out = dispatch_float!(op, x, |x: T| {
             let w = as_f32(op, "weight", same_dtype::<T>(op, w)?, wl)?;
             let b = as_f32(op, "bias", same_dtype::<T>(op, b)?, bl)?;
-            T::to_cpu_storage_owned(affine(x, &xs, self.relu, |c| {
-                let scale = self.inv_std[c] * w[c];
-                (scale, b[c] - self.mean[c] * scale)
-            }))
+            T::to_cpu_storage_owned(affine(x, &xs, self.relu, |c| self.stats.affine(c, &w, &b)))
         });
         Ok((out, Shape::from(xs.dims.to_vec())))
     }
@@ -502,7 +599,16 @@ impl CustomOp3 for BatchNormTrain {
         b: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = crate::cuda_ops::channel_affine(x, xl, a, al, b, bl, Some((&self.mean, &self.inv_std)), self.relu)?;
+        let out = crate::cuda_ops::channel_affine(
+            x,
+            xl,
+            a,
+            al,
+            b,
+            bl,
+            Some((&self.stats.mean, &self.stats.inv_std)),
+            self.relu,
+        )?;
         Ok((out, xl.shape().clone()))
     }
 
@@ -514,8 +620,15 @@ impl CustomOp3 for BatchNormTrain {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = gradient_before_relu(res, grad, self.relu)?;
-        let op = BatchNormBackward { mean: self.mean.clone(), inv_std: self.inv_std.clone() };
+        let relu = match mask_in_backward(self.relu, x) {
+            true => {
+                let (gamma, beta) = (f32_values(w)?, f32_values(b)?);
+                Some((0..gamma.len()).map(|c| self.stats.affine(c, &gamma, &beta)).collect())
+            }
+            false => None,
+        };
+        let grad = gradient_before_relu(res, grad, self.relu && relu.is_none())?;
+        let op = BatchNormBackward { stats: self.stats.clone(), relu };
         let packed = x.apply_op3_no_bwd(w, &grad, &op)?;
         let [dx, dw, db] = unpack(&packed, [x.dims(), w.dims(), b.dims()])?;
         Ok((Some(dx), Some(dw), Some(db)))
@@ -539,27 +652,23 @@ impl CustomOp3 for BatchNormBackward {
         let xs = backward_layout(xl, gl)?;
         dispatch_float!("batch_norm backward", x, |x: T| {
             let (w, g) = backward_operands::<T>(w, wl, g, gl)?;
-            let c = xs.dims[1];
+            let (mean, inv_std) = (&self.stats.mean, &self.stats.inv_std);
             let count = (xs.dims[0] * xs.plane_len()) as f32;
-            // Pass 1, per channel: dβ = Σ dy and dγ = Σ dy·x̂ = inv_std · Σ dy·(x − mean).
-            let sums = gradient_sums(x, &xs, g, |ci| self.mean[ci]);
-            let dw = |ci: usize| sums[ci].dy_x * self.inv_std[ci];
-            // Pass 2: dx = γ·inv_std·(dy − dβ/M − x̂·dγ/M), as dy·a + x·k + shift per channel.
-            Ok(packed_gradients(&xs, g, (0..c).map(|ci| (dw(ci), sums[ci].dy)), |plane, dy, d| {
-                let (ni, ci) = (plane / c, plane % c);
-                let inv_std = self.inv_std[ci];
-                let a = w[ci] * inv_std;
-                let k = -a * inv_std * dw(ci) / count;
-                let shift = -a * sums[ci].dy / count - k * self.mean[ci];
-                match xs.contiguous_plane(x, ni, ci) {
-                    Some(p) => {
-                        for ((d, &gv), xv) in d.iter_mut().zip(dy).zip(p) {
-                            *d = gv * a + xv.to_f32() * k + shift;
-                        }
-                    }
-                    None => xs.for_each_in_plane(x, ni, ci, |i, xv| d[i] = dy[i] * a + xv.to_f32() * k + shift),
-                }
-            }))
+            // dβ = Σ dy and dγ = Σ dy·x̂ = inv_std · Σ dy·(x − mean); then
+            // dx = γ·inv_std·(dy − dβ/M − x̂·dγ/M), as dy·a + x·k + b per channel.
+            Ok(channel_gradients(
+                x,
+                &xs,
+                g,
+                self.relu.as_deref(),
+                |ci| mean[ci],
+                |ci, sums| {
+                    let dw = sums.dy_x * inv_std[ci];
+                    let a = w[ci] * inv_std[ci];
+                    let k = -a * inv_std[ci] * dw / count;
+                    ChannelGradients { dparam: dw, dshift: sums.dy, dx: [a, k, -a * sums.dy / count - k * mean[ci]] }
+                },
+            ))
         })
     }
 
@@ -575,7 +684,15 @@ impl CustomOp3 for BatchNormBackward {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let len = xl.shape().elem_count() + 2 * al.shape().elem_count();
         Ok((
-            crate::cuda_ops::channel_affine_backward(x, xl, a, al, g, gl, Some((&self.mean, &self.inv_std)))?,
+            crate::cuda_ops::channel_affine_backward(
+                x,
+                xl,
+                a,
+                al,
+                g,
+                gl,
+                Some((&self.stats.mean, &self.stats.inv_std)),
+            )?,
             Shape::from(len),
         ))
     }

@@ -732,6 +732,51 @@ fn add_relu_fused_matches_reference_forward_and_backward() {
     }
 }
 
+/// BatchNorm's fused ReLU: its CPU backward recomputes the mask from the input and the forward's
+/// per-channel affine instead of reading the output. Its gradients must equal bit for bit those
+/// of BatchNorm followed by the separate ReLU op (which masks by the output), also where the
+/// output is exactly 0 (channel 0 is constant and β₀ = 0, so it normalises to 0) and where the
+/// gradient reaching a clamped output is infinite (it must not leak through as NaN).
+#[test]
+fn batch_norm_relu_backward_masks_as_the_separate_relu_does() {
+    let (n, c, h, w) = (3, 4, 5, 6);
+    for dtype in [DType::F32, DType::BF16] {
+        let x: Vec<f32> = randn(140, &[n * c * h * w], DType::F32)
+            .to_vec1::<f32>()
+            .unwrap()
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| if (i / (h * w)) % c == 0 { 0.75 } else { v * 3.0 + 1.0 })
+            .collect();
+        let x = Var::from_tensor(&Tensor::from_vec(x, (n, c, h, w), &Device::Cpu).unwrap().to_dtype(dtype).unwrap())
+            .unwrap();
+        let gamma = var(141, &[c], dtype);
+        let beta =
+            Var::from_tensor(&Tensor::new(&[0f32, 0.3, -0.2, 0.1], &Device::Cpu).unwrap().to_dtype(dtype).unwrap())
+                .unwrap();
+        let probe = |out: &Tensor| {
+            // Random weights, infinite where the output was clamped to 0.
+            let clamped = out.le(0.0).unwrap();
+            let inf = Tensor::full(f32::INFINITY, out.dims(), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            clamped.where_cond(&inf, &randn(142, out.dims(), dtype)).unwrap()
+        };
+        let gradients = |fused_relu: bool| {
+            let bn = |relu| batch_norm_train(&x, &gamma, &beta, 1e-5, relu, Implementation::Fused).unwrap().output;
+            let out = if fused_relu { bn(true) } else { relu(&bn(false), Implementation::Fused).unwrap() };
+            let zeros = out.eq(0.0).unwrap().to_dtype(DType::F32).unwrap().sum_all().unwrap().to_scalar::<f32>();
+            assert!(zeros.unwrap() >= (n * h * w) as f32, "{dtype:?}: channel 0 should be all zeros");
+            let grads = out.mul(&probe(&out)).unwrap().sum_all().unwrap().backward().unwrap();
+            [&x, &gamma, &beta].map(|v| grads.get(v).unwrap().to_dtype(DType::F32).unwrap().flatten_all().unwrap())
+        };
+        let (fused, separate) = (gradients(true), gradients(false));
+        for (name, (f, s)) in ["x", "gamma", "beta"].iter().zip(fused.iter().zip(&separate)) {
+            let (f, s) = (f.to_vec1::<f32>().unwrap(), s.to_vec1::<f32>().unwrap());
+            assert!(f.iter().all(|v| v.is_finite()), "{dtype:?} {name}: {f:?}");
+            assert_eq!(f, s, "{dtype:?} {name}: fused mask differs from the separate ReLU's");
+        }
+    }
+}
+
 fn check_relu_zero_convention() {
     let x = Var::new(&[-1f32, 0.0, 2.0], &Device::Cpu).unwrap();
     let grads = relu(&x, Implementation::Fused).unwrap().sum_all().unwrap().backward().unwrap();
