@@ -415,7 +415,8 @@ struct GradientSums {
 }
 
 /// What a backward op makes of one channel's [`GradientSums`]: the gradients of its two
-/// per-channel parameters, and `dx = dy·a + x·k + b` as `[a, k, b]`.
+/// per-channel parameters, and `dx = dy·a + x·k + b` as `[a, k, b]` (with k = b = 0, `dy·a`
+/// alone).
 struct ChannelGradients {
     dparam: f32,
     dshift: f32,
@@ -506,7 +507,13 @@ fn channel_gradients<T: Elem>(
                         false => &dy_buf[ni * plane_len..(ni + 1) * plane_len],
                     };
                     write_f32(plane, dx_buf, |d| {
-                        d.iter_mut().zip(dyp).zip(xp).for_each(|((d, &gv), &xv)| *d = gv * a + xv * k + b)
+                        if k == 0.0 && b == 0.0 {
+                            // An eval-mode scale: dx does not depend on x, and a non-finite x
+                            // must not make it NaN through x·0.
+                            d.iter_mut().zip(dyp).for_each(|(d, &gv)| *d = gv * a)
+                        } else {
+                            d.iter_mut().zip(dyp).zip(xp).for_each(|((d, &gv), &xv)| *d = gv * a + xv * k + b)
+                        }
                     });
                 }
                 (channel.dparam, channel.dshift)

@@ -777,6 +777,23 @@ fn batch_norm_relu_backward_masks_as_the_separate_relu_does() {
     }
 }
 
+/// The per-channel affine's input gradient is dy·scale (masked by its ReLU) whatever x holds:
+/// an infinite input must not turn it into NaN, in either implementation.
+#[test]
+fn channel_affine_input_gradient_does_not_read_the_input() {
+    let x = Var::new(&[[[[1f32, f32::INFINITY]], [[-2.0, 3.0]]]], &Device::Cpu).unwrap();
+    let scale = Tensor::new(&[2f32, -0.5], &Device::Cpu).unwrap();
+    let shift = Tensor::new(&[0.1f32, 0.2], &Device::Cpu).unwrap();
+    for imp in Implementation::ALL {
+        for (relu, expected) in [(false, [2.0, 2.0, -0.5, -0.5]), (true, [2.0, 2.0, -0.5, 0.0])] {
+            let out = channel_affine(&x, &scale, &shift, relu, imp).unwrap();
+            let grads = out.sum_all().unwrap().backward().unwrap();
+            let dx = grads.get(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(dx, expected, "{imp} relu={relu}");
+        }
+    }
+}
+
 fn check_relu_zero_convention() {
     let x = Var::new(&[-1f32, 0.0, 2.0], &Device::Cpu).unwrap();
     let grads = relu(&x, Implementation::Fused).unwrap().sum_all().unwrap().backward().unwrap();
