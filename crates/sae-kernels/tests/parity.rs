@@ -1107,6 +1107,57 @@ fn excitation_branches_match_the_stacked_weights() {
     }
 }
 
+/// Weights that need no gradient (plain or detached tensors) are read in place by the CPU
+/// kernel instead of packed into one operand: the output must be the packed op's bit for bit
+/// (equal branches are multiplied one by one in both), and so must the input's gradient, in
+/// f32 and in bf16 with f32 master weights, for one branch and for several; branches of
+/// different sizes agree within rounding.
+#[test]
+fn excitation_reads_weights_without_a_gradient_in_place() {
+    let values = |t: &Tensor| -> Vec<f32> { t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap() };
+    // (Whether both split the branches alike shows at a whole model's sizes: sae-models'
+    // `the_forward_without_a_graph_matches_and_keeps_no_graph` fails where they do not.)
+    let (n, c, h, w) = (2, 64, 3, 3);
+    for dtype in [DType::F32, DType::BF16] {
+        for rows in [vec![16], vec![4, 4, 4, 4], vec![8, 4]] {
+            let what = format!("{dtype:?} rows {rows:?}");
+            let (xv, x) = input(90, n, c, h, w, true, dtype);
+            let fc1: Vec<(Var, Var)> = (0..rows.len() as u64)
+                .map(|i| {
+                    (var(91 + i, &[rows[i as usize], c], DType::F32), var(95 + i, &[rows[i as usize]], DType::F32))
+                })
+                .collect();
+            let hidden = rows.iter().sum();
+            let (w2, b2) = (var(99, &[c, hidden], DType::F32), var(100, &[c], DType::F32));
+            let weights = |detach: bool| -> Vec<Tensor> {
+                let all = fc1.iter().flat_map(|(w, b)| [w, b]).chain([&w2, &b2]);
+                all.map(|v| if detach { v.as_tensor().detach() } else { v.as_tensor().clone() }).collect()
+            };
+            let run = |detach: bool| {
+                let t = weights(detach);
+                let branches: Vec<(&Tensor, &Tensor)> = t[..2 * rows.len()].chunks(2).map(|p| (&p[0], &p[1])).collect();
+                let (w2, b2) = (&t[2 * rows.len()], &t[2 * rows.len() + 1]);
+                let out = excitation_branches(&x, &branches, w2, b2, Gate::OnePlusS, Implementation::Fused).unwrap();
+                let probe = randn(101, &[n, c, h, w], DType::F32);
+                let grads =
+                    out.to_dtype(DType::F32).unwrap().mul(&probe).unwrap().sum_all().unwrap().backward().unwrap();
+                let weight_gradients = t.iter().filter(|w| grads.get(w).is_some()).count();
+                (values(&out), values(grads.get(&xv).unwrap()), weight_gradients)
+            };
+            let (in_place, packed) = (run(true), run(false));
+            assert_eq!((in_place.2, packed.2), (0, 2 * rows.len() + 2), "{what}: weight gradients");
+            if rows.iter().all(|&r| r == rows[0]) {
+                assert_eq!(in_place.0, packed.0, "{what}: output");
+                assert_eq!(in_place.1, packed.1, "{what}: input gradient");
+            } else {
+                let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(a, b)| (a - b).abs() <= 1e-5 + 1e-2 * b.abs());
+                assert!(close(&in_place.0, &packed.0), "{what}: output");
+                assert!(close(&in_place.1, &packed.1), "{what}: input gradient");
+            }
+        }
+    }
+}
+
 #[test]
 fn excitation_branches_reject_a_wrong_branch() {
     let x = randn(1, &[2, 16, 4, 4], DType::F32);

@@ -265,10 +265,22 @@ impl Excitation {
 
 impl Module for Excitation {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_graph(x, true)
+    }
+}
+
+impl Excitation {
+    /// The forward pass; with `graph` false the weights go to the kernel detached: no gradient
+    /// can reach them, so the CPU kernel reads them in place instead of packing a copy of them
+    /// all into one operand for its backward (`sae_kernels::excitation_branches`).
+    pub(crate) fn forward_graph(&self, x: &Tensor, graph: bool) -> Result<Tensor> {
         // f32 weights stay f32 with a bf16 or f16 input: `excitation` takes them as master
         // weights (the CPU kernel computes in f32) or casts them itself.
         let master = matches!(x.dtype(), DType::BF16 | DType::F16);
-        let like_x = |t: &Tensor| if master && t.dtype() == DType::F32 { Ok(t.clone()) } else { cast(t, x.dtype()) };
+        let like_x = |t: &Tensor| {
+            let t = if master && t.dtype() == DType::F32 { t.clone() } else { cast(t, x.dtype())? };
+            Ok::<_, candle_core::Error>(if graph { t } else { t.detach() })
+        };
         let fc1: Vec<(Tensor, Tensor)> =
             self.branches.iter().map(|b| Ok((like_x(b.weight())?, like_x(b.bias())?))).collect::<Result<_>>()?;
         let fc1: Vec<(&Tensor, &Tensor)> = fc1.iter().map(|(w, b)| (w, b)).collect();

@@ -8,7 +8,7 @@
 
 use crate::config::{Arch, Attention, BlockKind, ModelConfig, Stem};
 use crate::layers::{ConvBn, ConvSpec, Excitation, Linear};
-use candle_core::{DType, Module, ModuleT, Result, Tensor};
+use candle_core::{DType, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 use sae_kernels::{Implementation, MaxPoolConfig};
 
@@ -89,13 +89,21 @@ impl Block {
 
 impl ModuleT for Block {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_graph(x, train, true)
+    }
+}
+
+impl Block {
+    /// The forward pass; with `graph` false no gradient will reach the excitation's weights,
+    /// which it then reads in place ([`Excitation::forward_graph`]).
+    fn forward_graph(&self, x: &Tensor, train: bool, graph: bool) -> Result<Tensor> {
         let last = self.convs.len() - 1;
         let mut y = x.clone();
         for (i, c) in self.convs.iter().enumerate() {
             y = if i != last { c.forward_relu_t(&y, train)? } else { c.forward_t(&y, train)? };
         }
         if let Some(a) = &self.attention {
-            y = a.forward(&y)?;
+            y = a.forward_graph(&y, graph)?;
         }
         let shortcut = match &self.downsample {
             Some(d) => d.forward_t(x, train)?,
@@ -169,7 +177,7 @@ impl ResNet {
             y = cut(sae_kernels::max_pool2d(&y, STEM_POOL, self.kernels)?);
         }
         for b in &self.blocks {
-            y = cut(b.forward_t(&y, train)?);
+            y = cut(b.forward_graph(&y, train, graph)?);
         }
         // The head in f32 whatever the precision: pooling sums many values, and it is cheap.
         sae_kernels::cast(&y, DType::F32)?.mean((2, 3))?.apply(&self.fc)

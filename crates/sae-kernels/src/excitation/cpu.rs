@@ -14,7 +14,7 @@ impl ExcitationOp {
             bail!("excitation: input has {} channels, weights expect {}", x.dims[1], self.channels)
         }
         if params_len != self.offsets().len {
-            bail!("excitation: packed parameters have {params_len} values, expected {}", self.offsets().len)
+            bail!("excitation: the parameters have {params_len} values, expected {}", self.offsets().len)
         }
         Ok(())
     }
@@ -27,21 +27,28 @@ impl ExcitationOp {
     /// with the batch as the short side, `gemm` reads the weights in place instead of repacking
     /// them on every call (the repacking was most of the dense layers' time in a profile at
     /// C = 2048, K = 4).
-    fn gates(&self, p: &[f32], z: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    ///
+    /// The reduction layer may come as K branches (`w1`, `b1`: one slice each, rows in
+    /// concatenation order): each branch's product fills its own rows of `hᵀ`.
+    fn gates(&self, p: &DenseParams, z: &[f32]) -> (Vec<f32>, Vec<f32>) {
         let (c, hd) = (self.channels, self.hidden);
-        let o = self.offsets();
         let n = z.len() / c;
         // hᵀ = ReLU(W1 zᵀ + b1): W1 is (hidden, C) row-major, z is read transposed.
         let mut ht = vec![0f32; hd * n];
-        dense_matmul(hd, n, c, Mat { data: &p[..o.b1], rs: c, cs: 1 }, Mat { data: z, rs: 1, cs: c }, &mut ht);
-        for (row, b) in ht.chunks_mut(n).zip(&p[o.b1..o.w2]) {
+        let mut rows = ht.as_mut_slice();
+        for w1 in &p.w1 {
+            let (branch, rest) = rows.split_at_mut(w1.len() / c * n);
+            dense_matmul(w1.len() / c, n, c, Mat { data: w1, rs: c, cs: 1 }, Mat { data: z, rs: 1, cs: c }, branch);
+            rows = rest;
+        }
+        for (row, b) in ht.chunks_mut(n).zip(p.b1.iter().flat_map(|b| b.iter())) {
             row.iter_mut().for_each(|v| *v = (*v + b).max(0.0));
         }
         // s = sigmoid(W2 hᵀ + b2)ᵀ: W2 is (C, hidden) row-major.
         let mut st = vec![0f32; c * n];
-        dense_matmul(c, n, hd, Mat { data: &p[o.w2..o.b2], rs: hd, cs: 1 }, Mat { data: &ht, rs: n, cs: 1 }, &mut st);
+        dense_matmul(c, n, hd, Mat { data: p.w2, rs: hd, cs: 1 }, Mat { data: &ht, rs: n, cs: 1 }, &mut st);
         let mut s = vec![0f32; n * c];
-        for (ci, (row, b)) in st.chunks(n).zip(&p[o.b2..]).enumerate() {
+        for (ci, (row, b)) in st.chunks(n).zip(p.b2).enumerate() {
             for (ni, v) in row.iter().enumerate() {
                 s[ni * c + ci] = 1.0 / (1.0 + (-(v + b)).exp());
             }
@@ -50,7 +57,7 @@ impl ExcitationOp {
     }
 
     /// The forward pass; `p` is the parameters in f32 (converted, or f32 master weights).
-    pub(crate) fn cpu_forward<T: Elem>(&self, x: &[T], xl: &Layout, p: &[f32]) -> Result<Vec<T>> {
+    pub(crate) fn cpu_forward<T: Elem>(&self, x: &[T], xl: &Layout, p: &DenseParams) -> Result<Vec<T>> {
         let xs = Strided4::new("excitation", "input", xl)?;
         self.check(&xs, p.len())?;
         let [n, c, _, _] = xs.dims;
@@ -139,7 +146,7 @@ impl ExcitationOp {
             )
             .collect();
         let z: Vec<f32> = sums.iter().map(|s| s.0).collect();
-        let (ht, s) = self.gates(p, &z);
+        let (ht, s) = self.gates(&DenseParams::packed(self, p)?, &z);
 
         // The dense layers for the whole batch, weights on the left as in `gates`:
         // da = ds·s(1−s), dhᵀ = W2ᵀ daᵀ masked by the ReLU, dzᵀ = W1ᵀ dhᵀ, and the parameter
@@ -189,6 +196,41 @@ impl ExcitationOp {
             gs.for_each_in_plane(g, plane / c, plane % c, |k, v| dx[k] = T::from_f32(v.to_f32() * factor + shift));
         });
         Ok((out, separate))
+    }
+}
+
+/// The dense layers' parameters in f32, as slices: of the packed operand, or of each weight's
+/// own storage (which saves the copy into one operand where no weight needs a gradient).
+pub(crate) struct DenseParams<'a> {
+    /// The reduction weights, one (rows, C) slice per branch (one for the stack).
+    pub w1: Vec<&'a [f32]>,
+    /// Their biases, one per branch.
+    pub b1: Vec<&'a [f32]>,
+    /// The excitation weight, (C, hidden).
+    pub w2: &'a [f32],
+    /// Its bias, (C).
+    pub b2: &'a [f32],
+}
+
+impl<'a> DenseParams<'a> {
+    /// The parameters inside the packed operand `p` of `op` ([`ExcitationOp::offsets`]).
+    pub fn packed(op: &ExcitationOp, p: &'a [f32]) -> Result<Self> {
+        let o = op.offsets();
+        if p.len() != o.len {
+            bail!("excitation: packed parameters have {} values, expected {}", p.len(), o.len)
+        }
+        let rows = op.hidden / op.branches;
+        Ok(Self {
+            w1: p[..o.b1].chunks(rows * op.channels).collect(),
+            b1: p[o.b1..o.w2].chunks(rows).collect(),
+            w2: &p[o.w2..o.b2],
+            b2: &p[o.b2..],
+        })
+    }
+
+    /// The number of values, as in the packed operand.
+    fn len(&self) -> usize {
+        self.w1.iter().chain(&self.b1).map(|v| v.len()).sum::<usize>() + self.w2.len() + self.b2.len()
     }
 }
 

@@ -57,6 +57,11 @@ impl std::str::FromStr for Gate {
 pub(crate) struct ExcitationOp {
     pub channels: usize,
     pub hidden: usize,
+    /// The reduction layer's branches of `hidden / branches` rows each, multiplied one by one
+    /// in the CPU forward (1 where they differ in size): so the packed op and the one that
+    /// reads the branches in place (`ExcitationUnpacked`) compute the same bit for bit — the
+    /// `gemm` crate sums in another order for a product of fewer rows.
+    pub branches: usize,
     pub gate: Gate,
 }
 
