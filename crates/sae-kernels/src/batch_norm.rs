@@ -23,8 +23,8 @@
 //! carry them as plain vectors.
 
 use crate::cpu::{
-    as_f32, contiguous, copy_converted, dispatch_float, min_planes_per_task, plane_f32, read_f32, same_dtype, uninit,
-    unpack, write_f32, Elem,
+    as_f32, contiguous, copy_converted, dispatch_float, min_planes_per_task, plane_f32, same_dtype, uninit, unpack,
+    write_f32, Elem,
 };
 use crate::layout::Strided4;
 use crate::Implementation;
@@ -200,7 +200,7 @@ struct ChannelAffine {
 struct ChannelAffineBackward {
     /// The forward's per-channel (scale, shift) when it ended in a ReLU and `dy` is the
     /// gradient of that ReLU's output (CPU only; see [`channel_gradients`]).
-    relu: Option<Vec<(f32, f32)>>,
+    relu: Option<ReluAffine>,
 }
 
 impl CustomOp3 for ChannelAffine {
@@ -248,11 +248,9 @@ impl CustomOp3 for ChannelAffine {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let relu = match mask_in_backward(self.relu, x) {
-            true => Some(f32_values(scale)?.into_iter().zip(f32_values(shift)?).collect()),
-            false => None,
-        };
-        let grad = gradient_before_relu(res, grad, self.relu && relu.is_none())?;
+        let (relu, grad) = backward_relu(self.relu, x, res, grad, || {
+            Ok(f32_values(scale)?.into_iter().zip(f32_values(shift)?).collect())
+        })?;
         let op = ChannelAffineBackward { relu };
         let packed = x.apply_op3_no_bwd(scale, &grad, &op)?;
         let [dx, dscale, dshift] = unpack(&packed, [x.dims(), scale.dims(), scale.dims()])?;
@@ -335,11 +333,27 @@ struct BatchNormTrain {
     relu: bool,
 }
 
-/// Whether the backward of a forward with a fused ReLU (`relu`) masks the gradient itself,
-/// from the input and the forward's per-channel affine ([`channel_gradients`]): on the CPU.
-/// Elsewhere the gradient is masked by the output first ([`gradient_before_relu`]).
-fn mask_in_backward(relu: bool, x: &Tensor) -> bool {
-    relu && x.device().is_cpu()
+/// The per-channel `(scale, shift)` of a forward that ended in a ReLU, from which a CPU
+/// backward recomputes the ReLU's mask.
+type ReluAffine = Vec<(f32, f32)>;
+
+/// What the backward op of a per-channel affine that may end in a fused ReLU (`relu`) starts
+/// from: on the CPU, the output gradient as it is with the forward's per-channel
+/// `(scale, shift)` from `affine`, for the op to mask it itself from the input
+/// ([`channel_gradients`]); elsewhere no affine and the gradient masked by the output first
+/// ([`gradient_before_relu`]).
+fn backward_relu(
+    relu: bool,
+    x: &Tensor,
+    output: &Tensor,
+    grad: &Tensor,
+    affine: impl FnOnce() -> Result<ReluAffine>,
+) -> Result<(Option<ReluAffine>, Tensor)> {
+    if relu && x.device().is_cpu() {
+        Ok((Some(affine()?), grad.contiguous()?))
+    } else {
+        Ok((None, gradient_before_relu(output, grad, relu)?))
+    }
 }
 
 /// A per-channel parameter's values as f32 (exact from bf16/f16), on the host.
@@ -369,7 +383,7 @@ struct BatchNormBackward {
     stats: BatchStats,
     /// The forward's per-channel (scale, shift) when it ended in a ReLU and `dy` is the
     /// gradient of that ReLU's output (CPU only; see [`channel_gradients`]).
-    relu: Option<Vec<(f32, f32)>>,
+    relu: Option<ReluAffine>,
 }
 
 /// Calls `f(plane index n, values as f32)` for every plane of channel `c`, converting or
@@ -456,36 +470,37 @@ fn channel_gradients<T: Elem>(
             dx_planes[ci * n + ni] = Some(plane);
         }
     }
-    let dy_plane = |ni: usize, ci: usize| &g[(ni * c + ci) * plane_len..(ni * c + ci + 1) * plane_len];
+    // Where plane (ni, ci) of dy lies in `g`.
+    let dy_range = |ni: usize, ci: usize| (ni * c + ci) * plane_len..(ni * c + ci + 1) * plane_len;
     // f32 dy without a ReLU is read where it is; otherwise each channel's dy is converted and
     // masked once into a buffer that the dx pass reads back from cache.
-    let dy_in_place = relu.is_none() && T::as_f32_slice(g).is_some();
+    let g_f32 = T::as_f32_slice(g).filter(|_| relu.is_none());
     let params: Vec<(f32, f32)> = dx_planes
         .par_chunks_mut(n)
         .enumerate()
         .map_init(
-            || (Vec::new(), Vec::new(), Vec::new(), Vec::new()),
-            |(x_buf, g_buf, dy_buf, dx_buf), (ci, planes)| {
-                if !dy_in_place && dy_buf.len() != n * plane_len {
+            || (Vec::new(), Vec::new(), Vec::new()),
+            |(x_buf, dy_buf, dx_buf), (ci, planes)| {
+                if g_f32.is_none() && dy_buf.len() != n * plane_len {
                     *dy_buf = uninit::<f32>(n * plane_len);
                 }
                 let centre = centre(ci);
                 let (mut dy, mut dy_x) = (0f64, 0f64);
                 for ni in 0..n {
                     let xp = plane_f32(x, xs, ni, ci, x_buf);
-                    let dyp = match dy_in_place {
-                        true => read_f32(dy_plane(ni, ci), g_buf),
-                        false => {
+                    let dyp = match g_f32 {
+                        Some(g32) => &g32[dy_range(ni, ci)],
+                        None => {
                             let d = &mut dy_buf[ni * plane_len..(ni + 1) * plane_len];
                             match relu.map(|r| r[ci]) {
-                                None => copy_converted(dy_plane(ni, ci), d),
+                                None => copy_converted(&g[dy_range(ni, ci)], d),
                                 // The forward's ReLU passed what was positive (a select, not a
                                 // product: a non-finite dy where it clamped stays out). Written
                                 // so that LLVM vectorises the select: dy loaded before it, the
                                 // iterators zipped as (d, (dy, x)) — either changed, the loop
                                 // stays scalar with a branch per element.
                                 Some((scale, shift)) => {
-                                    for (d, (&gv, &xv)) in d.iter_mut().zip(dy_plane(ni, ci).iter().zip(xp)) {
+                                    for (d, (&gv, &xv)) in d.iter_mut().zip(g[dy_range(ni, ci)].iter().zip(xp)) {
                                         let gv = gv.to_f32();
                                         *d = if xv * scale + shift > 0.0 { gv } else { 0.0 };
                                     }
@@ -502,9 +517,9 @@ fn channel_gradients<T: Elem>(
                 let [a, k, b] = channel.dx;
                 for (ni, plane) in planes.iter_mut().filter_map(Option::take).enumerate() {
                     let xp = plane_f32(x, xs, ni, ci, x_buf);
-                    let dyp = match dy_in_place {
-                        true => read_f32(dy_plane(ni, ci), g_buf),
-                        false => &dy_buf[ni * plane_len..(ni + 1) * plane_len],
+                    let dyp = match g_f32 {
+                        Some(g32) => &g32[dy_range(ni, ci)],
+                        None => &dy_buf[ni * plane_len..(ni + 1) * plane_len],
                     };
                     write_f32(plane, dx_buf, |d| {
                         if k == 0.0 && b == 0.0 {
@@ -627,14 +642,10 @@ impl CustomOp3 for BatchNormTrain {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let relu = match mask_in_backward(self.relu, x) {
-            true => {
-                let (gamma, beta) = (f32_values(w)?, f32_values(b)?);
-                Some((0..gamma.len()).map(|c| self.stats.affine(c, &gamma, &beta)).collect())
-            }
-            false => None,
-        };
-        let grad = gradient_before_relu(res, grad, self.relu && relu.is_none())?;
+        let (relu, grad) = backward_relu(self.relu, x, res, grad, || {
+            let (gamma, beta) = (f32_values(w)?, f32_values(b)?);
+            Ok((0..gamma.len()).map(|c| self.stats.affine(c, &gamma, &beta)).collect())
+        })?;
         let op = BatchNormBackward { stats: self.stats.clone(), relu };
         let packed = x.apply_op3_no_bwd(w, &grad, &op)?;
         let [dx, dw, db] = unpack(&packed, [x.dims(), w.dims(), b.dims()])?;
