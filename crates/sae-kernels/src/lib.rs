@@ -17,7 +17,8 @@
 //!
 //! * [`excitation`] — global average pool → K parallel dense layers C → C/r with ReLU →
 //!   concat → dense K·C/r → C → sigmoid → scale (SE when K = 1, SaE when K > 1);
-//!   [`excitation_backward`] runs its fused backward pass directly, without autograd.
+//!   [`excitation_backward`] runs its fused backward pass directly, without autograd;
+//!   [`excitation_add_relu`] adds a residual block's shortcut and its ReLU in the same pass.
 //! * [`adam_update`] — the Adam optimiser's update in place (three passes, no allocation),
 //!   for `sae-train`; [`adam_update_reference`] composes it from Candle ops.
 //! * [`batch_norm_train`] — BatchNorm with batch statistics (training mode), forward and
@@ -66,8 +67,8 @@ pub use cast::cast;
 pub use conv::{conv2d, conv2d_affine, conv2d_reference, Conv2dConfig};
 pub use depthwise::{depthwise_conv2d, depthwise_conv2d_reference, DepthwiseConfig};
 pub use excitation::{
-    excitation, excitation_backward, excitation_branches, excitation_reference, ExcitationGradients, ExcitationWeights,
-    Gate,
+    excitation, excitation_add_relu, excitation_backward, excitation_branches, excitation_reference,
+    ExcitationGradients, ExcitationWeights, Gate,
 };
 pub use max_pool::{max_pool2d, max_pool2d_reference, MaxPoolConfig};
 pub use relu::{add_relu, relu};

@@ -1175,3 +1175,111 @@ fn excitation_branches_reject_a_wrong_branch() {
         assert!(err.to_string().contains("no reduction layer"), "{err}");
     }
 }
+
+/// `excitation_add_relu` is `add_relu(excitation_branches(x), shortcut)` in one pass: in f32
+/// its output and every gradient (input, shortcut, each weight) must be the two ops' bit for
+/// bit, with weights that need a gradient (the packed op) and without (read in place, no weight
+/// gradient), for one branch and for several, strided inputs and batch 1; in bf16 it skips the
+/// rounding of the excitation's output, so it agrees within bf16's rounding, and the shortcut's
+/// gradient is the output gradient masked by its output. The reference
+/// kernels compose the reference ops (checked against the fused path within f32 tolerance).
+#[test]
+fn excitation_add_relu_matches_excitation_then_add_relu() {
+    let values = |t: &Tensor| -> Vec<f32> { t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap() };
+    for (case, &(n, c, h, w, ref rows)) in
+        [(2, 16, 5, 6, vec![4]), (1, 24, 3, 3, vec![3, 3, 3, 3]), (3, 8, 1, 1, vec![2])].iter().enumerate()
+    {
+        for dtype in [DType::F32, DType::BF16] {
+            for (strided, gate, detach) in
+                [(false, Gate::S, false), (true, Gate::OnePlusS, false), (true, Gate::OnePlusS, true)]
+            {
+                let what = format!("case {case} {dtype:?} strided={strided} {gate:?} detached={detach}");
+                let seed = 200 + 10 * case as u64;
+                let (xv, x) = input(seed, n, c, h, w, strided, dtype);
+                let sv = var(seed + 1, &[n, c, h, w], dtype);
+                let fc1: Vec<(Var, Var)> = rows
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &r)| {
+                        (var(seed + 2 + i as u64, &[r, c], DType::F32), var(seed + 6 + i as u64, &[r], DType::F32))
+                    })
+                    .collect();
+                let hidden = rows.iter().sum();
+                let (w2, b2) = (var(seed + 8, &[c, hidden], DType::F32), var(seed + 9, &[c], DType::F32));
+                let all: Vec<&Var> = fc1.iter().flat_map(|(w, b)| [w, b]).chain([&w2, &b2]).collect();
+                let weights: Vec<Tensor> = all
+                    .iter()
+                    .map(|v| {
+                        let t = if dtype == DType::F32 {
+                            v.as_tensor().clone()
+                        } else {
+                            v.as_tensor().to_dtype(dtype).unwrap()
+                        };
+                        if detach {
+                            t.detach()
+                        } else {
+                            t
+                        }
+                    })
+                    .collect();
+                let k = rows.len();
+                let branches: Vec<(&Tensor, &Tensor)> = weights[..2 * k].chunks(2).map(|p| (&p[0], &p[1])).collect();
+                let (w2t, b2t) = (&weights[2 * k], &weights[2 * k + 1]);
+                let fused = excitation_add_relu(&x, &branches, w2t, b2t, gate, &sv, Implementation::Fused).unwrap();
+                let e = excitation_branches(&x, &branches, w2t, b2t, gate, Implementation::Fused).unwrap();
+                let composed = add_relu(&e, &sv, Implementation::Fused).unwrap();
+                let (got, want) = (values(&fused), values(&composed));
+                assert!(got.iter().any(|&v| v == 0.0) && got.iter().any(|&v| v > 0.0), "{what}: some outputs clamped");
+                let probe = randn(seed + 10, &[n, c, h, w], DType::F32);
+                let loss = |y: &Tensor| y.to_dtype(DType::F32).unwrap().mul(&probe).unwrap().sum_all().unwrap();
+                let (g_got, g_want) = (loss(&fused).backward().unwrap(), loss(&composed).backward().unwrap());
+                let mut targets: Vec<(&str, &Tensor)> = vec![("input", xv.as_tensor()), ("shortcut", sv.as_tensor())];
+                targets.extend(weights.iter().map(|t| ("weight", t)));
+                if dtype == DType::F32 {
+                    assert_eq!(got, want, "{what}: output");
+                    for (name, t) in targets {
+                        let (a, b) = (g_got.get(t).map(values), g_want.get(t).map(values));
+                        assert_eq!(a, b, "{what}: {name} gradient");
+                        assert_eq!(a.is_some(), name != "weight" || !detach, "{what}: {name} gradient present");
+                    }
+                } else {
+                    // bf16: where x·gate + shortcut is within a rounding of 0 the two may clamp
+                    // differently, and a flipped mask moves a whole plane's input gradient, so
+                    // the gradient is checked through the mask the fused output gives.
+                    let close = got.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-2 + 1e-2 * b.abs());
+                    assert!(close, "{what}: output");
+                    let mask: Vec<f32> = got
+                        .iter()
+                        .zip(values(&probe.to_dtype(dtype).unwrap()))
+                        .map(|(&y, p)| if y > 0.0 { p } else { 0.0 })
+                        .collect();
+                    assert_eq!(values(g_got.get(&sv).unwrap()), mask, "{what}: shortcut gradient");
+                }
+                if dtype == DType::F32 && !detach {
+                    let vars: Vec<_> =
+                        [("x", &xv), ("shortcut", &sv)].into_iter().chain(all.iter().map(|v| ("weight", *v))).collect();
+                    assert_fused_matches_reference(&what, &vars, seed + 11, F32_TOL, |imp| {
+                        excitation_add_relu(&x, &branches, w2t, b2t, gate, &sv, imp).unwrap()
+                    });
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn excitation_add_relu_rejects_a_wrong_shortcut() {
+    let x = randn(1, &[2, 16, 4, 4], DType::F32);
+    let (w, b) = (randn(2, &[4, 16], DType::F32), randn(3, &[4], DType::F32));
+    let (w2, b2) = (randn(6, &[16, 4], DType::F32), randn(7, &[16], DType::F32));
+    for imp in Implementation::ALL {
+        let wrong_shape = randn(8, &[2, 16, 4, 5], DType::F32);
+        let err = excitation_add_relu(&x, &[(&w, &b)], &w2, &b2, Gate::S, &wrong_shape, imp).unwrap_err().to_string();
+        assert!(err.contains("[2, 16, 4, 5]") && err.contains("[2, 16, 4, 4]"), "{imp:?}: {err}");
+    }
+    let wrong_dtype = randn(8, &[2, 16, 4, 4], DType::BF16);
+    let err = excitation_add_relu(&x, &[(&w, &b)], &w2, &b2, Gate::S, &wrong_dtype, Implementation::Fused)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("shortcut") && err.contains("BF16"), "{err}");
+}

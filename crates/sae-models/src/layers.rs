@@ -265,15 +265,20 @@ impl Excitation {
 
 impl Module for Excitation {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_graph(x, true)
+        self.forward_residual(x, None, true)
     }
 }
 
 impl Excitation {
-    /// The forward pass; with `graph` false the weights go to the kernel detached: no gradient
-    /// can reach them, so the CPU kernel reads them in place instead of packing a copy of them
-    /// all into one operand for its backward (`sae_kernels::excitation_branches`).
-    pub(crate) fn forward_graph(&self, x: &Tensor, graph: bool) -> Result<Tensor> {
+    /// `max(self(x) + shortcut, 0)`, a residual block's end, in one pass on the CPU
+    /// (`sae_kernels::excitation_add_relu`). With `graph` false the weights go to the kernel
+    /// detached: no gradient can reach them, so the CPU kernel reads them in place instead of
+    /// packing a copy of them all into one operand for its backward.
+    pub(crate) fn forward_add_relu(&self, x: &Tensor, shortcut: &Tensor, graph: bool) -> Result<Tensor> {
+        self.forward_residual(x, Some(shortcut), graph)
+    }
+
+    fn forward_residual(&self, x: &Tensor, shortcut: Option<&Tensor>, graph: bool) -> Result<Tensor> {
         // f32 weights stay f32 with a bf16 or f16 input: `excitation` takes them as master
         // weights (the CPU kernel computes in f32) or casts them itself.
         let master = matches!(x.dtype(), DType::BF16 | DType::F16);
@@ -287,7 +292,10 @@ impl Excitation {
         let (w2, b2) = (like_x(self.fc2.weight())?, like_x(self.fc2.bias())?);
         // The branches go to the kernel as they are: it packs them with the other weights in
         // one copy (stacking them here first was a second copy per call).
-        sae_kernels::excitation_branches(x, &fc1, &w2, &b2, self.gate, self.kernels)
+        match shortcut {
+            None => sae_kernels::excitation_branches(x, &fc1, &w2, &b2, self.gate, self.kernels),
+            Some(s) => sae_kernels::excitation_add_relu(x, &fc1, &w2, &b2, self.gate, s, self.kernels),
+        }
     }
 }
 

@@ -95,21 +95,21 @@ impl ModuleT for Block {
 
 impl Block {
     /// The forward pass; with `graph` false no gradient will reach the excitation's weights,
-    /// which it then reads in place ([`Excitation::forward_graph`]).
+    /// which it then reads in place ([`Excitation::forward_add_relu`]).
     fn forward_graph(&self, x: &Tensor, train: bool, graph: bool) -> Result<Tensor> {
         let last = self.convs.len() - 1;
         let mut y = x.clone();
         for (i, c) in self.convs.iter().enumerate() {
             y = if i != last { c.forward_relu_t(&y, train)? } else { c.forward_t(&y, train)? };
         }
-        if let Some(a) = &self.attention {
-            y = a.forward_graph(&y, graph)?;
-        }
         let shortcut = match &self.downsample {
             Some(d) => d.forward_t(x, train)?,
             None => x.clone(),
         };
-        sae_kernels::add_relu(&y, &shortcut, self.kernels)
+        match &self.attention {
+            Some(a) => a.forward_add_relu(&y, &shortcut, graph),
+            None => sae_kernels::add_relu(&y, &shortcut, self.kernels),
+        }
     }
 }
 

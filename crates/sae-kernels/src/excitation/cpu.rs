@@ -57,9 +57,23 @@ impl ExcitationOp {
     }
 
     /// The forward pass; `p` is the parameters in f32 (converted, or f32 master weights).
-    pub(crate) fn cpu_forward<T: Elem>(&self, x: &[T], xl: &Layout, p: &DenseParams) -> Result<Vec<T>> {
+    /// With a `residual` (contiguous, `x`'s shape) the output is `max(excitation(x) +
+    /// residual, 0)`, formed in the scaling pass: a residual block's addition and ReLU without
+    /// writing and reading back the excitation's output.
+    pub(crate) fn cpu_forward<T: Elem>(
+        &self,
+        x: &[T],
+        xl: &Layout,
+        p: &DenseParams,
+        residual: Option<&[T]>,
+    ) -> Result<Vec<T>> {
         let xs = Strided4::new("excitation", "input", xl)?;
         self.check(&xs, p.len())?;
+        if let Some(r) = residual {
+            if r.len() != xl.shape().elem_count() {
+                bail!("excitation: the residual has {} elements, the input {:?}", r.len(), xs.dims)
+            }
+        }
         let [n, c, _, _] = xs.dims;
         let hw = xs.plane_len();
         let inv_hw = 1.0 / hw as f32;
@@ -83,13 +97,25 @@ impl ExcitationOp {
         let mut out = uninit::<T>(n * c * hw);
         out.par_chunks_mut(hw).with_min_len(min_len).enumerate().for_each(|(plane, out)| {
             let g = self.gate.factor(s[plane]);
-            match xs.contiguous_plane(x, plane / c, plane % c) {
-                Some(src) => {
+            let (ni, ci) = (plane / c, plane % c);
+            match (xs.contiguous_plane(x, ni, ci), residual) {
+                (Some(src), None) => {
                     for (o, &v) in out.iter_mut().zip(src) {
                         *o = T::from_f32(v.to_f32() * g);
                     }
                 }
-                None => xs.for_each_in_plane(x, plane / c, plane % c, |k, v| out[k] = T::from_f32(v.to_f32() * g)),
+                (Some(src), Some(r)) => {
+                    for (o, (&v, &r)) in out.iter_mut().zip(src.iter().zip(&r[plane * hw..(plane + 1) * hw])) {
+                        *o = T::from_f32((v.to_f32() * g + r.to_f32()).max(0.0));
+                    }
+                }
+                (None, None) => xs.for_each_in_plane(x, ni, ci, |k, v| out[k] = T::from_f32(v.to_f32() * g)),
+                (None, Some(r)) => {
+                    let r = &r[plane * hw..(plane + 1) * hw];
+                    xs.for_each_in_plane(x, ni, ci, |k, v| {
+                        out[k] = T::from_f32((v.to_f32() * g + r[k].to_f32()).max(0.0))
+                    })
+                }
             }
         });
         Ok(out)

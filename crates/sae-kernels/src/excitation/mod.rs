@@ -139,10 +139,7 @@ pub fn excitation_branches(
     let master = master_weights(x, fc1, fc2_weight, fc2_bias);
     let weights_tracked = fc1.iter().flat_map(|(w, b)| [w, b]).chain([&fc2_weight, &fc2_bias]).any(|t| t.track_op());
     if implementation == Implementation::Fused && x.device().is_cpu() && !weights_tracked {
-        let op = checked_op(x, fc1, fc2_weight, fc2_bias, gate, master)?;
-        let fc1 = fc1.iter().map(|&(w, b)| (w.clone(), b.clone())).collect();
-        let fc2 = (fc2_weight.clone(), fc2_bias.clone());
-        return x.apply_op1(ExcitationUnpacked { op, fc1, fc2, master });
+        return x.apply_op1(ExcitationUnpacked::new(x, fc1, fc2_weight, fc2_bias, gate, master)?);
     }
     if implementation == Implementation::Fused && (x.device().is_cpu() || !master) {
         let (op, params) = fused_operands(x, fc1, fc2_weight, fc2_bias, gate, master)?;
@@ -168,6 +165,46 @@ pub fn excitation_branches(
     }
     // What is left is the reference: the fused op has run above.
     excitation_reference(x, &ExcitationWeights { fc1_weight: w1, fc1_bias: b1, fc2_weight, fc2_bias }, gate)
+}
+
+/// `max(excitation_branches(x, …) + shortcut, 0)`: a residual block's excitation, addition
+/// and ReLU. The fused CPU kernel adds the shortcut and clamps as it scales, so the
+/// excitation's output is never written out and read back (nor kept alive for the backward
+/// pass); its backward is the ReLU's mask on the output gradient, which is the shortcut's
+/// gradient, then [`excitation_branches`]' backward. Elsewhere, and with the reference
+/// kernels, [`excitation_branches`] then [`crate::add_relu`]. `shortcut` has `x`'s shape and
+/// dtype.
+#[allow(clippy::too_many_arguments)]
+pub fn excitation_add_relu(
+    x: &Tensor,
+    fc1: &[(&Tensor, &Tensor)],
+    fc2_weight: &Tensor,
+    fc2_bias: &Tensor,
+    gate: Gate,
+    shortcut: &Tensor,
+    implementation: Implementation,
+) -> Result<Tensor> {
+    if implementation != Implementation::Fused || !x.device().is_cpu() {
+        let y = excitation_branches(x, fc1, fc2_weight, fc2_bias, gate, implementation)?;
+        return crate::add_relu(&y, shortcut, implementation);
+    }
+    if shortcut.dims() != x.dims() || shortcut.dtype() != x.dtype() {
+        bail!(
+            "excitation: the shortcut ({:?}, {:?}) must have the input's shape and dtype ({:?}, {:?})",
+            shortcut.dims(),
+            shortcut.dtype(),
+            x.dims(),
+            x.dtype()
+        )
+    }
+    let master = master_weights(x, fc1, fc2_weight, fc2_bias);
+    let weights_tracked = fc1.iter().flat_map(|(w, b)| [w, b]).chain([&fc2_weight, &fc2_bias]).any(|t| t.track_op());
+    let shortcut = shortcut.contiguous()?;
+    if weights_tracked {
+        let (op, params) = fused_operands(x, fc1, fc2_weight, fc2_bias, gate, master)?;
+        return x.apply_op3(&params, &shortcut, op);
+    }
+    x.apply_op2(&shortcut, ExcitationUnpacked::new(x, fc1, fc2_weight, fc2_bias, gate, master)?)
 }
 
 /// Whether the weights are the f32 master weights of mixed-precision training for a bf16 or
@@ -313,17 +350,27 @@ struct ExcitationUnpacked {
     master: bool,
 }
 
-impl CustomOp1 for ExcitationUnpacked {
-    fn name(&self) -> &'static str {
-        "sae-excitation-unpacked"
+impl ExcitationUnpacked {
+    fn new(
+        x: &Tensor,
+        fc1: &[(&Tensor, &Tensor)],
+        fc2_weight: &Tensor,
+        fc2_bias: &Tensor,
+        gate: Gate,
+        master: bool,
+    ) -> Result<Self> {
+        let op = checked_op(x, fc1, fc2_weight, fc2_bias, gate, master)?;
+        let fc1 = fc1.iter().map(|&(w, b)| (w.clone(), b.clone())).collect();
+        Ok(Self { op, fc1, fc2: (fc2_weight.clone(), fc2_bias.clone()), master })
     }
 
-    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+    /// The forward pass, with the residual addition and ReLU when a `residual` is given.
+    fn forward(&self, x: &CpuStorage, xl: &Layout, residual: Option<(&CpuStorage, &Layout)>) -> Result<CpuStorage> {
         let k = self.fc1.len();
         let tensors =
             self.fc1.iter().map(|(w, _)| w).chain(self.fc1.iter().map(|(_, b)| b)).chain([&self.fc2.0, &self.fc2.1]);
         let storages: Vec<_> = tensors.map(|t| t.storage_and_layout()).collect();
-        let out = dispatch_float!("excitation", x, |x: T| {
+        Ok(dispatch_float!("excitation", x, |x: T| {
             let values = storages
                 .iter()
                 .map(|(storage, layout)| match &**storage {
@@ -337,15 +384,88 @@ impl CustomOp1 for ExcitationUnpacked {
                 w2: &values[2 * k],
                 b2: &values[2 * k + 1],
             };
-            T::to_cpu_storage_owned(self.op.cpu_forward::<T>(x, xl, &params)?)
+            let residual = residual.map(|(r, rl)| residual_slice::<T>(r, rl)).transpose()?;
+            T::to_cpu_storage_owned(self.op.cpu_forward::<T>(x, xl, &params, residual)?)
+        }))
+    }
+
+    /// The input's gradient, from the packed backward op.
+    fn input_gradient(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let fc1: Vec<(&Tensor, &Tensor)> = self.fc1.iter().map(|(w, b)| (w, b)).collect();
+        let (op, params) = fused_operands(x, &fc1, &self.fc2.0, &self.fc2.1, self.op.gate, self.master)?;
+        Ok(op.backward(x, &params, grad)?.0)
+    }
+}
+
+/// The residual operand's data, checked: `x`'s dtype, contiguous.
+fn residual_slice<'a, T: crate::cpu::Elem>(r: &'a CpuStorage, rl: &Layout) -> Result<&'a [T]> {
+    crate::cpu::contiguous("excitation", "shortcut", same_dtype::<T>("excitation", r)?, rl)
+}
+
+impl CustomOp1 for ExcitationUnpacked {
+    fn name(&self) -> &'static str {
+        "sae-excitation-unpacked"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        Ok((self.forward(x, xl, None)?, xl.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.input_gradient(x, grad)?))
+    }
+}
+
+/// (x, shortcut): [`excitation_add_relu`] without weight gradients.
+impl CustomOp2 for ExcitationUnpacked {
+    fn name(&self) -> &'static str {
+        "sae-excitation-add-relu-unpacked"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, r: &CpuStorage, rl: &Layout) -> Result<(CpuStorage, Shape)> {
+        Ok((self.forward(x, xl, Some((r, rl)))?, xl.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _r: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = crate::relu::relu_gradient(res, grad)?;
+        Ok((Some(self.input_gradient(x, &grad)?), Some(grad)))
+    }
+}
+
+/// (x, packed parameters, shortcut): [`excitation_add_relu`] on the CPU.
+impl CustomOp3 for ExcitationOp {
+    fn name(&self) -> &'static str {
+        "sae-excitation-add-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        p: &CpuStorage,
+        pl: &Layout,
+        r: &CpuStorage,
+        rl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = dispatch_float!("excitation", x, |x: T| {
+            let p = weight_as_f32::<T>("excitation", p, pl)?;
+            let r = residual_slice::<T>(r, rl)?;
+            T::to_cpu_storage_owned(self.cpu_forward::<T>(x, xl, &DenseParams::packed(self, &p)?, Some(r))?)
         });
         Ok((out, xl.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let fc1: Vec<(&Tensor, &Tensor)> = self.fc1.iter().map(|(w, b)| (w, b)).collect();
-        let (op, params) = fused_operands(x, &fc1, &self.fc2.0, &self.fc2.1, self.op.gate, self.master)?;
-        Ok(Some(op.backward(x, &params, grad)?.0))
+    fn bwd(
+        &self,
+        x: &Tensor,
+        params: &Tensor,
+        _r: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = crate::relu::relu_gradient(res, grad)?;
+        let (dx, dparams) = self.backward(x, params, &grad)?;
+        Ok((Some(dx), Some(dparams), Some(grad)))
     }
 }
 
@@ -357,7 +477,7 @@ impl CustomOp2 for ExcitationOp {
     fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, p: &CpuStorage, pl: &Layout) -> Result<(CpuStorage, Shape)> {
         let out = dispatch_float!("excitation", x, |x: T| {
             let p = weight_as_f32::<T>("excitation", p, pl)?;
-            T::to_cpu_storage_owned(self.cpu_forward::<T>(x, xl, &DenseParams::packed(self, &p)?)?)
+            T::to_cpu_storage_owned(self.cpu_forward::<T>(x, xl, &DenseParams::packed(self, &p)?, None)?)
         });
         Ok((out, xl.shape().clone()))
     }
