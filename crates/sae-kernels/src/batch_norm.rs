@@ -69,21 +69,11 @@ pub fn batch_norm_train(
     implementation: Implementation,
 ) -> Result<BatchNormOutput> {
     check(x, weight, bias)?;
-    if eps.is_nan() || eps <= 0.0 {
-        bail!("batch_norm: eps must be positive, got {eps}")
-    }
+    check_eps(eps)?;
     match implementation {
         Implementation::Fused if crate::has_fused_kernel(x) => {
-            // f32 statistics of any input type; the per-channel values go through the host in
-            // one copy (a synchronisation on CUDA), as the ops carry them as plain vectors.
-            let stats = x.detach().apply_op1_no_bwd(&ChannelStats)?;
-            let (mean, variance) = (stats.get(0)?, stats.get(1)?);
-            let [mean_v, var_v]: [Vec<f32>; 2] = stats
-                .to_vec2::<f32>()?
-                .try_into()
-                .map_err(|_| candle_core::Error::Msg("batch_norm: statistics are not (2, C)".into()))?;
-            let inv_std = var_v.iter().map(|v| 1.0 / (v + eps as f32).sqrt()).collect();
-            let op = BatchNormTrain { stats: BatchStats { mean: mean_v, inv_std }, relu };
+            let (mean, variance, stats) = batch_stats(x, eps)?;
+            let op = BatchNormTrain { stats, relu };
             let output = x.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?;
             Ok(BatchNormOutput { output, mean, variance })
         }
@@ -92,6 +82,63 @@ pub fn batch_norm_train(
             Ok(BatchNormOutput { output: relu_if(out.output, relu)?, ..out })
         }
     }
+}
+
+/// `max(BN(x) + shortcut, 0)` with batch statistics: the end of a residual block, whose
+/// shortcut `shortcut` has `x`'s shape and dtype. The fused CPU kernel adds the shortcut and
+/// clamps as it normalises, so BatchNorm's output is neither written out and read back by
+/// [`crate::add_relu`] nor kept alive for the backward pass, whose ReLU mask (by the output)
+/// gives the shortcut's gradient and BatchNorm's. Elsewhere, and with the reference kernels,
+/// [`batch_norm_train`] then [`crate::add_relu`].
+pub fn batch_norm_train_add_relu(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    shortcut: &Tensor,
+    implementation: Implementation,
+) -> Result<BatchNormOutput> {
+    check(x, weight, bias)?;
+    check_eps(eps)?;
+    if shortcut.dims() != x.dims() || shortcut.dtype() != x.dtype() {
+        bail!(
+            "batch_norm: the shortcut ({:?}, {:?}) must have the input's shape and dtype ({:?}, {:?})",
+            shortcut.dims(),
+            shortcut.dtype(),
+            x.dims(),
+            x.dtype()
+        )
+    }
+    if implementation == Implementation::Fused && crate::has_fused_kernel(x) && x.device().is_cpu() {
+        let (mean, variance, stats) = batch_stats(x, eps)?;
+        // γ and β as one operand: with the shortcut the op has three.
+        let params = Tensor::cat(&[weight, bias], 0)?;
+        let output = x.apply_op3(&params, &shortcut.contiguous()?, BatchNormTrainAddRelu { stats })?;
+        return Ok(BatchNormOutput { output, mean, variance });
+    }
+    let out = batch_norm_train(x, weight, bias, eps, false, implementation)?;
+    Ok(BatchNormOutput { output: crate::add_relu(&out.output, shortcut, implementation)?, ..out })
+}
+
+fn check_eps(eps: f64) -> Result<()> {
+    if eps.is_nan() || eps <= 0.0 {
+        bail!("batch_norm: eps must be positive, got {eps}")
+    }
+    Ok(())
+}
+
+/// The batch's per-channel mean and biased variance (f32 tensors of any input type) and the
+/// same as the ops carry them; the values go through the host in one copy (a synchronisation
+/// on CUDA).
+fn batch_stats(x: &Tensor, eps: f64) -> Result<(Tensor, Tensor, BatchStats)> {
+    let stats = x.detach().apply_op1_no_bwd(&ChannelStats)?;
+    let (mean, variance) = (stats.get(0)?, stats.get(1)?);
+    let [mean_v, var_v]: [Vec<f32>; 2] = stats
+        .to_vec2::<f32>()?
+        .try_into()
+        .map_err(|_| candle_core::Error::Msg("batch_norm: statistics are not (2, C)".into()))?;
+    let inv_std = var_v.iter().map(|v| 1.0 / (v + eps as f32).sqrt()).collect();
+    Ok((mean, variance, BatchStats { mean: mean_v, inv_std }))
 }
 
 /// `max(t, 0)` with Candle's op when `relu` is set: the references' ReLU.
@@ -221,7 +268,7 @@ impl CustomOp3 for ChannelAffine {
         let out = dispatch_float!(op, x, |x: T| {
             let scale = as_f32(op, "scale", same_dtype::<T>(op, scale)?, sl)?;
             let shift = as_f32(op, "shift", same_dtype::<T>(op, shift)?, tl)?;
-            T::to_cpu_storage_owned(affine(x, &xs, self.relu, |c| (scale[c], shift[c])))
+            T::to_cpu_storage_owned(affine(x, &xs, self.relu, None, |c| (scale[c], shift[c])))
         });
         Ok((out, Shape::from(xs.dims.to_vec())))
     }
@@ -303,8 +350,15 @@ impl CustomOp3 for ChannelAffineBackward {
 }
 
 /// `x·scale + shift` with per-channel `(scale, shift) = coef(c)`, as a contiguous (N, C, H, W),
-/// clamped at 0 when `relu` is set.
-fn affine<T: Elem>(x: &[T], xs: &Strided4, relu: bool, coef: impl Fn(usize) -> (f32, f32) + Sync) -> Vec<T> {
+/// plus `residual` (contiguous, `x`'s shape) where one is given, clamped at 0 when `relu` is
+/// set.
+fn affine<T: Elem>(
+    x: &[T],
+    xs: &Strided4,
+    relu: bool,
+    residual: Option<&[T]>,
+    coef: impl Fn(usize) -> (f32, f32) + Sync,
+) -> Vec<T> {
     let [n, c, h, w] = xs.dims;
     let mut out = uninit::<T>(n * c * h * w);
     let planes = out.par_chunks_mut(h * w).with_min_len(min_planes_per_task(h * w)).enumerate();
@@ -315,6 +369,10 @@ fn affine<T: Elem>(x: &[T], xs: &Strided4, relu: bool, coef: impl Fn(usize) -> (
             match xs.contiguous_plane(x, ni, ci) {
                 Some(p) => y.iter_mut().zip(p).for_each(|(y, v)| *y = v.to_f32() * scale + shift),
                 None => xs.for_each_in_plane(x, ni, ci, |k, v| y[k] = v.to_f32() * scale + shift),
+            }
+            if let Some(r) = residual {
+                let r = &r[plane * y.len()..(plane + 1) * y.len()];
+                y.iter_mut().zip(r).for_each(|(y, r)| *y += r.to_f32());
             }
             if relu {
                 y.iter_mut().for_each(|v| *v = v.max(0.0));
@@ -331,6 +389,11 @@ struct ChannelStats;
 struct BatchNormTrain {
     stats: BatchStats,
     relu: bool,
+}
+
+/// (x, [γ | β], shortcut) → `max(BN(x) + shortcut, 0)` on the CPU ([`batch_norm_train_add_relu`]).
+struct BatchNormTrainAddRelu {
+    stats: BatchStats,
 }
 
 /// The per-channel `(scale, shift)` of a forward that ended in a ReLU, from which a CPU
@@ -606,7 +669,7 @@ impl CustomOp3 for BatchNormTrain {
         let out = dispatch_float!(op, x, |x: T| {
             let w = as_f32(op, "weight", same_dtype::<T>(op, w)?, wl)?;
             let b = as_f32(op, "bias", same_dtype::<T>(op, b)?, bl)?;
-            T::to_cpu_storage_owned(affine(x, &xs, self.relu, |c| self.stats.affine(c, &w, &b)))
+            T::to_cpu_storage_owned(affine(x, &xs, self.relu, None, |c| self.stats.affine(c, &w, &b)))
         });
         Ok((out, Shape::from(xs.dims.to_vec())))
     }
@@ -650,6 +713,47 @@ impl CustomOp3 for BatchNormTrain {
         let packed = x.apply_op3_no_bwd(w, &grad, &op)?;
         let [dx, dw, db] = unpack(&packed, [x.dims(), w.dims(), b.dims()])?;
         Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+impl CustomOp3 for BatchNormTrainAddRelu {
+    fn name(&self) -> &'static str {
+        "sae-batch-norm-train-add-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        p: &CpuStorage,
+        pl: &Layout,
+        r: &CpuStorage,
+        rl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (op, xs) = ("batch_norm", Strided4::new("batch_norm", "input", xl)?);
+        let out = dispatch_float!(op, x, |x: T| {
+            let p = as_f32(op, "weight and bias", same_dtype::<T>(op, p)?, pl)?;
+            let (w, b) = p.split_at(xs.dims[1]);
+            let r = contiguous(op, "shortcut", same_dtype::<T>(op, r)?, rl)?;
+            T::to_cpu_storage_owned(affine(x, &xs, true, Some(r), |c| self.stats.affine(c, w, b)))
+        });
+        Ok((out, Shape::from(xs.dims.to_vec())))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        params: &Tensor,
+        _r: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = crate::relu::relu_gradient(res, grad)?;
+        let c = x.dim(1)?;
+        let op = BatchNormBackward { stats: self.stats.clone(), relu: None };
+        let packed = x.apply_op3_no_bwd(&params.narrow(0, 0, c)?, &grad, &op)?;
+        let [dx, dw, db] = unpack(&packed, [x.dims(), &[c], &[c]])?;
+        Ok((Some(dx), Some(Tensor::cat(&[dw, db], 0)?), Some(grad)))
     }
 }
 

@@ -23,7 +23,8 @@
 //!   for `sae-train`; [`adam_update_reference`] composes it from Candle ops.
 //! * [`batch_norm_train`] — BatchNorm with batch statistics (training mode), forward and
 //!   backward in two passes each (Candle composes it from a dozen ops), and
-//!   [`batch_norm_eval`], its eval mode in one pass.
+//!   [`batch_norm_eval`], its eval mode in one pass; [`batch_norm_train_add_relu`] adds a
+//!   residual block's shortcut and its ReLU in the same pass.
 //! * [`conv2d`] — 2-D convolution with any stride, padding and groups, forward and backward,
 //!   as im2col + matrix multiply (Candle's CPU input gradient is a direct loop).
 //! * [`relu`] — ReLU with a one-pass backward (Candle's is four passes); [`add_relu`], a residual
@@ -60,8 +61,8 @@ mod ptx {
 
 pub use adam::{adam_interleaved_applies, adam_update, adam_update_interleaved, adam_update_reference, AdamStep};
 pub use batch_norm::{
-    batch_norm_eval, batch_norm_eval_affine, batch_norm_train, batch_norm_train_reference, channel_affine,
-    BatchNormOutput,
+    batch_norm_eval, batch_norm_eval_affine, batch_norm_train, batch_norm_train_add_relu, batch_norm_train_reference,
+    channel_affine, BatchNormOutput,
 };
 pub use cast::cast;
 pub use conv::{conv2d, conv2d_affine, conv2d_reference, Conv2dConfig};

@@ -1283,3 +1283,65 @@ fn excitation_add_relu_rejects_a_wrong_shortcut() {
         .to_string();
     assert!(err.contains("shortcut") && err.contains("BF16"), "{err}");
 }
+
+/// `batch_norm_train_add_relu` is `add_relu(batch_norm_train(x), shortcut)` in one pass: in f32
+/// its output, statistics and every gradient (input, γ, β, shortcut) must be the two ops' bit
+/// for bit, contiguous and strided; in bf16 it skips the rounding of BatchNorm's output, so
+/// it agrees within bf16's rounding, and the shortcut's gradient is the output gradient masked
+/// by its output. The reference kernels compose the reference ops.
+#[test]
+fn batch_norm_train_add_relu_matches_batch_norm_then_add_relu() {
+    let values = |t: &Tensor| -> Vec<f32> { t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap() };
+    for (i, &[n, c, h, w]) in BATCH_NORM_CASES.iter().enumerate() {
+        for (dtype, strided) in [(DType::F32, false), (DType::F32, true), (DType::BF16, true)] {
+            let what = format!("{:?} {dtype:?} strided={strided}", [n, c, h, w]);
+            let seed = 300 + 10 * i as u64;
+            let (xv, x) = input(seed, n, c, h, w, strided, dtype);
+            let x = ((x * 3.0).unwrap() + 2.0).unwrap();
+            let (gamma, beta) = (var(seed + 1, &[c], dtype), var(seed + 2, &[c], dtype));
+            let sv = var(seed + 3, &[n, c, h, w], dtype);
+            let (g, b) = (gamma.as_tensor(), beta.as_tensor());
+            let fused = batch_norm_train_add_relu(&x, g, b, 1e-5, &sv, Implementation::Fused).unwrap();
+            let bn = batch_norm_train(&x, g, b, 1e-5, false, Implementation::Fused).unwrap();
+            let composed = add_relu(&bn.output, &sv, Implementation::Fused).unwrap();
+            assert_eq!(values(&fused.mean), values(&bn.mean), "{what}: mean");
+            assert_eq!(values(&fused.variance), values(&bn.variance), "{what}: variance");
+            let (got, want) = (values(&fused.output), values(&composed));
+            let probe = randn(seed + 4, &[n, c, h, w], DType::F32);
+            let loss = |y: &Tensor| y.to_dtype(DType::F32).unwrap().mul(&probe).unwrap().sum_all().unwrap();
+            let (g_got, g_want) = (loss(&fused.output).backward().unwrap(), loss(&composed).backward().unwrap());
+            if dtype == DType::F32 {
+                assert_eq!(got, want, "{what}: output");
+                for (name, t) in [("input", xv.as_tensor()), ("gamma", g), ("beta", b), ("shortcut", sv.as_tensor())] {
+                    assert_eq!(
+                        values(g_got.get(t).unwrap()),
+                        values(g_want.get(t).unwrap()),
+                        "{what}: {name} gradient"
+                    );
+                }
+                let vars = [("x", &xv), ("gamma", &gamma), ("beta", &beta), ("shortcut", &sv)];
+                assert_fused_matches_reference(&what, &vars, seed + 5, F32_TOL, |imp| {
+                    batch_norm_train_add_relu(&x, g, b, 1e-5, &sv, imp).unwrap().output
+                });
+            } else {
+                let close = got.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 2e-2 + 1e-2 * b.abs());
+                assert!(close, "{what}: output");
+                let mask: Vec<f32> = got
+                    .iter()
+                    .zip(values(&probe.to_dtype(dtype).unwrap()))
+                    .map(|(&y, p)| if y > 0.0 { p } else { 0.0 })
+                    .collect();
+                assert_eq!(values(g_got.get(&sv).unwrap()), mask, "{what}: shortcut gradient");
+            }
+        }
+    }
+    let x = randn(1, &[2, 3, 4, 4], DType::F32);
+    let (g, b) = (randn(2, &[3], DType::F32), randn(3, &[3], DType::F32));
+    for imp in Implementation::ALL {
+        let err = batch_norm_train_add_relu(&x, &g, &b, 1e-5, &randn(4, &[2, 3, 4, 5], DType::F32), imp).unwrap_err();
+        assert!(err.to_string().contains("shortcut ([2, 3, 4, 5]"), "{imp:?}: {err}");
+    }
+    let err = batch_norm_train_add_relu(&x, &g, &b, 1e-5, &randn(4, &[2, 3, 4, 4], DType::BF16), Implementation::Fused)
+        .unwrap_err();
+    assert!(err.to_string().contains("BF16"), "{err}");
+}

@@ -122,6 +122,30 @@ impl Module for Conv2d {
     }
 }
 
+/// What follows a BatchNorm in the same op.
+#[derive(Clone, Copy)]
+enum Then<'a> {
+    Nothing,
+    Relu,
+    /// `max(BN(x) + shortcut, 0)`: the end of a residual block.
+    AddRelu(&'a Tensor),
+}
+
+impl Then<'_> {
+    /// Whether an op that knows no shortcut ends in a ReLU.
+    fn relu(self) -> bool {
+        matches!(self, Then::Relu)
+    }
+
+    /// `max(y + shortcut, 0)` for `AddRelu` (where the op before knew no shortcut), else `y`.
+    fn add_relu(self, y: Tensor, kernels: Implementation) -> Result<Tensor> {
+        match self {
+            Then::AddRelu(shortcut) => sae_kernels::add_relu(&y, shortcut, kernels),
+            _ => Ok(y),
+        }
+    }
+}
+
 /// Momentum of the running statistics, as PyTorch's: `running = 0.9·running + 0.1·batch`.
 const BN_MOMENTUM: f64 = 0.1;
 
@@ -152,7 +176,7 @@ impl BatchNorm {
 
     /// BatchNorm followed by a ReLU, fused into one op (`max(BN(x), 0)`).
     pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.forward_maybe_relu(x, train, true)
+        self.forward_then(x, train, Then::Relu)
     }
 
     /// Eval mode as a per-channel `(scale, shift)`, f32 (see `sae_kernels::batch_norm_eval_affine`).
@@ -161,17 +185,28 @@ impl BatchNorm {
         sae_kernels::batch_norm_eval_affine(&self.weight, &self.bias, mean, var, self.eps)
     }
 
-    fn forward_maybe_relu(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+    fn forward_then(&self, x: &Tensor, train: bool, then: Then) -> Result<Tensor> {
         let (weight, bias) = (cast(&self.weight, x.dtype())?, cast(&self.bias, x.dtype())?);
         if !train {
             let (mean, var) = (self.running_mean.as_tensor(), self.running_var.as_tensor());
-            return sae_kernels::batch_norm_eval(x, &weight, &bias, mean, var, self.eps, relu, self.kernels);
+            let y = sae_kernels::batch_norm_eval(x, &weight, &bias, mean, var, self.eps, then.relu(), self.kernels)?;
+            return then.add_relu(y, self.kernels);
         }
         let (out, count) = match crate::sync_batch_norm::current() {
-            Some(sum) => crate::sync_batch_norm::batch_norm_train_synced(x, &weight, &bias, self.eps, relu, &sum)?,
+            Some(sum) => {
+                let (out, count) =
+                    crate::sync_batch_norm::batch_norm_train_synced(x, &weight, &bias, self.eps, then.relu(), &sum)?;
+                (sae_kernels::BatchNormOutput { output: then.add_relu(out.output, self.kernels)?, ..out }, count)
+            }
             None => {
                 let (n, _, h, w) = x.dims4()?;
-                (sae_kernels::batch_norm_train(x, &weight, &bias, self.eps, relu, self.kernels)?, n * h * w)
+                let out = match then {
+                    Then::AddRelu(shortcut) => {
+                        sae_kernels::batch_norm_train_add_relu(x, &weight, &bias, self.eps, shortcut, self.kernels)?
+                    }
+                    _ => sae_kernels::batch_norm_train(x, &weight, &bias, self.eps, then.relu(), self.kernels)?,
+                };
+                (out, n * h * w)
             }
         };
         let count = count as f64;
@@ -188,7 +223,7 @@ impl BatchNorm {
 
 impl ModuleT for BatchNorm {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.forward_maybe_relu(x, train, false)
+        self.forward_then(x, train, Then::Nothing)
     }
 }
 
@@ -318,22 +353,28 @@ impl ConvBn {
 
     /// Convolution, BatchNorm and a ReLU (the last two fused; in eval mode all three).
     pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.forward_maybe_relu(x, train, true)
+        self.forward_then(x, train, Then::Relu)
+    }
+
+    /// `max(BN(conv(x)) + shortcut, 0)`, a residual block's end; in training mode BatchNorm,
+    /// the addition and the ReLU are one op (`sae_kernels::batch_norm_train_add_relu`).
+    pub fn forward_add_relu_t(&self, x: &Tensor, shortcut: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_then(x, train, Then::AddRelu(shortcut))
     }
 
     /// In eval mode BatchNorm is a per-channel scale and shift, which the convolution
     /// applies to each image's output while it is in cache (no pass of its own).
-    fn forward_maybe_relu(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+    fn forward_then(&self, x: &Tensor, train: bool, then: Then) -> Result<Tensor> {
         if train {
-            return self.bn.forward_maybe_relu(&x.apply(&self.conv)?, train, relu);
+            return self.bn.forward_then(&x.apply(&self.conv)?, train, then);
         }
         let (scale, shift) = self.bn.eval_affine()?;
-        self.conv.forward_affine(x, &scale, &shift, relu)
+        then.add_relu(self.conv.forward_affine(x, &scale, &shift, then.relu())?, self.bn.kernels)
     }
 }
 
 impl ModuleT for ConvBn {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.forward_maybe_relu(x, train, false)
+        self.forward_then(x, train, Then::Nothing)
     }
 }

@@ -18,7 +18,6 @@ const STEM_POOL: MaxPoolConfig = MaxPoolConfig { kernel: 3, stride: 2, padding: 
 #[derive(Debug, Clone)]
 pub struct Block {
     convs: Vec<ConvBn>,
-    kernels: Implementation,
     attention: Option<Excitation>,
     downsample: Option<ConvBn>,
 }
@@ -67,7 +66,7 @@ impl Block {
         } else {
             None
         };
-        Ok(Self { convs, kernels: cfg.kernels, attention, downsample })
+        Ok(Self { convs, attention, downsample })
     }
 
     /// Multiply-accumulates and output size for an input of `h` × `w`.
@@ -97,18 +96,21 @@ impl Block {
     /// The forward pass; with `graph` false no gradient will reach the excitation's weights,
     /// which it then reads in place ([`Excitation::forward_add_relu`]).
     fn forward_graph(&self, x: &Tensor, train: bool, graph: bool) -> Result<Tensor> {
-        let last = self.convs.len() - 1;
-        let mut y = x.clone();
-        for (i, c) in self.convs.iter().enumerate() {
-            y = if i != last { c.forward_relu_t(&y, train)? } else { c.forward_t(&y, train)? };
-        }
         let shortcut = match &self.downsample {
             Some(d) => d.forward_t(x, train)?,
             None => x.clone(),
         };
+        let Some((last, inner)) = self.convs.split_last() else {
+            candle_core::bail!("a residual block without convolutions")
+        };
+        let mut y = x.clone();
+        for c in inner {
+            y = c.forward_relu_t(&y, train)?;
+        }
+        // The addition and its ReLU join the op before them: the excitation, or BatchNorm.
         match &self.attention {
-            Some(a) => a.forward_add_relu(&y, &shortcut, graph),
-            None => sae_kernels::add_relu(&y, &shortcut, self.kernels),
+            Some(a) => a.forward_add_relu(&last.forward_t(&y, train)?, &shortcut, graph),
+            None => last.forward_add_relu_t(&y, &shortcut, train),
         }
     }
 }
