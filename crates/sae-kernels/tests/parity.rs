@@ -1179,9 +1179,8 @@ fn excitation_branches_reject_a_wrong_branch() {
 /// `excitation_add_relu` is `add_relu(excitation_branches(x), shortcut)` in one pass: in f32
 /// its output and every gradient (input, shortcut, each weight) must be the two ops' bit for
 /// bit, with weights that need a gradient (the packed op) and without (read in place, no weight
-/// gradient), for one branch and for several, strided inputs and batch 1; in bf16 it skips the
-/// rounding of the excitation's output, so it agrees within bf16's rounding, and the shortcut's
-/// gradient is the output gradient masked by its output. The reference
+/// gradient), for one branch and for several, strided inputs and batch 1; in bf16 see
+/// [`assert_bf16_residual_end`]. The reference
 /// kernels compose the reference ops (checked against the fused path within f32 tolerance).
 #[test]
 fn excitation_add_relu_matches_excitation_then_add_relu() {
@@ -1243,17 +1242,7 @@ fn excitation_add_relu_matches_excitation_then_add_relu() {
                         assert_eq!(a.is_some(), name != "weight" || !detach, "{what}: {name} gradient present");
                     }
                 } else {
-                    // bf16: where x·gate + shortcut is within a rounding of 0 the two may clamp
-                    // differently, and a flipped mask moves a whole plane's input gradient, so
-                    // the gradient is checked through the mask the fused output gives.
-                    let close = got.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-2 + 1e-2 * b.abs());
-                    assert!(close, "{what}: output");
-                    let mask: Vec<f32> = got
-                        .iter()
-                        .zip(values(&probe.to_dtype(dtype).unwrap()))
-                        .map(|(&y, p)| if y > 0.0 { p } else { 0.0 })
-                        .collect();
-                    assert_eq!(values(g_got.get(&sv).unwrap()), mask, "{what}: shortcut gradient");
+                    assert_bf16_residual_end(&what, &got, &want, &probe, g_got.get(&sv).unwrap());
                 }
                 if dtype == DType::F32 && !detach {
                     let vars: Vec<_> =
@@ -1286,9 +1275,8 @@ fn excitation_add_relu_rejects_a_wrong_shortcut() {
 
 /// `batch_norm_train_add_relu` is `add_relu(batch_norm_train(x), shortcut)` in one pass: in f32
 /// its output, statistics and every gradient (input, γ, β, shortcut) must be the two ops' bit
-/// for bit, contiguous and strided; in bf16 it skips the rounding of BatchNorm's output, so
-/// it agrees within bf16's rounding, and the shortcut's gradient is the output gradient masked
-/// by its output. The reference kernels compose the reference ops.
+/// for bit, contiguous and strided; in bf16 see [`assert_bf16_residual_end`]. The reference
+/// kernels compose the reference ops.
 #[test]
 fn batch_norm_train_add_relu_matches_batch_norm_then_add_relu() {
     let values = |t: &Tensor| -> Vec<f32> { t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap() };
@@ -1324,14 +1312,7 @@ fn batch_norm_train_add_relu_matches_batch_norm_then_add_relu() {
                     batch_norm_train_add_relu(&x, g, b, 1e-5, &sv, imp).unwrap().output
                 });
             } else {
-                let close = got.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 2e-2 + 1e-2 * b.abs());
-                assert!(close, "{what}: output");
-                let mask: Vec<f32> = got
-                    .iter()
-                    .zip(values(&probe.to_dtype(dtype).unwrap()))
-                    .map(|(&y, p)| if y > 0.0 { p } else { 0.0 })
-                    .collect();
-                assert_eq!(values(g_got.get(&sv).unwrap()), mask, "{what}: shortcut gradient");
+                assert_bf16_residual_end(&what, &got, &want, &probe, g_got.get(&sv).unwrap());
             }
         }
     }
@@ -1344,4 +1325,19 @@ fn batch_norm_train_add_relu_matches_batch_norm_then_add_relu() {
     let err = batch_norm_train_add_relu(&x, &g, &b, 1e-5, &randn(4, &[2, 3, 4, 4], DType::BF16), Implementation::Fused)
         .unwrap_err();
     assert!(err.to_string().contains("BF16"), "{err}");
+}
+
+/// A bf16 residual end (`… + shortcut` then ReLU in one op) against the two ops: the output
+/// within bf16's rounding (the fused op skips one), and the shortcut's gradient exactly the
+/// output gradient `probe` (rounded to bf16) where the fused output is positive. Where
+/// `… + shortcut` is within a rounding of 0 the two may clamp differently, and a flipped
+/// mask moves a whole plane's input gradient, so the other gradients are left to the f32
+/// checks, which compare them bit for bit.
+fn assert_bf16_residual_end(what: &str, got: &[f32], want: &[f32], probe: &Tensor, shortcut_grad: &Tensor) {
+    let values = |t: &Tensor| -> Vec<f32> { t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap() };
+    let close = got.iter().zip(want).all(|(a, b)| (a - b).abs() <= 2e-2 + 1e-2 * b.abs());
+    assert!(close, "{what}: output");
+    let probe = values(&probe.to_dtype(DType::BF16).unwrap());
+    let mask: Vec<f32> = got.iter().zip(probe).map(|(&y, p)| if y > 0.0 { p } else { 0.0 }).collect();
+    assert_eq!(values(shortcut_grad), mask, "{what}: shortcut gradient");
 }

@@ -62,35 +62,9 @@ pub struct ExcitationWeights<'a> {
 impl ExcitationWeights<'_> {
     /// Checks the shapes against `channels` and returns the hidden width K·C/r.
     fn hidden(&self, channels: usize) -> Result<usize> {
-        check_shapes(channels, &[(self.fc1_weight, self.fc1_bias)], self.fc2_weight, self.fc2_bias)
+        let fc1 = [(self.fc1_weight, self.fc1_bias)];
+        Dense { fc1: &fc1, fc2_weight: self.fc2_weight, fc2_bias: self.fc2_bias }.check_shapes(channels)
     }
-}
-
-/// Checks the reduction layers `fc1` (one (weight, bias) per branch; with one, the stack of
-/// all branches) and the excitation layer against `channels`; returns the hidden width.
-fn check_shapes(channels: usize, fc1: &[(&Tensor, &Tensor)], fc2_weight: &Tensor, fc2_bias: &Tensor) -> Result<usize> {
-    let expect = |t: &Tensor, name: &str, dims: &[usize]| -> Result<()> {
-        if t.dims() != dims {
-            bail!("excitation: {name} must have shape {dims:?}, got {:?}", t.dims())
-        }
-        Ok(())
-    };
-    if fc1.is_empty() {
-        bail!("excitation: no reduction layer (fc1) given")
-    }
-    let mut hidden = 0;
-    for (k, (weight, bias)) in fc1.iter().enumerate() {
-        let name = |what: &str| fc1_name(fc1.len(), k, what);
-        let rows = match weight.dims() {
-            &[rows, c] if c == channels && rows > 0 => rows,
-            other => bail!("excitation: {} must have shape (rows > 0, {channels}), got {other:?}", name("weight")),
-        };
-        expect(bias, &name("bias"), &[rows])?;
-        hidden += rows;
-    }
-    expect(fc2_weight, "fc2_weight", &[channels, hidden])?;
-    expect(fc2_bias, "fc2_bias", &[channels])?;
-    Ok(hidden)
 }
 
 /// The name of branch `k`'s `what` ("weight", "bias") in errors: `fc1_weight` where the
@@ -107,7 +81,7 @@ fn fc1_name(branches: usize, k: usize, what: &str) -> String {
 ///
 /// The weights have `x`'s dtype, or are all f32 with a bf16 or f16 `x`: the f32 master
 /// weights of mixed-precision training, which the fused CPU kernel uses as they are and
-/// whose gradients it returns in f32 (see `master_weights` in the source); the other paths
+/// whose gradients it returns in f32 (see `Dense::master` in the source); the other paths
 /// cast them to `x`'s dtype first.
 ///
 /// # Shapes
@@ -136,18 +110,18 @@ pub fn excitation_branches(
     gate: Gate,
     implementation: Implementation,
 ) -> Result<Tensor> {
-    let master = master_weights(x, fc1, fc2_weight, fc2_bias);
-    let weights_tracked = fc1.iter().flat_map(|(w, b)| [w, b]).chain([&fc2_weight, &fc2_bias]).any(|t| t.track_op());
-    if implementation == Implementation::Fused && x.device().is_cpu() && !weights_tracked {
-        return x.apply_op1(ExcitationUnpacked::new(x, fc1, fc2_weight, fc2_bias, gate, master)?);
+    let dense = Dense { fc1, fc2_weight, fc2_bias };
+    let master = dense.master(x);
+    if implementation == Implementation::Fused && x.device().is_cpu() && !dense.tracked() {
+        return x.apply_op1(ExcitationUnpacked::new(x, dense, gate)?);
     }
     if implementation == Implementation::Fused && (x.device().is_cpu() || !master) {
-        let (op, params) = fused_operands(x, fc1, fc2_weight, fc2_bias, gate, master)?;
+        let (op, params) = fused_operands(x, dense, gate)?;
         return x.apply_op2(&params, op);
     }
     // The other paths take one stacked reduction weight, of the input's dtype (checked first,
     // so that a wrong branch is named rather than failing the stacking).
-    check_shapes(x.dims4()?.1, fc1, fc2_weight, fc2_bias)?;
+    dense.check_shapes(x.dims4()?.1)?;
     let stacked;
     let (w1, b1) = match fc1 {
         [(w, b)] => (*w, *b),
@@ -197,23 +171,68 @@ pub fn excitation_add_relu(
             x.dtype()
         )
     }
-    let master = master_weights(x, fc1, fc2_weight, fc2_bias);
-    let weights_tracked = fc1.iter().flat_map(|(w, b)| [w, b]).chain([&fc2_weight, &fc2_bias]).any(|t| t.track_op());
+    let dense = Dense { fc1, fc2_weight, fc2_bias };
     let shortcut = shortcut.contiguous()?;
-    if weights_tracked {
-        let (op, params) = fused_operands(x, fc1, fc2_weight, fc2_bias, gate, master)?;
+    if dense.tracked() {
+        let (op, params) = fused_operands(x, dense, gate)?;
         return x.apply_op3(&params, &shortcut, op);
     }
-    x.apply_op2(&shortcut, ExcitationUnpacked::new(x, fc1, fc2_weight, fc2_bias, gate, master)?)
+    x.apply_op2(&shortcut, ExcitationUnpacked::new(x, dense, gate)?)
 }
 
-/// Whether the weights are the f32 master weights of mixed-precision training for a bf16 or
-/// f16 input (all four f32). The fused CPU kernel takes them as they are: it computes in f32
-/// anyway, so a bf16 copy per step would only be rounded and converted back, and their
-/// gradient is returned in f32. Every other path casts them to the input's dtype first.
-fn master_weights(x: &Tensor, fc1: &[(&Tensor, &Tensor)], fc2_weight: &Tensor, fc2_bias: &Tensor) -> bool {
-    matches!(x.dtype(), DType::BF16 | DType::F16)
-        && fc1.iter().flat_map(|(w, b)| [w, b]).chain([&fc2_weight, &fc2_bias]).all(|t| t.dtype() == DType::F32)
+/// An SE/SaE layer's dense weights as the ops take them: the reduction layer as its K
+/// branches (weight, bias) and the excitation layer.
+#[derive(Clone, Copy)]
+struct Dense<'a> {
+    fc1: &'a [(&'a Tensor, &'a Tensor)],
+    fc2_weight: &'a Tensor,
+    fc2_bias: &'a Tensor,
+}
+
+impl Dense<'_> {
+    fn tensors(&self) -> impl Iterator<Item = &Tensor> {
+        self.fc1.iter().flat_map(|&(w, b)| [w, b]).chain([self.fc2_weight, self.fc2_bias])
+    }
+
+    /// Checks the reduction layers (one (weight, bias) per branch; with one, the stack of all
+    /// branches) and the excitation layer against `channels`; returns the hidden width.
+    fn check_shapes(&self, channels: usize) -> Result<usize> {
+        let expect = |t: &Tensor, name: &str, dims: &[usize]| -> Result<()> {
+            if t.dims() != dims {
+                bail!("excitation: {name} must have shape {dims:?}, got {:?}", t.dims())
+            }
+            Ok(())
+        };
+        if self.fc1.is_empty() {
+            bail!("excitation: no reduction layer (fc1) given")
+        }
+        let mut hidden = 0;
+        for (k, (weight, bias)) in self.fc1.iter().enumerate() {
+            let name = |what: &str| fc1_name(self.fc1.len(), k, what);
+            let rows = match weight.dims() {
+                &[rows, c] if c == channels && rows > 0 => rows,
+                other => bail!("excitation: {} must have shape (rows > 0, {channels}), got {other:?}", name("weight")),
+            };
+            expect(bias, &name("bias"), &[rows])?;
+            hidden += rows;
+        }
+        expect(self.fc2_weight, "fc2_weight", &[channels, hidden])?;
+        expect(self.fc2_bias, "fc2_bias", &[channels])?;
+        Ok(hidden)
+    }
+
+    /// Whether they are the f32 master weights of mixed-precision training for a bf16 or f16
+    /// input `x` (all f32). The fused CPU kernel takes them as they are: it computes in f32
+    /// anyway, so a bf16 copy per step would only be rounded and converted back, and their
+    /// gradient is returned in f32. Every other path casts them to the input's dtype first.
+    fn master(&self, x: &Tensor) -> bool {
+        matches!(x.dtype(), DType::BF16 | DType::F16) && self.tensors().all(|t| t.dtype() == DType::F32)
+    }
+
+    /// Whether any of them needs a gradient.
+    fn tracked(&self) -> bool {
+        self.tensors().any(|t| t.track_op())
+    }
 }
 
 /// The excitation composed of plain Candle ops; the definition the fused op is tested against.
@@ -257,11 +276,11 @@ pub fn excitation_backward(
     grad: &Tensor,
 ) -> Result<ExcitationGradients> {
     let fc1 = [(weights.fc1_weight, weights.fc1_bias)];
-    let master = master_weights(x, &fc1, weights.fc2_weight, weights.fc2_bias);
-    if master && !x.device().is_cpu() {
+    let dense = Dense { fc1: &fc1, fc2_weight: weights.fc2_weight, fc2_bias: weights.fc2_bias };
+    if dense.master(x) && !x.device().is_cpu() {
         bail!("excitation_backward: f32 master weights with a {:?} input are for the CPU kernel only", x.dtype())
     }
-    let (op, params) = fused_operands(x, &fc1, weights.fc2_weight, weights.fc2_bias, gate, master)?;
+    let (op, params) = fused_operands(x, dense, gate)?;
     let (input, params) = op.backward(x, &params, grad)?;
     let shapes =
         [weights.fc1_weight.dims(), weights.fc1_bias.dims(), weights.fc2_weight.dims(), weights.fc2_bias.dims()];
@@ -285,36 +304,22 @@ impl ExcitationOp {
 
 /// Checks the weights against `x` and packs them for the fused ops: the reduction weights
 /// (branch by branch: their stack), their biases, the excitation weight and bias, in one copy.
-/// `master`: the weights are f32 master weights ([`master_weights`]).
-fn fused_operands(
-    x: &Tensor,
-    fc1: &[(&Tensor, &Tensor)],
-    fc2_weight: &Tensor,
-    fc2_bias: &Tensor,
-    gate: Gate,
-    master: bool,
-) -> Result<(ExcitationOp, Tensor)> {
-    let op = checked_op(x, fc1, fc2_weight, fc2_bias, gate, master)?;
+fn fused_operands(x: &Tensor, dense: Dense, gate: Gate) -> Result<(ExcitationOp, Tensor)> {
+    let op = checked_op(x, dense, gate)?;
     // One flat parameter tensor keeps the op at two operands; Candle's `cat` backward splits
     // the parameter gradient back onto the individual weights.
-    let mut pieces: Vec<Tensor> = fc1.iter().map(|(w, _)| w.flatten_all()).collect::<Result<_>>()?;
-    pieces.extend(fc1.iter().map(|(_, b)| (*b).clone()));
-    pieces.extend([fc2_weight.flatten_all()?, fc2_bias.clone()]);
+    let mut pieces: Vec<Tensor> = dense.fc1.iter().map(|(w, _)| w.flatten_all()).collect::<Result<_>>()?;
+    pieces.extend(dense.fc1.iter().map(|(_, b)| (*b).clone()));
+    pieces.extend([dense.fc2_weight.flatten_all()?, dense.fc2_bias.clone()]);
     Ok((op, Tensor::cat(&pieces, 0)?))
 }
 
 /// The op for `x` and these weights, after checking their shapes and dtypes. Branches of
 /// equal size stay branches in its forward products (see [`ExcitationOp::branches`]).
-fn checked_op(
-    x: &Tensor,
-    fc1: &[(&Tensor, &Tensor)],
-    fc2_weight: &Tensor,
-    fc2_bias: &Tensor,
-    gate: Gate,
-    master: bool,
-) -> Result<ExcitationOp> {
+fn checked_op(x: &Tensor, dense: Dense, gate: Gate) -> Result<ExcitationOp> {
     let (_, channels, _, _) = x.dims4()?;
-    let hidden = check_shapes(channels, fc1, fc2_weight, fc2_bias)?;
+    let hidden = dense.check_shapes(channels)?;
+    let (master, fc1) = (dense.master(x), dense.fc1);
     // The names are formatted only for the error: this runs on every call.
     let check_dtype = |t: &Tensor, name: &dyn Fn() -> String| -> Result<()> {
         if t.dtype() != x.dtype() && !master {
@@ -331,8 +336,8 @@ fn checked_op(
         check_dtype(w, &|| fc1_name(fc1.len(), k, "weight"))?;
         check_dtype(b, &|| fc1_name(fc1.len(), k, "bias"))?;
     }
-    check_dtype(fc2_weight, &|| "fc2_weight".into())?;
-    check_dtype(fc2_bias, &|| "fc2_bias".into())?;
+    check_dtype(dense.fc2_weight, &|| "fc2_weight".into())?;
+    check_dtype(dense.fc2_bias, &|| "fc2_bias".into())?;
     let equal = fc1.iter().all(|(w, _)| w.dim(0).ok() == Some(hidden / fc1.len()));
     Ok(ExcitationOp { channels, hidden, branches: if equal { fc1.len() } else { 1 }, gate })
 }
@@ -347,21 +352,13 @@ struct ExcitationUnpacked {
     op: ExcitationOp,
     fc1: Vec<(Tensor, Tensor)>,
     fc2: (Tensor, Tensor),
-    master: bool,
 }
 
 impl ExcitationUnpacked {
-    fn new(
-        x: &Tensor,
-        fc1: &[(&Tensor, &Tensor)],
-        fc2_weight: &Tensor,
-        fc2_bias: &Tensor,
-        gate: Gate,
-        master: bool,
-    ) -> Result<Self> {
-        let op = checked_op(x, fc1, fc2_weight, fc2_bias, gate, master)?;
-        let fc1 = fc1.iter().map(|&(w, b)| (w.clone(), b.clone())).collect();
-        Ok(Self { op, fc1, fc2: (fc2_weight.clone(), fc2_bias.clone()), master })
+    fn new(x: &Tensor, dense: Dense, gate: Gate) -> Result<Self> {
+        let op = checked_op(x, dense, gate)?;
+        let fc1 = dense.fc1.iter().map(|&(w, b)| (w.clone(), b.clone())).collect();
+        Ok(Self { op, fc1, fc2: (dense.fc2_weight.clone(), dense.fc2_bias.clone()) })
     }
 
     /// The forward pass, with the residual addition and ReLU when a `residual` is given.
@@ -392,7 +389,8 @@ impl ExcitationUnpacked {
     /// The input's gradient, from the packed backward op.
     fn input_gradient(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
         let fc1: Vec<(&Tensor, &Tensor)> = self.fc1.iter().map(|(w, b)| (w, b)).collect();
-        let (op, params) = fused_operands(x, &fc1, &self.fc2.0, &self.fc2.1, self.op.gate, self.master)?;
+        let dense = Dense { fc1: &fc1, fc2_weight: &self.fc2.0, fc2_bias: &self.fc2.1 };
+        let (op, params) = fused_operands(x, dense, self.op.gate)?;
         Ok(op.backward(x, &params, grad)?.0)
     }
 }
