@@ -735,6 +735,9 @@ impl CustomOp3 for BatchNormTrainAddRelu {
             let p = as_f32(op, "weight and bias", same_dtype::<T>(op, p)?, pl)?;
             let (w, b) = p.split_at(xs.dims[1]);
             let r = contiguous(op, "shortcut", same_dtype::<T>(op, r)?, rl)?;
+            if r.len() != xl.shape().elem_count() {
+                bail!("{op}: the shortcut has {} elements, the input {:?}", r.len(), xs.dims)
+            }
             T::to_cpu_storage_owned(affine(x, &xs, true, Some(r), |c| self.stats.affine(c, w, b)))
         });
         Ok((out, Shape::from(xs.dims.to_vec())))
