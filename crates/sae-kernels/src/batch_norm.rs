@@ -100,15 +100,7 @@ pub fn batch_norm_train_add_relu(
 ) -> Result<BatchNormOutput> {
     check(x, weight, bias)?;
     check_eps(eps)?;
-    if shortcut.dims() != x.dims() || shortcut.dtype() != x.dtype() {
-        bail!(
-            "batch_norm: the shortcut ({:?}, {:?}) must have the input's shape and dtype ({:?}, {:?})",
-            shortcut.dims(),
-            shortcut.dtype(),
-            x.dims(),
-            x.dtype()
-        )
-    }
+    crate::relu::check_shortcut("batch_norm", x, shortcut)?;
     if implementation == Implementation::Fused && crate::has_fused_kernel(x) && x.device().is_cpu() {
         let (mean, variance, stats) = batch_stats(x, eps)?;
         // γ and β as one operand: with the shortcut the op has three.
@@ -734,10 +726,7 @@ impl CustomOp3 for BatchNormTrainAddRelu {
         let out = dispatch_float!(op, x, |x: T| {
             let p = as_f32(op, "weight and bias", same_dtype::<T>(op, p)?, pl)?;
             let (w, b) = p.split_at(xs.dims[1]);
-            let r = contiguous(op, "shortcut", same_dtype::<T>(op, r)?, rl)?;
-            if r.len() != xl.shape().elem_count() {
-                bail!("{op}: the shortcut has {} elements, the input {:?}", r.len(), xs.dims)
-            }
+            let r = crate::relu::shortcut_slice::<T>(op, r, rl, xl.shape().elem_count())?;
             T::to_cpu_storage_owned(affine(x, &xs, true, Some(r), |c| self.stats.affine(c, w, b)))
         });
         Ok((out, Shape::from(xs.dims.to_vec())))

@@ -33,6 +33,30 @@ pub fn add_relu(a: &Tensor, b: &Tensor, implementation: Implementation) -> Resul
     }
 }
 
+/// Checks that a residual block's `shortcut` can be added to `x` inside `op` (the same shape
+/// and dtype), for the ops that end in the addition and its ReLU themselves.
+pub(crate) fn check_shortcut(op: &str, x: &Tensor, shortcut: &Tensor) -> Result<()> {
+    if shortcut.dims() != x.dims() || shortcut.dtype() != x.dtype() {
+        bail!(
+            "{op}: the shortcut ({:?}, {:?}) must have the input's shape and dtype ({:?}, {:?})",
+            shortcut.dims(),
+            shortcut.dtype(),
+            x.dims(),
+            x.dtype()
+        )
+    }
+    Ok(())
+}
+
+/// The shortcut operand's data in a CPU kernel: `T`, contiguous, `len` elements (the input's).
+pub(crate) fn shortcut_slice<'a, T: Elem>(op: &str, r: &'a CpuStorage, rl: &Layout, len: usize) -> Result<&'a [T]> {
+    let r = contiguous(op, "shortcut", same_dtype::<T>(op, r)?, rl)?;
+    if r.len() != len {
+        bail!("{op}: the shortcut has {} elements, the input {len}", r.len())
+    }
+    Ok(r)
+}
+
 /// `grad · (output > 0)`: the gradient through a ReLU, from its output.
 pub(crate) fn relu_gradient(output: &Tensor, grad: &Tensor) -> Result<Tensor> {
     output.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &ReluBackward)

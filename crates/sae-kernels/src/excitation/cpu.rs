@@ -57,7 +57,7 @@ impl ExcitationOp {
     }
 
     /// The forward pass; `p` is the parameters in f32 (converted, or f32 master weights).
-    /// With a `residual` (contiguous, `x`'s shape) the output is `max(excitation(x) +
+    /// With a `residual` (contiguous, `x`'s shape: `crate::relu::shortcut_slice`) the output is `max(excitation(x) +
     /// residual, 0)`, formed in the scaling pass: a residual block's addition and ReLU without
     /// writing and reading back the excitation's output.
     pub(crate) fn cpu_forward<T: Elem>(
@@ -69,11 +69,6 @@ impl ExcitationOp {
     ) -> Result<Vec<T>> {
         let xs = Strided4::new("excitation", "input", xl)?;
         self.check(&xs, p.len())?;
-        if let Some(r) = residual {
-            if r.len() != xl.shape().elem_count() {
-                bail!("excitation: the residual has {} elements, the input {:?}", r.len(), xs.dims)
-            }
-        }
         let [n, c, _, _] = xs.dims;
         let hw = xs.plane_len();
         let inv_hw = 1.0 / hw as f32;

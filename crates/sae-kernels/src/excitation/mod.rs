@@ -32,6 +32,7 @@ mod op;
 pub use op::Gate;
 
 use crate::cpu::{dispatch_float, same_dtype, unpack, weight_as_f32, GradientSlot};
+use crate::relu::shortcut_slice;
 use crate::Implementation;
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -162,15 +163,7 @@ pub fn excitation_add_relu(
         let y = excitation_branches(x, fc1, fc2_weight, fc2_bias, gate, implementation)?;
         return crate::add_relu(&y, shortcut, implementation);
     }
-    if shortcut.dims() != x.dims() || shortcut.dtype() != x.dtype() {
-        bail!(
-            "excitation: the shortcut ({:?}, {:?}) must have the input's shape and dtype ({:?}, {:?})",
-            shortcut.dims(),
-            shortcut.dtype(),
-            x.dims(),
-            x.dtype()
-        )
-    }
+    crate::relu::check_shortcut("excitation", x, shortcut)?;
     let dense = Dense { fc1, fc2_weight, fc2_bias };
     let shortcut = shortcut.contiguous()?;
     if dense.tracked() {
@@ -381,7 +374,8 @@ impl ExcitationUnpacked {
                 w2: &values[2 * k],
                 b2: &values[2 * k + 1],
             };
-            let residual = residual.map(|(r, rl)| residual_slice::<T>(r, rl)).transpose()?;
+            let len = xl.shape().elem_count();
+            let residual = residual.map(|(r, rl)| shortcut_slice::<T>("excitation", r, rl, len)).transpose()?;
             T::to_cpu_storage_owned(self.op.cpu_forward::<T>(x, xl, &params, residual)?)
         }))
     }
@@ -393,11 +387,6 @@ impl ExcitationUnpacked {
         let (op, params) = fused_operands(x, dense, self.op.gate)?;
         Ok(op.backward(x, &params, grad)?.0)
     }
-}
-
-/// The residual operand's data, checked: `x`'s dtype, contiguous.
-fn residual_slice<'a, T: crate::cpu::Elem>(r: &'a CpuStorage, rl: &Layout) -> Result<&'a [T]> {
-    crate::cpu::contiguous("excitation", "shortcut", same_dtype::<T>("excitation", r)?, rl)
 }
 
 impl CustomOp1 for ExcitationUnpacked {
@@ -447,7 +436,7 @@ impl CustomOp3 for ExcitationOp {
     ) -> Result<(CpuStorage, Shape)> {
         let out = dispatch_float!("excitation", x, |x: T| {
             let p = weight_as_f32::<T>("excitation", p, pl)?;
-            let r = residual_slice::<T>(r, rl)?;
+            let r = shortcut_slice::<T>("excitation", r, rl, xl.shape().elem_count())?;
             T::to_cpu_storage_owned(self.cpu_forward::<T>(x, xl, &DenseParams::packed(self, &p)?, Some(r))?)
         });
         Ok((out, xl.shape().clone()))
