@@ -61,13 +61,15 @@ fn pair(lo: f32, hi: f32) -> u32 {
 /// panels of `width` lines: for each panel, for each of `pairs` pairs of `k`, `width` words of
 /// [`pair`] (the layout of `b` for both kernels and of `a` for `vdpbf16ps`). `line_stride`
 /// steps from one line to the next and `depth_stride` along `k`.
-/// Lines and pairs past the end are zero. The inner loop runs along whichever of the two
-/// strides is 1, so that it reads memory in order (and vectorises, in AVX-512).
+/// Lines and pairs past the end are zero. Where one of the two strides is 1, blocks of 16
+/// lines × 16 pairs are read in memory order, rounded 32 values at a time (`vcvtne2ps2bf16`)
+/// and transposed in registers ([`simd`]); a scalar loop over [`pair`] does the rest, and
+/// `pack_plain` in the tests is the reference.
 ///
 /// # Safety
-/// AVX-512F and AVX-512BW must be available ([`available`] implies both).
+/// AVX-512F, AVX-512BW and AVX-512 BF16 must be available ([`available`]).
 #[allow(clippy::too_many_arguments)]
-#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw"))]
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw,avx512bf16"))]
 unsafe fn pack(
     data: &[f32],
     first: usize,
@@ -87,28 +89,22 @@ unsafe fn pack(
     resize_unfilled(out, len.div_ceil(width) * pairs * width);
     let index = |line: usize, p: usize| (first + line) * line_stride + (p0 + p) * depth_stride;
     let at = |line: usize, p: usize| data[index(line, p)];
-    let mut halves: Vec<u16> = Vec::new();
     for (panel, chunk) in out.chunks_exact_mut(pairs * width).enumerate() {
         let l0 = panel * width;
         let lines = width.min(len - l0);
-        if line_stride == 1 {
-            for q in 0..full {
-                let dst = &mut chunk[q * width..q * width + lines];
-                let (even, odd) = (index(l0, 2 * q), index(l0, 2 * q + 1));
-                let (even, odd) = (&data[even..even + lines], &data[odd..odd + lines]);
-                for ((d, &lo), &hi) in dst.iter_mut().zip(even).zip(odd) {
-                    *d = pair(lo, hi);
-                }
-            }
-        } else if depth_stride == 1 {
-            // A line's pairs are adjacent: round the line in order (vectorised), then spread
-            // its words over the panel.
-            for l in 0..lines {
-                let start = index(l0 + l, 0);
-                halves.clear();
-                halves.extend(data[start..start + 2 * full].iter().map(|&v| <bf16 as Elem>::from_f32(v).to_bits()));
-                for (q, h) in halves.chunks_exact(2).enumerate() {
-                    chunk[q * width + l] = h[0] as u32 | ((h[1] as u32) << 16);
+        if full > 0 && (line_stride == 1 || depth_stride == 1) {
+            // The last element either branch reads, bounds-checked once for the raw reads.
+            let _ = data[index(l0 + lines - 1, 2 * full - 1)];
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the CPU features of this function; every read is within the lines and
+            // full pairs of this panel (the element above bounds them), every write within
+            // `chunk`'s first `full` pairs.
+            unsafe {
+                let panel = simd::Panel { data: data.as_ptr().add(index(l0, 0)), lines, width, full };
+                if line_stride == 1 {
+                    panel.pack_lines_contiguous(depth_stride, chunk);
+                } else {
+                    panel.pack_depth_contiguous(line_stride, chunk);
                 }
             }
         } else {
@@ -130,6 +126,146 @@ unsafe fn pack(
             chunk.chunks_exact_mut(width).for_each(|words| words[lines..].fill(0));
         }
         chunk[depth.div_ceil(2) * width..].fill(0);
+    }
+}
+
+/// [`pack`]'s vectorised blocks.
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    /// One panel's full pairs: `lines` lines (at most `width`) from `data`, `full` pairs each.
+    pub(super) struct Panel {
+        pub data: *const f32,
+        pub lines: usize,
+        pub width: usize,
+        pub full: usize,
+    }
+
+    /// The low `count` bits (at most 16).
+    fn mask(count: usize) -> __mmask16 {
+        ((1u32 << count.min(16)) - 1) as __mmask16
+    }
+
+    /// The pair words of `lo` and `hi` (16 values each): word `i` is `lo[i]` rounded in its
+    /// low half and `hi[i]` in its high half.
+    ///
+    /// # Safety
+    /// AVX-512F, BW and BF16.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn interleave(lo: __m512, hi: __m512) -> __m512i {
+        // The rounded halves as u16s: lo's 16, then hi's 16; then lo[0], hi[0], lo[1], ….
+        // SAFETY: both are 512 bits of plain data.
+        let halves: __m512i = unsafe { std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo)) };
+        let order = _mm512_set_epi16(
+            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17,
+            1, 16, 0,
+        );
+        _mm512_permutexvar_epi16(order, halves)
+    }
+
+    /// `rows` as a 16 × 16 matrix of 32-bit words, transposed.
+    ///
+    /// # Safety
+    /// AVX-512F.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn transpose(rows: &mut [__m512i; 16]) {
+        let r = *rows;
+        // Within 128-bit lanes: words, then pairs of words; afterwards row 4g + j, lane L holds
+        // column 4L + j of rows 4g..4g + 4.
+        let mut t = [_mm512_setzero_si512(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+        }
+        let mut u = [_mm512_setzero_si512(); 16];
+        for g in 0..4 {
+            let b = 4 * g;
+            u[b] = _mm512_unpacklo_epi64(t[b], t[b + 2]);
+            u[b + 1] = _mm512_unpackhi_epi64(t[b], t[b + 2]);
+            u[b + 2] = _mm512_unpacklo_epi64(t[b + 1], t[b + 3]);
+            u[b + 3] = _mm512_unpackhi_epi64(t[b + 1], t[b + 3]);
+        }
+        // Then the lanes: column 4L + j gathers lane L of rows j, 4 + j, 8 + j and 12 + j.
+        for j in 0..4 {
+            let even_low = _mm512_shuffle_i32x4::<0x88>(u[j], u[4 + j]);
+            let odd_low = _mm512_shuffle_i32x4::<0xdd>(u[j], u[4 + j]);
+            let even_high = _mm512_shuffle_i32x4::<0x88>(u[8 + j], u[12 + j]);
+            let odd_high = _mm512_shuffle_i32x4::<0xdd>(u[8 + j], u[12 + j]);
+            rows[j] = _mm512_shuffle_i32x4::<0x88>(even_low, even_high);
+            rows[8 + j] = _mm512_shuffle_i32x4::<0xdd>(even_low, even_high);
+            rows[4 + j] = _mm512_shuffle_i32x4::<0x88>(odd_low, odd_high);
+            rows[12 + j] = _mm512_shuffle_i32x4::<0xdd>(odd_low, odd_high);
+        }
+    }
+
+    impl Panel {
+        /// Lines adjacent in memory (pairs `depth_stride` apart): each pair's words are the
+        /// even and odd depth's values of 16 lines at a time, interleaved.
+        ///
+        /// # Safety
+        /// AVX-512F, BW and BF16; `data` holds the panel's lines and pairs; `chunk` holds
+        /// `full · width` words.
+        #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+        pub(super) unsafe fn pack_lines_contiguous(&self, depth_stride: usize, chunk: &mut [u32]) {
+            debug_assert!(chunk.len() >= self.full * self.width);
+            for q in 0..self.full {
+                let even = self.data.wrapping_add(2 * q * depth_stride);
+                let odd = even.wrapping_add(depth_stride);
+                for l in (0..self.width).step_by(16) {
+                    let valid = mask(self.lines.saturating_sub(l));
+                    // SAFETY: the caller's contract; masked-off lanes are not read.
+                    unsafe {
+                        let lo = _mm512_maskz_loadu_ps(valid, even.wrapping_add(l));
+                        let hi = _mm512_maskz_loadu_ps(valid, odd.wrapping_add(l));
+                        let dst = chunk.as_mut_ptr().add(q * self.width + l) as *mut i32;
+                        _mm512_mask_storeu_epi32(dst, mask(self.width - l), interleave(lo, hi));
+                    }
+                }
+            }
+        }
+
+        /// Each line's values adjacent in memory (lines `line_stride` apart): 16 lines × 16
+        /// pairs are read line by line, rounded, transposed and written pair by pair.
+        ///
+        /// # Safety
+        /// As [`Self::pack_lines_contiguous`].
+        #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+        pub(super) unsafe fn pack_depth_contiguous(&self, line_stride: usize, chunk: &mut [u32]) {
+            debug_assert!(chunk.len() >= self.full * self.width);
+            let mut rows = [_mm512_setzero_si512(); 16];
+            for q0 in (0..self.full).step_by(16) {
+                let count = (self.full - q0).min(16);
+                for l0 in (0..self.width).step_by(16) {
+                    for (i, row) in rows.iter_mut().enumerate() {
+                        *row = if l0 + i < self.lines {
+                            let line = self.data.wrapping_add((l0 + i) * line_stride + 2 * q0);
+                            // SAFETY: the caller's contract; masked-off lanes are not read.
+                            unsafe {
+                                let lo = _mm512_maskz_loadu_ps(mask(2 * count), line);
+                                let hi =
+                                    _mm512_maskz_loadu_ps(mask((2 * count).saturating_sub(16)), line.wrapping_add(16));
+                                std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo))
+                            }
+                        } else {
+                            _mm512_setzero_si512()
+                        };
+                    }
+                    // SAFETY: AVX-512F.
+                    unsafe { transpose(&mut rows) };
+                    let store = mask(self.width - l0);
+                    for (q, row) in rows.iter().take(count).enumerate() {
+                        // SAFETY: word (q0 + q) · width + l0 + 16 ≤ full · width, masked to the panel.
+                        unsafe {
+                            let dst = chunk.as_mut_ptr().add((q0 + q) * self.width + l0) as *mut i32;
+                            _mm512_mask_storeu_epi32(dst, store, *row);
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -628,6 +764,76 @@ mod tests {
             }
         }
         out
+    }
+
+    /// [`pack`] written plainly: every word from [`pair`], zero past the lines and pairs.
+    #[allow(clippy::too_many_arguments)]
+    fn pack_plain(
+        data: &[f32],
+        first: usize,
+        len: usize,
+        line_stride: usize,
+        depth_stride: usize,
+        p0: usize,
+        depth: usize,
+        width: usize,
+        pairs: usize,
+    ) -> Vec<u32> {
+        let mut out = vec![0u32; len.div_ceil(width) * pairs * width];
+        let at = |line: usize, p: usize| data[(first + line) * line_stride + (p0 + p) * depth_stride];
+        for line in 0..len {
+            let (panel, l) = (line / width, line % width);
+            for q in 0..depth.div_ceil(2) {
+                let hi = if 2 * q + 1 < depth { at(line, 2 * q + 1) } else { 0.0 };
+                out[(panel * pairs + q) * width + l] = pair(at(line, 2 * q), hi);
+            }
+        }
+        out
+    }
+
+    /// The vectorised packing rounds as [`pair`] does, word for word, on values that are not
+    /// bf16 already (ties to even included), a NaN and infinities, for either stride 1, both
+    /// widths, partial panels and odd depths.
+    #[test]
+    fn packing_equals_the_plain_rounding() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX-512 BF16");
+            return;
+        }
+        let mut s = 7u64;
+        let mut data: Vec<f32> = (0..40_000)
+            .map(|i| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                // Every 7th value a tie: 8 significant bits and a half.
+                let mantissa = if i % 7 == 0 { ((s >> 40) % 256) as f32 * 2.0 + 1.0 } else { (s >> 40) as f32 };
+                mantissa * if i % 2 == 0 { 1.0 } else { -1e-6 }
+            })
+            .collect();
+        data[123] = f32::NAN;
+        data[456] = f32::INFINITY;
+        data[789] = f32::NEG_INFINITY;
+        for width in [MR, NR] {
+            for (len, depth) in [(1, 2), (5, 3), (12, 32), (13, 33), (32, 64), (45, 70), (70, 1), (33, 97)] {
+                let (first, p0) = (3, 5);
+                let span = (first + len) + (p0 + depth);
+                let strides = [(1, span), (span, 1), (span, 2 * span + 1)];
+                for (line_stride, depth_stride) in strides {
+                    assert!((first + len - 1) * line_stride + (p0 + depth - 1) * depth_stride < data.len());
+                    let pairs = depth.div_ceil(2) + 1;
+                    let mut got = Vec::new();
+                    // SAFETY: available() is true; every index is within `data` (asserted).
+                    unsafe { pack(&data, first, len, line_stride, depth_stride, p0, depth, width, pairs, &mut got) };
+                    let want = pack_plain(&data, first, len, line_stride, depth_stride, p0, depth, width, pairs);
+                    assert_eq!(got.len(), want.len());
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert_eq!(
+                            g, w,
+                            "width {width}, {len} lines, depth {depth}, strides ({line_stride}, {depth_stride}): word {i}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// The signature of [`gemm_block`] and of each kernel behind it.
