@@ -310,8 +310,11 @@ pub(crate) fn matmul(
     matmul_threads(products, rayon::current_num_threads(), m, n, k, a, b, out, accumulate)
 }
 
-/// The least depth (`k`) of a product that the bf16 kernels take (see [`matmul_threads`]).
-const BF16_MIN_DEPTH: usize = 128;
+/// The least depth (`k`) of a product that the bf16 kernel takes on AMX tiles (see
+/// [`matmul_threads`]).
+const BF16_MIN_DEPTH_AMX: usize = 128;
+/// The same with AVX-512 BF16 dot products.
+const BF16_MIN_DEPTH_DOT: usize = 32;
 
 /// [`matmul`] on at most `threads` threads (1: on the calling thread only, for callers that
 /// already run one multiply per rayon task).
@@ -343,30 +346,30 @@ pub(crate) fn matmul_threads(
     let split_columns = n >= m || n >= 64 * threads;
     let len = if split_columns { n } else { m };
     let block = if single { len } else { len.div_ceil(threads) };
-    // The bf16 kernel rounds and repacks both operands on every call: packing `a` costs about
-    // as much as 22 of its columns of multiplies and packing `b` as 22 of its rows, so it pays
-    // (with `vdpbf16ps` at twice the f32 rate, on the EPYC) only for blocks with many of both:
-    // inference's small late-stage images (25 columns) stay on `gemm`, and with `vdpbf16ps`
-    // 64-channel layers too. AMX tiles take those (64 rows and at least 320 columns: the
-    // limit is 0.6 with AMX, 0.5 without): on the Xeon, alternating `xtask bench-train-row
+    // The bf16 kernel rounds and repacks both operands on every call: packing `b` costs
+    // about as much as a dozen of its rows of multiplies, packing `a` as a dozen of its
+    // columns, so it pays only for blocks with many of both: inference's small late-stage
+    // images (25 columns) stay on `gemm`. The limit below is 0.6 (64 rows and at least 320
+    // columns; 1.0 was no faster). On the Xeon's AMX, alternating `xtask bench-train-row
     // senetv2_resnet50 140 16 infer fused bf16` runs took 0.200–0.210 s at 0.5 and
-    // 0.186–0.191 s at 0.6 (layer 1's 3×3 and 256 → 64 products had been f32), training at
-    // 140×140 and 32×32 no slower; 1.0 was no faster. The depth matters as well: AMX pads
-    // it to 32 and loads and stores its 32×32 block of `out` once per block of depth, which
-    // shallow products (the weight gradients of small images, depth = the
-    // batch's pixels) do not repay: below a depth of 128 they stay on `gemm`. On the Xeon
-    // that made a 32×32 ResNet-50 bf16 training step 5 % faster (0.149 → 0.137–0.144 s; 64:
-    // 0.142–0.147, 256: 0.140–0.147), and 140×140 training and inference no slower.
+    // 0.186–0.191 s at 0.6, training at 140×140 and 32×32 no slower. The depth matters as
+    // well: AMX pads it to 32 and loads and stores its 32×32 block of `out` once per block
+    // of depth, which shallow products (the weight gradients of small images, depth = the
+    // batch's pixels) do not repay: below a depth of 128 they stay on `gemm` (on the Xeon a
+    // 32×32 ResNet-50 bf16 training step 5 % faster: 0.149 → 0.137–0.144 s; 64: 0.142–0.147,
+    // 256: 0.140–0.147). `vdpbf16ps` keeps its tile in registers and takes products from a
+    // depth of 32 (layer 1's 64-deep 1×1 convolutions): on the AMD EPYC, where it runs at
+    // twice the f32 rate, a SENetV2-ResNet-50 140×140 bf16 training step took 0.95/0.88/0.87 s
+    // against 1.07/0.95/1.00 s with the Xeon's old limits (0.5, 128) in alternating runs, and
+    // 0.89/0.90/0.94 s at a depth of 64; batch-16 inference 0.24–0.28 s against 0.26–0.32.
     let (block_rows, block_cols) = if split_columns { (m, block) } else { (block, n) };
-    let limit = if crate::gemm_bf16::amx_available() { 0.6 } else { 0.5 };
-    let multiply = if products == Products::Bf16
-        && 32.0 / block_rows as f64 + 32.0 / block_cols as f64 <= limit
-        && k >= BF16_MIN_DEPTH
-    {
-        crate::gemm_bf16::gemm_block
-    } else {
-        gemm_block
-    };
+    let min_depth = if crate::gemm_bf16::amx_available() { BF16_MIN_DEPTH_AMX } else { BF16_MIN_DEPTH_DOT };
+    let multiply =
+        if products == Products::Bf16 && 32.0 / block_rows as f64 + 32.0 / block_cols as f64 <= 0.6 && k >= min_depth {
+            crate::gemm_bf16::gemm_block
+        } else {
+            gemm_block
+        };
     if single {
         // SAFETY: the asserts above keep every index the views and the output describe in
         // bounds; `out` is exclusively borrowed and does not alias the inputs; the bf16
