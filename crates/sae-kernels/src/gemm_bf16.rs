@@ -5,7 +5,7 @@
 //! Two micro-kernels, chosen at run time: AMX tiles ([`amx`], `tdpbf16ps`) where the CPU has
 //! AMX-BF16 (3.3× sgemm on the Xeon of `results/peak.md`), else AVX-512 BF16 dot products
 //! (`vdpbf16ps`: 32 multiplies and adds, twice the work of an f32 FMA in the same time on the
-//! AMD EPYC of `results/train-speed-epyc.md`, 461 vs 228 GFLOP/s, but half on that Xeon). The
+//! AMD EPYC of `results/train-speed-epyc.md`, 468 vs 232 GFLOP/s, but half on that Xeon). The
 //! bf16 convolutions use them where [`available`] says the CPU has AVX-512 BF16, and the
 //! `gemm` crate's f32 kernels (the same values, multiplied in f32) everywhere else.
 //!
