@@ -92,7 +92,8 @@ unsafe fn pack(
     for (panel, chunk) in out.chunks_exact_mut(pairs * width).enumerate() {
         let l0 = panel * width;
         let lines = width.min(len - l0);
-        if full > 0 && (line_stride == 1 || depth_stride == 1) {
+        let vectorised = cfg!(target_arch = "x86_64") && full > 0 && (line_stride == 1 || depth_stride == 1);
+        if vectorised {
             // The last element either branch reads, bounds-checked once for the raw reads.
             let _ = data[index(l0 + lines - 1, 2 * full - 1)];
             #[cfg(target_arch = "x86_64")]
