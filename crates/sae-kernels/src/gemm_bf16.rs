@@ -89,10 +89,10 @@ unsafe fn pack(
     resize_unfilled(out, len.div_ceil(width) * pairs * width);
     let index = |line: usize, p: usize| (first + line) * line_stride + (p0 + p) * depth_stride;
     let at = |line: usize, p: usize| data[index(line, p)];
+    let vectorised = cfg!(target_arch = "x86_64") && full > 0 && (line_stride == 1 || depth_stride == 1);
     for (panel, chunk) in out.chunks_exact_mut(pairs * width).enumerate() {
         let l0 = panel * width;
         let lines = width.min(len - l0);
-        let vectorised = cfg!(target_arch = "x86_64") && full > 0 && (line_stride == 1 || depth_stride == 1);
         if vectorised {
             // The last element either branch reads, bounds-checked once for the raw reads.
             let _ = data[index(l0 + lines - 1, 2 * full - 1)];
@@ -148,6 +148,18 @@ mod simd {
         ((1u32 << count.min(16)) - 1) as __mmask16
     }
 
+    /// The 32 values `lo` then `hi` rounded to bf16 in order: as 32-bit words, the pair words
+    /// of 32 consecutive values of `k`.
+    ///
+    /// # Safety
+    /// AVX-512F and BF16.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn round(lo: __m512, hi: __m512) -> __m512i {
+        // SAFETY: both are 512 bits of plain data.
+        unsafe { std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo)) }
+    }
+
     /// The pair words of `lo` and `hi` (16 values each): word `i` is `lo[i]` rounded in its
     /// low half and `hi[i]` in its high half.
     ///
@@ -157,8 +169,8 @@ mod simd {
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     unsafe fn interleave(lo: __m512, hi: __m512) -> __m512i {
         // The rounded halves as u16s: lo's 16, then hi's 16; then lo[0], hi[0], lo[1], ….
-        // SAFETY: both are 512 bits of plain data.
-        let halves: __m512i = unsafe { std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo)) };
+        // SAFETY: the CPU features of this function.
+        let halves = unsafe { round(lo, hi) };
         let order = _mm512_set_epi16(
             31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17,
             1, 16, 0,
@@ -248,7 +260,7 @@ mod simd {
                                 let lo = _mm512_maskz_loadu_ps(mask(2 * count), line);
                                 let hi =
                                     _mm512_maskz_loadu_ps(mask((2 * count).saturating_sub(16)), line.wrapping_add(16));
-                                std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo))
+                                round(lo, hi)
                             }
                         } else {
                             _mm512_setzero_si512()
@@ -743,13 +755,18 @@ mod amx {
 mod tests {
     use super::*;
 
+    /// The next state of a linear congruential generator (Knuth's MMIX constants).
+    fn next_state(s: &mut u64) -> u64 {
+        *s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *s
+    }
+
     /// Deterministic values that are exact in bf16 (8 significant bits), of both signs.
     fn bf16_values(len: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
         (0..len)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                let mantissa = ((s >> 33) % 256) as f32 - 128.0;
+                let mantissa = ((next_state(&mut s) >> 33) % 256) as f32 - 128.0;
                 mantissa / 64.0
             })
             .collect()
@@ -804,9 +821,9 @@ mod tests {
         let mut s = 7u64;
         let mut data: Vec<f32> = (0..40_000)
             .map(|i| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let r = next_state(&mut s) >> 40;
                 // Every 7th value a tie: 8 significant bits and a half.
-                let mantissa = if i % 7 == 0 { ((s >> 40) % 256) as f32 * 2.0 + 1.0 } else { (s >> 40) as f32 };
+                let mantissa = if i % 7 == 0 { (r % 256) as f32 * 2.0 + 1.0 } else { r as f32 };
                 mantissa * if i % 2 == 0 { 1.0 } else { -1e-6 }
             })
             .collect();
