@@ -19,7 +19,9 @@
 //!    cuDNN benchmark mode) in the same call;
 //!
 //! and writes `DIR/gpu.md`, to be committed as `results/gpu.md`. A failing section is written
-//! into the report and makes the command fail at the end, so one run always reports all it can.
+//! into the report and makes the command fail at the end, so one run always reports all it can;
+//! `DIR/gpu.md` is rewritten after every section, so a run stopped by a time limit keeps what it
+//! measured.
 //! `--device cpu --smoke` runs the same code on the CPU with small sizes (CI does, to keep this
 //! runner working between the rare GPU sessions).
 
@@ -219,6 +221,9 @@ fn brief(e: &anyhow::Error) -> String {
 struct Report {
     md: String,
     failures: Vec<String>,
+    /// Where the report is written after every section, so a run cut short by a time limit
+    /// still leaves what it measured.
+    path: PathBuf,
 }
 
 impl Report {
@@ -241,6 +246,9 @@ impl Report {
                 self.failures.push(what.to_string());
             }
         }
+        if let Err(e) = sae_fs::write_atomic(&self.path, self.md.as_bytes()) {
+            eprintln!("gpu-check: writing {}: {e:#}", self.path.display());
+        }
     }
 }
 
@@ -251,7 +259,9 @@ pub fn run(opts: &RunOptions) -> Result<()> {
     let python = opts.python.clone().or_else(|| (opts.device == "cuda").then(|| PathBuf::from("python3")));
     let device = sae_train::device(&opts.device, 0)?;
     let started = Instant::now();
-    let mut report = Report { md: String::new(), failures: Vec::new() };
+    std::fs::create_dir_all(&opts.out)?;
+    let path = opts.out.join("gpu.md");
+    let mut report = Report { md: String::new(), failures: Vec::new(), path: path.clone() };
     let _ = writeln!(
         report.md,
         "# GPU check\n\nWritten by `target/gpu/gpu-check.sh` (`xtask gpu-check --run`; `cargo xtask gpu-check` builds it)."
@@ -281,8 +291,6 @@ pub fn run(opts: &RunOptions) -> Result<()> {
         },
         started.elapsed().as_secs_f64()
     );
-    std::fs::create_dir_all(&opts.out)?;
-    let path = opts.out.join("gpu.md");
     sae_fs::write_atomic(&path, report.md.as_bytes())?;
     println!("{}", report.md);
     eprintln!("gpu-check: wrote {}", path.display());
