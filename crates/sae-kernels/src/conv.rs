@@ -31,7 +31,8 @@
 
 use crate::cpu::{
     as_f32, contiguous, convert, copy_converted, dispatch_float, f32_contiguous, matmul, matmul_threads,
-    min_planes_per_task, read_f32, same_dtype, uninit, weight_as_f32, write_f32, Elem, GradientSlot, Mat, Products,
+    min_planes_per_task, read_f32, same_dtype, same_type, uninit, weight_as_f32, write_f32, Elem, GradientSlot, Mat,
+    Products,
 };
 use crate::layout::Strided4;
 use crate::winograd::{transform_weights, Winograd};
@@ -127,16 +128,26 @@ impl Geometry {
     /// Fills `out` (oh·ow values) with the input values that tap (ky, kx) of channel `ci` sees
     /// at every output pixel of image `n`: one row of the unrolled input.
     #[allow(clippy::too_many_arguments)]
-    fn im2col_row<T: Elem>(&self, x: &[T], xs: &Strided4, n: usize, ci: usize, ky: usize, kx: usize, out: &mut [f32]) {
+    fn im2col_row<T: Elem, U: Elem>(
+        &self,
+        x: &[T],
+        xs: &Strided4,
+        n: usize,
+        ci: usize,
+        ky: usize,
+        kx: usize,
+        out: &mut [U],
+    ) {
         let plane = xs.offset + n * xs.strides[0] + ci * xs.strides[1];
         let (lo, hi) = self.valid_columns(kx);
+        let zero = U::from_f32(0.0);
         for (oy, out) in out.chunks_exact_mut(self.ow).enumerate() {
             let Some(iy) = self.input_row(oy, ky) else {
-                out.fill(0.0);
+                out.fill(zero);
                 continue;
             };
-            out[..lo].fill(0.0);
-            out[hi..].fill(0.0);
+            out[..lo].fill(zero);
+            out[hi..].fill(zero);
             let start = plane + iy * xs.strides[2];
             let ix0 = lo * self.stride + kx - self.pad;
             if self.stride == 1 && xs.strides[3] == 1 {
@@ -147,10 +158,14 @@ impl Geometry {
                 // as pairs, which the compiler turns into vector shuffles (an indexed loop
                 // stays scalar), where the row's last pair lies inside `x`.
                 match x.get(first..first + 2 * out.len()) {
-                    Some(pairs) if step == 2 => {
-                        out.iter_mut().zip(pairs.chunks_exact(2)).for_each(|(o, pair)| *o = pair[0].to_f32())
-                    }
-                    _ => out.iter_mut().zip(x[first..].iter().step_by(step)).for_each(|(o, v)| *o = v.to_f32()),
+                    Some(pairs) if step == 2 => out
+                        .iter_mut()
+                        .zip(pairs.chunks_exact(2))
+                        .for_each(|(o, pair)| *o = U::from_f32(pair[0].to_f32())),
+                    _ => out
+                        .iter_mut()
+                        .zip(x[first..].iter().step_by(step))
+                        .for_each(|(o, v)| *o = U::from_f32(v.to_f32())),
                 }
             }
         }
@@ -253,12 +268,19 @@ impl Geometry {
         self.pixels() >= PER_IMAGE_PIXELS || self.n == 1
     }
 
-    /// Image `n`'s unrolled input (C·kh·kw × oh·ow) as a matrix: its input planes themselves
-    /// for a 1×1 stride-1 unpadded convolution whose planes are contiguous, otherwise
-    /// unrolled into `scratch` (reused between images of one task).
-    fn image_matrix<'a, T: Elem>(&self, x: &'a [T], xs: &Strided4, n: usize, scratch: &'a mut Vec<f32>) -> Mat<'a> {
+    /// Image `n`'s unrolled input (C·kh·kw × oh·ow) as a matrix of `U` (f32, or the input's
+    /// own type): its input planes themselves for a 1×1 stride-1 unpadded convolution whose
+    /// planes are contiguous and of type `U`, otherwise unrolled into `scratch` (reused
+    /// between images of one task).
+    fn image_matrix<'a, T: Elem, U: Elem>(
+        &self,
+        x: &'a [T],
+        xs: &Strided4,
+        n: usize,
+        scratch: &'a mut Vec<U>,
+    ) -> Mat<'a, U> {
         if self.is_pointwise() && xs.strides[3] == 1 && xs.strides[2] == self.w {
-            if let Some(x) = T::as_f32_slice(x) {
+            if let Some(x) = same_type::<T, U>(x) {
                 return Mat { data: &x[xs.offset + n * xs.strides[0]..], rs: xs.strides[1], cs: 1 };
             }
         }
@@ -273,13 +295,13 @@ impl Geometry {
 
     /// Images `images` unrolled side by side into `col`: C·kh·kw rows × (images · oh·ow)
     /// columns, image `images.start + i` in the columns from `i · oh·ow`.
-    fn im2col_into<T: Elem>(&self, x: &[T], xs: &Strided4, images: std::ops::Range<usize>, col: &mut Vec<f32>) {
+    fn im2col_into<T: Elem, U: Elem>(&self, x: &[T], xs: &Strided4, images: std::ops::Range<usize>, col: &mut Vec<U>) {
         let p = self.pixels();
         let ld = images.len() * p;
         let len = self.c * self.kh * self.kw * ld;
         // Every element is written below (zeros where a tap falls in the padding).
         if col.len() != len {
-            *col = uninit::<f32>(len);
+            *col = uninit::<U>(len);
         }
         col.par_chunks_mut(ld).enumerate().for_each(|(r, row)| {
             let (ci, ky, kx) = (r / (self.kh * self.kw), r / self.kw % self.kh, r % self.kw);
@@ -413,10 +435,10 @@ impl CustomOp1 for Im2Col {
 
     fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
         let (g, xs) = (self.0, Strided4::new("conv2d", "input", xl)?);
-        let mut col = Vec::new();
         let col = dispatch_float!("conv2d", x, |x: T| {
+            let mut col = Vec::<T>::new();
             g.im2col_into(x, &xs, 0..g.n, &mut col);
-            T::to_cpu_storage_owned(col.into_iter().map(T::from_f32).collect())
+            T::to_cpu_storage_owned(col)
         });
         Ok((col, g.unrolled_shape()))
     }
@@ -603,9 +625,11 @@ impl Conv {
         Ok((out, Shape::from((g.n, g.oc, g.oh, g.ow))))
     }
 
-    /// The forward pass in f32 arithmetic on any element type (bf16 and f16 converted as
-    /// they are read and written), with `epilogue` applied to each output plane before it is
-    /// written (per image, while the image's output is in cache).
+    /// The forward pass in f32 arithmetic on any element type, with `epilogue` applied to each
+    /// output plane before it is written (per image, while the image's output is in cache).
+    /// The input is unrolled in its own type: the bf16 kernel packs bf16 as it is, and the
+    /// `gemm` crate's f32 kernels get it widened ([`matmul_threads`]); sums and the output
+    /// before its conversion are f32.
     fn forward<T: Elem>(&self, g: &Geometry, x: &[T], xs: &Strided4, w: &[f32], epilogue: Option<Epilogue>) -> Vec<T> {
         let products = Products::for_operands::<T>();
         let (p, kg, og) = (g.pixels(), g.rows_per_group(), g.out_per_group());
@@ -622,7 +646,7 @@ impl Conv {
         }
         if g.per_image() {
             let pool = rayon::current_num_threads();
-            let image = |threads: usize, (scratch, y): &mut (Vec<f32>, Vec<f32>), n: usize, out: &mut [T]| {
+            let image = |threads: usize, (scratch, y): &mut (Vec<T>, Vec<f32>), n: usize, out: &mut [T]| {
                 let col = g.image_matrix(x, xs, n, scratch);
                 write_f32(out, y, |out| {
                     for gi in 0..g.groups {
@@ -662,7 +686,7 @@ impl Conv {
             return out;
         }
         let chunk = g.images_per_chunk(self.col_budget);
-        let mut col = Vec::new();
+        let mut col = Vec::<T>::new();
         for (c, out) in out.chunks_mut(chunk * g.oc * p).enumerate() {
             let images = c * chunk..(c * chunk + chunk).min(g.n);
             let np = images.len() * p;
@@ -735,7 +759,7 @@ impl ConvBackward {
             let mut dwt = if transposed { uninit::<f32>(dw.len()) } else { Vec::new() };
             for (i, n) in (r * per_range..((r + 1) * per_range).min(g.n)).enumerate() {
                 let dy = read_f32(&gr[n * g.oc * p..(n + 1) * g.oc * p], &mut dy_buf);
-                let col = g.image_matrix(x, xs, n, &mut scratch);
+                let col = g.image_matrix::<T, f32>(x, xs, n, &mut scratch);
                 let target = if transposed { &mut dwt[..] } else { &mut dw[..] };
                 g.weight_gradient(products, transposed, threads, dy, p, col, target, i > 0);
                 let Some(dx) = dx.as_deref_mut() else { continue };
@@ -837,7 +861,7 @@ impl ConvBackward {
             return (dx, dw);
         }
         let chunk = g.images_per_chunk(self.col_budget);
-        let mut col = Vec::new();
+        let mut col = Vec::<f32>::new();
         for c in 0..g.n.div_ceil(chunk) {
             let images = c * chunk..(c * chunk + chunk).min(g.n);
             let np = images.len() * p;

@@ -22,6 +22,11 @@ pub(crate) trait Elem: WithDType + Copy + Send + Sync {
         let _ = s;
         None
     }
+    /// The slice itself when the type is `bf16`, for the bf16 kernel's packing.
+    fn as_bf16_slice(s: &[Self]) -> Option<&[bf16]> {
+        let _ = s;
+        None
+    }
 }
 
 impl Elem for f32 {
@@ -45,6 +50,9 @@ impl Elem for bf16 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
         f32::from_bits((self.to_bits() as u32) << 16)
+    }
+    fn as_bf16_slice(s: &[Self]) -> Option<&[bf16]> {
+        Some(s)
     }
     /// Round to nearest even without branches (a select for NaN), where `half`'s
     /// `bf16::from_f32` branches per element; no end-to-end speed-up was measurable. Equal to
@@ -128,13 +136,19 @@ pub(crate) fn convert<T: Elem, U: Elem>(src: &[T]) -> Vec<U> {
     out
 }
 
-/// `dst[i] = src[i]` converted (as many as the shorter has): a plain copy (`memcpy`) from f32
-/// to f32, which the element loop does not become.
+/// `s` as a slice of `U` when `U` is `T` (the element types are told apart by their dtype).
+pub(crate) fn same_type<T: Elem, U: Elem>(s: &[T]) -> Option<&[U]> {
+    // SAFETY: equal dtypes are the same Rust type among the `Elem` types (f32, bf16, f16).
+    (T::DTYPE == U::DTYPE).then(|| unsafe { std::slice::from_raw_parts(s.as_ptr() as *const U, s.len()) })
+}
+
+/// `dst[i] = src[i]` converted (as many as the shorter has): a plain copy (`memcpy`) between
+/// equal types, which the element loop does not become.
 #[inline]
 pub(crate) fn copy_converted<T: Elem, U: Elem>(src: &[T], dst: &mut [U]) {
     let n = src.len().min(dst.len());
-    if let (Some(s), Some(d)) = (T::as_f32_slice(&src[..n]), U::as_f32_slice_mut(&mut dst[..n])) {
-        d.copy_from_slice(s);
+    if let Some(s) = same_type::<T, U>(&src[..n]) {
+        dst[..n].copy_from_slice(s);
         return;
     }
     dst[..n].iter_mut().zip(&src[..n]).for_each(|(d, &s)| *d = U::from_f32(s.to_f32()));
@@ -255,10 +269,11 @@ pub(crate) fn min_planes_per_task(plane_len: usize) -> usize {
     (8192 / plane_len.max(1)).max(1)
 }
 
-/// A strided read-only matrix view: element (i, j) is `data[i * rs + j * cs]`.
+/// A strided read-only matrix view: element (i, j) is `data[i * rs + j * cs]`. The right
+/// operand of a product may be bf16 (see [`matmul_threads`]); everything else is f32.
 #[derive(Clone, Copy)]
-pub(crate) struct Mat<'a> {
-    pub data: &'a [f32],
+pub(crate) struct Mat<'a, T = f32> {
+    pub data: &'a [T],
     pub rs: usize,
     pub cs: usize,
 }
@@ -297,13 +312,13 @@ impl Products {
 /// pixels): 33 vs 71 GFLOP/s for 64 × 16384 × 576 on the 2-core machine of
 /// `results/train-speed.md`, and the split is never markedly slower on the shapes of ResNet-50.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn matmul(
+pub(crate) fn matmul<B: Elem>(
     products: Products,
     m: usize,
     n: usize,
     k: usize,
     a: Mat,
-    b: Mat,
+    b: Mat<B>,
     out: &mut [f32],
     accumulate: bool,
 ) {
@@ -318,19 +333,24 @@ const BF16_MIN_DEPTH_DOT: usize = 32;
 
 /// [`matmul`] on at most `threads` threads (1: on the calling thread only, for callers that
 /// already run one multiply per rayon task).
+///
+/// `b` may be bf16 (a bf16 convolution's unrolled input, as it is stored): the bf16 kernel
+/// packs it as it is, without a pass that widens it to f32 first, and the `gemm` crate gets it
+/// widened block by block where that kernel is taken.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn matmul_threads(
+pub(crate) fn matmul_threads<B: Elem>(
     products: Products,
     threads: usize,
     m: usize,
     n: usize,
     k: usize,
     a: Mat,
-    b: Mat,
+    b: Mat<B>,
     out: &mut [f32],
     accumulate: bool,
 ) {
-    let last = |v: &Mat, rows: usize, cols: usize| (rows.max(1) - 1) * v.rs + (cols.max(1) - 1) * v.cs;
+    let (last_a, last_b) =
+        ((m.max(1) - 1) * a.rs + (k.max(1) - 1) * a.cs, (k.max(1) - 1) * b.rs + (n.max(1) - 1) * b.cs);
     assert!(m * n <= out.len(), "matmul: output too small");
     if m == 0 || n == 0 {
         return;
@@ -341,7 +361,7 @@ pub(crate) fn matmul_threads(
         }
         return;
     }
-    assert!(last(&a, m, k) < a.data.len() && last(&b, k, n) < b.data.len(), "matmul: view out of bounds");
+    assert!(last_a < a.data.len() && last_b < b.data.len(), "matmul: view out of bounds");
     let single = m * n * k < 1 << 16 || threads <= 1;
     let split_columns = n >= m || n >= 64 * threads;
     let len = if split_columns { n } else { m };
@@ -364,11 +384,11 @@ pub(crate) fn matmul_threads(
     // 0.89/0.90/0.94 s at a depth of 64; batch-16 inference 0.24–0.28 s against 0.26–0.32.
     let (block_rows, block_cols) = if split_columns { (m, block) } else { (block, n) };
     let min_depth = if crate::gemm_bf16::amx_available() { BF16_MIN_DEPTH_AMX } else { BF16_MIN_DEPTH_DOT };
-    let multiply =
+    let multiply: unsafe fn(usize, usize, usize, Mat, Mat<B>, *mut f32, usize, bool) =
         if products == Products::Bf16 && 32.0 / block_rows as f64 + 32.0 / block_cols as f64 <= 0.6 && k >= min_depth {
             crate::gemm_bf16::gemm_block
         } else {
-            gemm_block
+            gemm_block_widened
         };
     if single {
         // SAFETY: the asserts above keep every index the views and the output describe in
@@ -397,6 +417,38 @@ pub(crate) fn matmul_threads(
             });
         }
     });
+}
+
+/// [`gemm_block`] with a `b` of any element type: f32 as it is, other types widened to a
+/// row-major f32 copy first.
+///
+/// # Safety
+/// As [`gemm_block`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_block_widened<B: Elem>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Mat,
+    b: Mat<B>,
+    out: *mut f32,
+    out_rs: usize,
+    accumulate: bool,
+) {
+    if let Some(data) = B::as_f32_slice(b.data) {
+        // SAFETY: the caller's contract.
+        return unsafe { gemm_block(m, n, k, a, Mat { data, rs: b.rs, cs: b.cs }, out, out_rs, accumulate) };
+    }
+    let mut wide = uninit::<f32>(k * n);
+    for (p, row) in wide.chunks_exact_mut(n).enumerate() {
+        if b.cs == 1 {
+            copy_converted(&b.data[p * b.rs..][..n], row);
+        } else {
+            row.iter_mut().enumerate().for_each(|(j, v)| *v = b.data[p * b.rs + j * b.cs].to_f32());
+        }
+    }
+    // SAFETY: the caller's contract; `wide` is the k × n view of `b`.
+    unsafe { gemm_block(m, n, k, a, Mat { data: &wide, rs: n, cs: 1 }, out, out_rs, accumulate) }
 }
 
 /// One single-threaded `gemm` call writing an `m × n` block whose rows are `out_rs` apart.

@@ -64,14 +64,15 @@ fn pair(lo: f32, hi: f32) -> u32 {
 /// Lines and pairs past the end are zero. Where one of the two strides is 1, blocks of 16
 /// lines × 16 pairs are read in memory order, rounded 32 values at a time (`vcvtne2ps2bf16`)
 /// and transposed in registers ([`simd`]); a scalar loop over [`pair`] does the rest, and
-/// `pack_plain` in the tests is the reference.
+/// `pack_plain` in the tests is the reference. `data` may be bf16 already (the activations of
+/// bf16 convolutions): the same words, taken as they are.
 ///
 /// # Safety
 /// AVX-512F, AVX-512BW and AVX-512 BF16 must be available ([`available`]).
 #[allow(clippy::too_many_arguments)]
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw,avx512bf16"))]
-unsafe fn pack(
-    data: &[f32],
+unsafe fn pack<T: Elem>(
+    data: &[T],
     first: usize,
     len: usize,
     line_stride: usize,
@@ -88,8 +89,12 @@ unsafe fn pack(
     debug_assert!(pairs >= depth.div_ceil(2));
     resize_unfilled(out, len.div_ceil(width) * pairs * width);
     let index = |line: usize, p: usize| (first + line) * line_stride + (p0 + p) * depth_stride;
-    let at = |line: usize, p: usize| data[index(line, p)];
-    let vectorised = cfg!(target_arch = "x86_64") && full > 0 && (line_stride == 1 || depth_stride == 1);
+    let at = |line: usize, p: usize| data[index(line, p)].to_f32();
+    // f32 and bf16 (f16, which no caller packs, takes the scalar loop).
+    let vectorised = cfg!(target_arch = "x86_64")
+        && full > 0
+        && (line_stride == 1 || depth_stride == 1)
+        && (T::as_f32_slice(data).is_some() || T::as_bf16_slice(data).is_some());
     for (panel, chunk) in out.chunks_exact_mut(pairs * width).enumerate() {
         let l0 = panel * width;
         let lines = width.min(len - l0);
@@ -101,11 +106,21 @@ unsafe fn pack(
             // full pairs of this panel (the element above bounds them), every write within
             // `chunk`'s first `full` pairs.
             unsafe {
-                let panel = simd::Panel { data: data.as_ptr().add(index(l0, 0)), lines, width, full };
-                if line_stride == 1 {
-                    panel.pack_lines_contiguous(depth_stride, chunk);
-                } else {
-                    panel.pack_depth_contiguous(line_stride, chunk);
+                let start = index(l0, 0);
+                if let Some(data) = T::as_bf16_slice(data) {
+                    let panel = simd::Panel { data: data.as_ptr().add(start) as *const u16, lines, width, full };
+                    if line_stride == 1 {
+                        panel.pack_lines_contiguous(depth_stride, chunk);
+                    } else {
+                        panel.pack_depth_contiguous(line_stride, chunk);
+                    }
+                } else if let Some(data) = T::as_f32_slice(data) {
+                    let panel = simd::Panel { data: data.as_ptr().add(start), lines, width, full };
+                    if line_stride == 1 {
+                        panel.pack_lines_contiguous(depth_stride, chunk);
+                    } else {
+                        panel.pack_depth_contiguous(line_stride, chunk);
+                    }
                 }
             }
         } else {
@@ -135,9 +150,10 @@ unsafe fn pack(
 mod simd {
     use std::arch::x86_64::*;
 
-    /// One panel's full pairs: `lines` lines (at most `width`) from `data`, `full` pairs each.
-    pub(super) struct Panel {
-        pub data: *const f32,
+    /// One panel's full pairs: `lines` lines (at most `width`) from `data`, `full` pairs each;
+    /// `E` is f32, or u16 for the bits of bf16 values.
+    pub(super) struct Panel<E> {
+        pub data: *const E,
         pub lines: usize,
         pub width: usize,
         pub full: usize,
@@ -168,9 +184,18 @@ mod simd {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     unsafe fn interleave(lo: __m512, hi: __m512) -> __m512i {
-        // The rounded halves as u16s: lo's 16, then hi's 16; then lo[0], hi[0], lo[1], ….
         // SAFETY: the CPU features of this function.
-        let halves = unsafe { round(lo, hi) };
+        unsafe { interleave_halves(round(lo, hi)) }
+    }
+
+    /// Words of pairs from 32 bf16 values as u16s, `lo`'s 16 then `hi`'s 16: `lo[0]`, `hi[0]`,
+    /// `lo[1]`, ….
+    ///
+    /// # Safety
+    /// AVX-512F and BW.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn interleave_halves(halves: __m512i) -> __m512i {
         let order = _mm512_set_epi16(
             31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17,
             1, 16, 0,
@@ -214,7 +239,7 @@ mod simd {
         }
     }
 
-    impl Panel {
+    impl Panel<f32> {
         /// Lines adjacent in memory (pairs `depth_stride` apart): each pair's words are the
         /// even and odd depth's values of 16 lines at a time, interleaved.
         ///
@@ -280,6 +305,78 @@ mod simd {
             }
         }
     }
+
+    /// The low `count` bits (at most 32).
+    fn mask32(count: usize) -> __mmask32 {
+        (((1u64 << count.min(32)) - 1) as u32) as __mmask32
+    }
+
+    /// The same blocks from bf16 values, which need no rounding: a line's pair of `k` is two
+    /// adjacent u16s, already the word `vdpbf16ps` reads.
+    impl Panel<u16> {
+        /// As [`Panel::<f32>::pack_lines_contiguous`]: the even and odd depth's 16 values of
+        /// 16 lines, one 512-bit register, interleaved.
+        ///
+        /// # Safety
+        /// As [`Panel::<f32>::pack_lines_contiguous`].
+        #[target_feature(enable = "avx512f,avx512bw")]
+        pub(super) unsafe fn pack_lines_contiguous(&self, depth_stride: usize, chunk: &mut [u32]) {
+            debug_assert!(chunk.len() >= self.full * self.width);
+            for q in 0..self.full {
+                let even = self.data.wrapping_add(2 * q * depth_stride);
+                let odd = even.wrapping_add(depth_stride);
+                for l in (0..self.width).step_by(16) {
+                    let valid = mask32(self.lines.saturating_sub(l).min(16));
+                    // SAFETY: the caller's contract; masked-off lanes are not read (the odd
+                    // line's values land in lanes 16–31, read from `odd + l`).
+                    unsafe {
+                        let lo = _mm512_maskz_loadu_epi16(valid, even.wrapping_add(l) as *const i16);
+                        let halves = _mm512_mask_loadu_epi16(
+                            lo,
+                            valid << 16,
+                            odd.wrapping_add(l).wrapping_sub(16) as *const i16,
+                        );
+                        let dst = chunk.as_mut_ptr().add(q * self.width + l) as *mut i32;
+                        _mm512_mask_storeu_epi32(dst, mask(self.width - l), interleave_halves(halves));
+                    }
+                }
+            }
+        }
+
+        /// As [`Panel::<f32>::pack_depth_contiguous`]: 16 pairs of a line are one load.
+        ///
+        /// # Safety
+        /// As [`Panel::<f32>::pack_lines_contiguous`].
+        #[target_feature(enable = "avx512f,avx512bw")]
+        pub(super) unsafe fn pack_depth_contiguous(&self, line_stride: usize, chunk: &mut [u32]) {
+            debug_assert!(chunk.len() >= self.full * self.width);
+            let mut rows = [_mm512_setzero_si512(); 16];
+            for q0 in (0..self.full).step_by(16) {
+                let count = (self.full - q0).min(16);
+                for l0 in (0..self.width).step_by(16) {
+                    for (i, row) in rows.iter_mut().enumerate() {
+                        *row = if l0 + i < self.lines {
+                            let line = self.data.wrapping_add((l0 + i) * line_stride + 2 * q0);
+                            // SAFETY: the caller's contract; masked-off lanes are not read.
+                            unsafe { _mm512_maskz_loadu_epi16(mask32(2 * count), line as *const i16) }
+                        } else {
+                            _mm512_setzero_si512()
+                        };
+                    }
+                    // SAFETY: AVX-512F.
+                    unsafe { transpose(&mut rows) };
+                    let store = mask(self.width - l0);
+                    for (q, row) in rows.iter().take(count).enumerate() {
+                        // SAFETY: as in the f32 version.
+                        unsafe {
+                            let dst = chunk.as_mut_ptr().add((q0 + q) * self.width + l0) as *mut i32;
+                            _mm512_mask_storeu_epi32(dst, store, *row);
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Sets `out`'s length to `len` without writing it (zero-filling it was a pass over the
@@ -306,12 +403,12 @@ fn resize_unfilled(out: &mut Vec<u32>, len: usize) {
 /// [`available`] must be true; the views must hold every element they describe, and the
 /// `m × n` block at `out` must be in bounds and written by no one else during the call.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_block(
+pub(crate) unsafe fn gemm_block<B: Elem>(
     m: usize,
     n: usize,
     k: usize,
     a: Mat,
-    b: Mat,
+    b: Mat<B>,
     out: *mut f32,
     out_rs: usize,
     accumulate: bool,
@@ -354,7 +451,16 @@ pub(crate) fn amx_register_flops(iterations: usize) -> Option<f64> {
 /// # Safety
 /// As [`gemm_block`].
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_block_dot(m: usize, n: usize, k: usize, a: Mat, b: Mat, out: *mut f32, out_rs: usize, accumulate: bool) {
+unsafe fn gemm_block_dot<B: Elem>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Mat,
+    b: Mat<B>,
+    out: *mut f32,
+    out_rs: usize,
+    accumulate: bool,
+) {
     /// `a`'s panels as `vdpbf16ps` broadcasts them: for each pair, [`MR`] rows' words.
     ///
     /// # Safety
@@ -389,13 +495,13 @@ struct MicroKernel {
 /// # Safety
 /// As [`gemm_block`], and whatever `micro`'s functions need (AVX-512, or configured tiles).
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_blocked(
+unsafe fn gemm_blocked<B: Elem>(
     micro: &MicroKernel,
     m: usize,
     n: usize,
     k: usize,
     a: Mat,
-    b: Mat,
+    b: Mat<B>,
     out: *mut f32,
     out_rs: usize,
     accumulate: bool,
@@ -671,12 +777,12 @@ mod amx {
     /// # Safety
     /// [`available`] must be true; otherwise as [`gemm_block`](super::gemm_block).
     #[allow(clippy::too_many_arguments)]
-    pub(crate) unsafe fn gemm_block(
+    pub(crate) unsafe fn gemm_block<B: crate::cpu::Elem>(
         m: usize,
         n: usize,
         k: usize,
         a: Mat,
-        b: Mat,
+        b: Mat<B>,
         out: *mut f32,
         out_rs: usize,
         accumulate: bool,
@@ -811,7 +917,8 @@ mod tests {
 
     /// The vectorised packing rounds as [`pair`] does, word for word, on values that are not
     /// bf16 already (ties to even included), a NaN and infinities, for either stride 1, both
-    /// widths, partial panels and odd depths.
+    /// widths, partial panels and odd depths; and packing the same values stored as bf16
+    /// gives the words of their f32 copies.
     #[test]
     fn packing_equals_the_plain_rounding() {
         if !available() {
@@ -830,6 +937,8 @@ mod tests {
         data[123] = f32::NAN;
         data[456] = f32::INFINITY;
         data[789] = f32::NEG_INFINITY;
+        let stored: Vec<bf16> = data.iter().map(|&v| <bf16 as Elem>::from_f32(v)).collect();
+        let widened: Vec<f32> = stored.iter().map(|v| v.to_f32()).collect();
         for width in [MR, NR] {
             for (len, depth) in [(1, 2), (5, 3), (12, 32), (13, 33), (32, 64), (45, 70), (70, 1), (33, 97)] {
                 let (first, p0) = (3, 5);
@@ -842,12 +951,21 @@ mod tests {
                     // SAFETY: available() is true; every index is within `data` (asserted).
                     unsafe { pack(&data, first, len, line_stride, depth_stride, p0, depth, width, pairs, &mut got) };
                     let want = pack_plain(&data, first, len, line_stride, depth_stride, p0, depth, width, pairs);
-                    assert_eq!(got.len(), want.len());
-                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                        assert_eq!(
-                            g, w,
-                            "width {width}, {len} lines, depth {depth}, strides ({line_stride}, {depth_stride}): word {i}"
-                        );
+                    let mut got_bf16 = Vec::new();
+                    // SAFETY: as above; `stored` is as long as `data`.
+                    unsafe {
+                        pack(&stored, first, len, line_stride, depth_stride, p0, depth, width, pairs, &mut got_bf16)
+                    };
+                    let want_bf16 =
+                        pack_plain(&widened, first, len, line_stride, depth_stride, p0, depth, width, pairs);
+                    for (source, got, want) in [("f32", &got, &want), ("bf16", &got_bf16, &want_bf16)] {
+                        assert_eq!(got.len(), want.len());
+                        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+                            assert_eq!(
+                                g, w,
+                                "{source}: width {width}, {len} lines, depth {depth}, strides ({line_stride}, {depth_stride}): word {i}"
+                            );
+                        }
                     }
                 }
             }

@@ -94,6 +94,8 @@ fn convolutions_and_matmuls_match_a_plain_loop() {
         ((1, 64, 5, 5), (80, 64, 3, 3), 1, 1, 1),
         // Batch 1, 128 channels × 256 pixels: in bf16 the dot-product kernel where the CPU has it.
         ((1, 32, 16, 16), (128, 32, 3, 3), 1, 1, 1),
+        // 1×1 per image: the input planes are the unrolled input (in bf16, packed as stored).
+        ((2, 64, 16, 16), (96, 64, 1, 1), 1, 0, 1),
     ];
     for (seed, (xd, wd, stride, padding, groups)) in cases.into_iter().enumerate() {
         let x = randn(seed as u64, &[xd.0, xd.1, xd.2, xd.3], DType::F32);
