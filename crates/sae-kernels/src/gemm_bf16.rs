@@ -109,18 +109,10 @@ unsafe fn pack<T: Elem>(
                 let start = index(l0, 0);
                 if let Some(data) = T::as_bf16_slice(data) {
                     let panel = simd::Panel { data: data.as_ptr().add(start) as *const u16, lines, width, full };
-                    if line_stride == 1 {
-                        panel.pack_lines_contiguous(depth_stride, chunk);
-                    } else {
-                        panel.pack_depth_contiguous(line_stride, chunk);
-                    }
+                    panel.pack(line_stride, depth_stride, chunk);
                 } else if let Some(data) = T::as_f32_slice(data) {
                     let panel = simd::Panel { data: data.as_ptr().add(start), lines, width, full };
-                    if line_stride == 1 {
-                        panel.pack_lines_contiguous(depth_stride, chunk);
-                    } else {
-                        panel.pack_depth_contiguous(line_stride, chunk);
-                    }
+                    panel.pack(line_stride, depth_stride, chunk);
                 }
             }
         } else {
@@ -239,7 +231,89 @@ mod simd {
         }
     }
 
-    impl Panel<f32> {
+    /// The element types packing reads: f32 values, rounded, and the u16 bits of bf16 values,
+    /// which are taken as they are (a line's pair of `k` is two adjacent u16s, already the
+    /// word `vdpbf16ps` reads).
+    pub(super) trait Source: Sized {
+        /// The words of one pair of `k` for `lines` (at most 16) adjacent lines: the values at
+        /// `even` in their low halves, those at `odd` in their high halves; zero past `lines`.
+        ///
+        /// # Safety
+        /// AVX-512F, BW and BF16; `lines` values readable at each pointer.
+        unsafe fn pair_words(even: *const Self, odd: *const Self, lines: usize) -> __m512i;
+
+        /// The first `pairs` (at most 16) words of a line whose values of `k` are adjacent;
+        /// zero past `pairs`.
+        ///
+        /// # Safety
+        /// AVX-512F, BW and BF16; `2 · pairs` values readable at `line`.
+        unsafe fn line_words(line: *const Self, pairs: usize) -> __m512i;
+    }
+
+    impl Source for f32 {
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+        unsafe fn pair_words(even: *const f32, odd: *const f32, lines: usize) -> __m512i {
+            // SAFETY: the caller's contract; masked-off lanes are not read.
+            unsafe { interleave(_mm512_maskz_loadu_ps(mask(lines), even), _mm512_maskz_loadu_ps(mask(lines), odd)) }
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+        unsafe fn line_words(line: *const f32, pairs: usize) -> __m512i {
+            // SAFETY: as above.
+            unsafe {
+                let lo = _mm512_maskz_loadu_ps(mask(2 * pairs), line);
+                let hi = _mm512_maskz_loadu_ps(mask((2 * pairs).saturating_sub(16)), line.wrapping_add(16));
+                round(lo, hi)
+            }
+        }
+    }
+
+    impl Source for u16 {
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+        unsafe fn pair_words(even: *const u16, odd: *const u16, lines: usize) -> __m512i {
+            let valid = mask32(lines);
+            // SAFETY: as for f32; the odd line's values land in lanes 16–31, read from `odd`
+            // by a load 16 values before it whose first 16 lanes are masked off.
+            unsafe {
+                let lo = _mm512_maskz_loadu_epi16(valid, even as *const i16);
+                interleave_halves(_mm512_mask_loadu_epi16(lo, valid << 16, odd.wrapping_sub(16) as *const i16))
+            }
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+        unsafe fn line_words(line: *const u16, pairs: usize) -> __m512i {
+            // SAFETY: as above.
+            unsafe { _mm512_maskz_loadu_epi16(mask32(2 * pairs), line as *const i16) }
+        }
+    }
+
+    /// The low `count` bits (at most 32).
+    fn mask32(count: usize) -> __mmask32 {
+        (((1u64 << count.min(32)) - 1) as u32) as __mmask32
+    }
+
+    impl<E: Source> Panel<E> {
+        /// The panel's full pairs by whichever of the two ways below its strides allow (one of
+        /// them is 1).
+        ///
+        /// # Safety
+        /// As [`Self::pack_lines_contiguous`].
+        #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+        pub(super) unsafe fn pack(&self, line_stride: usize, depth_stride: usize, chunk: &mut [u32]) {
+            // SAFETY: the caller's contract.
+            unsafe {
+                if line_stride == 1 {
+                    self.pack_lines_contiguous(depth_stride, chunk)
+                } else {
+                    self.pack_depth_contiguous(line_stride, chunk)
+                }
+            }
+        }
+
         /// Lines adjacent in memory (pairs `depth_stride` apart): each pair's words are the
         /// even and odd depth's values of 16 lines at a time, interleaved.
         ///
@@ -253,13 +327,12 @@ mod simd {
                 let even = self.data.wrapping_add(2 * q * depth_stride);
                 let odd = even.wrapping_add(depth_stride);
                 for l in (0..self.width).step_by(16) {
-                    let valid = mask(self.lines.saturating_sub(l));
-                    // SAFETY: the caller's contract; masked-off lanes are not read.
+                    let lines = self.lines.saturating_sub(l).min(16);
+                    // SAFETY: the caller's contract.
                     unsafe {
-                        let lo = _mm512_maskz_loadu_ps(valid, even.wrapping_add(l));
-                        let hi = _mm512_maskz_loadu_ps(valid, odd.wrapping_add(l));
+                        let words = E::pair_words(even.wrapping_add(l), odd.wrapping_add(l), lines);
                         let dst = chunk.as_mut_ptr().add(q * self.width + l) as *mut i32;
-                        _mm512_mask_storeu_epi32(dst, mask(self.width - l), interleave(lo, hi));
+                        _mm512_mask_storeu_epi32(dst, mask(self.width - l), words);
                     }
                 }
             }
@@ -280,13 +353,8 @@ mod simd {
                     for (i, row) in rows.iter_mut().enumerate() {
                         *row = if l0 + i < self.lines {
                             let line = self.data.wrapping_add((l0 + i) * line_stride + 2 * q0);
-                            // SAFETY: the caller's contract; masked-off lanes are not read.
-                            unsafe {
-                                let lo = _mm512_maskz_loadu_ps(mask(2 * count), line);
-                                let hi =
-                                    _mm512_maskz_loadu_ps(mask((2 * count).saturating_sub(16)), line.wrapping_add(16));
-                                round(lo, hi)
-                            }
+                            // SAFETY: the caller's contract.
+                            unsafe { E::line_words(line, count) }
                         } else {
                             _mm512_setzero_si512()
                         };
@@ -296,78 +364,6 @@ mod simd {
                     let store = mask(self.width - l0);
                     for (q, row) in rows.iter().take(count).enumerate() {
                         // SAFETY: word (q0 + q) · width + l0 + 16 ≤ full · width, masked to the panel.
-                        unsafe {
-                            let dst = chunk.as_mut_ptr().add((q0 + q) * self.width + l0) as *mut i32;
-                            _mm512_mask_storeu_epi32(dst, store, *row);
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// The low `count` bits (at most 32).
-    fn mask32(count: usize) -> __mmask32 {
-        (((1u64 << count.min(32)) - 1) as u32) as __mmask32
-    }
-
-    /// The same blocks from bf16 values, which need no rounding: a line's pair of `k` is two
-    /// adjacent u16s, already the word `vdpbf16ps` reads.
-    impl Panel<u16> {
-        /// As [`Panel::<f32>::pack_lines_contiguous`]: the even and odd depth's 16 values of
-        /// 16 lines, one 512-bit register, interleaved.
-        ///
-        /// # Safety
-        /// As [`Panel::<f32>::pack_lines_contiguous`].
-        #[target_feature(enable = "avx512f,avx512bw")]
-        pub(super) unsafe fn pack_lines_contiguous(&self, depth_stride: usize, chunk: &mut [u32]) {
-            debug_assert!(chunk.len() >= self.full * self.width);
-            for q in 0..self.full {
-                let even = self.data.wrapping_add(2 * q * depth_stride);
-                let odd = even.wrapping_add(depth_stride);
-                for l in (0..self.width).step_by(16) {
-                    let valid = mask32(self.lines.saturating_sub(l).min(16));
-                    // SAFETY: the caller's contract; masked-off lanes are not read (the odd
-                    // line's values land in lanes 16–31, read from `odd + l`).
-                    unsafe {
-                        let lo = _mm512_maskz_loadu_epi16(valid, even.wrapping_add(l) as *const i16);
-                        let halves = _mm512_mask_loadu_epi16(
-                            lo,
-                            valid << 16,
-                            odd.wrapping_add(l).wrapping_sub(16) as *const i16,
-                        );
-                        let dst = chunk.as_mut_ptr().add(q * self.width + l) as *mut i32;
-                        _mm512_mask_storeu_epi32(dst, mask(self.width - l), interleave_halves(halves));
-                    }
-                }
-            }
-        }
-
-        /// As [`Panel::<f32>::pack_depth_contiguous`]: 16 pairs of a line are one load.
-        ///
-        /// # Safety
-        /// As [`Panel::<f32>::pack_lines_contiguous`].
-        #[target_feature(enable = "avx512f,avx512bw")]
-        pub(super) unsafe fn pack_depth_contiguous(&self, line_stride: usize, chunk: &mut [u32]) {
-            debug_assert!(chunk.len() >= self.full * self.width);
-            let mut rows = [_mm512_setzero_si512(); 16];
-            for q0 in (0..self.full).step_by(16) {
-                let count = (self.full - q0).min(16);
-                for l0 in (0..self.width).step_by(16) {
-                    for (i, row) in rows.iter_mut().enumerate() {
-                        *row = if l0 + i < self.lines {
-                            let line = self.data.wrapping_add((l0 + i) * line_stride + 2 * q0);
-                            // SAFETY: the caller's contract; masked-off lanes are not read.
-                            unsafe { _mm512_maskz_loadu_epi16(mask32(2 * count), line as *const i16) }
-                        } else {
-                            _mm512_setzero_si512()
-                        };
-                    }
-                    // SAFETY: AVX-512F.
-                    unsafe { transpose(&mut rows) };
-                    let store = mask(self.width - l0);
-                    for (q, row) in rows.iter().take(count).enumerate() {
-                        // SAFETY: as in the f32 version.
                         unsafe {
                             let dst = chunk.as_mut_ptr().add((q0 + q) * self.width + l0) as *mut i32;
                             _mm512_mask_storeu_epi32(dst, store, *row);
