@@ -450,6 +450,42 @@ fn conv_fused_matches_reference_forward_and_backward() {
     }
 }
 
+/// bf16 convolutions, whose input the fused kernel unrolls in bf16 (and the bf16 kernel, where
+/// the CPU has one, packs as stored; elsewhere, and for shallow products, it is widened for
+/// the f32 kernels), against the f32 reference on the same bf16 values: output and both
+/// gradients within bf16's rounding, contiguous and strided inputs, with bf16 weights and with
+/// f32 master weights.
+#[test]
+fn conv_fused_in_bf16_matches_the_f32_reference() {
+    for (i, &(cfg, [n, c, h, w], wshape)) in CONV_CASES.iter().enumerate() {
+        for strided in [false, true] {
+            for master in [false, true] {
+                let what = format!("{cfg:?} {:?} weight {wshape:?} strided={strided} master={master}", [n, c, h, w]);
+                let (xv, x) = input(70 + i as u64, n, c, h, w, strided, DType::BF16);
+                let k = var(80 + i as u64, &wshape, if master { DType::F32 } else { DType::BF16 });
+                let x32v = Var::from_tensor(&xv.as_tensor().to_dtype(DType::F32).unwrap()).unwrap();
+                let x32 = if strided { x32v.transpose(0, 1).unwrap() } else { x32v.as_tensor().clone() };
+                let k32 = Var::from_tensor(&k.as_tensor().to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap())
+                    .unwrap();
+                let out = conv2d(&x, k.as_tensor(), cfg, Implementation::Fused).unwrap();
+                assert_eq!(out.dtype(), DType::BF16, "{what}");
+                let want = conv2d(&x32, k32.as_tensor(), cfg, Implementation::Reference).unwrap();
+                let probe = randn(5, want.dims(), DType::BF16).to_dtype(DType::F32).unwrap();
+                let loss = |y: &Tensor| (y.to_dtype(DType::F32).unwrap() * &probe).unwrap().sum_all().unwrap();
+                let (grads, grads_ref) = (loss(&out).backward().unwrap(), loss(&want).backward().unwrap());
+                assert_close(&format!("{what} forward"), &out, &want, BF16_TOL);
+                assert_close(&format!("{what} d/dx"), grads.get(&xv).unwrap(), grads_ref.get(&x32v).unwrap(), BF16_TOL);
+                assert_close(
+                    &format!("{what} d/dweight"),
+                    grads.get(&k).unwrap(),
+                    grads_ref.get(&k32).unwrap(),
+                    BF16_TOL,
+                );
+            }
+        }
+    }
+}
+
 /// A convolution with eval-mode BatchNorm (and its ReLU) as one op: the fused kernel applies
 /// the scale and shift to each image's output as it is multiplied, in both the per-image and
 /// the batched paths; its output and the gradients of all four operands match the reference
