@@ -22,11 +22,6 @@ pub(crate) trait Elem: WithDType + Copy + Send + Sync {
         let _ = s;
         None
     }
-    /// The slice itself when the type is `bf16`, for the bf16 kernel's packing.
-    fn as_bf16_slice(s: &[Self]) -> Option<&[bf16]> {
-        let _ = s;
-        None
-    }
 }
 
 impl Elem for f32 {
@@ -50,9 +45,6 @@ impl Elem for bf16 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
         f32::from_bits((self.to_bits() as u32) << 16)
-    }
-    fn as_bf16_slice(s: &[Self]) -> Option<&[bf16]> {
-        Some(s)
     }
     /// Round to nearest even without branches (a select for NaN), where `half`'s
     /// `bf16::from_f32` branches per element; no end-to-end speed-up was measurable. Equal to

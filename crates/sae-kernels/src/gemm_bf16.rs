@@ -18,7 +18,7 @@
 //! micro-kernel has one shape. Unlike the f32 path, `vdpbf16ps` treats subnormal inputs and
 //! results as zero (below 1.2e-38; activations and weights of a trained network are not there).
 
-use crate::cpu::{Elem, Mat};
+use crate::cpu::{same_type, Elem, Mat};
 use half::bf16;
 
 /// Rows of the micro-tile.
@@ -94,7 +94,7 @@ unsafe fn pack<T: Elem>(
     let vectorised = cfg!(target_arch = "x86_64")
         && full > 0
         && (line_stride == 1 || depth_stride == 1)
-        && (T::as_f32_slice(data).is_some() || T::as_bf16_slice(data).is_some());
+        && (T::as_f32_slice(data).is_some() || same_type::<T, bf16>(data).is_some());
     for (panel, chunk) in out.chunks_exact_mut(pairs * width).enumerate() {
         let l0 = panel * width;
         let lines = width.min(len - l0);
@@ -107,7 +107,7 @@ unsafe fn pack<T: Elem>(
             // `chunk`'s first `full` pairs.
             unsafe {
                 let start = index(l0, 0);
-                if let Some(data) = T::as_bf16_slice(data) {
+                if let Some(data) = same_type::<T, bf16>(data) {
                     let panel = simd::Panel { data: data.as_ptr().add(start) as *const u16, lines, width, full };
                     panel.pack(line_stride, depth_stride, chunk);
                 } else if let Some(data) = T::as_f32_slice(data) {
