@@ -333,7 +333,7 @@ struct ParityCase {
     name: &'static str,
     inputs: Vec<Vec<usize>>,
     /// The CPU implementation the GPU is held to: the reference, except for max-pool, whose
-    /// reference gives every tied maximum the gradient (bf16 inputs do tie).
+    /// reference gives every tied maximum the gradient (bf16 inputs do tie), and the ReLUs.
     cpu: Implementation,
     op: OpFn,
 }
@@ -424,8 +424,71 @@ fn parity_cases() -> Vec<ParityCase> {
                 batch_norm_eval(&t[0], &t[1], &t[2], &t[3], &var, 1e-5, true, imp)
             }),
         ),
-        case("relu", &[&[4, 16, 9, 9]], r, Box::new(|t, imp| relu(&t[0], imp))),
-        case("add_relu", &[&[4, 16, 9, 9], &[4, 16, 9, 9]], r, Box::new(|t, imp| add_relu(&t[0], &t[1], imp))),
+        // At the shapes of the 50-layer models' last stages at 32×32 (batch 16; 1024 and 2048
+        // channels at 2×2 and 1×1), where the small cases above have not reached. The ones that
+        // end in add_relu are held to the CPU kernel, as the ReLUs below are.
+        case(
+            "excitation SaE (K=4, r=32) + add_relu at (16, 2048, 1, 1)",
+            &[
+                &[16, 2048, 1, 1],
+                &[64, 2048],
+                &[64],
+                &[64, 2048],
+                &[64],
+                &[64, 2048],
+                &[64],
+                &[64, 2048],
+                &[64],
+                &[2048, 256],
+                &[2048],
+                &[16, 2048, 1, 1],
+            ],
+            Implementation::Fused,
+            Box::new(|t, imp| {
+                let fc1: Vec<(&Tensor, &Tensor)> = (0..4).map(|k| (&t[1 + 2 * k], &t[2 + 2 * k])).collect();
+                excitation_add_relu(&t[0], &fc1, &t[9], &t[10], Gate::OnePlusS, &t[11], imp)
+            }),
+        ),
+        case(
+            "batch_norm train + ReLU at (16, 2048, 1, 1)",
+            &[&[16, 2048, 1, 1], &[2048], &[2048]],
+            r,
+            Box::new(|t, imp| batch_norm_train(&t[0], &t[1], &t[2], 1e-5, true, imp).map(|o| o.output)),
+        ),
+        case(
+            "batch_norm train + add_relu at (16, 1024, 2, 2)",
+            &[&[16, 1024, 2, 2], &[1024], &[1024], &[16, 1024, 2, 2]],
+            Implementation::Fused,
+            Box::new(|t, imp| batch_norm_train_add_relu(&t[0], &t[1], &t[2], 1e-5, &t[3], imp).map(|o| o.output)),
+        ),
+        case(
+            "conv2d 1×1 512 → 2048 at (16, 512, 1, 1)",
+            &[&[16, 512, 1, 1], &[2048, 512, 1, 1]],
+            r,
+            Box::new(|t, imp| conv2d(&t[0], &t[1], Conv2dConfig { stride: 1, padding: 0, groups: 1 }, imp)),
+        ),
+        case(
+            "conv2d 3×3 groups 32 at (16, 1024, 2, 2)",
+            &[&[16, 1024, 2, 2], &[1024, 32, 3, 3]],
+            r,
+            Box::new(|t, imp| conv2d(&t[0], &t[1], Conv2dConfig { stride: 1, padding: 1, groups: 32 }, imp)),
+        ),
+        case(
+            "depthwise 3×3 at (16, 1024, 2, 2)",
+            &[&[16, 1024, 2, 2], &[1024, 1, 3, 3]],
+            r,
+            Box::new(|t, imp| depthwise_conv2d(&t[0], &t[1], DepthwiseConfig { stride: 1, padding: 1 }, imp)),
+        ),
+        // ReLUs are held to the CPU kernel too: at an output of exactly 0 (a bf16 sum a + b
+        // meets it where b = −a) it passes no gradient, PyTorch's convention; Candle's
+        // reference passes it.
+        case("relu", &[&[4, 16, 9, 9]], Implementation::Fused, Box::new(|t, imp| relu(&t[0], imp))),
+        case(
+            "add_relu",
+            &[&[4, 16, 9, 9], &[4, 16, 9, 9]],
+            Implementation::Fused,
+            Box::new(|t, imp| add_relu(&t[0], &t[1], imp)),
+        ),
     ]
 }
 
@@ -504,7 +567,7 @@ fn parity(device: &Device) -> Result<(String, Vec<String>)> {
             }
         }
     }
-    let _ = writeln!(md, "\nErrors are max |GPU − CPU| / max |CPU| over the output and over each input's gradient; inputs are rounded to the dtype first, the CPU computes in f32. Max-pool is held to the CPU kernel (first maximum on ties).");
+    let _ = writeln!(md, "\nErrors are max |GPU − CPU| / max |CPU| over the output and over each input's gradient; inputs are rounded to the dtype first, the CPU computes in f32. Max-pool is held to the CPU kernel (first maximum on ties), and so are the ReLUs (no gradient at an output of exactly 0).");
     Ok((md, failed))
 }
 
@@ -526,6 +589,14 @@ fn generated_batch(batch: usize, size: usize, classes: usize, device: &Device) -
     Ok((Tensor::from_vec(pixels, (batch, 3, size, size), device)?, Tensor::new(labels.as_slice(), device)?))
 }
 
+/// How far a parameter's first gradient on the device may be from the CPU's (max |Δ| / max
+/// |CPU|) where the model's gradients are well conditioned (see [`INPUT_NUDGE`]).
+const GRADIENT_TOLERANCE: f64 = 1e-3;
+
+/// The relative change of the input by which the training check measures how much a model's
+/// gradients move without any error: about ten f32 roundings.
+const INPUT_NUDGE: f64 = 1e-6;
+
 /// Each family 50 (smoke: 12) Adam steps on one generated batch on `device`; the first 3
 /// steps also on the CPU from the same weights.
 fn training(device: &Device, smoke: bool) -> Result<(String, Vec<String>)> {
@@ -537,35 +608,77 @@ fn training(device: &Device, smoke: bool) -> Result<(String, Vec<String>)> {
     let steps = if smoke { 12 } else { 50 };
     let (classes, batch, size) = (10, 16, 32);
     let mut md = String::from(
-        "| model | first 3 losses, device | CPU | worst relative difference | mean of first 5 → last 5 | result |\n|---|---|---|---:|---|---|\n",
+        "| model | first 3 losses, device | CPU | worst loss difference | worst first-step gradient (parameter) | CPU, input × (1 + 1e-6) | mean of first 5 → last 5 | result |\n|---|---|---|---:|---|---:|---|---|\n",
     );
-    let mut failed = Vec::new();
+    let (mut failed, mut details) = (Vec::new(), Vec::new());
     for &name in families {
-        let outcome = (|| -> Result<(Vec<f32>, Vec<f32>)> {
-            let losses = |dev: &Device, n: usize| -> Result<Vec<f32>> {
+        let outcome = (|| -> Result<(Vec<f32>, Vec<f32>, Vec<(f64, String)>, f64)> {
+            // The losses of `n` steps, and the first step's gradients (on the CPU).
+            let run = |dev: &Device, n: usize, input_scale: f64| -> Result<(Vec<f32>, Vec<(String, Tensor)>)> {
                 let model = sae_models::Model::new(sae_models::config(name, classes)?, 0, dev)?;
-                let mut opt = OptimizerConfig::keras_adam().build(model.trainable_vars(), Implementation::Fused);
+                let vars = model.trainable_vars();
+                let mut opt = OptimizerConfig::keras_adam().build(vars.clone(), Implementation::Fused);
                 let (x, y) = generated_batch(batch, size, classes, dev)?;
-                let mut out = Vec::new();
-                for _ in 0..n {
+                let x = (x * input_scale)?;
+                let (mut losses, mut first_grads) = (Vec::new(), Vec::new());
+                for step in 0..n {
                     let loss = cross_entropy(&model.forward_t(&x, true)?, &y, 0.0)?;
-                    out.push(loss.to_scalar::<f32>()?);
-                    opt.step(&loss.backward()?)?;
+                    losses.push(loss.to_scalar::<f32>()?);
+                    let grads = loss.backward()?;
+                    if step == 0 {
+                        for (var_name, var) in &vars {
+                            let g = grads.get(var).with_context(|| format!("no gradient for {var_name}"))?;
+                            first_grads.push((var_name.clone(), g.to_device(&Device::Cpu)?.to_dtype(DType::F32)?));
+                        }
+                    }
+                    opt.step(&grads)?;
                 }
-                Ok(out)
+                Ok((losses, first_grads))
             };
-            Ok((losses(device, steps)?, losses(&Device::Cpu, 3)?))
+            let (gpu, gpu_grads) = run(device, steps, 1.0)?;
+            let (cpu, cpu_grads) = run(&Device::Cpu, 3, 1.0)?;
+            // The same measure on the CPU with the input moved by a rounding error: how far
+            // the model's gradients move where nothing is wrong.
+            let (_, nudged_grads) = run(&Device::Cpu, 1, 1.0 + INPUT_NUDGE)?;
+            let errors = |a: &[(String, Tensor)], b: &[(String, Tensor)]| -> Result<Vec<(f64, String)>> {
+                let mut errors = Vec::new();
+                for ((var_name, g), (_, reference)) in a.iter().zip(b) {
+                    let err = relative_error(g, reference).with_context(|| format!("gradient of {var_name}"))?;
+                    errors.push((err, var_name.clone()));
+                }
+                errors.sort_by(|a, b| b.0.total_cmp(&a.0));
+                Ok(errors)
+            };
+            let cpu_spread = errors(&nudged_grads, &cpu_grads)?.first().map_or(0.0, |e| e.0);
+            Ok((gpu, cpu, errors(&gpu_grads, &cpu_grads)?, cpu_spread))
         })();
         match outcome {
-            Ok((gpu, cpu)) => {
+            Ok((gpu, cpu, errors, cpu_spread)) => {
+                let (grad_err, grad_var) = errors.first().cloned().unwrap_or_default();
+                let over: Vec<String> =
+                    errors.iter().filter(|e| e.0 > GRADIENT_TOLERANCE).map(|(e, v)| format!("`{v}` {e:.1e}")).collect();
+                if !over.is_empty() {
+                    let shown = over.len().min(12);
+                    details.push(format!(
+                        "- {name}: {} of {} parameters' first gradients over {GRADIENT_TOLERANCE:.0e}: {}{}",
+                        over.len(),
+                        errors.len(),
+                        over[..shown].join(", "),
+                        if over.len() > shown { ", …" } else { "" }
+                    ));
+                }
                 let diff = gpu.iter().zip(&cpu).map(|(a, b)| ((a - b) / b.abs().max(1.0)).abs()).fold(0f32, f32::max);
                 let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
                 let (first, last) = (mean(&gpu[..5]), mean(&gpu[gpu.len() - 5..]));
-                let ok = diff <= 1e-3 && last < 0.7 * first && gpu.iter().all(|l| l.is_finite());
+                let first_loss = ((gpu[0] - cpu[0]) / cpu[0].abs().max(1.0)).abs();
+                let ok = first_loss <= 1e-4
+                    && grad_err <= GRADIENT_TOLERANCE.max(2.0 * cpu_spread)
+                    && last < 0.7 * first
+                    && gpu.iter().all(|l| l.is_finite());
                 let fmt = |v: &[f32]| v.iter().map(|l| format!("{l:.4}")).collect::<Vec<_>>().join(", ");
                 let _ = writeln!(
                     md,
-                    "| {name} | {} | {} | {diff:.1e} | {first:.3} → {last:.3} | {} |",
+                    "| {name} | {} | {} | {diff:.1e} | {grad_err:.1e} (`{grad_var}`) | {cpu_spread:.1e} | {first:.3} → {last:.3} | {} |",
                     fmt(&gpu[..3]),
                     fmt(&cpu),
                     if ok { "pass" } else { "**FAIL**" }
@@ -575,12 +688,15 @@ fn training(device: &Device, smoke: bool) -> Result<(String, Vec<String>)> {
                 }
             }
             Err(e) => {
-                let _ = writeln!(md, "| {name} | | | | | **error**: `{}` |", brief(&e));
+                let _ = writeln!(md, "| {name} | | | | | | | **error**: `{}` |", brief(&e));
                 failed.push(name.to_string());
             }
         }
     }
-    let _ = writeln!(md, "\n{steps} Adam steps (Keras settings) on one generated batch of {batch} images of {size}×{size}, {classes} classes, default (fused) kernels. Pass: the first three losses within 1e-3 (relative) of the CPU's from the same initial weights, and the last five steps' mean loss below 70 % of the first five's.");
+    if !details.is_empty() {
+        let _ = writeln!(md, "\n{}", details.join("\n"));
+    }
+    let _ = writeln!(md, "\n{steps} Adam steps (Keras settings) on one generated batch of {batch} images of {size}×{size}, {classes} classes, default (fused) kernels. Pass: from the same initial weights, the first loss within 1e-4 (relative) of the CPU's; every parameter's first gradient within {GRADIENT_TOLERANCE:.0e} of the CPU's (max |GPU − CPU| / max |CPU| per parameter; the worst is shown), or within twice the most the CPU's own gradients move (same measure) when its input is scaled by 1 + {INPUT_NUDGE:.0e}, where that is larger; and the last five steps' mean loss below 70 % of the first five's. The 50-layer models' and MobileNet's gradients at 32×32 are chaotic (BatchNorm over 16 values at 1×1 and 2×2 after many blocks: a change at the level of rounding flips ReLUs, and one flipped unit of 16 moves a gradient element by a good fraction), so there the per-op parity above, at these models' own shapes, is what holds the GPU's kernels to 1e-4. The later losses are shown, not held to the CPU's: Adam's first update, lr · g / (|g| + 1e-7), moves every weight by about ±lr, so a gradient near zero whose sign the summation order decides moves its weight a full lr either way.");
     Ok((md, failed))
 }
 
@@ -684,6 +800,25 @@ fn ours(
     Ok(batch as f64 / step)
 }
 
+/// Where an f32 training step's time goes: the median forward (train mode, building the
+/// graph), forward + backward, and whole step, as "forward F ms, backward B ms, Adam A ms".
+fn step_split(device: &Device, model: &str, size: usize, batch: usize, seconds: f64) -> Result<String> {
+    let net = sae_models::Model::new(sae_models::config(model, 1000)?, 0, device)?;
+    let x = Tensor::randn(0f32, 1.0, (batch, 3, size, size), device)?;
+    let y = Tensor::new((0..batch as u32).map(|i| i * 37 % 1000).collect::<Vec<_>>().as_slice(), device)?;
+    let mut opt = OptimizerConfig::keras_adam().build(net.trainable_vars(), Implementation::Fused);
+    let loss = || -> Result<Tensor> { Ok(cross_entropy(&net.forward_t(&x, true)?, &y, 0.0)?) };
+    let forward = timed(device, seconds, || loss().map(drop))?;
+    let backward = timed(device, seconds, || Ok(loss()?.backward().map(drop)?))?;
+    let step = timed(device, seconds, || Ok(opt.step(&loss()?.backward()?)?))?;
+    Ok(format!(
+        "forward {:.1} ms, backward {:.1} ms, Adam {:.1} ms",
+        forward * 1e3,
+        (backward - forward) * 1e3,
+        (step - backward) * 1e3
+    ))
+}
+
 /// PyTorch's images/s for the same rows: (eager f32, channels_last + bf16 autocast).
 fn torch_rows(
     python: &Path,
@@ -752,6 +887,14 @@ fn throughput(
                     let _ = writeln!(md, "| sae {what}, {mode} | **error**: `{}` |", brief(&e));
                 }
             }
+        }
+    }
+    match step_split(device, model, size, batch, seconds / 3.0) {
+        Ok(split) => {
+            let _ = writeln!(md, "| sae f32, train step split | {split} |");
+        }
+        Err(e) => {
+            let _ = writeln!(md, "| sae f32, train step split | **error**: `{}` |", brief(&e));
         }
     }
     if device.is_cuda() {
