@@ -23,23 +23,27 @@
 //! unrolling. Smaller images are unrolled side by side into one matrix per chunk of the batch,
 //! so that the multiplies are large enough for the gemm kernels. This im2col kernel fuses no
 //! steps; [`Implementation::Fused`] selects it because it replaces Candle's slow paths. On the
-//! CPU it takes f32, bf16 and f16, multiplying in f32 (bf16 and f16 are converted while
-//! unrolling and rounded once when written). On CUDA, `Fused` is the same three products as graph nodes: an im2col
+//! CPU it takes f32, bf16 and f16 (bf16 and f16 unrolled in their own type, rounded once when
+//! written); bf16 products of a stride-1 ungrouped convolution of a contiguous input, where
+//! the bf16 kernel takes them, are packed straight from the images with no unrolled copy
+//! (implicit GEMM: `gemm_bf16::Unrolled`). On CUDA, `Fused` is the same three products as graph nodes: an im2col
 //! kernel (`src/cuda/ops.cu`) for the whole batch, Candle's batched matmul (cuBLAS) and col2im
 //! as the im2col node's gradient, so the input gradient does not go through Candle's direct
 //! `conv_transpose2d` kernel. Elsewhere [`conv2d`] runs the reference (Candle's `conv2d`).
 
 use crate::cpu::{
     as_f32, contiguous, convert, copy_converted, dispatch_float, f32_contiguous, matmul, matmul_threads,
-    min_planes_per_task, read_f32, same_dtype, same_type, uninit, weight_as_f32, write_f32, Elem, GradientSlot, Mat,
-    Products,
+    matmul_threads_unrolled, min_planes_per_task, read_f32, same_dtype, same_type, uninit, weight_as_f32, write_f32,
+    Elem, GradientSlot, Mat, Products,
 };
+use crate::gemm_bf16::Unrolled;
 use crate::layout::Strided4;
 use crate::winograd::{transform_weights, Winograd};
 use crate::Implementation;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType,
 };
+use half::bf16;
 use rayon::prelude::*;
 
 /// Stride, zero padding and channel groups of a convolution (dilation 1).
@@ -261,6 +265,27 @@ impl Geometry {
                 }
             }
         }
+    }
+
+    /// The unrolled input of `images` of a bf16 input whose values are contiguous, where the
+    /// convolution is stride 1, ungrouped and not pointwise: what the bf16 kernel packs
+    /// straight from the images ([`Unrolled`]) instead of from an unrolled copy (pointwise
+    /// convolutions multiply the planes themselves).
+    fn unrolled_bf16<'a, T: Elem>(
+        &self,
+        x: &'a [T],
+        xs: &Strided4,
+        images: std::ops::Range<usize>,
+    ) -> Option<Unrolled<'a>> {
+        let image_len = self.c * self.h * self.w;
+        let plain = self.stride == 1 && self.groups == 1 && !self.is_pointwise();
+        let contiguous = xs.strides[3] == 1
+            && xs.strides[2] == self.w
+            && xs.strides[1] == self.h * self.w
+            && (images.len() == 1 || xs.strides[0] == image_len);
+        let x = same_type::<T, bf16>(x).filter(|_| plain && contiguous)?;
+        let x = x.get(xs.offset + images.start * xs.strides[0]..)?.get(..images.len() * image_len)?;
+        Some(Unrolled::new(x, (self.c, self.h, self.w), (self.kh, self.kw), self.pad))
     }
 
     /// Whether images are multiplied one at a time (see the module doc).
@@ -647,22 +672,19 @@ impl Conv {
         if g.per_image() {
             let pool = rayon::current_num_threads();
             let image = |threads: usize, (scratch, y): &mut (Vec<T>, Vec<f32>), n: usize, out: &mut [T]| {
-                let col = g.image_matrix(x, xs, n, scratch);
                 write_f32(out, y, |out| {
-                    for gi in 0..g.groups {
-                        let wg = Mat { data: &w[gi * og * kg..], rs: kg, cs: 1 };
-                        let colg = Mat { data: &col.data[gi * kg * col.rs..], ..col };
-                        matmul_threads(
-                            products,
-                            threads,
-                            og,
-                            p,
-                            kg,
-                            wg,
-                            colg,
-                            &mut out[gi * og * p..(gi + 1) * og * p],
-                            false,
-                        );
+                    let wg = Mat { data: w, rs: kg, cs: 1 };
+                    let packed_from_image = products == Products::Bf16
+                        && g.unrolled_bf16(x, xs, n..n + 1)
+                            .is_some_and(|images| matmul_threads_unrolled(threads, og, p, kg, wg, images, out));
+                    if !packed_from_image {
+                        let col = g.image_matrix(x, xs, n, scratch);
+                        for gi in 0..g.groups {
+                            let wg = Mat { data: &w[gi * og * kg..], ..wg };
+                            let colg = Mat { data: &col.data[gi * kg * col.rs..], ..col };
+                            let out = &mut out[gi * og * p..(gi + 1) * og * p];
+                            matmul_threads(products, threads, og, p, kg, wg, colg, out, false);
+                        }
                     }
                     if let Some(e) = epilogue {
                         // In parallel where the multiply was (a batch smaller than the pool).
@@ -690,12 +712,19 @@ impl Conv {
         for (c, out) in out.chunks_mut(chunk * g.oc * p).enumerate() {
             let images = c * chunk..(c * chunk + chunk).min(g.n);
             let np = images.len() * p;
-            g.im2col_into(x, xs, images, &mut col);
             let mut y = uninit::<f32>(g.oc * np);
-            for gi in 0..g.groups {
-                let wg = Mat { data: &w[gi * og * kg..], rs: kg, cs: 1 };
-                let colg = Mat { data: &col[gi * kg * np..], rs: np, cs: 1 };
-                matmul(products, og, np, kg, wg, colg, &mut y[gi * og * np..(gi + 1) * og * np], false);
+            let wg = Mat { data: w, rs: kg, cs: 1 };
+            let threads = rayon::current_num_threads();
+            let packed_from_images = products == Products::Bf16
+                && g.unrolled_bf16(x, xs, images.clone())
+                    .is_some_and(|unrolled| matmul_threads_unrolled(threads, og, np, kg, wg, unrolled, &mut y));
+            if !packed_from_images {
+                g.im2col_into(x, xs, images, &mut col);
+                for gi in 0..g.groups {
+                    let wg = Mat { data: &w[gi * og * kg..], ..wg };
+                    let colg = Mat { data: &col[gi * kg * np..], rs: np, cs: 1 };
+                    matmul(products, og, np, kg, wg, colg, &mut y[gi * og * np..(gi + 1) * og * np], false);
+                }
             }
             // (O, images · P) → (images, O, P).
             out.par_chunks_mut(p).enumerate().for_each_init(Vec::new, |buf, (plane, o)| {

@@ -1,6 +1,7 @@
 //! CPU helpers shared by the kernels: element conversion, storage access and vectorisable
 //! dot/axpy loops, and the matrix multiply.
 
+use crate::gemm_bf16::{gemm_block_of, Unrolled};
 use crate::layout::Strided4;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, DType, Layout, Result, Tensor, WithDType};
@@ -354,10 +355,8 @@ pub(crate) fn matmul_threads<B: Elem>(
         return;
     }
     assert!(last_a < a.data.len() && last_b < b.data.len(), "matmul: view out of bounds");
-    let single = m * n * k < 1 << 16 || threads <= 1;
-    let split_columns = n >= m || n >= 64 * threads;
-    let len = if split_columns { n } else { m };
-    let block = if single { len } else { len.div_ceil(threads) };
+    let split = Split::new(threads, m, n, k);
+    let Split { single, split_columns, len, block } = split;
     // The bf16 kernel rounds and repacks both operands on every call: packing `b` costs
     // about as much as a dozen of its rows of multiplies, packing `a` as a dozen of its
     // columns, so it pays only for blocks with many of both: inference's small late-stage
@@ -374,10 +373,8 @@ pub(crate) fn matmul_threads<B: Elem>(
     // twice the f32 rate, a SENetV2-ResNet-50 140×140 bf16 training step took 0.95/0.88/0.87 s
     // against 1.07/0.95/1.00 s with the Xeon's old limits (0.5, 128) in alternating runs, and
     // 0.89/0.90/0.94 s at a depth of 64; batch-16 inference 0.24–0.28 s against 0.26–0.32.
-    let (block_rows, block_cols) = if split_columns { (m, block) } else { (block, n) };
-    let min_depth = if crate::gemm_bf16::amx_available() { BF16_MIN_DEPTH_AMX } else { BF16_MIN_DEPTH_DOT };
     let multiply: unsafe fn(usize, usize, usize, Mat, Mat<B>, *mut f32, usize, bool) =
-        if products == Products::Bf16 && 32.0 / block_rows as f64 + 32.0 / block_cols as f64 <= 0.6 && k >= min_depth {
+        if products == Products::Bf16 && split.bf16_kernel_pays(m, n, k) {
             crate::gemm_bf16::gemm_block
         } else {
             gemm_block_widened
@@ -409,6 +406,77 @@ pub(crate) fn matmul_threads<B: Elem>(
             });
         }
     });
+}
+
+/// How [`matmul_threads`] divides a product among threads: into `len.div_ceil(block)` blocks
+/// of columns (`split_columns`) or rows, or none (`single`).
+#[derive(Clone, Copy)]
+struct Split {
+    single: bool,
+    split_columns: bool,
+    len: usize,
+    block: usize,
+}
+
+impl Split {
+    fn new(threads: usize, m: usize, n: usize, k: usize) -> Self {
+        let single = m * n * k < 1 << 16 || threads <= 1;
+        let split_columns = n >= m || n >= 64 * threads;
+        let len = if split_columns { n } else { m };
+        Self { single, split_columns, len, block: if single { len } else { len.div_ceil(threads) } }
+    }
+
+    /// Whether the bf16 kernel takes a block of this split (see [`matmul_threads`]).
+    fn bf16_kernel_pays(&self, m: usize, n: usize, k: usize) -> bool {
+        let (block_rows, block_cols) = if self.split_columns { (m, self.block) } else { (self.block, n) };
+        let min_depth = if crate::gemm_bf16::amx_available() { BF16_MIN_DEPTH_AMX } else { BF16_MIN_DEPTH_DOT };
+        crate::gemm_bf16::available() && 32.0 / block_rows as f64 + 32.0 / block_cols as f64 <= 0.6 && k >= min_depth
+    }
+}
+
+/// [`matmul_threads`] with bf16 products and `b` a bf16 image's unrolled input, packed
+/// straight from the image ([`Unrolled`]): `out (m × n) = a (m × k) · b`. Returns false,
+/// having done nothing, where the bf16 kernel would not take the product (the caller then
+/// unrolls the image and calls [`matmul_threads`]).
+pub(crate) fn matmul_threads_unrolled(
+    threads: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Mat,
+    b: Unrolled,
+    out: &mut [f32],
+) -> bool {
+    let split = Split::new(threads, m, n, k);
+    if m == 0 || n == 0 || !split.bf16_kernel_pays(m, n, k) {
+        return false;
+    }
+    assert!(m * n <= out.len(), "matmul: output too small");
+    assert!((m - 1) * a.rs + (k - 1) * a.cs < a.data.len(), "matmul: view out of bounds");
+    assert!(b.fits(k, n), "matmul: unrolled image out of bounds");
+    let out = out.as_mut_ptr() as usize;
+    let task = |start: usize, size: usize| {
+        let out = out as *mut f32;
+        // SAFETY: the asserts above keep every view in bounds, `bf16_kernel_pays` checked the
+        // CPU; each task writes its own column (or row) range of `out`, which no input aliases.
+        unsafe {
+            if split.split_columns {
+                gemm_block_of(m, size, k, a, &b.columns_from(start), out.add(start), n, false)
+            } else {
+                gemm_block_of(size, n, k, Mat { data: &a.data[start * a.rs..], ..a }, &b, out.add(start * n), n, false)
+            }
+        }
+    };
+    if split.single {
+        task(0, split.len);
+    } else {
+        rayon::scope(|s| {
+            for start in (0..split.len).step_by(split.block) {
+                s.spawn(move |_| task(start, split.block.min(split.len - start)));
+            }
+        });
+    }
+    true
 }
 
 /// [`gemm_block`] with a `b` of any element type: f32 as it is, other types widened to a

@@ -409,6 +409,25 @@ pub(crate) unsafe fn gemm_block<B: Elem>(
     out_rs: usize,
     accumulate: bool,
 ) {
+    // SAFETY: the caller's contract.
+    unsafe { gemm_block_of(m, n, k, a, &b, out, out_rs, accumulate) }
+}
+
+/// [`gemm_block`] with `b` any [`OperandB`]: a matrix, or an [`Unrolled`] image.
+///
+/// # Safety
+/// As [`gemm_block`]; `b` must describe at least `k` rows and `n` columns.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_block_of(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Mat,
+    b: &dyn OperandB,
+    out: *mut f32,
+    out_rs: usize,
+    accumulate: bool,
+) {
     #[cfg(target_arch = "x86_64")]
     if amx::available() {
         // SAFETY: the caller's contract and `amx::available`.
@@ -416,6 +435,193 @@ pub(crate) unsafe fn gemm_block<B: Elem>(
     }
     // SAFETY: the caller's contract.
     unsafe { gemm_block_dot(m, n, k, a, b, out, out_rs, accumulate) }
+}
+
+/// The right operand of a product as both kernels pack it: panels of [`NR`] columns, for each
+/// pair of `k` the columns' [`pair`] words.
+pub(crate) trait OperandB {
+    /// Packs columns `j0..j0 + cols` and depth `p0..p0 + depth` into `out`: one panel per
+    /// [`NR`] columns, `pairs` pairs each, zero past the columns and the depth.
+    ///
+    /// # Safety
+    /// [`available`] must be true; the columns and depth must lie within the operand.
+    unsafe fn pack_panels(&self, j0: usize, cols: usize, p0: usize, depth: usize, pairs: usize, out: &mut Vec<u32>);
+}
+
+impl<B: Elem> OperandB for Mat<'_, B> {
+    unsafe fn pack_panels(&self, j0: usize, cols: usize, p0: usize, depth: usize, pairs: usize, out: &mut Vec<u32>) {
+        // SAFETY: the caller's contract.
+        unsafe { pack(self.data, j0, cols, self.cs, self.rs, p0, depth, NR, pairs, out) }
+    }
+}
+
+/// The unrolled input of bf16 images for a stride-1 ungrouped convolution ([`Unrolled::new`]),
+/// packed straight from the images instead of from an im2col copy of them (the copy and the
+/// pass that read it back were 15 % of a bf16 ResNet-50 inference step on the AMD EPYC): row
+/// (ci, ky, kx), column `first + (i · oh + oy) · ow + ox` is `x[i, ci, oy + ky − pad, ox + kx −
+/// pad]`, 0 outside the image.
+#[derive(Clone, Copy)]
+pub(crate) struct Unrolled<'a> {
+    /// The images, (N, C, H, W) contiguous.
+    x: &'a [bf16],
+    channels: usize,
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    oh: usize,
+    ow: usize,
+    pad: usize,
+    /// The output pixel of column 0 (threads take ranges of columns).
+    first: usize,
+}
+
+/// Where one tap's row of an [`Unrolled`] operand finds a panel's values in the image: the
+/// lanes in `mask` read `x[start + lane]` (offset by the row's channel plane), one run of
+/// adjacent values per output row the panel crosses.
+#[derive(Clone, Copy)]
+struct Run {
+    mask: u32,
+    start: isize,
+}
+
+impl<'a> Unrolled<'a> {
+    /// The images `x` ((N, C, H, W) contiguous; `C = channels`) unrolled for a stride-1
+    /// `kh × kw` convolution with zero padding `pad` (`h + 2·pad ≥ kh`, `w + 2·pad ≥ kw`).
+    pub(crate) fn new(
+        x: &'a [bf16],
+        (channels, h, w): (usize, usize, usize),
+        (kh, kw): (usize, usize),
+        pad: usize,
+    ) -> Self {
+        let (oh, ow) = (h + 2 * pad + 1 - kh, w + 2 * pad + 1 - kw);
+        Self { x, channels, h, w, kh, kw, oh, ow, pad, first: 0 }
+    }
+
+    /// Whether the operand has `rows` rows and `cols` columns.
+    pub(crate) fn fits(&self, rows: usize, cols: usize) -> bool {
+        let images = self.x.len() / (self.channels * self.h * self.w);
+        rows <= self.channels * self.kh * self.kw && self.first + cols <= images * self.oh * self.ow
+    }
+
+    /// The operand from column `start` on.
+    pub(crate) fn columns_from(self, start: usize) -> Self {
+        Self { first: self.first + start, ..self }
+    }
+
+    /// Each tap's [`Run`]s for the `lanes` (at most [`NR`]) columns from column `j`: tap `t`'s
+    /// are `runs[bounds[t]..bounds[t + 1]]`.
+    fn panel_runs(&self, j: usize, lanes: usize, runs: &mut Vec<Run>, bounds: &mut Vec<usize>) {
+        runs.clear();
+        bounds.clear();
+        bounds.push(0);
+        for ky in 0..self.kh {
+            for kx in 0..self.kw {
+                let mut lane = 0;
+                while lane < lanes {
+                    let column = self.first + j + lane;
+                    let (image, pixel) = (column / (self.oh * self.ow), column % (self.oh * self.ow));
+                    let (oy, ox) = (pixel / self.ow, pixel % self.ow);
+                    let len = (self.ow - ox).min(lanes - lane);
+                    if let Some(iy) = (oy + ky).checked_sub(self.pad).filter(|&iy| iy < self.h) {
+                        // Input columns ox + kx − pad, … clipped to 0..w: lanes lo..hi of the run.
+                        let lo = self.pad.saturating_sub(ox + kx).min(len);
+                        let hi = (self.w + self.pad).saturating_sub(ox + kx).clamp(lo, len);
+                        if hi > lo {
+                            let mask = ((1u64 << (hi - lo)) - 1) << (lane + lo);
+                            let at = (image * self.channels * self.h + iy) * self.w + ox + lo + kx - self.pad;
+                            runs.push(Run { mask: mask as u32, start: at as isize - (lane + lo) as isize });
+                        }
+                    }
+                    lane += len;
+                }
+                bounds.push(runs.len());
+            }
+        }
+    }
+
+    /// [`OperandB::pack_panels`] word by word from the runs (where the vectorised packing
+    /// does not compile, and the tests' second opinion on it).
+    #[cfg(any(test, not(target_arch = "x86_64")))]
+    fn pack_plain(&self, j0: usize, cols: usize, p0: usize, depth: usize, pairs: usize, out: &mut Vec<u32>) {
+        out.clear();
+        out.resize(cols.div_ceil(NR) * pairs * NR, 0);
+        let (taps, plane) = (self.kh * self.kw, self.h * self.w);
+        let (mut runs, mut bounds) = (Vec::new(), Vec::new());
+        for (panel, chunk) in out.chunks_exact_mut(pairs * NR).enumerate() {
+            self.panel_runs(j0 + panel * NR, NR.min(cols - panel * NR), &mut runs, &mut bounds);
+            for p in 0..depth {
+                let (r, shift) = (p0 + p, 16 * (p % 2));
+                for run in &runs[bounds[r % taps]..bounds[r % taps + 1]] {
+                    for lane in (0..NR).filter(|l| run.mask >> l & 1 == 1) {
+                        let v = self.x[((r / taps * plane) as isize + run.start + lane as isize) as usize];
+                        chunk[p / 2 * NR + lane] |= (v.to_bits() as u32) << shift;
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`OperandB::pack_panels`] with AVX-512: each row of a pair is one masked load per run
+    /// into a vector of 32 bf16 lanes, and the pair's words are the two rows interleaved.
+    ///
+    /// # Safety
+    /// AVX-512F and BW; as [`OperandB::pack_panels`].
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn pack_simd(&self, j0: usize, cols: usize, p0: usize, depth: usize, pairs: usize, out: &mut Vec<u32>) {
+        use std::arch::x86_64::*;
+        resize_unfilled(out, cols.div_ceil(NR) * pairs * NR);
+        // Words 0–15 of a pair are (even[i], odd[i]) for lanes i = 0..16, words 16–31 the same
+        // for lanes 16..32 (the odd row's indices are 32 up).
+        let low = _mm512_set_epi16(
+            47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33,
+            1, 32, 0,
+        );
+        let high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
+        let (taps, plane) = (self.kh * self.kw, self.h * self.w);
+        let (mut runs, mut bounds) = (Vec::new(), Vec::new());
+        let x = self.x.as_ptr() as *const i16;
+        let end = p0 + depth;
+        for (panel, chunk) in out.chunks_exact_mut(pairs * NR).enumerate() {
+            self.panel_runs(j0 + panel * NR, NR.min(cols - panel * NR), &mut runs, &mut bounds);
+            let row = |r: usize| {
+                let mut v = _mm512_setzero_si512();
+                if r < end {
+                    let base = x.wrapping_add(r / taps * plane);
+                    for run in &runs[bounds[r % taps]..bounds[r % taps + 1]] {
+                        // SAFETY: the lanes in the mask read x[r / taps · plane + start + lane],
+                        // inside the image (`panel_runs`); the others are not read.
+                        v = unsafe { _mm512_mask_loadu_epi16(v, run.mask, base.wrapping_offset(run.start)) };
+                    }
+                }
+                v
+            };
+            for q in 0..depth.div_ceil(2) {
+                let (even, odd) = (row(p0 + 2 * q), row(p0 + 2 * q + 1));
+                // SAFETY: words q · NR .. (q + 1) · NR of the chunk.
+                unsafe {
+                    let dst = chunk.as_mut_ptr().add(q * NR) as *mut __m512i;
+                    _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(even, low, odd));
+                    _mm512_storeu_si512(dst.add(1), _mm512_permutex2var_epi16(even, high, odd));
+                }
+            }
+            chunk[depth.div_ceil(2) * NR..].fill(0);
+        }
+    }
+}
+
+impl OperandB for Unrolled<'_> {
+    unsafe fn pack_panels(&self, j0: usize, cols: usize, p0: usize, depth: usize, pairs: usize, out: &mut Vec<u32>) {
+        debug_assert!(pairs >= depth.div_ceil(2));
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the caller's contract (`available`: AVX-512F and BW).
+        unsafe {
+            self.pack_simd(j0, cols, p0, depth, pairs, out)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        self.pack_plain(j0, cols, p0, depth, pairs, out);
+    }
 }
 
 /// Whether the bf16 products run on AMX tiles (see [`amx`]).
@@ -447,12 +653,12 @@ pub(crate) fn amx_register_flops(iterations: usize) -> Option<f64> {
 /// # Safety
 /// As [`gemm_block`].
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_block_dot<B: Elem>(
+unsafe fn gemm_block_dot(
     m: usize,
     n: usize,
     k: usize,
     a: Mat,
-    b: Mat<B>,
+    b: &dyn OperandB,
     out: *mut f32,
     out_rs: usize,
     accumulate: bool,
@@ -491,13 +697,13 @@ struct MicroKernel {
 /// # Safety
 /// As [`gemm_block`], and whatever `micro`'s functions need (AVX-512, or configured tiles).
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_blocked<B: Elem>(
+unsafe fn gemm_blocked(
     micro: &MicroKernel,
     m: usize,
     n: usize,
     k: usize,
     a: Mat,
-    b: Mat<B>,
+    b: &dyn OperandB,
     out: *mut f32,
     out_rs: usize,
     accumulate: bool,
@@ -513,7 +719,7 @@ unsafe fn gemm_blocked<B: Elem>(
             // The first block of `k` writes or accumulates as asked; the later ones add.
             let add = accumulate || p0 > 0;
             // SAFETY: the caller's contract (`available`).
-            unsafe { pack(b.data, j0, cols, b.cs, b.rs, p0, depth, NR, pairs, &mut packed_b) };
+            unsafe { b.pack_panels(j0, cols, p0, depth, pairs, &mut packed_b) };
             for i0 in (0..m).step_by(micro.block_rows) {
                 let rows = micro.block_rows.min(m - i0);
                 // SAFETY: as above.
@@ -773,12 +979,12 @@ mod amx {
     /// # Safety
     /// [`available`] must be true; otherwise as [`gemm_block`](super::gemm_block).
     #[allow(clippy::too_many_arguments)]
-    pub(crate) unsafe fn gemm_block<B: crate::cpu::Elem>(
+    pub(crate) unsafe fn gemm_block(
         m: usize,
         n: usize,
         k: usize,
         a: Mat,
-        b: Mat<B>,
+        b: &dyn super::OperandB,
         out: *mut f32,
         out_rs: usize,
         accumulate: bool,
@@ -968,8 +1174,66 @@ mod tests {
         }
     }
 
+    /// Packing images' unrolled input straight from the images gives the words of packing
+    /// their im2col matrix (built here by plain loops), vectorised and plain: kernel sizes 1–7
+    /// with and without padding, images narrower and wider than a panel, panels that cross
+    /// output rows and images, columns from an offset (a thread's range), odd depths from an
+    /// odd row.
+    #[test]
+    fn packing_from_the_image_equals_packing_its_unrolled_copy() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX-512 BF16");
+            return;
+        }
+        let cases = [
+            (1, 3, 9, 7, 3, 3, 1),
+            (1, 2, 5, 35, 3, 3, 1),
+            (3, 4, 6, 5, 3, 3, 0),
+            (2, 2, 11, 13, 5, 5, 2),
+            (1, 1, 9, 9, 7, 7, 3),
+            (5, 3, 3, 3, 3, 3, 1),
+        ];
+        for (n, c, h, w, kh, kw, pad) in cases {
+            let x: Vec<bf16> = bf16_values(n * c * h * w, 11).iter().map(|&v| bf16::from_f32(v)).collect();
+            let (oh, ow) = (h + 2 * pad + 1 - kh, w + 2 * pad + 1 - kw);
+            let (rows, cols) = (c * kh * kw, n * oh * ow);
+            let mut col = vec![0f32; rows * cols];
+            for (r, row) in col.chunks_exact_mut(cols).enumerate() {
+                let (ci, ky, kx) = (r / (kh * kw), r / kw % kh, r % kw);
+                for (column, v) in row.iter_mut().enumerate() {
+                    let (i, pixel) = (column / (oh * ow), column % (oh * ow));
+                    let (iy, ix) =
+                        ((pixel / ow + ky) as isize - pad as isize, (pixel % ow + kx) as isize - pad as isize);
+                    if (0..h as isize).contains(&iy) && (0..w as isize).contains(&ix) {
+                        *v = x[((i * c + ci) * h + iy as usize) * w + ix as usize].to_f32();
+                    }
+                }
+            }
+            let image = Unrolled::new(&x, (c, h, w), (kh, kw), pad);
+            assert!(image.fits(rows, cols) && !image.fits(rows + 1, cols) && !image.fits(rows, cols + 1));
+            for (start, p0) in [(0, 0), (5, 1), (cols / 2, rows / 3)] {
+                let operand = image.columns_from(start);
+                let (n, depth) = (cols - start, rows - p0);
+                let pairs = depth.div_ceil(2) + 1;
+                let mut want = Vec::new();
+                // SAFETY: available() is true; the view is the im2col matrix, in bounds.
+                unsafe { pack(&col, start, n, 1, cols, p0, depth, NR, pairs, &mut want) };
+                let (mut got, mut plain) = (Vec::new(), Vec::new());
+                // SAFETY: as above; columns start.. and rows p0.. lie within the image's.
+                unsafe { operand.pack_panels(0, n, p0, depth, pairs, &mut got) };
+                operand.pack_plain(0, n, p0, depth, pairs, &mut plain);
+                for (what, words) in [("vectorised", &got), ("plain", &plain)] {
+                    assert_eq!(words.len(), want.len());
+                    for (i, (g, w)) in words.iter().zip(&want).enumerate() {
+                        assert_eq!(g, w, "{what}: {n}×{c}×{h}×{w}, kernel {kh}×{kw}, pad {pad}, columns from {start}, depth from {p0}: word {i}");
+                    }
+                }
+            }
+        }
+    }
+
     /// The signature of [`gemm_block`] and of each kernel behind it.
-    type GemmBlock = unsafe fn(usize, usize, usize, Mat, Mat, *mut f32, usize, bool);
+    type GemmBlock = unsafe fn(usize, usize, usize, Mat, &dyn OperandB, *mut f32, usize, bool);
 
     /// The kernels this CPU can run, by name: `vdpbf16ps` always (where [`available`]), AMX
     /// tiles where the CPU has them.
@@ -1019,7 +1283,7 @@ mod tests {
                 for accumulate in [false, true] {
                     let mut out = prior.clone();
                     // SAFETY: available() is true; the views and output are in bounds.
-                    unsafe { gemm_block(m, n, k, a, b, out.as_mut_ptr(), n, accumulate) };
+                    unsafe { gemm_block(m, n, k, a, &b, out.as_mut_ptr(), n, accumulate) };
                     for (i, (&got, &w)) in out.iter().zip(&want).enumerate() {
                         let w = if accumulate { w + prior[i] as f64 } else { w };
                         // f32 sums of exact products: relative rounding of ~k·2⁻²⁴.
@@ -1045,7 +1309,7 @@ mod tests {
                 n,
                 k,
                 Mat { data: &av, rs: k, cs: 1 },
-                Mat { data: &bv, rs: n, cs: 1 },
+                &Mat { data: &bv, rs: n, cs: 1 },
                 out.as_mut_ptr(),
                 n,
                 false,
