@@ -26,7 +26,7 @@
 //! CPU it takes f32, bf16 and f16 (bf16 and f16 unrolled in their own type, rounded once when
 //! written); bf16 products of a stride-1 ungrouped convolution of a contiguous input, where
 //! the bf16 kernel takes them, are packed straight from the images with no unrolled copy
-//! (implicit GEMM: `gemm_bf16::Unrolled`). On CUDA, `Fused` is the same three products as graph nodes: an im2col
+//! (implicit GEMM: `gemm_bf16::Unrolled`, and `UnrolledT` for the weight gradient's `colᵀ`). On CUDA, `Fused` is the same three products as graph nodes: an im2col
 //! kernel (`src/cuda/ops.cu`) for the whole batch, Candle's batched matmul (cuBLAS) and col2im
 //! as the im2col node's gradient, so the input gradient does not go through Candle's direct
 //! `conv_transpose2d` kernel. Elsewhere [`conv2d`] runs the reference (Candle's `conv2d`).
@@ -36,7 +36,7 @@ use crate::cpu::{
     matmul_threads_unrolled, min_planes_per_task, read_f32, same_dtype, same_type, uninit, weight_as_f32, write_f32,
     Elem, GradientSlot, Mat, Products,
 };
-use crate::gemm_bf16::Unrolled;
+use crate::gemm_bf16::{Unrolled, UnrolledT};
 use crate::layout::Strided4;
 use crate::winograd::{transform_weights, Winograd};
 use crate::Implementation;
@@ -676,7 +676,7 @@ impl Conv {
                     let wg = Mat { data: w, rs: kg, cs: 1 };
                     let packed_from_image = products == Products::Bf16
                         && g.unrolled_bf16(x, xs, n..n + 1)
-                            .is_some_and(|images| matmul_threads_unrolled(threads, og, p, kg, wg, images, out));
+                            .is_some_and(|images| matmul_threads_unrolled(threads, og, p, kg, wg, images, out, false));
                     if !packed_from_image {
                         let col = g.image_matrix(x, xs, n, scratch);
                         for gi in 0..g.groups {
@@ -717,7 +717,7 @@ impl Conv {
             let threads = rayon::current_num_threads();
             let packed_from_images = products == Products::Bf16
                 && g.unrolled_bf16(x, xs, images.clone())
-                    .is_some_and(|unrolled| matmul_threads_unrolled(threads, og, np, kg, wg, unrolled, &mut y));
+                    .is_some_and(|unrolled| matmul_threads_unrolled(threads, og, np, kg, wg, unrolled, &mut y, false));
             if !packed_from_images {
                 g.im2col_into(x, xs, images, &mut col);
                 for gi in 0..g.groups {
@@ -788,9 +788,18 @@ impl ConvBackward {
             let mut dwt = if transposed { uninit::<f32>(dw.len()) } else { Vec::new() };
             for (i, n) in (r * per_range..((r + 1) * per_range).min(g.n)).enumerate() {
                 let dy = read_f32(&gr[n * g.oc * p..(n + 1) * g.oc * p], &mut dy_buf);
-                let col = g.image_matrix::<T, f32>(x, xs, n, &mut scratch);
-                let target = if transposed { &mut dwt[..] } else { &mut dw[..] };
-                g.weight_gradient(products, transposed, threads, dy, p, col, target, i > 0);
+                // dW [+]= dy · colᵀ, colᵀ packed straight from a bf16 image where the bf16
+                // kernel takes the product, else from the image unrolled in f32.
+                let packed_from_image = products == Products::Bf16
+                    && g.unrolled_bf16(x, xs, n..n + 1).is_some_and(|image| {
+                        let dy = Mat { data: dy, rs: p, cs: 1 };
+                        matmul_threads_unrolled(threads, og, kg, p, dy, UnrolledT::new(image), dw, i > 0)
+                    });
+                if !packed_from_image {
+                    let col = g.image_matrix::<T, f32>(x, xs, n, &mut scratch);
+                    let target = if transposed { &mut dwt[..] } else { &mut dw[..] };
+                    g.weight_gradient(products, transposed, threads, dy, p, col, target, i > 0);
+                }
                 let Some(dx) = dx.as_deref_mut() else { continue };
                 write_f32(&mut dx[i * image_len..(i + 1) * image_len], &mut dx_buf, |dx| {
                     let target: &mut [f32] = if pointwise { dx } else { &mut dcol };
@@ -894,7 +903,6 @@ impl ConvBackward {
         for c in 0..g.n.div_ceil(chunk) {
             let images = c * chunk..(c * chunk + chunk).min(g.n);
             let np = images.len() * p;
-            g.im2col_into(x, xs, images.clone(), &mut col);
             // The output gradient as (O, images · P), like the forward's product.
             let mut dy = uninit::<f32>(g.oc * np);
             dy.par_chunks_mut(np).enumerate().for_each(|(oi, row)| {
@@ -903,11 +911,25 @@ impl ConvBackward {
                 }
             });
             let threads = rayon::current_num_threads();
-            g.weight_gradient(products, false, threads, &dy, np, Mat { data: &col, rs: np, cs: 1 }, &mut dw, c > 0);
+            // dW [+]= dy · colᵀ, colᵀ packed straight from bf16 images where the bf16 kernel
+            // takes the product, else from the images unrolled in f32.
+            let packed_from_images = products == Products::Bf16
+                && g.unrolled_bf16(x, xs, images.clone()).is_some_and(|unrolled| {
+                    let dy = Mat { data: &dy, rs: np, cs: 1 };
+                    matmul_threads_unrolled(threads, og, kg, np, dy, UnrolledT::new(unrolled), &mut dw, c > 0)
+                });
+            if !packed_from_images {
+                g.im2col_into(x, xs, images.clone(), &mut col);
+                let col = Mat { data: &col, rs: np, cs: 1 };
+                g.weight_gradient(products, false, threads, &dy, np, col, &mut dw, c > 0);
+            }
             if !self.input_gradient {
                 continue;
             }
-            // `col` is no longer needed: it becomes dcol = Wᵀ · dy.
+            // `col` is no longer needed (or was never filled): it becomes dcol = Wᵀ · dy.
+            if col.len() != g.groups * kg * np {
+                col = uninit::<f32>(g.groups * kg * np);
+            }
             for gi in 0..g.groups {
                 let wt = Mat { data: &w[gi * og * kg..], rs: 1, cs: kg };
                 let dyg = Mat { data: &dy[gi * og * np..], rs: np, cs: 1 };

@@ -1,7 +1,7 @@
 //! CPU helpers shared by the kernels: element conversion, storage access and vectorisable
 //! dot/axpy loops, and the matrix multiply.
 
-use crate::gemm_bf16::{gemm_block_of, Unrolled};
+use crate::gemm_bf16::{gemm_block_of, ImplicitOperand};
 use crate::layout::Strided4;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, DType, Layout, Result, Tensor, WithDType};
@@ -458,18 +458,21 @@ impl Split {
     }
 }
 
-/// [`matmul_threads`] with bf16 products and `b` a bf16 image's unrolled input, packed
-/// straight from the image ([`Unrolled`]): `out (m × n) = a (m × k) · b`. Returns false,
-/// having done nothing, where the bf16 kernel would not take the product (the caller then
-/// unrolls the image and calls [`matmul_threads`]).
-pub(crate) fn matmul_threads_unrolled(
+/// [`matmul_threads`] with bf16 products and `b` bf16 images' unrolled input or its transpose,
+/// packed straight from the images ([`crate::gemm_bf16::Unrolled`], [`crate::gemm_bf16::UnrolledT`]):
+/// `out (m × n) [+]= a (m × k) · b`. Returns false, having done nothing, where the bf16 kernel
+/// would not take the product (the caller then unrolls the images and calls
+/// [`matmul_threads`]).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_threads_unrolled<B: ImplicitOperand>(
     threads: usize,
     m: usize,
     n: usize,
     k: usize,
     a: Mat,
-    b: Unrolled,
+    b: B,
     out: &mut [f32],
+    accumulate: bool,
 ) -> bool {
     let split = Split::new(threads, m, n, k);
     if m == 0 || n == 0 || !split.bf16_kernel_pays(m, n, k) {
@@ -485,9 +488,10 @@ pub(crate) fn matmul_threads_unrolled(
         // CPU; each task writes its own column (or row) range of `out`, which no input aliases.
         unsafe {
             if split.split_columns {
-                gemm_block_of(m, size, k, a, &b.columns_from(start), out.add(start), n, false)
+                gemm_block_of(m, size, k, a, &b.columns_from(start), out.add(start), n, accumulate)
             } else {
-                gemm_block_of(size, n, k, Mat { data: &a.data[start * a.rs..], ..a }, &b, out.add(start * n), n, false)
+                let a = Mat { data: &a.data[start * a.rs..], ..a };
+                gemm_block_of(size, n, k, a, &b, out.add(start * n), n, accumulate)
             }
         }
     };

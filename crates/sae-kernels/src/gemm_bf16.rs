@@ -201,7 +201,7 @@ mod simd {
     /// AVX-512F.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn transpose(rows: &mut [__m512i; 16]) {
+    pub(super) unsafe fn transpose(rows: &mut [__m512i; 16]) {
         let r = *rows;
         // Within 128-bit lanes: words, then pairs of words; afterwards row 4g + j, lane L holds
         // column 4L + j of rows 4g..4g + 4.
@@ -498,17 +498,6 @@ impl<'a> Unrolled<'a> {
         Self { x, channels, h, w, kh, kw, oh, ow, pad, first: 0 }
     }
 
-    /// Whether the operand has `rows` rows and `cols` columns.
-    pub(crate) fn fits(&self, rows: usize, cols: usize) -> bool {
-        let images = self.x.len() / (self.channels * self.h * self.w);
-        rows <= self.channels * self.kh * self.kw && self.first + cols <= images * self.oh * self.ow
-    }
-
-    /// The operand from column `start` on.
-    pub(crate) fn columns_from(self, start: usize) -> Self {
-        Self { first: self.first + start, ..self }
-    }
-
     /// Each tap's [`Run`]s for the `lanes` (at most [`NR`]) columns from column `j`: tap `t`'s
     /// are `runs[bounds[t]..bounds[t + 1]]`.
     fn panel_runs(&self, j: usize, lanes: usize, runs: &mut Vec<Run>, bounds: &mut Vec<usize>) {
@@ -579,24 +568,13 @@ impl<'a> Unrolled<'a> {
             1, 32, 0,
         );
         let high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
-        let (taps, plane) = (self.kh * self.kw, self.h * self.w);
         let (mut runs, mut bounds) = (Vec::new(), Vec::new());
-        let x = self.x.as_ptr() as *const i16;
         let end = p0 + depth;
         for (panel, chunk) in out.chunks_exact_mut(pairs * NR).enumerate() {
             self.panel_runs(j0 + panel * NR, NR.min(cols - panel * NR), &mut runs, &mut bounds);
-            let row = |r: usize| {
-                let mut v = _mm512_setzero_si512();
-                if r < end {
-                    let base = x.wrapping_add(r / taps * plane);
-                    for run in &runs[bounds[r % taps]..bounds[r % taps + 1]] {
-                        // SAFETY: the lanes in the mask read x[r / taps · plane + start + lane],
-                        // inside the image (`panel_runs`); the others are not read.
-                        v = unsafe { _mm512_mask_loadu_epi16(v, run.mask, base.wrapping_offset(run.start)) };
-                    }
-                }
-                v
-            };
+            // SAFETY: the runs are this panel's.
+            let row =
+                |r: usize| if r < end { unsafe { self.row_vector(&runs, &bounds, r) } } else { _mm512_setzero_si512() };
             for q in 0..depth.div_ceil(2) {
                 let (even, odd) = (row(p0 + 2 * q), row(p0 + 2 * q + 1));
                 // SAFETY: words q · NR .. (q + 1) · NR of the chunk.
@@ -608,6 +586,158 @@ impl<'a> Unrolled<'a> {
             }
             chunk[depth.div_ceil(2) * NR..].fill(0);
         }
+    }
+}
+
+impl Unrolled<'_> {
+    /// Row `r`'s values at the columns `runs` were made for ([`Self::panel_runs`]), as 32
+    /// bf16 lanes: one masked load per run of its tap.
+    ///
+    /// # Safety
+    /// AVX-512F and BW; `runs` and `bounds` from `panel_runs` of this operand; `r` one of its
+    /// rows.
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn row_vector(&self, runs: &[Run], bounds: &[usize], r: usize) -> std::arch::x86_64::__m512i {
+        use std::arch::x86_64::*;
+        let taps = self.kh * self.kw;
+        let base = (self.x.as_ptr() as *const i16).wrapping_add(r / taps * self.h * self.w);
+        let mut v = _mm512_setzero_si512();
+        for run in &runs[bounds[r % taps]..bounds[r % taps + 1]] {
+            // SAFETY: the lanes in the mask read x[r / taps · plane + start + lane], inside the
+            // images (`panel_runs`); the others are not read.
+            v = unsafe { _mm512_mask_loadu_epi16(v, run.mask, base.wrapping_offset(run.start)) };
+        }
+        v
+    }
+
+    /// The value at row `r`, column `column` (plainly, for the fallbacks and tests).
+    #[cfg(any(test, not(target_arch = "x86_64")))]
+    fn at(&self, r: usize, column: usize) -> u16 {
+        let (ci, ky, kx) = (r / (self.kh * self.kw), r / self.kw % self.kh, r % self.kw);
+        let (image, pixel) = (column / (self.oh * self.ow), column % (self.oh * self.ow));
+        let iy = (pixel / self.ow + ky).checked_sub(self.pad).filter(|&iy| iy < self.h);
+        let ix = (pixel % self.ow + kx).checked_sub(self.pad).filter(|&ix| ix < self.w);
+        match (iy, ix) {
+            (Some(iy), Some(ix)) => self.x[((image * self.channels + ci) * self.h + iy) * self.w + ix].to_bits(),
+            _ => 0,
+        }
+    }
+}
+
+/// The transpose of an [`Unrolled`] operand, packed straight from the images too: row `p` is
+/// output pixel `p`, column `first + r` unrolled row `r` — the right operand of a convolution's
+/// weight gradient `dW = dy · colᵀ`.
+#[derive(Clone, Copy)]
+pub(crate) struct UnrolledT<'a> {
+    image: Unrolled<'a>,
+    first: usize,
+}
+
+impl<'a> UnrolledT<'a> {
+    pub(crate) fn new(image: Unrolled<'a>) -> Self {
+        Self { image: Unrolled { first: 0, ..image }, first: 0 }
+    }
+
+    /// [`OperandB::pack_panels`] plainly, word by word.
+    #[cfg(any(test, not(target_arch = "x86_64")))]
+    fn pack_plain(&self, j0: usize, cols: usize, p0: usize, depth: usize, pairs: usize, out: &mut Vec<u32>) {
+        out.clear();
+        out.resize(cols.div_ceil(NR) * pairs * NR, 0);
+        for line in 0..cols {
+            let (panel, l, r) = (line / NR, line % NR, self.first + j0 + line);
+            for p in 0..depth {
+                let word = &mut out[(panel * pairs + p / 2) * NR + l];
+                *word |= (self.image.at(r, p0 + p) as u32) << (16 * (p % 2));
+            }
+        }
+    }
+
+    /// [`OperandB::pack_panels`] with AVX-512: for each 32 pixels of depth, each line's 16
+    /// pairs are one [`Unrolled::row_vector`], and 16 lines at a time are transposed into the
+    /// panels' pair-major order.
+    ///
+    /// # Safety
+    /// AVX-512F and BW; as [`OperandB::pack_panels`].
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn pack_simd(&self, j0: usize, cols: usize, p0: usize, depth: usize, pairs: usize, out: &mut Vec<u32>) {
+        use std::arch::x86_64::*;
+        resize_unfilled(out, cols.div_ceil(NR) * pairs * NR);
+        let (mut runs, mut bounds) = (Vec::new(), Vec::new());
+        let filled = depth.div_ceil(2);
+        for q0 in (0..filled).step_by(16) {
+            let j = p0 + 2 * q0;
+            self.image.panel_runs(j, NR.min(p0 + depth - j), &mut runs, &mut bounds);
+            let count = (filled - q0).min(16);
+            for (panel, chunk) in out.chunks_exact_mut(pairs * NR).enumerate() {
+                for l0 in (0..NR).step_by(16) {
+                    let mut rows = [_mm512_setzero_si512(); 16];
+                    for (i, row) in rows.iter_mut().enumerate() {
+                        let line = panel * NR + l0 + i;
+                        if line < cols {
+                            // SAFETY: the runs of these pixels; the line is a row of the image.
+                            *row = unsafe { self.image.row_vector(&runs, &bounds, self.first + j0 + line) };
+                        }
+                    }
+                    // SAFETY: AVX-512F.
+                    unsafe { simd::transpose(&mut rows) };
+                    for (q, row) in rows.iter().take(count).enumerate() {
+                        // SAFETY: words (q0 + q) · NR + l0 .. + 16 of the chunk.
+                        unsafe {
+                            _mm512_storeu_si512(chunk.as_mut_ptr().add((q0 + q) * NR + l0) as *mut __m512i, *row)
+                        };
+                    }
+                }
+            }
+        }
+        for chunk in out.chunks_exact_mut(pairs * NR) {
+            chunk[filled * NR..].fill(0);
+        }
+    }
+}
+
+impl OperandB for UnrolledT<'_> {
+    unsafe fn pack_panels(&self, j0: usize, cols: usize, p0: usize, depth: usize, pairs: usize, out: &mut Vec<u32>) {
+        debug_assert!(pairs >= depth.div_ceil(2));
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the caller's contract (`available`: AVX-512F and BW).
+        unsafe {
+            self.pack_simd(j0, cols, p0, depth, pairs, out)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        self.pack_plain(j0, cols, p0, depth, pairs, out);
+    }
+}
+
+/// An operand packed straight from images ([`Unrolled`], [`UnrolledT`]), which
+/// `cpu::matmul_threads_unrolled` splits between threads by columns.
+pub(crate) trait ImplicitOperand: OperandB + Copy + Send + Sync {
+    /// The operand from column `start` on.
+    fn columns_from(self, start: usize) -> Self;
+    /// Whether the operand has `rows` rows and `cols` columns.
+    fn fits(&self, rows: usize, cols: usize) -> bool;
+}
+
+impl ImplicitOperand for Unrolled<'_> {
+    fn columns_from(self, start: usize) -> Self {
+        Self { first: self.first + start, ..self }
+    }
+
+    fn fits(&self, rows: usize, cols: usize) -> bool {
+        let images = self.x.len() / (self.channels * self.h * self.w);
+        rows <= self.channels * self.kh * self.kw && self.first + cols <= images * self.oh * self.ow
+    }
+}
+
+impl ImplicitOperand for UnrolledT<'_> {
+    fn columns_from(self, start: usize) -> Self {
+        Self { first: self.first + start, ..self }
+    }
+
+    fn fits(&self, rows: usize, cols: usize) -> bool {
+        self.image.fits(self.first + cols, rows)
     }
 }
 
@@ -1174,8 +1304,9 @@ mod tests {
         }
     }
 
-    /// Packing images' unrolled input straight from the images gives the words of packing
-    /// their im2col matrix (built here by plain loops), vectorised and plain: kernel sizes 1–7
+    /// Packing images' unrolled input (and its transpose) straight from the images gives the
+    /// words of packing their im2col matrix (built here by plain loops), vectorised and plain:
+    /// kernel sizes 1–7
     /// with and without padding, images narrower and wider than a panel, panels that cross
     /// output rows and images, columns from an offset (a thread's range), odd depths from an
     /// odd row.
@@ -1211,17 +1342,41 @@ mod tests {
             }
             let image = Unrolled::new(&x, (c, h, w), (kh, kw), pad);
             assert!(image.fits(rows, cols) && !image.fits(rows + 1, cols) && !image.fits(rows, cols + 1));
+            let transposed = UnrolledT::new(image);
+            assert!(
+                transposed.fits(cols, rows) && !transposed.fits(cols + 1, rows) && !transposed.fits(cols, rows + 1)
+            );
+            // The transpose (the weight gradient's colᵀ): lines are unrolled rows, the depth is
+            // pixels.
+            for (start, p0) in [(0, 0), (3, 1), (rows / 2, cols / 3)] {
+                let operand = transposed.columns_from(start);
+                let (len, depth) = (rows - start, cols - p0);
+                let pairs = depth.div_ceil(2) + 1;
+                let mut want = Vec::new();
+                // SAFETY: available() is true; colᵀ's view of the im2col matrix, in bounds.
+                unsafe { pack(&col, start, len, cols, 1, p0, depth, NR, pairs, &mut want) };
+                let (mut got, mut plain) = (Vec::new(), Vec::new());
+                // SAFETY: as above; columns start.. and rows p0.. lie within the transpose's.
+                unsafe { operand.pack_panels(0, len, p0, depth, pairs, &mut got) };
+                operand.pack_plain(0, len, p0, depth, pairs, &mut plain);
+                for (what, words) in [("transposed, vectorised", &got), ("transposed, plain", &plain)] {
+                    assert_eq!(words.len(), want.len());
+                    for (i, (g, w)) in words.iter().zip(&want).enumerate() {
+                        assert_eq!(g, w, "{what}: {n}×{c}×{h}×{w}, kernel {kh}×{kw}, pad {pad}, lines from {start}, pixels from {p0}: word {i}");
+                    }
+                }
+            }
             for (start, p0) in [(0, 0), (5, 1), (cols / 2, rows / 3)] {
                 let operand = image.columns_from(start);
-                let (n, depth) = (cols - start, rows - p0);
+                let (len, depth) = (cols - start, rows - p0);
                 let pairs = depth.div_ceil(2) + 1;
                 let mut want = Vec::new();
                 // SAFETY: available() is true; the view is the im2col matrix, in bounds.
-                unsafe { pack(&col, start, n, 1, cols, p0, depth, NR, pairs, &mut want) };
+                unsafe { pack(&col, start, len, 1, cols, p0, depth, NR, pairs, &mut want) };
                 let (mut got, mut plain) = (Vec::new(), Vec::new());
                 // SAFETY: as above; columns start.. and rows p0.. lie within the image's.
-                unsafe { operand.pack_panels(0, n, p0, depth, pairs, &mut got) };
-                operand.pack_plain(0, n, p0, depth, pairs, &mut plain);
+                unsafe { operand.pack_panels(0, len, p0, depth, pairs, &mut got) };
+                operand.pack_plain(0, len, p0, depth, pairs, &mut plain);
                 for (what, words) in [("vectorised", &got), ("plain", &plain)] {
                     assert_eq!(words.len(), want.len());
                     for (i, (g, w)) in words.iter().zip(&want).enumerate() {
