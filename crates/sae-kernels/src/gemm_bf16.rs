@@ -698,18 +698,34 @@ impl<'a> UnrolledT<'a> {
     }
 }
 
-impl OperandB for UnrolledT<'_> {
-    unsafe fn pack_panels(&self, j0: usize, cols: usize, p0: usize, depth: usize, pairs: usize, out: &mut Vec<u32>) {
-        debug_assert!(pairs >= depth.div_ceil(2));
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the caller's contract (`available`: AVX-512F and BW).
-        unsafe {
-            self.pack_simd(j0, cols, p0, depth, pairs, out)
+/// [`OperandB`] for the operands packed from images: their `pack_simd`, or `pack_plain`
+/// where that does not compile.
+macro_rules! packed_from_images {
+    ($operand:ty) => {
+        impl OperandB for $operand {
+            unsafe fn pack_panels(
+                &self,
+                j0: usize,
+                cols: usize,
+                p0: usize,
+                depth: usize,
+                pairs: usize,
+                out: &mut Vec<u32>,
+            ) {
+                debug_assert!(pairs >= depth.div_ceil(2));
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the caller's contract (`available`: AVX-512F and BW).
+                unsafe {
+                    self.pack_simd(j0, cols, p0, depth, pairs, out)
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                self.pack_plain(j0, cols, p0, depth, pairs, out);
+            }
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        self.pack_plain(j0, cols, p0, depth, pairs, out);
-    }
+    };
 }
+packed_from_images!(Unrolled<'_>);
+packed_from_images!(UnrolledT<'_>);
 
 /// An operand packed straight from images ([`Unrolled`], [`UnrolledT`]), which
 /// `cpu::matmul_threads_unrolled` splits between threads by columns.
@@ -738,19 +754,6 @@ impl ImplicitOperand for UnrolledT<'_> {
 
     fn fits(&self, rows: usize, cols: usize) -> bool {
         self.image.fits(self.first + cols, rows)
-    }
-}
-
-impl OperandB for Unrolled<'_> {
-    unsafe fn pack_panels(&self, j0: usize, cols: usize, p0: usize, depth: usize, pairs: usize, out: &mut Vec<u32>) {
-        debug_assert!(pairs >= depth.div_ceil(2));
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the caller's contract (`available`: AVX-512F and BW).
-        unsafe {
-            self.pack_simd(j0, cols, p0, depth, pairs, out)
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        self.pack_plain(j0, cols, p0, depth, pairs, out);
     }
 }
 

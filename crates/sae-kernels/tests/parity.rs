@@ -435,10 +435,11 @@ const CONV_CASES: &[(Conv2dConfig, [usize; 4], [usize; 4])] = &[
     // dot-product multiply where the CPU has it, in all three products; odd sizes.
     (Conv2dConfig { stride: 1, padding: 1, groups: 1 }, [2, 40, 13, 11], [136, 40, 3, 3]),
     // The same for images multiplied one at a time (one image, its columns split between two
-    // threads; images of 272 pixels), where the bf16 kernel packs the unrolled input straight
-    // from a contiguous bf16 image (`gemm_bf16::Unrolled`).
-    (Conv2dConfig { stride: 1, padding: 1, groups: 1 }, [1, 20, 21, 23], [72, 20, 3, 3]),
-    (Conv2dConfig { stride: 1, padding: 0, groups: 1 }, [2, 24, 19, 18], [72, 24, 3, 3]),
+    // threads; images of 272 pixels), where the bf16 kernel packs the unrolled input (and its
+    // transpose for dW, and dy for the input gradient's own convolution) straight from a
+    // contiguous bf16 image (`gemm_bf16::Unrolled`).
+    (Conv2dConfig { stride: 1, padding: 1, groups: 1 }, [1, 80, 21, 23], [72, 80, 3, 3]),
+    (Conv2dConfig { stride: 1, padding: 0, groups: 1 }, [2, 80, 19, 18], [72, 80, 3, 3]),
 ];
 
 #[test]
