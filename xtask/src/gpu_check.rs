@@ -672,8 +672,8 @@ fn training(device: &Device, smoke: bool) -> Result<(String, Vec<String>)> {
     };
     let steps = if smoke { 12 } else { 50 };
     let (classes, batch, size) = (10, 16, 32);
-    let mut md = String::from(
-        "| model | first 3 losses, device | CPU | worst loss difference | worst first-step gradient (parameter) | CPU, input × (1 + 1e-6) | mean of first 5 → last 5 | result |\n|---|---|---|---:|---|---:|---|---|\n",
+    let mut md = format!(
+        "| model | first 3 losses, device | CPU | worst loss difference | worst first-step gradient (parameter) | CPU, input × (1 + {INPUT_NUDGE:.0e}) | mean of first 5 → last 5 | result |\n|---|---|---|---:|---|---:|---|---|\n",
     );
     let (mut failed, mut details) = (Vec::new(), Vec::new());
     for &name in families {

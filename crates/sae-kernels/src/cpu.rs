@@ -380,7 +380,6 @@ pub(crate) fn matmul_threads<B: Elem>(
     }
     assert!(last_a < a.data.len() && last_b < b.data.len(), "matmul: view out of bounds");
     let split = Split::new(threads, m, n, k);
-    let Split { single, split_columns, len, block } = split;
     // The bf16 kernel rounds and repacks both operands on every call: packing `b` costs
     // about as much as a dozen of its rows of multiplies, packing `a` as a dozen of its
     // columns, so it pays only for blocks with many of both: inference's small late-stage
@@ -403,31 +402,21 @@ pub(crate) fn matmul_threads<B: Elem>(
         } else {
             gemm_block_widened
         };
-    if single {
+    let out = out.as_mut_ptr() as usize;
+    split.run(|start, size| {
+        let out = out as *mut f32;
         // SAFETY: the asserts above keep every index the views and the output describe in
         // bounds; `out` is exclusively borrowed and does not alias the inputs; the bf16
-        // kernel is chosen only where the CPU has it.
-        unsafe { multiply(m, n, k, a, b, out.as_mut_ptr(), n, accumulate) };
-        return;
-    }
-    let out = out.as_mut_ptr() as usize;
-    rayon::scope(|s| {
-        for start in (0..len).step_by(block) {
-            let size = block.min(len - start);
-            s.spawn(move |_| {
-                let out = out as *mut f32;
-                // SAFETY: as above; the blocks are disjoint column (or row) ranges of `out`,
-                // so no two tasks write the same element.
-                unsafe {
-                    if split_columns {
-                        let b = Mat { data: &b.data[start * b.cs..], ..b };
-                        multiply(m, size, k, a, b, out.add(start), n, accumulate)
-                    } else {
-                        let a = Mat { data: &a.data[start * a.rs..], ..a };
-                        multiply(size, n, k, a, b, out.add(start * n), n, accumulate)
-                    }
-                }
-            });
+        // kernel is chosen only where the CPU has it; the blocks are disjoint column (or row)
+        // ranges of `out`, so no two tasks write the same element.
+        unsafe {
+            if split.split_columns {
+                let b = Mat { data: &b.data[start * b.cs..], ..b };
+                multiply(m, size, k, a, b, out.add(start), n, accumulate)
+            } else {
+                let a = Mat { data: &a.data[start * a.rs..], ..a };
+                multiply(size, n, k, a, b, out.add(start * n), n, accumulate)
+            }
         }
     });
 }
@@ -448,6 +437,20 @@ impl Split {
         let split_columns = n >= m || n >= 64 * threads;
         let len = if split_columns { n } else { m };
         Self { single, split_columns, len, block: if single { len } else { len.div_ceil(threads) } }
+    }
+
+    /// Runs `task(start, size)` for every block: here where the split is `single`, else one
+    /// rayon task per block.
+    fn run(&self, task: impl Fn(usize, usize) + Sync) {
+        if self.single {
+            return task(0, self.len);
+        }
+        let task = &task;
+        rayon::scope(|s| {
+            for start in (0..self.len).step_by(self.block) {
+                s.spawn(move |_| task(start, self.block.min(self.len - start)));
+            }
+        });
     }
 
     /// Whether the bf16 kernel takes a block of this split (see [`matmul_threads`]).
@@ -482,7 +485,7 @@ pub(crate) fn matmul_threads_unrolled<B: ImplicitOperand>(
     assert!((m - 1) * a.rs + (k - 1) * a.cs < a.data.len(), "matmul: view out of bounds");
     assert!(b.fits(k, n), "matmul: unrolled image out of bounds");
     let out = out.as_mut_ptr() as usize;
-    let task = |start: usize, size: usize| {
+    split.run(|start, size| {
         let out = out as *mut f32;
         // SAFETY: the asserts above keep every view in bounds, `bf16_kernel_pays` checked the
         // CPU; each task writes its own column (or row) range of `out`, which no input aliases.
@@ -494,16 +497,7 @@ pub(crate) fn matmul_threads_unrolled<B: ImplicitOperand>(
                 gemm_block_of(size, n, k, a, &b, out.add(start * n), n, accumulate)
             }
         }
-    };
-    if split.single {
-        task(0, split.len);
-    } else {
-        rayon::scope(|s| {
-            for start in (0..split.len).step_by(split.block) {
-                s.spawn(move |_| task(start, split.block.min(split.len - start)));
-            }
-        });
-    }
+    });
     true
 }
 

@@ -1309,10 +1309,9 @@ mod tests {
 
     /// Packing images' unrolled input (and its transpose) straight from the images gives the
     /// words of packing their im2col matrix (built here by plain loops), vectorised and plain:
-    /// kernel sizes 1–7
-    /// with and without padding, images narrower and wider than a panel, panels that cross
-    /// output rows and images, columns from an offset (a thread's range), odd depths from an
-    /// odd row.
+    /// kernel sizes 1–7 with and without padding, images narrower and wider than a panel,
+    /// panels that cross output rows and images, columns from an offset (a thread's range),
+    /// odd depths from an odd row.
     #[test]
     fn packing_from_the_image_equals_packing_its_unrolled_copy() {
         if !available() {
