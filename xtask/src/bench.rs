@@ -71,7 +71,7 @@ pub fn kernels(seconds: u64) -> Result<()> {
 
     let mut md = String::new();
     writeln!(md, "# Kernel benchmarks\n")?;
-    writeln!(md, "Made by `cargo xtask bench-kernels --seconds {seconds}` (criterion, f32, CPU).")?;
+    writeln!(md, "Made by `cargo xtask bench-kernels --seconds {seconds}` (criterion, CPU; f32 but for the convolutions' bf16 columns).")?;
     writeln!(
         md,
         "Machine: {}. Measured memory bandwidth (2-thread copy of 256 MiB, read + write): **{bandwidth:.1} GB/s**.\n",
@@ -155,6 +155,45 @@ pub fn kernels(seconds: u64) -> Result<()> {
             let c_ms = candle.map_or("—".to_string(), |c| format!("{:.3}", c * 1e3));
             let c_x = candle.map_or("—".to_string(), |c| format!("{:.1}×", c / f));
             writeln!(md, "| {shape} | {pass} | {c_ms} | {:.3} | {:.3} | {c_x} | {:.1}× |", r * 1e3, f * 1e3, r / f)?;
+        }
+    }
+    writeln!(md, "\n## Convolutions (ResNet-50 at 140×140 input, batch 16; layer 4's 3×3 at 32×32)\n")?;
+    writeln!(md, "The reference is Candle's `conv2d` (its backward: `conv_transpose2d` for the input gradient).")?;
+    writeln!(md, "*fused* is ours in f32 (Winograd's F(2×2, 3×3) for the stride-1 3×3 ones), *fused bf16* ours")?;
+    writeln!(md, "on bf16 activations with f32 master weights, as `--precision bf16` trains. GFLOP/s count the")?;
+    writeln!(md, "direct algorithm's 2 FLOP per multiply-accumulate, ×3 for fwd+bwd (both gradients).\n")?;
+    writeln!(
+        md,
+        "| input | out | kernel | stride | pass | reference ms | fused ms | speed-up | fused GFLOP/s | fused bf16 ms | bf16 GFLOP/s |"
+    )?;
+    writeln!(md, "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")?;
+    for g in groups.iter().filter(|g| g.starts_with("conv-")) {
+        // conv-NxCxHxW-oO-kK-sS
+        let parts: Vec<&str> = g.trim_start_matches("conv-").split('-').collect();
+        let [shape, o, k, s] = parts[..] else { continue };
+        let (o, k, s) = (o.trim_start_matches('o'), k.trim_start_matches('k'), s.trim_start_matches('s'));
+        let dims: Vec<usize> = shape.split('x').filter_map(|d| d.parse().ok()).collect();
+        let (Ok(oc), Ok(kk), Ok(st), &[n, c, h, w]) =
+            (o.parse::<usize>(), k.parse::<usize>(), s.parse::<usize>(), &dims[..])
+        else {
+            continue;
+        };
+        let out_size = |len: usize| (len + 2 * (kk / 2) - kk) / st + 1;
+        let macs = (n * oc * out_size(h) * out_size(w) * c * kk * kk) as f64;
+        for (pass, factor) in [("fwd", 1.0), ("fwd+bwd", 3.0)] {
+            let (Some(r), Some(f)) = (get(g, "reference", pass), get(g, "fused", pass)) else { continue };
+            let gflops = |secs: f64| 2.0 * factor * macs / secs / 1e9;
+            let (b_ms, b_gf) = get(g, "fused-bf16", pass).map_or(("—".to_string(), "—".to_string()), |b| {
+                (format!("{:.3}", b * 1e3), format!("{:.0}", gflops(b)))
+            });
+            writeln!(
+                md,
+                "| {shape} | {oc} | {kk}×{kk} | {st} | {pass} | {:.3} | {:.3} | {:.1}× | {:.0} | {b_ms} | {b_gf} |",
+                r * 1e3,
+                f * 1e3,
+                r / f,
+                gflops(f)
+            )?;
         }
     }
     let out = root.join("results/kernels.md");

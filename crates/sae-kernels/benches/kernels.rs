@@ -94,6 +94,51 @@ fn depthwise_benches(c: &mut Criterion) {
     }
 }
 
+/// Convolutions of ResNet-50 at 140×140 input, batch 16 (input shape, output channels, kernel,
+/// stride): layer 1's 3×3 (Winograd in f32) and 1×1 reduction, layer 2's stride-2 3×3, layer
+/// 3's 3×3 (Winograd) and 1×1 reduction, the 7×7 stem; and layer 4's 3×3 at 32×32 input, on a
+/// 1×1 image.
+pub const CONV_SHAPES: [([usize; 4], usize, usize, usize); 7] = [
+    ([16, 64, 35, 35], 64, 3, 1),
+    ([16, 256, 35, 35], 64, 1, 1),
+    ([16, 128, 35, 35], 128, 3, 2),
+    ([16, 256, 9, 9], 256, 3, 1),
+    ([16, 1024, 9, 9], 256, 1, 1),
+    ([16, 3, 140, 140], 64, 7, 2),
+    ([16, 512, 1, 1], 512, 3, 1),
+];
+
+/// Group `conv-NxCxHxW-oO-kK-sS`: Candle's `conv2d` (*reference*) and ours (*fused*) in f32,
+/// and ours on bf16 activations with f32 master weights (*fused-bf16*, as `--precision bf16`
+/// trains).
+fn conv_benches(c: &mut Criterion) {
+    for (shape, oc, k, stride) in CONV_SHAPES {
+        let cfg = Conv2dConfig { stride, padding: k / 2, groups: 1 };
+        // The stem's input is the image, which no gradient flows to in training.
+        let input = |t: Tensor| if shape[1] == 3 { t } else { Var::from_tensor(&t).unwrap().as_tensor().clone() };
+        let x32 = randn(1, &shape);
+        let (x, xb) = (input(x32.clone()), input(x32.to_dtype(candle_core::DType::BF16).unwrap()));
+        let w = Var::from_tensor(&(randn(2, &[oc, shape[1], k, k]) * 0.1).unwrap()).unwrap();
+        let name = format!("conv-{}x{}x{}x{}-o{oc}-k{k}-s{stride}", shape[0], shape[1], shape[2], shape[3]);
+        let mut group = c.benchmark_group(&name);
+        group.sample_size(10).measurement_time(measurement_time()).warm_up_time(Duration::from_millis(500));
+        let runs = [
+            ("reference", &x, Implementation::Reference),
+            ("fused", &x, Implementation::Fused),
+            ("fused-bf16", &xb, Implementation::Fused),
+        ];
+        for (id, x, imp) in runs {
+            group.bench_function(BenchmarkId::new(id, "fwd"), |b| {
+                b.iter(|| black_box(conv2d(x, &w, cfg, imp).unwrap()))
+            });
+            group.bench_function(BenchmarkId::new(id, "fwd+bwd"), |b| {
+                b.iter(|| black_box(conv2d(x, &w, cfg, imp).unwrap().sum_all().unwrap().backward().unwrap()))
+            });
+        }
+        group.finish();
+    }
+}
+
 /// ResNet's stem pool at 140×140 (after the 7×7/2 conv) and 224×224 input.
 pub const POOL_SHAPES: [[usize; 4]; 2] = [[16, 64, 70, 70], [16, 64, 112, 112]];
 
@@ -145,5 +190,5 @@ fn bandwidth_bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bandwidth_bench, excitation_benches, depthwise_benches, max_pool_benches);
+criterion_group!(benches, bandwidth_bench, excitation_benches, depthwise_benches, max_pool_benches, conv_benches);
 criterion_main!(benches);
