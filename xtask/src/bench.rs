@@ -60,6 +60,10 @@ pub fn kernels(seconds: u64) -> Result<()> {
         std::fs::remove_dir_all(&criterion_dir)?;
     }
     std::env::set_var("SAE_BENCH_SECONDS", seconds.to_string());
+    // Freed memory stays mapped, as in the binaries (`sae_train::allocator::keep_freed_memory`).
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        std::env::set_var("MIMALLOC_PURGE_DELAY", "-1");
+    }
     cargo(&["bench", "-p", "sae-kernels", "--bench", "kernels"])?;
     let mut est = Estimates::new();
     read_estimates(&criterion_dir, &mut est)?;
@@ -71,7 +75,7 @@ pub fn kernels(seconds: u64) -> Result<()> {
 
     let mut md = String::new();
     writeln!(md, "# Kernel benchmarks\n")?;
-    writeln!(md, "Made by `cargo xtask bench-kernels --seconds {seconds}` (criterion, CPU; f32 but for the convolutions' bf16 columns).")?;
+    writeln!(md, "Made by `cargo xtask bench-kernels --seconds {seconds}` (criterion, CPU; f32 but for the convolutions' bf16 columns; mimalloc, freed memory kept mapped, as in the binaries).")?;
     writeln!(
         md,
         "Machine: {}. Measured memory bandwidth (2-thread copy of 256 MiB, read + write): **{bandwidth:.1} GB/s**.\n",
@@ -161,7 +165,9 @@ pub fn kernels(seconds: u64) -> Result<()> {
     writeln!(md, "The reference is Candle's `conv2d` (its backward: `conv_transpose2d` for the input gradient).")?;
     writeln!(md, "*fused* is ours in f32 (Winograd's F(2×2, 3×3) for the stride-1 3×3 ones), *fused bf16* ours")?;
     writeln!(md, "on bf16 activations with f32 master weights, as `--precision bf16` trains. GFLOP/s count the")?;
-    writeln!(md, "direct algorithm's 2 FLOP per multiply-accumulate, ×3 for fwd+bwd (both gradients).\n")?;
+    writeln!(md, "direct algorithm's 2 FLOP per multiply-accumulate, ×3 for fwd+bwd (both gradients; the stem's")?;
+    writeln!(md, "input takes none, as in training, so its fwd+bwd count overstates). fwd+bwd starts from an f32")?;
+    writeln!(md, "`sum_all` of the output, as the bf16 training's loss is f32.\n")?;
     writeln!(
         md,
         "| input | out | kernel | stride | pass | reference ms | fused ms | speed-up | fused GFLOP/s | fused bf16 ms | bf16 GFLOP/s |"

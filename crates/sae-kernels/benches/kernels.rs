@@ -16,6 +16,13 @@ use sae_kernels::*;
 use std::hint::black_box;
 use std::time::Duration;
 
+/// mimalloc, as the `sae` and `xtask` binaries declare (`cargo xtask bench-kernels` runs this
+/// with `MIMALLOC_PURGE_DELAY=-1`, as they set it): with glibc's malloc every large buffer is a
+/// fresh `mmap` whose pages fault in on each iteration, which made the convolutions' times
+/// swing by half between runs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn randn(seed: u64, shape: &[usize]) -> Tensor {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let v: Vec<f32> = (0..shape.iter().product()).map(|_| rng.random_range(-1.0..1.0)).collect();
@@ -131,8 +138,13 @@ fn conv_benches(c: &mut Criterion) {
             group.bench_function(BenchmarkId::new(id, "fwd"), |b| {
                 b.iter(|| black_box(conv2d(x, &w, cfg, imp).unwrap()))
             });
+            // The loss in f32 (as `--precision bf16` computes it): Candle's own bf16 `sum_all`
+            // and the bf16 gradient it broadcasts took 50 % of this benchmark's time.
             group.bench_function(BenchmarkId::new(id, "fwd+bwd"), |b| {
-                b.iter(|| black_box(conv2d(x, &w, cfg, imp).unwrap().sum_all().unwrap().backward().unwrap()))
+                b.iter(|| {
+                    let y = conv2d(x, &w, cfg, imp).unwrap().to_dtype(candle_core::DType::F32).unwrap();
+                    black_box(y.sum_all().unwrap().backward().unwrap())
+                })
             });
         }
         group.finish();
