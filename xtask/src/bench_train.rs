@@ -264,15 +264,22 @@ impl TorchRow {
     }
 }
 
-/// Runs `bench/pytorch/bench_train.py`: each call a process of its own.
-struct TorchScript<'a> {
-    python: &'a PathBuf,
-    seconds: f64,
+/// Runs a script of `bench/pytorch/` (`bench_train.py` unless named): each call a process of
+/// its own.
+pub(crate) struct TorchScript<'a> {
+    pub(crate) python: &'a PathBuf,
+    pub(crate) seconds: f64,
 }
 
 impl TorchScript<'_> {
     fn run(&self, args: &[&str]) -> Result<Vec<serde_json::Value>> {
-        let script = project_root().join("bench/pytorch/bench_train.py");
+        self.run_script("bench_train.py", args)
+    }
+
+    /// Runs `bench/pytorch/{name}` with the thread count, `--seconds` and `args`: one JSON
+    /// value per line of its output.
+    pub(crate) fn run_script(&self, name: &str, args: &[&str]) -> Result<Vec<serde_json::Value>> {
+        let script = project_root().join("bench/pytorch").join(name);
         let threads = rayon::current_num_threads().to_string();
         let mut cmd = Command::new(self.python);
         cmd.arg(&script).args(["--threads", &threads, "--seconds", &self.seconds.to_string()]).args(args);
@@ -319,7 +326,7 @@ impl TorchScript<'_> {
 }
 
 /// A report's title, the command that made it, the machine, and its measured peak.
-fn report_header(title: &str, peak: &crate::peak::Peak) -> Result<String> {
+pub(crate) fn report_header(title: &str, peak: &crate::peak::Peak) -> Result<String> {
     let mut md = format!("# {title}\n\n");
     let command = std::iter::once("cargo xtask".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>();
     writeln!(

@@ -5,6 +5,7 @@
 mod bench;
 mod bench_data;
 mod bench_dist;
+mod bench_layers;
 mod bench_train;
 mod gpu_check;
 mod peak;
@@ -121,6 +122,26 @@ enum Cmd {
     /// One row of bench-train, measured in this process (bench-train runs each row this way).
     #[command(hide = true)]
     BenchTrainRow { args: Vec<String> },
+    /// Every convolution of ResNet-50 one at a time, forward and backward, ours in f32 next to
+    /// PyTorch eager; writes `results/conv-layers.md`.
+    BenchLayers {
+        /// Input size (height = width) of the network the layers are taken from.
+        #[arg(long, default_value_t = 140)]
+        size: usize,
+        /// Batch size.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// Minimum measuring time per layer, pass and side, in seconds.
+        #[arg(long, default_value_t = 1.0)]
+        seconds: f64,
+        /// Measurements per layer and side, ours and PyTorch's in turn; each side's fastest
+        /// counts.
+        #[arg(long, default_value_t = 2)]
+        repeats: usize,
+        /// A Python interpreter with torch installed, to run `bench/pytorch/bench_layers.py`.
+        #[arg(long)]
+        python: Option<PathBuf>,
+    },
     /// Runs the kernel benchmarks and writes `results/kernels.md`.
     BenchKernels {
         /// Criterion's measurement time per benchmark, in seconds.
@@ -303,6 +324,9 @@ fn main() -> Result<()> {
         Cmd::Ptx => ptx::check(&project_root()),
         Cmd::Params { json } => params(json),
         Cmd::BenchKernels { seconds } => bench::kernels(seconds),
+        Cmd::BenchLayers { size, batch, seconds, repeats, python } => {
+            bench_layers::run(size, batch, seconds, repeats, python)
+        }
         Cmd::GpuCheck { run: false, .. } => gpu_check::build(&project_root()),
         Cmd::GpuCheck { run: true, device, smoke, out, python } => {
             gpu_check::run(&gpu_check::RunOptions { device, smoke, out, python })
