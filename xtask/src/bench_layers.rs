@@ -5,12 +5,11 @@
 //! says how a whole step compares, this says which layers make the difference.
 
 use crate::bench_train::{median, report_header, TorchScript};
-use crate::project_root;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, Var};
 use sae_kernels::{conv2d, Conv2dConfig, Implementation};
 use std::fmt::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// One distinct convolution of the network and how often it occurs.
@@ -123,8 +122,8 @@ fn measure_ours(l: &Layer, seconds: f64) -> Result<(f64, f64)> {
 }
 
 /// `repeats` measurements per layer and side, ours and PyTorch's in turn; each side's fastest
-/// counts.
-pub fn run(size: usize, batch: usize, seconds: f64, repeats: usize, python: Option<PathBuf>) -> Result<()> {
+/// counts. The report goes to `out`.
+pub fn run(size: usize, batch: usize, seconds: f64, repeats: usize, python: Option<PathBuf>, out: &Path) -> Result<()> {
     if size < 32 {
         bail!("bench-layers: input size {size} is below 32, where ResNet-50's last stage has no pixels left")
     }
@@ -164,8 +163,10 @@ pub fn run(size: usize, batch: usize, seconds: f64, repeats: usize, python: Opti
         eprintln!("repeat {} of {repeats} done", repeat + 1);
     }
     let md = report(size, batch, seconds, repeats, &machine_peak, &layers, &ours, &theirs, version)?;
-    let out = project_root().join("results/conv-layers.md");
-    sae_fs::write_atomic(&out, md.as_bytes())?;
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    sae_fs::write_atomic(out, md.as_bytes())?;
     eprintln!("wrote {}", out.display());
     Ok(())
 }

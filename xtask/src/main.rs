@@ -141,6 +141,9 @@ enum Cmd {
         /// A Python interpreter with torch installed, to run `bench/pytorch/bench_layers.py`.
         #[arg(long)]
         python: Option<PathBuf>,
+        /// Where the report goes.
+        #[arg(long, default_value = "results/conv-layers.md")]
+        out: PathBuf,
     },
     /// Runs the kernel benchmarks and writes `results/kernels.md`.
     BenchKernels {
@@ -318,14 +321,19 @@ fn main() -> Result<()> {
                 out: project_root().join("target/gpu-check-smoke"),
                 python: std::env::var_os("SAE_TORCH_PYTHON").map(PathBuf::from),
             })?;
+            // bench-layers on ResNet-50 at 32×32 (1×1 images in layer 4), batch 2, one quick
+            // timing per layer and side.
+            let python = std::env::var_os("SAE_TORCH_PYTHON").map(PathBuf::from);
+            let out = project_root().join("target/bench-layers-smoke/conv-layers.md");
+            bench_layers::run(32, 2, 0.0, 1, python, &out)?;
             ptx::check(&project_root())
         }
         Cmd::Tidy => tidy::check(&project_root()),
         Cmd::Ptx => ptx::check(&project_root()),
         Cmd::Params { json } => params(json),
         Cmd::BenchKernels { seconds } => bench::kernels(seconds),
-        Cmd::BenchLayers { size, batch, seconds, repeats, python } => {
-            bench_layers::run(size, batch, seconds, repeats, python)
+        Cmd::BenchLayers { size, batch, seconds, repeats, python, out } => {
+            bench_layers::run(size, batch, seconds, repeats, python, &out)
         }
         Cmd::GpuCheck { run: false, .. } => gpu_check::build(&project_root()),
         Cmd::GpuCheck { run: true, device, smoke, out, python } => {
