@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, Var};
 use sae_kernels::{conv2d, Conv2dConfig, Implementation};
 use std::fmt::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 /// One distinct convolution of the network and how often it occurs.
@@ -121,14 +121,37 @@ fn measure_ours(l: &Layer, seconds: f64) -> Result<(f64, f64)> {
     Ok((forward * 1e3, backward * 1e3))
 }
 
-/// `repeats` measurements per layer and side, ours and PyTorch's in turn; each side's fastest
-/// counts. The report goes to `out`.
-pub fn run(size: usize, batch: usize, seconds: f64, repeats: usize, python: Option<PathBuf>, out: &Path) -> Result<()> {
+/// What `cargo xtask bench-layers` measures and where the report goes.
+pub struct Options {
+    /// Input size (height = width) of the network.
+    pub size: usize,
+    pub batch: usize,
+    /// Minimum measuring time per layer, pass and side.
+    pub seconds: f64,
+    /// Measurements per layer and side, ours and PyTorch's in turn; each side's fastest counts.
+    pub repeats: usize,
+    /// Python with torch, for PyTorch's side.
+    pub python: Option<PathBuf>,
+    /// Only the layers whose name contains this.
+    pub only: Option<String>,
+    pub out: PathBuf,
+}
+
+/// Measures the layers of `options` and writes the report.
+pub fn run(options: &Options) -> Result<()> {
+    let Options { size, batch, seconds, repeats, ref python, ref only, ref out } = *options;
     if size < 32 {
         bail!("bench-layers: input size {size} is below 32, where ResNet-50's last stage has no pixels left")
     }
-    let layers = resnet50_layers(size, batch);
+    let mut layers = resnet50_layers(size, batch);
+    if let Some(only) = only {
+        layers.retain(|l| l.name.contains(only.as_str()));
+        if layers.is_empty() {
+            bail!("bench-layers: no layer's name contains {only:?} (names look like \"layer3.1–5 conv2\")")
+        }
+    }
     let torch = python.as_ref().map(|python| TorchScript { python, seconds });
+    let repeats = repeats.max(1);
     let shapes = serde_json::to_string(
         &layers
             .iter()
@@ -142,7 +165,7 @@ pub fn run(size: usize, batch: usize, seconds: f64, repeats: usize, python: Opti
     let fastest = |a: Option<(f64, f64)>, b: (f64, f64)| a.map_or(b, |a: (f64, f64)| (a.0.min(b.0), a.1.min(b.1)));
     let (mut ours, mut theirs) = (vec![None; layers.len()], vec![None; layers.len()]);
     let mut version = None;
-    for repeat in 0..repeats.max(1) {
+    for repeat in 0..repeats {
         for (i, l) in layers.iter().enumerate() {
             let m = measure_ours(l, seconds)?;
             eprintln!("{} ({:?} → {}): ours {:.3} / {:.3} ms", l.name, l.input, l.out_channels, m.0, m.1);

@@ -141,6 +141,9 @@ enum Cmd {
         /// A Python interpreter with torch installed, to run `bench/pytorch/bench_layers.py`.
         #[arg(long)]
         python: Option<PathBuf>,
+        /// Only the layers whose name contains this (`layer4`, `conv2`, `stem`, …).
+        #[arg(long)]
+        only: Option<String>,
         /// Where the report goes.
         #[arg(long, default_value = "results/conv-layers.md")]
         out: PathBuf,
@@ -323,17 +326,23 @@ fn main() -> Result<()> {
             })?;
             // bench-layers on ResNet-50 at 32×32 (1×1 images in layer 4), batch 2, one quick
             // timing per layer and side.
-            let python = std::env::var_os("SAE_TORCH_PYTHON").map(PathBuf::from);
-            let out = project_root().join("target/bench-layers-smoke/conv-layers.md");
-            bench_layers::run(32, 2, 0.0, 1, python, &out)?;
+            bench_layers::run(&bench_layers::Options {
+                size: 32,
+                batch: 2,
+                seconds: 0.0,
+                repeats: 1,
+                python: std::env::var_os("SAE_TORCH_PYTHON").map(PathBuf::from),
+                only: None,
+                out: project_root().join("target/bench-layers-smoke/conv-layers.md"),
+            })?;
             ptx::check(&project_root())
         }
         Cmd::Tidy => tidy::check(&project_root()),
         Cmd::Ptx => ptx::check(&project_root()),
         Cmd::Params { json } => params(json),
         Cmd::BenchKernels { seconds } => bench::kernels(seconds),
-        Cmd::BenchLayers { size, batch, seconds, repeats, python, out } => {
-            bench_layers::run(size, batch, seconds, repeats, python, &out)
+        Cmd::BenchLayers { size, batch, seconds, repeats, python, only, out } => {
+            bench_layers::run(&bench_layers::Options { size, batch, seconds, repeats, python, only, out })
         }
         Cmd::GpuCheck { run: false, .. } => gpu_check::build(&project_root()),
         Cmd::GpuCheck { run: true, device, smoke, out, python } => {
