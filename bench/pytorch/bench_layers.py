@@ -3,8 +3,8 @@ k // 2, as ResNet-50's), forward and backward timed the way the Rust side times 
 
 The forward runs with autograd recording, as in training. The backward is the convolution's
 alone: the output is computed once and `torch.autograd.grad` takes the gradients of the input
-(unless `--no-input-gradient` lists the shape, as for the stem, whose input is the image) and
-of the weight from an all-ones output gradient, with the graph kept for the next call.
+(unless the shape's last element is false, as for the stem, whose input is the image) and of
+the weight from an all-ones output gradient, with the graph kept for the next call.
 
 Prints one JSON object per line: the torch version, then one line per shape with the median
 forward and backward milliseconds.

@@ -184,7 +184,7 @@ pub fn kernels(seconds: u64) -> Result<()> {
         else {
             continue;
         };
-        let out_size = |len: usize| (len + 2 * (kk / 2) - kk) / st + 1;
+        let out_size = |len: usize| crate::bench_layers::output_size(len, kk, st);
         let macs = (n * oc * out_size(h) * out_size(w) * c * kk * kk) as f64;
         // The stem's input (3 channels, the image) takes no gradient: its backward is one product.
         let backward_products = if c == 3 { 1.0 } else { 2.0 };

@@ -4,13 +4,12 @@
 //! `bench/pytorch/bench_layers.py`, written to `results/conv-layers.md`. Where `bench-train`
 //! says how a whole step compares, this says which layers make the difference.
 
-use crate::bench_train::{median, report_header, TorchScript};
+use crate::bench_train::{median_seconds, report_header, TorchScript};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, Var};
 use sae_kernels::{conv2d, Conv2dConfig, Implementation};
 use std::fmt::Write;
 use std::path::PathBuf;
-use std::time::Instant;
 
 /// One distinct convolution of the network and how often it occurs.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,7 +31,7 @@ impl Layer {
     }
 
     fn output_size(&self) -> (usize, usize) {
-        let out = |x: usize| (x + 2 * (self.kernel / 2) - self.kernel) / self.stride + 1;
+        let out = |x: usize| output_size(x, self.kernel, self.stride);
         (out(self.input[2]), out(self.input[3]))
     }
 
@@ -49,23 +48,28 @@ impl Layer {
     }
 }
 
+/// Output length of a convolution (and of ResNet's max-pool) with padding `kernel / 2` along
+/// an input of `len`.
+pub(crate) fn output_size(len: usize, kernel: usize, stride: usize) -> usize {
+    (len + 2 * (kernel / 2) - kernel) / stride + 1
+}
+
 /// ResNet-50's convolutions at `size`×`size` input, batch `batch`: the 7×7/2 stem (then the
 /// 3×3/2 max-pool), and four stages of 3, 4, 6, 3 bottlenecks (1×1, 3×3 with the stage's
 /// stride in its first block, 1×1 expanding 4×, and a 1×1 projection in each first block).
 /// Layers with the same shape are listed once with their count.
 fn resnet50_layers(size: usize, batch: usize) -> Vec<Layer> {
-    let after = |x: usize, k: usize, s: usize| (x + 2 * (k / 2) - k) / s + 1;
     let mut layers = Vec::new();
     let mut add = |name: String, c: usize, h: usize, o: usize, k: usize, s: usize, count: usize| {
         layers.push(Layer { name, input: [batch, c, h, h], out_channels: o, kernel: k, stride: s, count })
     };
     add("stem".into(), 3, size, 64, 7, 2, 1);
-    let mut h = after(after(size, 7, 2), 3, 2);
+    let mut h = output_size(output_size(size, 7, 2), 3, 2);
     let mut in_ch = 64;
     for (stage, (blocks, planes)) in [(3, 64), (4, 128), (6, 256), (3, 512)].into_iter().enumerate() {
         let (name, stride, out) = (format!("layer{}", stage + 1), if stage == 0 { 1 } else { 2 }, planes * 4);
         let rest = if blocks > 2 { format!("{name}.1–{}", blocks - 1) } else { format!("{name}.1") };
-        let h2 = after(h, 3, stride);
+        let h2 = output_size(h, 3, stride);
         add(format!("{name}.0 conv1"), in_ch, h, planes, 1, 1, 1);
         add(format!("{name}.0 conv2"), planes, h, planes, 3, stride, 1);
         add(format!("{rest} conv2"), planes, h2, planes, 3, 1, blocks - 1);
@@ -91,20 +95,6 @@ fn resnet50_layers(size: usize, batch: usize) -> Vec<Layer> {
     merged
 }
 
-/// Median seconds of `f` over at least `seconds` and 5 calls, after 2 warm-up calls (what `f`
-/// returns is dropped inside the timing, as a training step drops its tensors).
-fn median_seconds<T>(seconds: f64, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
-    f()?;
-    f()?;
-    let (start, mut times) = (Instant::now(), Vec::new());
-    while start.elapsed().as_secs_f64() < seconds || times.len() < 5 {
-        let t = Instant::now();
-        f()?;
-        times.push(t.elapsed().as_secs_f64());
-    }
-    Ok(median(times))
-}
-
 /// Forward and backward milliseconds of one layer, ours: the forward records the graph, as in
 /// training; the backward is Candle's `backward` of the output (an all-ones output gradient)
 /// through our convolution's gradient op, from an output computed once.
@@ -115,9 +105,10 @@ fn measure_ours(l: &Layer, seconds: f64) -> Result<(f64, f64)> {
     let w = Var::from_tensor(
         &(Tensor::randn(0f32, 1.0, (l.out_channels, l.input[1], l.kernel, l.kernel), &Device::Cpu)? * 0.1)?,
     )?;
-    let forward = median_seconds(seconds, || Ok(conv2d(&x, &w, cfg, Implementation::Fused)?))?;
+    // At least 5 calls, as `bench_layers.py` times them.
+    let forward = median_seconds(seconds, 5, || Ok(conv2d(&x, &w, cfg, Implementation::Fused)?))?;
     let y = conv2d(&x, &w, cfg, Implementation::Fused)?;
-    let backward = median_seconds(seconds, || Ok(y.backward()?))?;
+    let backward = median_seconds(seconds, 5, || Ok(y.backward()?))?;
     Ok((forward * 1e3, backward * 1e3))
 }
 

@@ -123,6 +123,20 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Median seconds of `f` over at least `min_calls` calls and `seconds`, after two warm-up
+/// calls; what `f` returns is dropped inside the timing (as a step drops its tensors).
+pub(crate) fn median_seconds<T>(seconds: f64, min_calls: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
+    f()?;
+    f()?;
+    let (mut times, start) = (Vec::new(), Instant::now());
+    while times.len() < min_calls || start.elapsed().as_secs_f64() < seconds {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    Ok(median(times))
+}
+
 /// Measures one row in a process of its own (`xtask bench-train-row`), so that its peak
 /// memory is its own.
 fn measure_ours(r: Row, kernels: Implementation, precision: Precision, seconds: f64) -> Result<Timing> {
@@ -233,19 +247,11 @@ pub fn gemm_gflops(dtype: DType) -> Result<f64> {
     let x = Tensor::randn(0f32, 1.0, (1, 2048, 32, 64), &device)?.to_dtype(dtype)?;
     let w = Tensor::randn(0f32, 1.0, (2048, 2048, 1, 1), &device)?.to_dtype(dtype)?;
     let cfg = sae_kernels::Conv2dConfig { stride: 1, padding: 0, groups: 1 };
-    let multiply = || device.with_context(|| sae_kernels::conv2d(&x, &w, cfg, Implementation::Fused));
+    let multiply = || Ok(device.with_context(|| sae_kernels::conv2d(&x, &w, cfg, Implementation::Fused))?);
     // Timed as the PyTorch script times `a @ b`: two warm-up calls, then the median of at least
     // 3 calls and 2 s (six calls, the first one cold, once gave 332 GFLOP/s against 427 in the
     // runs around it on the Xeon: a stall of the VM outweighed them).
-    multiply()?;
-    multiply()?;
-    let (mut times, start) = (Vec::new(), Instant::now());
-    while times.len() < 3 || start.elapsed().as_secs_f64() < 2.0 {
-        let t = Instant::now();
-        multiply()?;
-        times.push(t.elapsed().as_secs_f64());
-    }
-    Ok(2.0 * 2048f64.powi(3) / median(times) / 1e9)
+    Ok(2.0 * 2048f64.powi(3) / median_seconds(2.0, 3, multiply)? / 1e9)
 }
 
 /// One row as PyTorch ran it: images/s, parameter count and memory.

@@ -743,19 +743,10 @@ fn training(device: &Device, smoke: bool) -> Result<(String, Vec<String>)> {
 /// Median seconds of `f` (which must finish its device work) after two warm-up calls, over
 /// at least 3 calls and `seconds`.
 fn timed(device: &Device, seconds: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    for _ in 0..2 {
+    crate::bench_train::median_seconds(seconds, 3, || {
         f()?;
-    }
-    device.synchronize()?;
-    let mut times = Vec::new();
-    let start = Instant::now();
-    while times.len() < 3 || start.elapsed().as_secs_f64() < seconds {
-        let t = Instant::now();
-        f()?;
-        device.synchronize()?;
-        times.push(t.elapsed().as_secs_f64());
-    }
-    Ok(crate::bench_train::median(times))
+        Ok(device.synchronize()?)
+    })
 }
 
 /// `nvidia-smi --query-gpu=FIELDS` (CSV, no header), if it runs.
