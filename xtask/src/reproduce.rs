@@ -174,8 +174,13 @@ fn preset(table: Table, name: PresetName) -> Preset {
         // initialisation), and the run diverged to chance (measured: train loss 6.0, eval top-1
         // 10.00 % after the first epoch at 64×64); lr 0.001 still oscillated.
         (PresetName::Cpu, Table::Four) => Preset { input_size: 64, seeds: 3, ..base },
+        // Five epochs, not three: three tiny epochs' train loss moves by as much from epoch to
+        // epoch as it falls (measured over seeds 0–5 of the Table 3 test: the fall from the
+        // first epoch to the third was as small as 0.1 and summation order alone flipped its
+        // sign); by the fifth it had fallen by 0.65–2.7 in all 48 runs (4 models × 6 seeds,
+        // with and without a change of the Winograd weight gradient's summation order).
         (PresetName::Smoke, _) => {
-            Preset { epochs: 3, batch_size: 10, train_images: Some(100), eval_images: Some(40), ..base }
+            Preset { epochs: 5, batch_size: 10, train_images: Some(100), eval_images: Some(40), ..base }
         }
     }
 }
@@ -700,8 +705,8 @@ mod tests {
         assert_eq!(results.len(), 4);
         for (model, runs) in &results {
             let run = &runs[0];
-            assert_eq!(run.len(), 3, "{model}");
-            assert!(run[2].train_loss < run[0].train_loss, "{model}: loss did not fall: {run:?}");
+            assert_eq!(run.len(), 5, "{model}");
+            assert!(run[4].train_loss < run[0].train_loss, "{model}: loss did not fall: {run:?}");
         }
         let report = std::fs::read_to_string(&opts.out).unwrap();
         let plot = image::open(root.join("table3.png")).unwrap();
