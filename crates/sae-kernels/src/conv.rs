@@ -13,7 +13,8 @@
 //!
 //! A 3×3 stride-1 ungrouped convolution (most of ResNet's 3×3 ones) with f32 products takes
 //! Winograd's F(2×2, 3×3) algorithm instead for all three products (`crate::winograd`: 16
-//! multiplies per 2×2 output pixels instead of 36, the input expanded 4 times instead of 9).
+//! multiplies per 2×2 output pixels instead of 36, the input expanded 4 times instead of 9),
+//! but for the weight gradient of a batch with few tiles (small images), which is unrolled.
 //!
 //! Images with at least [`PER_IMAGE_PIXELS`] output pixels (and batches of one) run one
 //! multiply per image and group, written straight into the image's place in the output:
@@ -776,6 +777,7 @@ impl ConvBackward {
     #[allow(clippy::too_many_arguments)]
     fn backward_per_image<T: Elem>(
         &self,
+        input_gradient: bool,
         g: &Geometry,
         x: &[T],
         xs: &Strided4,
@@ -791,7 +793,7 @@ impl ConvBackward {
         // Each range multiplies on one thread when there are enough images for all threads.
         let (ranges, threads) = if g.n >= pool { (pool, 1) } else { (1, pool) };
         let per_range = g.n.div_ceil(ranges);
-        let mut dx_ranges: Vec<Option<&mut [T]>> = if self.input_gradient {
+        let mut dx_ranges: Vec<Option<&mut [T]>> = if input_gradient {
             dx.chunks_mut(per_range * image_len).map(Some).collect()
         } else {
             (0..g.n.div_ceil(per_range)).map(|_| None).collect()
@@ -815,7 +817,7 @@ impl ConvBackward {
         // (col2im 5.3 → 2.5 % of a 140×140 SENetV2-ResNet-50 bf16 step on the AMD EPYC). Not
         // in the batched path below: from images a few pixels wide, packing dy's nine-fold
         // unrolling run by run cost more than col2im (32×32 backward 5–10 % slower).
-        let gradient_conv = (self.input_gradient && products == Products::Bf16 && !pointwise)
+        let gradient_conv = (input_gradient && products == Products::Bf16 && !pointwise)
             .then(|| g.input_gradient_convolution(gr))
             .flatten();
         let turned = gradient_conv.map(|_| g.turned_weights(w)).unwrap_or_default();
@@ -923,25 +925,49 @@ impl ConvBackward {
     /// (dx, dW) in f32 arithmetic on any element type; dW is summed in f32 and left in f32.
     fn backward<T: Elem>(&self, g: &Geometry, x: &[T], xs: &Strided4, w: &[f32], gr: &[T]) -> (Vec<T>, Vec<f32>) {
         let products = Products::for_operands::<T>();
-        let (p, kg, og) = (g.pixels(), g.rows_per_group(), g.out_per_group());
+        let (p, kg) = (g.pixels(), g.rows_per_group());
         let image_len = if self.input_gradient { g.c * g.h * g.w } else { 0 };
         // Every element is written below: dW by its first multiply or a copy, dx by a
         // multiply or zero-filled before col2im adds into it, or by Winograd's convolution.
         let (mut dx, mut dw) = (uninit::<T>(g.n * image_len), uninit::<f32>(g.oc * kg));
-        if let Some(winograd) = g.winograd(products) {
-            if self.input_gradient {
-                let u = transform_weights(w, g.oc, g.c, true);
-                let dims = [g.n, g.oc, g.oh, g.ow];
-                let dys = Strided4 { dims, strides: [g.oc * p, p, g.ow, 1], offset: 0 };
-                winograd.input_gradient().forward(gr, &dys, &u, &mut dx, |_, _| ());
-            }
+        let Some(winograd) = g.winograd(products) else {
+            self.backward_unrolled(self.input_gradient, g, x, xs, w, gr, &mut dx, &mut dw);
+            return (dx, dw);
+        };
+        if self.input_gradient {
+            let u = transform_weights(w, g.oc, g.c, true);
+            let dims = [g.n, g.oc, g.oh, g.ow];
+            let dys = Strided4 { dims, strides: [g.oc * p, p, g.ow, 1], offset: 0 };
+            winograd.input_gradient().forward(gr, &dys, &u, &mut dx, |_, _| ());
+        }
+        if winograd.weight_gradient_pays() {
             winograd.weight_gradient(x, xs, gr, &mut dw);
-            return (dx, dw);
+        } else {
+            self.backward_unrolled(false, g, x, xs, w, gr, &mut [], &mut dw);
         }
+        (dx, dw)
+    }
+
+    /// The backward pass as unrolled products (see the module doc): dW, and dx where
+    /// `input_gradient` (`dx` holds N images then, and is empty otherwise).
+    #[allow(clippy::too_many_arguments)]
+    fn backward_unrolled<T: Elem>(
+        &self,
+        input_gradient: bool,
+        g: &Geometry,
+        x: &[T],
+        xs: &Strided4,
+        w: &[f32],
+        gr: &[T],
+        dx: &mut [T],
+        dw: &mut [f32],
+    ) {
         if g.per_image() {
-            self.backward_per_image(g, x, xs, w, gr, &mut dx, &mut dw);
-            return (dx, dw);
+            return self.backward_per_image(input_gradient, g, x, xs, w, gr, dx, dw);
         }
+        let products = Products::for_operands::<T>();
+        let (p, kg, og) = (g.pixels(), g.rows_per_group(), g.out_per_group());
+        let image_len = g.c * g.h * g.w;
         let chunk = g.images_per_chunk(self.col_budget);
         let mut col = Vec::<f32>::new();
         for c in 0..g.n.div_ceil(chunk) {
@@ -960,14 +986,14 @@ impl ConvBackward {
             let packed_from_images = products == Products::Bf16
                 && g.unrolled_bf16(x, xs, images.clone()).is_some_and(|unrolled| {
                     let dy = Mat { data: &dy, rs: np, cs: 1 };
-                    matmul_threads_unrolled(threads, og, kg, np, dy, UnrolledT::new(unrolled), &mut dw, c > 0)
+                    matmul_threads_unrolled(threads, og, kg, np, dy, UnrolledT::new(unrolled), dw, c > 0)
                 });
             if !packed_from_images {
                 g.im2col_into(x, xs, images.clone(), &mut col);
                 let col = Mat { data: &col, rs: np, cs: 1 };
-                g.weight_gradient(products, false, threads, &dy, np, col, &mut dw, c > 0);
+                g.weight_gradient(products, false, threads, &dy, np, col, dw, c > 0);
             }
-            if !self.input_gradient {
+            if !input_gradient {
                 continue;
             }
             // `col` is no longer needed (or was never filled): it becomes dcol = Wᵀ · dy.
@@ -987,7 +1013,6 @@ impl ConvBackward {
                 })
             });
         }
-        (dx, dw)
     }
 }
 

@@ -35,6 +35,10 @@ const MIN_TILES: usize = 512;
 /// (16 tiles at layer 3) 0.119–0.120 s with no limit, 0.107 at 128, 0.108–0.109 unrolled.
 const MIN_BATCH_TILES: usize = 128;
 
+/// Tiles of a batch from which the weight gradient is computed this way too (see
+/// [`Winograd::weight_gradient_pays`]).
+const MIN_WEIGHT_GRADIENT_TILES: usize = 256;
+
 /// Floats the transformed input and the products of one chunk may take (64 MiB).
 const BUDGET: usize = 16 << 20;
 
@@ -70,6 +74,17 @@ impl Winograd {
     /// are not free), and the batch must have [`MIN_BATCH_TILES`] tiles.
     pub fn pays(&self) -> bool {
         4 * 16 * self.tiles() <= 3 * 9 * self.oh * self.ow && self.n * self.tiles() >= MIN_BATCH_TILES
+    }
+
+    /// Whether the weight gradient pays this way too: its 16 products are as deep as the
+    /// batch has tiles, and each writes an (oc × c) matrix that the adjoint transform reads
+    /// back, 16/9 of the weights, so shallow ones lose to the unrolled products. Layer 4 of
+    /// ResNet-50 at 140×140 (512 channels, 5×5, 144 tiles in a batch of 16): backward 20.5 ms
+    /// with the unrolled weight gradient against 23.6–23.9 ms (`cargo xtask bench-layers`, two
+    /// rounds on the 2-core AMD EPYC); layer 3 (9×9, 400 tiles) 15.3–15.4 ms against 13.7–13.9,
+    /// layer 4 at 224×224 (7×7, 256 tiles) level (37–41 ms both ways).
+    pub fn weight_gradient_pays(&self) -> bool {
+        self.n * self.tiles() >= MIN_WEIGHT_GRADIENT_TILES
     }
 
     /// The input gradient's convolution: the output gradient (n, oc, oh, ow) in, `c`
