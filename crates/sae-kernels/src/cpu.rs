@@ -144,31 +144,74 @@ pub(crate) fn copy_converted<T: Elem, U: Elem>(src: &[T], dst: &mut [U]) {
         dst[..n].copy_from_slice(s);
         return;
     }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") {
-        // SAFETY: the CPU has the features the function is compiled for.
-        return unsafe { convert_avx512(&src[..n], &mut dst[..n]) };
-    }
-    convert_elements(&src[..n], &mut dst[..n]);
+    vectorized!(convert_elements(&src[..n], &mut dst[..n]));
 }
 
-/// The conversion loop of [`copy_converted`]. Built for the baseline x86-64 it runs four
-/// lanes wide (SSE2); [`convert_avx512`] is the same code for sixteen.
+/// The conversion loop of [`copy_converted`]: in [`vectorized!`] code 16 lanes wide (writing a
+/// bf16 convolution's f32 output took 5.6 % of a SENetV2-ResNet-50 bf16 inference step on the
+/// AMD EPYC in the baseline's SSE2 code).
 #[inline(always)]
 fn convert_elements<T: Elem, U: Elem>(src: &[T], dst: &mut [U]) {
     dst.iter_mut().zip(src).for_each(|(d, &s)| *d = U::from_f32(s.to_f32()));
 }
 
-/// [`convert_elements`] compiled for AVX-512: the same results (the same code), 16 lanes per
-/// instruction. Writing a bf16 convolution's f32 output took 5.6 % of a SENetV2-ResNet-50
-/// bf16 inference step on the AMD EPYC in SSE2 code.
-///
+/// `vectorized!(body)` runs `body` compiled for AVX-512 where the CPU has it (16 f32 lanes),
+/// else for AVX2 and FMA (8), else as the crate is built: x86-64's baseline SSE2, 4 lanes, in
+/// which the compiler vectorizes every plain loop of this crate otherwise. The results are the
+/// same bits on every path: the code is the same, and Rust neither fuses a multiply and an add
+/// nor reorders floating-point operations when it vectorizes. What `body` calls is compiled
+/// this way only where it is inlined into it: loops in called functions need
+/// `#[inline(always)]`. (A macro, so that the body's closure is always inlined into each
+/// target's copy; called from three places, the compiler would otherwise keep one copy, built
+/// for the baseline.)
+macro_rules! vectorized {
+    ($($body:tt)*) => {
+        $crate::cpu::run_vectorized(#[inline(always)] || { $($body)* })
+    };
+}
+pub(crate) use vectorized;
+
+/// Set, [`vectorized!`] runs the baseline build's code on every CPU: the tests compare the
+/// two paths on whatever machine runs them.
+#[cfg(test)]
+pub(crate) static BASELINE_VECTORS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The dispatch of [`vectorized!`].
+#[inline(always)]
+pub(crate) fn run_vectorized<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(test)]
+    if BASELINE_VECTORS.load(std::sync::atomic::Ordering::Relaxed) {
+        return f();
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512dq") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { run_avx512(f) };
+        }
+        if has!("avx2") && has!("fma") {
+            // SAFETY: as above.
+            return unsafe { run_avx2(f) };
+        }
+    }
+    f()
+}
+
 /// # Safety
-/// The CPU must have AVX-512F and AVX-512BW.
+/// The CPU must have AVX-512F, BW, VL and DQ.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn convert_avx512<T: Elem, U: Elem>(src: &[T], dst: &mut [U]) {
-    convert_elements(src, dst)
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+unsafe fn run_avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn run_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
 }
 
 /// `data` as f32: the slice itself when `T` is f32, otherwise converted into `buf`.

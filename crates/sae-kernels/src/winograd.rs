@@ -20,7 +20,7 @@
 //! the weights rotated by 180° and their channel axes swapped, padded by `2 − padding`
 //! ([`transform_weights`] with `rotate`).
 
-use crate::cpu::{matmul_threads, plane_f32, read_f32, uninit, write_f32, Elem, Mat, Products};
+use crate::cpu::{matmul_threads, plane_f32, read_f32, uninit, vectorized, write_f32, Elem, Mat, Products};
 use crate::layout::Strided4;
 use rayon::prelude::*;
 
@@ -186,16 +186,14 @@ impl Winograd {
                 matmul_threads(Products::F32, 1, oc, c, cols, dm, vt, du, chunk > 0);
             });
         }
-        // Gᵀ dU G: rows (u0 + (u1 + u2)/2, (u1 − u2)/2, (u1 + u2)/2 + u3), then the same on
-        // the columns of each row.
-        let adjoint = |a: f32, b: f32, cc: f32, d: f32| [a + 0.5 * (b + cc), 0.5 * (b - cc), 0.5 * (b + cc) + d];
-        dw.par_chunks_mut(c * 9).enumerate().for_each(|(o, dw)| {
-            for (ci, g) in dw.chunks_exact_mut(9).enumerate() {
-                let u = |t: usize| du[(t * oc + o) * c + ci];
-                let columns: [[f32; 3]; 4] = std::array::from_fn(|j| adjoint(u(j), u(4 + j), u(8 + j), u(12 + j)));
-                for i in 0..3 {
-                    let row = adjoint(columns[0][i], columns[1][i], columns[2][i], columns[3][i]);
-                    g[i * 3..i * 3 + 3].copy_from_slice(&row);
+        dw.par_chunks_mut(c * 9).enumerate().for_each_init(Vec::new, |scratch, (o, dw)| {
+            scratch.resize(21 * c, 0.0);
+            let (columns, taps) = scratch.split_at_mut(12 * c);
+            vectorized!(adjoint_filters(&du, o * c, oc * c, c, columns, taps));
+            // Tap by tap into the filters of output channel `o`.
+            for (i, tap) in taps.chunks_exact(c).enumerate() {
+                for (g, &v) in dw.chunks_exact_mut(9).zip(tap) {
+                    g[i] = v;
                 }
             }
         });
@@ -381,28 +379,84 @@ struct Scratch {
 pub(crate) fn transform_weights(w: &[f32], o: usize, c: usize, rotate: bool) -> Vec<f32> {
     let (rows, cols) = if rotate { (c, o) } else { (o, c) };
     let mut u = uninit::<f32>(rows * 16 * cols);
-    u.par_chunks_mut(16 * cols).enumerate().for_each(|(r, u)| {
+    u.par_chunks_mut(16 * cols).enumerate().for_each_init(Vec::new, |scratch, (r, u)| {
+        // The row's filters tap by tap, `taps[(3·ky + kx) · cols + k]` (rotated: tap 8 − i
+        // is tap i), so that the transform runs as vector operations over the filters.
+        scratch.resize(15 * cols, 0.0);
+        let (taps, halves) = scratch.split_at_mut(9 * cols);
         for k in 0..cols {
             let (oi, ci) = if rotate { (k, r) } else { (r, k) };
-            let g = &w[(oi * c + ci) * 9..][..9];
-            let tap = |ky: usize, kx: usize| if rotate { g[(2 - ky) * 3 + 2 - kx] } else { g[ky * 3 + kx] };
-            // G g: rows (g0, (g0 + g1 + g2)/2, (g0 − g1 + g2)/2, g2), per column; then the
-            // same on the columns of each row.
-            let column = |j: usize| {
-                let (a, b, d) = (tap(0, j), tap(1, j), tap(2, j));
-                [a, 0.5 * (a + b + d), 0.5 * (a - b + d), d]
-            };
-            let (c0, c1, c2) = (column(0), column(1), column(2));
-            let gg: [[f32; 3]; 4] = std::array::from_fn(|i| [c0[i], c1[i], c2[i]]);
-            for (i, &[a, b, d]) in gg.iter().enumerate() {
-                let vals = [a, 0.5 * (a + b + d), 0.5 * (a - b + d), d];
-                for (j, val) in vals.into_iter().enumerate() {
-                    u[(4 * i + j) * cols + k] = val;
-                }
+            for (i, &v) in w[(oi * c + ci) * 9..][..9].iter().enumerate() {
+                taps[if rotate { 8 - i } else { i } * cols + k] = v;
             }
         }
+        vectorized!(transform_filters(taps, halves, cols, u));
     });
     u
+}
+
+/// `G g Gᵀ` of `cols` filters given tap by tap into the 16 rows of `u` (`u[t · cols + k]`),
+/// as passes over the filters. `G g`: per column of the filter, rows (g0, (g0 + g1 + g2)/2,
+/// (g0 − g1 + g2)/2, g2) — its middle two rows go to `halves` — then the same on the columns
+/// of each row.
+#[inline(always)]
+fn transform_filters(taps: &[f32], halves: &mut [f32], cols: usize, u: &mut [f32]) {
+    let tap = |i: usize| &taps[i * cols..][..cols];
+    let (sums, diffs) = halves.split_at_mut(3 * cols);
+    for j in 0..3 {
+        let (a, b, d) = (tap(j), tap(3 + j), tap(6 + j));
+        let (sum, diff) = (&mut sums[j * cols..][..cols], &mut diffs[j * cols..][..cols]);
+        for k in 0..cols {
+            sum[k] = 0.5 * (a[k] + b[k] + d[k]);
+            diff[k] = 0.5 * (a[k] - b[k] + d[k]);
+        }
+    }
+    let (sums, diffs) = (&*sums, &*diffs);
+    #[inline(always)]
+    fn row(rows: &[f32], j: usize, cols: usize) -> &[f32] {
+        &rows[j * cols..][..cols]
+    }
+    for (i, rows) in [&taps[..3 * cols], sums, diffs, &taps[6 * cols..]].into_iter().enumerate() {
+        let (a, b, d) = (row(rows, 0, cols), row(rows, 1, cols), row(rows, 2, cols));
+        let (u0, rest) = u[4 * i * cols..].split_at_mut(cols);
+        let (u1, rest) = rest.split_at_mut(cols);
+        let (u2, rest) = rest.split_at_mut(cols);
+        let u3 = &mut rest[..cols];
+        for k in 0..cols {
+            u0[k] = a[k];
+            u1[k] = 0.5 * (a[k] + b[k] + d[k]);
+            u2[k] = 0.5 * (a[k] - b[k] + d[k]);
+            u3[k] = d[k];
+        }
+    }
+}
+
+/// `Gᵀ dU G` of `c` filters whose 16 entries are `du[first + t · stride + k]`, into `taps`
+/// tap by tap (`taps[(3·ky + kx) · c + k]`), as passes over the filters: rows (u0 + (u1 + u2)/2,
+/// (u1 − u2)/2, (u1 + u2)/2 + u3) into `columns`, then the same on the columns of each row.
+#[inline(always)]
+fn adjoint_filters(du: &[f32], first: usize, stride: usize, c: usize, columns: &mut [f32], taps: &mut [f32]) {
+    // Three rows of `c` into `out`.
+    #[inline(always)]
+    fn adjoint(a: &[f32], b: &[f32], cc: &[f32], d: &[f32], out: &mut [f32]) {
+        let c = a.len();
+        let (o0, rest) = out.split_at_mut(c);
+        let (o1, o2) = rest.split_at_mut(c);
+        for k in 0..c {
+            o0[k] = a[k] + 0.5 * (b[k] + cc[k]);
+            o1[k] = 0.5 * (b[k] - cc[k]);
+            o2[k] = 0.5 * (b[k] + cc[k]) + d[k];
+        }
+    }
+    let u = |t: usize| &du[first + t * stride..][..c];
+    // Column j's three values at rows 3j..3j + 3 of `columns`.
+    for j in 0..4 {
+        adjoint(u(j), u(4 + j), u(8 + j), u(12 + j), &mut columns[3 * j * c..][..3 * c]);
+    }
+    let column = |j: usize, i: usize| &columns[(3 * j + i) * c..][..c];
+    for i in 0..3 {
+        adjoint(column(0, i), column(1, i), column(2, i), column(3, i), &mut taps[3 * i * c..][..3 * c]);
+    }
 }
 
 #[cfg(test)]
@@ -503,6 +557,30 @@ mod tests {
             wg.weight_gradient(&x, &contiguous(dims), &dy, &mut dw);
             assert_close(&format!("{what}: weight gradient"), &dw, &want.dw);
         }
+    }
+
+    /// The filter transforms run in [`vectorized!`] code: the CPU's widest vectors give the
+    /// same bits as the baseline build's four lanes (odd filter counts leave remainders).
+    #[test]
+    fn vectorized_filter_transforms_equal_the_baseline_bit_for_bit() {
+        use crate::cpu::BASELINE_VECTORS;
+        use std::sync::atomic::Ordering;
+        let ([n, c, h, wd], o) = ([2, 37, 6, 5], 21);
+        let wg = Winograd::new(n, c, h, wd, o, 1).unwrap();
+        let (x, w, dy) = (values(1, n * c * h * wd), values(2, o * c * 9), values(3, n * o * wg.oh * wg.ow));
+        let run = |baseline: bool| {
+            BASELINE_VECTORS.store(baseline, Ordering::SeqCst);
+            let mut dw = vec![f32::NAN; w.len()];
+            wg.weight_gradient(&x, &contiguous([n, c, h, wd]), &dy, &mut dw);
+            let out = (transform_weights(&w, o, c, false), transform_weights(&w, o, c, true), dw);
+            BASELINE_VECTORS.store(false, Ordering::SeqCst);
+            out
+        };
+        let (wide, baseline) = (run(false), run(true));
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&wide.0), bits(&baseline.0), "forward filters");
+        assert_eq!(bits(&wide.1), bits(&baseline.1), "rotated filters");
+        assert_eq!(bits(&wide.2), bits(&baseline.2), "weight gradient");
     }
 
     #[test]
