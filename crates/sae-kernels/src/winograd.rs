@@ -401,10 +401,14 @@ pub(crate) fn transform_weights(w: &[f32], o: usize, c: usize, rotate: bool) -> 
 /// of each row.
 #[inline(always)]
 fn transform_filters(taps: &[f32], halves: &mut [f32], cols: usize, u: &mut [f32]) {
-    let tap = |i: usize| &taps[i * cols..][..cols];
+    // Row `j` of `rows`, rows `cols` long.
+    #[inline(always)]
+    fn row(rows: &[f32], j: usize, cols: usize) -> &[f32] {
+        &rows[j * cols..][..cols]
+    }
     let (sums, diffs) = halves.split_at_mut(3 * cols);
     for j in 0..3 {
-        let (a, b, d) = (tap(j), tap(3 + j), tap(6 + j));
+        let (a, b, d) = (row(taps, j, cols), row(taps, 3 + j, cols), row(taps, 6 + j, cols));
         let (sum, diff) = (&mut sums[j * cols..][..cols], &mut diffs[j * cols..][..cols]);
         for k in 0..cols {
             sum[k] = 0.5 * (a[k] + b[k] + d[k]);
@@ -412,10 +416,6 @@ fn transform_filters(taps: &[f32], halves: &mut [f32], cols: usize, u: &mut [f32
         }
     }
     let (sums, diffs) = (&*sums, &*diffs);
-    #[inline(always)]
-    fn row(rows: &[f32], j: usize, cols: usize) -> &[f32] {
-        &rows[j * cols..][..cols]
-    }
     for (i, rows) in [&taps[..3 * cols], sums, diffs, &taps[6 * cols..]].into_iter().enumerate() {
         let (a, b, d) = (row(rows, 0, cols), row(rows, 1, cols), row(rows, 2, cols));
         let (u0, rest) = u[4 * i * cols..].split_at_mut(cols);
