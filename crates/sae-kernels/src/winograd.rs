@@ -81,8 +81,8 @@ impl Winograd {
     /// back, 16/9 of the weights, so shallow ones lose to the unrolled products. Layer 4 of
     /// ResNet-50 at 140×140 (512 channels, 5×5, 144 tiles in a batch of 16): backward 20.5 ms
     /// with the unrolled weight gradient against 23.6–23.9 ms (`cargo xtask bench-layers`, two
-    /// rounds on the 2-core AMD EPYC); layer 3 (9×9, 400 tiles) 15.3–15.4 ms against 13.7–13.9,
-    /// layer 4 at 224×224 (7×7, 256 tiles) level (37–41 ms both ways).
+    /// rounds on the 2-core AMD EPYC); layer 3 (9×9, 400 tiles) 13.7–13.9 ms this way against
+    /// 15.3–15.4 unrolled; layer 4 at 224×224 (7×7, 256 tiles) level (37–41 ms both ways).
     pub fn weight_gradient_pays(&self) -> bool {
         self.n * self.tiles() >= MIN_WEIGHT_GRADIENT_TILES
     }
