@@ -204,14 +204,13 @@ impl Winograd {
     /// vector passes over each row of tiles like [`Self::transform_input`].
     fn transform_gradient(&self, dy: &[f32], scratch: &mut Scratch, dm: &mut [f32], first: usize, stride: usize) {
         let tw = self.tw;
-        let Scratch { even, odd, rows } = scratch;
+        let (even, odd) = (&mut scratch.even, &mut scratch.odd);
         // The two output rows of a row of tiles, split into even and odd columns: even[0..tw]
         // and odd[0..tw] the first row, even[tw..] and odd[tw..] the second.
         for buf in [&mut *even, &mut *odd] {
             buf.clear();
             buf.resize(2 * tw, 0.0);
         }
-        rows.resize(8 * tw, 0.0);
         for ty in 0..self.th {
             for r in 0..2 {
                 let (e, o) = (&mut even[r * tw..][..tw], &mut odd[r * tw..][..tw]);
@@ -230,30 +229,14 @@ impl Winograd {
                     (*e, *o) = (pair[0], pair[1]);
                 }
             }
-            // A dY: rows (y0, y0 + y1, y0 − y1, −y1), on even and odd columns.
-            for (buf, r) in [(&*even, 0), (&*odd, 4)] {
-                let (y0, y1) = buf.split_at(tw);
-                for k in 0..tw {
-                    rows[r * tw + k] = y0[k];
-                    rows[(r + 1) * tw + k] = y0[k] + y1[k];
-                    rows[(r + 2) * tw + k] = y0[k] - y1[k];
-                    rows[(r + 3) * tw + k] = -y1[k];
-                }
-            }
-            // · Aᵀ: columns (p, p + q, p − q, −q) of each row (p, q) = (even, odd).
+            let (e, o) = (even.split_at(tw), odd.split_at(tw));
+            let (e, o) = ([e.0, e.1], [o.0, o.1]);
             let col = first + ty * tw;
-            for i in 0..4 {
-                let (e, o) = (&rows[i * tw..][..tw], &rows[(4 + i) * tw..][..tw]);
-                let (d0, rest) = dm[(4 * i) * stride + col..].split_at_mut(stride);
-                let (d1, rest) = rest.split_at_mut(stride);
-                let (d2, d3) = rest.split_at_mut(stride);
-                for k in 0..tw {
-                    d0[k] = e[k];
-                    d1[k] = e[k] + o[k];
-                    d2[k] = e[k] - o[k];
-                    d3[k] = -o[k];
-                }
-            }
+            // A dY: rows (y0, y0 + y1, y0 − y1, −y1), each into matrices 4i..4i + 4.
+            gradient_row_columns(e, o, |y0, _| y0, dm, 0, stride, col);
+            gradient_row_columns(e, o, |y0, y1| y0 + y1, dm, 4, stride, col);
+            gradient_row_columns(e, o, |y0, y1| y0 - y1, dm, 8, stride, col);
+            gradient_row_columns(e, o, |_, y1| -y1, dm, 12, stride, col);
         }
     }
 
@@ -263,21 +246,21 @@ impl Winograd {
     /// over a row of tiles (tile `tx` reads columns 2·tx to 2·tx + 3).
     fn transform_input(&self, x: &[f32], scratch: &mut Scratch, v: &mut [f32], first: usize, stride: usize) {
         let (ph, half) = (2 * self.th + 2, self.tw + 1);
-        let Scratch { even, odd, rows } = scratch;
+        let (even, odd) = (&mut scratch.even, &mut scratch.odd);
         for buf in [&mut *even, &mut *odd] {
             buf.clear();
             buf.resize(ph * half, 0.0);
         }
-        rows.resize(8 * half, 0.0);
         // 2·th + 2 ≥ h + 2·pad (and so for the columns): the whole input fits.
         // Input column 2k lands in padded column 2k + pad, 2k + 1 in 2k + 1 + pad: which of
         // the two halves each goes to depends on the padding's parity.
         let (to_even, to_odd) =
             if self.pad.is_multiple_of(2) { (&mut *even, &mut *odd) } else { (&mut *odd, &mut *even) };
         let (even_at, odd_at) = (self.pad / 2, self.pad.div_ceil(2));
+        let (even_len, odd_len) = (self.w.div_ceil(2), self.w / 2);
         for (r, row) in x.chunks_exact(self.w).enumerate() {
             let at = (r + self.pad) * half;
-            let (dst_e, dst_o) = (&mut to_even[at + even_at..][..self.w.div_ceil(2)], &mut to_odd[at + odd_at..]);
+            let (dst_e, dst_o) = (&mut to_even[at + even_at..][..even_len], &mut to_odd[at + odd_at..][..odd_len]);
             let pairs = row.chunks_exact(2);
             if let Some(&last) = pairs.remainder().first() {
                 dst_e[self.w / 2] = last;
@@ -286,40 +269,17 @@ impl Winograd {
                 (*e, *o) = (pair[0], pair[1]);
             }
         }
+        let (even, odd) = (&*even, &*odd);
         let tw = self.tw;
         for ty in 0..self.th {
-            let (r_even, r_odd) = rows.split_at_mut(4 * half);
-            // Bᵀ d: rows (d0 − d2, d1 + d2, d2 − d1, d1 − d3), on even and odd columns.
-            for (buf, r) in [(&*even, r_even), (&*odd, r_odd)] {
-                let block = &buf[2 * ty * half..][..4 * half];
-                let (d0, d1, d2, d3) =
-                    (&block[..half], &block[half..2 * half], &block[2 * half..3 * half], &block[3 * half..]);
-                let (r0, rest) = r.split_at_mut(half);
-                let (r1, rest) = rest.split_at_mut(half);
-                let (r2, r3) = rest.split_at_mut(half);
-                for k in 0..half {
-                    r0[k] = d0[k] - d2[k];
-                    r1[k] = d1[k] + d2[k];
-                    r2[k] = d2[k] - d1[k];
-                    r3[k] = d1[k] - d3[k];
-                }
-            }
-            // · B: columns (c0 − c2, c1 + c2, c2 − c1, c1 − c3) of each tile, where c0 and c2
-            // are even columns tx and tx + 1, c1 and c3 odd columns tx and tx + 1.
+            let e: [&[f32]; 4] = std::array::from_fn(|j| &even[(2 * ty + j) * half..][..half]);
+            let o: [&[f32]; 4] = std::array::from_fn(|j| &odd[(2 * ty + j) * half..][..half]);
             let col = first + ty * tw;
-            for i in 0..4 {
-                let (e, o) = (&rows[i * half..][..half], &rows[(4 + i) * half..][..half]);
-                let out = |j: usize| (4 * i + j) * stride + col;
-                let (v0, rest) = v[out(0)..].split_at_mut(stride);
-                let (v1, rest) = rest.split_at_mut(stride);
-                let (v2, v3) = rest.split_at_mut(stride);
-                for k in 0..tw {
-                    v0[k] = e[k] - e[k + 1];
-                    v1[k] = o[k] + e[k + 1];
-                    v2[k] = e[k + 1] - o[k];
-                    v3[k] = o[k] - o[k + 1];
-                }
-            }
+            // Bᵀ d: rows (d0 − d2, d1 + d2, d2 − d1, d1 − d3), each into matrices 4i..4i + 4.
+            tile_row_columns([e[0], e[2]], [o[0], o[2]], |a, b| a - b, v, 0, stride, col, tw);
+            tile_row_columns([e[1], e[2]], [o[1], o[2]], |a, b| a + b, v, 4, stride, col, tw);
+            tile_row_columns([e[2], e[1]], [o[2], o[1]], |a, b| a - b, v, 8, stride, col, tw);
+            tile_row_columns([e[1], e[3]], [o[1], o[3]], |a, b| a - b, v, 12, stride, col, tw);
         }
     }
 
@@ -365,12 +325,73 @@ impl Winograd {
     }
 }
 
-/// Per-task buffers of [`Winograd::transform_input`].
+/// One row `A dY` of every tile in a row of tiles, times `Aᵀ`, into matrices `m..m + 4` of
+/// `dm` (rows `stride` apart, the row's tiles from column `col`): the row is `row(y0, y1)` of
+/// the tiles' two output-gradient rows, given split into even (`e`) and odd (`o`) columns, and
+/// `· Aᵀ` takes columns (p, p + q, p − q, −q) of each tile's (p, q) = (even, odd). The row's
+/// values are computed where they are used, not stored and read back.
+#[inline(always)]
+fn gradient_row_columns(
+    e: [&[f32]; 2],
+    o: [&[f32]; 2],
+    row: impl Fn(f32, f32) -> f32,
+    dm: &mut [f32],
+    m: usize,
+    stride: usize,
+    col: usize,
+) {
+    let tw = e[0].len();
+    let (d0, rest) = dm[m * stride + col..].split_at_mut(stride);
+    let (d1, rest) = rest.split_at_mut(stride);
+    let (d2, d3) = rest.split_at_mut(stride);
+    let ([e0, e1], [o0, o1]) = (e, o);
+    for k in 0..tw {
+        let (p, q) = (row(e0[k], e1[k]), row(o0[k], o1[k]));
+        d0[k] = p;
+        d1[k] = p + q;
+        d2[k] = p - q;
+        d3[k] = -q;
+    }
+}
+
+/// One row `Bᵀ d` of every tile in a row of tiles, times `B`, into matrices `m..m + 4` of `v`
+/// (rows `stride` apart, the row's tiles from column `col`): the row is `row(a, b)` of two
+/// rows of the input, given split into even (`e`) and odd (`o`) columns, and `· B` takes
+/// columns (c0 − c2, c1 + c2, c2 − c1, c1 − c3) of each tile, where c0 and c2 are even columns
+/// tx and tx + 1, c1 and c3 odd columns tx and tx + 1. The row's values are computed where
+/// they are used (each even one twice), not stored and read back.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn tile_row_columns(
+    e: [&[f32]; 2],
+    o: [&[f32]; 2],
+    row: impl Fn(f32, f32) -> f32,
+    v: &mut [f32],
+    m: usize,
+    stride: usize,
+    col: usize,
+    tw: usize,
+) {
+    let (v0, rest) = v[m * stride + col..].split_at_mut(stride);
+    let (v1, rest) = rest.split_at_mut(stride);
+    let (v2, v3) = rest.split_at_mut(stride);
+    let ([e0, e1], [o0, o1]) = (e.map(|r| &r[..tw + 1]), o.map(|r| &r[..tw + 1]));
+    for k in 0..tw {
+        let (c0, c2) = (row(e0[k], e1[k]), row(e0[k + 1], e1[k + 1]));
+        let (c1, c3) = (row(o0[k], o1[k]), row(o0[k + 1], o1[k + 1]));
+        v0[k] = c0 - c2;
+        v1[k] = c1 + c2;
+        v2[k] = c2 - c1;
+        v3[k] = c1 - c3;
+    }
+}
+
+/// Per-task buffers of [`Winograd::transform_input`] and [`Winograd::transform_gradient`]: a
+/// plane's (or a row of tiles') even and odd columns.
 #[derive(Default)]
 struct Scratch {
     even: Vec<f32>,
     odd: Vec<f32>,
-    rows: Vec<f32>,
 }
 
 /// `G g Gᵀ` of every 3×3 filter of `w` (o, c, 3, 3) as (o, 16, c): matrix `t` is rows `o`,
