@@ -11,7 +11,9 @@
 //! gradient, which recomputes the windows' first maxima: no atomics); on other devices
 //! [`max_pool2d`] runs the reference.
 
-use crate::cpu::{copy_converted, dispatch_float, min_planes_per_task, plane_f32, same_dtype, uninit, write_f32};
+use crate::cpu::{
+    copy_converted, dispatch_float, min_planes_per_task, plane_f32, same_dtype, uninit, vectorized, write_f32,
+};
 use crate::layout::Strided4;
 use crate::Implementation;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
@@ -174,6 +176,7 @@ impl MaxPoolConfig {
     /// -p sae-kernels --bench kernels -- max-pool`). `padding ≤ kernel / 2` guarantees every
     /// window holds at least one real element.
     #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
     fn pool_plane<const INDEX: bool>(
         &self,
         values: &[f32],
@@ -303,11 +306,14 @@ impl CustomOp1 for MaxPool {
                         out: &mut [T],
                         argmax: &mut [u32]| {
                 let values = plane_f32(x, &xs, plane / c, plane % c, buf);
+                // In `vectorized!` code, 16 lanes where the CPU has AVX-512: the stem's pool
+                // (16 × 64 × 70×70, with the argmax kept) 6.7 → 5.0 ms on the 2-core AMD EPYC
+                // (a throwaway timing loop, fastest of 9 × 5 calls).
                 write_f32(out, out_buf, |out| {
                     if self.record {
-                        cfg.pool_plane::<true>(values, (h, w), ow, scratch, out, argmax)
+                        vectorized!(cfg.pool_plane::<true>(values, (h, w), ow, scratch, out, argmax))
                     } else {
-                        cfg.pool_plane::<false>(values, (h, w), ow, scratch, out, argmax)
+                        vectorized!(cfg.pool_plane::<false>(values, (h, w), ow, scratch, out, argmax))
                     }
                 })
             };
