@@ -24,7 +24,7 @@
 
 use crate::cpu::{
     as_f32, contiguous, copy_converted, dispatch_float, min_planes_per_task, plane_f32, same_dtype, uninit, unpack,
-    write_f32, Elem,
+    vectorized, write_f32, Elem,
 };
 use crate::layout::Strided4;
 use crate::Implementation;
@@ -443,6 +443,7 @@ struct BatchNormBackward {
 
 /// Calls `f(plane index n, values as f32)` for every plane of channel `c`, converting or
 /// gathering through `buf` where a plane is not contiguous f32.
+#[inline(always)]
 fn for_each_plane<T: Elem>(x: &[T], xs: &Strided4, c: usize, buf: &mut Vec<f32>, mut f: impl FnMut(usize, &[f32])) {
     for n in 0..xs.dims[0] {
         f(n, plane_f32(x, xs, n, c, buf));
@@ -536,57 +537,64 @@ fn channel_gradients<T: Elem>(
         .map_init(
             || (Vec::new(), Vec::new(), Vec::new()),
             |(x_buf, dy_buf, dx_buf), (ci, planes)| {
-                if g_f32.is_none() && dy_buf.len() != n * plane_len {
-                    *dy_buf = uninit::<f32>(n * plane_len);
-                }
-                let centre = centre(ci);
-                let (mut dy, mut dy_x) = (0f64, 0f64);
-                for ni in 0..n {
-                    let xp = plane_f32(x, xs, ni, ci, x_buf);
-                    let dyp = match g_f32 {
-                        Some(g32) => &g32[dy_range(ni, ci)],
-                        None => {
-                            let d = &mut dy_buf[ni * plane_len..(ni + 1) * plane_len];
-                            match relu.map(|r| r[ci]) {
-                                None => copy_converted(&g[dy_range(ni, ci)], d),
-                                // The forward's ReLU passed what was positive (a select, not a
-                                // product: a non-finite dy where it clamped stays out). Written
-                                // so that LLVM vectorises the select: dy loaded before it, the
-                                // iterators zipped as (d, (dy, x)) — either changed, the loop
-                                // stays scalar with a branch per element.
-                                Some((scale, shift)) => {
-                                    for (d, (&gv, &xv)) in d.iter_mut().zip(g[dy_range(ni, ci)].iter().zip(xp)) {
-                                        let gv = gv.to_f32();
-                                        *d = if xv * scale + shift > 0.0 { gv } else { 0.0 };
+                // 16 lanes where the CPU has AVX-512, the same sums in the same order: on the
+                // 2-core AMD EPYC layer 1's 256 × 35×35 (batch 16, with the ReLU mask) 3.90 →
+                // 3.41 ms, layer 2's 512 × 18×18 2.45 → 1.90, layer 4's 5×5 level (fastest
+                // of three alternating rounds of a throwaway timing loop); the statistics
+                // below 0.93 → 0.62 and 0.32 → 0.25 ms.
+                vectorized!({
+                    if g_f32.is_none() && dy_buf.len() != n * plane_len {
+                        *dy_buf = uninit::<f32>(n * plane_len);
+                    }
+                    let centre = centre(ci);
+                    let (mut dy, mut dy_x) = (0f64, 0f64);
+                    for ni in 0..n {
+                        let xp = plane_f32(x, xs, ni, ci, x_buf);
+                        let dyp = match g_f32 {
+                            Some(g32) => &g32[dy_range(ni, ci)],
+                            None => {
+                                let d = &mut dy_buf[ni * plane_len..(ni + 1) * plane_len];
+                                match relu.map(|r| r[ci]) {
+                                    None => copy_converted(&g[dy_range(ni, ci)], d),
+                                    // The forward's ReLU passed what was positive (a select, not a
+                                    // product: a non-finite dy where it clamped stays out). Written
+                                    // so that LLVM vectorises the select: dy loaded before it, the
+                                    // iterators zipped as (d, (dy, x)) — either changed, the loop
+                                    // stays scalar with a branch per element.
+                                    Some((scale, shift)) => {
+                                        for (d, (&gv, &xv)) in d.iter_mut().zip(g[dy_range(ni, ci)].iter().zip(xp)) {
+                                            let gv = gv.to_f32();
+                                            *d = if xv * scale + shift > 0.0 { gv } else { 0.0 };
+                                        }
                                     }
                                 }
+                                &*d
                             }
-                            &*d
-                        }
-                    };
-                    let (sg, sgx) = crate::cpu::sum_and_dot(dyp, xp);
-                    dy += sg as f64;
-                    dy_x += (sgx - centre * sg) as f64;
-                }
-                let channel = gradients(ci, GradientSums { dy: dy as f32, dy_x: dy_x as f32 });
-                let [a, k, b] = channel.dx;
-                for (ni, plane) in planes.iter_mut().filter_map(Option::take).enumerate() {
-                    let xp = plane_f32(x, xs, ni, ci, x_buf);
-                    let dyp = match g_f32 {
-                        Some(g32) => &g32[dy_range(ni, ci)],
-                        None => &dy_buf[ni * plane_len..(ni + 1) * plane_len],
-                    };
-                    write_f32(plane, dx_buf, |d| {
-                        if k == 0.0 && b == 0.0 {
-                            // An eval-mode scale: dx does not depend on x, and a non-finite x
-                            // must not make it NaN through x·0.
-                            d.iter_mut().zip(dyp).for_each(|(d, &gv)| *d = gv * a)
-                        } else {
-                            d.iter_mut().zip(dyp).zip(xp).for_each(|((d, &gv), &xv)| *d = gv * a + xv * k + b)
-                        }
-                    });
-                }
-                (channel.dparam, channel.dshift)
+                        };
+                        let (sg, sgx) = crate::cpu::sum_and_dot(dyp, xp);
+                        dy += sg as f64;
+                        dy_x += (sgx - centre * sg) as f64;
+                    }
+                    let channel = gradients(ci, GradientSums { dy: dy as f32, dy_x: dy_x as f32 });
+                    let [a, k, b] = channel.dx;
+                    for (ni, plane) in planes.iter_mut().filter_map(Option::take).enumerate() {
+                        let xp = plane_f32(x, xs, ni, ci, x_buf);
+                        let dyp = match g_f32 {
+                            Some(g32) => &g32[dy_range(ni, ci)],
+                            None => &dy_buf[ni * plane_len..(ni + 1) * plane_len],
+                        };
+                        write_f32(plane, dx_buf, |d| {
+                            if k == 0.0 && b == 0.0 {
+                                // An eval-mode scale: dx does not depend on x, and a non-finite x
+                                // must not make it NaN through x·0.
+                                d.iter_mut().zip(dyp).for_each(|(d, &gv)| *d = gv * a)
+                            } else {
+                                d.iter_mut().zip(dyp).zip(xp).for_each(|((d, &gv), &xv)| *d = gv * a + xv * k + b)
+                            }
+                        });
+                    }
+                    (channel.dparam, channel.dshift)
+                })
             },
         )
         .collect();
@@ -603,23 +611,25 @@ fn channel_stats<T: Elem>(x: &[T], xs: &Strided4) -> Vec<(f32, f32)> {
     (0..xs.dims[1])
         .into_par_iter()
         .map_init(Vec::new, |buf, c| {
-            let mut sum = 0f64;
-            for_each_plane(x, xs, c, buf, |_, p| sum += crate::cpu::sum(p) as f64);
-            let mean = (sum / count) as f32;
-            let mut sq = 0f64;
-            for_each_plane(x, xs, c, buf, |_, p| {
-                let mut acc = [0f32; 8];
-                let chunks = p.chunks_exact(8);
-                let tail: f32 = chunks.remainder().iter().map(|v| (v - mean) * (v - mean)).sum();
-                for ch in chunks {
-                    for l in 0..8 {
-                        let d = ch[l] - mean;
-                        acc[l] += d * d;
+            vectorized!({
+                let mut sum = 0f64;
+                for_each_plane(x, xs, c, buf, |_, p| sum += crate::cpu::sum(p) as f64);
+                let mean = (sum / count) as f32;
+                let mut sq = 0f64;
+                for_each_plane(x, xs, c, buf, |_, p| {
+                    let mut acc = [0f32; 8];
+                    let chunks = p.chunks_exact(8);
+                    let tail: f32 = chunks.remainder().iter().map(|v| (v - mean) * (v - mean)).sum();
+                    for ch in chunks {
+                        for l in 0..8 {
+                            let d = ch[l] - mean;
+                            acc[l] += d * d;
+                        }
                     }
-                }
-                sq += (tail + acc.iter().sum::<f32>()) as f64;
-            });
-            (mean, (sq / count) as f32)
+                    sq += (tail + acc.iter().sum::<f32>()) as f64;
+                });
+                (mean, (sq / count) as f32)
+            })
         })
         .collect()
 }
@@ -809,5 +819,50 @@ impl CustomOp3 for BatchNormBackward {
             )?,
             Shape::from(len),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The statistics and gradients in `vectorized!` code (16 lanes where the CPU has AVX-512)
+    /// are the baseline build's bits: planes of 7×5 and 9×9 leave remainders at every width.
+    #[test]
+    fn vectorized_statistics_and_gradients_equal_the_baseline_bit_for_bit() {
+        use crate::cpu::BASELINE_VECTORS;
+        use std::sync::atomic::Ordering;
+        for dims in [[3usize, 5, 7, 5], [2, 3, 9, 9]] {
+            let [n, c, h, w] = dims;
+            let value = |i: usize, k: usize| ((i * k) % 97) as f32 * 0.173 - 7.0;
+            let x: Vec<f32> = (0..n * c * h * w).map(|i| value(i, 7919)).collect();
+            let g: Vec<f32> = (0..n * c * h * w).map(|i| value(i, 31)).collect();
+            let xs = Strided4 { dims, strides: [c * h * w, h * w, w, 1], offset: 0 };
+            let relu: Vec<(f32, f32)> = (0..c).map(|i| (1.0 + i as f32 * 0.1, -0.5)).collect();
+            let run = |baseline: bool| {
+                BASELINE_VECTORS.store(baseline, Ordering::SeqCst);
+                let stats = channel_stats::<f32>(&x, &xs);
+                let gradients = [None, Some(&relu[..])].map(|relu| {
+                    let sums = |_: usize, s: GradientSums| ChannelGradients {
+                        dparam: s.dy_x,
+                        dshift: s.dy,
+                        dx: [1.5, 0.5, -0.25],
+                    };
+                    match channel_gradients::<f32>(&x, &xs, &g, relu, |_| 0.5, sums).0 {
+                        CpuStorage::F32(v) => v,
+                        _ => unreachable!("f32 in, f32 out"),
+                    }
+                });
+                BASELINE_VECTORS.store(false, Ordering::SeqCst);
+                (stats, gradients)
+            };
+            let (wide, baseline) = (run(false), run(true));
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let stat_bits = |s: &[(f32, f32)]| s.iter().map(|(m, v)| (m.to_bits(), v.to_bits())).collect::<Vec<_>>();
+            assert_eq!(stat_bits(&wide.0), stat_bits(&baseline.0), "{dims:?} statistics");
+            for (k, (a, b)) in wide.1.iter().zip(&baseline.1).enumerate() {
+                assert_eq!(bits(a), bits(b), "{dims:?} gradients, relu {}", k == 1);
+            }
+        }
     }
 }

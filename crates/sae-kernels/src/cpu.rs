@@ -215,6 +215,7 @@ unsafe fn run_avx2<R>(f: impl FnOnce() -> R) -> R {
 }
 
 /// `data` as f32: the slice itself when `T` is f32, otherwise converted into `buf`.
+#[inline(always)]
 pub(crate) fn read_f32<'a, T: Elem>(data: &'a [T], buf: &'a mut Vec<f32>) -> &'a [f32] {
     match T::as_f32_slice(data) {
         Some(f) => f,
@@ -230,6 +231,7 @@ pub(crate) fn read_f32<'a, T: Elem>(data: &'a [T], buf: &'a mut Vec<f32>) -> &'a
 
 /// Plane (n, c) of `x` as f32: the data itself when it is a contiguous f32 plane, otherwise
 /// converted (or gathered, when strided) into `buf`.
+#[inline(always)]
 pub(crate) fn plane_f32<'a, T: Elem>(
     x: &'a [T],
     xs: &Strided4,
@@ -249,6 +251,7 @@ pub(crate) fn plane_f32<'a, T: Elem>(
 
 /// Lets `fill` write `out` in f32: into `out` itself when `T` is f32, otherwise into `buf`
 /// (resized to `out`'s length, contents unspecified), converted into `out` afterwards.
+#[inline(always)]
 pub(crate) fn write_f32<T: Elem, R>(out: &mut [T], buf: &mut Vec<f32>, fill: impl FnOnce(&mut [f32]) -> R) -> R {
     if let Some(f) = T::as_f32_slice_mut(out) {
         return fill(f);
@@ -727,7 +730,7 @@ pub(crate) fn uninit<T: Elem>(len: usize) -> Vec<T> {
 }
 
 /// Sum of a slice in `f32` with eight independent accumulators (vectorisable).
-#[inline]
+#[inline(always)]
 pub(crate) fn sum<T: Elem>(v: &[T]) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = v.chunks_exact(8);
@@ -741,7 +744,7 @@ pub(crate) fn sum<T: Elem>(v: &[T]) -> f32 {
 }
 
 /// (Σ x, Σ g·x) with eight independent accumulators each (vectorisable).
-#[inline]
+#[inline(always)]
 pub(crate) fn sum_and_dot<T: Elem, U: Elem>(x: &[T], g: &[U]) -> (f32, f32) {
     let (mut sx, mut sgx) = ([0f32; 8], [0f32; 8]);
     let n = x.len().min(g.len());
