@@ -276,10 +276,10 @@ impl Winograd {
             let o: [&[f32]; 4] = std::array::from_fn(|j| &odd[(2 * ty + j) * half..][..half]);
             let col = first + ty * tw;
             // Bᵀ d: rows (d0 − d2, d1 + d2, d2 − d1, d1 − d3), each into matrices 4i..4i + 4.
-            tile_row_columns([e[0], e[2]], [o[0], o[2]], |a, b| a - b, v, 0, stride, col, tw);
-            tile_row_columns([e[1], e[2]], [o[1], o[2]], |a, b| a + b, v, 4, stride, col, tw);
-            tile_row_columns([e[2], e[1]], [o[2], o[1]], |a, b| a - b, v, 8, stride, col, tw);
-            tile_row_columns([e[1], e[3]], [o[1], o[3]], |a, b| a - b, v, 12, stride, col, tw);
+            tile_row_columns([e[0], e[2]], [o[0], o[2]], |a, b| a - b, v, 0, stride, col);
+            tile_row_columns([e[1], e[2]], [o[1], o[2]], |a, b| a + b, v, 4, stride, col);
+            tile_row_columns([e[2], e[1]], [o[2], o[1]], |a, b| a - b, v, 8, stride, col);
+            tile_row_columns([e[1], e[3]], [o[1], o[3]], |a, b| a - b, v, 12, stride, col);
         }
     }
 
@@ -341,9 +341,7 @@ fn gradient_row_columns(
     col: usize,
 ) {
     let tw = e[0].len();
-    let (d0, rest) = dm[m * stride + col..].split_at_mut(stride);
-    let (d1, rest) = rest.split_at_mut(stride);
-    let (d2, d3) = rest.split_at_mut(stride);
+    let [d0, d1, d2, d3] = four_rows(dm, m * stride + col, stride, tw);
     let ([e0, e1], [o0, o1]) = (e, o);
     for k in 0..tw {
         let (p, q) = (row(e0[k], e1[k]), row(o0[k], o1[k]));
@@ -360,7 +358,6 @@ fn gradient_row_columns(
 /// columns (c0 − c2, c1 + c2, c2 − c1, c1 − c3) of each tile, where c0 and c2 are even columns
 /// tx and tx + 1, c1 and c3 odd columns tx and tx + 1. The row's values are computed where
 /// they are used (each even one twice), not stored and read back.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn tile_row_columns(
     e: [&[f32]; 2],
@@ -370,12 +367,11 @@ fn tile_row_columns(
     m: usize,
     stride: usize,
     col: usize,
-    tw: usize,
 ) {
-    let (v0, rest) = v[m * stride + col..].split_at_mut(stride);
-    let (v1, rest) = rest.split_at_mut(stride);
-    let (v2, v3) = rest.split_at_mut(stride);
-    let ([e0, e1], [o0, o1]) = (e.map(|r| &r[..tw + 1]), o.map(|r| &r[..tw + 1]));
+    // Rows of `half` = tiles + 1 columns: tile `k` reads columns k and k + 1.
+    let tw = e[0].len() - 1;
+    let [v0, v1, v2, v3] = four_rows(v, m * stride + col, stride, tw);
+    let ([e0, e1], [o0, o1]) = (e, o);
     for k in 0..tw {
         let (c0, c2) = (row(e0[k], e1[k]), row(e0[k + 1], e1[k + 1]));
         let (c1, c3) = (row(o0[k], o1[k]), row(o0[k + 1], o1[k + 1]));
@@ -384,6 +380,16 @@ fn tile_row_columns(
         v2[k] = c2 - c1;
         v3[k] = c1 - c3;
     }
+}
+
+/// Four rows of `len` values of `buf`, the first at `first` and each `stride` after the one
+/// before (`len ≤ stride`), to write side by side.
+#[inline(always)]
+fn four_rows(buf: &mut [f32], first: usize, stride: usize, len: usize) -> [&mut [f32]; 4] {
+    let (r0, rest) = buf[first..].split_at_mut(stride);
+    let (r1, rest) = rest.split_at_mut(stride);
+    let (r2, r3) = rest.split_at_mut(stride);
+    [&mut r0[..len], &mut r1[..len], &mut r2[..len], &mut r3[..len]]
 }
 
 /// Per-task buffers of [`Winograd::transform_input`] and [`Winograd::transform_gradient`]: a
@@ -439,10 +445,7 @@ fn transform_filters(taps: &[f32], halves: &mut [f32], cols: usize, u: &mut [f32
     let (sums, diffs) = (&*sums, &*diffs);
     for (i, rows) in [&taps[..3 * cols], sums, diffs, &taps[6 * cols..]].into_iter().enumerate() {
         let (a, b, d) = (row(rows, 0, cols), row(rows, 1, cols), row(rows, 2, cols));
-        let (u0, rest) = u[4 * i * cols..].split_at_mut(cols);
-        let (u1, rest) = rest.split_at_mut(cols);
-        let (u2, rest) = rest.split_at_mut(cols);
-        let u3 = &mut rest[..cols];
+        let [u0, u1, u2, u3] = four_rows(u, 4 * i * cols, cols, cols);
         for k in 0..cols {
             u0[k] = a[k];
             u1[k] = 0.5 * (a[k] + b[k] + d[k]);
