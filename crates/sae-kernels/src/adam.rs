@@ -17,7 +17,7 @@
 //! that keeps the moments in its own memory can use [`adam_update_interleaved`] instead: one
 //! pass over the parameter, its gradient and the (m, v) pairs, seven streams.
 
-use crate::cpu::{f32_contiguous, f32_contiguous_mut};
+use crate::cpu::{f32_contiguous, f32_contiguous_mut, vectorized};
 use crate::Implementation;
 use candle_core::{bail, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor, Var};
 use rayon::prelude::*;
@@ -124,13 +124,13 @@ impl InplaceOp2 for Interleaved<'_> {
         let (beta1, beta2, eps, alpha) = (beta1 as f32, beta2 as f32, eps as f32, alpha as f32);
         theta.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).zip(moments.par_chunks_mut(2 * CHUNK)).for_each(
             |((theta, g), mv)| {
-                for ((t, &g), mv) in theta.iter_mut().zip(g).zip(mv.chunks_exact_mut(2)) {
+                vectorized!(for ((t, &g), mv) in theta.iter_mut().zip(g).zip(mv.chunks_exact_mut(2)) {
                     let m = beta1 * mv[0] + (1.0 - beta1) * g;
                     let v = beta2 * mv[1] + (1.0 - beta2) * g * g;
                     *t -= alpha * m / (v.sqrt() + eps);
                     mv[0] = m;
                     mv[1] = v;
-                }
+                })
             },
         );
         Ok(())
