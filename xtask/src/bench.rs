@@ -204,6 +204,39 @@ pub fn kernels(seconds: u64) -> Result<()> {
             )?;
         }
     }
+    writeln!(md, "\n## BatchNorm + ReLU, training mode (ResNet-50 at 140×140 input, batch 16)\n")?;
+    writeln!(md, "The reference is composed of Candle ops (`batch_norm_train_reference`, then `relu`); *fused* is")?;
+    writeln!(md, "`batch_norm_train` with its ReLU. fwd+bwd adds `sum_all().backward()` through Candle's autograd")?;
+    writeln!(md, "(its gradient is a broadcast of ones), as the convolutions' do.\n")?;
+    writeln!(md, "| shape | pass | reference ms | fused ms | speed-up |")?;
+    writeln!(md, "|---|---|---:|---:|---:|")?;
+    for g in groups.iter().filter(|g| g.starts_with("batch-norm-")) {
+        let shape = g.trim_start_matches("batch-norm-");
+        for pass in ["fwd", "fwd+bwd"] {
+            let (Some(r), Some(f)) = (get(g, "reference", pass), get(g, "fused", pass)) else { continue };
+            writeln!(md, "| {shape} | {pass} | {:.3} | {:.3} | {:.1}× |", r * 1e3, f * 1e3, r / f)?;
+        }
+    }
+    writeln!(md, "\n## Adam step\n")?;
+    writeln!(md, "One step over the parameters (f32): the reference composed of Candle ops, the three fused passes")?;
+    writeln!(md, "over moment tensors (`adam_update`: 10 streams of the parameters' size), and the one pass over")?;
+    writeln!(md, "interleaved moments that the optimiser runs (`adam_update_interleaved`: 7 streams). GB/s counts")?;
+    writeln!(md, "those streams over the time, against the bandwidth measured above (16 bytes a parameter stay")?;
+    writeln!(md, "in memory between steps, 64 MiB here: where the last-level cache holds part of them, the share")?;
+    writeln!(md, "passes 100 %).\n")?;
+    writeln!(md, "| parameters | implementation | ms | GB/s | % of bandwidth |")?;
+    writeln!(md, "|---:|---|---:|---:|---:|")?;
+    for g in groups.iter().filter(|g| g.starts_with("adam-")) {
+        let params: f64 = g.trim_start_matches("adam-").parse().unwrap_or(0.0);
+        for (id, streams) in [("reference", None), ("fused", Some(10.0)), ("interleaved", Some(7.0))] {
+            let Some(t) = get(g, id, "step") else { continue };
+            let (gbs, share) = streams.map_or(("—".to_string(), "—".to_string()), |s: f64| {
+                let gbs = s * 4.0 * params / t / 1e9;
+                (format!("{gbs:.1}"), format!("{:.0} %", 100.0 * gbs / bandwidth))
+            });
+            writeln!(md, "| {params} | {id} | {:.2} | {gbs} | {share} |", t * 1e3)?;
+        }
+    }
     let out = root.join("results/kernels.md");
     std::fs::create_dir_all(out.parent().expect("results dir"))?;
     sae_fs::write_atomic(&out, md.as_bytes())?;

@@ -185,6 +185,55 @@ fn max_pool_benches(c: &mut Criterion) {
     }
 }
 
+/// BatchNorm + ReLU in training mode at ResNet-50's shapes at 140×140 input, batch 16: layer 1's
+/// 256 channels at 35×35 and layer 2's 512 at 18×18.
+pub const BATCH_NORM_SHAPES: [[usize; 4]; 2] = [[16, 256, 35, 35], [16, 512, 18, 18]];
+
+fn batch_norm_benches(c: &mut Criterion) {
+    for shape in BATCH_NORM_SHAPES {
+        let x = Var::from_tensor(&randn(1, &shape)).unwrap();
+        let gamma = Var::from_tensor(&(randn(2, &[shape[1]]) + 1.0).unwrap()).unwrap();
+        let beta = Var::from_tensor(&randn(3, &[shape[1]])).unwrap();
+        let name = format!("batch-norm-{}x{}x{}x{}", shape[0], shape[1], shape[2], shape[3]);
+        let mut group = c.benchmark_group(&name);
+        group.sample_size(10).measurement_time(measurement_time()).warm_up_time(Duration::from_millis(500));
+        for imp in Implementation::ALL {
+            let forward = || batch_norm_train(&x, &gamma, &beta, 1e-5, true, imp).unwrap().output;
+            group.bench_function(BenchmarkId::new(imp.name(), "fwd"), |b| b.iter(|| black_box(forward())));
+            group.bench_function(BenchmarkId::new(imp.name(), "fwd+bwd"), |b| {
+                b.iter(|| black_box(forward().sum_all().unwrap().backward().unwrap()))
+            });
+        }
+        group.finish();
+    }
+}
+
+/// Parameters in the Adam benchmark: a sixth of ResNet-50's, 64 MiB of f32 per stream.
+pub const ADAM_PARAMS: usize = 4 << 20;
+
+/// One Adam step over [`ADAM_PARAMS`] parameters: the reference (Candle ops), the three fused
+/// passes over moment tensors, and the one pass over interleaved moments the optimiser runs.
+fn adam_benches(c: &mut Criterion) {
+    let step = AdamStep { beta1: 0.9, beta2: 0.999, eps: 1e-7, alpha: 1e-4 };
+    let theta = Var::from_tensor(&randn(1, &[ADAM_PARAMS])).unwrap();
+    let grad = randn(2, &[ADAM_PARAMS]);
+    let zeros = || Var::zeros(ADAM_PARAMS, candle_core::DType::F32, &Device::Cpu).unwrap();
+    let (m, v) = (zeros(), zeros());
+    let mut moments = vec![0f32; 2 * ADAM_PARAMS];
+    let mut group = c.benchmark_group(format!("adam-{ADAM_PARAMS}"));
+    group.sample_size(10).measurement_time(measurement_time()).warm_up_time(Duration::from_millis(500));
+    group.bench_function(BenchmarkId::new("reference", "step"), |b| {
+        b.iter(|| adam_update_reference(&theta, &grad, &m, &v, step).unwrap())
+    });
+    group.bench_function(BenchmarkId::new("fused", "step"), |b| {
+        b.iter(|| adam_update(&theta, &grad, &m, &v, step, Implementation::Fused).unwrap())
+    });
+    group.bench_function(BenchmarkId::new("interleaved", "step"), |b| {
+        b.iter(|| adam_update_interleaved(&theta, &grad, &mut moments, step).unwrap())
+    });
+    group.finish();
+}
+
 /// Memory bandwidth of this machine: copying a 256 MiB buffer (read + write) with two threads.
 fn bandwidth_bench(c: &mut Criterion) {
     use rayon::prelude::*;
@@ -202,5 +251,14 @@ fn bandwidth_bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bandwidth_bench, excitation_benches, depthwise_benches, max_pool_benches, conv_benches);
+criterion_group!(
+    benches,
+    bandwidth_bench,
+    excitation_benches,
+    depthwise_benches,
+    max_pool_benches,
+    conv_benches,
+    batch_norm_benches,
+    adam_benches
+);
 criterion_main!(benches);
