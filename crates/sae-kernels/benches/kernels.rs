@@ -208,7 +208,7 @@ fn batch_norm_benches(c: &mut Criterion) {
     }
 }
 
-/// Parameters in the Adam benchmark: a sixth of ResNet-50's, 64 MiB of f32 per stream.
+/// Parameters in the Adam benchmark: about a sixth of ResNet-50's, 16 MiB of f32 per stream.
 pub const ADAM_PARAMS: usize = 4 << 20;
 
 /// One Adam step over [`ADAM_PARAMS`] parameters: the reference (Candle ops), the three fused
