@@ -3,7 +3,9 @@
 //! the input gradient (backward).
 
 use super::op::ExcitationOp;
-use crate::cpu::{axpy, matmul_threads, min_planes_per_task, sum, sum_and_dot, uninit, Elem, Mat, Products};
+use crate::cpu::{
+    axpy, matmul_threads, min_planes_per_task, sum, sum_and_dot, uninit, vectorized, Elem, Mat, Products,
+};
 use crate::layout::Strided4;
 use candle_core::{bail, Layout, Result};
 use rayon::prelude::*;
@@ -78,7 +80,7 @@ impl ExcitationOp {
             .with_min_len(min_len)
             .map(|plane| {
                 let total = match xs.contiguous_plane(x, plane / c, plane % c) {
-                    Some(values) => sum(values),
+                    Some(values) => vectorized!(sum(values)),
                     None => {
                         let mut total = 0f32;
                         xs.for_each_in_plane(x, plane / c, plane % c, |_, v| total += v.to_f32());
@@ -94,15 +96,14 @@ impl ExcitationOp {
             let g = self.gate.factor(s[plane]);
             let (ni, ci) = (plane / c, plane % c);
             match (xs.contiguous_plane(x, ni, ci), residual) {
-                (Some(src), None) => {
-                    for (o, &v) in out.iter_mut().zip(src) {
-                        *o = T::from_f32(v.to_f32() * g);
-                    }
-                }
+                (Some(src), None) => vectorized!(for (o, &v) in out.iter_mut().zip(src) {
+                    *o = T::from_f32(v.to_f32() * g);
+                }),
                 (Some(src), Some(r)) => {
-                    for (o, (&v, &r)) in out.iter_mut().zip(src.iter().zip(&r[plane * hw..(plane + 1) * hw])) {
+                    let r = &r[plane * hw..(plane + 1) * hw];
+                    vectorized!(for (o, (&v, &r)) in out.iter_mut().zip(src.iter().zip(r)) {
                         *o = T::from_f32((v.to_f32() * g + r.to_f32()).max(0.0));
-                    }
+                    })
                 }
                 (None, None) => xs.for_each_in_plane(x, ni, ci, |k, v| out[k] = T::from_f32(v.to_f32() * g)),
                 (None, Some(r)) => {
@@ -152,7 +153,7 @@ impl ExcitationOp {
                 |gbuf, plane| {
                     let (ni, ci) = (plane / c, plane % c);
                     if let (Some(xp), Some(gp)) = (xs.contiguous_plane(x, ni, ci), gs.contiguous_plane(g, ni, ci)) {
-                        let (sx, sgx) = sum_and_dot(xp, gp);
+                        let (sx, sgx) = vectorized!(sum_and_dot(xp, gp));
                         return (sx * inv_hw, sgx);
                     }
                     gs.for_each_in_plane(g, ni, ci, |k, v| gbuf[k] = v.to_f32());
@@ -214,7 +215,14 @@ impl ExcitationOp {
         dx.par_chunks_mut(hw).with_min_len(min_len).enumerate().for_each(|(plane, dx)| {
             let factor = self.gate.factor(s[plane]);
             let shift = dzt[(plane % c) * n + plane / c] * inv_hw;
-            gs.for_each_in_plane(g, plane / c, plane % c, |k, v| dx[k] = T::from_f32(v.to_f32() * factor + shift));
+            match gs.contiguous_plane(g, plane / c, plane % c) {
+                Some(gp) => vectorized!(for (d, &v) in dx.iter_mut().zip(gp) {
+                    *d = T::from_f32(v.to_f32() * factor + shift);
+                }),
+                None => gs.for_each_in_plane(g, plane / c, plane % c, |k, v| {
+                    dx[k] = T::from_f32(v.to_f32() * factor + shift)
+                }),
+            }
         });
         Ok((out, separate))
     }
@@ -260,4 +268,45 @@ impl<'a> DenseParams<'a> {
 fn dense_matmul(m: usize, n: usize, k: usize, a: Mat, b: Mat, out: &mut [f32]) {
     let threads = if m * n * k < 1 << 22 { 1 } else { rayon::current_num_threads() };
     matmul_threads(Products::F32, threads, m, n, k, a, b, out, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::excitation::op::Gate;
+
+    /// The passes over planes in `vectorized!` code (the pooling sums, the scaling with and
+    /// without the residual end, the backward's sums and its input gradient) compute the
+    /// baseline build's bits.
+    #[test]
+    fn vectorized_passes_equal_the_baseline_bit_for_bit() {
+        use crate::cpu::BASELINE_VECTORS;
+        use std::sync::atomic::Ordering;
+        for (dims, gate) in [([3usize, 5, 7, 5], Gate::OnePlusS), ([2, 4, 9, 9], Gate::S)] {
+            let [n, c, h, w] = dims;
+            let op = ExcitationOp { channels: c, hidden: 4, branches: 2, gate };
+            let value = |i: usize, k: usize| ((i * k) % 97) as f32 * 0.031 - 1.5;
+            let len = n * c * h * w;
+            let (x, r, g): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+                (0..len).map(|i| value(i, 7919)).collect(),
+                (0..len).map(|i| value(i, 13)).collect(),
+                (0..len).map(|i| value(i, 31)).collect(),
+            );
+            let p: Vec<f32> = (0..op.offsets().len).map(|i| value(i, 101) * 0.2).collect();
+            let layout = Layout::contiguous((n, c, h, w));
+            let run = |baseline: bool| {
+                BASELINE_VECTORS.store(baseline, Ordering::SeqCst);
+                let params = DenseParams::packed(&op, &p).unwrap();
+                let plain = op.cpu_forward::<f32>(&x, &layout, &params, None).unwrap();
+                let ended = op.cpu_forward::<f32>(&x, &layout, &params, Some(&r)).unwrap();
+                let (backward, _) = op.cpu_backward::<f32>(&x, &layout, &p, &g, &layout, true).unwrap();
+                BASELINE_VECTORS.store(false, Ordering::SeqCst);
+                [plain, ended, backward]
+            };
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            for (k, (wide, baseline)) in run(false).iter().zip(run(true).iter()).enumerate() {
+                assert_eq!(bits(wide), bits(baseline), "{dims:?}, pass {k}");
+            }
+        }
+    }
 }
