@@ -222,8 +222,8 @@ pub fn kernels(seconds: u64) -> Result<()> {
     writeln!(md, "over moment tensors (`adam_update`: 10 streams of the parameters' size), and the one pass over")?;
     writeln!(md, "interleaved moments that the optimiser runs (`adam_update_interleaved`: 7 streams). GB/s counts")?;
     writeln!(md, "those streams over the time, against the bandwidth measured above (16 bytes a parameter stay")?;
-    writeln!(md, "in memory between steps, 64 MiB here: where the last-level cache holds part of them, the share")?;
-    writeln!(md, "passes 100 %).\n")?;
+    writeln!(md, "in memory between steps: where the last-level cache holds part of them, the share passes")?;
+    writeln!(md, "100 %).\n")?;
     writeln!(md, "| parameters | implementation | ms | GB/s | % of bandwidth |")?;
     writeln!(md, "|---:|---|---:|---:|---:|")?;
     for g in groups.iter().filter(|g| g.starts_with("adam-")) {
