@@ -42,7 +42,7 @@ pub struct BatchNormOutput {
     pub variance: Tensor,
 }
 
-fn check(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<usize> {
+pub(crate) fn check(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<usize> {
     let &[_, c, _, _] = x.dims() else { bail!("batch_norm: input must be (N, C, H, W), got {:?}", x.dims()) };
     for (name, t) in [("weight", weight), ("bias", bias)] {
         if t.dims() != [c] {
@@ -112,7 +112,7 @@ pub fn batch_norm_train_add_relu(
     Ok(BatchNormOutput { output: crate::add_relu(&out.output, shortcut, implementation)?, ..out })
 }
 
-fn check_eps(eps: f64) -> Result<()> {
+pub(crate) fn check_eps(eps: f64) -> Result<()> {
     if eps.is_nan() || eps <= 0.0 {
         bail!("batch_norm: eps must be positive, got {eps}")
     }
@@ -418,16 +418,16 @@ fn f32_values(t: &Tensor) -> Result<Vec<f32>> {
 
 /// A batch's per-channel statistics, as the training-mode ops carry them.
 #[derive(Clone)]
-struct BatchStats {
-    mean: Vec<f32>,
-    inv_std: Vec<f32>,
+pub(crate) struct BatchStats {
+    pub(crate) mean: Vec<f32>,
+    pub(crate) inv_std: Vec<f32>,
 }
 
 impl BatchStats {
     /// Channel `c`'s `(scale, shift)` of `y = x·scale + shift`: `scale = γ·inv_std`,
     /// `shift = β − mean·scale`. The forward and the backward's ReLU mask both compute it
     /// here, so that the mask sees the very values the forward clamped.
-    fn affine(&self, c: usize, gamma: &[f32], beta: &[f32]) -> (f32, f32) {
+    pub(crate) fn affine(&self, c: usize, gamma: &[f32], beta: &[f32]) -> (f32, f32) {
         let scale = self.inv_std[c] * gamma[c];
         (scale, beta[c] - self.mean[c] * scale)
     }
@@ -607,13 +607,21 @@ fn channel_gradients<T: Elem>(
 
 /// Per-channel (mean, biased variance) of `x`, in f64 accumulators.
 fn channel_stats<T: Elem>(x: &[T], xs: &Strided4) -> Vec<(f32, f32)> {
+    channel_and_plane_stats(x, xs).into_iter().map(|(stats, _)| stats).collect()
+}
+
+/// [`channel_stats`] with each channel's plane sums (one per image, in f32), which its first
+/// pass computes anyway: the pooled means of the BatchNorm + excitation op
+/// (`crate::excitation::batch_norm_excitation_add_relu`).
+pub(crate) fn channel_and_plane_stats<T: Elem>(x: &[T], xs: &Strided4) -> Vec<((f32, f32), Vec<f32>)> {
     let count = (xs.dims[0] * xs.plane_len()) as f64;
     (0..xs.dims[1])
         .into_par_iter()
         .map_init(Vec::new, |buf, c| {
             vectorized!({
-                let mut sum = 0f64;
-                for_each_plane(x, xs, c, buf, |_, p| sum += crate::cpu::sum(p) as f64);
+                let mut plane_sums = Vec::with_capacity(xs.dims[0]);
+                for_each_plane(x, xs, c, buf, |_, p| plane_sums.push(crate::cpu::sum(p)));
+                let sum: f64 = plane_sums.iter().map(|&s| s as f64).sum();
                 let mean = (sum / count) as f32;
                 let mut sq = 0f64;
                 for_each_plane(x, xs, c, buf, |_, p| {
@@ -628,7 +636,7 @@ fn channel_stats<T: Elem>(x: &[T], xs: &Strided4) -> Vec<(f32, f32)> {
                     }
                     sq += (tail + acc.iter().sum::<f32>()) as f64;
                 });
-                (mean, (sq / count) as f32)
+                ((mean, (sq / count) as f32), plane_sums)
             })
         })
         .collect()

@@ -68,8 +68,8 @@ pub use cast::cast;
 pub use conv::{conv2d, conv2d_affine, conv2d_reference, Conv2dConfig};
 pub use depthwise::{depthwise_conv2d, depthwise_conv2d_reference, DepthwiseConfig};
 pub use excitation::{
-    excitation, excitation_add_relu, excitation_backward, excitation_branches, excitation_reference,
-    ExcitationGradients, ExcitationWeights, Gate,
+    batch_norm_excitation_add_relu, excitation, excitation_add_relu, excitation_backward, excitation_branches,
+    excitation_reference, ExcitationGradients, ExcitationWeights, Gate,
 };
 pub use max_pool::{max_pool2d, max_pool2d_reference, MaxPoolConfig};
 pub use relu::{add_relu, relu};

@@ -129,6 +129,13 @@ enum Then<'a> {
     Relu,
     /// `max(BN(x) + shortcut, 0)`: the end of a residual block.
     AddRelu(&'a Tensor),
+    /// `max(excitation(BN(x)) + shortcut, 0)`: the end of an SE/SaE residual block; with
+    /// `graph` false no gradient reaches the excitation's weights.
+    ExciteAddRelu {
+        excitation: &'a Excitation,
+        shortcut: &'a Tensor,
+        graph: bool,
+    },
 }
 
 impl Then<'_> {
@@ -137,10 +144,12 @@ impl Then<'_> {
         matches!(self, Then::Relu)
     }
 
-    /// `max(y + shortcut, 0)` for `AddRelu` (where the op before knew no shortcut), else `y`.
+    /// `max(y + shortcut, 0)` for `AddRelu` (where the op before knew no shortcut), that after
+    /// the excitation for `ExciteAddRelu`, else `y`.
     fn add_relu(self, y: Tensor, kernels: Implementation) -> Result<Tensor> {
         match self {
             Then::AddRelu(shortcut) => sae_kernels::add_relu(&y, shortcut, kernels),
+            Then::ExciteAddRelu { excitation, shortcut, graph } => excitation.forward_add_relu(&y, shortcut, graph),
             _ => Ok(y),
         }
     }
@@ -203,6 +212,9 @@ impl BatchNorm {
                 let out = match then {
                     Then::AddRelu(shortcut) => {
                         sae_kernels::batch_norm_train_add_relu(x, &weight, &bias, self.eps, shortcut, self.kernels)?
+                    }
+                    Then::ExciteAddRelu { excitation, shortcut, graph } => {
+                        excitation.after_batch_norm(x, &weight, &bias, self.eps, shortcut, graph)?
                     }
                     _ => sae_kernels::batch_norm_train(x, &weight, &bias, self.eps, then.relu(), self.kernels)?,
                 };
@@ -313,18 +325,22 @@ impl Excitation {
         self.forward_residual(x, Some(shortcut), graph)
     }
 
-    fn forward_residual(&self, x: &Tensor, shortcut: Option<&Tensor>, graph: bool) -> Result<Tensor> {
-        // f32 weights stay f32 with a bf16 or f16 input: `excitation` takes them as master
-        // weights (the CPU kernel computes in f32) or casts them itself.
+    /// The dense layers' weights as the kernels take them: f32 weights stay f32 with a bf16
+    /// or f16 input (`excitation` takes them as master weights — the CPU kernel computes in
+    /// f32 — or casts them itself), others are cast to `x`'s dtype; detached unless `graph`.
+    fn weights_for(&self, x: &Tensor, graph: bool) -> Result<DenseWeights> {
         let master = matches!(x.dtype(), DType::BF16 | DType::F16);
         let like_x = |t: &Tensor| {
             let t = if master && t.dtype() == DType::F32 { t.clone() } else { cast(t, x.dtype())? };
             Ok::<_, candle_core::Error>(if graph { t } else { t.detach() })
         };
-        let fc1: Vec<(Tensor, Tensor)> =
-            self.branches.iter().map(|b| Ok((like_x(b.weight())?, like_x(b.bias())?))).collect::<Result<_>>()?;
+        let fc1 = self.branches.iter().map(|b| Ok((like_x(b.weight())?, like_x(b.bias())?))).collect::<Result<_>>()?;
+        Ok((fc1, like_x(self.fc2.weight())?, like_x(self.fc2.bias())?))
+    }
+
+    fn forward_residual(&self, x: &Tensor, shortcut: Option<&Tensor>, graph: bool) -> Result<Tensor> {
+        let (fc1, w2, b2) = self.weights_for(x, graph)?;
         let fc1: Vec<(&Tensor, &Tensor)> = fc1.iter().map(|(w, b)| (w, b)).collect();
-        let (w2, b2) = (like_x(self.fc2.weight())?, like_x(self.fc2.bias())?);
         // The branches go to the kernel as they are: it packs them with the other weights in
         // one copy (stacking them here first was a second copy per call).
         match shortcut {
@@ -332,7 +348,40 @@ impl Excitation {
             Some(s) => sae_kernels::excitation_add_relu(x, &fc1, &w2, &b2, self.gate, s, self.kernels),
         }
     }
+
+    /// `max(self(BN(x)) + shortcut, 0)` with BatchNorm in training mode (γ `weight`, β
+    /// `bias`), one op on the CPU in f32 (`sae_kernels::batch_norm_excitation_add_relu`):
+    /// BatchNorm's output is neither written out nor kept for the backward pass. With `graph`
+    /// false the dense layers' weights go to it detached.
+    fn after_batch_norm(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        eps: f64,
+        shortcut: &Tensor,
+        graph: bool,
+    ) -> Result<sae_kernels::BatchNormOutput> {
+        let (fc1, w2, b2) = self.weights_for(x, graph)?;
+        let fc1: Vec<(&Tensor, &Tensor)> = fc1.iter().map(|(w, b)| (w, b)).collect();
+        sae_kernels::batch_norm_excitation_add_relu(
+            x,
+            weight,
+            bias,
+            eps,
+            &fc1,
+            &w2,
+            &b2,
+            self.gate,
+            shortcut,
+            self.kernels,
+        )
+    }
 }
+
+/// An excitation's dense weights as its kernels take them: the reduction branches' (weight,
+/// bias), then the excitation layer's weight and bias.
+type DenseWeights = (Vec<(Tensor, Tensor)>, Tensor, Tensor);
 
 /// A convolution followed by BatchNorm, the unit every network here is built from.
 #[derive(Debug, Clone)]
@@ -360,6 +409,20 @@ impl ConvBn {
     /// the addition and the ReLU are one op (`sae_kernels::batch_norm_train_add_relu`).
     pub fn forward_add_relu_t(&self, x: &Tensor, shortcut: &Tensor, train: bool) -> Result<Tensor> {
         self.forward_then(x, train, Then::AddRelu(shortcut))
+    }
+
+    /// `max(excitation(BN(conv(x))) + shortcut, 0)` in training mode, an SE/SaE residual
+    /// block's end: BatchNorm, the excitation, the addition and the ReLU are one op on the CPU
+    /// (`sae_kernels::batch_norm_excitation_add_relu`). With `graph` false no gradient reaches
+    /// the excitation's weights.
+    pub(crate) fn train_excitation_add_relu(
+        &self,
+        x: &Tensor,
+        excitation: &Excitation,
+        shortcut: &Tensor,
+        graph: bool,
+    ) -> Result<Tensor> {
+        self.forward_then(x, true, Then::ExciteAddRelu { excitation, shortcut, graph })
     }
 
     /// In eval mode BatchNorm is a per-channel scale and shift, which the convolution

@@ -109,6 +109,8 @@ impl Block {
         }
         // The addition and its ReLU join the op before them: the excitation, or BatchNorm.
         match &self.attention {
+            // In training, BatchNorm joins them too (its output is then never written).
+            Some(a) if train => last.train_excitation_add_relu(&y, a, &shortcut, graph),
             Some(a) => a.forward_add_relu(&last.forward_t(&y, train)?, &shortcut, graph),
             None => last.forward_add_relu_t(&y, &shortcut, train),
         }

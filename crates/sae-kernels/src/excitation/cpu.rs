@@ -32,7 +32,7 @@ impl ExcitationOp {
     ///
     /// The reduction layer may come as K branches (`w1`, `b1`: one slice each, rows in
     /// concatenation order): each branch's product fills its own rows of `hᵀ`.
-    fn gates(&self, p: &DenseParams, z: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    pub(crate) fn gates(&self, p: &DenseParams, z: &[f32]) -> (Vec<f32>, Vec<f32>) {
         let (c, hd) = (self.channels, self.hidden);
         let n = z.len() / c;
         // hᵀ = ReLU(W1 zᵀ + b1): W1 is (hidden, C) row-major, z is read transposed.
@@ -117,6 +117,46 @@ impl ExcitationOp {
         Ok(out)
     }
 
+    /// The dense layers' backward for the whole batch, from the pooled means `z` (N × C) and
+    /// `sgx` = Σ_hw g ⊙ u per plane (the gradient reaching the gate through the scale), with the
+    /// weights on the left as in `gates`: da = ds·s(1−s), dhᵀ = W2ᵀ daᵀ masked by the ReLU,
+    /// dzᵀ = W1ᵀ dhᵀ, and the parameter gradients dW1 = dhᵀ z, db1 = Σ dh, dW2 = daᵀ h,
+    /// db2 = Σ da, written into `dp` (packed as the parameters). Returns the gates `s` (N × C)
+    /// and `dzᵀ` (C × N).
+    pub(crate) fn dense_backward(
+        &self,
+        p: &[f32],
+        z: &[f32],
+        sgx: &[f32],
+        dp: &mut [f32],
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (c, hd, o) = (self.channels, self.hidden, self.offsets());
+        let n = z.len() / c;
+        let (ht, s) = self.gates(&DenseParams::packed(self, p)?, z);
+        let da: Vec<f32> = sgx.iter().zip(&s).map(|(&sgx, &s)| sgx * s * (1.0 - s)).collect();
+        let (w1, w2) = (&p[..o.b1], &p[o.w2..o.b2]);
+        let mut dht = vec![0f32; hd * n];
+        dense_matmul(hd, n, c, Mat { data: w2, rs: 1, cs: hd }, Mat { data: &da, rs: 1, cs: c }, &mut dht);
+        for (d, &hv) in dht.iter_mut().zip(&ht) {
+            if hv <= 0.0 {
+                *d = 0.0;
+            }
+        }
+        let mut dzt = vec![0f32; c * n];
+        dense_matmul(c, n, hd, Mat { data: w1, rs: 1, cs: c }, Mat { data: &dht, rs: n, cs: 1 }, &mut dzt);
+        dense_matmul(hd, c, n, Mat { data: &dht, rs: n, cs: 1 }, Mat { data: z, rs: c, cs: 1 }, &mut dp[..o.b1]);
+        dense_matmul(c, hd, n, Mat { data: &da, rs: 1, cs: c }, Mat { data: &ht, rs: 1, cs: n }, &mut dp[o.w2..o.b2]);
+        for (db1, row) in dp[o.b1..o.w2].iter_mut().zip(dht.chunks(n)) {
+            *db1 = row.iter().sum();
+        }
+        let db2 = &mut dp[o.b2..];
+        db2.fill(0.0);
+        for row in da.chunks(c) {
+            axpy(1.0, row, db2);
+        }
+        Ok((s, dzt))
+    }
+
     /// The backward pass; `p` as in [`Self::cpu_forward`]. With `packed`, the parameters'
     /// gradient follows the input's in the returned vector, in `T`; otherwise the vector is
     /// the input's gradient and the parameters' comes second, in f32.
@@ -137,7 +177,6 @@ impl ExcitationOp {
         }
         self.check(&xs, p.len())?;
         let [n, c, _, _] = xs.dims;
-        let hd = self.hidden;
         let o = self.offsets();
         let hw = xs.plane_len();
         let inv_hw = 1.0 / hw as f32;
@@ -168,22 +207,7 @@ impl ExcitationOp {
             )
             .collect();
         let z: Vec<f32> = sums.iter().map(|s| s.0).collect();
-        let (ht, s) = self.gates(&DenseParams::packed(self, p)?, &z);
-
-        // The dense layers for the whole batch, weights on the left as in `gates`:
-        // da = ds·s(1−s), dhᵀ = W2ᵀ daᵀ masked by the ReLU, dzᵀ = W1ᵀ dhᵀ, and the parameter
-        // gradients dW1 = dhᵀ z, db1 = Σ dh, dW2 = daᵀ h, db2 = Σ da.
-        let da: Vec<f32> = sums.iter().zip(&s).map(|(&(_, sgx), &s)| sgx * s * (1.0 - s)).collect();
-        let (w1, w2) = (&p[..o.b1], &p[o.w2..o.b2]);
-        let mut dht = vec![0f32; hd * n];
-        dense_matmul(hd, n, c, Mat { data: w2, rs: 1, cs: hd }, Mat { data: &da, rs: 1, cs: c }, &mut dht);
-        for (d, &hv) in dht.iter_mut().zip(&ht) {
-            if hv <= 0.0 {
-                *d = 0.0;
-            }
-        }
-        let mut dzt = vec![0f32; c * n];
-        dense_matmul(c, n, hd, Mat { data: w1, rs: 1, cs: c }, Mat { data: &dht, rs: n, cs: 1 }, &mut dzt);
+        let sgx: Vec<f32> = sums.iter().map(|s| s.1).collect();
 
         // The parameter gradients go straight into the packed output when it is f32, into
         // their own f32 vector when not packed.
@@ -196,16 +220,7 @@ impl ExcitationOp {
             Some(dp) if direct => dp,
             _ => &mut separate,
         };
-        dense_matmul(hd, c, n, Mat { data: &dht, rs: n, cs: 1 }, Mat { data: &z, rs: c, cs: 1 }, &mut dp[..o.b1]);
-        dense_matmul(c, hd, n, Mat { data: &da, rs: 1, cs: c }, Mat { data: &ht, rs: 1, cs: n }, &mut dp[o.w2..o.b2]);
-        for (db1, row) in dp[o.b1..o.w2].iter_mut().zip(dht.chunks(n)) {
-            *db1 = row.iter().sum();
-        }
-        let db2 = &mut dp[o.b2..];
-        db2.fill(0.0);
-        for row in da.chunks(c) {
-            axpy(1.0, row, db2);
-        }
+        let (s, dzt) = self.dense_backward(p, &z, &sgx, dp)?;
         if packed && !direct {
             dparams.iter_mut().zip(&separate).for_each(|(d, &v)| *d = T::from_f32(v));
             separate = Vec::new();

@@ -22,6 +22,7 @@
 //! math requires. The gates `s` are recomputed in the backward pass from the pooled values
 //! (a few kFLOP per image) rather than kept alive between passes.
 
+mod batch_norm_end;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -29,6 +30,7 @@ mod cuda;
 mod metal;
 mod op;
 
+pub use batch_norm_end::batch_norm_excitation_add_relu;
 pub use op::Gate;
 
 use crate::cpu::{dispatch_float, same_dtype, unpack, weight_as_f32, GradientSlot};

@@ -1,0 +1,402 @@
+//! BatchNorm (training mode) → excitation → shortcut addition → ReLU, the end of an SE/SaE
+//! residual block, as one op on the CPU in f32.
+//!
+//! Composed ([`crate::batch_norm_train`], then [`super::excitation_add_relu`]) the block's end
+//! passes over its output five times in the forward (BatchNorm's statistics twice, its output
+//! written, then read to pool it and again to scale it) and keeps BatchNorm's output alive for
+//! the backward. Here the pooled means come from BatchNorm's statistics pass — the mean of
+//! `y = x·A + B` over a plane is `A·mean(x) + B` — and one pass writes
+//! `max(gate(s)·(x·A + B) + shortcut, 0)`: three passes, and `y` never exists. The backward
+//! masks the output gradient by the ReLU (that is the shortcut's gradient, which must exist),
+//! then one pass takes each plane's Σx, Σg and Σg·x, from which the excitation's and
+//! BatchNorm's sums follow (`dy = gate(s)·g + dz/HW` per plane), and one pass writes `dx`:
+//! three passes over the gradient against the composition's five.
+
+use super::cpu::DenseParams;
+use super::op::ExcitationOp;
+use super::{fused_operands, Dense, Gate};
+use crate::batch_norm::{channel_and_plane_stats, check, check_eps, BatchNormOutput, BatchStats};
+use crate::cpu::{
+    f32_contiguous, f32_storage, min_planes_per_task, plane_f32, sum, sum_and_dot, uninit, unpack, vectorized,
+};
+use crate::layout::Strided4;
+use crate::Implementation;
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+/// `max(excitation(BN(x)) + shortcut, 0)` with BatchNorm's batch statistics (γ `weight`, β
+/// `bias`) and the excitation's dense layers as in [`super::excitation_add_relu`]: an SE or
+/// SaE residual block's end in training mode. The output's `mean` and `variance` are
+/// BatchNorm's batch statistics, as [`crate::batch_norm_train`] returns them.
+///
+/// One op on the CPU where everything is f32 (see the module source); elsewhere [`crate::batch_norm_train`] then
+/// [`super::excitation_add_relu`], which compute the same.
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_excitation_add_relu(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    fc1: &[(&Tensor, &Tensor)],
+    fc2_weight: &Tensor,
+    fc2_bias: &Tensor,
+    gate: Gate,
+    shortcut: &Tensor,
+    implementation: Implementation,
+) -> Result<BatchNormOutput> {
+    let dense = Dense { fc1, fc2_weight, fc2_bias };
+    let all_f32 = [x, weight, bias].into_iter().chain(dense.tensors()).all(|t| t.dtype() == DType::F32);
+    if implementation != Implementation::Fused || !x.device().is_cpu() || !all_f32 {
+        let bn = crate::batch_norm_train(x, weight, bias, eps, false, implementation)?;
+        let output = super::excitation_add_relu(&bn.output, fc1, fc2_weight, fc2_bias, gate, shortcut, implementation)?;
+        return Ok(BatchNormOutput { output, ..bn });
+    }
+    let c = check(x, weight, bias)?;
+    check_eps(eps)?;
+    crate::relu::check_shortcut("batch_norm_excitation", x, shortcut)?;
+    let (excitation, excitation_params) = fused_operands(x, dense, gate)?;
+    let (stats, plane_means) = {
+        let (storage, layout) = x.storage_and_layout();
+        let Storage::Cpu(storage) = &*storage else { bail!("batch_norm_excitation: the input is not on the CPU") };
+        let xs = Strided4::new("batch_norm_excitation", "input", layout)?;
+        let data = f32_storage("batch_norm_excitation", "input", storage)?;
+        let per_channel = channel_and_plane_stats(data, &xs);
+        let (n, inv_hw) = (xs.dims[0], 1.0 / xs.plane_len() as f32);
+        let mut plane_means = vec![0f32; n * c];
+        for (ci, (_, sums)) in per_channel.iter().enumerate() {
+            for (ni, s) in sums.iter().enumerate() {
+                plane_means[ni * c + ci] = s * inv_hw;
+            }
+        }
+        let stats: Vec<(f32, f32)> = per_channel.into_iter().map(|(s, _)| s).collect();
+        (stats, plane_means)
+    };
+    let (mean, variance): (Vec<f32>, Vec<f32>) = stats.into_iter().unzip();
+    let inv_std = variance.iter().map(|v| 1.0 / (v + eps as f32).sqrt()).collect();
+    let op = BatchNormExcitation { stats: BatchStats { mean: mean.clone(), inv_std }, plane_means, excitation };
+    let params = Tensor::cat(&[weight, bias, &excitation_params], 0)?;
+    let output = x.apply_op3(&params, &shortcut.contiguous()?, op)?;
+    let device = x.device();
+    Ok(BatchNormOutput {
+        output,
+        mean: Tensor::from_vec(mean, c, device)?,
+        variance: Tensor::from_vec(variance, c, device)?,
+    })
+}
+
+/// (x, [γ | β | the excitation's packed parameters], shortcut) → the block's end.
+struct BatchNormExcitation {
+    stats: BatchStats,
+    /// Each plane's mean of `x`, (N × C), from the statistics pass.
+    plane_means: Vec<f32>,
+    excitation: ExcitationOp,
+}
+
+/// (x, parameters, masked output gradient) → [dx | dγ | dβ | d(excitation parameters)].
+struct BatchNormExcitationBackward {
+    stats: BatchStats,
+    excitation: ExcitationOp,
+}
+
+/// The parameter operand split into γ, β and the excitation's packed parameters.
+fn split_params<'a>(
+    op: &str,
+    p: &'a [f32],
+    c: usize,
+    excitation: &ExcitationOp,
+) -> Result<(&'a [f32], &'a [f32], &'a [f32])> {
+    if p.len() != 2 * c + excitation.offsets().len {
+        bail!("{op}: the parameters have {} values, expected {}", p.len(), 2 * c + excitation.offsets().len)
+    }
+    let (gamma, rest) = p.split_at(c);
+    let (beta, dense) = rest.split_at(c);
+    Ok((gamma, beta, dense))
+}
+
+impl CustomOp3 for BatchNormExcitation {
+    fn name(&self) -> &'static str {
+        "sae-batch-norm-excitation-add-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        p: &CpuStorage,
+        pl: &Layout,
+        r: &CpuStorage,
+        rl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = "batch_norm_excitation";
+        let xs = Strided4::new(op, "input", xl)?;
+        let [n, c, _, _] = xs.dims;
+        let hw = xs.plane_len();
+        let x = f32_storage(op, "input", x)?;
+        let (gamma, beta, dense) = split_params(op, f32_contiguous(op, "parameters", p, pl)?, c, &self.excitation)?;
+        let r = crate::relu::shortcut_slice::<f32>(op, r, rl, n * c * hw)?;
+        let affine: Vec<(f32, f32)> = (0..c).map(|ci| self.stats.affine(ci, gamma, beta)).collect();
+        // The pooled means of BatchNorm's output, from the plane means of its input.
+        let z: Vec<f32> = (0..n * c)
+            .map(|plane| {
+                let (scale, shift) = affine[plane % c];
+                self.plane_means[plane] * scale + shift
+            })
+            .collect();
+        let (_, s) = self.excitation.gates(&DenseParams::packed(&self.excitation, dense)?, &z);
+        let mut out = uninit::<f32>(n * c * hw);
+        out.par_chunks_mut(hw).with_min_len(min_planes_per_task(hw)).enumerate().for_each_init(
+            Vec::new,
+            |buf, (plane, out)| {
+                let (scale, shift) = affine[plane % c];
+                let g = self.excitation.gate.factor(s[plane]);
+                let src = plane_f32(x, &xs, plane / c, plane % c, buf);
+                let r = &r[plane * hw..(plane + 1) * hw];
+                vectorized!(for (o, (&v, &r)) in out.iter_mut().zip(src.iter().zip(r)) {
+                    *o = ((v * scale + shift) * g + r).max(0.0);
+                })
+            },
+        );
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        params: &Tensor,
+        _r: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = crate::relu::relu_gradient(res, grad)?;
+        let op = BatchNormExcitationBackward { stats: self.stats.clone(), excitation: self.excitation };
+        let packed = x.apply_op3_no_bwd(params, &grad, &op)?;
+        let [dx, dparams] = unpack(&packed, [x.dims(), params.dims()])?;
+        Ok((Some(dx), Some(dparams), Some(grad)))
+    }
+}
+
+impl CustomOp3 for BatchNormExcitationBackward {
+    fn name(&self) -> &'static str {
+        "sae-batch-norm-excitation-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        p: &CpuStorage,
+        pl: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = "batch_norm_excitation backward";
+        let xs = Strided4::new(op, "input", xl)?;
+        if gl.dims() != xs.dims {
+            bail!("{op}: gradient shape {:?}, expected {:?}", gl.dims(), xs.dims)
+        }
+        let [n, c, _, _] = xs.dims;
+        let hw = xs.plane_len();
+        let (inv_hw, count) = (1.0 / hw as f32, (n * hw) as f32);
+        let x = f32_storage(op, "input", x)?;
+        let g = f32_contiguous(op, "output gradient", g, gl)?;
+        let (gamma, beta, dense) = split_params(op, f32_contiguous(op, "parameters", p, pl)?, c, &self.excitation)?;
+        let (mean, inv_std) = (&self.stats.mean, &self.stats.inv_std);
+        let affine: Vec<(f32, f32)> = (0..c).map(|ci| self.stats.affine(ci, gamma, beta)).collect();
+        let min_len = min_planes_per_task(hw);
+
+        // Each plane's (Σx, Σg, Σg·x): all that the excitation's and BatchNorm's sums need.
+        let sums: Vec<[f32; 3]> = (0..n * c)
+            .into_par_iter()
+            .with_min_len(min_len)
+            .map_init(Vec::new, |buf, plane| {
+                let xp = plane_f32(x, &xs, plane / c, plane % c, buf);
+                let gp = &g[plane * hw..(plane + 1) * hw];
+                vectorized!({
+                    let (sx, sgx) = sum_and_dot(xp, gp);
+                    [sx, sum(gp), sgx]
+                })
+            })
+            .collect();
+        // The excitation's input is y = x·A + B: its pooled means, and Σ g·y per plane.
+        let (z, sgy): (Vec<f32>, Vec<f32>) = sums
+            .iter()
+            .enumerate()
+            .map(|(plane, &[sx, sg, sgx])| {
+                let (scale, shift) = affine[plane % c];
+                (sx * inv_hw * scale + shift, sgx * scale + sg * shift)
+            })
+            .unzip();
+        let numel = n * c * hw;
+        let mut out = uninit::<f32>(numel + 2 * c + dense.len());
+        let (dx, dparams) = out.split_at_mut(numel);
+        let (dbn, dexcitation) = dparams.split_at_mut(2 * c);
+        let (s, dzt) = self.excitation.dense_backward(dense, &z, &sgy, dexcitation)?;
+        // dy = gate(s)·g + e per plane, e = dz/HW; BatchNorm's sums over a channel's planes
+        // follow from the planes' sums: Σ dy = F·Σg + HW·e, Σ dy·(x − μ) = F·(Σg·x − μ·Σg)
+        // + e·(Σx − HW·μ) (centred per plane before the f64 sum, as `batch_norm` does).
+        let factor = |plane: usize| self.excitation.gate.factor(s[plane]);
+        let shift = |plane: usize| dzt[(plane % c) * n + plane / c] * inv_hw;
+        // Per channel: dx = a·dy + k·x + b (as BatchNorm's backward), so per plane
+        // dx = (a·F)·g + k·x + (a·e + b).
+        let channel: Vec<(f32, f32, f32)> = (0..c)
+            .map(|ci| {
+                let (mut dy, mut dy_x) = (0f64, 0f64);
+                for ni in 0..n {
+                    let plane = ni * c + ci;
+                    let [sx, sg, sgx] = sums[plane];
+                    let (f, e) = (factor(plane), shift(plane));
+                    dy += (f * sg + hw as f32 * e) as f64;
+                    dy_x += (f * (sgx - mean[ci] * sg) + e * (sx - hw as f32 * mean[ci])) as f64;
+                }
+                let (dy, dgamma) = (dy as f32, dy_x as f32 * inv_std[ci]);
+                dbn[ci] = dgamma;
+                dbn[c + ci] = dy;
+                let a = gamma[ci] * inv_std[ci];
+                let k = -a * inv_std[ci] * dgamma / count;
+                (a, k, -a * dy / count - k * mean[ci])
+            })
+            .collect();
+        dx.par_chunks_mut(hw).with_min_len(min_len).enumerate().for_each_init(Vec::new, |buf, (plane, dx)| {
+            let (a, k, b) = channel[plane % c];
+            let (ag, offset) = (a * factor(plane), a * shift(plane) + b);
+            let xp = plane_f32(x, &xs, plane / c, plane % c, buf);
+            let gp = &g[plane * hw..(plane + 1) * hw];
+            vectorized!(for (d, (&gv, &xv)) in dx.iter_mut().zip(gp.iter().zip(xp)) {
+                *d = gv * ag + xv * k + offset;
+            })
+        });
+        Ok((CpuStorage::F32(out), Shape::from(numel + 2 * c + self.excitation.offsets().len)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn values(len: usize, k: usize, scale: f32, offset: f32) -> Vec<f32> {
+        (0..len).map(|i| ((i * k + 7) % 101) as f32 / 101.0 * scale + offset).collect()
+    }
+
+    fn var(len: usize, dims: &[usize], k: usize, scale: f32, offset: f32) -> Var {
+        Var::from_tensor(&Tensor::from_vec(values(len, k, scale, offset), dims, &Device::Cpu).unwrap()).unwrap()
+    }
+
+    fn assert_close(what: &str, got: &Tensor, want: &Tensor) {
+        let (got, want) = (
+            got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert_eq!(got.len(), want.len(), "{what}");
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!((g - w).abs() <= 2e-4 * scale, "{what}[{i}]: {g} vs {w} (scale {scale})");
+        }
+    }
+
+    /// The op's output, batch statistics and every gradient (input, γ, β, each reduction
+    /// branch, the excitation layer, the shortcut) against BatchNorm then the excitation with
+    /// its residual end, through Candle's autograd: SE and SaE, both gates, a strided input.
+    #[test]
+    fn equals_batch_norm_then_excitation() {
+        for (dims, branches, gate, strided) in [
+            ([3usize, 8, 5, 7], 1, Gate::S, false),
+            ([2, 16, 9, 9], 2, Gate::OnePlusS, false),
+            ([2, 8, 6, 4], 2, Gate::OnePlusS, true),
+        ] {
+            let [n, c, h, w] = dims;
+            let len = n * c * h * w;
+            let x = if strided { var(len, &[n, c, w, h], 13, 4.0, 3.0) } else { var(len, &dims, 13, 4.0, 3.0) };
+            let xt = if strided { x.as_tensor().transpose(2, 3).unwrap() } else { x.as_tensor().clone() };
+            let gamma = var(c, &[c], 5, 1.0, 0.5);
+            let beta = var(c, &[c], 3, 1.0, -0.5);
+            let rows = 4;
+            let fc1: Vec<(Var, Var)> = (0..branches)
+                .map(|k| (var(rows * c, &[rows, c], 17 + k, 1.0, -0.5), var(rows, &[rows], 19 + k, 0.5, -0.1)))
+                .collect();
+            let fc2 = (var(c * rows * branches, &[c, rows * branches], 23, 1.0, -0.5), var(c, &[c], 29, 0.5, -0.2));
+            let shortcut = var(len, &dims, 31, 2.0, -1.0);
+            let weights = Tensor::from_vec(values(len, 37, 2.0, -1.0), &dims[..], &Device::Cpu).unwrap();
+            let fc1_refs: Vec<(&Tensor, &Tensor)> = fc1.iter().map(|(w, b)| (w.as_tensor(), b.as_tensor())).collect();
+            let run = |fused: bool| {
+                let out = if fused {
+                    batch_norm_excitation_add_relu(
+                        &xt,
+                        &gamma,
+                        &beta,
+                        1e-5,
+                        &fc1_refs,
+                        &fc2.0,
+                        &fc2.1,
+                        gate,
+                        &shortcut,
+                        Implementation::Fused,
+                    )
+                    .unwrap()
+                } else {
+                    let bn = crate::batch_norm_train(&xt, &gamma, &beta, 1e-5, false, Implementation::Fused).unwrap();
+                    let output = super::super::excitation_add_relu(
+                        &bn.output,
+                        &fc1_refs,
+                        &fc2.0,
+                        &fc2.1,
+                        gate,
+                        &shortcut,
+                        Implementation::Fused,
+                    )
+                    .unwrap();
+                    BatchNormOutput { output, ..bn }
+                };
+                let grads = (out.output.clone() * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+                let mut tracked: Vec<&Tensor> = vec![x.as_tensor(), gamma.as_tensor(), beta.as_tensor()];
+                for (w, b) in &fc1 {
+                    tracked.extend([w.as_tensor(), b.as_tensor()]);
+                }
+                tracked.extend([fc2.0.as_tensor(), fc2.1.as_tensor(), shortcut.as_tensor()]);
+                let gradients: Vec<Tensor> = tracked.iter().map(|t| grads.get(t).unwrap().clone()).collect();
+                (out, gradients)
+            };
+            let (fused, composed) = (run(true), run(false));
+            let case = format!("{dims:?} K={branches} {gate:?} strided {strided}");
+            assert_close(&format!("{case} output"), &fused.0.output, &composed.0.output);
+            assert_close(&format!("{case} mean"), &fused.0.mean, &composed.0.mean);
+            assert_close(&format!("{case} variance"), &fused.0.variance, &composed.0.variance);
+            let positive =
+                fused.0.output.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().filter(|v| **v > 0.0).count();
+            assert!(
+                positive > len / 4 && positive < len,
+                "{case}: the ReLU should clamp some values and pass most ({positive} of {len})"
+            );
+            for (k, (f, w)) in fused.1.iter().zip(&composed.1).enumerate() {
+                assert_close(&format!("{case} gradient {k}"), f, w);
+            }
+        }
+    }
+
+    /// Inputs it does not fuse (here bf16) take the composition, with its errors: a wrong
+    /// shortcut shape is named.
+    #[test]
+    fn a_wrong_shortcut_is_an_error() {
+        let x = var(2 * 4 * 3 * 3, &[2, 4, 3, 3], 3, 1.0, 0.0);
+        let (gamma, beta) = (var(4, &[4], 1, 1.0, 0.5), var(4, &[4], 2, 1.0, 0.0));
+        let (w1, b1) = (var(8, &[2, 4], 3, 1.0, -0.5), var(2, &[2], 5, 1.0, 0.0));
+        let (w2, b2) = (var(8, &[4, 2], 7, 1.0, -0.5), var(4, &[4], 9, 1.0, 0.0));
+        let shortcut = Tensor::zeros((2, 4, 3, 4), DType::F32, &Device::Cpu).unwrap();
+        let fc1 = [(w1.as_tensor(), b1.as_tensor())];
+        let err = batch_norm_excitation_add_relu(
+            &x,
+            &gamma,
+            &beta,
+            1e-5,
+            &fc1,
+            &w2,
+            &b2,
+            Gate::S,
+            &shortcut,
+            Implementation::Fused,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("shortcut"), "{err}");
+    }
+}
