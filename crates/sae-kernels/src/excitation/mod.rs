@@ -303,10 +303,15 @@ fn fused_operands(x: &Tensor, dense: Dense, gate: Gate) -> Result<(ExcitationOp,
     let op = checked_op(x, dense, gate)?;
     // One flat parameter tensor keeps the op at two operands; Candle's `cat` backward splits
     // the parameter gradient back onto the individual weights.
+    Ok((op, Tensor::cat(&packed_pieces(dense)?, 0)?))
+}
+
+/// The weights flattened, in the packed operand's order (see [`fused_operands`]).
+fn packed_pieces(dense: Dense) -> Result<Vec<Tensor>> {
     let mut pieces: Vec<Tensor> = dense.fc1.iter().map(|(w, _)| w.flatten_all()).collect::<Result<_>>()?;
     pieces.extend(dense.fc1.iter().map(|(_, b)| (*b).clone()));
     pieces.extend([dense.fc2_weight.flatten_all()?, dense.fc2_bias.clone()]);
-    Ok((op, Tensor::cat(&pieces, 0)?))
+    Ok(pieces)
 }
 
 /// The op for `x` and these weights, after checking their shapes and dtypes. Branches of
