@@ -350,7 +350,7 @@ impl Excitation {
     }
 
     /// `max(self(BN(x)) + shortcut, 0)` with BatchNorm in training mode (γ `weight`, β
-    /// `bias`), one op on the CPU in f32 (`sae_kernels::batch_norm_excitation_add_relu`):
+    /// `bias`), one op on the CPU (`sae_kernels::batch_norm_excitation_add_relu`):
     /// BatchNorm's output is neither written out nor kept for the backward pass. With `graph`
     /// false the dense layers' weights go to it detached.
     fn after_batch_norm(
