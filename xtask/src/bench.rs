@@ -217,6 +217,21 @@ pub fn kernels(seconds: u64) -> Result<()> {
             writeln!(md, "| {shape} | {pass} | {:.3} | {:.3} | {:.1}× |", r * 1e3, f * 1e3, r / f)?;
         }
     }
+    writeln!(md, "\n## SE/SaE block end, training mode (SENetV2-ResNet-50 at 140×140 input, batch 16)\n")?;
+    writeln!(md, "BatchNorm (batch statistics) → excitation (K = 1 or 4 branches of C/32, `u + u·s`) → shortcut")?;
+    writeln!(md, "addition → ReLU. *composed* is the two fused ops a block ran before (`batch_norm_train`, then")?;
+    writeln!(md, "`excitation_add_relu`); *fused* is `batch_norm_excitation_add_relu`, which pools from BatchNorm's")?;
+    writeln!(md, "statistics pass and never forms BatchNorm's output. fwd+bwd adds `sum_all().backward()`.\n")?;
+    writeln!(md, "| module | shape | pass | composed ms | fused ms | speed-up |")?;
+    writeln!(md, "|---|---|---|---:|---:|---:|")?;
+    for g in groups.iter().filter(|g| g.starts_with("block-end-")) {
+        let module = if g.starts_with("block-end-sae") { "SaE (K=4)" } else { "SE" };
+        let shape = g.rsplit('-').next().unwrap_or("");
+        for pass in ["fwd", "fwd+bwd"] {
+            let (Some(c), Some(f)) = (get(g, "composed", pass), get(g, "fused", pass)) else { continue };
+            writeln!(md, "| {module} | {shape} | {pass} | {:.3} | {:.3} | {:.2}× |", c * 1e3, f * 1e3, c / f)?;
+        }
+    }
     writeln!(md, "\n## Adam step\n")?;
     writeln!(md, "One step over the parameters (f32): the reference composed of Candle ops, the three fused passes")?;
     writeln!(md, "over moment tensors (`adam_update`: 10 streams of the parameters' size), and the one pass over")?;

@@ -208,6 +208,55 @@ fn batch_norm_benches(c: &mut Criterion) {
     }
 }
 
+/// An SE/SaE block's end in training mode — BatchNorm, the excitation, the shortcut addition
+/// and the ReLU — composed of the two fused ops (`batch_norm_train`, `excitation_add_relu`)
+/// and as one (`batch_norm_excitation_add_relu`), at layer 1's and layer 3's shapes of a
+/// SENetV2-ResNet-50 at 140×140 input, batch 16.
+pub const BLOCK_END_SHAPES: [[usize; 4]; 2] = [[16, 256, 35, 35], [16, 1024, 9, 9]];
+
+fn block_end_benches(c: &mut Criterion) {
+    for shape in BLOCK_END_SHAPES {
+        for (module, k) in [("se", 1), ("sae", 4)] {
+            let ch = shape[1];
+            let hidden = ch / 32;
+            let x = Var::from_tensor(&randn(1, &shape)).unwrap();
+            let shortcut = Var::from_tensor(&randn(2, &shape)).unwrap();
+            let gamma = Var::from_tensor(&(randn(3, &[ch]) + 1.0).unwrap()).unwrap();
+            let beta = Var::from_tensor(&randn(4, &[ch])).unwrap();
+            let fc1: Vec<(Var, Var)> = (0..k as u64)
+                .map(|i| {
+                    let w = Var::from_tensor(&(randn(10 + i, &[hidden, ch]) * 0.1).unwrap()).unwrap();
+                    (w, Var::from_tensor(&randn(20 + i, &[hidden])).unwrap())
+                })
+                .collect();
+            let fc1: Vec<(&Tensor, &Tensor)> = fc1.iter().map(|(w, b)| (w.as_tensor(), b.as_tensor())).collect();
+            let w2 = Var::from_tensor(&(randn(5, &[ch, k * hidden]) * 0.1).unwrap()).unwrap();
+            let b2 = Var::from_tensor(&randn(6, &[ch])).unwrap();
+            let gate = Gate::OnePlusS;
+            let composed = || {
+                let y = batch_norm_train(&x, &gamma, &beta, 1e-5, false, Implementation::Fused).unwrap().output;
+                excitation_add_relu(&y, &fc1, &w2, &b2, gate, &shortcut, Implementation::Fused).unwrap()
+            };
+            let fused = || {
+                let fused = Implementation::Fused;
+                batch_norm_excitation_add_relu(&x, &gamma, &beta, 1e-5, &fc1, &w2, &b2, gate, &shortcut, fused)
+                    .unwrap()
+                    .output
+            };
+            let name = format!("block-end-{module}-{}x{}x{}x{}", shape[0], shape[1], shape[2], shape[3]);
+            let mut group = c.benchmark_group(&name);
+            group.sample_size(10).measurement_time(measurement_time()).warm_up_time(Duration::from_millis(500));
+            for (id, forward) in [("composed", &composed as &dyn Fn() -> Tensor), ("fused", &fused)] {
+                group.bench_function(BenchmarkId::new(id, "fwd"), |b| b.iter(|| black_box(forward())));
+                group.bench_function(BenchmarkId::new(id, "fwd+bwd"), |b| {
+                    b.iter(|| black_box(forward().sum_all().unwrap().backward().unwrap()))
+                });
+            }
+            group.finish();
+        }
+    }
+}
+
 /// Parameters in the Adam benchmark: about a sixth of ResNet-50's, 16 MiB of f32 per stream.
 pub const ADAM_PARAMS: usize = 4 << 20;
 
@@ -259,6 +308,7 @@ criterion_group!(
     max_pool_benches,
     conv_benches,
     batch_norm_benches,
+    block_end_benches,
     adam_benches
 );
 criterion_main!(benches);
