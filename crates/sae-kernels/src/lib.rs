@@ -24,7 +24,9 @@
 //! * [`batch_norm_train`] — BatchNorm with batch statistics (training mode), forward and
 //!   backward in two passes each (Candle composes it from a dozen ops), and
 //!   [`batch_norm_eval`], its eval mode in one pass; [`batch_norm_train_add_relu`] adds a
-//!   residual block's shortcut and its ReLU in the same pass.
+//!   residual block's shortcut and its ReLU in the same pass, and
+//!   [`batch_norm_excitation_add_relu`] is an SE/SaE block's whole end in training (BatchNorm,
+//!   excitation, shortcut, ReLU), pooling from BatchNorm's statistics pass.
 //! * [`conv2d`] — 2-D convolution with any stride, padding and groups, forward and backward,
 //!   as im2col + matrix multiply (Candle's CPU input gradient is a direct loop).
 //! * [`relu`] — ReLU with a one-pass backward (Candle's is four passes); [`add_relu`], a residual
