@@ -4,7 +4,7 @@
 use crate::gemm_bf16::{gemm_block_of, ImplicitOperand};
 use crate::layout::Strided4;
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, DType, Layout, Result, Tensor, WithDType};
+use candle_core::{bail, CpuStorage, DType, Layout, Result, Shape, Tensor, WithDType};
 use half::{bf16, f16};
 use rayon::prelude::*;
 use std::borrow::Cow;
@@ -698,6 +698,87 @@ impl GradientSlot {
             Ok(Some(gradient)) => Ok(gradient),
             _ => bail!("{op}: the kernel left no gradient in its slot"),
         }
+    }
+
+    /// A CPU backward kernel's result from its [`GradientBuffers`]: `[dx | dparams]` packed
+    /// (`dparams` is `None`), or `dx` alone with `dparams` (1-D, f32) left in the slot.
+    pub(crate) fn output(
+        &self,
+        op: &str,
+        out: CpuStorage,
+        numel: usize,
+        dparams: Option<Vec<f32>>,
+        params_len: usize,
+    ) -> Result<(CpuStorage, Shape)> {
+        match dparams {
+            None => Ok((out, Shape::from(numel + params_len))),
+            Some(dparams) => {
+                self.put(op, Tensor::from_vec(dparams, params_len, &candle_core::Device::Cpu)?)?;
+                Ok((out, Shape::from(numel)))
+            }
+        }
+    }
+
+    /// The gradients of `x` (its shape) and of the parameters (`params_dims`) from a backward
+    /// op's result `out`: split if `packed`, else `out` is `dx` and the slot holds the rest.
+    pub(crate) fn gradients(
+        self,
+        op: &str,
+        out: &Tensor,
+        x_dims: &[usize],
+        params_dims: &[usize],
+        packed: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        if packed {
+            let [dx, dparams] = unpack(out, [x_dims, params_dims])?;
+            return Ok((dx, dparams));
+        }
+        Ok((out.reshape(x_dims)?, self.take(op)?))
+    }
+}
+
+/// Where a CPU backward kernel writes its input's gradient (`dx`, in the input's type) and
+/// its parameters' (computed in f32): with `packed` (the parameters have the input's dtype)
+/// one output `[dx | dparams]`, else `dx` alone with the parameters' gradient apart, in f32,
+/// for a [`GradientSlot`]. An f32 packed output takes the parameters' gradient in place; a
+/// bf16 or f16 one gets it converted from an f32 vector.
+pub(crate) struct GradientBuffers<T> {
+    out: Vec<T>,
+    numel: usize,
+    /// The parameters' gradient where it is not written into `out` in place.
+    separate: Vec<f32>,
+    packed: bool,
+    /// Packed and f32: the parameters' gradient is written into `out` in place.
+    direct: bool,
+}
+
+impl<T: Elem> GradientBuffers<T> {
+    pub(crate) fn new(numel: usize, params_len: usize, packed: bool) -> Self {
+        let out = uninit::<T>(numel + if packed { params_len } else { 0 });
+        let direct = packed && T::DTYPE == DType::F32;
+        let separate = if direct { Vec::new() } else { uninit::<f32>(params_len) };
+        Self { out, numel, separate, packed, direct }
+    }
+
+    /// `dx` and the parameters' gradient, for the kernel to write in full.
+    pub(crate) fn split(&mut self) -> (&mut [T], &mut [f32]) {
+        let (dx, tail) = self.out.split_at_mut(self.numel);
+        match T::as_f32_slice_mut(tail) {
+            Some(tail) if self.direct => (dx, tail),
+            _ => (dx, &mut self.separate),
+        }
+    }
+
+    /// The output, and the parameters' gradient where it is not packed into it.
+    pub(crate) fn finish(mut self) -> (Vec<T>, Option<Vec<f32>>) {
+        if !self.packed {
+            return (self.out, Some(self.separate));
+        }
+        if !self.direct {
+            let tail = &mut self.out[self.numel..];
+            tail.iter_mut().zip(&self.separate).for_each(|(d, &v)| *d = T::from_f32(v));
+        }
+        (self.out, None)
     }
 }
 

@@ -20,7 +20,7 @@ use super::{checked_op, packed_pieces, Dense, Gate};
 use crate::batch_norm::{channel_and_plane_stats, check, check_eps, BatchNormOutput, BatchStats};
 use crate::cpu::{
     contiguous, dispatch_float, f32_contiguous, min_planes_per_task, plane_f32, read_f32, same_dtype, sum, sum_and_dot,
-    uninit, unpack, vectorized, write_f32, Elem, GradientSlot,
+    uninit, vectorized, write_f32, Elem, GradientBuffers, GradientSlot,
 };
 use crate::layout::Strided4;
 use crate::Implementation;
@@ -199,12 +199,9 @@ impl CustomOp3 for BatchNormExcitation {
             slot: GradientSlot::default(),
         };
         let out = x.apply_op3_no_bwd(params, &grad, &op)?;
-        let (dx, dparams) = if x.dtype() == DType::F32 {
-            let [dx, dparams] = unpack(&out, [x.dims(), params.dims()])?;
-            (dx, dparams)
-        } else {
-            (out.reshape(x.dims())?, op.slot.take("batch_norm_excitation backward")?)
-        };
+        let packed = params.dtype() == x.dtype();
+        let (dx, dparams) =
+            op.slot.gradients("batch_norm_excitation backward", &out, x.dims(), params.dims(), packed)?;
         Ok((Some(dx), Some(dparams), Some(grad)))
     }
 }
@@ -234,14 +231,7 @@ impl CustomOp3 for BatchNormExcitationBackward {
             let (out, dparams) = self.backward(x, &xs, p, g)?;
             (T::to_cpu_storage_owned(out), dparams)
         });
-        let numel = xl.shape().elem_count();
-        match dparams {
-            None => Ok((out, Shape::from(numel + p.len()))),
-            Some(dparams) => {
-                self.slot.put(op, Tensor::from_vec(dparams, p.len(), &candle_core::Device::Cpu)?)?;
-                Ok((out, Shape::from(numel)))
-            }
-        }
+        self.slot.output(op, out, xl.shape().elem_count(), dparams, p.len())
     }
 }
 
@@ -279,17 +269,9 @@ impl BatchNormExcitationBackward {
                 (sx * inv_hw * scale + shift, sgx * scale + sg * shift)
             })
             .unzip();
-        // The parameters' gradient goes into the output's tail when it is f32, into a vector
-        // of its own otherwise.
-        let numel = n * c * hw;
-        let direct = T::DTYPE == DType::F32;
-        let mut out = uninit::<T>(numel + if direct { p.len() } else { 0 });
-        let (dx, tail) = out.split_at_mut(numel);
-        let mut separate = if direct { Vec::new() } else { uninit::<f32>(p.len()) };
-        let dparams = match T::as_f32_slice_mut(tail) {
-            Some(tail) if direct => tail,
-            _ => &mut separate,
-        };
+        // The parameters are f32: packed after dx only when the input is f32 too.
+        let mut buffers = GradientBuffers::<T>::new(n * c * hw, p.len(), T::DTYPE == DType::F32);
+        let (dx, dparams) = buffers.split();
         let (dbn, dexcitation) = dparams.split_at_mut(2 * c);
         let (s, dzt) = self.excitation.dense_backward(dense, &z, &sgy, dexcitation)?;
         // dy = gate(s)·g + e per plane, e = dz/HW; BatchNorm's sums over a channel's planes
@@ -332,7 +314,7 @@ impl BatchNormExcitationBackward {
                 })
             },
         );
-        Ok((out, (!direct).then_some(separate)))
+        Ok(buffers.finish())
     }
 }
 

@@ -4,7 +4,8 @@
 
 use super::op::ExcitationOp;
 use crate::cpu::{
-    axpy, matmul_threads, min_planes_per_task, sum, sum_and_dot, uninit, vectorized, Elem, Mat, Products,
+    axpy, matmul_threads, min_planes_per_task, sum, sum_and_dot, uninit, vectorized, Elem, GradientBuffers, Mat,
+    Products,
 };
 use crate::layout::Strided4;
 use candle_core::{bail, Layout, Result};
@@ -159,7 +160,7 @@ impl ExcitationOp {
 
     /// The backward pass; `p` as in [`Self::cpu_forward`]. With `packed`, the parameters'
     /// gradient follows the input's in the returned vector, in `T`; otherwise the vector is
-    /// the input's gradient and the parameters' comes second, in f32.
+    /// the input's gradient and the parameters' comes second, in f32 ([`GradientBuffers`]).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn cpu_backward<T: Elem>(
         &self,
@@ -169,7 +170,7 @@ impl ExcitationOp {
         g: &[T],
         gl: &Layout,
         packed: bool,
-    ) -> Result<(Vec<T>, Vec<f32>)> {
+    ) -> Result<(Vec<T>, Option<Vec<f32>>)> {
         let xs = Strided4::new("excitation backward", "input", xl)?;
         let gs = Strided4::new("excitation backward", "output gradient", gl)?;
         if gs.dims != xs.dims {
@@ -209,22 +210,9 @@ impl ExcitationOp {
         let z: Vec<f32> = sums.iter().map(|s| s.0).collect();
         let sgx: Vec<f32> = sums.iter().map(|s| s.1).collect();
 
-        // The parameter gradients go straight into the packed output when it is f32, into
-        // their own f32 vector when not packed.
-        let numel = n * c * hw;
-        let mut out = uninit::<T>(numel + if packed { o.len } else { 0 });
-        let (dx, dparams) = out.split_at_mut(numel);
-        let direct = packed && T::DTYPE == candle_core::DType::F32;
-        let mut separate = if direct { Vec::new() } else { uninit::<f32>(o.len) };
-        let dp = match T::as_f32_slice_mut(dparams) {
-            Some(dp) if direct => dp,
-            _ => &mut separate,
-        };
+        let mut buffers = GradientBuffers::<T>::new(n * c * hw, o.len, packed);
+        let (dx, dp) = buffers.split();
         let (s, dzt) = self.dense_backward(p, &z, &sgx, dp)?;
-        if packed && !direct {
-            dparams.iter_mut().zip(&separate).for_each(|(d, &v)| *d = T::from_f32(v));
-            separate = Vec::new();
-        }
 
         // Pass 2: dx = g·gate(s) + dz/HW, written straight into the packed output.
         dx.par_chunks_mut(hw).with_min_len(min_len).enumerate().for_each(|(plane, dx)| {
@@ -239,7 +227,7 @@ impl ExcitationOp {
                 }),
             }
         });
-        Ok((out, separate))
+        Ok(buffers.finish())
     }
 }
 

@@ -288,12 +288,7 @@ impl ExcitationOp {
     fn backward(&self, x: &Tensor, params: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
         let op = ExcitationBackwardOp(*self, GradientSlot::default());
         let out = x.apply_op3_no_bwd(params, grad, &op)?;
-        if params.dtype() == x.dtype() {
-            let [dx, dparams] = unpack(&out, [x.dims(), params.dims()])?;
-            return Ok((dx, dparams));
-        }
-        let dparams = op.1.take("excitation backward")?;
-        Ok((out.reshape(x.dims())?, dparams))
+        op.1.gradients("excitation backward", &out, x.dims(), params.dims(), params.dtype() == x.dtype())
     }
 }
 
@@ -533,12 +528,7 @@ impl CustomOp3 for ExcitationBackwardOp {
             let (out, dparams) = self.0.cpu_backward::<T>(x, xl, &params, g, gl, packed)?;
             (T::to_cpu_storage_owned(out), dparams)
         });
-        if packed {
-            return Ok((out, Shape::from(xl.shape().elem_count() + self.0.offsets().len)));
-        }
-        let dparams = Tensor::from_vec(dparams, pl.shape(), &candle_core::Device::Cpu)?;
-        self.1.put(op, dparams)?;
-        Ok((out, Shape::from(xl.shape().elem_count())))
+        self.1.output(op, out, xl.shape().elem_count(), dparams, self.0.offsets().len)
     }
 
     #[cfg(feature = "cuda")]
