@@ -160,12 +160,34 @@ fn measure_ours(r: Row, kernels: Implementation, precision: Precision, seconds: 
     Ok(Timing { step, forward, backward, optimizer, memory: Memory { baseline: baseline as u64, peak: peak as u64 } })
 }
 
+/// Our f32 sgemm rate ([`gemm_gflops`]) measured in a process of its own, as PyTorch's `a @ b`
+/// is: a process's rate stays at one level for all its calls, and that level differs between
+/// processes on the Xeon (266–416 GFLOP/s over eight processes; `results/train-profile.md`).
+fn sgemm_in_own_process() -> Result<f64> {
+    let out = Command::new(std::env::current_exe()?)
+        .args(["bench-train-row", "sgemm"])
+        .output()
+        .context("starting bench-train-row sgemm")?;
+    if !out.status.success() {
+        bail!("bench-train-row sgemm failed: {}", String::from_utf8_lossy(&out.stderr))
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim().parse().with_context(|| format!("reading bench-train-row sgemm's output {text:?}"))
+}
+
 /// `xtask bench-train-row MODEL SIZE BATCH train|infer KERNELS PRECISION SECONDS`: one row
 /// measured in this process; prints step, forward, backward and optimiser seconds, then the
 /// resident memory before the model was built and the process's peak, in bytes.
+/// `xtask bench-train-row sgemm` prints [`gemm_gflops`] for f32 instead.
 pub fn row_in_this_process(args: &[String]) -> Result<()> {
+    if let [what] = args {
+        if what == "sgemm" {
+            println!("{}", gemm_gflops(DType::F32)?);
+            return Ok(());
+        }
+    }
     let [model, size, batch, mode, kernels, precision, seconds] = args else {
-        bail!("usage: bench-train-row MODEL SIZE BATCH train|infer KERNELS PRECISION SECONDS")
+        bail!("usage: bench-train-row MODEL SIZE BATCH train|infer KERNELS PRECISION SECONDS, or bench-train-row sgemm")
     };
     // Any size and batch, for A/B checks beyond the report's rows; the model by its name in
     // the report (the rows hold `&'static str`).
@@ -371,7 +393,7 @@ pub fn run(seconds: f64, python: Option<PathBuf>, bf16: bool, repeats: usize) ->
     let machine_peak = crate::peak::measure();
     let (mut peak, mut torch_matmul) = (0f64, None::<(f64, String)>);
     for _ in 0..repeats {
-        peak = peak.max(gemm_gflops(DType::F32)?);
+        peak = peak.max(sgemm_in_own_process()?);
         if let Some(t) = &torch {
             let (gflops, version) = t.matmul()?;
             torch_matmul = Some((torch_matmul.map_or(gflops, |(g, _)| g.max(gflops)), version));
@@ -407,8 +429,8 @@ pub fn run(seconds: f64, python: Option<PathBuf>, bf16: bool, repeats: usize) ->
         "algorithm's count, by which the GFLOP/s of all three columns are comparable. Our f32 3×3 stride-1 convolutions run\nWinograd's F(2×2, 3×3), which does 16 multiplies where the direct algorithm does 36, so that the share of the f32 peak\nthey show is not the share of the FMA units they keep busy.\n"
     )?;
     match &torch_matmul {
-        Some((gflops, version)) => writeln!(md, "PyTorch {version} eager, `torch.set_num_threads({})`, measured in the same run by `bench/pytorch/bench_train.py` (same networks: the parameter counts below are checked equal). sgemm 2048³ GFLOP/s: `gemm` crate through our 1×1 convolution **{}**, PyTorch `a @ b` **{}**.\n", rayon::current_num_threads(), of_peak(peak), of_peak(*gflops))?,
-        None => writeln!(md, "PyTorch not measured in this run (pass `--python` with a Python that has torch). sgemm 2048³ GFLOP/s: `gemm` crate through our 1×1 convolution **{}**.\n", of_peak(peak))?,
+        Some((gflops, version)) => writeln!(md, "PyTorch {version} eager, `torch.set_num_threads({})`, measured in the same run by `bench/pytorch/bench_train.py` (same networks: the parameter counts below are checked equal). sgemm 2048³ GFLOP/s, the fastest of {repeats} process(es) per side: `gemm` crate through our 1×1 convolution **{}**, PyTorch `a @ b` **{}**.\n", rayon::current_num_threads(), of_peak(peak), of_peak(*gflops))?,
+        None => writeln!(md, "PyTorch not measured in this run (pass `--python` with a Python that has torch). sgemm 2048³ GFLOP/s, the fastest of {repeats} process(es): `gemm` crate through our 1×1 convolution **{}**.\n", of_peak(peak))?,
     }
     writeln!(md, "Every row is measured in a process of its own (ours, Candle's and PyTorch's), so that its peak resident memory (VmHWM) is its own: *peak MB* is that peak, and in brackets what it rose above the process's resident memory just before the model was built (for PyTorch that baseline includes the loaded torch library).\n")?;
     writeln!(md, "| model | input | batch | mode | params | ours img/s | Candle img/s | PyTorch img/s | ours / PyTorch | ours GFLOP/s (% of peak) | PyTorch GFLOP/s (% of peak) | ours: fwd / bwd / optimiser ms | peak MB ours | peak MB PyTorch |")?;
