@@ -141,19 +141,8 @@ pub(crate) fn median_seconds<T>(seconds: f64, min_calls: usize, mut f: impl FnMu
 /// memory is its own.
 fn measure_ours(r: Row, kernels: Implementation, precision: Precision, seconds: f64) -> Result<Timing> {
     let mode = if r.mode == Mode::Train { "train" } else { "infer" };
-    let out = Command::new(std::env::current_exe()?)
-        .args(["bench-train-row", r.model, &r.size.to_string(), &r.batch.to_string(), mode, kernels.name()])
-        .args([precision.name(), &seconds.to_string()])
-        .output()
-        .context("starting bench-train-row")?;
-    if !out.status.success() {
-        bail!("bench-train-row {} failed: {}", r.model, String::from_utf8_lossy(&out.stderr))
-    }
-    let v: Vec<f64> = String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .map(str::parse)
-        .collect::<Result<_, _>>()
-        .context("reading bench-train-row's output")?;
+    let (size, batch, seconds) = (r.size.to_string(), r.batch.to_string(), seconds.to_string());
+    let v = row_process(&[r.model, &size, &batch, mode, kernels.name(), precision.name(), &seconds])?;
     let &[step, forward, backward, optimizer, baseline, peak] = v.as_slice() else {
         bail!("bench-train-row printed {} numbers, expected 6", v.len())
     };
@@ -164,15 +153,28 @@ fn measure_ours(r: Row, kernels: Implementation, precision: Precision, seconds: 
 /// is: a process's rate stays at one level for all its calls, and that level differs between
 /// processes on the Xeon (266–416 GFLOP/s over eight processes; `results/train-profile.md`).
 fn sgemm_in_own_process() -> Result<f64> {
-    let out = Command::new(std::env::current_exe()?)
-        .args(["bench-train-row", "sgemm"])
-        .output()
-        .context("starting bench-train-row sgemm")?;
-    if !out.status.success() {
-        bail!("bench-train-row sgemm failed: {}", String::from_utf8_lossy(&out.stderr))
+    match row_process(&["sgemm"])?.as_slice() {
+        &[gflops] => Ok(gflops),
+        v => bail!("bench-train-row sgemm printed {} numbers, expected 1", v.len()),
     }
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.trim().parse().with_context(|| format!("reading bench-train-row sgemm's output {text:?}"))
+}
+
+/// Runs `xtask bench-train-row ARGS` in a process of its own and reads the numbers it prints.
+fn row_process(args: &[&str]) -> Result<Vec<f64>> {
+    let what = args.join(" ");
+    let out = Command::new(std::env::current_exe()?)
+        .arg("bench-train-row")
+        .args(args)
+        .output()
+        .with_context(|| format!("starting bench-train-row {what}"))?;
+    if !out.status.success() {
+        bail!("bench-train-row {what} failed: {}", String::from_utf8_lossy(&out.stderr))
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("reading the output of bench-train-row {what}"))
 }
 
 /// `xtask bench-train-row MODEL SIZE BATCH train|infer KERNELS PRECISION SECONDS`: one row
@@ -180,11 +182,9 @@ fn sgemm_in_own_process() -> Result<f64> {
 /// resident memory before the model was built and the process's peak, in bytes.
 /// `xtask bench-train-row sgemm` prints [`gemm_gflops`] for f32 instead.
 pub fn row_in_this_process(args: &[String]) -> Result<()> {
-    if let [what] = args {
-        if what == "sgemm" {
-            println!("{}", gemm_gflops(DType::F32)?);
-            return Ok(());
-        }
+    if matches!(args, [what] if what == "sgemm") {
+        println!("{}", gemm_gflops(DType::F32)?);
+        return Ok(());
     }
     let [model, size, batch, mode, kernels, precision, seconds] = args else {
         bail!("usage: bench-train-row MODEL SIZE BATCH train|infer KERNELS PRECISION SECONDS, or bench-train-row sgemm")

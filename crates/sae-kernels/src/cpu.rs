@@ -748,23 +748,25 @@ pub(crate) struct GradientBuffers<T> {
     /// The parameters' gradient where it is not written into `out` in place.
     separate: Vec<f32>,
     packed: bool,
-    /// Packed and f32: the parameters' gradient is written into `out` in place.
-    direct: bool,
 }
 
 impl<T: Elem> GradientBuffers<T> {
     pub(crate) fn new(numel: usize, params_len: usize, packed: bool) -> Self {
         let out = uninit::<T>(numel + if packed { params_len } else { 0 });
-        let direct = packed && T::DTYPE == DType::F32;
-        let separate = if direct { Vec::new() } else { uninit::<f32>(params_len) };
-        Self { out, numel, separate, packed, direct }
+        let separate = if Self::direct(packed) { Vec::new() } else { uninit::<f32>(params_len) };
+        Self { out, numel, separate, packed }
+    }
+
+    /// Whether the parameters' gradient is written into the output in place: packed and f32.
+    fn direct(packed: bool) -> bool {
+        packed && T::DTYPE == DType::F32
     }
 
     /// `dx` and the parameters' gradient, for the kernel to write in full.
     pub(crate) fn split(&mut self) -> (&mut [T], &mut [f32]) {
         let (dx, tail) = self.out.split_at_mut(self.numel);
         match T::as_f32_slice_mut(tail) {
-            Some(tail) if self.direct => (dx, tail),
+            Some(tail) if Self::direct(self.packed) => (dx, tail),
             _ => (dx, &mut self.separate),
         }
     }
@@ -774,7 +776,7 @@ impl<T: Elem> GradientBuffers<T> {
         if !self.packed {
             return (self.out, Some(self.separate));
         }
-        if !self.direct {
+        if !Self::direct(self.packed) {
             let tail = &mut self.out[self.numel..];
             tail.iter_mut().zip(&self.separate).for_each(|(d, &v)| *d = T::from_f32(v));
         }
