@@ -15,6 +15,9 @@
 //! Winograd's F(2×2, 3×3) algorithm instead for all three products (`crate::winograd`: 16
 //! multiplies per 2×2 output pixels instead of 36, the input expanded 4 times instead of 9),
 //! but for the weight gradient of a batch with few tiles (small images), which is unrolled.
+//! Where such a convolution has at most 64 channels in and out (ResNet's first stage) and the
+//! CPU has AVX-512, its output and input gradient are computed directly instead
+//! (`crate::direct`: the input in 16-channel blocks, no unrolling and no transforms).
 //!
 //! Images with at least [`PER_IMAGE_PIXELS`] output pixels (and batches of one) run one
 //! multiply per image and group, written straight into the image's place in the output:
@@ -39,6 +42,7 @@ use crate::cpu::{
     matmul_threads_unrolled, min_planes_per_task, read_f32, same_dtype, same_type, uninit, weight_as_f32, write_f32,
     Elem, GradientSlot, Mat, Products,
 };
+use crate::direct::Direct;
 use crate::gemm_bf16::{ImplicitOperand, Unrolled, UnrolledT};
 use crate::layout::Strided4;
 use crate::winograd::{transform_weights, Winograd};
@@ -299,6 +303,28 @@ impl Geometry {
         let fits = self.stride == 1 && self.groups == 1 && self.kh == self.kw && self.pad < self.kh;
         let gr = same_type::<T, bf16>(gr).filter(|_| fits && !self.is_pointwise())?;
         Some(Unrolled::new(gr, (self.oc, self.oh, self.ow), (self.kh, self.kw), self.kh - 1 - self.pad))
+    }
+
+    /// This convolution as a [`Direct`] one, with its f32 input `x` (N, C, H, W) contiguous:
+    /// where it is 3×3, stride 1, padding 1, ungrouped, f32 and contiguous, and the kernel
+    /// takes the shape (`Direct::new`).
+    fn direct<'a, T: Elem>(&self, x: &'a [T], xs: &Strided4) -> Option<(Direct, &'a [f32])> {
+        let image_len = self.c * self.h * self.w;
+        let contiguous = xs.strides == [image_len, self.h * self.w, self.w, 1];
+        let x = T::as_f32_slice(x).filter(|_| contiguous && self.is_direct_shape())?;
+        Some((Direct::new(self.c, self.h, self.w, self.oc)?, x.get(xs.offset..)?.get(..self.n * image_len)?))
+    }
+
+    /// The input gradient's convolution (of dy with [`Self::turned_weights`]) as a [`Direct`]
+    /// one, with `gr` (N, O, H, W, contiguous) in f32, where the kernel takes it.
+    fn direct_input_gradient<'a, T: Elem>(&self, gr: &'a [T]) -> Option<(Direct, &'a [f32])> {
+        let gr = T::as_f32_slice(gr).filter(|_| self.is_direct_shape())?;
+        Some((Direct::new(self.oc, self.oh, self.ow, self.c)?, gr))
+    }
+
+    /// 3×3, stride 1, padding 1, ungrouped: output and input the same size.
+    fn is_direct_shape(&self) -> bool {
+        self.kh == 3 && self.kw == 3 && self.stride == 1 && self.pad == 1 && self.groups == 1
     }
 
     /// The weights (O, C, kh, kw) as the input gradient's convolution takes them: (C, O·kh·kw),
@@ -688,6 +714,14 @@ impl Conv {
         let (p, kg, og) = (g.pixels(), g.rows_per_group(), g.out_per_group());
         // Every element is written by a multiply (without accumulation) or a copy below.
         let mut out = uninit::<T>(g.n * g.oc * p);
+        if let (Some((direct, x)), Some(y)) = (g.direct(x, xs), T::as_f32_slice_mut(&mut out)) {
+            direct.forward(x, &direct.pack_weights(w), y, |c, plane| {
+                if let Some(e) = epilogue {
+                    e.apply(c, plane)
+                }
+            });
+            return out;
+        }
         if let Some(winograd) = g.winograd(products) {
             let u = transform_weights(w, g.oc, g.c, false);
             winograd.forward(x, xs, &u, &mut out, |c, plane| {
@@ -930,20 +964,29 @@ impl ConvBackward {
         // Every element is written below: dW by its first multiply or a copy, dx by a
         // multiply or zero-filled before col2im adds into it, or by Winograd's convolution.
         let (mut dx, mut dw) = (uninit::<T>(g.n * image_len), uninit::<f32>(g.oc * kg));
-        let Some(winograd) = g.winograd(products) else {
+        let winograd = g.winograd(products);
+        let direct = if self.input_gradient { g.direct_input_gradient(gr) } else { None };
+        if winograd.is_none() && direct.is_none() {
             self.backward_unrolled(self.input_gradient, g, x, xs, w, gr, &mut dx, &mut dw);
             return (dx, dw);
-        };
-        if self.input_gradient {
-            let u = transform_weights(w, g.oc, g.c, true);
-            let dims = [g.n, g.oc, g.oh, g.ow];
-            let dys = Strided4 { dims, strides: [g.oc * p, p, g.ow, 1], offset: 0 };
-            winograd.input_gradient().forward(gr, &dys, &u, &mut dx, |_, _| ());
         }
-        if winograd.weight_gradient_pays() {
-            winograd.weight_gradient(x, xs, gr, &mut dw);
-        } else {
-            self.backward_unrolled(false, g, x, xs, w, gr, &mut [], &mut dw);
+        // dx by the direct kernel where it takes the shape, else Winograd's (one of the two
+        // is there, see above).
+        match (direct, T::as_f32_slice_mut(&mut dx), winograd) {
+            (Some((direct, dy)), Some(dx), _) => {
+                direct.forward(dy, &direct.pack_weights(&g.turned_weights(w)), dx, |_, _| ())
+            }
+            (_, _, Some(winograd)) if self.input_gradient => {
+                let u = transform_weights(w, g.oc, g.c, true);
+                let dims = [g.n, g.oc, g.oh, g.ow];
+                let dys = Strided4 { dims, strides: [g.oc * p, p, g.ow, 1], offset: 0 };
+                winograd.input_gradient().forward(gr, &dys, &u, &mut dx, |_, _| ());
+            }
+            _ => {}
+        }
+        match winograd {
+            Some(winograd) if winograd.weight_gradient_pays() => winograd.weight_gradient(x, xs, gr, &mut dw),
+            _ => self.backward_unrolled(false, g, x, xs, w, gr, &mut [], &mut dw),
         }
         (dx, dw)
     }

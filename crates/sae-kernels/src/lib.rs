@@ -47,6 +47,7 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda_ops;
 pub mod depthwise;
+mod direct;
 pub mod error;
 pub mod excitation;
 mod gemm_bf16;

@@ -440,6 +440,14 @@ const CONV_CASES: &[(Conv2dConfig, [usize; 4], [usize; 4])] = &[
     // contiguous bf16 image (`gemm_bf16::Unrolled`).
     (Conv2dConfig { stride: 1, padding: 1, groups: 1 }, [1, 80, 21, 23], [72, 80, 3, 3]),
     (Conv2dConfig { stride: 1, padding: 0, groups: 1 }, [2, 80, 19, 18], [72, 80, 3, 3]),
+    // Channels in whole vectors for the direct 3×3 kernel (`direct::Direct`) where the CPU has
+    // AVX-512F: images in parallel (3 images, rows of 19 = tiles of 6, 6 and 7 pixels), the
+    // input gradient direct as well (64 → 32 channels); one image, its blocks of output
+    // channels in parallel (rows of 8), the input gradient by Winograd (16 channels are not a
+    // whole block of 32); rows of 33 (tiles of 8, 8, 8 and 9).
+    (Conv2dConfig { stride: 1, padding: 1, groups: 1 }, [3, 32, 7, 19], [64, 32, 3, 3]),
+    (Conv2dConfig { stride: 1, padding: 1, groups: 1 }, [1, 16, 9, 8], [32, 16, 3, 3]),
+    (Conv2dConfig { stride: 1, padding: 1, groups: 1 }, [2, 64, 5, 33], [32, 64, 3, 3]),
 ];
 
 #[test]
@@ -460,7 +468,7 @@ fn conv_fused_matches_reference_forward_and_backward() {
 /// the CPU has one, packs as stored; elsewhere, and for shallow products, it is widened for
 /// the f32 kernels), against the f32 reference on the same bf16 values: output and both
 /// gradients within bf16's rounding, contiguous and strided inputs, with bf16 weights and with
-/// f32 master weights.
+/// f32 master weights (of bf16 values).
 #[test]
 fn conv_fused_in_bf16_matches_the_f32_reference() {
     for (i, &(cfg, [n, c, h, w], wshape)) in CONV_CASES.iter().enumerate() {
@@ -468,7 +476,13 @@ fn conv_fused_in_bf16_matches_the_f32_reference() {
             for master in [false, true] {
                 let what = format!("{cfg:?} {:?} weight {wshape:?} strided={strided} master={master}", [n, c, h, w]);
                 let (xv, x) = input(70 + i as u64, n, c, h, w, strided, DType::BF16);
-                let k = var(80 + i as u64, &wshape, if master { DType::F32 } else { DType::BF16 });
+                // Master weights hold bf16 values: the f32 products take master weights whole
+                // and the bf16 kernels round them (see `conv2d`), and which one multiplies
+                // depends on the shape, so unrounded ones would make the reference's rounding
+                // shape-dependent too.
+                let k = var(80 + i as u64, &wshape, DType::BF16);
+                let k =
+                    if master { Var::from_tensor(&k.as_tensor().to_dtype(DType::F32).unwrap()).unwrap() } else { k };
                 let x32v = Var::from_tensor(&xv.as_tensor().to_dtype(DType::F32).unwrap()).unwrap();
                 let x32 = if strided { x32v.transpose(0, 1).unwrap() } else { x32v.as_tensor().clone() };
                 let k32 = Var::from_tensor(&k.as_tensor().to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap())
