@@ -16,8 +16,8 @@
 //! multiplies per 2×2 output pixels instead of 36, the input expanded 4 times instead of 9),
 //! but for the weight gradient of a batch with few tiles (small images), which is unrolled.
 //! Where such a convolution has at most 64 channels in and out (ResNet's first stage) and the
-//! CPU has AVX-512, its output and input gradient are computed directly instead
-//! (`crate::direct`: the input in 16-channel blocks, no unrolling and no transforms).
+//! CPU has AVX-512, all three are computed directly instead (`crate::direct`: the input in
+//! 16-channel blocks, no unrolling and no transforms).
 //!
 //! Images with at least [`PER_IMAGE_PIXELS`] output pixels (and batches of one) run one
 //! multiply per image and group, written straight into the image's place in the output:
@@ -965,14 +965,15 @@ impl ConvBackward {
         // multiply or zero-filled before col2im adds into it, or by Winograd's convolution.
         let (mut dx, mut dw) = (uninit::<T>(g.n * image_len), uninit::<f32>(g.oc * kg));
         let winograd = g.winograd(products);
-        let direct = if self.input_gradient { g.direct_input_gradient(gr) } else { None };
-        if winograd.is_none() && direct.is_none() {
+        // dx and dW each by the direct kernel where it takes the shape (f32), else by
+        // Winograd's where it takes it, else both unrolled together.
+        let direct_dx = g.direct_input_gradient(gr).filter(|_| self.input_gradient);
+        let direct_dw = g.direct(x, xs).zip(T::as_f32_slice(gr));
+        if (self.input_gradient && direct_dx.is_none() || direct_dw.is_none()) && winograd.is_none() {
             self.backward_unrolled(self.input_gradient, g, x, xs, w, gr, &mut dx, &mut dw);
             return (dx, dw);
         }
-        // dx by the direct kernel where it takes the shape, else Winograd's (one of the two
-        // is there, see above).
-        match (direct, T::as_f32_slice_mut(&mut dx), winograd) {
+        match (direct_dx, T::as_f32_slice_mut(&mut dx), winograd) {
             (Some((direct, dy)), Some(dx), _) => {
                 direct.forward(dy, &direct.pack_weights(&g.turned_weights(w)), dx, |_, _| ())
             }
@@ -984,8 +985,9 @@ impl ConvBackward {
             }
             _ => {}
         }
-        match winograd {
-            Some(winograd) if winograd.weight_gradient_pays() => winograd.weight_gradient(x, xs, gr, &mut dw),
+        match (direct_dw, winograd) {
+            (Some(((direct, x), dy)), _) => direct.weight_gradient(x, dy, &mut dw),
+            (None, Some(winograd)) if winograd.weight_gradient_pays() => winograd.weight_gradient(x, xs, gr, &mut dw),
             _ => self.backward_unrolled(false, g, x, xs, w, gr, &mut [], &mut dw),
         }
         (dx, dw)

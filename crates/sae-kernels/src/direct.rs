@@ -10,13 +10,16 @@
 //! broadcast per pixel, no unrolled copy of the input at all. The output comes out blocked
 //! the same way and is copied back into planes, where the epilogue runs.
 //!
-//! The convolutions take it for their output and their input gradient (the output gradient
-//! convolved with the turned weights, [`crate::conv`]); the weight gradient stays Winograd's.
-//! On the Xeon of `results/train-profile.md`, ResNet-50's layer 1 3×3 convolution (64 → 64
-//! channels, 35×35, batch 16, `xtask bench-layers --only "layer1.0 conv2"`, alternating
-//! builds): forward 4.4–4.5 ms against 5.9 for Winograd's F(2×2, 3×3), backward 12.2–12.8
-//! against 13.4; at 8×8 (32×32 inputs) 0.37 against 0.55 and 0.97 against 1.11; at 56×56
-//! (224×224) level (12.0 / 28.7 against 12.2 / 28.1).
+//! The convolutions take it for their output, their input gradient (the output gradient
+//! convolved with the turned weights, [`crate::conv`]) and their weight gradient (the same
+//! blocked input against the output gradient blocked alike: 9 taps × 32 output channels in
+//! registers per input channel). On the Xeon of `results/train-profile.md`, ResNet-50's layer
+//! 1 3×3 convolution (64 → 64 channels, batch 16, `xtask bench-layers --only "layer1.0
+//! conv2"`, alternating builds, forward / backward ms): at 35×35 (140×140 inputs) 5.9 / 13.4
+//! with Winograd's F(2×2, 3×3) for all three, 4.1–4.4 / 11.5–12.8 with the direct output and
+//! input gradient, 4.3 / 9.8–10.0 with the direct weight gradient as well; at 8×8 (32×32
+//! inputs) 0.55 / 1.11, 0.37 / 1.01, 0.37 / 0.79; at 56×56 (224×224) 12.2 / 28.1, 11.6–12.0 /
+//! 27.8–28.7, 11.9–12.2 / 26.4–27.1.
 
 use crate::cpu::uninit;
 use rayon::prelude::*;
@@ -168,6 +171,110 @@ impl Direct {
             unsafe { gather_lane(src, dst) };
             epilogue(o, dst);
         }
+    }
+}
+
+impl Direct {
+    /// `dw` (O, C, 3, 3) = the weight gradient of this convolution: `Σ dy[o, p] ·
+    /// x[c, p + tap]` over the images and pixels of `x` (N, C, H, W) and `dy` (N, O, H, W),
+    /// both contiguous f32. Each thread sums its own range of images into a (C, 9, O)
+    /// buffer: per input channel, 9 taps × 32 output channels in registers while it runs over
+    /// the pixels (two vector loads of `dy`, nine broadcasts of `x` per pixel).
+    pub(crate) fn weight_gradient(&self, x: &[f32], dy: &[f32], dw: &mut [f32]) {
+        let (image_in, image_out) = (self.c * self.h * self.w, self.oc * self.h * self.w);
+        let n = dy.len() / image_out;
+        assert!(x.len() >= n * image_in && dw.len() >= self.oc * self.c * 9, "direct: operands too short");
+        let ranges = rayon::current_num_threads().min(n).max(1);
+        let per_range = n.div_ceil(ranges);
+        let sums: Vec<Vec<f32>> = (0..n.div_ceil(per_range))
+            .into_par_iter()
+            .map(|r| {
+                let (mut blocked_in, mut blocked_dy) = (Vec::new(), Vec::new());
+                let mut sum = vec![0f32; self.c * 9 * self.oc];
+                for i in r * per_range..((r + 1) * per_range).min(n) {
+                    self.block_input(&x[i * image_in..][..image_in], &mut blocked_in);
+                    self.block_output_gradient(&dy[i * image_out..][..image_out], &mut blocked_dy);
+                    for ci in 0..self.c {
+                        for b in 0..self.oc / BLOCK_OUT {
+                            // SAFETY: `available`; the blocked buffers are this image's, `ci`
+                            // and `b` within them, `sum` (C, 9, O).
+                            unsafe { self.weight_gradient_block(&blocked_in, &blocked_dy, ci, b, &mut sum) };
+                        }
+                    }
+                }
+                sum
+            })
+            .collect();
+        // (C, 9, O) summed over the ranges → (O, C, 9).
+        for (o, filters) in dw[..self.oc * self.c * 9].chunks_exact_mut(self.c * 9).enumerate() {
+            for (k, v) in filters.iter_mut().enumerate() {
+                *v = sums.iter().map(|s| s[k * self.oc + o]).sum();
+            }
+        }
+    }
+
+    /// One image's output gradient (O, H, W) into `blocked`: (O/16, H, W, 16).
+    fn block_output_gradient(&self, dy: &[f32], blocked: &mut Vec<f32>) {
+        let plane = self.h * self.w;
+        if blocked.len() != self.oc * plane {
+            *blocked = uninit(self.oc * plane);
+        }
+        for (ob, dst) in blocked.chunks_exact_mut(plane * LANES).enumerate() {
+            // SAFETY: `available`; the 16 planes of block `ob` and its `plane` pixels.
+            unsafe { gather_pixels(&dy[ob * LANES * plane..], plane, plane, dst) };
+        }
+    }
+
+    /// `sum[ci, tap, b·32 .. b·32 + 32] += Σ_pixels x[ci, pixel + tap] · dy[b·32 .., pixel]`.
+    ///
+    /// # Safety
+    /// AVX-512F; `blocked_in` and `blocked_dy` one image's blocked input and output gradient,
+    /// `ci < c`, `b < oc / 32`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn weight_gradient_block(
+        &self,
+        blocked_in: &[f32],
+        blocked_dy: &[f32],
+        ci: usize,
+        b: usize,
+        sum: &mut [f32],
+    ) {
+        use std::arch::x86_64::*;
+        let (hp, wp, plane) = (self.h + 2, self.w + 2, self.h * self.w);
+        assert!(ci < self.c && b < self.oc / BLOCK_OUT, "direct: channel outside the convolution");
+        assert!(blocked_in.len() >= self.c * hp * wp && blocked_dy.len() >= self.oc * plane);
+        assert!(sum.len() >= self.c * 9 * self.oc);
+        // SAFETY: the asserts bound the reads: padded pixels (y + ky, x + kx) of channel ci,
+        // pixels of output block b; and the writes, row (ci, tap) of `sum`.
+        unsafe {
+            let x = blocked_in.as_ptr().add((ci / LANES) * hp * wp * LANES + ci % LANES);
+            let (d0, d1) =
+                (blocked_dy.as_ptr().add(2 * b * plane * LANES), blocked_dy.as_ptr().add((2 * b + 1) * plane * LANES));
+            let mut acc = [[_mm512_setzero_ps(); 2]; 9];
+            for y in 0..self.h {
+                for xx in 0..self.w {
+                    let p = (y * self.w + xx) * LANES;
+                    let (g0, g1) = (_mm512_loadu_ps(d0.add(p)), _mm512_loadu_ps(d1.add(p)));
+                    for (t, acc) in acc.iter_mut().enumerate() {
+                        let v = _mm512_set1_ps(*x.add(((y + t / 3) * wp + xx + t % 3) * LANES));
+                        acc[0] = _mm512_fmadd_ps(v, g0, acc[0]);
+                        acc[1] = _mm512_fmadd_ps(v, g1, acc[1]);
+                    }
+                }
+            }
+            for (t, acc) in acc.iter().enumerate() {
+                let dst = sum.as_mut_ptr().add((ci * 9 + t) * self.oc + b * BLOCK_OUT);
+                _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), acc[0]));
+                _mm512_storeu_ps(dst.add(LANES), _mm512_add_ps(_mm512_loadu_ps(dst.add(LANES)), acc[1]));
+            }
+        }
+    }
+
+    /// Elsewhere [`available`] is false and nothing calls this.
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn weight_gradient_block(&self, _: &[f32], _: &[f32], _: usize, _: usize, _: &mut [f32]) {
+        unreachable!("the direct convolution is x86-64 only")
     }
 }
 
