@@ -60,9 +60,12 @@ impl Direct {
     /// The convolution, where this kernel takes it and is faster than Winograd's: an AVX-512
     /// CPU, channels in whole vectors (`c` of 16, `oc` of 32), rows at least 8 wide (a tile's
     /// pixels lie in one row) and at most 64 channels in and out. ResNet-50's other 3×3
-    /// layers, forward only, in a throwaway loop on the Xeon (batch 16, ms, direct against
-    /// Winograd): 128 channels at 18×18 5.0 / 4.7; 256 at 9×9 4.9 / 5.3 (within the VM's
-    /// noise); 512 at 5×5 9.0 / 8.5 (tiles of 5 pixels).
+    /// stride-1 layers at 140×140 (`bench-layers --only conv2` on the Xeon, a throwaway build
+    /// with the limit raised, two runs each, forward / backward ms, Winograd's against
+    /// direct): 128 channels at 18×18 3.95–4.18 / 8.8–8.9 against 4.3–4.5 / 10.2–10.5; 256 at
+    /// 9×9 4.1 / 8.3–8.5 against 5.0–5.4 / 18.5–19.4 (the weight gradient's 81 pixels per
+    /// pass and its 2.4 MB of sums); 512 at 5×5 6.4–6.7 / 13.9–14.9 against 6.0–6.8 /
+    /// 13.7–15.2.
     pub(crate) fn new(c: usize, h: usize, w: usize, oc: usize) -> Option<Self> {
         let fits = c.is_multiple_of(LANES) && oc.is_multiple_of(BLOCK_OUT) && w >= 8 && h > 0;
         (fits && c <= 64 && oc <= 64 && available()).then_some(Self { c, h, w, oc })
