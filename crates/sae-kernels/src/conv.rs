@@ -962,7 +962,8 @@ impl ConvBackward {
         let (p, kg) = (g.pixels(), g.rows_per_group());
         let image_len = if self.input_gradient { g.c * g.h * g.w } else { 0 };
         // Every element is written below: dW by its first multiply or a copy, dx by a
-        // multiply or zero-filled before col2im adds into it, or by Winograd's convolution.
+        // multiply or zero-filled before col2im adds into it, or by Winograd's or the direct
+        // convolution.
         let (mut dx, mut dw) = (uninit::<T>(g.n * image_len), uninit::<f32>(g.oc * kg));
         let winograd = g.winograd(products);
         // dx and dW each by the direct kernel where it takes the shape (f32), else by

@@ -188,7 +188,8 @@ impl Direct {
         let n = dy.len() / image_out;
         assert!(x.len() >= n * image_in && dw.len() >= self.oc * self.c * 9, "direct: operands too short");
         let ranges = rayon::current_num_threads().min(n).max(1);
-        let per_range = n.div_ceil(ranges);
+        // At least one image per range (an empty batch has no ranges, and a zero gradient).
+        let per_range = n.div_ceil(ranges).max(1);
         let sums: Vec<Vec<f32>> = (0..n.div_ceil(per_range))
             .into_par_iter()
             .map(|r| {
