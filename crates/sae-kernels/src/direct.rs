@@ -67,7 +67,9 @@ impl Direct {
     /// pass and its 2.4 MB of sums); 512 at 5×5 6.4–6.7 / 13.9–14.9 against 6.0–6.8 /
     /// 13.7–15.2.
     pub(crate) fn new(c: usize, h: usize, w: usize, oc: usize) -> Option<Self> {
-        let fits = c.is_multiple_of(LANES) && oc.is_multiple_of(BLOCK_OUT) && w >= 8 && h > 0;
+        // The gathers index 16 planes with 32-bit offsets.
+        let plane_fits = h > 0 && h * w <= i32::MAX as usize / LANES;
+        let fits = c.is_multiple_of(LANES) && oc.is_multiple_of(BLOCK_OUT) && w >= 8 && plane_fits;
         (fits && c <= 64 && oc <= 64 && available()).then_some(Self { c, h, w, oc })
     }
 
@@ -175,9 +177,7 @@ impl Direct {
             epilogue(o, dst);
         }
     }
-}
 
-impl Direct {
     /// `dw` (O, C, 3, 3) = the weight gradient of this convolution: `Σ dy[o, p] ·
     /// x[c, p + tap]` over the images and pixels of `x` (N, C, H, W) and `dy` (N, O, H, W),
     /// both contiguous f32. Each thread sums its own range of images into a (C, 9, O)
