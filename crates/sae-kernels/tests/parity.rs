@@ -441,12 +441,13 @@ const CONV_CASES: &[(Conv2dConfig, [usize; 4], [usize; 4])] = &[
     (Conv2dConfig { stride: 1, padding: 1, groups: 1 }, [1, 80, 21, 23], [72, 80, 3, 3]),
     (Conv2dConfig { stride: 1, padding: 0, groups: 1 }, [2, 80, 19, 18], [72, 80, 3, 3]),
     // Channels in whole vectors for the direct 3×3 kernel (`direct::Direct`) where the CPU has
-    // AVX-512F: images in parallel (3 images, rows of 19 = tiles of 6, 6 and 7 pixels), the
-    // input gradient direct as well (64 → 32 channels); one image, its blocks of output
-    // channels in parallel (rows of 8), the input gradient by Winograd (16 channels are not a
-    // whole block of 32); rows of 33 (tiles of 8, 8, 8 and 9).
+    // AVX-512F (contiguous inputs; the strided ones take the other paths): images in parallel
+    // (3 images, rows of 19 = tiles of 6, 6 and 7 pixels), all three products direct; one
+    // image, its blocks of output channels in parallel (rows of 24), the input gradient by
+    // Winograd (its 16 output channels are not a whole block of 32) beside a direct weight
+    // gradient; rows of 33 (tiles of 8, 8, 8 and 9), too few tiles for Winograd.
     (Conv2dConfig { stride: 1, padding: 1, groups: 1 }, [3, 32, 7, 19], [64, 32, 3, 3]),
-    (Conv2dConfig { stride: 1, padding: 1, groups: 1 }, [1, 16, 9, 8], [32, 16, 3, 3]),
+    (Conv2dConfig { stride: 1, padding: 1, groups: 1 }, [1, 16, 24, 24], [32, 16, 3, 3]),
     (Conv2dConfig { stride: 1, padding: 1, groups: 1 }, [2, 64, 5, 33], [32, 64, 3, 3]),
 ];
 
