@@ -351,25 +351,8 @@ impl Tile {
 unsafe fn gather_pixels(channels: &[f32], plane: usize, width: usize, row: &mut [f32]) {
     use std::arch::x86_64::*;
     assert!(channels.len() >= 15 * plane + width && row.len() >= LANES * width && plane <= i32::MAX as usize / 16);
-    let p = plane as i32;
-    let index = _mm512_setr_epi32(
-        0,
-        p,
-        2 * p,
-        3 * p,
-        4 * p,
-        5 * p,
-        6 * p,
-        7 * p,
-        8 * p,
-        9 * p,
-        10 * p,
-        11 * p,
-        12 * p,
-        13 * p,
-        14 * p,
-        15 * p,
-    );
+    // SAFETY: AVX-512F (the caller's contract).
+    let index = unsafe { lane_offsets(plane as i32) };
     for x in 0..width {
         // SAFETY: the assert above.
         unsafe {
@@ -377,6 +360,18 @@ unsafe fn gather_pixels(channels: &[f32], plane: usize, width: usize, row: &mut 
             _mm512_storeu_ps(row.as_mut_ptr().add(x * LANES), v);
         }
     }
+}
+
+/// The gathers' offsets: `l · stride` in lane `l`.
+///
+/// # Safety
+/// AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn lane_offsets(stride: i32) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    _mm512_mullo_epi32(lanes, _mm512_set1_epi32(stride))
 }
 
 /// `dst[p] = src[p·16]` for every `p` of `dst`: one lane of a blocked plane.
@@ -388,7 +383,8 @@ unsafe fn gather_pixels(channels: &[f32], plane: usize, width: usize, row: &mut 
 unsafe fn gather_lane(src: &[f32], dst: &mut [f32]) {
     use std::arch::x86_64::*;
     assert!(dst.is_empty() || src.len() > LANES * (dst.len() - 1));
-    let index = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240);
+    // SAFETY: AVX-512F (the caller's contract).
+    let index = unsafe { lane_offsets(LANES as i32) };
     let whole = dst.len() / LANES * LANES;
     for p in (0..whole).step_by(LANES) {
         // SAFETY: the assert above.
