@@ -1,11 +1,13 @@
 //! Candle's backward pass on the workspace's patched candle-core
 //! (`vendor/candle-core/PATCH.md`): the first contribution to a gradient is stored as it is
-//! rather than added to zeroes. Gradients must still sum every path, and a variable's
+//! rather than added to zeroes, and later ones are added into it in place when nothing else
+//! holds it. Gradients must still sum every path, a gradient shared by two inputs must not be
+//! written through one of them, and a variable's
 //! gradient that is one part of a buffer of several (the fused BatchNorm returns the input,
 //! scale and shift gradients in one) must own its memory, or the buffer would live until the
 //! optimiser step.
 
-use candle_core::{CpuStorage, Device, Storage, Tensor, Var};
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor, Var};
 use sae_kernels::{batch_norm_train, batch_norm_train_reference, Implementation};
 
 /// Elements of the storage behind `t` (which may be a view of more).
@@ -55,6 +57,45 @@ fn a_gradient_returned_with_others_owns_its_memory() -> candle_core::Result<()> 
     for (ours, reference) in fused.iter().zip(&reference) {
         let diff = (ours - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff <= 1e-4, "a gradient differs by {diff}");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_gradient_shared_by_two_inputs_is_not_summed_into_in_place() -> candle_core::Result<()> {
+    // `x + y` hands the same gradient tensor to both inputs; x's other contribution (through
+    // `3x`) must not be added into the memory that y's gradient shares. Both orders of the
+    // loss's terms, so that either contribution reaches x first.
+    let dev = Device::Cpu;
+    let x = Var::new(&[1f32, 2.0, 3.0], &dev)?;
+    let y = Var::new(&[4f32, 5.0, 6.0], &dev)?;
+    let c = Tensor::new(&[1f32, 10.0, 100.0], &dev)?;
+    for sum_first in [true, false] {
+        let through_sum = ((x.as_tensor() + y.as_tensor())? * &c)?.sum_all()?;
+        let through_x = x.as_tensor().affine(3.0, 0.0)?.sum_all()?;
+        let loss = if sum_first { (through_sum + through_x)? } else { (through_x + through_sum)? };
+        let grads = loss.backward()?;
+        let gy = grads.get(&y).expect("y has a gradient").to_vec1::<f32>()?;
+        assert_eq!(gy, [1.0, 10.0, 100.0], "sum first: {sum_first}");
+        let gx = grads.get(&x).expect("x has a gradient").to_vec1::<f32>()?;
+        assert_eq!(gx, [4.0, 13.0, 103.0], "sum first: {sum_first}");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_gradient_held_by_nothing_else_is_summed_in_place() -> candle_core::Result<()> {
+    // x feeds two products; its second contribution is added into the first one's buffer,
+    // which no other gradient shares (a planted error in that add fails this).
+    let dev = Device::Cpu;
+    for dtype in [DType::F32, DType::F64, DType::BF16, DType::F16] {
+        let x = Var::from_tensor(&Tensor::new(&[1f32, -2.0, 3.0, 0.5], &dev)?.to_dtype(dtype)?)?;
+        let a = Tensor::new(&[2f32, 4.0, 8.0, 16.0], &dev)?.to_dtype(dtype)?;
+        let b = Tensor::new(&[0.5f32, 0.25, 1.0, 3.0], &dev)?.to_dtype(dtype)?;
+        let loss = ((x.as_tensor() * &a)?.sum_all()? + (x.as_tensor() * &b)?.sum_all()?)?;
+        let grads = loss.backward()?;
+        let gx = grads.get(&x).expect("x has a gradient").to_dtype(DType::F32)?;
+        assert_eq!(gx.to_vec1::<f32>()?, [2.5, 4.25, 9.0, 19.0], "{dtype:?}");
     }
     Ok(())
 }

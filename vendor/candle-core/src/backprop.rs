@@ -27,6 +27,68 @@ thread_local! {
     }
 }
 
+/// Adds `grad` into `sum`'s own memory and returns true, where that is safe and on the CPU
+/// (sae patch): `sum` must be held by nothing but the gradient store (one reference to the
+/// tensor and one to its storage: a gradient passed on to two inputs, or a view, is shared)
+/// and both must be contiguous with the same dtype and shape. Otherwise returns false and
+/// the caller adds out of place. The out-of-place `add` allocated a new buffer for every
+/// later contribution — in a ResNet every block input's gradient, tens of megabytes, whose
+/// fresh pages the kernel zeroes — and its values are the same: each element is `a + b`
+/// rounded once in the dtype.
+fn add_in_place(sum: &Tensor, grad: &Tensor) -> bool {
+    use crate::{CpuStorage, Storage};
+    use rayon::prelude::*;
+    /// `add(s, g)` on blocks of 64 Ki elements, in parallel: big enough that a thread's
+    /// share is worth its start.
+    fn blocks<T: Send + Sync>(sum: &mut [T], grad: &[T], add: impl Fn(&mut [T], &[T]) + Sync) {
+        sum.par_chunks_mut(1 << 16)
+            .zip(grad.par_chunks(1 << 16))
+            .for_each(|(s, g)| add(s, g));
+    }
+    fn plain<T: Copy + std::ops::AddAssign>(s: &mut [T], g: &[T]) {
+        s.iter_mut().zip(g).for_each(|(s, &g)| *s += g)
+    }
+    if !sum.device().is_cpu()
+        || sum.dtype() != grad.dtype()
+        || sum.shape() != grad.shape()
+        || !sum.is_contiguous()
+        || !grad.is_contiguous()
+        || !sum.is_held_once()
+    {
+        return false;
+    }
+    let n = sum.elem_count();
+    let (sum_start, grad_start) = (sum.layout().start_offset(), grad.layout().start_offset());
+    let (sum_range, grad_range) = (sum_start..sum_start + n, grad_start..grad_start + n);
+    let mut sum_storage = sum.storage_mut();
+    let grad_storage = grad.storage();
+    match (&mut *sum_storage, &*grad_storage) {
+        (Storage::Cpu(CpuStorage::F32(s)), Storage::Cpu(CpuStorage::F32(g))) => {
+            blocks(&mut s[sum_range], &g[grad_range], plain)
+        }
+        (Storage::Cpu(CpuStorage::F64(s)), Storage::Cpu(CpuStorage::F64(g))) => {
+            blocks(&mut s[sum_range], &g[grad_range], plain)
+        }
+        // Half types through the vectorised kernels of Candle's own `add`, whose loops read
+        // each vector of both operands before they store it, so that the output may be the
+        // first operand (the same values, rounded once, as `add`).
+        (Storage::Cpu(CpuStorage::BF16(s)), Storage::Cpu(CpuStorage::BF16(g))) => {
+            blocks(&mut s[sum_range], &g[grad_range], |s, g| {
+                let s_ptr = s.as_mut_ptr();
+                unsafe { crate::cpu::vec_add_bf16(s_ptr, g.as_ptr(), s_ptr, s.len()) }
+            })
+        }
+        (Storage::Cpu(CpuStorage::F16(s)), Storage::Cpu(CpuStorage::F16(g))) => {
+            blocks(&mut s[sum_range], &g[grad_range], |s, g| {
+                let s_ptr = s.as_mut_ptr();
+                unsafe { crate::cpu::vec_add_f16(s_ptr, g.as_ptr(), s_ptr, s.len()) }
+            })
+        }
+        _ => return false,
+    }
+    true
+}
+
 impl Tensor {
     /// Return all the nodes that lead to this value in a topologically sorted vec, the first
     /// elements having dependencies on the latter ones, e.g. the first element if any is the
@@ -727,7 +789,8 @@ impl GradStore {
     /// Adds `grad` to the gradient of `tensor` (sae patch). The first contribution is stored
     /// as it is, instead of being added to a tensor of zeroes: that zero fill and `add` were
     /// two passes over memory and an allocation for every gradient of a backward pass.
-    /// Gradients are never written in place, so sharing storage with `grad` is safe; a view
+    /// A stored gradient is written in place only by `add_in_place`, which does so only when
+    /// nothing else holds it or its storage, so sharing storage with `grad` is safe; a view
     /// that does not start its storage (a part of a larger buffer, such as one gradient of
     /// several returned together) or is strided is copied, so that a gradient kept until
     /// the end of the pass (a variable's) holds no more memory than its own, as before.
@@ -735,7 +798,9 @@ impl GradStore {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(entry) => {
                 let sum = entry.into_mut();
-                *sum = sum.add(grad)?;
+                if !add_in_place(sum, grad) {
+                    *sum = sum.add(grad)?;
+                }
             }
             Entry::Vacant(entry) => {
                 if grad.shape() != tensor.shape() || grad.dtype() != tensor.dtype() {

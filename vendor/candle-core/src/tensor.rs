@@ -2763,6 +2763,12 @@ impl Tensor {
         self.storage.read_recursive()
     }
 
+    /// Whether this is the only reference to the tensor and to its storage (sae patch: the
+    /// backward pass adds into such a gradient in place, see `backprop::add_in_place`).
+    pub(crate) fn is_held_once(&self) -> bool {
+        Arc::strong_count(&self.0) == 1 && Arc::strong_count(&self.storage) == 1
+    }
+
     /// Acquire write lock on storage and returns guard.
     pub(crate) fn storage_mut(&self) -> StorageMutRef<'_> {
         self.storage.write()
