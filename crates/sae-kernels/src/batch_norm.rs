@@ -509,6 +509,18 @@ fn channels_per_block(n: usize, c: usize, plane_len: usize) -> usize {
 const BLOCK_RUN: usize = 16 << 10;
 const BLOCK_BYTES: usize = 1 << 20;
 
+/// Asks for image `ni`'s planes of `channels` ahead of their use, where `data` (laid out as
+/// `xs`) has them side by side (and `ni` is an image): the hardware's prefetcher restarts at
+/// every run of planes (and 4 KiB page).
+fn prefetch_planes<T>(data: &[T], xs: &Strided4, ni: usize, channels: std::ops::Range<usize>) {
+    let [n, c, _, w] = xs.dims;
+    let plane_len = xs.plane_len();
+    if ni < n && xs.strides == [c * plane_len, plane_len, w, 1] {
+        let start = xs.offset + (ni * c + channels.start) * plane_len;
+        crate::cpu::prefetch(&data[start..start + channels.len() * plane_len]);
+    }
+}
+
 /// The packed output `[dx | dparam | dshift]` of a backward op, channel by channel: the
 /// channel's [`GradientSums`] over its planes (Σ dy·(x − centre(c)), the centre subtracted
 /// plane by plane before the f64 accumulation so that a large mean does not cancel away the
@@ -552,6 +564,7 @@ fn channel_gradients<T: Elem>(
         }
     }
     // Where plane (ni, ci) of dy lies in `g`.
+    let gs = Strided4 { dims: xs.dims, strides: [c * plane_len, plane_len, w, 1], offset: 0 };
     let dy_range = |ni: usize, ci: usize| (ni * c + ci) * plane_len..(ni * c + ci + 1) * plane_len;
     // f32 dy without a ReLU is read where it is; otherwise each block's dy is converted and
     // masked once into a buffer that the dx pass reads back from cache.
@@ -579,15 +592,8 @@ fn channel_gradients<T: Elem>(
                     // Image by image, each channel's planes summed in image order as a channel
                     // at a time would.
                     for ni in 0..n {
-                        // The next image's run of this block, asked for ahead: the hardware's
-                        // prefetcher restarts at every run (and 4 KiB page).
-                        if ni + 1 < n {
-                            let run = dy_range(ni + 1, channels.start).start..dy_range(ni + 1, channels.end - 1).end;
-                            crate::cpu::prefetch(&g[run.clone()]);
-                            if xs.strides == [c * plane_len, plane_len, w, 1] {
-                                crate::cpu::prefetch(&x[xs.offset + run.start..xs.offset + run.end]);
-                            }
-                        }
+                        prefetch_planes(x, xs, ni + 1, channels.clone());
+                        prefetch_planes(g, &gs, ni + 1, channels.clone());
                         for ci in channels.clone() {
                             let centre = centre(ci);
                             let xp = plane_f32(x, xs, ni, ci, x_buf);
@@ -886,9 +892,10 @@ mod tests {
     use super::*;
 
     /// Blocks of channels (four per task here, the last one short) and the ReLU's mask give
-    /// each channel the sums and `dx` of a plain loop over its elements.
+    /// each channel the sums and `dx` of a plain loop over its elements; the statistics of the
+    /// same input its mean, variance and plane sums.
     #[test]
-    fn gradients_in_blocks_of_channels_equal_a_plain_loop() {
+    fn statistics_and_gradients_in_blocks_of_channels_equal_a_plain_loop() {
         let dims = [3usize, 37, 5, 5];
         let [n, c, h, w] = dims;
         let plane = h * w;
@@ -901,6 +908,18 @@ mod tests {
         assert_eq!(pool.install(|| channels_per_block(n, c, plane)), 4);
         let centre = |ci: usize| ci as f32 * 0.01;
         let dx_of = |ci: usize, s: GradientSums| [s.dy * 0.5 + ci as f32, s.dy_x * 0.25, 0.125];
+        let stats = pool.install(|| channel_and_plane_stats::<f32>(&x, &xs));
+        for (ci, ((mean, variance), plane_sums)) in stats.iter().enumerate() {
+            let values = || (0..n).flat_map(|ni| x[(ni * c + ci) * plane..][..plane].iter().map(|&v| v as f64));
+            let expected_mean = values().sum::<f64>() / (n * plane) as f64;
+            let expected_variance = values().map(|v| (v - expected_mean).powi(2)).sum::<f64>() / (n * plane) as f64;
+            assert!((*mean as f64 - expected_mean).abs() <= 1e-5, "channel {ci} mean {mean} vs {expected_mean}");
+            assert!((*variance as f64 - expected_variance).abs() <= 1e-4, "channel {ci} variance {variance}");
+            for (ni, &sum) in plane_sums.iter().enumerate() {
+                let expected: f32 = x[(ni * c + ci) * plane..][..plane].iter().sum();
+                assert!((sum - expected).abs() <= 1e-4, "channel {ci} image {ni} plane sum {sum} vs {expected}");
+            }
+        }
         for relu in [None, Some(&relu[..])] {
             let sums = |ci: usize, s: GradientSums| ChannelGradients { dparam: s.dy_x, dshift: s.dy, dx: dx_of(ci, s) };
             let out = match pool.install(|| channel_gradients::<f32>(&x, &xs, &g, relu, centre, sums).0) {
