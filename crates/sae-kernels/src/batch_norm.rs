@@ -24,7 +24,7 @@
 
 use crate::cpu::{
     as_f32, contiguous, copy_converted, dispatch_float, min_planes_per_task, plane_f32, same_dtype, uninit, unpack,
-    vectorized, write_f32, Elem,
+    vectorized, write_f32, Elem, GradientSlot,
 };
 use crate::layout::Strided4;
 use crate::Implementation;
@@ -319,7 +319,8 @@ impl CustomOp3 for ChannelAffineBackward {
                 x,
                 &xs,
                 g,
-                self.relu.as_deref(),
+                self.relu.as_deref().map_or(ReluMask::None, ReluMask::Recomputed),
+                None,
                 |_| 0.0,
                 |ci, sums| ChannelGradients { dparam: sums.dy_x, dshift: sums.dy, dx: [scale[ci], 0.0, 0.0] },
             ))
@@ -424,6 +425,24 @@ pub(crate) struct BatchStats {
 }
 
 impl BatchStats {
+    /// BatchNorm's per-channel gradients for [`channel_gradients`], with γ `w`: dβ = Σ dy and
+    /// dγ = Σ dy·x̂ = inv_std · Σ dy·(x − mean); then dx = γ·inv_std·(dy − dβ/M − x̂·dγ/M), as
+    /// dy·a + x·k + b per channel.
+    fn gradients<'a>(
+        &'a self,
+        w: &'a [f32],
+        xs: &Strided4,
+    ) -> impl Fn(usize, GradientSums) -> ChannelGradients + Sync + 'a {
+        let count = (xs.dims[0] * xs.plane_len()) as f32;
+        move |ci, sums| {
+            let (mean, inv_std) = (self.mean[ci], self.inv_std[ci]);
+            let dw = sums.dy_x * inv_std;
+            let a = w[ci] * inv_std;
+            let k = -a * inv_std * dw / count;
+            ChannelGradients { dparam: dw, dshift: sums.dy, dx: [a, k, -a * sums.dy / count - k * mean] }
+        }
+    }
+
     /// Channel `c`'s `(scale, shift)` of `y = x·scale + shift`: `scale = γ·inv_std`,
     /// `shift = β − mean·scale`. The forward and the backward's ReLU mask both compute it
     /// here, so that the mask sees the very values the forward clamped.
@@ -431,6 +450,21 @@ impl BatchStats {
         let scale = self.inv_std[c] * gamma[c];
         (scale, beta[c] - self.mean[c] * scale)
     }
+}
+
+/// (x, the forward's output, its gradient) → [dx | dγ | dβ] of a block end
+/// ([`batch_norm_train_add_relu`], CPU): the ReLU's mask taken from the output as BatchNorm's
+/// backward reads the gradient, and the masked gradient — the shortcut's — written beside,
+/// left in `shortcut_gradient`. A ReLU backward of its own was one more pass over the
+/// block's output and gradient into a new buffer that BatchNorm's backward read back: in the
+/// ResNet-50 140×140 f32 training step (per-op timers of a throwaway build, three alternating
+/// pairs on the 2-core Xeon) the block ends' BatchNorm backward and ReLU masks took 83–88 ms
+/// per step, this op and the other BatchNorm backward ops 67–69.
+struct BatchNormAddReluBackward {
+    stats: BatchStats,
+    /// γ as f32.
+    gamma: Vec<f32>,
+    shortcut_gradient: GradientSlot,
 }
 
 /// (x, γ, dy) → [dx | dγ | dβ] packed in one 1-D tensor.
@@ -521,6 +555,24 @@ fn prefetch_planes<T>(data: &[T], xs: &Strided4, ni: usize, channels: std::ops::
     }
 }
 
+/// One plane of `dx` and, where it is written, the same plane of the masked dy, for a task
+/// of [`channel_gradients`] to take.
+type PlanePair<'a, T> = (Option<&'a mut [T]>, Option<&'a mut [T]>);
+
+/// How [`channel_gradients`] masks its output gradient by the forward's ReLU.
+#[derive(Clone, Copy)]
+enum ReluMask<'a, T> {
+    /// No ReLU: dy is the gradient as it is.
+    None,
+    /// The forward's per-channel `(scale, shift)`: dy counts only where `x·scale + shift > 0` —
+    /// the forward's arithmetic recomputed bit for bit, instead of a pass of its own that
+    /// masks the gradient by the output and writes it out.
+    Recomputed(&'a [(f32, f32)]),
+    /// The forward's output (of a block end, `max(BN(x) + shortcut, 0)`, which `x` alone does
+    /// not give): dy counts only where it is positive, as the ReLU's own backward has it.
+    ByOutput(&'a [T]),
+}
+
 /// The packed output `[dx | dparam | dshift]` of a backward op, channel by channel: the
 /// channel's [`GradientSums`] over its planes (Σ dy·(x − centre(c)), the centre subtracted
 /// plane by plane before the f64 accumulation so that a large mean does not cancel away the
@@ -534,15 +586,15 @@ fn prefetch_planes<T>(data: &[T], xs: &Strided4, ni: usize, channels: std::ops::
 /// step (`bench-train-row`, three alternating pairs) all of BatchNorm's backward ops
 /// 63 / 79 / 74 → 59 / 60 / 60 ms.
 ///
-/// With `relu`, the forward's per-channel `(scale, shift)`: the forward ended in a ReLU and
-/// `g` is the gradient of its output, so dy counts only where `x·scale + shift > 0` — the
-/// forward's arithmetic recomputed bit for bit, instead of a pass of its own that masks the
-/// gradient by the output and writes it out.
+/// `relu` says whether the forward ended in a ReLU whose output's gradient `g` is, and how dy
+/// is masked by it ([`ReluMask`]); with [`ReluMask::ByOutput`] the masked dy is also written
+/// to `masked`, in `g`'s layout.
 fn channel_gradients<T: Elem>(
     x: &[T],
     xs: &Strided4,
     g: &[T],
-    relu: Option<&[(f32, f32)]>,
+    relu: ReluMask<'_, T>,
+    masked: Option<&mut [T]>,
     centre: impl Fn(usize) -> f32 + Sync,
     gradients: impl Fn(usize, GradientSums) -> ChannelGradients + Sync,
 ) -> (CpuStorage, Shape) {
@@ -555,12 +607,22 @@ fn channel_gradients<T: Elem>(
     // Each block of channels' dx planes, one from every image, as disjoint slices: block b's
     // are `dx_planes[b·block·n..]`, image by image and within an image channel by channel, so
     // that a task writes (and reads x and dy) in runs of `block` planes, contiguous in memory.
-    let mut dx_planes: Vec<Option<&mut [T]>> = (0..n * c).map(|_| None).collect();
+    // Beside each its plane of `masked`, where that is written.
+    let at = |ni: usize, ci: usize| {
+        let (b, k) = (ci / block, ci % block);
+        b * block * n + ni * (c - b * block).min(block) + k
+    };
+    let mut dx_planes: Vec<PlanePair<T>> = (0..n * c).map(|_| (None, None)).collect();
     for (ni, image) in dx.chunks_mut(c * plane_len).enumerate() {
         for (ci, plane) in image.chunks_mut(plane_len).enumerate() {
-            let (b, k) = (ci / block, ci % block);
-            let in_block = (c - b * block).min(block);
-            dx_planes[b * block * n + ni * in_block + k] = Some(plane);
+            dx_planes[at(ni, ci)].0 = Some(plane);
+        }
+    }
+    if let Some(masked) = masked {
+        for (ni, image) in masked.chunks_mut(c * plane_len).enumerate() {
+            for (ci, plane) in image.chunks_mut(plane_len).enumerate() {
+                dx_planes[at(ni, ci)].1 = Some(plane);
+            }
         }
     }
     // Where plane (ni, ci) of dy lies in `g`.
@@ -568,7 +630,7 @@ fn channel_gradients<T: Elem>(
     let dy_range = |ni: usize, ci: usize| (ni * c + ci) * plane_len..(ni * c + ci + 1) * plane_len;
     // f32 dy without a ReLU is read where it is; otherwise each block's dy is converted and
     // masked once into a buffer that the dx pass reads back from cache.
-    let g_f32 = T::as_f32_slice(g).filter(|_| relu.is_none());
+    let g_f32 = T::as_f32_slice(g).filter(|_| matches!(relu, ReluMask::None));
     let params: Vec<Vec<(f32, f32)>> = dx_planes
         .par_chunks_mut(block * n)
         .enumerate()
@@ -601,20 +663,31 @@ fn channel_gradients<T: Elem>(
                                 Some(g32) => &g32[dy_range(ni, ci)],
                                 None => {
                                     let d = &mut dy_buf[local(ni, ci) * plane_len..][..plane_len];
-                                    match relu.map(|r| r[ci]) {
-                                        None => copy_converted(&g[dy_range(ni, ci)], d),
+                                    match relu {
+                                        ReluMask::None => copy_converted(&g[dy_range(ni, ci)], d),
                                         // The forward's ReLU passed what was positive (a select, not
                                         // a product: a non-finite dy where it clamped stays out).
                                         // Written so that LLVM vectorises the select: dy loaded
                                         // before it, the iterators zipped as (d, (dy, x)) — either
                                         // changed, the loop stays scalar with a branch per element.
-                                        Some((scale, shift)) => {
+                                        ReluMask::Recomputed(affine) => {
+                                            let (scale, shift) = affine[ci];
                                             for (d, (&gv, &xv)) in d.iter_mut().zip(g[dy_range(ni, ci)].iter().zip(xp))
                                             {
                                                 let gv = gv.to_f32();
                                                 *d = if xv * scale + shift > 0.0 { gv } else { 0.0 };
                                             }
                                         }
+                                        ReluMask::ByOutput(output) => {
+                                            let (g, y) = (&g[dy_range(ni, ci)], &output[dy_range(ni, ci)]);
+                                            for (d, (&gv, &yv)) in d.iter_mut().zip(g.iter().zip(y)) {
+                                                let gv = gv.to_f32();
+                                                *d = if yv.to_f32() > 0.0 { gv } else { 0.0 };
+                                            }
+                                        }
+                                    }
+                                    if let Some(m) = planes[local(ni, ci)].1.take() {
+                                        copy_converted(d, m);
                                     }
                                     &*d
                                 }
@@ -633,7 +706,7 @@ fn channel_gradients<T: Elem>(
                     for ni in 0..n {
                         for (k, (ci, channel)) in channels.clone().zip(&gradients).enumerate() {
                             let [a, k_x, b] = channel.dx;
-                            let plane = planes[ni * in_block + k].take().expect("each plane is written once");
+                            let plane = planes[ni * in_block + k].0.take().expect("each plane is written once");
                             let xp = plane_f32(x, xs, ni, ci, x_buf);
                             let dyp = match g_f32 {
                                 Some(g32) => &g32[dy_range(ni, ci)],
@@ -815,12 +888,46 @@ impl CustomOp3 for BatchNormTrainAddRelu {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = crate::relu::relu_gradient(res, grad)?;
         let c = x.dim(1)?;
-        let op = BatchNormBackward { stats: self.stats.clone(), relu: None };
-        let packed = x.apply_op3_no_bwd(&params.narrow(0, 0, c)?, &grad, &op)?;
+        let gamma = f32_values(&params.narrow(0, 0, c)?)?;
+        let op =
+            BatchNormAddReluBackward { stats: self.stats.clone(), gamma, shortcut_gradient: GradientSlot::default() };
+        let packed = x.apply_op3_no_bwd(&res.contiguous()?, &grad.contiguous()?, &op)?;
         let [dx, dw, db] = unpack(&packed, [x.dims(), &[c], &[c]])?;
-        Ok((Some(dx), Some(Tensor::cat(&[dw, db], 0)?), Some(grad)))
+        let shortcut = op.shortcut_gradient.take("batch_norm backward")?;
+        Ok((Some(dx), Some(Tensor::cat(&[dw, db], 0)?), Some(shortcut)))
+    }
+}
+
+impl CustomOp3 for BatchNormAddReluBackward {
+    fn name(&self) -> &'static str {
+        "sae-batch-norm-add-relu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        y: &CpuStorage,
+        yl: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = "batch_norm backward";
+        let xs = backward_layout(xl, gl)?;
+        if yl.dims() != xs.dims {
+            bail!("{op}: output shape {:?}, expected {:?}", yl.dims(), xs.dims)
+        }
+        dispatch_float!(op, x, |x: T| {
+            let y = contiguous(op, "output", same_dtype::<T>(op, y)?, yl)?;
+            let g = contiguous(op, "output gradient", same_dtype::<T>(op, g)?, gl)?;
+            let mut masked = uninit::<T>(g.len());
+            let mean = &self.stats.mean;
+            let gradients = self.stats.gradients(&self.gamma, &xs);
+            let out = channel_gradients(x, &xs, g, ReluMask::ByOutput(y), Some(&mut masked), |ci| mean[ci], gradients);
+            self.shortcut_gradient.put(op, Tensor::from_vec(masked, xs.dims.to_vec(), &candle_core::Device::Cpu)?)?;
+            Ok(out)
+        })
     }
 }
 
@@ -841,23 +948,9 @@ impl CustomOp3 for BatchNormBackward {
         let xs = backward_layout(xl, gl)?;
         dispatch_float!("batch_norm backward", x, |x: T| {
             let (w, g) = backward_operands::<T>(w, wl, g, gl)?;
-            let (mean, inv_std) = (&self.stats.mean, &self.stats.inv_std);
-            let count = (xs.dims[0] * xs.plane_len()) as f32;
-            // dβ = Σ dy and dγ = Σ dy·x̂ = inv_std · Σ dy·(x − mean); then
-            // dx = γ·inv_std·(dy − dβ/M − x̂·dγ/M), as dy·a + x·k + b per channel.
-            Ok(channel_gradients(
-                x,
-                &xs,
-                g,
-                self.relu.as_deref(),
-                |ci| mean[ci],
-                |ci, sums| {
-                    let dw = sums.dy_x * inv_std[ci];
-                    let a = w[ci] * inv_std[ci];
-                    let k = -a * inv_std[ci] * dw / count;
-                    ChannelGradients { dparam: dw, dshift: sums.dy, dx: [a, k, -a * sums.dy / count - k * mean[ci]] }
-                },
-            ))
+            let relu = self.relu.as_deref().map_or(ReluMask::None, ReluMask::Recomputed);
+            let mean = &self.stats.mean;
+            Ok(channel_gradients(x, &xs, g, relu, None, |ci| mean[ci], self.stats.gradients(&w, &xs)))
         })
     }
 
@@ -891,9 +984,10 @@ impl CustomOp3 for BatchNormBackward {
 mod tests {
     use super::*;
 
-    /// Blocks of channels (four per task here, the last one short) and the ReLU's mask give
-    /// each channel the sums and `dx` of a plain loop over its elements; the statistics of the
-    /// same input its mean, variance and plane sums.
+    /// Blocks of channels (four per task here, the last one short) and each ReLU mask give
+    /// each channel the sums and `dx` of a plain loop over its elements (and the mask by the
+    /// output its masked dy); the statistics of the same input its mean, variance and plane
+    /// sums.
     #[test]
     fn statistics_and_gradients_in_blocks_of_channels_equal_a_plain_loop() {
         let dims = [3usize, 37, 5, 5];
@@ -920,16 +1014,27 @@ mod tests {
                 assert!((sum - expected).abs() <= 1e-4, "channel {ci} image {ni} plane sum {sum} vs {expected}");
             }
         }
-        for relu in [None, Some(&relu[..])] {
+        // A block end's output: positive, zero where its ReLU clamped.
+        let output: Vec<f32> = (0..n * c * plane).map(|i| value(i, 613).max(0.0)).collect();
+        for mode in [ReluMask::None, ReluMask::Recomputed(&relu), ReluMask::ByOutput(&output)] {
             let sums = |ci: usize, s: GradientSums| ChannelGradients { dparam: s.dy_x, dshift: s.dy, dx: dx_of(ci, s) };
-            let out = match pool.install(|| channel_gradients::<f32>(&x, &xs, &g, relu, centre, sums).0) {
-                CpuStorage::F32(v) => v,
-                _ => unreachable!("f32 in, f32 out"),
+            let mut masked = vec![f32::NAN; n * c * plane];
+            let by_output = matches!(mode, ReluMask::ByOutput(_));
+            let out = pool.install(|| {
+                let masked = by_output.then_some(&mut masked[..]);
+                channel_gradients::<f32>(&x, &xs, &g, mode, masked, centre, sums).0
+            });
+            let CpuStorage::F32(out) = out else { unreachable!("f32 in, f32 out") };
+            let mode_name = match mode {
+                ReluMask::None => "no relu",
+                ReluMask::Recomputed(_) => "relu recomputed",
+                ReluMask::ByOutput(_) => "relu by output",
             };
             for ci in 0..c {
                 let at = |ni: usize, k: usize| (ni * c + ci) * plane + k;
-                let dy = |ni: usize, k: usize| match relu {
-                    Some(r) if x[at(ni, k)] * r[ci].0 + r[ci].1 <= 0.0 => 0.0,
+                let dy = |ni: usize, k: usize| match mode {
+                    ReluMask::Recomputed(r) if x[at(ni, k)] * r[ci].0 + r[ci].1 <= 0.0 => 0.0,
+                    ReluMask::ByOutput(y) if y[at(ni, k)] <= 0.0 => 0.0,
                     _ => g[at(ni, k)] as f64,
                 };
                 let elements = || (0..n).flat_map(|ni| (0..plane).map(move |k| (ni, k)));
@@ -938,8 +1043,7 @@ mod tests {
                 let close = |a: f32, b: f64, what: &str| {
                     assert!(
                         (a as f64 - b).abs() <= 1e-4 * (1.0 + b.abs()),
-                        "channel {ci} {what}: {a} vs {b}, relu {}",
-                        relu.is_some()
+                        "channel {ci} {what}: {a} vs {b}, {mode_name}"
                     )
                 };
                 close(out[n * c * plane + c + ci], sum_dy, "Σ dy");
@@ -948,6 +1052,9 @@ mod tests {
                 for (ni, e) in elements() {
                     let expected = dy(ni, e) * a as f64 + (x[at(ni, e)] * k + b) as f64;
                     close(out[at(ni, e)], expected, "dx");
+                    if by_output {
+                        close(masked[at(ni, e)], dy(ni, e), "masked dy");
+                    }
                 }
             }
         }
@@ -975,7 +1082,17 @@ mod tests {
                         dshift: s.dy,
                         dx: [1.5, 0.5, -0.25],
                     };
-                    match channel_gradients::<f32>(&x, &xs, &g, relu, |_| 0.5, sums).0 {
+                    match channel_gradients::<f32>(
+                        &x,
+                        &xs,
+                        &g,
+                        relu.map_or(ReluMask::None, ReluMask::Recomputed),
+                        None,
+                        |_| 0.5,
+                        sums,
+                    )
+                    .0
+                    {
                         CpuStorage::F32(v) => v,
                         _ => unreachable!("f32 in, f32 out"),
                     }
