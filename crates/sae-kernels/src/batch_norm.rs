@@ -656,6 +656,9 @@ fn channel_gradients<T: Elem>(
                     for ni in 0..n {
                         prefetch_planes(x, xs, ni + 1, channels.clone());
                         prefetch_planes(g, &gs, ni + 1, channels.clone());
+                        if let ReluMask::ByOutput(output) = relu {
+                            prefetch_planes(output, &gs, ni + 1, channels.clone());
+                        }
                         for ci in channels.clone() {
                             let centre = centre(ci);
                             let xp = plane_f32(x, xs, ni, ci, x_buf);

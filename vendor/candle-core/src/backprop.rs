@@ -32,9 +32,8 @@ thread_local! {
 /// tensor and one to its storage: a gradient passed on to two inputs, or a view, is shared)
 /// and both must be contiguous with the same dtype and shape. Otherwise returns false and
 /// the caller adds out of place. The out-of-place `add` allocated a new buffer for every
-/// later contribution — in a ResNet every block input's gradient, tens of megabytes, whose
-/// fresh pages the kernel zeroes — and its values are the same: each element is `a + b`
-/// rounded once in the dtype.
+/// later contribution (in a ResNet every block input's gradient, megabytes each); the values
+/// are the same: each element is `a + b` rounded once in the dtype.
 fn add_in_place(sum: &Tensor, grad: &Tensor) -> bool {
     use crate::{CpuStorage, Storage};
     use rayon::prelude::*;
@@ -75,12 +74,15 @@ fn add_in_place(sum: &Tensor, grad: &Tensor) -> bool {
         (Storage::Cpu(CpuStorage::BF16(s)), Storage::Cpu(CpuStorage::BF16(g))) => {
             blocks(&mut s[sum_range], &g[grad_range], |s, g| {
                 let s_ptr = s.as_mut_ptr();
+                // SAFETY: `s` and `g` have `s.len()` elements (equal chunks of equal ranges);
+                // `s` is both the first operand and the output, read before written.
                 unsafe { crate::cpu::vec_add_bf16(s_ptr, g.as_ptr(), s_ptr, s.len()) }
             })
         }
         (Storage::Cpu(CpuStorage::F16(s)), Storage::Cpu(CpuStorage::F16(g))) => {
             blocks(&mut s[sum_range], &g[grad_range], |s, g| {
                 let s_ptr = s.as_mut_ptr();
+                // SAFETY: as for bf16 above.
                 unsafe { crate::cpu::vec_add_f16(s_ptr, g.as_ptr(), s_ptr, s.len()) }
             })
         }
