@@ -707,21 +707,21 @@ fn channel_gradients<T: Elem>(
                         .map(|(ci, &(dy, dy_x))| gradients(ci, GradientSums { dy: dy as f32, dy_x: dy_x as f32 }))
                         .collect();
                     for ni in 0..n {
-                        for (k, (ci, channel)) in channels.clone().zip(&gradients).enumerate() {
-                            let [a, k_x, b] = channel.dx;
-                            let plane = planes[ni * in_block + k].0.take().expect("each plane is written once");
+                        for (ci, channel) in channels.clone().zip(&gradients) {
+                            let [a, k, b] = channel.dx;
+                            let plane = planes[local(ni, ci)].0.take().expect("each plane is written once");
                             let xp = plane_f32(x, xs, ni, ci, x_buf);
                             let dyp = match g_f32 {
                                 Some(g32) => &g32[dy_range(ni, ci)],
                                 None => &dy_buf[local(ni, ci) * plane_len..][..plane_len],
                             };
                             write_f32(plane, dx_buf, |d| {
-                                if k_x == 0.0 && b == 0.0 {
+                                if k == 0.0 && b == 0.0 {
                                     // An eval-mode scale: dx does not depend on x, and a
                                     // non-finite x must not make it NaN through x·0.
                                     d.iter_mut().zip(dyp).for_each(|(d, &gv)| *d = gv * a)
                                 } else {
-                                    d.iter_mut().zip(dyp).zip(xp).for_each(|((d, &gv), &xv)| *d = gv * a + xv * k_x + b)
+                                    d.iter_mut().zip(dyp).zip(xp).for_each(|((d, &gv), &xv)| *d = gv * a + xv * k + b)
                                 }
                             });
                         }
