@@ -7,12 +7,13 @@
 //! pool it, then reads `y` and the shortcut and writes the output; and `y` stays alive for the
 //! backward. Here the pooled means come from BatchNorm's statistics pass — the mean of
 //! `y = x·A + B` over a plane is `A·mean(x) + B` — and one pass writes
-//! `max(gate(s)·(x·A + B) + shortcut, 0)`: five, and `y` never exists. The backward masks the
-//! output gradient by the ReLU (that is the shortcut's gradient, which must exist), then one
-//! pass takes each plane's Σx, Σg and Σg·x, from which the excitation's and BatchNorm's sums
-//! follow (`dy = gate(s)·g + dz/HW` per plane), and one pass writes `dx`: eight against the
-//! composition's ten to twelve (the excitation's two passes over `y` and `dy`, BatchNorm's
-//! over `x` and `dy`).
+//! `max(gate(s)·(x·A + B) + shortcut, 0)`: five, and `y` never exists. The backward's first
+//! pass masks the output gradient by the ReLU (reading the output beside it), writes the
+//! masked gradient (that is the shortcut's gradient, which must exist) and takes each plane's
+//! Σx, Σg and Σg·x, from which the excitation's and BatchNorm's sums follow
+//! (`dy = gate(s)·g + dz/HW` per plane); a second pass writes `dx`: seven against the
+//! composition's eleven to thirteen (the ReLU's own pass, the excitation's two passes over `y`
+//! and `dy`, BatchNorm's over `x` and `dy`).
 
 use super::cpu::DenseParams;
 use super::op::ExcitationOp;
@@ -102,12 +103,17 @@ struct BatchNormExcitation {
     excitation: ExcitationOp,
 }
 
-/// (x, parameters, masked output gradient) → [dx | dγ | dβ | d(excitation parameters)] for
-/// an f32 input; for a bf16 or f16 one → dx, with the parameters' gradient (f32) in the slot.
+/// (x, the block's output, its gradient) → [dx | dγ | dβ | d(excitation parameters)] for an
+/// f32 input; for a bf16 or f16 one → dx, with the parameters' gradient (f32) in `slot`. The
+/// gradient masked by the output's ReLU (the shortcut's gradient) goes to `shortcut_gradient`.
+/// The parameters (f32, contiguous) are read from `params`: Candle's custom ops take at most
+/// three operands.
 struct BatchNormExcitationBackward {
     stats: BatchStats,
     excitation: ExcitationOp,
+    params: Tensor,
     slot: GradientSlot,
+    shortcut_gradient: GradientSlot,
 }
 
 /// The parameter operand split into γ, β and the excitation's packed parameters.
@@ -192,17 +198,19 @@ impl CustomOp3 for BatchNormExcitation {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = crate::relu::relu_gradient(res, grad)?;
-        let op = BatchNormExcitationBackward {
+        let op = "batch_norm_excitation backward";
+        let backward = BatchNormExcitationBackward {
             stats: self.stats.clone(),
             excitation: self.excitation,
+            params: params.clone(),
             slot: GradientSlot::default(),
+            shortcut_gradient: GradientSlot::default(),
         };
-        let out = x.apply_op3_no_bwd(params, &grad, &op)?;
+        let out = x.apply_op3_no_bwd(&res.contiguous()?, &grad.contiguous()?, &backward)?;
+        let shortcut = backward.shortcut_gradient.take(op)?;
         let packed = params.dtype() == x.dtype();
-        let (dx, dparams) =
-            op.slot.gradients("batch_norm_excitation backward", &out, x.dims(), params.dims(), packed)?;
-        Ok((Some(dx), Some(dparams), Some(grad)))
+        let (dx, dparams) = backward.slot.gradients(op, &out, x.dims(), params.dims(), packed)?;
+        Ok((Some(dx), Some(dparams), Some(shortcut)))
     }
 }
 
@@ -215,20 +223,25 @@ impl CustomOp3 for BatchNormExcitationBackward {
         &self,
         x: &CpuStorage,
         xl: &Layout,
-        p: &CpuStorage,
-        pl: &Layout,
+        y: &CpuStorage,
+        yl: &Layout,
         g: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = "batch_norm_excitation backward";
         let xs = Strided4::new(op, "input", xl)?;
-        if gl.dims() != xs.dims {
-            bail!("{op}: gradient shape {:?}, expected {:?}", gl.dims(), xs.dims)
+        for (what, layout) in [("output", yl), ("output gradient", gl)] {
+            if layout.dims() != xs.dims {
+                bail!("{op}: {what} shape {:?}, expected {:?}", layout.dims(), xs.dims)
+            }
         }
+        let (p_storage, pl) = self.params.storage_and_layout();
+        let Storage::Cpu(p) = &*p_storage else { bail!("{op}: the parameters are not on the CPU") };
         let p = f32_contiguous(op, "parameters", p, pl)?;
         let (out, dparams) = dispatch_float!(op, x, |x: T| {
+            let y = contiguous(op, "output", same_dtype::<T>(op, y)?, yl)?;
             let g = contiguous(op, "output gradient", same_dtype::<T>(op, g)?, gl)?;
-            let (out, dparams) = self.backward(x, &xs, p, g)?;
+            let (out, dparams) = self.backward(x, &xs, p, y, g)?;
             (T::to_cpu_storage_owned(out), dparams)
         });
         self.slot.output(op, out, xl.shape().elem_count(), dparams, p.len())
@@ -237,8 +250,16 @@ impl CustomOp3 for BatchNormExcitationBackward {
 
 impl BatchNormExcitationBackward {
     /// dx, followed by the parameters' gradient where `T` is f32; otherwise that gradient
-    /// comes second, in f32.
-    fn backward<T: Elem>(&self, x: &[T], xs: &Strided4, p: &[f32], g: &[T]) -> Result<(Vec<T>, Option<Vec<f32>>)> {
+    /// comes second, in f32. The output gradient `g` masked by the output `y`'s ReLU goes to
+    /// the shortcut's slot.
+    fn backward<T: Elem>(
+        &self,
+        x: &[T],
+        xs: &Strided4,
+        p: &[f32],
+        y: &[T],
+        g: &[T],
+    ) -> Result<(Vec<T>, Option<Vec<f32>>)> {
         let [n, c, _, _] = xs.dims;
         let hw = xs.plane_len();
         let (inv_hw, count) = (1.0 / hw as f32, (n * hw) as f32);
@@ -247,16 +268,27 @@ impl BatchNormExcitationBackward {
         let affine: Vec<(f32, f32)> = (0..c).map(|ci| self.stats.affine(ci, gamma, beta)).collect();
         let min_len = min_planes_per_task(hw);
 
-        // Each plane's (Σx, Σg, Σg·x): all that the excitation's and BatchNorm's sums need.
-        let sums: Vec<[f32; 3]> = (0..n * c)
-            .into_par_iter()
+        // The gradient masked by the ReLU (written out: it is the shortcut's gradient), and
+        // each plane's (Σx, Σg, Σg·x) of it: all that the excitation's and BatchNorm's sums need.
+        let mut masked = uninit::<T>(n * c * hw);
+        let sums: Vec<[f32; 3]> = masked
+            .par_chunks_mut(hw)
             .with_min_len(min_len)
-            .map_init(Default::default, |(x_buf, g_buf): &mut (Vec<f32>, Vec<f32>), plane| {
+            .enumerate()
+            .map_init(Default::default, |(x_buf, m_buf): &mut (Vec<f32>, Vec<f32>), (plane, m)| {
                 let xp = plane_f32(x, xs, plane / c, plane % c, x_buf);
-                let gp = read_f32(&g[plane * hw..(plane + 1) * hw], g_buf);
-                vectorized!({
-                    let (sx, sgx) = sum_and_dot(xp, gp);
-                    [sx, sum(gp), sgx]
+                let (gp, yp) = (&g[plane * hw..(plane + 1) * hw], &y[plane * hw..(plane + 1) * hw]);
+                write_f32(m, m_buf, |m| {
+                    vectorized!({
+                        // As the ReLU's own backward: a select, so that a non-finite gradient
+                        // where the output is clamped stays out.
+                        for (d, (&gv, &yv)) in m.iter_mut().zip(gp.iter().zip(yp)) {
+                            let gv = gv.to_f32();
+                            *d = if yv.to_f32() > 0.0 { gv } else { 0.0 };
+                        }
+                        let (sx, sgx) = sum_and_dot(xp, m);
+                        [sx, sum(m), sgx]
+                    })
                 })
             })
             .collect();
@@ -306,7 +338,7 @@ impl BatchNormExcitationBackward {
                 let (a, k, b) = channel[plane % c];
                 let (ag, offset) = (a * factor(plane), a * shift(plane) + b);
                 let xp = plane_f32(x, xs, plane / c, plane % c, x_buf);
-                let gp = read_f32(&g[plane * hw..(plane + 1) * hw], g_buf);
+                let gp = read_f32(&masked[plane * hw..(plane + 1) * hw], g_buf);
                 write_f32(dx, dx_buf, |dx| {
                     vectorized!(for (d, (&gv, &xv)) in dx.iter_mut().zip(gp.iter().zip(xp)) {
                         *d = gv * ag + xv * k + offset;
@@ -314,6 +346,8 @@ impl BatchNormExcitationBackward {
                 })
             },
         );
+        let masked = Tensor::from_vec(masked, xs.dims.to_vec(), &candle_core::Device::Cpu)?;
+        self.shortcut_gradient.put("batch_norm_excitation backward", masked)?;
         Ok(buffers.finish())
     }
 }
