@@ -475,13 +475,29 @@ struct BatchNormBackward {
     relu: Option<ReluAffine>,
 }
 
-/// Calls `f(plane index n, values as f32)` for every plane of channel `c`, converting or
-/// gathering through `buf` where a plane is not contiguous f32.
+/// Channel `c`'s planes as f32, image by image: in place where they are contiguous f32, else
+/// all converted (or gathered) once into `buf`, so that passes over them convert nothing.
+/// BatchNorm's statistics read a channel twice; converting each bf16 plane twice made them
+/// take 5.4 ms per ResNet-50 32×32 training step against f32's 3.3 on the Xeon.
 #[inline(always)]
-fn for_each_plane<T: Elem>(x: &[T], xs: &Strided4, c: usize, buf: &mut Vec<f32>, mut f: impl FnMut(usize, &[f32])) {
-    for n in 0..xs.dims[0] {
-        f(n, plane_f32(x, xs, n, c, buf));
+fn channel_planes<'a, T: Elem>(x: &'a [T], xs: &Strided4, c: usize, buf: &'a mut Vec<f32>) -> Vec<&'a [f32]> {
+    let (n, plane_len) = (xs.dims[0], xs.plane_len());
+    let in_place: Option<Vec<&[f32]>> =
+        (0..n).map(|ni| xs.contiguous_plane(x, ni, c).and_then(T::as_f32_slice)).collect();
+    if let Some(planes) = in_place {
+        return planes;
     }
+    if plane_len == 0 {
+        return vec![&[]; n];
+    }
+    buf.resize(n * plane_len, 0.0);
+    for (ni, plane) in buf.chunks_exact_mut(plane_len).enumerate() {
+        match xs.contiguous_plane(x, ni, c) {
+            Some(p) => copy_converted(p, plane),
+            None => xs.for_each_in_plane(x, ni, c, |k, v| plane[k] = v.to_f32()),
+        }
+    }
+    buf.chunks_exact(plane_len).collect()
 }
 
 /// The input layout of both backward ops, checked against the output gradient's shape.
@@ -752,12 +768,12 @@ pub(crate) fn channel_and_plane_stats<T: Elem>(x: &[T], xs: &Strided4) -> Vec<((
         .into_par_iter()
         .map_init(Vec::new, |buf, c| {
             vectorized!({
-                let mut plane_sums = Vec::with_capacity(xs.dims[0]);
-                for_each_plane(x, xs, c, buf, |_, p| plane_sums.push(crate::cpu::sum(p)));
+                let planes = channel_planes(x, xs, c, buf);
+                let plane_sums: Vec<f32> = planes.iter().map(|p| crate::cpu::sum(p)).collect();
                 let sum: f64 = plane_sums.iter().map(|&s| s as f64).sum();
                 let mean = (sum / count) as f32;
                 let mut sq = 0f64;
-                for_each_plane(x, xs, c, buf, |_, p| {
+                planes.iter().for_each(|p| {
                     let mut acc = [0f32; 8];
                     let chunks = p.chunks_exact(8);
                     let tail: f32 = chunks.remainder().iter().map(|v| (v - mean) * (v - mean)).sum();
