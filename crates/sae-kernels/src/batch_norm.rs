@@ -500,6 +500,27 @@ fn channel_planes<'a, T: Elem>(x: &'a [T], xs: &Strided4, c: usize, buf: &'a mut
     buf.chunks_exact(plane_len).collect()
 }
 
+/// A block end's backward operands beside its input (laid out as `xs`): the block's output
+/// `y` and its gradient `g`, each checked to have the input's shape and type `T`, contiguous.
+/// The block ends' backward ops ([`BatchNormAddReluBackward`] and the SE/SaE one in
+/// `excitation::batch_norm_end`) mask `g` by `y`.
+pub(crate) fn block_end_operands<'a, T: Elem>(
+    op: &str,
+    xs: &Strided4,
+    y: &'a CpuStorage,
+    yl: &Layout,
+    g: &'a CpuStorage,
+    gl: &Layout,
+) -> Result<(&'a [T], &'a [T])> {
+    for (what, layout) in [("output", yl), ("output gradient", gl)] {
+        if layout.dims() != xs.dims {
+            bail!("{op}: {what} shape {:?}, expected {:?}", layout.dims(), xs.dims)
+        }
+    }
+    let y = contiguous(op, "output", same_dtype::<T>(op, y)?, yl)?;
+    Ok((y, contiguous(op, "output gradient", same_dtype::<T>(op, g)?, gl)?))
+}
+
 /// The input layout of both backward ops, checked against the output gradient's shape.
 fn backward_layout(xl: &Layout, gl: &Layout) -> Result<Strided4> {
     let xs = Strided4::new("batch_norm backward", "input", xl)?;
@@ -933,13 +954,9 @@ impl CustomOp3 for BatchNormAddReluBackward {
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = "batch_norm backward";
-        let xs = backward_layout(xl, gl)?;
-        if yl.dims() != xs.dims {
-            bail!("{op}: output shape {:?}, expected {:?}", yl.dims(), xs.dims)
-        }
+        let xs = Strided4::new(op, "input", xl)?;
         dispatch_float!(op, x, |x: T| {
-            let y = contiguous(op, "output", same_dtype::<T>(op, y)?, yl)?;
-            let g = contiguous(op, "output gradient", same_dtype::<T>(op, g)?, gl)?;
+            let (y, g) = block_end_operands::<T>(op, &xs, y, yl, g, gl)?;
             let mut masked = uninit::<T>(g.len());
             let mean = &self.stats.mean;
             let gradients = self.stats.gradients(&self.gamma, &xs);

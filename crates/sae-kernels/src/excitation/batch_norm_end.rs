@@ -18,10 +18,10 @@
 use super::cpu::DenseParams;
 use super::op::ExcitationOp;
 use super::{checked_op, packed_pieces, Dense, Gate};
-use crate::batch_norm::{channel_and_plane_stats, check, check_eps, BatchNormOutput, BatchStats};
+use crate::batch_norm::{block_end_operands, channel_and_plane_stats, check, check_eps, BatchNormOutput, BatchStats};
 use crate::cpu::{
-    contiguous, dispatch_float, f32_contiguous, min_planes_per_task, plane_f32, read_f32, same_dtype, sum, sum_and_dot,
-    uninit, vectorized, write_f32, Elem, GradientBuffers, GradientSlot,
+    dispatch_float, f32_contiguous, min_planes_per_task, plane_f32, read_f32, sum, sum_and_dot, uninit, vectorized,
+    write_f32, Elem, GradientBuffers, GradientSlot,
 };
 use crate::layout::Strided4;
 use crate::Implementation;
@@ -230,17 +230,11 @@ impl CustomOp3 for BatchNormExcitationBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let op = "batch_norm_excitation backward";
         let xs = Strided4::new(op, "input", xl)?;
-        for (what, layout) in [("output", yl), ("output gradient", gl)] {
-            if layout.dims() != xs.dims {
-                bail!("{op}: {what} shape {:?}, expected {:?}", layout.dims(), xs.dims)
-            }
-        }
         let (p_storage, pl) = self.params.storage_and_layout();
         let Storage::Cpu(p) = &*p_storage else { bail!("{op}: the parameters are not on the CPU") };
         let p = f32_contiguous(op, "parameters", p, pl)?;
         let (out, dparams) = dispatch_float!(op, x, |x: T| {
-            let y = contiguous(op, "output", same_dtype::<T>(op, y)?, yl)?;
-            let g = contiguous(op, "output gradient", same_dtype::<T>(op, g)?, gl)?;
+            let (y, g) = block_end_operands::<T>(op, &xs, y, yl, g, gl)?;
             let (out, dparams) = self.backward(x, &xs, p, y, g)?;
             (T::to_cpu_storage_owned(out), dparams)
         });
