@@ -374,10 +374,16 @@ pub(crate) fn report_header(title: &str, peak: &crate::peak::Peak) -> Result<Str
     writeln!(
         md,
         "CPU flags: {}. Measured peak of this machine on all threads (`xtask/src/peak.rs`, register-only FMA chains): \
-         f32 {} **{:.0} GFLOP/s**{bf16}; every GFLOP/s below also says its % of the f32 peak.\n",
+         f32 {} **{:.0} GFLOP/s**{bf16}; every GFLOP/s below also says its % of the f32 peak. \
+         f32 3×3 stride-1 convolutions with at most 64 channels (ResNet's first stage) run {}.\n",
         crate::peak::cpu_flags().join(", "),
         peak.f32_isa,
-        peak.f32_gflops
+        peak.f32_gflops,
+        if sae_kernels::direct_conv3x3_in_use() {
+            "the direct kernel (this CPU's 512-bit FMAs run at twice its 256-bit ones)"
+        } else {
+            "Winograd's F(2×2, 3×3) (no direct kernel: no AVX-512, or 512-bit FMAs at the 256-bit ones' FLOP rate)"
+        }
     )?;
     Ok(md)
 }

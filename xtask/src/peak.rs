@@ -58,9 +58,9 @@ pub fn measure() -> Peak {
     #[cfg(target_arch = "x86_64")]
     {
         let (f32_gflops, f32_isa) = if std::arch::is_x86_feature_detected!("avx512f") {
-            (gflops(x86::fma_avx512), "AVX-512 FMA")
+            (gflops(|i| sae_kernels::fma_register_flops(512, i).unwrap_or(0.0)), "AVX-512 FMA")
         } else if std::arch::is_x86_feature_detected!("fma") {
-            (gflops(x86::fma_avx2), "AVX2 FMA")
+            (gflops(|i| sae_kernels::fma_register_flops(256, i).unwrap_or(0.0)), "AVX2 FMA")
         } else {
             (gflops(scalar_fma), "scalar")
         };
@@ -98,42 +98,6 @@ mod x86 {
 
     /// Chains per kernel: FMA latency (4–5 cycles) × two FMA units, rounded up.
     const CHAINS: usize = 12;
-
-    pub fn fma_avx2(iterations: usize) -> f64 {
-        // SAFETY: called only where the CPU has AVX2 and FMA (checked by `measure`).
-        unsafe { fma_avx2_inner(iterations) }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn fma_avx2_inner(iterations: usize) -> f64 {
-        let (a, b) = (_mm256_set1_ps(0.999_999), _mm256_set1_ps(1e-7));
-        let mut acc = [_mm256_setzero_ps(); CHAINS];
-        for _ in 0..iterations {
-            for r in acc.iter_mut() {
-                *r = _mm256_fmadd_ps(*r, a, b);
-            }
-        }
-        std::hint::black_box(acc);
-        iterations as f64 * (CHAINS * 8 * 2) as f64
-    }
-
-    pub fn fma_avx512(iterations: usize) -> f64 {
-        // SAFETY: called only where the CPU has AVX-512F (checked by `measure`).
-        unsafe { fma_avx512_inner(iterations) }
-    }
-
-    #[target_feature(enable = "avx512f")]
-    unsafe fn fma_avx512_inner(iterations: usize) -> f64 {
-        let (a, b) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
-        let mut acc = [_mm512_setzero_ps(); CHAINS];
-        for _ in 0..iterations {
-            for r in acc.iter_mut() {
-                *r = _mm512_fmadd_ps(*r, a, b);
-            }
-        }
-        std::hint::black_box(acc);
-        iterations as f64 * (CHAINS * 16 * 2) as f64
-    }
 
     pub fn dot_bf16(iterations: usize) -> f64 {
         // SAFETY: called only where the CPU has AVX512-BF16 (checked by `measure`).

@@ -16,8 +16,8 @@
 //! multiplies per 2×2 output pixels instead of 36, the input expanded 4 times instead of 9),
 //! but for the weight gradient of a batch with few tiles (small images), which is unrolled.
 //! Where such a convolution has at most 64 channels in and out (ResNet's first stage) and the
-//! CPU has AVX-512, all three are computed directly instead (`crate::direct`: the input in
-//! 16-channel blocks, no unrolling and no transforms).
+//! CPU has AVX-512 with full-width 512-bit FMA units, all three are computed directly instead
+//! (`crate::direct`: the input in 16-channel blocks, no unrolling and no transforms).
 //!
 //! Images with at least [`PER_IMAGE_PIXELS`] output pixels (and batches of one) run one
 //! multiply per image and group, written straight into the image's place in the output:

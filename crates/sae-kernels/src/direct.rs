@@ -33,17 +33,27 @@ const BLOCK_OUT: usize = 32;
 /// Channels per vector of the blocked layouts.
 const LANES: usize = 16;
 
-/// Whether this CPU has AVX-512F, decided once per process.
-fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVAILABLE.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+/// Whether convolutions take this kernel where it fits, decided once per process: the CPU has
+/// AVX-512F and runs 512-bit FMAs at (nearly) twice the rate of 256-bit ones
+/// ([`crate::fma::wide_fma_ratio`] above 1.5). The kernel's gain over Winograd's F(2×2, 3×3)
+/// is fewer passes over memory for 2.25 times the multiplies, which pays where the multiplies
+/// are cheap: on the Xeon above (two full-width FMA units) it is faster, on the 2-core AMD EPYC
+/// (Zen 4, each 512-bit FMA as two 256-bit halves) slower — layer 1's 3×3 at 140×140, forward /
+/// backward ms, `bench-layers` alternating: 7.1–7.2 / 15.1–15.4 direct against 5.3–5.6 /
+/// 11.5–11.6 Winograd (in that VM's slow spells, when short parallel tasks wait long for the
+/// second core, Winograd's fell to 12–14 / 28–30 and the direct kernel's coarser tasks held). `SAE_DIRECT_CONV=1` (where the CPU has AVX-512F) or `=0`
+/// decides instead of the measurement, so that the tests run both paths on every machine.
+pub(crate) fn available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        let avx512 = crate::fma::fma_register_flops(512, 0).is_some();
+        match std::env::var("SAE_DIRECT_CONV").as_deref() {
+            _ if !avx512 => false,
+            Ok("1") => true,
+            Ok("0") => false,
+            _ => crate::fma::wide_fma_ratio().is_some_and(|ratio| ratio > 1.5),
+        }
+    })
 }
 
 /// A 3×3 stride-1 convolution with padding 1 of `c`-channel `h × w` images into `oc`

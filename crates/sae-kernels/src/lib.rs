@@ -50,6 +50,7 @@ pub mod depthwise;
 mod direct;
 pub mod error;
 pub mod excitation;
+mod fma;
 mod gemm_bf16;
 mod layout;
 pub mod max_pool;
@@ -129,6 +130,16 @@ impl Bf16Multiply {
 /// peak measurement (run it on every thread at once); `None` without AMX.
 pub fn amx_register_flops(iterations: usize) -> Option<f64> {
     gemm_bf16::amx_register_flops(iterations)
+}
+
+pub use fma::fma_register_flops;
+
+/// Whether this process's f32 3×3 stride-1 convolutions with at most 64 channels in and out
+/// (ResNet's first stage) run the direct AVX-512 kernel rather than Winograd's algorithm:
+/// where the CPU has AVX-512F with full-width 512-bit FMA units, measured once per process;
+/// `SAE_DIRECT_CONV=1` or `0` decides instead. For reports.
+pub fn direct_conv3x3_in_use() -> bool {
+    direct::available()
 }
 
 /// Whether the fused kernels take `t`: f32, bf16 or f16 on the CPU and on CUDA. Elsewhere

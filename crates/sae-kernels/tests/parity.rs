@@ -453,6 +453,14 @@ const CONV_CASES: &[(Conv2dConfig, [usize; 4], [usize; 4])] = &[
 
 #[test]
 fn conv_fused_matches_reference_forward_and_backward() {
+    // Run again by `conv_cases_with_the_direct_kernel_forced_on_and_off` (on AVX-512 CPUs):
+    // the variable must have decided the path.
+    if let Ok(forced) = std::env::var(FORCE_DIRECT) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            assert_eq!(direct_conv3x3_in_use(), forced == "1", "{FORCE_DIRECT}={forced} did not decide the 3×3 path");
+        }
+    }
     for (i, &(cfg, [n, c, h, w], wshape)) in CONV_CASES.iter().enumerate() {
         for strided in [false, true] {
             let what = format!("{cfg:?} {:?} weight {wshape:?} strided={strided}", [n, c, h, w]);
@@ -463,6 +471,33 @@ fn conv_fused_matches_reference_forward_and_backward() {
             });
         }
     }
+}
+
+/// Forces the direct 3×3 kernel on (`1`) or off (`0`) where the CPU has AVX-512F.
+const FORCE_DIRECT: &str = "SAE_DIRECT_CONV";
+
+/// Which of the direct 3×3 kernel and Winograd's algorithm takes ResNet's first-stage layers
+/// depends on the CPU's FMA units (`direct_conv3x3_in_use`), so a machine would check only one:
+/// the convolution cases again in processes of their own with each forced.
+#[test]
+fn conv_cases_with_the_direct_kernel_forced_on_and_off() {
+    #[cfg(target_arch = "x86_64")]
+    if std::env::var_os(FORCE_DIRECT).is_none() && std::arch::is_x86_feature_detected!("avx512f") {
+        for forced in ["1", "0"] {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", "conv_fused_matches_reference_forward_and_backward", "--test-threads", "1"])
+                .env(FORCE_DIRECT, forced)
+                .output()
+                .unwrap();
+            let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success() && stdout.contains("1 passed"),
+                "the convolution cases with {FORCE_DIRECT}={forced}:\n{stdout}\n{stderr}"
+            );
+        }
+        return;
+    }
+    println!("skipped: no AVX-512F, so neither path is the direct kernel (or already a forced run)");
 }
 
 /// bf16 convolutions, whose input the fused kernel unrolls in bf16 (and the bf16 kernel, where
