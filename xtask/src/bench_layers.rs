@@ -176,6 +176,8 @@ pub fn run(options: &Options) -> Result<()> {
         }
         eprintln!("repeat {} of {repeats} done", repeat + 1);
     }
+    // The peak again after the layers, the higher kept (as `bench-train` does).
+    let machine_peak = machine_peak.higher(crate::peak::measure());
     let md = report(size, batch, seconds, repeats, &machine_peak, &layers, &ours, &theirs, version)?;
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -21,6 +21,20 @@ pub struct Peak {
     pub amx_gflops: Option<f64>,
 }
 
+impl Peak {
+    /// Each peak the higher of two measurements (a measurement can only come out low: the
+    /// machine busy, or a VM given less than its cores for a while).
+    pub fn higher(self, other: Peak) -> Peak {
+        let max = |a: Option<f64>, b: Option<f64>| a.into_iter().chain(b).reduce(f64::max);
+        Peak {
+            f32_gflops: self.f32_gflops.max(other.f32_gflops),
+            f32_isa: self.f32_isa,
+            bf16_gflops: max(self.bf16_gflops, other.bf16_gflops),
+            amx_gflops: max(self.amx_gflops, other.amx_gflops),
+        }
+    }
+}
+
 /// The CPU flags (of `/proc/cpuinfo`) that matter for the kernels, in a fixed order.
 pub fn cpu_flags() -> Vec<&'static str> {
     const FLAGS: [&str; 10] = [
