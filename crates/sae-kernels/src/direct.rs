@@ -39,10 +39,11 @@ const LANES: usize = 16;
 /// is fewer passes over memory for 2.25 times the multiplies, which pays where the multiplies
 /// are cheap: on the Xeon above (two full-width FMA units) it is faster, on the 2-core AMD EPYC
 /// (Zen 4, each 512-bit FMA as two 256-bit halves) slower — layer 1's 3×3 at 140×140, forward /
-/// backward ms, `bench-layers` alternating: 7.1–7.2 / 15.1–15.4 direct against 5.3–5.6 /
+/// backward ms, `bench-layers` alternating: 7.1–7.2 / 14.3–16.0 direct against 5.3–5.6 /
 /// 11.5–11.6 Winograd (in that VM's slow spells, when short parallel tasks wait long for the
-/// second core, Winograd's fell to 12–14 / 28–30 and the direct kernel's coarser tasks held). `SAE_DIRECT_CONV=1` (where the CPU has AVX-512F) or `=0`
-/// decides instead of the measurement, so that the tests run both paths on every machine.
+/// second core, Winograd's fell to 12–14 / 28–30 and the direct kernel's coarser tasks held).
+/// `SAE_DIRECT_CONV=1` (where the CPU has AVX-512F) or `=0` decides instead of the
+/// measurement, so that the tests run both paths on every machine.
 pub(crate) fn available() -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *AVAILABLE.get_or_init(|| {
