@@ -393,6 +393,11 @@ pub(crate) fn matmul<B: Elem>(
 const BF16_MIN_DEPTH_AMX: usize = 128;
 /// The same with AVX-512 BF16 dot products.
 const BF16_MIN_DEPTH_DOT: usize = 32;
+/// The most `32/rows + 32/columns` of a block that the bf16 kernel takes on AMX tiles: the
+/// cost of packing both operands against the block's multiplies (see [`matmul_threads`]).
+const BF16_MAX_BLOCK_COST_AMX: f64 = 0.6;
+/// The same with AVX-512 BF16 dot products.
+const BF16_MAX_BLOCK_COST_DOT: f64 = 0.8;
 
 /// [`matmul`] on at most `threads` threads (1: on the calling thread only, for callers that
 /// already run one multiply per rayon task).
@@ -429,19 +434,26 @@ pub(crate) fn matmul_threads<B: Elem>(
     // The bf16 kernel rounds and repacks both operands on every call: packing `b` costs
     // about as much as a dozen of its rows of multiplies, packing `a` as a dozen of its
     // columns, so it pays only for blocks with many of both: inference's small late-stage
-    // images (25 columns) stay on `gemm`. The limit below is 0.6 (64 rows and at least 320
-    // columns; 1.0 was no faster). On the Xeon's AMX, alternating `xtask bench-train-row
-    // senetv2_resnet50 140 16 infer fused bf16` runs took 0.200–0.210 s at 0.5 and
-    // 0.186–0.191 s at 0.6, training at 140×140 and 32×32 no slower. The depth matters as
-    // well: AMX pads it to 32 and loads and stores its 32×32 block of `out` once per block
-    // of depth, which shallow products (the weight gradients of small images, depth = the
-    // batch's pixels) do not repay: below a depth of 128 they stay on `gemm` (on the Xeon a
-    // 32×32 ResNet-50 bf16 training step 5 % faster: 0.149 → 0.137–0.144 s; 64: 0.142–0.147,
-    // 256: 0.140–0.147). `vdpbf16ps` keeps its tile in registers and takes products from a
-    // depth of 32 (layer 1's 64-deep 1×1 convolutions): on the AMD EPYC, where it runs at
-    // twice the f32 rate, a SENetV2-ResNet-50 140×140 bf16 training step took 0.95/0.88/0.87 s
-    // against 1.07/0.95/1.00 s with the Xeon's old limits (0.5, 128) in alternating runs, and
-    // 0.89/0.90/0.94 s at a depth of 64; batch-16 inference 0.24–0.28 s against 0.26–0.32.
+    // images (25 columns) stay on `gemm`. The limit on `32/rows + 32/columns` of a block is
+    // 0.6 on AMX (64 rows and at least 320 columns; 1.0 was no faster): on the Xeon,
+    // alternating `xtask bench-train-row senetv2_resnet50 140 16 infer fused bf16` runs took
+    // 0.200–0.210 s at 0.5 and 0.186–0.191 s at 0.6, training at 140×140 and 32×32 no slower.
+    // With `vdpbf16ps` it is 0.8, which takes the 128 × 64 row blocks of layer 3's products
+    // at 32×32 (their 64 columns are the batch's pixels; on `gemm` the forward's bf16 unrolled
+    // input is widened to f32 first): on the AMD EPYC, six alternating pairs of
+    // `bench-train-row resnet50 32 16 train fused bf16 3`, steps 95.1–100.2 ms at 0.6 against
+    // 88.0–92.4 ms at 0.8 (and one of 139.6 in a slow spell; backward 54.1–57.5 → 48.7–51.0);
+    // 140×140 training and inference take the same products at either limit but for a few
+    // per-image weight gradients. The depth matters as well: AMX pads it to 32 and loads and
+    // stores its 32×32 block of `out` once per block of depth, which shallow products (the
+    // weight gradients of small images, depth = the batch's pixels) do not repay: below a depth
+    // of 128 they stay on `gemm` (on the Xeon a 32×32 ResNet-50 bf16 training step 5 % faster:
+    // 0.149 → 0.137–0.144 s; 64: 0.142–0.147, 256: 0.140–0.147). `vdpbf16ps` keeps its tile in
+    // registers and takes products from a depth of 32 (layer 1's 64-deep 1×1 convolutions): on
+    // the AMD EPYC, where it runs at twice the f32 rate, a SENetV2-ResNet-50 140×140 bf16
+    // training step took 0.95/0.88/0.87 s against 1.07/0.95/1.00 s with the Xeon's old limits
+    // (0.5, 128) in alternating runs, and 0.89/0.90/0.94 s at a depth of 64; batch-16 inference
+    // 0.24–0.28 s against 0.26–0.32.
     let multiply: unsafe fn(usize, usize, usize, Mat, Mat<B>, *mut f32, usize, bool) =
         if products == Products::Bf16 && split.bf16_kernel_pays(m, n, k) {
             crate::gemm_bf16::gemm_block
@@ -502,8 +514,13 @@ impl Split {
     /// Whether the bf16 kernel takes a block of this split (see [`matmul_threads`]).
     fn bf16_kernel_pays(&self, m: usize, n: usize, k: usize) -> bool {
         let (block_rows, block_cols) = if self.split_columns { (m, self.block) } else { (self.block, n) };
-        let min_depth = if crate::gemm_bf16::amx_available() { BF16_MIN_DEPTH_AMX } else { BF16_MIN_DEPTH_DOT };
-        crate::gemm_bf16::available() && 32.0 / block_rows as f64 + 32.0 / block_cols as f64 <= 0.6 && k >= min_depth
+        let (max_cost, min_depth) = if crate::gemm_bf16::amx_available() {
+            (BF16_MAX_BLOCK_COST_AMX, BF16_MIN_DEPTH_AMX)
+        } else {
+            (BF16_MAX_BLOCK_COST_DOT, BF16_MIN_DEPTH_DOT)
+        };
+        let cost = 32.0 / block_rows as f64 + 32.0 / block_cols as f64;
+        crate::gemm_bf16::available() && cost <= max_cost && k >= min_depth
     }
 }
 
