@@ -75,8 +75,14 @@ impl SimpleBackend for SeededVarMap {
             return Ok(var.as_tensor().clone());
         }
         let values = init_values(self.seed, name, &shape, init);
-        let tensor = Tensor::from_vec(values, shape, &Device::Cpu)?.to_dtype(dtype)?.to_device(dev)?;
-        let var = Var::from_tensor(&tensor)?;
+        // f32 values become the variable's storage as they are: `Var::from_tensor` would copy
+        // them, and the freed copy is memory the allocator keeps but other threads do not
+        // reuse.
+        let var = if dtype == DType::F32 {
+            Var::from_vec(values, shape, dev)?
+        } else {
+            Var::from_tensor(&Tensor::from_vec(values, shape, &Device::Cpu)?.to_dtype(dtype)?.to_device(dev)?)?
+        };
         vars.insert(name.to_string(), var.clone());
         Ok(var.as_tensor().clone())
     }
