@@ -844,7 +844,11 @@ impl ConvBackward {
         // bench-train-row`, backward 0.500–0.514 → 0.487–0.490 s; in the batched path below
         // (small images, depth = the batch's pixels) the 32×32 backward took twice as long,
         // and the bf16 kernels pack their own way (bf16 140×140 backward 0.37 → 0.41 s).
-        let transposed = products == Products::F32 && og < kg;
+        // Writing dWᵀ into dW is a strided pass over the whole weight gradient per range,
+        // which only a range with many pixels repays: with a batch of one image, the late
+        // layers' few pixels saved nothing and the passes took a third of a ResNet-50 32×32
+        // f32 training step on the AMD EPYC (`bench-train-row resnet50 32 1 train fused f32`).
+        let transposed = products == Products::F32 && og < kg && per_range * p * (kg - og) >= 4 * og * kg;
         // A stride-1 convolution's input gradient is itself a convolution: of dy, with the
         // weights swapped to (C, O) and turned by 180°, padding kh − 1 − pad. For bf16 the
         // kernel then packs dy straight from its planes and writes dx's: no dcol, no col2im

@@ -430,6 +430,10 @@ const CONV_CASES: &[(Conv2dConfig, [usize; 4], [usize; 4])] = &[
     (Conv2dConfig { stride: 1, padding: 0, groups: 1 }, [3, 4, 33, 32], [5, 4, 1, 1]),
     (Conv2dConfig { stride: 1, padding: 1, groups: 2 }, [2, 4, 32, 33], [6, 2, 3, 3]),
     (Conv2dConfig { stride: 2, padding: 3, groups: 1 }, [1, 3, 65, 64], [4, 3, 7, 7]),
+    // One small image with more unrolled rows than output channels: its weight gradient is
+    // summed as dW directly, where the image above sums dWᵀ (too few pixels to repay writing
+    // it into dW; `ConvBackward::backward_per_image`).
+    (Conv2dConfig { stride: 1, padding: 1, groups: 1 }, [1, 40, 2, 3], [24, 40, 3, 3]),
     // Large enough in both dimensions of every product (136 output channels, 143 pixels, 360
     // unrolled rows; see `cpu::matmul_threads`) for bf16 operands to take the bf16
     // dot-product multiply where the CPU has it, in all three products; odd sizes.
