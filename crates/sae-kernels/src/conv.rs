@@ -38,9 +38,9 @@
 //! `conv_transpose2d` kernel. Elsewhere [`conv2d`] runs the reference (Candle's `conv2d`).
 
 use crate::cpu::{
-    as_f32, contiguous, convert, copy_converted, dispatch_float, f32_contiguous, matmul, matmul_threads,
-    matmul_threads_unrolled, min_planes_per_task, read_f32, same_dtype, same_type, uninit, weight_as_f32, write_f32,
-    Elem, GradientSlot, Mat, Products,
+    as_f32, bf16_kernel_takes, contiguous, convert, copy_converted, dispatch_float, f32_contiguous, matmul,
+    matmul_threads, matmul_threads_unrolled, min_planes_per_task, read_f32, same_dtype, same_type, uninit,
+    weight_as_f32, write_f32, Elem, GradientSlot, Mat, Products,
 };
 use crate::direct::Direct;
 use crate::gemm_bf16::{ImplicitOperand, Unrolled, UnrolledT};
@@ -855,9 +855,16 @@ impl ConvBackward {
         // (col2im 5.3 → 2.5 % of a 140×140 SENetV2-ResNet-50 bf16 step on the AMD EPYC). Not
         // in the batched path below: from images a few pixels wide, packing dy's nine-fold
         // unrolling run by run cost more than col2im (32×32 backward 5–10 % slower).
-        let gradient_conv = (input_gradient && products == Products::Bf16 && !pointwise)
-            .then(|| g.input_gradient_convolution(gr))
-            .flatten();
+        // Only where the bf16 kernel takes the product: the turned weights are a strided pass
+        // over the weights, which the small images of batch-one training do not repay (on the
+        // AMD EPYC 5 % of a ResNet-50 32×32 bf16 step with one image, for products that then
+        // went the unrolled way).
+        let gradient_conv = (input_gradient
+            && products == Products::Bf16
+            && !pointwise
+            && bf16_kernel_takes(threads, g.c, g.h * g.w, og * g.kh * g.kw))
+        .then(|| g.input_gradient_convolution(gr))
+        .flatten();
         let turned = gradient_conv.map(|_| g.turned_weights(w)).unwrap_or_default();
         let image_range = |r: usize, mut dx: Option<&mut [T]>, dw: &mut [f32]| {
             let (mut scratch, mut dy_buf, mut dx_buf) = (Vec::new(), Vec::new(), Vec::new());

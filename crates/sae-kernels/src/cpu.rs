@@ -524,6 +524,12 @@ impl Split {
     }
 }
 
+/// Whether [`matmul_threads_unrolled`] takes an `m × n × k` product on `threads` threads (the
+/// bf16 kernel on this CPU, blocks large enough to repay its packing).
+pub(crate) fn bf16_kernel_takes(threads: usize, m: usize, n: usize, k: usize) -> bool {
+    m > 0 && n > 0 && Split::new(threads, m, n, k).bf16_kernel_pays(m, n, k)
+}
+
 /// [`matmul_threads`] with bf16 products and `b` bf16 images' unrolled input or its transpose,
 /// packed straight from the images ([`crate::gemm_bf16::Unrolled`], [`crate::gemm_bf16::UnrolledT`]):
 /// `out (m × n) [+]= a (m × k) · b`. Returns false, having done nothing, where the bf16 kernel
@@ -540,10 +546,10 @@ pub(crate) fn matmul_threads_unrolled<B: ImplicitOperand>(
     out: &mut [f32],
     accumulate: bool,
 ) -> bool {
-    let split = Split::new(threads, m, n, k);
-    if m == 0 || n == 0 || !split.bf16_kernel_pays(m, n, k) {
+    if !bf16_kernel_takes(threads, m, n, k) {
         return false;
     }
+    let split = Split::new(threads, m, n, k);
     assert!(m * n <= out.len(), "matmul: output too small");
     assert!((m - 1) * a.rs + (k - 1) * a.cs < a.data.len(), "matmul: view out of bounds");
     assert!(b.fits(k, n), "matmul: unrolled image out of bounds");
