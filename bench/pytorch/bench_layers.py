@@ -12,6 +12,9 @@ forward and backward milliseconds.
     python bench_layers.py --threads 2 --seconds 1 --shapes '[[16, 64, 35, 35, 256, 1, 1, true]]'
 
 Each shape is [batch, in channels, height, width, out channels, kernel, stride, input gradient].
+With `--precision bf16` the input is bf16 and the f32 weight is used under
+`torch.autocast("cpu", dtype=torch.bfloat16)`, as in autocast training (the input arrives as
+the bf16 output of the layer before; the weight is cast on every call).
 """
 
 import argparse
@@ -41,14 +44,21 @@ def main():
     ap.add_argument("--threads", type=int, required=True)
     ap.add_argument("--seconds", type=float, default=1.0)
     ap.add_argument("--shapes", required=True, help="JSON list of [n, c, h, w, o, k, s, input_gradient]")
+    ap.add_argument("--precision", choices=["f32", "bf16"], default="f32")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    bf16 = args.precision == "bf16"
     print(json.dumps({"torch": torch.__version__}), flush=True)
     for n, c, h, w, o, k, s, input_gradient in json.loads(args.shapes):
-        x = torch.randn(n, c, h, w, requires_grad=input_gradient)
+        x = torch.randn(n, c, h, w)
+        x = (x.bfloat16() if bf16 else x).requires_grad_(input_gradient)
         weight = (torch.randn(o, c, k, k) * 0.1).requires_grad_()
-        conv = lambda: F.conv2d(x, weight, stride=s, padding=k // 2)
+
+        def conv():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                return F.conv2d(x, weight, stride=s, padding=k // 2)
+
         forward_ms = median_ms(conv, args.seconds)
         y = conv()
         ones = torch.ones_like(y)

@@ -6,7 +6,7 @@
 
 use crate::bench_train::{median_seconds, report_header, TorchScript};
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use sae_kernels::{conv2d, Conv2dConfig, Implementation};
 use std::fmt::Write;
 use std::path::PathBuf;
@@ -98,9 +98,12 @@ fn resnet50_layers(size: usize, batch: usize) -> Vec<Layer> {
 /// Forward and backward milliseconds of one layer, ours: the forward records the graph, as in
 /// training; the backward is Candle's `backward` of the output (an all-ones output gradient)
 /// through our convolution's gradient op, from an output computed once.
-fn measure_ours(l: &Layer, seconds: f64) -> Result<(f64, f64)> {
+/// With `bf16` the input is bf16 and the weight stays f32, as `--precision bf16` training
+/// runs them.
+fn measure_ours(l: &Layer, seconds: f64, bf16: bool) -> Result<(f64, f64)> {
     let cfg = Conv2dConfig { stride: l.stride, padding: l.kernel / 2, groups: 1 };
     let x = Tensor::randn(0f32, 1.0, l.input.as_slice(), &Device::Cpu)?;
+    let x = if bf16 { x.to_dtype(DType::BF16)? } else { x };
     let x = if l.input_gradient() { Var::from_tensor(&x)?.as_tensor().clone() } else { x };
     let w = Var::from_tensor(
         &(Tensor::randn(0f32, 1.0, (l.out_channels, l.input[1], l.kernel, l.kernel), &Device::Cpu)? * 0.1)?,
@@ -125,12 +128,14 @@ pub struct Options {
     pub python: Option<PathBuf>,
     /// Only the layers whose name contains this.
     pub only: Option<String>,
+    /// bf16 inputs with f32 weights, beside PyTorch's bf16 autocast.
+    pub bf16: bool,
     pub out: PathBuf,
 }
 
 /// Measures the layers of `options` and writes the report.
 pub fn run(options: &Options) -> Result<()> {
-    let Options { size, batch, seconds, repeats, ref python, ref only, ref out } = *options;
+    let Options { size, batch, seconds, repeats, ref python, ref only, bf16, ref out } = *options;
     if size < 32 {
         bail!("bench-layers: input size {size} is below 32, where ResNet-50's last stage has no pixels left")
     }
@@ -158,12 +163,13 @@ pub fn run(options: &Options) -> Result<()> {
     let mut version = None;
     for repeat in 0..repeats {
         for (i, l) in layers.iter().enumerate() {
-            let m = measure_ours(l, seconds)?;
+            let m = measure_ours(l, seconds, bf16)?;
             eprintln!("{} ({:?} → {}): ours {:.3} / {:.3} ms", l.name, l.input, l.out_channels, m.0, m.1);
             ours[i] = Some(fastest(ours[i], m));
         }
         if let Some(t) = &torch {
-            let lines = t.run_script("bench_layers.py", &["--shapes", &shapes])?;
+            let precision = if bf16 { "bf16" } else { "f32" };
+            let lines = t.run_script("bench_layers.py", &["--shapes", &shapes, "--precision", precision])?;
             let (head, rows) = lines.split_first().context("the PyTorch script printed nothing")?;
             if rows.len() != layers.len() {
                 bail!("the PyTorch script printed {} layers, expected {}", rows.len(), layers.len())
@@ -178,7 +184,7 @@ pub fn run(options: &Options) -> Result<()> {
     }
     // The peak again after the layers, the higher kept (as `bench-train` does).
     let machine_peak = machine_peak.higher(crate::peak::measure());
-    let md = report(size, batch, seconds, repeats, &machine_peak, &layers, &ours, &theirs, version)?;
+    let md = report(size, batch, seconds, repeats, bf16, &machine_peak, &layers, &ours, &theirs, version)?;
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -193,17 +199,27 @@ fn report(
     batch: usize,
     seconds: f64,
     repeats: usize,
+    bf16: bool,
     peak: &crate::peak::Peak,
     layers: &[Layer],
     ours: &[Option<(f64, f64)>],
     theirs: &[Option<(f64, f64)>],
     version: Option<String>,
 ) -> Result<String> {
-    let mut md = report_header("ResNet-50's convolutions one at a time", peak)?;
+    let title =
+        if bf16 { "ResNet-50's convolutions one at a time, bf16" } else { "ResNet-50's convolutions one at a time" };
+    let mut md = report_header(title, peak)?;
+    let precision = if bf16 {
+        "bf16 inputs and output with f32 weights (as `--precision bf16` trains: our convolution takes the f32 \
+         master weight and returns its gradient in f32; PyTorch's runs under `torch.autocast(\"cpu\", \
+         dtype=torch.bfloat16)`, which casts the weight to bf16 on every call, as in autocast training)"
+    } else {
+        "f32"
+    };
     writeln!(
         md,
         "Every distinct convolution of ResNet-50 (SE-ResNet-50 and SENetV2-ResNet-50 have the same ones) at \
-         {size}×{size} input, batch {batch}, f32, random inputs, weights and no bias; *count* is how often the \
+         {size}×{size} input, batch {batch}, {precision}, random inputs, weights and no bias; *count* is how often the \
          shape occurs in the network. *fwd* is the forward with autograd recording, as in training; *bwd* the \
          convolution's backward alone (input and weight gradients from an all-ones output gradient; the stem's \
          input takes none), from an output computed once. Median milliseconds over at least {seconds} s and 5 \
@@ -214,8 +230,9 @@ fn report(
     match &version {
         Some(v) => writeln!(
             md,
-            "PyTorch {v} eager (`torch.nn.functional.conv2d`, `torch.autograd.grad`), `torch.set_num_threads({})`, \
+            "PyTorch {v} eager{} (`torch.nn.functional.conv2d`, `torch.autograd.grad`), `torch.set_num_threads({})`, \
              measured by `bench/pytorch/bench_layers.py` in the same run.\n",
+            if bf16 { " with bf16 autocast" } else { "" },
             rayon::current_num_threads()
         )?,
         None => writeln!(md, "PyTorch not measured in this run (pass `--python` with a Python that has torch).\n")?,

@@ -144,9 +144,14 @@ enum Cmd {
         /// Only the layers whose name contains this (`layer4`, `conv2`, `stem`, …).
         #[arg(long)]
         only: Option<String>,
-        /// Where the report goes.
-        #[arg(long, default_value = "results/conv-layers.md")]
-        out: PathBuf,
+        /// bf16 inputs with f32 master weights, as in `--precision bf16` training, beside
+        /// PyTorch's bf16 autocast.
+        #[arg(long)]
+        bf16: bool,
+        /// Where the report goes [default: results/conv-layers.md, or
+        /// results/conv-layers-bf16.md with --bf16].
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Runs the kernel benchmarks and writes `results/kernels.md`.
     BenchKernels {
@@ -325,24 +330,30 @@ fn main() -> Result<()> {
                 python: std::env::var_os("SAE_TORCH_PYTHON").map(PathBuf::from),
             })?;
             // bench-layers on ResNet-50 at 32×32 (1×1 images in layer 4), batch 2, one quick
-            // timing per layer and side.
-            bench_layers::run(&bench_layers::Options {
-                size: 32,
-                batch: 2,
-                seconds: 0.0,
-                repeats: 1,
-                python: std::env::var_os("SAE_TORCH_PYTHON").map(PathBuf::from),
-                only: None,
-                out: project_root().join("target/bench-layers-smoke/conv-layers.md"),
-            })?;
+            // timing per layer and side, in f32 and bf16.
+            for (bf16, name) in [(false, "conv-layers.md"), (true, "conv-layers-bf16.md")] {
+                bench_layers::run(&bench_layers::Options {
+                    size: 32,
+                    batch: 2,
+                    seconds: 0.0,
+                    repeats: 1,
+                    python: std::env::var_os("SAE_TORCH_PYTHON").map(PathBuf::from),
+                    only: None,
+                    bf16,
+                    out: project_root().join("target/bench-layers-smoke").join(name),
+                })?;
+            }
             ptx::check(&project_root())
         }
         Cmd::Tidy => tidy::check(&project_root()),
         Cmd::Ptx => ptx::check(&project_root()),
         Cmd::Params { json } => params(json),
         Cmd::BenchKernels { seconds } => bench::kernels(seconds),
-        Cmd::BenchLayers { size, batch, seconds, repeats, python, only, out } => {
-            bench_layers::run(&bench_layers::Options { size, batch, seconds, repeats, python, only, out })
+        Cmd::BenchLayers { size, batch, seconds, repeats, python, only, bf16, out } => {
+            let out = out.unwrap_or_else(|| {
+                PathBuf::from(if bf16 { "results/conv-layers-bf16.md" } else { "results/conv-layers.md" })
+            });
+            bench_layers::run(&bench_layers::Options { size, batch, seconds, repeats, python, only, bf16, out })
         }
         Cmd::GpuCheck { run: false, .. } => gpu_check::build(&project_root()),
         Cmd::GpuCheck { run: true, device, smoke, out, python } => {
