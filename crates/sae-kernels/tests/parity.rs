@@ -444,6 +444,10 @@ const CONV_CASES: &[(Conv2dConfig, [usize; 4], [usize; 4])] = &[
     // contiguous bf16 image (`gemm_bf16::Unrolled`).
     (Conv2dConfig { stride: 1, padding: 1, groups: 1 }, [1, 80, 21, 23], [72, 80, 3, 3]),
     (Conv2dConfig { stride: 1, padding: 0, groups: 1 }, [2, 80, 19, 18], [72, 80, 3, 3]),
+    // A pointwise convolution of small images (225 pixels) multiplied side by side, large
+    // enough for the bf16 dot-product kernel to pack its forward's operand and its weight
+    // gradient's transpose straight from the images.
+    (Conv2dConfig { stride: 1, padding: 0, groups: 1 }, [3, 256, 15, 15], [64, 256, 1, 1]),
     // Channels in whole vectors for the direct 3×3 kernel (`direct::Direct`) where the CPU has
     // AVX-512F (contiguous inputs; the strided ones take the other paths): images in parallel
     // (3 images, rows of 19 = tiles of 6, 6 and 7 pixels), all three products direct; one
