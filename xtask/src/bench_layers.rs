@@ -133,6 +133,15 @@ pub struct Options {
     pub out: PathBuf,
 }
 
+/// The report's file name: `conv-layers.md`, or `conv-layers-bf16.md` for bf16.
+pub fn report_name(bf16: bool) -> &'static str {
+    if bf16 {
+        "conv-layers-bf16.md"
+    } else {
+        "conv-layers.md"
+    }
+}
+
 /// Measures the layers of `options` and writes the report.
 pub fn run(options: &Options) -> Result<()> {
     let Options { size, batch, seconds, repeats, ref python, ref only, bf16, ref out } = *options;

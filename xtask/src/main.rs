@@ -331,7 +331,7 @@ fn main() -> Result<()> {
             })?;
             // bench-layers on ResNet-50 at 32×32 (1×1 images in layer 4), batch 2, one quick
             // timing per layer and side, in f32 and bf16.
-            for (bf16, name) in [(false, "conv-layers.md"), (true, "conv-layers-bf16.md")] {
+            for bf16 in [false, true] {
                 bench_layers::run(&bench_layers::Options {
                     size: 32,
                     batch: 2,
@@ -340,7 +340,7 @@ fn main() -> Result<()> {
                     python: std::env::var_os("SAE_TORCH_PYTHON").map(PathBuf::from),
                     only: None,
                     bf16,
-                    out: project_root().join("target/bench-layers-smoke").join(name),
+                    out: project_root().join("target/bench-layers-smoke").join(bench_layers::report_name(bf16)),
                 })?;
             }
             ptx::check(&project_root())
@@ -350,9 +350,7 @@ fn main() -> Result<()> {
         Cmd::Params { json } => params(json),
         Cmd::BenchKernels { seconds } => bench::kernels(seconds),
         Cmd::BenchLayers { size, batch, seconds, repeats, python, only, bf16, out } => {
-            let out = out.unwrap_or_else(|| {
-                PathBuf::from(if bf16 { "results/conv-layers-bf16.md" } else { "results/conv-layers.md" })
-            });
+            let out = out.unwrap_or_else(|| PathBuf::from("results").join(bench_layers::report_name(bf16)));
             bench_layers::run(&bench_layers::Options { size, batch, seconds, repeats, python, only, bf16, out })
         }
         Cmd::GpuCheck { run: false, .. } => gpu_check::build(&project_root()),
