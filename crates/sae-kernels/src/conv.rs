@@ -46,6 +46,7 @@ use crate::direct::Direct;
 use crate::gemm_bf16::{ImplicitOperand, Unrolled, UnrolledT};
 use crate::layout::Strided4;
 use crate::winograd::{transform_weights, Winograd};
+use crate::winograd3::{self, Winograd3};
 use crate::Implementation;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType,
@@ -225,6 +226,19 @@ impl Geometry {
             .then(|| Winograd::new(self.n, self.c, self.h, self.w, self.oc, self.pad))
             .flatten()
             .filter(Winograd::pays)
+    }
+
+    /// Winograd's F(3×3, 3×3) shapes for a convolution that takes F(2×2, 3×3)
+    /// ([`Self::winograd`]), where they need fewer multiplies: all three products then take
+    /// them. ResNet's 3×3 convolutions at 140×140 (35, 18, 9 and 5 pixels) and 224×224 inputs
+    /// do, but for 4×4 images and smaller (32×32 inputs past layer 1). On the AMD EPYC of
+    /// `results/train-profile.md`, `xtask bench-layers`, fastest of three alternating runs,
+    /// forward / backward ms, F(2×2) against F(3×3): layer 1 5.6 / 12.2 against 4.9 / 11.2,
+    /// layer 2 5.2 / 10.0 against 4.6 / 10.2, layer 3 6.6 / 11.9 against 3.7 / 8.2, layer 4
+    /// 9.6 / 20.3 against 7.6 / 15.9.
+    fn winograd3(&self, products: Products) -> Option<Winograd3> {
+        let f2 = self.winograd(products)?;
+        Winograd3::new(self.n, self.c, self.h, self.w, self.oc, self.pad).filter(|f3| f3.multiplies() < f2.multiplies())
     }
 
     /// A 1×1 stride-1 unpadded convolution: the unrolled input is the input itself.
@@ -726,6 +740,15 @@ impl Conv {
             });
             return out;
         }
+        if let Some(winograd) = g.winograd3(products) {
+            let u = winograd3::transform_weights(w, g.oc, g.c, false);
+            winograd.forward(x, xs, &u, &mut out, |c, plane| {
+                if let Some(e) = epilogue {
+                    e.apply(c, plane)
+                }
+            });
+            return out;
+        }
         if let Some(winograd) = g.winograd(products) {
             let u = transform_weights(w, g.oc, g.c, false);
             winograd.forward(x, xs, &u, &mut out, |c, plane| {
@@ -980,30 +1003,37 @@ impl ConvBackward {
         // multiply or zero-filled before col2im adds into it, or by Winograd's or the direct
         // convolution.
         let (mut dx, mut dw) = (uninit::<T>(g.n * image_len), uninit::<f32>(g.oc * kg));
-        let winograd = g.winograd(products);
+        let (winograd, winograd3) = (g.winograd(products), g.winograd3(products));
         // dx and dW each by the direct kernel where it takes the shape (f32), else by
-        // Winograd's where it takes it, else both unrolled together.
+        // Winograd's where it takes it (F(3×3) where it takes it, else F(2×2)), else both
+        // unrolled together.
         let direct_dx = g.direct_input_gradient(gr).filter(|_| self.input_gradient);
         let direct_dw = g.direct(x, xs).zip(T::as_f32_slice(gr));
         if (self.input_gradient && direct_dx.is_none() || direct_dw.is_none()) && winograd.is_none() {
             self.backward_unrolled(self.input_gradient, g, x, xs, w, gr, &mut dx, &mut dw);
             return (dx, dw);
         }
-        match (direct_dx, T::as_f32_slice_mut(&mut dx), winograd) {
-            (Some((direct, dy)), Some(dx), _) => {
+        let dys = Strided4 { dims: [g.n, g.oc, g.oh, g.ow], strides: [g.oc * p, p, g.ow, 1], offset: 0 };
+        match (direct_dx, T::as_f32_slice_mut(&mut dx), winograd3, winograd) {
+            (Some((direct, dy)), Some(dx), _, _) => {
                 direct.forward(dy, &direct.pack_weights(&g.turned_weights(w)), dx, |_, _| ())
             }
-            (_, _, Some(winograd)) if self.input_gradient => {
+            (_, _, Some(winograd), _) if self.input_gradient => {
+                let u = winograd3::transform_weights(w, g.oc, g.c, true);
+                winograd.input_gradient().forward(gr, &dys, &u, &mut dx, |_, _| ());
+            }
+            (_, _, None, Some(winograd)) if self.input_gradient => {
                 let u = transform_weights(w, g.oc, g.c, true);
-                let dims = [g.n, g.oc, g.oh, g.ow];
-                let dys = Strided4 { dims, strides: [g.oc * p, p, g.ow, 1], offset: 0 };
                 winograd.input_gradient().forward(gr, &dys, &u, &mut dx, |_, _| ());
             }
             _ => {}
         }
-        match (direct_dw, winograd) {
-            (Some(((direct, x), dy)), _) => direct.weight_gradient(x, dy, &mut dw),
-            (None, Some(winograd)) if winograd.weight_gradient_pays() => winograd.weight_gradient(x, xs, gr, &mut dw),
+        match (direct_dw, winograd3, winograd) {
+            (Some(((direct, x), dy)), _, _) => direct.weight_gradient(x, dy, &mut dw),
+            (None, Some(winograd), _) => winograd.weight_gradient(x, xs, gr, &mut dw),
+            (None, None, Some(winograd)) if winograd.weight_gradient_pays() => {
+                winograd.weight_gradient(x, xs, gr, &mut dw)
+            }
             _ => self.backward_unrolled(false, g, x, xs, w, gr, &mut [], &mut dw),
         }
         (dx, dw)

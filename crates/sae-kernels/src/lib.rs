@@ -56,6 +56,7 @@ mod layout;
 pub mod max_pool;
 pub mod relu;
 mod winograd;
+mod winograd3;
 
 /// The PTX of every `src/cuda/*.cu` file, one `&str` constant per file (`build.rs`).
 #[cfg(feature = "cuda")]

@@ -97,6 +97,11 @@ impl Winograd {
         self.th * self.tw
     }
 
+    /// Multiplies per image and channel pair.
+    pub fn multiplies(&self) -> usize {
+        16 * self.tiles()
+    }
+
     /// `out` (n, oc, oh, ow) = the convolution of `x` (n, c, h, w, any strides) with the
     /// transformed weights `u` ([`transform_weights`]); `epilogue(channel, plane)` then runs
     /// on each output plane in f32 before it is written.
@@ -484,19 +489,19 @@ fn adjoint_filters(du: &[f32], first: usize, stride: usize, c: usize, columns: &
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A 3×3 stride-1 convolution's output, input gradient and weight gradient as plain f64
     /// loops over taps, from the values `x` (n, c, h, w), `w` (o, c, 3, 3) and `dy` (n, o, oh, ow).
-    struct Plain {
-        y: Vec<f64>,
-        dx: Vec<f64>,
-        dw: Vec<f64>,
+    pub(crate) struct Plain {
+        pub y: Vec<f64>,
+        pub dx: Vec<f64>,
+        pub dw: Vec<f64>,
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn plain(x: &[f32], w: &[f32], dy: &[f32], [n, c, h, wd]: [usize; 4], o: usize, pad: usize) -> Plain {
+    pub(crate) fn plain(x: &[f32], w: &[f32], dy: &[f32], [n, c, h, wd]: [usize; 4], o: usize, pad: usize) -> Plain {
         let (oh, ow) = (h + 2 * pad - 2, wd + 2 * pad - 2);
         let (mut y, mut dx, mut dw) = (vec![0.0; n * o * oh * ow], vec![0.0; n * c * h * wd], vec![0.0; o * c * 9]);
         for ni in 0..n {
@@ -527,11 +532,11 @@ mod tests {
         Plain { y, dx, dw }
     }
 
-    fn values(seed: usize, len: usize) -> Vec<f32> {
+    pub(crate) fn values(seed: usize, len: usize) -> Vec<f32> {
         (0..len).map(|i| (((i + seed) * 7919 % 1009) as f32 / 504.5) - 1.0).collect()
     }
 
-    fn assert_close(what: &str, got: &[f32], want: &[f64]) {
+    pub(crate) fn assert_close(what: &str, got: &[f32], want: &[f64]) {
         assert_eq!(got.len(), want.len(), "{what}: length");
         let scale = want.iter().fold(1f64, |m, v| m.max(v.abs()));
         for (i, (&g, &r)) in got.iter().zip(want).enumerate() {
@@ -539,7 +544,7 @@ mod tests {
         }
     }
 
-    fn contiguous(dims: [usize; 4]) -> Strided4 {
+    pub(crate) fn contiguous(dims: [usize; 4]) -> Strided4 {
         let [_, c, h, w] = dims;
         Strided4 { dims, strides: [c * h * w, h * w, w, 1], offset: 0 }
     }
