@@ -163,7 +163,10 @@ pub fn kernels(seconds: u64) -> Result<()> {
     }
     writeln!(md, "\n## Convolutions (ResNet-50 at 140×140 input, batch 16; layer 4's 3×3 at 32×32)\n")?;
     writeln!(md, "The reference is Candle's `conv2d` (its backward: `conv_transpose2d` for the input gradient).")?;
-    writeln!(md, "*fused* is ours in f32 (Winograd's F(2×2, 3×3) for the stride-1 3×3 ones), *fused bf16* ours")?;
+    writeln!(
+        md,
+        "*fused* is ours in f32 (Winograd's F(3×3, 3×3) or F(2×2, 3×3) for the stride-1 3×3 ones), *fused bf16* ours"
+    )?;
     writeln!(md, "on bf16 activations with f32 master weights, as `--precision bf16` trains. GFLOP/s count the")?;
     writeln!(md, "direct algorithm's 2 FLOP per multiply-accumulate, ×3 for fwd+bwd (both gradients; ×2 for the")?;
     writeln!(md, "stem, whose input takes none, as in training). fwd+bwd starts from an f32")?;

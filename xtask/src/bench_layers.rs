@@ -234,7 +234,7 @@ fn report(
          input takes none), from an output computed once. Median milliseconds over at least {seconds} s and 5 \
          calls; {repeats} measurement(s) per layer and side, ours and PyTorch's in turn, each side's fastest kept. \
          GFLOP/s count the direct algorithm's 2 FLOP per multiply-accumulate (our f32 3×3 stride-1 convolutions \
-         run Winograd's F(2×2, 3×3), which needs fewer); *speed-up* is PyTorch's time over ours.\n"
+         run Winograd's F(3×3, 3×3) or F(2×2, 3×3), which need fewer); *speed-up* is PyTorch's time over ours.\n"
     )?;
     match &version {
         Some(v) => writeln!(

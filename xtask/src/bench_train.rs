@@ -382,7 +382,7 @@ pub(crate) fn report_header(title: &str, peak: &crate::peak::Peak) -> Result<Str
         if sae_kernels::direct_conv3x3_in_use() {
             "the direct kernel (this CPU's 512-bit FMAs run at twice its 256-bit ones)"
         } else {
-            "Winograd's F(2×2, 3×3) (no direct kernel: no AVX-512, or 512-bit FMAs at the 256-bit ones' FLOP rate)"
+            "Winograd's F(3×3, 3×3), or F(2×2, 3×3) where that needs fewer multiplies (no direct kernel: no AVX-512, or 512-bit FMAs at the 256-bit ones' FLOP rate)"
         }
     )?;
     Ok(md)
@@ -496,7 +496,7 @@ pub fn run(seconds: f64, python: Option<PathBuf>, bf16: bool, repeats: usize) ->
     )?;
     writeln!(
         md,
-        "algorithm's count, by which the GFLOP/s of all three columns are comparable. Our f32 3×3 stride-1 convolutions run\nWinograd's F(2×2, 3×3), which does 16 multiplies where the direct algorithm does 36, so that the share of the f32 peak\nthey show is not the share of the FMA units they keep busy.\n"
+        "algorithm's count, by which the GFLOP/s of all three columns are comparable. Our f32 3×3 stride-1 convolutions run\nWinograd's F(3×3, 3×3) or F(2×2, 3×3), which do 25 multiplies where the direct algorithm does 81 (16 where it does 36),\nso that the share of the f32 peak they show is not the share of the FMA units they keep busy.\n"
     )?;
     match &torch_matmul {
         Some((gflops, version)) => writeln!(md, "PyTorch {version} eager, `torch.set_num_threads({})`, measured in the same run by `bench/pytorch/bench_train.py` (same networks: the parameter counts below are checked equal). sgemm 2048³ GFLOP/s, the fastest of {repeats} process(es) per side: `gemm` crate through our 1×1 convolution **{}**, PyTorch `a @ b` **{}**.\n", rayon::current_num_threads(), of_peak(peak), of_peak(*gflops))?,

@@ -494,14 +494,14 @@ pub(crate) mod tests {
 
     /// A 3×3 stride-1 convolution's output, input gradient and weight gradient as plain f64
     /// loops over taps, from the values `x` (n, c, h, w), `w` (o, c, 3, 3) and `dy` (n, o, oh, ow).
-    pub(crate) struct Plain {
-        pub y: Vec<f64>,
-        pub dx: Vec<f64>,
-        pub dw: Vec<f64>,
+    struct Plain {
+        y: Vec<f64>,
+        dx: Vec<f64>,
+        dw: Vec<f64>,
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn plain(x: &[f32], w: &[f32], dy: &[f32], [n, c, h, wd]: [usize; 4], o: usize, pad: usize) -> Plain {
+    fn plain(x: &[f32], w: &[f32], dy: &[f32], [n, c, h, wd]: [usize; 4], o: usize, pad: usize) -> Plain {
         let (oh, ow) = (h + 2 * pad - 2, wd + 2 * pad - 2);
         let (mut y, mut dx, mut dw) = (vec![0.0; n * o * oh * ow], vec![0.0; n * c * h * wd], vec![0.0; o * c * 9]);
         for ni in 0..n {
@@ -532,11 +532,11 @@ pub(crate) mod tests {
         Plain { y, dx, dw }
     }
 
-    pub(crate) fn values(seed: usize, len: usize) -> Vec<f32> {
+    fn values(seed: usize, len: usize) -> Vec<f32> {
         (0..len).map(|i| (((i + seed) * 7919 % 1009) as f32 / 504.5) - 1.0).collect()
     }
 
-    pub(crate) fn assert_close(what: &str, got: &[f32], want: &[f64]) {
+    fn assert_close(what: &str, got: &[f32], want: &[f64]) {
         assert_eq!(got.len(), want.len(), "{what}: length");
         let scale = want.iter().fold(1f64, |m, v| m.max(v.abs()));
         for (i, (&g, &r)) in got.iter().zip(want).enumerate() {
@@ -547,6 +547,28 @@ pub(crate) mod tests {
     pub(crate) fn contiguous(dims: [usize; 4]) -> Strided4 {
         let [_, c, h, w] = dims;
         Strided4 { dims, strides: [c * h * w, h * w, w, 1], offset: 0 }
+    }
+
+    /// Output, input gradient and weight gradient from `products(x, w, dy)` against the plain
+    /// loops, for input `dims`, `o` output channels and padding `pad` (values from `seed`).
+    pub(crate) fn assert_products_match_plain_loops(
+        seed: usize,
+        dims: [usize; 4],
+        o: usize,
+        pad: usize,
+        products: impl Fn(&[f32], &[f32], &[f32]) -> [Vec<f32>; 3],
+    ) {
+        let [n, c, h, wd] = dims;
+        let (oh, ow) = (h + 2 * pad - 2, wd + 2 * pad - 2);
+        let x = values(seed, n * c * h * wd);
+        let w = values(seed + 100, o * c * 9);
+        let dy = values(seed + 200, n * o * oh * ow);
+        let want = plain(&x, &w, &dy, dims, o, pad);
+        let [y, dx, dw] = products(&x, &w, &dy);
+        let what = format!("{dims:?} → {o} channels, padding {pad}");
+        assert_close(&format!("{what}: output"), &y, &want.y);
+        assert_close(&format!("{what}: input gradient"), &dx, &want.dx);
+        assert_close(&format!("{what}: weight gradient"), &dw, &want.dw);
     }
 
     /// All three products against the plain loops, for paddings 0, 1 and 2 (the input
@@ -566,25 +588,16 @@ pub(crate) mod tests {
         for (case, (dims, o, pad)) in cases.into_iter().enumerate() {
             let [n, c, h, wd] = dims;
             let wg = Winograd::new(n, c, h, wd, o, pad).unwrap();
-            let (oh, ow) = (wg.oh, wg.ow);
-            let x = values(case, n * c * h * wd);
-            let w = values(case + 100, o * c * 9);
-            let dy = values(case + 200, n * o * oh * ow);
-            let want = plain(&x, &w, &dy, dims, o, pad);
-            let what = format!("{dims:?} → {o} channels, padding {pad}");
-
-            let mut y = vec![f32::NAN; n * o * oh * ow];
-            wg.forward(&x, &contiguous(dims), &transform_weights(&w, o, c, false), &mut y, |_, _| ());
-            assert_close(&format!("{what}: output"), &y, &want.y);
-
-            let mut dx = vec![f32::NAN; x.len()];
-            let dys = contiguous([n, o, oh, ow]);
-            wg.input_gradient().forward(&dy, &dys, &transform_weights(&w, o, c, true), &mut dx, |_, _| ());
-            assert_close(&format!("{what}: input gradient"), &dx, &want.dx);
-
-            let mut dw = vec![f32::NAN; w.len()];
-            wg.weight_gradient(&x, &contiguous(dims), &dy, &mut dw);
-            assert_close(&format!("{what}: weight gradient"), &dw, &want.dw);
+            assert_products_match_plain_loops(case, dims, o, pad, |x, w, dy| {
+                let mut y = vec![f32::NAN; n * o * wg.oh * wg.ow];
+                wg.forward(x, &contiguous(dims), &transform_weights(w, o, c, false), &mut y, |_, _| ());
+                let mut dx = vec![f32::NAN; x.len()];
+                let dys = contiguous([n, o, wg.oh, wg.ow]);
+                wg.input_gradient().forward(dy, &dys, &transform_weights(w, o, c, true), &mut dx, |_, _| ());
+                let mut dw = vec![f32::NAN; w.len()];
+                wg.weight_gradient(x, &contiguous(dims), dy, &mut dw);
+                [y, dx, dw]
+            });
         }
     }
 

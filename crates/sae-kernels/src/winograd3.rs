@@ -438,12 +438,12 @@ fn filter_tiles(taps: &[f32], cols: usize, rows: &mut [f32], u: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::winograd::tests::{assert_close, contiguous, plain, values};
+    use crate::winograd::tests::{assert_products_match_plain_loops, contiguous};
 
-    /// All three products against plain loops, for paddings 0, 1 and 2 (the
-    /// input gradient's own padding is then 2, 1 and 0), sizes that are and are not multiples
-    /// of 3, a 1×1 output, images of over 512 tiles (one image per chunk), a batch split
-    /// into chunks, and wide channel counts (70 in, 131 out).
+    /// All three products against plain loops, for paddings 0, 1 and 2 (the input gradient's
+    /// own padding is then 2, 1 and 0), sizes that are and are not multiples of 3, a 1×1
+    /// output, a batch in two chunks of one image, a batch of small images in one chunk, and
+    /// wide channel counts (70 in, 131 out).
     #[test]
     fn output_and_gradients_match_plain_loops() {
         let cases = [
@@ -459,25 +459,16 @@ mod tests {
         for (case, (dims, o, pad)) in cases.into_iter().enumerate() {
             let [n, c, h, wd] = dims;
             let wg = Winograd3::new(n, c, h, wd, o, pad).unwrap();
-            let (oh, ow) = (wg.oh, wg.ow);
-            let x = values(case, n * c * h * wd);
-            let w = values(case + 100, o * c * 9);
-            let dy = values(case + 200, n * o * oh * ow);
-            let want = plain(&x, &w, &dy, dims, o, pad);
-            let what = format!("{dims:?} → {o} channels, padding {pad}");
-
-            let mut y = vec![f32::NAN; n * o * oh * ow];
-            wg.forward(&x, &contiguous(dims), &transform_weights(&w, o, c, false), &mut y, |_, _| ());
-            assert_close(&format!("{what}: output"), &y, &want.y);
-
-            let mut dx = vec![f32::NAN; x.len()];
-            let dys = contiguous([n, o, oh, ow]);
-            wg.input_gradient().forward(&dy, &dys, &transform_weights(&w, o, c, true), &mut dx, |_, _| ());
-            assert_close(&format!("{what}: input gradient"), &dx, &want.dx);
-
-            let mut dw = vec![f32::NAN; w.len()];
-            wg.weight_gradient(&x, &contiguous(dims), &dy, &mut dw);
-            assert_close(&format!("{what}: weight gradient"), &dw, &want.dw);
+            assert_products_match_plain_loops(case, dims, o, pad, |x, w, dy| {
+                let mut y = vec![f32::NAN; n * o * wg.oh * wg.ow];
+                wg.forward(x, &contiguous(dims), &transform_weights(w, o, c, false), &mut y, |_, _| ());
+                let mut dx = vec![f32::NAN; x.len()];
+                let dys = contiguous([n, o, wg.oh, wg.ow]);
+                wg.input_gradient().forward(dy, &dys, &transform_weights(w, o, c, true), &mut dx, |_, _| ());
+                let mut dw = vec![f32::NAN; w.len()];
+                wg.weight_gradient(x, &contiguous(dims), dy, &mut dw);
+                [y, dx, dw]
+            });
         }
     }
 }
