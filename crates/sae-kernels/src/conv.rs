@@ -231,16 +231,19 @@ impl Geometry {
     }
 
     /// Winograd's F(3×3, 3×3) shapes for a convolution that takes F(2×2, 3×3)
-    /// ([`Self::winograd`]), where they need fewer multiplies: all three products then take
-    /// them. ResNet's 3×3 convolutions at 140×140 (35, 18, 9 and 5 pixels) and 224×224 inputs
-    /// do, but for 4×4 images and smaller (32×32 inputs past layer 1). On the AMD EPYC of
+    /// ([`Self::winograd`]), where they need at least a fifth fewer multiplies: all three
+    /// products then take them. ResNet's 3×3 convolutions at 140×140 (35, 18, 9 and 5 pixels:
+    /// 31–44 % fewer) and at 224×224 but for layer 4 do; at 32×32 inputs none does (8×8 images
+    /// save 12 %, and ran level; F(3×3)'s rounding is a few times F(2×2)'s, which a run's
+    /// small-batch BatchNorm amplifies, so it takes only the shapes that repay it). On the AMD EPYC of
     /// `results/train-profile.md`, `xtask bench-layers`, fastest of three alternating runs,
     /// forward / backward ms, F(2×2) against F(3×3): layer 1 5.6 / 12.2 against 4.9 / 11.2,
     /// layer 2 5.2 / 10.0 against 4.6 / 10.2, layer 3 6.6 / 11.9 against 3.7 / 8.2, layer 4
     /// 9.6 / 20.3 against 7.6 / 15.9.
     fn winograd3(&self, products: Products) -> Option<Winograd3> {
         let f2 = self.winograd(products)?;
-        Winograd3::new(self.n, self.c, self.h, self.w, self.oc, self.pad).filter(|f3| f3.multiplies() < f2.multiplies())
+        Winograd3::new(self.n, self.c, self.h, self.w, self.oc, self.pad)
+            .filter(|f3| 5 * f3.multiplies() <= 4 * f2.multiplies())
     }
 
     /// A 1×1 stride-1 unpadded convolution: the unrolled input is the input itself.
