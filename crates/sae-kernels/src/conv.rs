@@ -15,8 +15,8 @@
 //! Winograd's F(2×2, 3×3) algorithm instead for all three products (`crate::winograd`: 16
 //! multiplies per 2×2 output pixels instead of 36, the input expanded 4 times instead of 9),
 //! but for the weight gradient of a batch with few tiles (small images), which is unrolled —
-//! or F(3×3, 3×3) (`crate::winograd3`: 25 multiplies per 3×3 output pixels) where that needs
-//! fewer multiplies.
+//! or F(3×3, 3×3) for all three (`crate::winograd3`: 25 multiplies per 3×3 output pixels)
+//! where that needs at least a fifth fewer multiplies.
 //! Where such a convolution has at most 64 channels in and out (ResNet's first stage) and the
 //! CPU has AVX-512 with full-width 512-bit FMA units, all three are computed directly instead
 //! (`crate::direct`: the input in 16-channel blocks, no unrolling and no transforms).
