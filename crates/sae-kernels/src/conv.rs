@@ -48,7 +48,7 @@ use crate::direct::Direct;
 use crate::gemm_bf16::{ImplicitOperand, Unrolled, UnrolledT};
 use crate::layout::Strided4;
 use crate::winograd::{transform_weights, Winograd};
-use crate::winograd3::{self, Winograd3};
+use crate::winograd3;
 use crate::Implementation;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType,
@@ -221,7 +221,7 @@ impl Geometry {
 
     /// Winograd's shapes for a 3×3 stride-1 ungrouped convolution with padding up to 2 and f32
     /// products (bf16 ones multiply faster directly), where they save multiplies.
-    fn winograd(&self, products: Products) -> Option<Winograd> {
+    fn winograd(&self, products: Products) -> Option<Winograd<2>> {
         let eligible =
             self.kh == 3 && self.kw == 3 && self.stride == 1 && self.groups == 1 && products == Products::F32;
         eligible
@@ -240,9 +240,9 @@ impl Geometry {
     /// forward / backward ms, F(2×2) against F(3×3): layer 1 5.6 / 12.2 against 4.9 / 11.2,
     /// layer 2 5.2 / 10.0 against 4.6 / 10.2, layer 3 6.6 / 11.9 against 3.7 / 8.2, layer 4
     /// 9.6 / 20.3 against 7.6 / 15.9.
-    fn winograd3(&self, products: Products) -> Option<Winograd3> {
+    fn winograd3(&self, products: Products) -> Option<Winograd<3>> {
         let f2 = self.winograd(products)?;
-        Winograd3::new(self.n, self.c, self.h, self.w, self.oc, self.pad)
+        Winograd::new(self.n, self.c, self.h, self.w, self.oc, self.pad)
             .filter(|f3| 5 * f3.multiplies() <= 4 * f2.multiplies())
     }
 

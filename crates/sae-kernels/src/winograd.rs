@@ -26,7 +26,7 @@ use rayon::prelude::*;
 
 /// Tiles per multiply at least, where the batch has them: the 16 products of a chunk of
 /// images run one per rayon task, and below this they are too narrow for the gemm kernels.
-const MIN_TILES: usize = 512;
+pub(crate) const MIN_TILES: usize = 512;
 
 /// Tiles a batch needs for Winograd to pay: the 16 products are that narrow. On the Xeon of
 /// `results/train-speed.md`, alternating `xtask bench-train-row` runs, with no limit a
@@ -36,28 +36,29 @@ const MIN_TILES: usize = 512;
 const MIN_BATCH_TILES: usize = 128;
 
 /// Tiles of a batch from which the weight gradient is computed this way too (see
-/// [`Winograd::weight_gradient_pays`]).
+/// [`Winograd::<2>::weight_gradient_pays`]).
 const MIN_WEIGHT_GRADIENT_TILES: usize = 256;
 
 /// Floats the transformed input and the products of one chunk may take (64 MiB).
-const BUDGET: usize = 16 << 20;
+pub(crate) const BUDGET: usize = 16 << 20;
 
-/// One call's shapes: input (n, c, h, w), `oc` output channels, zero padding `pad`.
+/// One call's shapes for Winograd's F(M×M, 3×3): input (n, c, h, w), `oc` output channels,
+/// zero padding `pad`. F(2×2, 3×3)'s kernels are below, F(3×3, 3×3)'s in `crate::winograd3`.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Winograd {
-    n: usize,
-    c: usize,
-    w: usize,
-    oc: usize,
-    pad: usize,
-    oh: usize,
-    ow: usize,
-    /// Tile rows and columns: the output rounded up to an even size, halved.
-    th: usize,
-    tw: usize,
+pub(crate) struct Winograd<const M: usize> {
+    pub(crate) n: usize,
+    pub(crate) c: usize,
+    pub(crate) w: usize,
+    pub(crate) oc: usize,
+    pub(crate) pad: usize,
+    pub(crate) oh: usize,
+    pub(crate) ow: usize,
+    /// Tile rows and columns: the output rounded up to a multiple of M, divided by M.
+    pub(crate) th: usize,
+    pub(crate) tw: usize,
 }
 
-impl Winograd {
+impl<const M: usize> Winograd<M> {
     /// The shapes of a 3×3 stride-1 convolution with padding at most 2 (so that its input
     /// gradient is one as well) and a non-empty output.
     pub fn new(n: usize, c: usize, h: usize, w: usize, oc: usize, pad: usize) -> Option<Self> {
@@ -65,9 +66,26 @@ impl Winograd {
         if pad > 2 || oh == 0 || ow == 0 || n * c * oc == 0 {
             return None;
         }
-        Some(Self { n, c, w, oc, pad, oh, ow, th: oh.div_ceil(2), tw: ow.div_ceil(2) })
+        Some(Self { n, c, w, oc, pad, oh, ow, th: oh.div_ceil(M), tw: ow.div_ceil(M) })
     }
 
+    /// The input gradient's convolution: the output gradient (n, oc, oh, ow) in, `c`
+    /// channels of (h, w) out.
+    pub fn input_gradient(&self) -> Self {
+        Self::new(self.n, self.oc, self.oh, self.ow, self.c, 2 - self.pad).expect("the transpose of a valid call")
+    }
+
+    pub(crate) fn tiles(&self) -> usize {
+        self.th * self.tw
+    }
+
+    /// Multiplies per image and channel pair: (M + 2)² per tile.
+    pub fn multiplies(&self) -> usize {
+        (M + 2) * (M + 2) * self.tiles()
+    }
+}
+
+impl Winograd<2> {
     /// Whether this is faster than the unrolled convolution: it must save a quarter of the
     /// direct multiplies at least (odd output sizes pay for whole tiles: a 1×1 output takes 16
     /// multiplies per channel pair instead of 9, a 3×3 one 64 instead of 81; the transforms
@@ -85,21 +103,6 @@ impl Winograd {
     /// 15.3–15.4 unrolled; layer 4 at 224×224 (7×7, 256 tiles) level (37–41 ms both ways).
     pub fn weight_gradient_pays(&self) -> bool {
         self.n * self.tiles() >= MIN_WEIGHT_GRADIENT_TILES
-    }
-
-    /// The input gradient's convolution: the output gradient (n, oc, oh, ow) in, `c`
-    /// channels of (h, w) out.
-    pub fn input_gradient(&self) -> Self {
-        Self::new(self.n, self.oc, self.oh, self.ow, self.c, 2 - self.pad).expect("the transpose of a valid call")
-    }
-
-    fn tiles(&self) -> usize {
-        self.th * self.tw
-    }
-
-    /// Multiplies per image and channel pair.
-    pub fn multiplies(&self) -> usize {
-        16 * self.tiles()
     }
 
     /// `out` (n, oc, oh, ow) = the convolution of `x` (n, c, h, w, any strides) with the
@@ -409,20 +412,39 @@ struct Scratch {
 /// `16 · c` apart. With `rotate`, of the input gradient's filters instead: each rotated by
 /// 180°, as (c, 16, o).
 pub(crate) fn transform_weights(w: &[f32], o: usize, c: usize, rotate: bool) -> Vec<f32> {
+    transformed_filters(w, o, c, rotate, 16, 6, |taps, halves, u| {
+        vectorized!(transform_filters(taps, halves, taps.len() / 9, u))
+    })
+}
+
+/// The transformed filters of `w` (o, c, 3, 3), `entries` per filter, as (o, entries, c):
+/// matrix `t` is rows `o`, `entries · c` apart. With `rotate`, of the input gradient's filters
+/// instead (each rotated by 180°), as (c, entries, o). `transform(taps, scratch, u)` transforms
+/// one row's filters, given tap by tap (`taps[(3·ky + kx) · cols + k]`, so that it runs as
+/// vector operations over the filters), into the `entries` rows of `u`, through `scratch`
+/// (`scratch_rows` rows of `cols`).
+pub(crate) fn transformed_filters(
+    w: &[f32],
+    o: usize,
+    c: usize,
+    rotate: bool,
+    entries: usize,
+    scratch_rows: usize,
+    transform: impl Fn(&[f32], &mut [f32], &mut [f32]) + Sync,
+) -> Vec<f32> {
     let (rows, cols) = if rotate { (c, o) } else { (o, c) };
-    let mut u = uninit::<f32>(rows * 16 * cols);
-    u.par_chunks_mut(16 * cols).enumerate().for_each_init(Vec::new, |scratch, (r, u)| {
-        // The row's filters tap by tap, `taps[(3·ky + kx) · cols + k]` (rotated: tap 8 − i
-        // is tap i), so that the transform runs as vector operations over the filters.
-        scratch.resize(15 * cols, 0.0);
-        let (taps, halves) = scratch.split_at_mut(9 * cols);
+    let mut u = uninit::<f32>(rows * entries * cols);
+    u.par_chunks_mut(entries * cols).enumerate().for_each_init(Vec::new, |scratch, (r, u)| {
+        // Rotated, tap 8 − i is tap i.
+        scratch.resize((9 + scratch_rows) * cols, 0.0);
+        let (taps, rest) = scratch.split_at_mut(9 * cols);
         for k in 0..cols {
             let (oi, ci) = if rotate { (k, r) } else { (r, k) };
             for (i, &v) in w[(oi * c + ci) * 9..][..9].iter().enumerate() {
                 taps[if rotate { 8 - i } else { i } * cols + k] = v;
             }
         }
-        vectorized!(transform_filters(taps, halves, cols, u));
+        transform(taps, rest, u);
     });
     u
 }
@@ -587,7 +609,7 @@ pub(crate) mod tests {
         ];
         for (case, (dims, o, pad)) in cases.into_iter().enumerate() {
             let [n, c, h, wd] = dims;
-            let wg = Winograd::new(n, c, h, wd, o, pad).unwrap();
+            let wg = Winograd::<2>::new(n, c, h, wd, o, pad).unwrap();
             assert_products_match_plain_loops(case, dims, o, pad, |x, w, dy| {
                 let mut y = vec![f32::NAN; n * o * wg.oh * wg.ow];
                 wg.forward(x, &contiguous(dims), &transform_weights(w, o, c, false), &mut y, |_, _| ());
@@ -608,7 +630,7 @@ pub(crate) mod tests {
         use crate::cpu::BASELINE_VECTORS;
         use std::sync::atomic::Ordering;
         let ([n, c, h, wd], o) = ([2, 37, 6, 5], 21);
-        let wg = Winograd::new(n, c, h, wd, o, 1).unwrap();
+        let wg = Winograd::<2>::new(n, c, h, wd, o, 1).unwrap();
         let (x, w, dy) = (values(1, n * c * h * wd), values(2, o * c * 9), values(3, n * o * wg.oh * wg.ow));
         let run = |baseline: bool| {
             BASELINE_VECTORS.store(baseline, Ordering::SeqCst);
@@ -628,12 +650,12 @@ pub(crate) mod tests {
     #[test]
     fn pays_only_where_it_saves_multiplies_on_enough_tiles() {
         // ResNet-50's 3×3 convolutions at 140×140, batch 16 and 1.
-        assert!(Winograd::new(16, 64, 35, 35, 64, 1).unwrap().pays());
-        assert!(Winograd::new(16, 512, 5, 5, 512, 1).unwrap().pays());
-        assert!(!Winograd::new(1, 512, 5, 5, 512, 1).unwrap().pays());
+        assert!(Winograd::<2>::new(16, 64, 35, 35, 64, 1).unwrap().pays());
+        assert!(Winograd::<2>::new(16, 512, 5, 5, 512, 1).unwrap().pays());
+        assert!(!Winograd::<2>::new(1, 512, 5, 5, 512, 1).unwrap().pays());
         // 1×1 and 3×3 outputs save too little whatever the batch.
-        assert!(!Winograd::new(256, 8, 1, 1, 8, 1).unwrap().pays());
-        assert!(!Winograd::new(256, 8, 3, 3, 8, 1).unwrap().pays());
-        assert!(Winograd::new(1, 8, 3, 3, 8, 3).is_none());
+        assert!(!Winograd::<2>::new(256, 8, 1, 1, 8, 1).unwrap().pays());
+        assert!(!Winograd::<2>::new(256, 8, 3, 3, 8, 1).unwrap().pays());
+        assert!(Winograd::<2>::new(1, 8, 3, 3, 8, 3).is_none());
     }
 }

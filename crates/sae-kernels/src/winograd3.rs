@@ -21,6 +21,7 @@
 
 use crate::cpu::{matmul_threads, plane_f32, read_f32, uninit, vectorized, write_f32, Elem, Mat, Products};
 use crate::layout::Strided4;
+use crate::winograd::{transformed_filters, Winograd, BUDGET, MIN_TILES};
 use rayon::prelude::*;
 
 /// `Aᵀ` (3 × 5): the output transform.
@@ -54,53 +55,7 @@ const BT: [[f32; 5]; 5] = [
     [0.0, 2.0, -1.0, -2.0, 1.0],
 ];
 
-/// Tiles per multiply at least, where the batch has them (as [`crate::winograd`]'s).
-const MIN_TILES: usize = 512;
-
-/// Floats the transformed input and the products of one chunk may take (64 MiB).
-const BUDGET: usize = 16 << 20;
-
-/// One call's shapes: input (n, c, h, w), `oc` output channels, zero padding `pad`.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Winograd3 {
-    n: usize,
-    c: usize,
-    w: usize,
-    oc: usize,
-    pad: usize,
-    oh: usize,
-    ow: usize,
-    /// Tile rows and columns: the output rounded up to a multiple of 3, divided by 3.
-    th: usize,
-    tw: usize,
-}
-
-impl Winograd3 {
-    /// The shapes of a 3×3 stride-1 convolution with padding at most 2 (so that its input
-    /// gradient is one as well) and a non-empty output.
-    pub fn new(n: usize, c: usize, h: usize, w: usize, oc: usize, pad: usize) -> Option<Self> {
-        let (oh, ow) = ((h + 2 * pad).checked_sub(2)?, (w + 2 * pad).checked_sub(2)?);
-        if pad > 2 || oh == 0 || ow == 0 || n * c * oc == 0 {
-            return None;
-        }
-        Some(Self { n, c, w, oc, pad, oh, ow, th: oh.div_ceil(3), tw: ow.div_ceil(3) })
-    }
-
-    /// Multiplies per image and channel pair.
-    pub fn multiplies(&self) -> usize {
-        25 * self.tiles()
-    }
-
-    /// The input gradient's convolution: the output gradient (n, oc, oh, ow) in, `c`
-    /// channels of (h, w) out.
-    pub fn input_gradient(&self) -> Self {
-        Self::new(self.n, self.oc, self.oh, self.ow, self.c, 2 - self.pad).expect("the transpose of a valid call")
-    }
-
-    fn tiles(&self) -> usize {
-        self.th * self.tw
-    }
-
+impl Winograd<3> {
     /// `out` (n, oc, oh, ow) = the convolution of `x` (n, c, h, w, any strides) with the
     /// transformed weights `u` ([`transform_weights`]); `epilogue(channel, plane)` then runs
     /// on each output plane in f32 before it is written.
@@ -406,22 +361,9 @@ fn filter_gradient_tiles(du: [&[f32]; 25], halves: &mut [f32], taps: &mut [f32])
 /// `25 · c` apart. With `rotate`, of the input gradient's filters instead: each rotated by
 /// 180°, as (c, 25, o).
 pub(crate) fn transform_weights(w: &[f32], o: usize, c: usize, rotate: bool) -> Vec<f32> {
-    let (rows, cols) = if rotate { (c, o) } else { (o, c) };
-    let mut u = uninit::<f32>(rows * 25 * cols);
-    u.par_chunks_mut(25 * cols).enumerate().for_each_init(Vec::new, |scratch, (r, u)| {
-        // The row's filters tap by tap, `taps[(3·ky + kx) · cols + k]` (rotated: tap 8 − i
-        // is tap i), so that the transform runs as vector operations over the filters.
-        scratch.resize(24 * cols, 0.0);
-        let (taps, halves) = scratch.split_at_mut(9 * cols);
-        for k in 0..cols {
-            let (oi, ci) = if rotate { (k, r) } else { (r, k) };
-            for (i, &v) in w[(oi * c + ci) * 9..][..9].iter().enumerate() {
-                taps[if rotate { 8 - i } else { i } * cols + k] = v;
-            }
-        }
-        vectorized!(filter_tiles(taps, cols, halves, u));
-    });
-    u
+    transformed_filters(w, o, c, rotate, 25, 15, |taps, rows, u| {
+        vectorized!(filter_tiles(taps, taps.len() / 9, rows, u))
+    })
 }
 
 /// `G g Gᵀ` of `cols` filters given tap by tap (`taps[(3·ky + kx) · cols + k]`) into the 25
@@ -461,7 +403,7 @@ mod tests {
         ];
         for (case, (dims, o, pad)) in cases.into_iter().enumerate() {
             let [n, c, h, wd] = dims;
-            let wg = Winograd3::new(n, c, h, wd, o, pad).unwrap();
+            let wg = Winograd::<3>::new(n, c, h, wd, o, pad).unwrap();
             assert_products_match_plain_loops(case, dims, o, pad, |x, w, dy| {
                 let mut y = vec![f32::NAN; n * o * wg.oh * wg.ow];
                 wg.forward(x, &contiguous(dims), &transform_weights(w, o, c, false), &mut y, |_, _| ());
