@@ -21,6 +21,9 @@
 use crate::cpu::{same_type, Elem, Mat};
 use half::bf16;
 
+/// The environment variable that turns bf16 products off ([`available`]).
+pub const DISABLE_BF16_PRODUCTS: &str = "SAE_DISABLE_BF16_PRODUCTS";
+
 /// Rows of the micro-tile.
 const MR: usize = 12;
 /// Columns of the micro-tile: two vectors of 16 f32.
@@ -32,13 +35,17 @@ const MC: usize = 96;
 /// Columns of a packed block of `b` (a multiple of [`NR`]).
 const NC: usize = 1024;
 
-/// Whether this CPU has AVX-512 BF16 (and AVX-512F and BW), decided once per process.
+/// Whether this CPU has AVX-512 BF16 (and AVX-512F and BW) and bf16 products are not turned
+/// off, decided once per process. With [`DISABLE_BF16_PRODUCTS`] set, bf16 operands are
+/// widened and multiplied in f32 (and AMX tiles are off too), as on CPUs without AVX-512 BF16:
+/// so that tests and benchmarks reach that path on every machine.
 pub(crate) fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *AVAILABLE.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx512f")
+            std::env::var_os(DISABLE_BF16_PRODUCTS).is_none()
+                && std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("avx512bw")
                 && std::arch::is_x86_feature_detected!("avx512bf16")
         })

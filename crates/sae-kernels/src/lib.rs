@@ -107,7 +107,8 @@ pub enum Bf16Multiply {
 
 impl Bf16Multiply {
     /// What runs on this CPU: AMX tiles where the CPU and OS have them, else AVX-512 BF16 dot
-    /// products; `None` where there are neither and the same values are multiplied in f32.
+    /// products; `None` where there are neither, or the environment variable
+    /// [`DISABLE_BF16_PRODUCTS`] is set, and the same values are multiplied in f32.
     pub fn of_this_cpu() -> Option<Bf16Multiply> {
         if !gemm_bf16::available() {
             None
@@ -134,6 +135,7 @@ pub fn amx_register_flops(iterations: usize) -> Option<f64> {
 }
 
 pub use fma::fma_register_flops;
+pub use gemm_bf16::DISABLE_BF16_PRODUCTS;
 
 /// Whether this process's f32 3×3 stride-1 convolutions with at most 64 channels in and out
 /// (ResNet's first stage) run the direct AVX-512 kernel rather than Winograd's algorithm:

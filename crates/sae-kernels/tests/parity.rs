@@ -519,6 +519,9 @@ fn conv_cases_with_the_direct_kernel_forced_on_and_off() {
 /// f32 master weights (of bf16 values).
 #[test]
 fn conv_fused_in_bf16_matches_the_f32_reference() {
+    if std::env::var_os(DISABLE_BF16_PRODUCTS).is_some() {
+        assert_eq!(Bf16Multiply::of_this_cpu(), None, "{DISABLE_BF16_PRODUCTS} did not turn the bf16 products off");
+    }
     for (i, &(cfg, [n, c, h, w], wshape)) in CONV_CASES.iter().enumerate() {
         for strided in [false, true] {
             for master in [false, true] {
@@ -552,6 +555,30 @@ fn conv_fused_in_bf16_matches_the_f32_reference() {
             }
         }
     }
+}
+
+/// Where the CPU multiplies bf16 (AMX tiles or AVX-512 BF16), the bf16 convolution cases again
+/// in a process of their own with those products turned off: bf16 operands then take the f32
+/// kernels (Winograd's and the direct one included), the path of CPUs without AVX-512 BF16,
+/// which a machine with it would otherwise never run.
+#[test]
+fn conv_cases_in_bf16_with_the_bf16_products_turned_off() {
+    if std::env::var_os(DISABLE_BF16_PRODUCTS).is_none() && Bf16Multiply::of_this_cpu().is_some() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "conv_fused_in_bf16_matches_the_f32_reference", "--test-threads", "1"])
+            .env(DISABLE_BF16_PRODUCTS, "1")
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "the bf16 convolution cases with {DISABLE_BF16_PRODUCTS} set:\n{stdout}\n{stderr}"
+        );
+        return;
+    }
+    println!(
+        "skipped: no bf16 multiplies on this CPU, so the bf16 cases already take the f32 kernels (or a forced run)"
+    );
 }
 
 /// A convolution with eval-mode BatchNorm (and its ReLU) as one op: the fused kernel applies

@@ -61,7 +61,7 @@ impl Precision {
                     "bf16 mixed precision: bf16 activations, bf16 dot products with f32 sums in the convolutions (AVX-512 BF16), f32 arithmetic in the other CPU kernels, f32 master weights"
                 }
                 None => {
-                    "bf16 mixed precision: bf16 activations, f32 arithmetic in the CPU kernels (bf16 storage, f32 compute; this CPU has no AVX-512 BF16), f32 master weights"
+                    "bf16 mixed precision: bf16 activations, f32 arithmetic in the CPU kernels (bf16 storage, f32 compute: this CPU has no AVX-512 BF16, or SAE_DISABLE_BF16_PRODUCTS is set), f32 master weights"
                 }
             },
             (Precision::Bf16, _) => {
