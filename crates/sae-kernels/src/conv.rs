@@ -390,6 +390,25 @@ impl Geometry {
         Mat { data: scratch, rs: self.pixels(), cs: 1 }
     }
 
+    /// `y` (O × np) = W · col for every group on up to `threads` threads, `col` the unrolled
+    /// input of one or more images side by side (C·kh·kw rows of `np` pixels).
+    fn multiply_unrolled<U: Elem>(
+        &self,
+        products: Products,
+        threads: usize,
+        w: &[f32],
+        col: Mat<U>,
+        np: usize,
+        y: &mut [f32],
+    ) {
+        let (kg, og) = (self.rows_per_group(), self.out_per_group());
+        for gi in 0..self.groups {
+            let wg = Mat { data: &w[gi * og * kg..], rs: kg, cs: 1 };
+            let colg = Mat { data: &col.data[gi * kg * col.rs..], ..col };
+            matmul_threads(products, threads, og, np, kg, wg, colg, &mut y[gi * og * np..(gi + 1) * og * np], false);
+        }
+    }
+
     /// Images per multiply: as many as keep the unrolled input under `budget` floats.
     fn images_per_chunk(&self, budget: usize) -> usize {
         (budget / (self.c * self.kh * self.kw * self.pixels())).clamp(1, self.n.max(1))
@@ -765,19 +784,20 @@ impl Conv {
         }
         if g.per_image() {
             let pool = rayon::current_num_threads();
-            let image = |threads: usize, (scratch, y): &mut (Vec<T>, Vec<f32>), n: usize, out: &mut [T]| {
+            // Scratch per task: the unrolled image in the input's type for the bf16 kernel and
+            // in f32 for the f32 kernels (as in the batched path below), and the f32 output.
+            type Scratch<T> = (Vec<T>, Vec<f32>, Vec<f32>);
+            let image = |threads: usize, (col, col_f32, y): &mut Scratch<T>, n: usize, out: &mut [T]| {
                 write_f32(out, y, |out| {
                     let wg = Mat { data: w, rs: kg, cs: 1 };
                     let packed_from_image = products == Products::Bf16
                         && g.unrolled_bf16(x, xs, n..n + 1)
                             .is_some_and(|images| matmul_threads_unrolled(threads, og, p, kg, wg, images, out, false));
                     if !packed_from_image {
-                        let col = g.image_matrix(x, xs, n, scratch);
-                        for gi in 0..g.groups {
-                            let wg = Mat { data: &w[gi * og * kg..], ..wg };
-                            let colg = Mat { data: &col.data[gi * kg * col.rs..], ..col };
-                            let out = &mut out[gi * og * p..(gi + 1) * og * p];
-                            matmul_threads(products, threads, og, p, kg, wg, colg, out, false);
+                        if products == Products::F32 {
+                            g.multiply_unrolled(products, threads, w, g.image_matrix(x, xs, n, col_f32), p, out);
+                        } else {
+                            g.multiply_unrolled(products, threads, w, g.image_matrix(x, xs, n, col), p, out);
                         }
                     }
                     if let Some(e) = epilogue {
@@ -802,7 +822,10 @@ impl Conv {
             return out;
         }
         let chunk = g.images_per_chunk(self.col_budget);
-        let mut col = Vec::<T>::new();
+        // Unrolled in the input's type for the bf16 kernel, which packs it as it is; in f32 for
+        // the f32 kernels, converted as it is copied, instead of widened again block by block
+        // in `matmul` (a bf16 input on a CPU without bf16 multiplies).
+        let (mut col, mut col_f32) = (Vec::<T>::new(), Vec::<f32>::new());
         for (c, out) in out.chunks_mut(chunk * g.oc * p).enumerate() {
             let images = c * chunk..(c * chunk + chunk).min(g.n);
             let np = images.len() * p;
@@ -813,11 +836,12 @@ impl Conv {
                 && g.unrolled_bf16(x, xs, images.clone())
                     .is_some_and(|unrolled| matmul_threads_unrolled(threads, og, np, kg, wg, unrolled, &mut y, false));
             if !packed_from_images {
-                g.im2col_into(x, xs, images, &mut col);
-                for gi in 0..g.groups {
-                    let wg = Mat { data: &w[gi * og * kg..], ..wg };
-                    let colg = Mat { data: &col[gi * kg * np..], rs: np, cs: 1 };
-                    matmul(products, og, np, kg, wg, colg, &mut y[gi * og * np..(gi + 1) * og * np], false);
+                if products == Products::F32 {
+                    g.im2col_into(x, xs, images, &mut col_f32);
+                    g.multiply_unrolled(products, threads, w, Mat { data: &col_f32, rs: np, cs: 1 }, np, &mut y);
+                } else {
+                    g.im2col_into(x, xs, images, &mut col);
+                    g.multiply_unrolled(products, threads, w, Mat { data: &col, rs: np, cs: 1 }, np, &mut y);
                 }
             }
             // (O, images · P) → (images, O, P).

@@ -135,6 +135,10 @@ pub(crate) fn same_type<T: Elem, U: Elem>(s: &[T]) -> Option<&[U]> {
     (T::DTYPE == U::DTYPE).then(|| unsafe { std::slice::from_raw_parts(s.as_ptr() as *const U, s.len()) })
 }
 
+/// Conversions shorter than this run in the crate's baseline code: the unrolled rows of small
+/// images (2–8 values) cost more in the call into [`vectorized!`] code than in the loop.
+const SHORT_CONVERSION: usize = 16;
+
 /// `dst[i] = src[i]` converted (as many as the shorter has): a plain copy (`memcpy`) between
 /// equal types, which the element loop does not become.
 #[inline]
@@ -143,6 +147,9 @@ pub(crate) fn copy_converted<T: Elem, U: Elem>(src: &[T], dst: &mut [U]) {
     if let Some(s) = same_type::<T, U>(&src[..n]) {
         dst[..n].copy_from_slice(s);
         return;
+    }
+    if n < SHORT_CONVERSION {
+        return convert_elements(&src[..n], &mut dst[..n]);
     }
     vectorized!(convert_elements(&src[..n], &mut dst[..n]));
 }
