@@ -29,8 +29,8 @@
 //! unrolling. Smaller images are unrolled side by side into one matrix per chunk of the batch,
 //! so that the multiplies are large enough for the gemm kernels. This im2col kernel fuses no
 //! steps; [`Implementation::Fused`] selects it because it replaces Candle's slow paths. On the
-//! CPU it takes f32, bf16 and f16 (bf16 and f16 unrolled in their own type, rounded once when
-//! written); bf16 products of a stride-1 ungrouped convolution of a contiguous input, where
+//! CPU it takes f32, bf16 and f16 (unrolled in their own type for the bf16 kernel, in f32 for
+//! the f32 ones; rounded once when written); bf16 products of a stride-1 ungrouped convolution of a contiguous input, where
 //! the bf16 kernel takes them, are packed straight from the images with no unrolled copy
 //! (implicit GEMM: `gemm_bf16::Unrolled`, and `UnrolledT` for the weight gradient's `colᵀ`),
 //! and their input gradient is the convolution of dy with the turned weights, packed the same
@@ -748,8 +748,8 @@ impl Conv {
 
     /// The forward pass in f32 arithmetic on any element type, with `epilogue` applied to each
     /// output plane before it is written (per image, while the image's output is in cache).
-    /// The input is unrolled in its own type: the bf16 kernel packs bf16 as it is, and the
-    /// `gemm` crate's f32 kernels get it widened ([`matmul_threads`]); sums and the output
+    /// The input is unrolled in its own type where the bf16 kernel multiplies (it packs bf16
+    /// as it is) and in f32 where the `gemm` crate's f32 kernels do; sums and the output
     /// before its conversion are f32.
     fn forward<T: Elem>(&self, g: &Geometry, x: &[T], xs: &Strided4, w: &[f32], epilogue: Option<Epilogue>) -> Vec<T> {
         let products = Products::for_operands::<T>();
