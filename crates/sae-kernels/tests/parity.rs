@@ -488,6 +488,18 @@ fn conv_fused_matches_reference_forward_and_backward() {
 /// Forces the direct 3×3 kernel on (`1`) or off (`0`) where the CPU has AVX-512F.
 const FORCE_DIRECT: &str = "SAE_DIRECT_CONV";
 
+/// Asserts that test `name` of this binary passes in a process of its own with `var=value`
+/// (for switches read once per process).
+fn passes_in_a_child_process(name: &str, var: &str, value: &str) {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--test-threads", "1"])
+        .env(var, value)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && stdout.contains("1 passed"), "{name} with {var}={value}:\n{stdout}\n{stderr}");
+}
+
 /// Which of the direct 3×3 kernel and Winograd's algorithm takes ResNet's first-stage layers
 /// depends on the CPU's FMA units (`direct_conv3x3_in_use`), so a machine would check only one:
 /// the convolution cases again in processes of their own with each forced.
@@ -496,16 +508,7 @@ fn conv_cases_with_the_direct_kernel_forced_on_and_off() {
     #[cfg(target_arch = "x86_64")]
     if std::env::var_os(FORCE_DIRECT).is_none() && std::arch::is_x86_feature_detected!("avx512f") {
         for forced in ["1", "0"] {
-            let out = std::process::Command::new(std::env::current_exe().unwrap())
-                .args(["--exact", "conv_fused_matches_reference_forward_and_backward", "--test-threads", "1"])
-                .env(FORCE_DIRECT, forced)
-                .output()
-                .unwrap();
-            let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-            assert!(
-                out.status.success() && stdout.contains("1 passed"),
-                "the convolution cases with {FORCE_DIRECT}={forced}:\n{stdout}\n{stderr}"
-            );
+            passes_in_a_child_process("conv_fused_matches_reference_forward_and_backward", FORCE_DIRECT, forced);
         }
         return;
     }
@@ -559,21 +562,12 @@ fn conv_fused_in_bf16_matches_the_f32_reference() {
 
 /// Where the CPU multiplies bf16 (AMX tiles or AVX-512 BF16), the bf16 convolution cases again
 /// in a process of their own with those products turned off: bf16 operands then take the f32
-/// kernels (Winograd's and the direct one included), the path of CPUs without AVX-512 BF16,
+/// kernels (Winograd's included), the path of CPUs without AVX-512 BF16,
 /// which a machine with it would otherwise never run.
 #[test]
 fn conv_cases_in_bf16_with_the_bf16_products_turned_off() {
     if std::env::var_os(DISABLE_BF16_PRODUCTS).is_none() && Bf16Multiply::of_this_cpu().is_some() {
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "conv_fused_in_bf16_matches_the_f32_reference", "--test-threads", "1"])
-            .env(DISABLE_BF16_PRODUCTS, "1")
-            .output()
-            .unwrap();
-        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert!(
-            out.status.success() && stdout.contains("1 passed"),
-            "the bf16 convolution cases with {DISABLE_BF16_PRODUCTS} set:\n{stdout}\n{stderr}"
-        );
+        passes_in_a_child_process("conv_fused_in_bf16_matches_the_f32_reference", DISABLE_BF16_PRODUCTS, "1");
         return;
     }
     println!(
