@@ -562,8 +562,8 @@ fn conv_fused_in_bf16_matches_the_f32_reference() {
 
 /// Where the CPU multiplies bf16 (AMX tiles or AVX-512 BF16), the bf16 convolution cases again
 /// in a process of their own with those products turned off: bf16 operands then take the f32
-/// kernels (Winograd's included), the path of CPUs without AVX-512 BF16,
-/// which a machine with it would otherwise never run.
+/// kernels (Winograd's included), the path of CPUs without AVX-512 BF16, which a machine with
+/// it would otherwise never run.
 #[test]
 fn conv_cases_in_bf16_with_the_bf16_products_turned_off() {
     if std::env::var_os(DISABLE_BF16_PRODUCTS).is_none() && Bf16Multiply::of_this_cpu().is_some() {
