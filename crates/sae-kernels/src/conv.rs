@@ -30,14 +30,15 @@
 //! so that the multiplies are large enough for the gemm kernels. This im2col kernel fuses no
 //! steps; [`Implementation::Fused`] selects it because it replaces Candle's slow paths. On the
 //! CPU it takes f32, bf16 and f16 (unrolled in their own type for the bf16 kernel, in f32 for
-//! the f32 ones; rounded once when written); bf16 products of a stride-1 ungrouped
-//! convolution of a contiguous input, where the bf16 kernel takes them, are packed straight
-//! from the images with no unrolled copy (implicit GEMM: `gemm_bf16::Unrolled`, and `UnrolledT` for the weight gradient's `colᵀ`),
-//! and their input gradient is the convolution of dy with the turned weights, packed the same
-//! way, instead of `Wᵀ · dy` and col2im. On CUDA, `Fused` is the same three products as graph nodes: an im2col
-//! kernel (`src/cuda/ops.cu`) for the whole batch, Candle's batched matmul (cuBLAS) and col2im
-//! as the im2col node's gradient, so the input gradient does not go through Candle's direct
-//! `conv_transpose2d` kernel. Elsewhere [`conv2d`] runs the reference (Candle's `conv2d`).
+//! the f32 ones; rounded once when written); bf16 products of a stride-1 ungrouped convolution
+//! of a contiguous input, where the bf16 kernel takes them, are packed straight from the images
+//! with no unrolled copy (implicit GEMM: `gemm_bf16::Unrolled`, and `UnrolledT` for the weight
+//! gradient's `colᵀ`), and their input gradient is the convolution of dy with the turned
+//! weights, packed the same way, instead of `Wᵀ · dy` and col2im. On CUDA, `Fused` is the same
+//! three products as graph nodes: an im2col kernel (`src/cuda/ops.cu`) for the whole batch,
+//! Candle's batched matmul (cuBLAS) and col2im as the im2col node's gradient, so the input
+//! gradient does not go through Candle's direct `conv_transpose2d` kernel. Elsewhere
+//! [`conv2d`] runs the reference (Candle's `conv2d`).
 
 use crate::cpu::{
     as_f32, bf16_kernel_takes, contiguous, convert, copy_converted, dispatch_float, f32_contiguous, matmul,
