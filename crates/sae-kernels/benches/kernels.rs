@@ -9,7 +9,7 @@
 
 #![allow(missing_docs)] // criterion_group! generates undocumented public functions.
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use rand::{Rng, SeedableRng};
 use sae_kernels::*;
@@ -124,7 +124,7 @@ fn conv_benches(c: &mut Criterion) {
         // The stem's input is the image, which no gradient flows to in training.
         let input = |t: Tensor| if shape[1] == 3 { t } else { Var::from_tensor(&t).unwrap().as_tensor().clone() };
         let x32 = randn(1, &shape);
-        let (x, xb) = (input(x32.clone()), input(x32.to_dtype(candle_core::DType::BF16).unwrap()));
+        let (x, xb) = (input(x32.clone()), input(x32.to_dtype(DType::BF16).unwrap()));
         let w = Var::from_tensor(&(randn(2, &[oc, shape[1], k, k]) * 0.1).unwrap()).unwrap();
         let name = format!("conv-{}x{}x{}x{}-o{oc}-k{k}-s{stride}", shape[0], shape[1], shape[2], shape[3]);
         let mut group = c.benchmark_group(&name);
@@ -142,7 +142,7 @@ fn conv_benches(c: &mut Criterion) {
             // and the bf16 gradient it broadcasts took 50 % of this benchmark's time.
             group.bench_function(BenchmarkId::new(id, "fwd+bwd"), |b| {
                 b.iter(|| {
-                    let y = conv2d(x, &w, cfg, imp).unwrap().to_dtype(candle_core::DType::F32).unwrap();
+                    let y = conv2d(x, &w, cfg, imp).unwrap().to_dtype(DType::F32).unwrap();
                     black_box(y.sum_all().unwrap().backward().unwrap())
                 })
             });
@@ -185,9 +185,12 @@ fn max_pool_benches(c: &mut Criterion) {
     }
 }
 
-/// BatchNorm + ReLU in training mode at ResNet-50's shapes at 140×140 input, batch 16: layer 1's
-/// 256 channels at 35×35 and layer 2's 512 at 18×18.
-pub const BATCH_NORM_SHAPES: [[usize; 4]; 2] = [[16, 256, 35, 35], [16, 512, 18, 18]];
+/// BatchNorm + ReLU in training mode at ResNet-50's shapes, batch 16: at 140×140 input layer 1's
+/// 256 channels at 35×35 and layer 2's 512 at 18×18; at 32×32 input layer 1's 256 at 8×8,
+/// layer 2's 512 at 4×4 and layer 4's 2048 at 1×1, where the planes are short and what is done
+/// per plane counts.
+pub const BATCH_NORM_SHAPES: [[usize; 4]; 5] =
+    [[16, 256, 35, 35], [16, 512, 18, 18], [16, 256, 8, 8], [16, 512, 4, 4], [16, 2048, 1, 1]];
 
 fn batch_norm_benches(c: &mut Criterion) {
     for shape in BATCH_NORM_SHAPES {
@@ -204,6 +207,17 @@ fn batch_norm_benches(c: &mut Criterion) {
                 b.iter(|| black_box(forward().sum_all().unwrap().backward().unwrap()))
             });
         }
+        // bf16 activations, γ and β cast to bf16 in the graph, as mixed-precision training runs it.
+        let x = Var::from_tensor(&x.to_dtype(DType::BF16).unwrap()).unwrap();
+        let forward = || {
+            let (gamma, beta) = (cast(&gamma, DType::BF16).unwrap(), cast(&beta, DType::BF16).unwrap());
+            batch_norm_train(&x, &gamma, &beta, 1e-5, true, Implementation::Fused).unwrap().output
+        };
+        group.bench_function(BenchmarkId::new("fused-bf16", "fwd"), |b| b.iter(|| black_box(forward())));
+        // Summed in f32 (Candle's bf16 sum is scalar code that would take most of the time).
+        group.bench_function(BenchmarkId::new("fused-bf16", "fwd+bwd"), |b| {
+            b.iter(|| black_box(forward().to_dtype(DType::F32).unwrap().sum_all().unwrap().backward().unwrap()))
+        });
         group.finish();
     }
 }
@@ -266,7 +280,7 @@ fn adam_benches(c: &mut Criterion) {
     let step = AdamStep { beta1: 0.9, beta2: 0.999, eps: 1e-7, alpha: 1e-4 };
     let theta = Var::from_tensor(&randn(1, &[ADAM_PARAMS])).unwrap();
     let grad = randn(2, &[ADAM_PARAMS]);
-    let zeros = || Var::zeros(ADAM_PARAMS, candle_core::DType::F32, &Device::Cpu).unwrap();
+    let zeros = || Var::zeros(ADAM_PARAMS, DType::F32, &Device::Cpu).unwrap();
     let (m, v) = (zeros(), zeros());
     let mut moments = vec![0f32; 2 * ADAM_PARAMS];
     let mut group = c.benchmark_group(format!("adam-{ADAM_PARAMS}"));

@@ -31,6 +31,8 @@ use crate::Implementation;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, D};
 use rayon::prelude::*;
 
+mod short;
+
 /// Output of [`batch_norm_train`].
 #[derive(Debug, Clone)]
 pub struct BatchNormOutput {
@@ -352,6 +354,9 @@ fn affine<T: Elem>(
     residual: Option<&[T]>,
     coef: impl Fn(usize) -> (f32, f32) + Sync,
 ) -> Vec<T> {
+    if let Some(s) = short::ShortPlanes::new(xs) {
+        return short::affine(x, &s, relu, residual, coef);
+    }
     let [n, c, h, w] = xs.dims;
     let mut out = uninit::<T>(n * c * h * w);
     let planes = out.par_chunks_mut(h * w).with_min_len(min_planes_per_task(h * w)).enumerate();
@@ -640,6 +645,14 @@ fn channel_gradients<T: Elem>(
     let len = n * c * plane_len + 2 * c;
     let mut out = uninit::<T>(len);
     let (dx, per_channel) = out.split_at_mut(n * c * plane_len);
+    if let Some(s) = short::ShortPlanes::new(xs) {
+        let params = short::gradients(x, &s, g, relu, dx, masked, centre, gradients);
+        for (ci, (dparam, dshift)) in params.into_iter().enumerate() {
+            per_channel[ci] = T::from_f32(dparam);
+            per_channel[c + ci] = T::from_f32(dshift);
+        }
+        return (T::to_cpu_storage_owned(out), Shape::from(len));
+    }
     let block = channels_per_block(n, c, plane_len);
     // Each block of channels' dx planes, one from every image, as disjoint slices: block b's
     // are `dx_planes[b·block·n..]`, image by image and within an image channel by channel, so
@@ -784,6 +797,9 @@ fn channel_stats<T: Elem>(x: &[T], xs: &Strided4) -> Vec<(f32, f32)> {
 /// pass computes anyway: the pooled means of the BatchNorm + excitation op
 /// (`crate::excitation::batch_norm_excitation_add_relu`).
 pub(crate) fn channel_and_plane_stats<T: Elem>(x: &[T], xs: &Strided4) -> Vec<((f32, f32), Vec<f32>)> {
+    if let Some(s) = short::ShortPlanes::new(xs) {
+        return short::stats(x, &s);
+    }
     let count = (xs.dims[0] * xs.plane_len()) as f64;
     (0..xs.dims[1])
         .into_par_iter()
@@ -1020,13 +1036,18 @@ impl CustomOp3 for BatchNormBackward {
 mod tests {
     use super::*;
 
-    /// Blocks of channels (four per task here, the last one short) and each ReLU mask give
-    /// each channel the sums and `dx` of a plain loop over its elements (and the mask by the
-    /// output its masked dy); the statistics of the same input its mean, variance and plane
-    /// sums.
+    /// Blocks of channels (four per task at 5×5, the last one short; at 4×4 and 1×1 the short
+    /// planes' runs, [`short`]) and each ReLU mask give each channel the sums and `dx` of a
+    /// plain loop over its elements (and the mask by the output its masked dy); the statistics
+    /// of the same input its mean, variance and plane sums.
     #[test]
     fn statistics_and_gradients_in_blocks_of_channels_equal_a_plain_loop() {
-        let dims = [3usize, 37, 5, 5];
+        for dims in [[3usize, 37, 5, 5], [3, 37, 4, 4], [3, 37, 1, 1]] {
+            statistics_and_gradients_equal_a_plain_loop(dims);
+        }
+    }
+
+    fn statistics_and_gradients_equal_a_plain_loop(dims: [usize; 4]) {
         let [n, c, h, w] = dims;
         let plane = h * w;
         let value = |i: usize, k: usize| ((i * k) % 101) as f32 * 0.05 - 2.5;
@@ -1035,7 +1056,10 @@ mod tests {
         let xs = Strided4 { dims, strides: [c * plane, plane, w, 1], offset: 0 };
         let relu: Vec<(f32, f32)> = (0..c).map(|i| (1.0 + i as f32 * 0.01, -0.3)).collect();
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().expect("a pool");
-        assert_eq!(pool.install(|| channels_per_block(n, c, plane)), 4);
+        if plane == 25 {
+            assert_eq!(pool.install(|| channels_per_block(n, c, plane)), 4);
+        }
+        assert_eq!(pool.install(|| short::ShortPlanes::new(&xs).is_some()), plane <= 16, "{dims:?}");
         let centre = |ci: usize| ci as f32 * 0.01;
         let dx_of = |ci: usize, s: GradientSums| [s.dy * 0.5 + ci as f32, s.dy_x * 0.25, 0.125];
         let stats = pool.install(|| channel_and_plane_stats::<f32>(&x, &xs));
@@ -1082,6 +1106,7 @@ mod tests {
                         "channel {ci} {what}: {a} vs {b}, {mode_name}"
                     )
                 };
+                let close = |a: f32, b: f64, what: &str| close(a, b, &format!("{dims:?} {what}"));
                 close(out[n * c * plane + c + ci], sum_dy, "Σ dy");
                 close(out[n * c * plane + ci], sum_dy_x, "Σ dy·x");
                 let [a, k, b] = dx_of(ci, GradientSums { dy: sum_dy as f32, dy_x: sum_dy_x as f32 });
@@ -1097,12 +1122,13 @@ mod tests {
     }
 
     /// The statistics and gradients in `vectorized!` code (16 lanes where the CPU has AVX-512)
-    /// are the baseline build's bits: planes of 7×5 and 9×9 leave remainders at every width.
+    /// are the baseline build's bits: planes of 7×5 and 9×9 leave remainders at every width, and
+    /// 37 channels of 3×1 (short planes) runs of 111 values.
     #[test]
     fn vectorized_statistics_and_gradients_equal_the_baseline_bit_for_bit() {
         use crate::cpu::BASELINE_VECTORS;
         use std::sync::atomic::Ordering;
-        for dims in [[3usize, 5, 7, 5], [2, 3, 9, 9]] {
+        for dims in [[3usize, 5, 7, 5], [2, 3, 9, 9], [3, 37, 3, 1]] {
             let [n, c, h, w] = dims;
             let value = |i: usize, k: usize| ((i * k) % 97) as f32 * 0.173 - 7.0;
             let x: Vec<f32> = (0..n * c * h * w).map(|i| value(i, 7919)).collect();

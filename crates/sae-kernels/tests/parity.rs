@@ -736,8 +736,9 @@ fn conv_rejects_bad_shapes() {
 }
 
 /// (N, C, H, W) inputs for BatchNorm: batches of several sizes, a single pixel per channel
-/// (zero variance), a plane of one column.
-const BATCH_NORM_CASES: &[[usize; 4]] = &[[4, 3, 5, 5], [2, 6, 7, 1], [1, 2, 1, 1], [3, 4, 9, 8]];
+/// (zero variance), a plane of one column, and short planes in several tasks' blocks of
+/// channels.
+const BATCH_NORM_CASES: &[[usize; 4]] = &[[4, 3, 5, 5], [2, 6, 7, 1], [1, 2, 1, 1], [3, 4, 9, 8], [3, 40, 2, 2]];
 
 #[test]
 fn batch_norm_fused_matches_reference_forward_and_backward() {
