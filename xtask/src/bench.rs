@@ -223,7 +223,7 @@ pub fn kernels(seconds: u64) -> Result<()> {
             writeln!(md, "| {shape} | {pass} | {:.3} | {:.3} | {:.1}× | {bf16} |", r * 1e3, f * 1e3, r / f)?;
         }
     }
-    writeln!(md, "\n## SE/SaE block end, training mode (SENetV2-ResNet-50 at 140×140 input, batch 16)\n")?;
+    writeln!(md, "\n## SE/SaE block end, training mode (SENetV2-ResNet-50 at 140×140 and 32×32 input, batch 16)\n")?;
     writeln!(md, "BatchNorm (batch statistics) → excitation (K = 1 or 4 branches of C/32, `u + u·s`) → shortcut")?;
     writeln!(md, "addition → ReLU. *composed* is the two fused ops a block ran before (`batch_norm_train`, then")?;
     writeln!(md, "`excitation_add_relu`); *fused* is `batch_norm_excitation_add_relu`, which pools from BatchNorm's")?;

@@ -225,8 +225,8 @@ fn batch_norm_benches(c: &mut Criterion) {
 /// An SE/SaE block's end in training mode — BatchNorm, the excitation, the shortcut addition
 /// and the ReLU — composed of the two fused ops (`batch_norm_train`, `excitation_add_relu`)
 /// and as one (`batch_norm_excitation_add_relu`), at layer 1's and layer 3's shapes of a
-/// SENetV2-ResNet-50 at 140×140 input, batch 16.
-pub const BLOCK_END_SHAPES: [[usize; 4]; 2] = [[16, 256, 35, 35], [16, 1024, 9, 9]];
+/// SENetV2-ResNet-50 at 140×140 input and layer 3's at 32×32 (short planes), batch 16.
+pub const BLOCK_END_SHAPES: [[usize; 4]; 3] = [[16, 256, 35, 35], [16, 1024, 9, 9], [16, 1024, 2, 2]];
 
 fn block_end_benches(c: &mut Criterion) {
     for shape in BLOCK_END_SHAPES {

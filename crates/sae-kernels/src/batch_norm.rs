@@ -31,7 +31,7 @@ use crate::Implementation;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, D};
 use rayon::prelude::*;
 
-mod short;
+pub(crate) mod short;
 
 /// Output of [`batch_norm_train`].
 #[derive(Debug, Clone)]

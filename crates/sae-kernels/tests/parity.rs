@@ -760,6 +760,23 @@ fn batch_norm_fused_matches_reference_forward_and_backward() {
     }
 }
 
+/// A slice of channels (`narrow` on axis 1) leaves each image's planes side by side but the
+/// images further apart than the slice: short planes are still taken as runs there, from an
+/// offset and at the wider tensor's image stride.
+#[test]
+fn batch_norm_on_a_channel_slice_matches_reference() {
+    for (i, [n, c, h, w]) in [[3usize, 40, 2, 2], [2, 9, 5, 5]].into_iter().enumerate() {
+        let wide = var(120 + i as u64, &[n, c + 8, h, w], DType::F32);
+        let x = wide.narrow(1, 5, c).unwrap();
+        assert!(!x.is_contiguous());
+        let (gamma, beta) = (var(121 + i as u64, &[c], DType::F32), var(122 + i as u64, &[c], DType::F32));
+        let vars = [("x", &wide), ("gamma", &gamma), ("beta", &beta)];
+        assert_fused_matches_reference(&format!("channel slice {:?}", [n, c, h, w]), &vars, 123, F32_TOL, |imp| {
+            batch_norm_train(&x, gamma.as_tensor(), beta.as_tensor(), 1e-5, true, imp).unwrap().output
+        });
+    }
+}
+
 #[test]
 fn batch_norm_eval_fused_matches_reference_forward_and_backward() {
     for (i, &[n, c, h, w]) in BATCH_NORM_CASES.iter().enumerate() {

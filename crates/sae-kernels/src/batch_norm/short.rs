@@ -27,7 +27,7 @@ const MAX_RUN: usize = 2048;
 
 /// An (N, C, H, W) operand with short planes, each image's channels side by side.
 #[derive(Clone, Copy)]
-pub(super) struct ShortPlanes {
+pub(crate) struct ShortPlanes {
     n: usize,
     c: usize,
     plane_len: usize,
@@ -41,7 +41,7 @@ pub(super) struct ShortPlanes {
 impl ShortPlanes {
     /// `xs` as runs of short planes, where its planes are short and each image's lie side by
     /// side (any distance between images).
-    pub fn new(xs: &Strided4) -> Option<Self> {
+    pub(crate) fn new(xs: &Strided4) -> Option<Self> {
         let [n, c, h, w] = xs.dims;
         let plane_len = h * w;
         let side_by_side = xs.strides[1] == plane_len && xs.strides[2] == w && xs.strides[3] == 1;
@@ -55,33 +55,38 @@ impl ShortPlanes {
     }
 
     /// The tasks' blocks of channels.
-    fn blocks(&self) -> Vec<Range<usize>> {
+    pub(crate) fn blocks(&self) -> Vec<Range<usize>> {
         (0..self.c).step_by(self.block).map(|c0| c0..(c0 + self.block).min(self.c)).collect()
     }
 
     /// Image `ni`'s planes of `channels` in `x` (laid out as this describes).
-    fn run<'a, T>(&self, x: &'a [T], ni: usize, channels: &Range<usize>) -> &'a [T] {
+    pub(crate) fn run<'a, T>(&self, x: &'a [T], ni: usize, channels: &Range<usize>) -> &'a [T] {
         &x[self.offset + ni * self.image_stride + channels.start * self.plane_len..][..channels.len() * self.plane_len]
     }
 
     /// The same in a contiguous (N, C, H, W) tensor of this shape.
-    fn contiguous_run<'a, T>(&self, data: &'a [T], ni: usize, channels: &Range<usize>) -> &'a [T] {
+    pub(crate) fn contiguous_run<'a, T>(&self, data: &'a [T], ni: usize, channels: &Range<usize>) -> &'a [T] {
         &data[(ni * self.c + channels.start) * self.plane_len..][..channels.len() * self.plane_len]
     }
 
     /// `value(c)` for every element of a run of `channels`.
-    fn spread(&self, channels: &Range<usize>, value: impl Fn(usize) -> f32) -> Vec<f32> {
+    pub(crate) fn spread(&self, channels: &Range<usize>, value: impl Fn(usize) -> f32) -> Vec<f32> {
         channels.clone().flat_map(|ci| std::iter::repeat_n(value(ci), self.plane_len)).collect()
     }
 
     /// A contiguous (N, C, H, W) buffer of this shape cut into each task's runs, image by image.
-    fn task_runs<'a, T>(&self, data: &'a mut [T]) -> Vec<Vec<&'a mut [T]>> {
+    pub(crate) fn task_runs<'a, T>(&self, data: &'a mut [T]) -> Vec<Vec<&'a mut [T]>> {
+        self.task_runs_of(data, self.plane_len)
+    }
+
+    /// The same for an (N, C, `per_channel`) buffer: per-plane values with `per_channel` 1.
+    pub(crate) fn task_runs_of<'a, T>(&self, data: &'a mut [T], per_channel: usize) -> Vec<Vec<&'a mut [T]>> {
         let blocks = self.blocks();
         let mut runs: Vec<Vec<&mut [T]>> = blocks.iter().map(|_| Vec::with_capacity(self.n)).collect();
-        for image in data.chunks_mut(self.c * self.plane_len) {
+        for image in data.chunks_mut(self.c * per_channel) {
             let mut rest = image;
             for (task, channels) in runs.iter_mut().zip(&blocks) {
-                let (run, after) = rest.split_at_mut(channels.len() * self.plane_len);
+                let (run, after) = rest.split_at_mut(channels.len() * per_channel);
                 task.push(run);
                 rest = after;
             }

@@ -18,10 +18,11 @@
 use super::cpu::DenseParams;
 use super::op::ExcitationOp;
 use super::{checked_op, packed_pieces, Dense, Gate};
+use crate::batch_norm::short::ShortPlanes;
 use crate::batch_norm::{block_end_operands, channel_and_plane_stats, check, check_eps, BatchNormOutput, BatchStats};
 use crate::cpu::{
-    dispatch_float, f32_contiguous, min_planes_per_task, plane_f32, read_f32, sum, sum_and_dot, uninit, vectorized,
-    write_f32, Elem, GradientBuffers, GradientSlot,
+    copy_converted, dispatch_float, f32_contiguous, min_planes_per_task, plane_f32, read_f32, sum, sum_and_dot, uninit,
+    vectorized, write_f32, Elem, GradientBuffers, GradientSlot,
 };
 use crate::layout::Strided4;
 use crate::Implementation;
@@ -145,6 +146,9 @@ impl BatchNormExcitation {
             })
             .collect();
         let (_, s) = self.excitation.gates(&DenseParams::packed(&self.excitation, dense)?, &z);
+        if let Some(runs) = ShortPlanes::new(xs) {
+            return Ok(self.forward_runs(x, xs, &runs, &affine, &s, r));
+        }
         let mut out = uninit::<T>(n * c * hw);
         let planes = out.par_chunks_mut(hw).with_min_len(min_planes_per_task(hw)).enumerate();
         planes.for_each_init(
@@ -162,6 +166,36 @@ impl BatchNormExcitation {
             },
         );
         Ok(out)
+    }
+
+    /// [`Self::forward`]'s output pass over short planes, as runs of channels image by image
+    /// (`batch_norm::short`), with gate(s) spread per image.
+    fn forward_runs<T: Elem>(
+        &self,
+        x: &[T],
+        xs: &Strided4,
+        runs: &ShortPlanes,
+        affine: &[(f32, f32)],
+        s: &[f32],
+        r: &[T],
+    ) -> Vec<T> {
+        let c = xs.dims[1];
+        let mut out = uninit::<T>(xs.dims.iter().product());
+        runs.task_runs(&mut out).into_par_iter().zip(runs.blocks()).for_each(|(outs, channels)| {
+            vectorized!({
+                let scale = runs.spread(&channels, |ci| affine[ci].0);
+                let shift = runs.spread(&channels, |ci| affine[ci].1);
+                for (ni, out) in outs.into_iter().enumerate() {
+                    let gate = runs.spread(&channels, |ci| self.excitation.gate.factor(s[ni * c + ci]));
+                    let values = runs.run(x, ni, &channels).iter().zip(runs.contiguous_run(r, ni, &channels));
+                    let coefficients = scale.iter().zip(&shift).zip(&gate);
+                    for (o, ((&v, &r), ((&a, &b), &g))) in out.iter_mut().zip(values.zip(coefficients)) {
+                        *o = T::from_f32(((v.to_f32() * a + b) * g + r.to_f32()).max(0.0));
+                    }
+                }
+            })
+        });
+        out
     }
 }
 
@@ -265,27 +299,32 @@ impl BatchNormExcitationBackward {
         // The gradient masked by the ReLU (written out: it is the shortcut's gradient), and
         // each plane's (Σx, Σg, Σg·x) of it: all that the excitation's and BatchNorm's sums need.
         let mut masked = uninit::<T>(n * c * hw);
-        let sums: Vec<[f32; 3]> = masked
-            .par_chunks_mut(hw)
-            .with_min_len(min_len)
-            .enumerate()
-            .map_init(Default::default, |(x_buf, m_buf): &mut (Vec<f32>, Vec<f32>), (plane, m)| {
-                let xp = plane_f32(x, xs, plane / c, plane % c, x_buf);
-                let (gp, yp) = (&g[plane * hw..(plane + 1) * hw], &y[plane * hw..(plane + 1) * hw]);
-                write_f32(m, m_buf, |m| {
-                    vectorized!({
-                        // As the ReLU's own backward: a select, so that a non-finite gradient
-                        // where the output is clamped stays out.
-                        for (d, (&gv, &yv)) in m.iter_mut().zip(gp.iter().zip(yp)) {
-                            let gv = gv.to_f32();
-                            *d = if yv.to_f32() > 0.0 { gv } else { 0.0 };
-                        }
-                        let (sx, sgx) = sum_and_dot(xp, m);
-                        [sx, sum(m), sgx]
+        let runs = ShortPlanes::new(xs);
+        let sums: Vec<[f32; 3]> = if let Some(runs) = &runs {
+            masked_plane_sums(x, xs, runs, g, y, &mut masked)
+        } else {
+            masked
+                .par_chunks_mut(hw)
+                .with_min_len(min_len)
+                .enumerate()
+                .map_init(Default::default, |(x_buf, m_buf): &mut (Vec<f32>, Vec<f32>), (plane, m)| {
+                    let xp = plane_f32(x, xs, plane / c, plane % c, x_buf);
+                    let (gp, yp) = (&g[plane * hw..(plane + 1) * hw], &y[plane * hw..(plane + 1) * hw]);
+                    write_f32(m, m_buf, |m| {
+                        vectorized!({
+                            // As the ReLU's own backward: a select, so that a non-finite gradient
+                            // where the output is clamped stays out.
+                            for (d, (&gv, &yv)) in m.iter_mut().zip(gp.iter().zip(yp)) {
+                                let gv = gv.to_f32();
+                                *d = if yv.to_f32() > 0.0 { gv } else { 0.0 };
+                            }
+                            let (sx, sgx) = sum_and_dot(xp, m);
+                            [sx, sum(m), sgx]
+                        })
                     })
                 })
-            })
-            .collect();
+                .collect()
+        };
         // The excitation's input is y = x·A + B: its pooled means, and Σ g·y per plane.
         let (z, sgy): (Vec<f32>, Vec<f32>) = sums
             .iter()
@@ -325,25 +364,86 @@ impl BatchNormExcitationBackward {
                 (a, k, -a * dy / count - k * mean[ci])
             })
             .collect();
-        let planes = dx.par_chunks_mut(hw).with_min_len(min_len).enumerate();
-        planes.for_each_init(
-            Default::default,
-            |(x_buf, g_buf, dx_buf): &mut (Vec<f32>, Vec<f32>, Vec<f32>), (plane, dx)| {
-                let (a, k, b) = channel[plane % c];
-                let (ag, offset) = (a * factor(plane), a * shift(plane) + b);
-                let xp = plane_f32(x, xs, plane / c, plane % c, x_buf);
-                let gp = read_f32(&masked[plane * hw..(plane + 1) * hw], g_buf);
-                write_f32(dx, dx_buf, |dx| {
-                    vectorized!(for (d, (&gv, &xv)) in dx.iter_mut().zip(gp.iter().zip(xp)) {
-                        *d = gv * ag + xv * k + offset;
-                    })
+        if let Some(runs) = &runs {
+            runs.task_runs(dx).into_par_iter().zip(runs.blocks()).for_each(|(dxs, channels)| {
+                vectorized!({
+                    let k = runs.spread(&channels, |ci| channel[ci].1);
+                    for (ni, dx) in dxs.into_iter().enumerate() {
+                        let plane = |ci: usize| ni * c + ci;
+                        let ag = runs.spread(&channels, |ci| channel[ci].0 * factor(plane(ci)));
+                        let offset = runs.spread(&channels, |ci| channel[ci].0 * shift(plane(ci)) + channel[ci].2);
+                        let values = runs.run(x, ni, &channels).iter().zip(runs.contiguous_run(&masked, ni, &channels));
+                        let coefficients = ag.iter().zip(&k).zip(&offset);
+                        for (d, ((&xv, &gv), ((&ag, &k), &offset))) in dx.iter_mut().zip(values.zip(coefficients)) {
+                            *d = T::from_f32(gv.to_f32() * ag + xv.to_f32() * k + offset);
+                        }
+                    }
                 })
-            },
-        );
+            });
+        } else {
+            let planes = dx.par_chunks_mut(hw).with_min_len(min_len).enumerate();
+            planes.for_each_init(
+                Default::default,
+                |(x_buf, g_buf, dx_buf): &mut (Vec<f32>, Vec<f32>, Vec<f32>), (plane, dx)| {
+                    let (a, k, b) = channel[plane % c];
+                    let (ag, offset) = (a * factor(plane), a * shift(plane) + b);
+                    let xp = plane_f32(x, xs, plane / c, plane % c, x_buf);
+                    let gp = read_f32(&masked[plane * hw..(plane + 1) * hw], g_buf);
+                    write_f32(dx, dx_buf, |dx| {
+                        vectorized!(for (d, (&gv, &xv)) in dx.iter_mut().zip(gp.iter().zip(xp)) {
+                            *d = gv * ag + xv * k + offset;
+                        })
+                    })
+                },
+            );
+        }
         let masked = Tensor::from_vec(masked, xs.dims.to_vec(), &candle_core::Device::Cpu)?;
         self.shortcut_gradient.put("batch_norm_excitation backward", masked)?;
         Ok(buffers.finish())
     }
+}
+
+/// The backward's first pass over short planes, as runs of channels image by image
+/// (`batch_norm::short`): the output gradient `g` masked by the output `y`'s ReLU into
+/// `masked`, and each plane's (Σx, Σg, Σg·x) of the masked gradient, (N × C).
+fn masked_plane_sums<T: Elem>(
+    x: &[T],
+    xs: &Strided4,
+    runs: &ShortPlanes,
+    g: &[T],
+    y: &[T],
+    masked: &mut [T],
+) -> Vec<[f32; 3]> {
+    let [n, c, _, _] = xs.dims;
+    let hw = xs.plane_len();
+    let mut sums = vec![[0f32; 3]; n * c];
+    let tasks = runs.task_runs(masked).into_iter().zip(runs.task_runs_of(&mut sums, 1));
+    tasks.collect::<Vec<_>>().into_par_iter().zip(runs.blocks()).for_each(|((masked, sums), channels)| {
+        vectorized!({
+            let mut m32 = vec![0f32; channels.len() * hw];
+            for (ni, (masked, sums)) in masked.into_iter().zip(sums).enumerate() {
+                let (gr, yr) = (runs.contiguous_run(g, ni, &channels), runs.contiguous_run(y, ni, &channels));
+                // As the ReLU's own backward: a select (see `BatchNormExcitationBackward::backward`).
+                for (d, (&gv, &yv)) in m32.iter_mut().zip(gr.iter().zip(yr)) {
+                    let gv = gv.to_f32();
+                    *d = if yv.to_f32() > 0.0 { gv } else { 0.0 };
+                }
+                copy_converted(&m32, masked);
+                let planes = runs.run(x, ni, &channels).chunks_exact(hw).zip(m32.chunks_exact(hw));
+                for (s, (xp, mp)) in sums.iter_mut().zip(planes) {
+                    let (mut sx, mut sg, mut sgx) = (0f32, 0f32, 0f32);
+                    for (&xv, &mv) in xp.iter().zip(mp) {
+                        let xv = xv.to_f32();
+                        sx += xv;
+                        sg += mv;
+                        sgx += mv * xv;
+                    }
+                    *s = [sx, sg, sgx];
+                }
+            }
+        })
+    });
+    sums
 }
 
 #[cfg(test)]
@@ -381,6 +481,9 @@ mod tests {
             ([3usize, 8, 5, 7], 1, Gate::S, false),
             ([2, 16, 9, 9], 2, Gate::OnePlusS, false),
             ([2, 8, 6, 4], 2, Gate::OnePlusS, true),
+            // Short planes, taken as runs of channels (`batch_norm::short`).
+            ([3, 40, 2, 2], 2, Gate::OnePlusS, false),
+            ([4, 24, 1, 1], 1, Gate::S, false),
         ] {
             let [n, c, h, w] = dims;
             let len = n * c * h * w;
@@ -442,7 +545,13 @@ mod tests {
     /// deep): 3 % of each tensor's largest value. The master weights' gradients come back f32.
     #[test]
     fn bf16_equals_the_composition_within_its_rounding() {
-        let dims = [2usize, 8, 6, 5];
+        // Planes of 6×5, and short ones (runs of channels).
+        for dims in [[2usize, 8, 6, 5], [3, 40, 2, 2]] {
+            bf16_equals_the_composition(dims);
+        }
+    }
+
+    fn bf16_equals_the_composition(dims: [usize; 4]) {
         let [n, c, h, w] = dims;
         let len = n * c * h * w;
         let bf16_var = |len: usize, dims: &[usize], k: usize, scale: f32, offset: f32| {
