@@ -6,6 +6,8 @@
 //! one run of values, passed through in one loop with the per-channel values (mean, scale,
 //! shift, …) spread out to one per element of the run ([`ShortPlanes::spread`]). The
 //! statistics sum the runs of all images element by element, then each channel's elements.
+//! The SE/SaE block ends (`excitation/batch_norm_end.rs`) take their passes over the same
+//! runs.
 
 use super::{ChannelGradients, GradientSums, ReluMask};
 use crate::cpu::{copy_converted, uninit, vectorized, Elem};
