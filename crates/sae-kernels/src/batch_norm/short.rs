@@ -5,7 +5,8 @@
 //! a block of channels, and each image's planes of the block — side by side in memory — are
 //! one run of values, passed through in one loop with the per-channel values (mean, scale,
 //! shift, …) spread out to one per element of the run ([`ShortPlanes::spread`]). The
-//! statistics sum the runs of all images element by element, then each channel's elements.
+//! squared deviations and the gradients' sums add the runs of all images element by element,
+//! then each channel's elements.
 //! The SE/SaE block ends (`excitation/batch_norm_end.rs`) take their passes over the same
 //! runs.
 
@@ -111,19 +112,20 @@ pub(super) fn stats<T: Elem>(x: &[T], s: &ShortPlanes) -> Vec<((f32, f32), Vec<f
         .into_par_iter()
         .map(|channels| {
             vectorized!({
-                let len = channels.len() * s.plane_len;
-                let mut sums = vec![0f32; len];
                 let mut plane_sums = vec![vec![0f32; s.n]; channels.len()];
                 for ni in 0..s.n {
                     let run = s.run(x, ni, &channels);
-                    sums.iter_mut().zip(run).for_each(|(a, v)| *a += v.to_f32());
                     for (sums, plane) in plane_sums.iter_mut().zip(run.chunks_exact(s.plane_len)) {
                         sums[ni] = plane.iter().map(|v| v.to_f32()).sum();
                     }
                 }
-                let means: Vec<f32> = s.channel_sums(&sums).map(|sum| (sum / count) as f32).collect();
+                // Each channel's sum from its plane sums in f64, as `channel_and_plane_stats` has it.
+                let means: Vec<f32> = plane_sums
+                    .iter()
+                    .map(|sums| (sums.iter().map(|&v| v as f64).sum::<f64>() / count) as f32)
+                    .collect();
                 let mean = s.spread(&channels, |ci| means[ci - channels.start]);
-                let mut squares = vec![0f32; len];
+                let mut squares = vec![0f32; channels.len() * s.plane_len];
                 for ni in 0..s.n {
                     let run = s.run(x, ni, &channels);
                     for ((a, v), m) in squares.iter_mut().zip(run).zip(&mean) {

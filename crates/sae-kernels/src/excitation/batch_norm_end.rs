@@ -417,8 +417,8 @@ fn masked_plane_sums<T: Elem>(
     let [n, c, _, _] = xs.dims;
     let hw = xs.plane_len();
     let mut sums = vec![[0f32; 3]; n * c];
-    let tasks = runs.task_runs(masked).into_iter().zip(runs.task_runs_of(&mut sums, 1));
-    tasks.collect::<Vec<_>>().into_par_iter().zip(runs.blocks()).for_each(|((masked, sums), channels)| {
+    let tasks = runs.task_runs(masked).into_par_iter().zip(runs.task_runs_of(&mut sums, 1));
+    tasks.zip(runs.blocks()).for_each(|((masked, sums), channels)| {
         vectorized!({
             let mut m32 = vec![0f32; channels.len() * hw];
             for (ni, (masked, sums)) in masked.into_iter().zip(sums).enumerate() {
