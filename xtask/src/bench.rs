@@ -161,7 +161,7 @@ pub fn kernels(seconds: u64) -> Result<()> {
             writeln!(md, "| {shape} | {pass} | {c_ms} | {:.3} | {:.3} | {c_x} | {:.1}× |", r * 1e3, f * 1e3, r / f)?;
         }
     }
-    writeln!(md, "\n## Convolutions (ResNet-50 at 140×140 input, batch 16; layer 4's 3×3 at 32×32)\n")?;
+    writeln!(md, "\n## Convolutions (ResNet-50 at 140×140 input, batch 16; layers 2–4's 3×3 at 32×32)\n")?;
     writeln!(md, "The reference is Candle's `conv2d` (its backward: `conv_transpose2d` for the input gradient).")?;
     writeln!(
         md,

@@ -103,9 +103,9 @@ fn depthwise_benches(c: &mut Criterion) {
 
 /// Convolutions of ResNet-50 at 140×140 input, batch 16 (input shape, output channels, kernel,
 /// stride): layer 1's 3×3 (Winograd in f32) and 1×1 reduction, layer 2's stride-2 3×3, layer
-/// 3's 3×3 (Winograd) and 1×1 reduction, the 7×7 stem; and layer 4's 3×3 at 32×32 input, on a
-/// 1×1 image.
-pub const CONV_SHAPES: [([usize; 4], usize, usize, usize); 7] = [
+/// 3's 3×3 (Winograd) and 1×1 reduction, the 7×7 stem; and layers 4's, 2's and 3's 3×3 at 32×32
+/// input, on 1×1, 4×4 and 2×2 images.
+pub const CONV_SHAPES: [([usize; 4], usize, usize, usize); 9] = [
     ([16, 64, 35, 35], 64, 3, 1),
     ([16, 256, 35, 35], 64, 1, 1),
     ([16, 128, 35, 35], 128, 3, 2),
@@ -113,6 +113,8 @@ pub const CONV_SHAPES: [([usize; 4], usize, usize, usize); 7] = [
     ([16, 1024, 9, 9], 256, 1, 1),
     ([16, 3, 140, 140], 64, 7, 2),
     ([16, 512, 1, 1], 512, 3, 1),
+    ([16, 128, 4, 4], 128, 3, 1),
+    ([16, 256, 2, 2], 256, 3, 1),
 ];
 
 /// Group `conv-NxCxHxW-oO-kK-sS`: Candle's `conv2d` (*reference*) and ours (*fused*) in f32,

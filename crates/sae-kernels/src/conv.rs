@@ -140,6 +140,24 @@ impl Geometry {
         (oy * self.stride + ky).checked_sub(self.pad).filter(|&iy| iy < self.h)
     }
 
+    /// For each tap (ky, kx), in the weights' order, each output pixel's input offset `iy·w + ix`
+    /// in a contiguous input plane, or `None` where the tap reads padding: where output rows
+    /// are at most [`MAPPED_ROW`] pixels. Unrolling such images row by row (`im2col_row`, and
+    /// `col2im` alike) handles a handful of values per call to a bounds check, a fill and a
+    /// `memmove`; through the map it is one loop over the image's pixels per tap.
+    fn tap_maps(&self) -> Option<TapMaps> {
+        let maps = (0..self.kh * self.kw).map(|t| {
+            let (ky, kx) = (t / self.kw, t % self.kw);
+            let offset = |k: usize| {
+                let iy = self.input_row(k / self.ow, ky)?;
+                let ix = (k % self.ow * self.stride + kx).checked_sub(self.pad).filter(|&ix| ix < self.w)?;
+                Some(iy * self.w + ix)
+            };
+            (0..self.pixels()).map(offset).collect()
+        });
+        (self.ow <= MAPPED_ROW).then(|| maps.collect())
+    }
+
     /// Fills `out` (oh·ow values) with the input values that tap (ky, kx) of channel `ci` sees
     /// at every output pixel of image `n`: one row of the unrolled input.
     #[allow(clippy::too_many_arguments)]
@@ -189,10 +207,22 @@ impl Geometry {
     /// Adds every column of one image's part of an unrolled gradient `dcol` (row `r` at
     /// `dcol[r · ld]`, laid out as [`Self::im2col_into`] writes it) back to the input
     /// positions it was read from; `dx` is one contiguous (C, H, W) image.
-    fn col2im(&self, dcol: &[f32], ld: usize, dx: &mut [f32]) {
+    /// `maps` are [`Self::tap_maps`], where the rows are short enough to take them.
+    fn col2im(&self, dcol: &[f32], ld: usize, dx: &mut [f32], maps: Option<&TapMaps>) {
         let p = self.pixels();
         for ci in 0..self.c {
             let plane = &mut dx[ci * self.h * self.w..(ci + 1) * self.h * self.w];
+            if let Some(maps) = maps {
+                for (t, map) in maps.iter().enumerate() {
+                    let row = &dcol[(ci * self.kh * self.kw + t) * ld..][..p];
+                    for (&v, offset) in row.iter().zip(map) {
+                        if let Some(i) = *offset {
+                            plane[i] += v;
+                        }
+                    }
+                }
+                continue;
+            }
             for ky in 0..self.kh {
                 for kx in 0..self.kw {
                     let row = &dcol[((ci * self.kh + ky) * self.kw + kx) * ld..][..p];
@@ -425,14 +455,29 @@ impl Geometry {
         if col.len() != len {
             *col = uninit::<U>(len);
         }
+        let maps = self.tap_maps().filter(|_| xs.strides[3] == 1 && xs.strides[2] == self.w);
         col.par_chunks_mut(ld).enumerate().for_each(|(r, row)| {
             let (ci, ky, kx) = (r / (self.kh * self.kw), r / self.kw % self.kh, r % self.kw);
             for (out, ni) in row.chunks_exact_mut(p).zip(images.clone()) {
-                self.im2col_row(x, xs, ni, ci, ky, kx, out);
+                let Some(maps) = &maps else {
+                    self.im2col_row(x, xs, ni, ci, ky, kx, out);
+                    continue;
+                };
+                let plane = &x[xs.offset + ni * xs.strides[0] + ci * xs.strides[1]..];
+                for (o, offset) in out.iter_mut().zip(&maps[r % (self.kh * self.kw)]) {
+                    *o = offset.map_or(U::from_f32(0.0), |i| U::from_f32(plane[i].to_f32()));
+                }
             }
         });
     }
 }
+
+/// The widest output rows that are unrolled through [`Geometry::tap_maps`] (ResNet's layers 2–4
+/// at 32×32 input: 4, 2 and 1 pixels).
+const MAPPED_ROW: usize = 7;
+
+/// [`Geometry::tap_maps`]: per tap, per output pixel, the input offset it reads, if any.
+type TapMaps = Vec<Vec<Option<usize>>>;
 
 /// Output pixels per image from which images are multiplied one at a time. Below it (ResNet's
 /// late stages have 1–81 pixels) one multiply per image is too small for the gemm kernels;
@@ -586,8 +631,10 @@ impl CustomOp1 for Col2Im {
         let dx = dispatch_float!(op, dcol, |dcol: T| {
             let dcol = as_f32(op, "unrolled gradient", dcol, dl)?;
             let (image_len, ld) = (g.c * g.h * g.w, g.n * g.pixels());
-            let mut dx = vec![0f32; g.n * image_len];
-            dx.par_chunks_mut(image_len).enumerate().for_each(|(n, d)| g.col2im(&dcol[n * g.pixels()..], ld, d));
+            let (mut dx, maps) = (vec![0f32; g.n * image_len], g.tap_maps());
+            dx.par_chunks_mut(image_len)
+                .enumerate()
+                .for_each(|(n, d)| g.col2im(&dcol[n * g.pixels()..], ld, d, maps.as_ref()));
             T::to_cpu_storage_owned(dx.into_iter().map(T::from_f32).collect())
         });
         Ok((dx, shape))
@@ -923,6 +970,7 @@ impl ConvBackward {
         .then(|| g.input_gradient_convolution(gr))
         .flatten();
         let turned = gradient_conv.map(|_| g.turned_weights(w)).unwrap_or_default();
+        let maps = g.tap_maps();
         let image_range = |r: usize, mut dx: Option<&mut [T]>, dw: &mut [f32]| {
             let (mut scratch, mut dy_buf, mut dx_buf) = (Vec::new(), Vec::new(), Vec::new());
             let mut dcol = if dx.is_some() && !pointwise { uninit::<f32>(g.groups * kg * p) } else { Vec::new() };
@@ -959,7 +1007,7 @@ impl ConvBackward {
                     }
                     if !pointwise {
                         dx.fill(0.0);
-                        g.col2im(&dcol, p, dx);
+                        g.col2im(&dcol, p, dx, maps.as_ref());
                     }
                 });
             }
@@ -1090,7 +1138,7 @@ impl ConvBackward {
         let (p, kg, og) = (g.pixels(), g.rows_per_group(), g.out_per_group());
         let image_len = g.c * g.h * g.w;
         let chunk = g.images_per_chunk(self.col_budget);
-        let mut col = Vec::<f32>::new();
+        let (mut col, maps) = (Vec::<f32>::new(), g.tap_maps());
         for c in 0..g.n.div_ceil(chunk) {
             let images = c * chunk..(c * chunk + chunk).min(g.n);
             let np = images.len() * p;
@@ -1130,7 +1178,7 @@ impl ConvBackward {
             dx.par_chunks_mut(image_len).enumerate().for_each_init(Vec::new, |buf, (i, d)| {
                 write_f32(d, buf, |d| {
                     d.fill(0.0);
-                    g.col2im(&col[i * p..], np, d)
+                    g.col2im(&col[i * p..], np, d, maps.as_ref())
                 })
             });
         }
