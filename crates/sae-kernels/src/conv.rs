@@ -456,6 +456,7 @@ impl Geometry {
             *col = uninit::<U>(len);
         }
         let maps = self.tap_maps().filter(|_| xs.strides[3] == 1 && xs.strides[2] == self.w);
+        let (taps, zero) = (self.kh * self.kw, U::from_f32(0.0));
         col.par_chunks_mut(ld).enumerate().for_each(|(r, row)| {
             let (ci, ky, kx) = (r / (self.kh * self.kw), r / self.kw % self.kh, r % self.kw);
             for (out, ni) in row.chunks_exact_mut(p).zip(images.clone()) {
@@ -463,9 +464,14 @@ impl Geometry {
                     self.im2col_row(x, xs, ni, ci, ky, kx, out);
                     continue;
                 };
-                let plane = &x[xs.offset + ni * xs.strides[0] + ci * xs.strides[1]..];
-                for (o, offset) in out.iter_mut().zip(&maps[r % (self.kh * self.kw)]) {
-                    *o = offset.map_or(U::from_f32(0.0), |i| U::from_f32(plane[i].to_f32()));
+                let (plane, map) = (&x[xs.offset + ni * xs.strides[0] + ci * xs.strides[1]..], &maps[r % taps]);
+                // A bf16 image unrolled for the bf16 kernel is copied, not converted and back.
+                match same_type::<T, U>(plane) {
+                    Some(plane) => out.iter_mut().zip(map).for_each(|(o, m)| *o = m.map_or(zero, |i| plane[i])),
+                    None => out
+                        .iter_mut()
+                        .zip(map)
+                        .for_each(|(o, m)| *o = m.map_or(zero, |i| U::from_f32(plane[i].to_f32()))),
                 }
             }
         });
