@@ -458,7 +458,7 @@ impl Geometry {
         let maps = self.tap_maps().filter(|_| xs.strides[3] == 1 && xs.strides[2] == self.w);
         let (taps, zero) = (self.kh * self.kw, U::from_f32(0.0));
         col.par_chunks_mut(ld).enumerate().for_each(|(r, row)| {
-            let (ci, ky, kx) = (r / (self.kh * self.kw), r / self.kw % self.kh, r % self.kw);
+            let (ci, ky, kx) = (r / taps, r / self.kw % self.kh, r % self.kw);
             for (out, ni) in row.chunks_exact_mut(p).zip(images.clone()) {
                 let Some(maps) = &maps else {
                     self.im2col_row(x, xs, ni, ci, ky, kx, out);

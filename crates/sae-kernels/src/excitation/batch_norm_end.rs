@@ -364,29 +364,19 @@ impl BatchNormExcitationBackward {
                 (a, k, -a * dy / count - k * mean[ci])
             })
             .collect();
+        // dx = ag·g + k·x + offset per plane: (a·F, k, a·e + b).
+        let coefficients = |plane: usize| {
+            let (a, k, b) = channel[plane % c];
+            (a * factor(plane), k, a * shift(plane) + b)
+        };
         if let Some(runs) = &runs {
-            runs.task_runs(dx).into_par_iter().zip(runs.blocks()).for_each(|(dxs, channels)| {
-                vectorized!({
-                    let k = runs.spread(&channels, |ci| channel[ci].1);
-                    for (ni, dx) in dxs.into_iter().enumerate() {
-                        let plane = |ci: usize| ni * c + ci;
-                        let ag = runs.spread(&channels, |ci| channel[ci].0 * factor(plane(ci)));
-                        let offset = runs.spread(&channels, |ci| channel[ci].0 * shift(plane(ci)) + channel[ci].2);
-                        let values = runs.run(x, ni, &channels).iter().zip(runs.contiguous_run(&masked, ni, &channels));
-                        let coefficients = ag.iter().zip(&k).zip(&offset);
-                        for (d, ((&xv, &gv), ((&ag, &k), &offset))) in dx.iter_mut().zip(values.zip(coefficients)) {
-                            *d = T::from_f32(gv.to_f32() * ag + xv.to_f32() * k + offset);
-                        }
-                    }
-                })
-            });
+            input_gradient_runs(x, xs, runs, &masked, &coefficients, dx);
         } else {
             let planes = dx.par_chunks_mut(hw).with_min_len(min_len).enumerate();
             planes.for_each_init(
                 Default::default,
                 |(x_buf, g_buf, dx_buf): &mut (Vec<f32>, Vec<f32>, Vec<f32>), (plane, dx)| {
-                    let (a, k, b) = channel[plane % c];
-                    let (ag, offset) = (a * factor(plane), a * shift(plane) + b);
+                    let (ag, k, offset) = coefficients(plane);
                     let xp = plane_f32(x, xs, plane / c, plane % c, x_buf);
                     let gp = read_f32(&masked[plane * hw..(plane + 1) * hw], g_buf);
                     write_f32(dx, dx_buf, |dx| {
@@ -444,6 +434,34 @@ fn masked_plane_sums<T: Elem>(
         })
     });
     sums
+}
+
+/// The backward's dx pass over short planes, as runs of channels image by image: `dx = ag·g
+/// + k·x + offset` with the masked gradient `g` and each plane's `coefficients(plane)` (plane
+/// `ni · C + ci`), `k` the channel's.
+fn input_gradient_runs<T: Elem>(
+    x: &[T],
+    xs: &Strided4,
+    runs: &ShortPlanes,
+    masked: &[T],
+    coefficients: &(impl Fn(usize) -> (f32, f32, f32) + Sync),
+    dx: &mut [T],
+) {
+    let c = xs.dims[1];
+    runs.task_runs(dx).into_par_iter().zip(runs.blocks()).for_each(|(dxs, channels)| {
+        vectorized!({
+            let k = runs.spread(&channels, |ci| coefficients(ci).1);
+            for (ni, dx) in dxs.into_iter().enumerate() {
+                let ag = runs.spread(&channels, |ci| coefficients(ni * c + ci).0);
+                let offset = runs.spread(&channels, |ci| coefficients(ni * c + ci).2);
+                let values = runs.run(x, ni, &channels).iter().zip(runs.contiguous_run(masked, ni, &channels));
+                let terms = ag.iter().zip(&k).zip(&offset);
+                for (d, ((&xv, &gv), ((&ag, &k), &offset))) in dx.iter_mut().zip(values.zip(terms)) {
+                    *d = T::from_f32(gv.to_f32() * ag + xv.to_f32() * k + offset);
+                }
+            }
+        })
+    });
 }
 
 #[cfg(test)]
