@@ -46,7 +46,7 @@ fn main() -> anyhow::Result<()> {
         let t1 = Instant::now();
         let grads = device.with_context(|| loss.backward())?;
         let t2 = Instant::now();
-        optimizer.step(&grads)?;
+        device.with_context(|| optimizer.step(&grads))?;
         let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
         let t3 = Instant::now();
         println!(

@@ -79,8 +79,9 @@ impl OptimizerConfig {
 
 /// An optimiser over named variables, as candle-nn's: it updates only the variables it was
 /// built with, from the gradients of one backward pass, and its state (moments or momentum
-/// buffers, the step count) saves to named tensors for checkpoints.
-pub trait Optimizer {
+/// buffers, the step count) saves to named tensors for checkpoints. `Send`, so that a step can
+/// run in the thread pool the forward and backward ran in (`Device::with_context`).
+pub trait Optimizer: Send {
     /// Applies one update from `grads`. Variables without a gradient are left alone.
     fn step(&mut self, grads: &GradStore) -> Result<()>;
     /// Current learning rate.

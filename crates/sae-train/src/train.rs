@@ -408,11 +408,16 @@ impl Run<'_> {
                 if let Some(max_norm) = steps.clip_grad_norm {
                     clip_grad_norm(&mut grads, self.model, max_norm)?;
                 }
-                optimizer.step(&grads)?;
+                // In the pool the forward and backward ran in: the global pool's threads, woken
+                // for the update, would spin beside that pool's (`results/train-profile.md`).
+                self.device.with_context(|| -> Result<()> {
+                    optimizer.step(&grads)?;
+                    if let (Some(ema), Some(decay)) = (self.ema, steps.ema_decay) {
+                        update_ema(ema, self.model, decay)?;
+                    }
+                    Ok(())
+                })?;
                 self.state.step += 1;
-                if let (Some(ema), Some(decay)) = (self.ema, steps.ema_decay) {
-                    update_ema(ema, self.model, decay)?;
-                }
                 let due = steps.checkpoint_every.is_some_and(|n| self.state.step.is_multiple_of(n));
                 if due && i + 1 < batches && self.collective.rank() == 0 {
                     self.state.partial = totals.clone();
