@@ -220,7 +220,9 @@ fn measure_here(r: Row, kernels: Implementation, precision: Precision, seconds: 
     let x = Tensor::randn(0f32, 1.0, (r.batch, 3, r.size, r.size), &device)?;
     let labels: Vec<u32> = (0..r.batch as u32).map(|i| i * 37 % CLASSES as u32).collect();
     let y = Tensor::new(labels.as_slice(), &device)?;
-    let mut optimizer = OptimizerConfig::keras_adam().build(model.trainable_vars(), kernels);
+    // Only for training: its moments (twice the weights) are allocated when it is built.
+    let mut optimizer =
+        (r.mode == Mode::Train).then(|| OptimizerConfig::keras_adam().build(model.trainable_vars(), kernels));
     if r.mode == Mode::Infer {
         // Realistic running statistics for eval mode: with the initial ones the activations
         // are unnormalised, and their values slow some kernels down (both ours and PyTorch's).
@@ -231,10 +233,10 @@ fn measure_here(r: Row, kernels: Implementation, precision: Precision, seconds: 
     let mut parts: Vec<[f64; 3]> = Vec::new();
     let mut step = || -> Result<[f64; 3]> {
         let t0 = Instant::now();
-        if r.mode == Mode::Infer {
+        let Some(optimizer) = optimizer.as_mut() else {
             device.with_context(|| model.forward_without_graph(&x, false)?.to_dtype(DType::F32))?;
             return Ok([t0.elapsed().as_secs_f64(), 0.0, 0.0]);
-        }
+        };
         let (loss, t1) = device.with_context(|| -> Result<_> {
             let loss = cross_entropy(&model.forward_t(&x, true)?, &y, 0.0)?;
             loss.to_scalar::<f32>()?;
