@@ -51,9 +51,7 @@ pub fn adam_update(
             bail!("adam: {name} has shape {:?}, the parameter {:?}", t.dims(), theta.dims())
         }
     }
-    let fusable = [theta.as_tensor(), grad, m.as_tensor(), v.as_tensor()]
-        .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous());
+    let fusable = [theta.as_tensor(), grad, m.as_tensor(), v.as_tensor()].into_iter().all(adam_kernel_takes);
     if implementation == Implementation::Reference || !fusable {
         return adam_update_reference(theta, grad, m, v, step);
     }
@@ -62,11 +60,16 @@ pub fn adam_update(
     theta.inplace_op3(m, v, &Apply { alpha: step.alpha as f32, eps: step.eps as f32 })
 }
 
-/// Whether [`adam_update_interleaved`] takes this parameter and gradient: contiguous f32 on
-/// the CPU, of one shape.
+/// Whether the fused kernels take this tensor (a parameter, gradient or moment): contiguous
+/// f32 on the CPU.
+pub fn adam_kernel_takes(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous()
+}
+
+/// Whether [`adam_update_interleaved`] takes this parameter and gradient: both
+/// [`adam_kernel_takes`], of one shape.
 pub fn adam_interleaved_applies(theta: &Var, grad: &Tensor) -> bool {
-    [theta.as_tensor(), grad].iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous())
-        && grad.shape() == theta.shape()
+    adam_kernel_takes(theta) && adam_kernel_takes(grad) && grad.shape() == theta.shape()
 }
 
 /// [`adam_update`] with the moments in `moments`, `m` and `v` of each element side by side

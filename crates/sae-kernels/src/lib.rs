@@ -64,7 +64,9 @@ mod ptx {
     include!(concat!(env!("OUT_DIR"), "/sae_ptx.rs"));
 }
 
-pub use adam::{adam_interleaved_applies, adam_update, adam_update_interleaved, adam_update_reference, AdamStep};
+pub use adam::{
+    adam_interleaved_applies, adam_kernel_takes, adam_update, adam_update_interleaved, adam_update_reference, AdamStep,
+};
 pub use batch_norm::{
     batch_norm_eval, batch_norm_eval_affine, batch_norm_train, batch_norm_train_add_relu, batch_norm_train_reference,
     channel_affine, BatchNormOutput,

@@ -7,8 +7,10 @@
 
 use crate::{Error, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor, Var};
-use sae_kernels::{adam_interleaved_applies, adam_update, adam_update_interleaved, AdamStep, Implementation};
+use candle_core::{Device, Tensor, Var};
+use sae_kernels::{
+    adam_interleaved_applies, adam_kernel_takes, adam_update, adam_update_interleaved, AdamStep, Implementation,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -182,10 +184,7 @@ pub struct Adam {
 /// 180 MB of moments for ResNet-50 land among that step's activations and gradients, and the
 /// resident peak of ResNet-50's 32×32 run rose by 25–40 MB (`results/train-profile.md`).
 fn moments_up_front(var: &Var, implementation: Implementation) -> Option<Vec<f32>> {
-    let fits = implementation == Implementation::Fused
-        && var.device().is_cpu()
-        && var.dtype() == DType::F32
-        && var.is_contiguous();
+    let fits = implementation == Implementation::Fused && adam_kernel_takes(var);
     fits.then(|| vec![0.0; 2 * var.elem_count()])
 }
 
