@@ -242,7 +242,7 @@ fn measure_here(r: Row, kernels: Implementation, precision: Precision, seconds: 
             loss.to_scalar::<f32>()?;
             Ok((loss, Instant::now()))
         })?;
-        let grads = device.with_context(|| loss.backward())?;
+        let grads = device.with_context(|| loss.backward_consuming())?;
         let t2 = Instant::now();
         device.with_context(|| optimizer.step(&grads))?;
         Ok([(t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64(), t2.elapsed().as_secs_f64()])

@@ -631,7 +631,7 @@ fn train_family(
     for step in 0..steps {
         let loss = cross_entropy(&model.forward_t(&x, true)?, &y, 0.0)?;
         run.losses.push(loss.to_scalar::<f32>()?);
-        let grads = loss.backward()?;
+        let grads = loss.backward_consuming()?;
         if step == 0 {
             for (var_name, var) in &vars {
                 let g = grads.get(var).with_context(|| format!("no gradient for {var_name}"))?;
@@ -822,7 +822,7 @@ fn ours(
     let step = timed(device, seconds, || {
         if train {
             let loss = cross_entropy(&net.forward_t(&x, true)?.to_dtype(DType::F32)?, &y, 0.0)?;
-            opt.step(&loss.backward()?)?;
+            opt.step(&loss.backward_consuming()?)?;
         } else {
             net.forward_without_graph(&x, false)?;
         }
@@ -840,8 +840,8 @@ fn step_split(device: &Device, model: &str, size: usize, batch: usize, seconds: 
     let mut opt = OptimizerConfig::keras_adam().build(net.trainable_vars(), Implementation::Fused);
     let loss = || -> Result<Tensor> { Ok(cross_entropy(&net.forward_t(&x, true)?, &y, 0.0)?) };
     let forward = timed(device, seconds, || loss().map(drop))?;
-    let backward = timed(device, seconds, || Ok(loss()?.backward().map(drop)?))?;
-    let step = timed(device, seconds, || Ok(opt.step(&loss()?.backward()?)?))?;
+    let backward = timed(device, seconds, || Ok(loss()?.backward_consuming().map(drop)?))?;
+    let step = timed(device, seconds, || Ok(opt.step(&loss()?.backward_consuming()?)?))?;
     Ok(format!(
         "forward {:.1} ms, backward {:.1} ms, Adam {:.1} ms",
         forward * 1e3,

@@ -5,10 +5,12 @@
 //! written through one of them, and a variable's
 //! gradient that is one part of a buffer of several (the fused BatchNorm returns the input,
 //! scale and shift gradients in one) must own its memory, or the buffer would live until the
-//! optimiser step.
+//! optimiser step. `backward_consuming` lets go of each node of the graph once its gradient
+//! has been passed on, so that the activations are freed during the pass.
 
-use candle_core::{CpuStorage, DType, Device, Storage, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor, Var};
 use sae_kernels::{batch_norm_train, batch_norm_train_reference, Implementation};
+use std::sync::{Arc, Mutex};
 
 /// Elements of the storage behind `t` (which may be a view of more).
 fn storage_len(t: &Tensor) -> usize {
@@ -97,5 +99,71 @@ fn a_gradient_held_by_nothing_else_is_summed_in_place() -> candle_core::Result<(
         let gx = grads.get(&x).expect("x has a gradient").to_dtype(DType::F32)?;
         assert_eq!(gx.to_vec1::<f32>()?, [2.5, 4.25, 9.0, 19.0], "{dtype:?}");
     }
+    Ok(())
+}
+
+/// An identity op that logs, in `log`, when its backward runs and when its node is dropped
+/// (the op is owned by the node of the graph that it made).
+struct Probe {
+    name: &'static str,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl CustomOp1 for Probe {
+    fn name(&self) -> &'static str {
+        "probe"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(v) = storage else { candle_core::bail!("probe: f32 only") };
+        let v = layout.contiguous_offsets().map(|(a, b)| v[a..b].to_vec()).expect("a contiguous input");
+        Ok((CpuStorage::F32(v), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        self.log.lock().unwrap().push(format!("{} backward", self.name));
+        Ok(Some(grad_res.clone()))
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.log.lock().unwrap().push(format!("{} dropped", self.name));
+    }
+}
+
+/// What happened, in order, by the end of the backward pass of `Σ 2·outer(inner(x))`
+/// (`consuming` or not; the root is still held after a plain one), and x's gradient.
+fn probed_pass(consuming: bool) -> candle_core::Result<(Vec<String>, Vec<f32>)> {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let x = Var::new(&[1f32, -2.0, 3.0], &Device::Cpu)?;
+    let probe = |name| Probe { name, log: log.clone() };
+    let loss = x.as_tensor().apply_op1(probe("inner"))?.apply_op1(probe("outer"))?.affine(2.0, 0.0)?.sum_all()?;
+    let grads = if consuming { loss.backward_consuming()? } else { loss.backward()? };
+    let gradient = grads.get(&x).expect("x has a gradient").to_vec1::<f32>()?;
+    let log = log.lock().unwrap().clone();
+    Ok((log, gradient))
+}
+
+#[test]
+fn a_consuming_backward_frees_each_node_once_passed() -> candle_core::Result<()> {
+    let (log, gradient) = probed_pass(true)?;
+    // The outer node goes as soon as its turn is over, before the inner one's backward.
+    assert_eq!(log, ["outer backward", "outer dropped", "inner backward", "inner dropped"]);
+    assert_eq!(gradient, [2.0, 2.0, 2.0]);
+    // `backward` frees nothing: the caller's root holds the graph.
+    let (log, gradient) = probed_pass(false)?;
+    assert_eq!(log, ["outer backward", "inner backward"]);
+    assert_eq!(gradient, [2.0, 2.0, 2.0]);
+    Ok(())
+}
+
+#[test]
+fn a_consuming_backward_sums_every_path() -> candle_core::Result<()> {
+    let x = Var::new(&[1f32, -2.0, 3.0], &Device::Cpu)?;
+    // d/dx Σ (x + x·x + 3x) = 1 + 2x + 3, as in `gradients_sum_every_path`.
+    let y = (x.as_tensor() + (x.as_tensor() * x.as_tensor())?)?;
+    let grads = (y + x.as_tensor().affine(3.0, 0.0)?)?.sum_all()?.backward_consuming()?;
+    assert_eq!(grads.get(&x).expect("x has a gradient").to_vec1::<f32>()?, [6.0, 0.0, 10.0]);
     Ok(())
 }

@@ -44,7 +44,7 @@ fn main() -> anyhow::Result<()> {
         let loss = device.with_context(|| cross_entropy(&net.forward_t(&x, true)?, &y, 0.0))?;
         let value = loss.to_scalar::<f32>()?;
         let t1 = Instant::now();
-        let grads = device.with_context(|| loss.backward())?;
+        let grads = device.with_context(|| loss.backward_consuming())?;
         let t2 = Instant::now();
         device.with_context(|| optimizer.step(&grads))?;
         let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;

@@ -227,10 +227,33 @@ impl Tensor {
     }
 
     pub fn backward(&self) -> Result<GradStore> {
-        let sorted_nodes = self.sorted_nodes();
         let mut grads = GradStore::new();
         grads.insert(self, self.ones_like()?.contiguous()?);
-        for node in sorted_nodes.iter() {
+        Self::backpropagate(self.sorted_nodes(), grads)
+    }
+
+    /// `backward` of a root given up by the caller (sae patch): the graph is let go of as the
+    /// pass goes, each node as soon as its gradient has been passed on to its inputs, so that
+    /// the forward's activations are freed during the pass instead of all after it. A node is
+    /// freed only when nothing else holds it: a caller that keeps the logits (or any other
+    /// tensor of the graph) keeps everything below them, as with `backward`.
+    pub fn backward_consuming(self) -> Result<GradStore> {
+        let nodes: Vec<Tensor> = self.sorted_nodes().into_iter().cloned().collect();
+        let mut grads = GradStore::new();
+        grads.insert(&self, self.ones_like()?.contiguous()?);
+        drop(self);
+        Self::backpropagate(nodes, grads)
+    }
+
+    /// The pass of `backward` over `sorted_nodes` (the root first), `grads` holding the
+    /// root's gradient; each node is dropped once its turn is over (sae patch).
+    fn backpropagate<N: std::borrow::Borrow<Tensor>>(
+        sorted_nodes: Vec<N>,
+        mut grads: GradStore,
+    ) -> Result<GradStore> {
+        for node in sorted_nodes {
+            // `&&Tensor`, as the iteration over references upstream gives it.
+            let node: &&Tensor = &node.borrow();
             if node.is_variable() {
                 continue;
             }
