@@ -131,8 +131,7 @@ pub fn save(
     if let Some(ema) = ema {
         ema.save(&tmp.join("ema.safetensors"))?;
     }
-    let opt: std::collections::HashMap<String, candle_core::Tensor> = optimizer.state_tensors()?.into_iter().collect();
-    candle_core::safetensors::save(&opt, tmp.join("optimizer.safetensors"))?;
+    optimizer.save_state(&tmp.join("optimizer.safetensors"))?;
     let json = serde_json::to_string_pretty(state).expect("state serialises");
     std::fs::write(tmp.join("state.json"), json).map_err(io(&tmp))?;
     sae_fs::replace_dir(&tmp, &root.join(&name))?;

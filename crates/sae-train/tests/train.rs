@@ -87,6 +87,51 @@ fn fused_adam_matches_the_reference_on_many_elements() {
     }
 }
 
+/// An optimiser's state file (what checkpoints write: Adam's interleaved moments straight from
+/// its own memory, the reference's moment tensors, SGD's momentum) holds bit for bit what
+/// `state_tensors` gives, with the variables' shapes.
+#[test]
+fn saved_optimiser_state_is_the_state() {
+    let configs = [
+        (OptimizerConfig::keras_adam(), Implementation::Fused),
+        (OptimizerConfig::keras_adam(), Implementation::Reference),
+        (
+            OptimizerConfig::Sgd { lr: 0.1, momentum: 0.9, nesterov: false, weight_decay: 0.0, decoupled: false },
+            Implementation::Fused,
+        ),
+    ];
+    for (cfg, implementation) in configs {
+        let values =
+            |n: usize, seed: usize| -> Vec<f32> { (0..n).map(|i| ((i * seed % 997) as f32 / 500.0) - 1.0).collect() };
+        let w = Var::from_tensor(&Tensor::from_vec(values(60, 7919), (5, 3, 2, 2), &Device::Cpu).unwrap()).unwrap();
+        let b = Var::new(values(7, 104_729).as_slice(), &Device::Cpu).unwrap();
+        let mut opt = cfg.build(vec![("w".into(), w.clone()), ("b".into(), b.clone())], implementation);
+        for _ in 0..3 {
+            let loss = (w.as_tensor().sqr().unwrap().sum_all().unwrap()
+                + b.as_tensor().exp().unwrap().sum_all().unwrap())
+            .unwrap();
+            opt.step(&loss.backward().unwrap()).unwrap();
+        }
+        let dir = tmp("optimiser-state");
+        let path = dir.path().join("optimizer.safetensors");
+        opt.save_state(&path).unwrap();
+        let saved = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+        let state = opt.state_tensors().unwrap();
+        let mut names: Vec<&String> = saved.keys().collect();
+        names.sort();
+        assert_eq!(names, state.keys().collect::<Vec<_>>(), "{cfg:?} {implementation:?}");
+        for (name, expected) in &state {
+            let got = &saved[name];
+            assert_eq!(got.dims(), expected.dims(), "{name}");
+            let bits = |t: &Tensor| {
+                t.flatten_all().unwrap().to_dtype(candle_core::DType::F32).unwrap().to_vec1::<f32>().unwrap()
+            };
+            assert_eq!(bits(got), bits(expected), "{name} of {cfg:?} {implementation:?}");
+        }
+        assert!(state.contains_key("w.m"), "{cfg:?} has a first moment or momentum for w");
+    }
+}
+
 /// The optimiser runs exactly the Adam update its kernel switch names: bit for bit the fused
 /// kernel or the Candle composition. The two round differently, so the test tells them apart.
 #[test]
