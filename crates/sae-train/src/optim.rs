@@ -110,11 +110,27 @@ pub trait Optimizer: Send {
 }
 
 /// One tensor of an optimiser's saved state: a tensor, or one moment (`which`: 0 for m, 1 for
-/// v) of a variable's interleaved (m, v) pairs, whose bytes are made only when the file
-/// writer comes to it.
+/// v) of a variable's interleaved (m, v) pairs, whose values are read out only when a tensor
+/// or the file writer needs them.
 enum StateView<'a> {
     Tensor(Tensor),
-    Moment { pairs: &'a [f32], which: usize, shape: &'a [usize] },
+    Moment { pairs: &'a [f32], which: usize, var: &'a Var },
+}
+
+impl StateView<'_> {
+    /// One moment's values, out of (m, v) pairs.
+    fn moment(pairs: &[f32], which: usize) -> impl Iterator<Item = f32> + '_ {
+        pairs.iter().skip(which).step_by(2).copied()
+    }
+
+    fn into_tensor(self) -> Result<Tensor> {
+        Ok(match self {
+            Self::Tensor(t) => t,
+            Self::Moment { pairs, which, var } => {
+                Tensor::from_vec(Self::moment(pairs, which).collect(), var.shape(), var.device())?
+            }
+        })
+    }
 }
 
 impl safetensors::View for StateView<'_> {
@@ -128,7 +144,7 @@ impl safetensors::View for StateView<'_> {
     fn shape(&self) -> &[usize] {
         match self {
             Self::Tensor(t) => t.dims(),
-            Self::Moment { shape, .. } => shape,
+            Self::Moment { var, .. } => var.dims(),
         }
     }
 
@@ -136,7 +152,7 @@ impl safetensors::View for StateView<'_> {
         match self {
             Self::Tensor(t) => safetensors::View::data(t),
             Self::Moment { pairs, which, .. } => {
-                Cow::Owned(pairs.iter().skip(*which).step_by(2).flat_map(|v| v.to_le_bytes()).collect())
+                Cow::Owned(Self::moment(pairs, *which).flat_map(f32::to_le_bytes).collect())
             }
         }
     }
@@ -254,11 +270,25 @@ fn interleave(m: Option<Var>, v: Option<Var>, len: usize) -> Result<Vec<f32>> {
 
 /// (m, v) pairs as two tensors of `var`'s shape.
 fn deinterleave(pairs: &[f32], var: &Var) -> Result<(Tensor, Tensor)> {
-    let part = |i: usize| -> Result<Tensor> {
-        let values: Vec<f32> = pairs.iter().skip(i).step_by(2).copied().collect();
-        Ok(Tensor::from_vec(values, var.shape(), var.device())?)
-    };
-    Ok((part(0)?, part(1)?))
+    let moment = |which| StateView::Moment { pairs, which, var }.into_tensor();
+    Ok((moment(0)?, moment(1)?))
+}
+
+impl Adam {
+    /// The state as [`Optimizer::state_tensors`] names it: the tensors `params` holds, and a
+    /// view of each interleaved variable's two moments.
+    fn state_views(&self) -> Result<Vec<(String, StateView<'_>)>> {
+        let tensors = self.params.state_tensors()?.into_iter().map(|(name, t)| (name, StateView::Tensor(t)));
+        let mut views: Vec<(String, StateView)> = tensors.collect();
+        for ((name, var), pairs) in self.params.vars.iter().zip(&self.interleaved) {
+            if let Some(pairs) = pairs {
+                for (which, suffix) in ["m", "v"].into_iter().enumerate() {
+                    views.push((format!("{name}.{suffix}"), StateView::Moment { pairs, which, var }));
+                }
+            }
+        }
+        Ok(views)
+    }
 }
 
 impl Optimizer for Adam {
@@ -309,15 +339,7 @@ impl Optimizer for Adam {
     }
 
     fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
-        let mut out = self.params.state_tensors()?;
-        for ((name, var), pairs) in self.params.vars.iter().zip(&self.interleaved) {
-            if let Some(pairs) = pairs {
-                let (m, v) = deinterleave(pairs, var)?;
-                out.insert(format!("{name}.m"), m);
-                out.insert(format!("{name}.v"), v);
-            }
-        }
-        Ok(out)
+        self.state_views()?.into_iter().map(|(name, view)| Ok((name, view.into_tensor()?))).collect()
     }
 
     /// As [`Optimizer::state_tensors`] writes them, but each interleaved moment is read out of
@@ -325,17 +347,7 @@ impl Optimizer for Adam {
     /// copy of all the moments (twice the weights: 190 MB for ResNet-50) held while the
     /// checkpoint was written, above a 32×32 training step's own peak.
     fn save_state(&self, path: &Path) -> Result<()> {
-        let tensors = self.params.state_tensors()?.into_iter().map(|(name, t)| (name, StateView::Tensor(t)));
-        let mut views: Vec<(String, StateView)> = tensors.collect();
-        for ((name, var), pairs) in self.params.vars.iter().zip(&self.interleaved) {
-            if let Some(pairs) = pairs {
-                for (which, suffix) in ["m", "v"].into_iter().enumerate() {
-                    let view = StateView::Moment { pairs, which, shape: var.dims() };
-                    views.push((format!("{name}.{suffix}"), view));
-                }
-            }
-        }
-        safetensors::serialize_to_file(views, None, path)
+        safetensors::serialize_to_file(self.state_views()?, None, path)
             .map_err(|e| Error::Checkpoint { path: path.to_path_buf(), reason: e.to_string() })
     }
 
