@@ -141,8 +141,9 @@ fn two_ranks_with_sync_bn_reach_the_weights_of_one_process_with_twice_the_batch(
         update_sq += update * update;
     }
     // Float reordering only: 8e-6 of the update measured after 1, 2 and 4 steps on CPUs with
-    // AVX-512, but 3.3e-3 on a 2-core AMD EPYC without it (Zen 3, AVX2 only; the same with one
-    // thread per process, so not the thread split; cause not yet found — results/train-profile.md).
+    // AVX-512; on a 2-core AMD EPYC without it (Zen 3, AVX2 only) 1.1e-5, 9.3e-6 and 8.2e-6
+    // after 1–3 steps, then 3.3e-3 after the fourth: one rounding difference tipped a branch (a
+    // ReLU at zero or a max-pool's near-tie) and BatchNorm spread it (results/train-profile.md).
     // (With the statistics summed in f32 instead of f64 it was 1e-3 to 1e-2: small-batch
     // BatchNorm amplifies every lost digit.) A wrong average or a missing exchange of
     // BatchNorm's gradient moves the weights by tens of per cent of their update.
