@@ -29,4 +29,4 @@ pub use metrics::Evaluation;
 pub use optim::{Adam, Optimizer, OptimizerConfig, Schedule, Sgd};
 pub use progress::{default_progress, Bar, LogLines, Progress};
 pub use summary::{read_summary, EpochSummary};
-pub use train::{evaluate, evaluate_all, evaluate_all_with, evaluate_sharded, train, train_with};
+pub use train::{evaluate, evaluate_all, evaluate_all_with, evaluate_sharded, forward_backward, train, train_with};

@@ -24,12 +24,45 @@ use crate::summary::{read_summary, write_summary, EpochSummary};
 use crate::{Error, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, ModuleT, Tensor};
-use sae_data::{Dataset, Loader, LoaderConfig};
+use sae_data::{Dataset, Loader, LoaderConfig, Mixed};
 use sae_models::Model;
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
+
+/// One batch's forward pass, loss and backward pass: the logits' values (detached from the
+/// graph), the loss (cross-entropy with `label_smoothing`, or the mixed images' blend of two),
+/// and the gradients of the loss divided by `batches_per_step` (accumulated over a step's
+/// batches, they are the gradients of their mean loss).
+///
+/// No tensor of the graph outlives the forward pass but the loss: the accuracy needs only the
+/// logits' values, and the backward pass then frees each activation once its gradient has been
+/// passed on, so the step's peak memory is not the activations and their gradients together
+/// (the activations of a ResNet-50 step at 140×140 are most of its memory).
+pub fn forward_backward(
+    forward: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
+    x: &Tensor,
+    labels: &Tensor,
+    mixed: Option<&Mixed>,
+    label_smoothing: f64,
+    batches_per_step: usize,
+) -> Result<(Tensor, f32, GradStore)> {
+    let logits = forward(x)?;
+    let mut loss = cross_entropy(&logits, labels, label_smoothing)?;
+    if let Some(mixed) = mixed {
+        // λ·CE(y) + (1 − λ)·CE(y of the images mixed in).
+        let partner = Tensor::from_slice(&mixed.partner_labels, mixed.partner_labels.len(), labels.device())?;
+        let other = cross_entropy(&logits, &partner, label_smoothing)?;
+        let lambda = mixed.lambda as f64;
+        loss = ((loss * lambda)? + (other * (1.0 - lambda))?)?;
+    }
+    let value = loss.to_scalar::<f32>()?;
+    let logits_values = logits.detach();
+    drop(logits);
+    let loss = if batches_per_step > 1 { (loss / batches_per_step as f64)? } else { loss };
+    Ok((logits_values, value, loss.backward_consuming()?))
+}
 
 /// Trains as `cfg` says, in `dir`. With `resume`, continues the run in `dir` from its last
 /// checkpoint (its `config.json` must match `cfg` except for `epochs`), mid-epoch when that
@@ -364,25 +397,9 @@ impl Run<'_> {
             optimizer.set_lr(cfg.schedule.lr(cfg.optimizer.lr(), epoch as f64 + i as f64 / batches as f64));
             let (x, y) = to_tensors(&batch, self.device)?;
             // Forward and backward inside Candle's own CPU thread pool (a no-op on GPUs).
-            let (logits, loss, grads) = self.device.with_context(|| -> Result<_> {
-                let logits = self.synchronised(|| self.model.forward_t(&x, true))?;
-                let mut loss = cross_entropy(&logits, &y, cfg.label_smoothing)?;
-                if let Some(mixed) = &batch.mixed {
-                    // λ·CE(y) + (1 − λ)·CE(y of the images mixed in).
-                    let partner = Tensor::from_slice(&mixed.partner_labels, mixed.partner_labels.len(), self.device)?;
-                    let other = cross_entropy(&logits, &partner, cfg.label_smoothing)?;
-                    let lambda = mixed.lambda as f64;
-                    loss = ((loss * lambda)? + (other * (1.0 - lambda))?)?;
-                }
-                let value = loss.to_scalar::<f32>()?;
-                // The accuracy needs only the logits' values: detached, they let go of the
-                // graph, which the backward pass then frees as it goes (the activations of a
-                // ResNet-50 step at 140×140 are most of its memory).
-                let logits_values = logits.detach();
-                drop(logits);
-                // Accumulated gradients are the mean over the step's batches.
-                let loss = if per_step > 1 { (loss / per_step as f64)? } else { loss };
-                Ok((logits_values, value, loss.backward_consuming()?))
+            let (logits, loss, grads) = self.device.with_context(|| {
+                let forward = |x: &Tensor| self.synchronised(|| self.model.forward_t(x, true));
+                forward_backward(forward, &x, &y, batch.mixed.as_ref(), cfg.label_smoothing, per_step)
             })?;
             // The batch's totals over all ranks, so that every rank sees the same loss and
             // stops together when it is not finite.
