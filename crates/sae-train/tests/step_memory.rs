@@ -80,12 +80,14 @@ fn the_backward_pass_frees_the_activations_as_it_goes() {
         drop(logits);
         (value, grads)
     });
-    // The same step: the same loss and gradients.
-    assert_eq!(loss, held_loss);
+    // The same step: the same loss and gradients (to rounding, should a kernel's sums depend on
+    // how rayon split its work).
+    assert!((loss - held_loss).abs() <= 1e-6 * loss.abs(), "loss {loss} against {held_loss}");
+    let max_abs = |t: &Tensor| t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     for (name, var) in model.trainable_vars() {
         let (a, b) = (grads.get(&var).unwrap(), held_grads.get(&var).unwrap());
-        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert_eq!(diff, 0.0, "{name}");
+        let diff = max_abs(&(a - b).unwrap());
+        assert!(diff <= 1e-5 * max_abs(b), "{name}: gradients differ by {diff}");
     }
     let (forward_only, logits) = peak_of(|| model.forward_t(&x, true).unwrap());
     drop(logits);
