@@ -64,6 +64,24 @@ fn a_gradient_returned_with_others_owns_its_memory() -> candle_core::Result<()> 
 }
 
 #[test]
+fn a_variable_whose_gradient_starts_a_larger_buffer_owns_its_memory() -> candle_core::Result<()> {
+    // `cat`'s backward hands each input a slice of one gradient; the first slice starts the
+    // buffer. The fused SE/SaE ops pack their weights this way, and a first piece kept as a view
+    // held its layer's whole packed gradient until the optimiser step (19 MiB of
+    // SENetV2-ResNet-50's). An intermediate tensor's slice may stay a view: it is freed in the pass.
+    let dev = Device::Cpu;
+    let (a, b) = (Var::new(&[1f32, 2.0], &dev)?, Var::new(&[3f32, 4.0, 5.0], &dev)?);
+    let c = Tensor::new(&[1f32, 10.0, 100.0, 1000.0, 10000.0], &dev)?;
+    let grads = (Tensor::cat(&[a.as_tensor(), b.as_tensor()], 0)? * &c)?.sum_all()?.backward()?;
+    let (ga, gb) = (grads.get(&a).expect("a has a gradient"), grads.get(&b).expect("b has a gradient"));
+    assert_eq!(ga.to_vec1::<f32>()?, [1.0, 10.0]);
+    assert_eq!(gb.to_vec1::<f32>()?, [100.0, 1000.0, 10000.0]);
+    assert_eq!(storage_len(ga), 2, "the first piece's gradient holds the whole buffer");
+    assert_eq!(storage_len(gb), 3);
+    Ok(())
+}
+
+#[test]
 fn a_gradient_shared_by_two_inputs_is_not_summed_into_in_place() -> candle_core::Result<()> {
     // `x + y` hands the same gradient tensor to both inputs; x's other contribution (through
     // `3x`) must not be added into the memory that y's gradient shares. Both orders of the

@@ -817,7 +817,8 @@ impl GradStore {
     /// A stored gradient is written in place only by `add_in_place`, which does so only when
     /// nothing else holds it or its storage, so sharing storage with `grad` is safe; a view
     /// that does not start its storage (a part of a larger buffer, such as one gradient of
-    /// several returned together) or is strided is copied, so that a gradient kept until
+    /// several returned together) or is strided is copied, and so is a variable's that starts
+    /// a larger buffer (the first piece of a `cat`'s gradient), so that a gradient kept until
     /// the end of the pass (a variable's) holds no more memory than its own, as before.
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
         match self.0.entry(tensor.id()) {
@@ -831,7 +832,10 @@ impl GradStore {
                 if grad.shape() != tensor.shape() || grad.dtype() != tensor.dtype() {
                     // The `add` into zeroes reports the mismatch as before.
                     entry.insert(tensor.zeros_like()?.add(grad)?);
-                } else if grad.is_contiguous() && grad.layout().start_offset() == 0 {
+                } else if grad.is_contiguous()
+                    && grad.layout().start_offset() == 0
+                    && !(tensor.is_variable() && grad.is_part_of_larger_storage())
+                {
                     entry.insert(grad.clone());
                 } else {
                     entry.insert(grad.force_contiguous()?);

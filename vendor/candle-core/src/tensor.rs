@@ -2763,6 +2763,30 @@ impl Tensor {
         self.storage.read_recursive()
     }
 
+    /// Whether this tensor's CPU storage holds more elements than the tensor: a view of a part of
+    /// a larger buffer (sae patch: a variable's gradient is then copied, see
+    /// `GradStore::accumulate`). `false` off the CPU and for the sub-byte dtypes.
+    pub(crate) fn is_part_of_larger_storage(&self) -> bool {
+        use crate::CpuStorage as C;
+        let len = match &*self.storage.read() {
+            Storage::Cpu(s) => match s {
+                C::U8(v) => v.len(),
+                C::U32(v) => v.len(),
+                C::I16(v) => v.len(),
+                C::I32(v) => v.len(),
+                C::I64(v) => v.len(),
+                C::BF16(v) => v.len(),
+                C::F16(v) => v.len(),
+                C::F32(v) => v.len(),
+                C::F64(v) => v.len(),
+                C::F8E4M3(v) => v.len(),
+                C::F6E2M3(_) | C::F6E3M2(_) | C::F4(_) | C::F8E8M0(_) => return false,
+            },
+            _ => return false,
+        };
+        len > self.elem_count()
+    }
+
     /// Whether this is the only reference to the tensor and to its storage (sae patch: the
     /// backward pass adds into such a gradient in place, see `backprop::add_in_place`).
     pub(crate) fn is_held_once(&self) -> bool {
