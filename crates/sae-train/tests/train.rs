@@ -213,7 +213,6 @@ fn schedules_match_their_formulas() {
     assert!(cos.lr(1.0, 12.0).abs() < 1e-12);
 }
 
-/// A learnable CIFAR-10-layout problem: class k is a colour (a ramp of hue) plus noise.
 /// After a training step's backward pass every weight's gradient holds its own memory and no
 /// more (they live until the optimiser step): in f32 the fused SE/SaE ops' packed-weight
 /// gradient was once kept whole by its first piece (19 MiB of SENetV2-ResNet-50's), and the
@@ -239,6 +238,7 @@ fn weight_gradients_hold_only_their_own_memory() {
     }
 }
 
+/// A learnable CIFAR-10-layout problem: class k is a colour (a ramp of hue) plus noise.
 fn write_colour_dataset(dir: &Path, train_per_class: usize, test_per_class: usize) {
     let mut state = 12345u64;
     let mut noise = move || {
