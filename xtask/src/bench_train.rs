@@ -191,12 +191,7 @@ pub fn row_in_this_process(args: &[String]) -> Result<()> {
     };
     // Any size and batch, for A/B checks beyond the report's rows; the model by its name in
     // the report (the rows hold `&'static str`).
-    let model = ROWS
-        .iter()
-        .chain(BF16_ROWS)
-        .map(|r| r.model)
-        .find(|m| m == model)
-        .with_context(|| format!("bench-train-row: no row has model {model}"))?;
+    let model = row_model("bench-train-row", model)?;
     let number = |what: &str, v: &str| v.parse::<usize>().with_context(|| format!("bench-train-row: {what} {v:?}"));
     let mode = match mode.as_str() {
         "train" => Mode::Train,
@@ -210,35 +205,48 @@ pub fn row_in_this_process(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn measure_here(r: Row, kernels: Implementation, precision: Precision, seconds: f64) -> Result<Timing> {
-    let baseline = resident_memory().0;
-    let device = Device::Cpu;
-    let mut cfg = sae_models::config(r.model, CLASSES)?;
-    cfg.kernels = kernels;
-    let mut model = sae_models::Model::new(cfg, 0, &device)?;
-    model.set_precision(precision);
-    let x = Tensor::randn(0f32, 1.0, (r.batch, 3, r.size, r.size), &device)?;
-    let labels: Vec<u32> = (0..r.batch as u32).map(|i| i * 37 % CLASSES as u32).collect();
-    let y = Tensor::new(labels.as_slice(), &device)?;
-    // Only for training: its moments (twice the weights) are allocated when it is built.
-    let mut optimizer =
-        (r.mode == Mode::Train).then(|| OptimizerConfig::keras_adam().build(model.trainable_vars(), kernels));
-    if r.mode == Mode::Infer {
-        // Realistic running statistics for eval mode: with the initial ones the activations
-        // are unnormalised, and their values slow some kernels down (both ours and PyTorch's).
-        for _ in 0..WARM_STAT_FORWARDS {
-            device.with_context(|| model.forward_without_graph(&x, true))?;
+/// A row's model, inputs and (for training) optimiser, ready to run steps.
+struct Setup {
+    device: Device,
+    model: sae_models::Model,
+    x: Tensor,
+    y: Tensor,
+    optimizer: Option<Box<dyn sae_train::optim::Optimizer>>,
+}
+
+impl Setup {
+    fn new(r: Row, kernels: Implementation, precision: Precision) -> Result<Self> {
+        let device = Device::Cpu;
+        let mut cfg = sae_models::config(r.model, CLASSES)?;
+        cfg.kernels = kernels;
+        let mut model = sae_models::Model::new(cfg, 0, &device)?;
+        model.set_precision(precision);
+        let x = Tensor::randn(0f32, 1.0, (r.batch, 3, r.size, r.size), &device)?;
+        let labels: Vec<u32> = (0..r.batch as u32).map(|i| i * 37 % CLASSES as u32).collect();
+        let y = Tensor::new(labels.as_slice(), &device)?;
+        // Only for training: its moments (twice the weights) are allocated when it is built.
+        let optimizer =
+            (r.mode == Mode::Train).then(|| OptimizerConfig::keras_adam().build(model.trainable_vars(), kernels));
+        if r.mode == Mode::Infer {
+            // Realistic running statistics for eval mode: with the initial ones the activations
+            // are unnormalised, and their values slow some kernels down (both ours and PyTorch's).
+            for _ in 0..WARM_STAT_FORWARDS {
+                device.with_context(|| model.forward_without_graph(&x, true))?;
+            }
         }
+        Ok(Self { device, model, x, y, optimizer })
     }
-    let mut parts: Vec<[f64; 3]> = Vec::new();
-    let mut step = || -> Result<[f64; 3]> {
+
+    /// One training step or inference; its forward, backward and optimiser seconds.
+    fn step(&mut self) -> Result<[f64; 3]> {
+        let (device, model, x) = (&self.device, &self.model, &self.x);
         let t0 = Instant::now();
-        let Some(optimizer) = optimizer.as_mut() else {
-            device.with_context(|| model.forward_without_graph(&x, false)?.to_dtype(DType::F32))?;
+        let Some(optimizer) = self.optimizer.as_mut() else {
+            device.with_context(|| model.forward_without_graph(x, false)?.to_dtype(DType::F32))?;
             return Ok([t0.elapsed().as_secs_f64(), 0.0, 0.0]);
         };
         let (loss, t1) = device.with_context(|| -> Result<_> {
-            let loss = cross_entropy(&model.forward_t(&x, true)?, &y, 0.0)?;
+            let loss = cross_entropy(&model.forward_t(x, true)?, &self.y, 0.0)?;
             loss.to_scalar::<f32>()?;
             Ok((loss, Instant::now()))
         })?;
@@ -246,11 +254,26 @@ fn measure_here(r: Row, kernels: Implementation, precision: Precision, seconds: 
         let t2 = Instant::now();
         device.with_context(|| optimizer.step(&grads))?;
         Ok([(t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64(), t2.elapsed().as_secs_f64()])
-    };
-    step()?;
+    }
+}
+
+/// `name` as the rows of the report hold it (`&'static str`), or an error naming `command`.
+fn row_model(command: &str, name: &str) -> Result<&'static str> {
+    ROWS.iter()
+        .chain(BF16_ROWS)
+        .map(|r| r.model)
+        .find(|m| *m == name)
+        .with_context(|| format!("{command}: no row of bench-train has model {name}"))
+}
+
+fn measure_here(r: Row, kernels: Implementation, precision: Precision, seconds: f64) -> Result<Timing> {
+    let baseline = resident_memory().0;
+    let mut setup = Setup::new(r, kernels, precision)?;
+    let mut parts: Vec<[f64; 3]> = Vec::new();
+    setup.step()?;
     let start = Instant::now();
     while parts.len() < 3 || start.elapsed().as_secs_f64() < seconds {
-        parts.push(step()?);
+        parts.push(setup.step()?);
     }
     let part = |i: usize| median(parts.iter().map(|p| p[i]).collect());
     Ok(Timing {
@@ -260,6 +283,38 @@ fn measure_here(r: Row, kernels: Implementation, precision: Precision, seconds: 
         optimizer: part(2),
         memory: Memory { baseline, peak: resident_memory().1 },
     })
+}
+
+/// `cargo xtask step-heap`: the heap of one training step of `model` at `size`, `batch`, as
+/// `sae_train::allocator::Counting` (xtask's allocator) counts it: what is held before the step (weights, Adam's moments, the
+/// inputs), the step's peak above that, and what the step allocates. The third step is
+/// measured (the first two allocate the kernels' caches and thread pools' buffers). Prints it
+/// and returns it.
+pub fn step_heap(
+    model: &str,
+    size: usize,
+    batch: usize,
+    kernels: Implementation,
+    precision: Precision,
+) -> Result<sae_train::allocator::HeapUse> {
+    let model = row_model("step-heap", model)?;
+    let r = row(model, size, batch, Mode::Train);
+    let mut setup = Setup::new(r, kernels, precision)?;
+    setup.step()?;
+    setup.step()?;
+    let (heap, step) = sae_train::allocator::measure(|| setup.step());
+    step?;
+    let mib = |b: usize| b as f64 / (1u64 << 20) as f64;
+    println!(
+        "{model} {size}×{size} batch {batch}, {kernels} kernels, {precision}, one training step (the third): heap held before {:.1} MiB, peak {:.1} MiB (+{:.1}), held after {:.1} MiB; allocated {:.1} MiB in {} allocations",
+        mib(heap.before),
+        mib(heap.peak),
+        mib(heap.peak - heap.before),
+        mib(heap.after),
+        mib(heap.allocated),
+        heap.allocations
+    );
+    Ok(heap)
 }
 
 /// Matrix-multiply GFLOP/s as our convolution drives it: a 1×1 convolution with 2,048 input

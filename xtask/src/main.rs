@@ -19,9 +19,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// mimalloc instead of glibc's malloc, as in the `sae` binary (see there): the benchmarks
-/// measure what users run.
+/// measure what users run. Counted, for `step-heap` (a few relaxed atomic adds per
+/// allocation; a training step makes a few thousand).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: sae_train::allocator::Counting<mimalloc::MiMalloc> =
+    sae_train::allocator::Counting(mimalloc::MiMalloc);
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Tasks of the sae workspace")]
@@ -34,7 +36,8 @@ struct Cli {
 enum Cmd {
     /// What to run before pushing: fmt --check, clippy -D warnings, all tests, the multi-process
     /// tests under mpirun (skipped without OpenMPI unless SAE_REQUIRE_MPI=1), tidy, the GPU
-    /// check's runner on the CPU (`gpu-check --run --device cpu --smoke`), and the CUDA kernels
+    /// check's runner on the CPU (`gpu-check --run --device cpu --smoke`), bench-layers and
+    /// step-heap on small inputs, and the CUDA kernels
     /// compiled to PTX (skipped without nvcc unless SAE_REQUIRE_NVCC=1).
     Ci,
     /// Checks that every crate and module starts with a `//!` doc comment.
@@ -118,6 +121,24 @@ enum Cmd {
         /// Python with PyTorch (default on CUDA: python3).
         #[arg(long)]
         python: Option<PathBuf>,
+    },
+    /// The heap of one training step (third step, random inputs, Keras Adam) as this
+    /// process's allocator counts it: held before, peak, and bytes and allocations made.
+    /// Exact and repeatable, where bench-train's resident peaks move by ±15 MB.
+    StepHeap {
+        /// A model of bench-train's rows (resnet50, seresnet50, senetv2_resnet50, …).
+        model: String,
+        /// Input size (height = width).
+        #[arg(long, default_value_t = 32)]
+        size: usize,
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// f32 or bf16.
+        #[arg(long, default_value = "f32")]
+        precision: sae_models::Precision,
+        /// fused (ours) or reference (Candle's own ops).
+        #[arg(long, default_value = "fused")]
+        kernels: sae_kernels::Implementation,
     },
     /// One row of bench-train, measured in this process (bench-train runs each row this way).
     #[command(hide = true)]
@@ -343,6 +364,12 @@ fn main() -> Result<()> {
                     out: project_root().join("target/bench-layers-smoke").join(bench_layers::report_name(bf16)),
                 })?;
             }
+            // step-heap on a small model: the command runs, and its counters count.
+            let kernels = sae_kernels::Implementation::Fused;
+            let heap = bench_train::step_heap("senetv2_resnet14b", 32, 2, kernels, sae_models::Precision::F32)?;
+            if heap.allocations == 0 || heap.peak <= heap.before {
+                bail!("step-heap counted nothing: {heap:?}");
+            }
             ptx::check(&project_root())
         }
         Cmd::Tidy => tidy::check(&project_root()),
@@ -359,6 +386,9 @@ fn main() -> Result<()> {
         }
         Cmd::BenchTrain { seconds, python, bf16, repeats } => bench_train::run(seconds, python, bf16, repeats),
         Cmd::BenchTrainRow { args } => bench_train::row_in_this_process(&args),
+        Cmd::StepHeap { model, size, batch, precision, kernels } => {
+            bench_train::step_heap(&model, size, batch, kernels, precision).map(drop)
+        }
         Cmd::ReproduceTable2(a) => reproduce(reproduce::Table::Two, 2, a),
         Cmd::ReproduceTable3(a) => reproduce(reproduce::Table::Three, 3, a),
         Cmd::ReproduceTable4(a) => reproduce(reproduce::Table::Four, 4, a),
@@ -385,5 +415,27 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::BenchDist { cifar10, images, batch } => bench_dist::run(cifar10, images, batch),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sae_train::allocator::measure;
+
+    /// This binary's allocator counts (`step-heap` reads its counters).
+    #[test]
+    fn the_allocator_counts_what_a_closure_allocates_and_frees() {
+        let (heap, len) = measure(|| {
+            let a = vec![1u8; 3 << 20];
+            let b = vec![2u8; 1 << 20];
+            drop(a);
+            let c = vec![3u8; 1 << 20];
+            b.len() + c.len()
+        });
+        assert_eq!(len, 2 << 20);
+        // Other test threads may allocate meanwhile: bounds, not equalities.
+        assert!(heap.allocated >= 5 << 20, "{heap:?}");
+        assert!(heap.allocations >= 3, "{heap:?}");
+        assert!(heap.peak >= heap.before + (4 << 20), "{heap:?}");
     }
 }

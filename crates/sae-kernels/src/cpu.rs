@@ -730,87 +730,63 @@ impl GradientSlot {
         }
     }
 
-    /// A CPU backward kernel's result from its [`GradientBuffers`]: `[dx | dparams]` packed
-    /// (`dparams` is `None`), or `dx` alone with `dparams` (1-D, f32) left in the slot.
+    /// A CPU backward kernel's result: `dx` (`out`, `numel` values) as the op's output, and
+    /// the parameters' gradient (`dparams`, f32) left in the slot for [`Self::gradients`].
     pub(crate) fn output(
         &self,
         op: &str,
         out: CpuStorage,
         numel: usize,
-        dparams: Option<Vec<f32>>,
-        params_len: usize,
+        dparams: Vec<f32>,
     ) -> Result<(CpuStorage, Shape)> {
-        match dparams {
-            None => Ok((out, Shape::from(numel + params_len))),
-            Some(dparams) => {
-                self.put(op, Tensor::from_vec(dparams, params_len, &candle_core::Device::Cpu)?)?;
-                Ok((out, Shape::from(numel)))
-            }
-        }
+        let len = dparams.len();
+        self.put(op, Tensor::from_vec(dparams, len, &candle_core::Device::Cpu)?)?;
+        Ok((out, Shape::from(numel)))
     }
 
-    /// The gradients of `x` (its shape) and of the parameters (`params_dims`) from a backward
-    /// op's result `out`: split if `packed`, else `out` is `dx` and the slot holds the rest.
+    /// The gradients of `x` (its shape) and of `params` (their shape and dtype) from a backward
+    /// op's result `out`: `dx` with the parameters' gradient in the slot (the CPU kernels), or
+    /// `[dx | dparams]` packed in `out` with the slot empty (the GPU kernels).
     pub(crate) fn gradients(
         self,
         op: &str,
         out: &Tensor,
         x_dims: &[usize],
-        params_dims: &[usize],
-        packed: bool,
+        params: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        if packed {
-            let [dx, dparams] = unpack(out, [x_dims, params_dims])?;
-            return Ok((dx, dparams));
+        match self.0.into_inner() {
+            // Its own buffer, not a view into dx's: the gradient store keeps it as it is, and
+            // the views `cat`'s backward cuts from it for each weight are copied once.
+            Ok(Some(dparams)) => Ok((out.reshape(x_dims)?, dparams.to_dtype(params.dtype())?.reshape(params.dims())?)),
+            Ok(None) => {
+                let [dx, dparams] = unpack(out, [x_dims, params.dims()])?;
+                Ok((dx, dparams))
+            }
+            Err(_) => bail!("{op}: the gradient slot is poisoned"),
         }
-        Ok((out.reshape(x_dims)?, self.take(op)?))
     }
 }
 
 /// Where a CPU backward kernel writes its input's gradient (`dx`, in the input's type) and
-/// its parameters' (computed in f32): with `packed` (the parameters have the input's dtype)
-/// one output `[dx | dparams]`, else `dx` alone with the parameters' gradient apart, in f32,
-/// for a [`GradientSlot`]. An f32 packed output takes the parameters' gradient in place; a
-/// bf16 or f16 one gets it converted from an f32 vector.
+/// its parameters' (computed in f32, in a buffer of its own for a [`GradientSlot`]).
 pub(crate) struct GradientBuffers<T> {
-    out: Vec<T>,
-    numel: usize,
-    /// The parameters' gradient where it is not written into `out` in place.
-    separate: Vec<f32>,
-    packed: bool,
+    dx: Vec<T>,
+    dparams: Vec<f32>,
 }
 
 impl<T: Elem> GradientBuffers<T> {
-    pub(crate) fn new(numel: usize, params_len: usize, packed: bool) -> Self {
-        let out = uninit::<T>(numel + if packed { params_len } else { 0 });
-        let separate = if Self::direct(packed) { Vec::new() } else { uninit::<f32>(params_len) };
-        Self { out, numel, separate, packed }
-    }
-
-    /// Whether the parameters' gradient is written into the output in place: packed and f32.
-    fn direct(packed: bool) -> bool {
-        packed && T::DTYPE == DType::F32
+    pub(crate) fn new(numel: usize, params_len: usize) -> Self {
+        Self { dx: uninit::<T>(numel), dparams: uninit::<f32>(params_len) }
     }
 
     /// `dx` and the parameters' gradient, for the kernel to write in full.
     pub(crate) fn split(&mut self) -> (&mut [T], &mut [f32]) {
-        let (dx, tail) = self.out.split_at_mut(self.numel);
-        match T::as_f32_slice_mut(tail) {
-            Some(tail) if Self::direct(self.packed) => (dx, tail),
-            _ => (dx, &mut self.separate),
-        }
+        (&mut self.dx, &mut self.dparams)
     }
 
-    /// The output, and the parameters' gradient where it is not packed into it.
-    pub(crate) fn finish(mut self) -> (Vec<T>, Option<Vec<f32>>) {
-        if !self.packed {
-            return (self.out, Some(self.separate));
-        }
-        if !Self::direct(self.packed) {
-            let tail = &mut self.out[self.numel..];
-            tail.iter_mut().zip(&self.separate).for_each(|(d, &v)| *d = T::from_f32(v));
-        }
-        (self.out, None)
+    /// `dx` and the parameters' gradient.
+    pub(crate) fn finish(self) -> (Vec<T>, Vec<f32>) {
+        (self.dx, self.dparams)
     }
 }
 

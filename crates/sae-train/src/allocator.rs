@@ -2,8 +2,13 @@
 //! and reallocates the same large activation buffers every step, and mimalloc by default
 //! hands memory that stayed free for a second back to the OS, so a later step faults it in
 //! again and the kernel zeroes every page (2 MiB at a time with transparent huge pages).
+//!
+//! Also [`Counting`], a wrapper that counts what an allocator hands out, for measuring the
+//! heap of a training step (`cargo xtask step-heap`, the step-memory test).
 
 use libmimalloc_sys::{mi_option_get, mi_option_set, mi_option_t};
+use std::alloc::{GlobalAlloc, Layout};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 /// `mi_option_purge_delay` of mimalloc.h (v3, the version libmimalloc-sys 0.1.49 builds),
 /// which the Rust bindings do not name: milliseconds before freed memory goes back to the
@@ -30,6 +35,87 @@ pub fn keep_freed_memory() {
 pub fn purge_delay() -> i64 {
     // SAFETY: a read from mimalloc's option table.
     unsafe { mi_option_get(PURGE_DELAY) as i64 }
+}
+
+/// An allocator (mimalloc in `xtask`, the system's in a test) counting what it hands out: the
+/// bytes live now, the most live since [`measure`] began, and the bytes and allocations made.
+/// Heap counts are exact and the same from run to run, where resident memory (VmHWM) moves by
+/// the allocator's placement. The counters are per process: declare it as the
+/// `#[global_allocator]` of a binary, and [`measure`] counts that binary's heap.
+pub struct Counting<A>(pub A);
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+static ALLOCATED: AtomicUsize = AtomicUsize::new(0);
+static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+
+fn grew(bytes: usize) {
+    let live = LIVE.fetch_add(bytes, Relaxed) + bytes;
+    PEAK.fetch_max(live, Relaxed);
+    ALLOCATED.fetch_add(bytes, Relaxed);
+    ALLOCATIONS.fetch_add(1, Relaxed);
+}
+
+// SAFETY: every call goes to the wrapped allocator unchanged; the counters only observe.
+unsafe impl<A: GlobalAlloc> GlobalAlloc for Counting<A> {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { self.0.alloc(layout) };
+        if !p.is_null() {
+            grew(layout.size());
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { self.0.alloc_zeroed(layout) };
+        if !p.is_null() {
+            grew(layout.size());
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, layout: Layout) {
+        unsafe { self.0.dealloc(p, layout) };
+        LIVE.fetch_sub(layout.size(), Relaxed);
+    }
+    unsafe fn realloc(&self, p: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let q = unsafe { self.0.realloc(p, layout, new_size) };
+        if !q.is_null() {
+            LIVE.fetch_sub(layout.size(), Relaxed);
+            grew(new_size);
+        }
+        q
+    }
+}
+
+/// What the heap did while a closure ran, in bytes (all zero unless [`Counting`] is the
+/// process's global allocator).
+#[derive(Debug, Clone, Copy)]
+pub struct HeapUse {
+    /// Live when it began.
+    pub before: usize,
+    /// The most live at once while it ran.
+    pub peak: usize,
+    /// Live when it ended.
+    pub after: usize,
+    /// Allocated in all while it ran (a buffer allocated twice counts twice).
+    pub allocated: usize,
+    /// Allocations made while it ran.
+    pub allocations: usize,
+}
+
+/// Runs `f`, counting its use of the heap (every thread's: run nothing else meanwhile).
+pub fn measure<R>(f: impl FnOnce() -> R) -> (HeapUse, R) {
+    let before = LIVE.load(Relaxed);
+    PEAK.store(before, Relaxed);
+    let (allocated, allocations) = (ALLOCATED.load(Relaxed), ALLOCATIONS.load(Relaxed));
+    let r = f();
+    let heap = HeapUse {
+        before,
+        peak: PEAK.load(Relaxed),
+        after: LIVE.load(Relaxed),
+        allocated: ALLOCATED.load(Relaxed) - allocated,
+        allocations: ALLOCATIONS.load(Relaxed) - allocations,
+    };
+    (heap, r)
 }
 
 #[cfg(test)]

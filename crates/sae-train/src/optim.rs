@@ -99,6 +99,12 @@ pub trait Optimizer: Send {
     /// Restores state saved by [`Optimizer::state_tensors`], checking shapes; `path` names the
     /// file in errors.
     fn load_state(&mut self, tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()>;
+    /// Hands [`Optimizer::state_tensors`] to `f` one at a time (rank 0's state to the other
+    /// ranks). This default builds them all first; [`Adam`] reads each interleaved moment out
+    /// as `f` reaches it.
+    fn for_each_state_tensor(&self, f: &mut dyn FnMut(String, Tensor) -> Result<()>) -> Result<()> {
+        self.state_tensors()?.into_iter().try_for_each(|(name, t)| f(name, t))
+    }
     /// Writes [`Optimizer::state_tensors`] to `path` as safetensors (checkpoints). This default
     /// builds them all first; [`Adam`] writes its interleaved moments straight from its own
     /// memory.
@@ -197,13 +203,24 @@ impl Params {
     }
 
     fn load_state(&mut self, tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+        self.load_state_except(tensors, path, |_| false)
+    }
+
+    /// [`Self::load_state`], but the moments of the variables at the indices where `elsewhere`
+    /// holds are only checked: the caller keeps them (Adam's interleaved pairs).
+    fn load_state_except(
+        &mut self,
+        tensors: &HashMap<String, Tensor>,
+        path: &Path,
+        elsewhere: impl Fn(usize) -> bool,
+    ) -> Result<()> {
         let bad = |reason: String| Error::Checkpoint { path: path.to_path_buf(), reason };
         let step = tensors.get("step").ok_or_else(|| bad("optimiser state has no `step`".into()))?;
         self.step = match step.to_vec1::<i64>().map_err(|e| bad(format!("`step`: {e}")))?.as_slice() {
             &[step] if step >= 0 => step as u64,
             other => return Err(bad(format!("`step` must be one non-negative integer, got {other:?}"))),
         };
-        for ((name, var), (m, v)) in self.vars.iter().zip(self.state.iter_mut()) {
+        for (i, ((name, var), (m, v))) in self.vars.iter().zip(self.state.iter_mut()).enumerate() {
             for (suffix, slot) in [("m", m), ("v", v)] {
                 *slot = match tensors.get(&format!("{name}.{suffix}")) {
                     Some(t) if t.dims() != var.dims() || t.dtype() != var.dtype() => {
@@ -215,6 +232,7 @@ impl Params {
                             var.dims()
                         )))
                     }
+                    Some(_) if elsewhere(i) => None,
                     Some(t) => Some(Var::from_tensor(&t.to_device(var.device())?)?),
                     None => None,
                 };
@@ -342,6 +360,10 @@ impl Optimizer for Adam {
         self.state_views()?.into_iter().map(|(name, view)| Ok((name, view.into_tensor()?))).collect()
     }
 
+    fn for_each_state_tensor(&self, f: &mut dyn FnMut(String, Tensor) -> Result<()>) -> Result<()> {
+        self.state_views()?.into_iter().try_for_each(|(name, view)| f(name, view.into_tensor()?))
+    }
+
     /// As [`Optimizer::state_tensors`] writes them, but each interleaved moment is read out of
     /// the pairs only as the file writer reaches it: built as tensors first, they were a second
     /// copy of all the moments (twice the weights: 190 MB for ResNet-50) held while the
@@ -351,13 +373,20 @@ impl Optimizer for Adam {
             .map_err(|e| Error::Checkpoint { path: path.to_path_buf(), reason: e.to_string() })
     }
 
+    /// Interleaved moments are written into their pairs in place (checked first, as the
+    /// others): loaded as variables and then interleaved anew, every moment was held three
+    /// times at once (the tensors, their copies, the new pairs) while a run resumed.
     fn load_state(&mut self, tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-        // The moments load as tensors, and are interleaved at once where they were before.
-        self.params.load_state(tensors, path)?;
-        let slots = self.params.vars.iter().zip(self.params.state.iter_mut()).zip(self.interleaved.iter_mut());
-        for (((_, var), (m, v)), pairs) in slots {
-            if pairs.is_some() {
-                *pairs = Some(interleave(m.take(), v.take(), var.elem_count())?);
+        let interleaved: Vec<bool> = self.interleaved.iter().map(Option::is_some).collect();
+        self.params.load_state_except(tensors, path, |i| interleaved[i])?;
+        for ((name, _), pairs) in self.params.vars.iter().zip(&mut self.interleaved) {
+            let Some(pairs) = pairs else { continue };
+            for (which, suffix) in ["m", "v"].into_iter().enumerate() {
+                let slots = pairs.iter_mut().skip(which).step_by(2);
+                match tensors.get(&format!("{name}.{suffix}")) {
+                    Some(t) => slots.zip(t.flatten_all()?.to_vec1::<f32>()?).for_each(|(p, v)| *p = v),
+                    None => slots.for_each(|p| *p = 0.0),
+                }
             }
         }
         Ok(())

@@ -247,16 +247,7 @@ fn share_opening(
     if let Some(ema) = run.ema {
         broadcast_vars(&*collective, &ema.named_vars().into_iter().collect::<Vec<_>>(), 0)?;
     }
-    let mut state = match is_root {
-        true => safetensors::serialize(optimizer.state_tensors()?, None)
-            .map_err(|e| Error::Distributed(format!("optimiser state: {e}")))?,
-        false => Vec::new(),
-    };
-    collective.broadcast_bytes(&mut state, 0)?;
-    if !is_root {
-        let tensors = candle_core::safetensors::load_buffer(&state, run.device)?;
-        optimizer.load_state(&tensors, Path::new("<rank 0's optimiser state>"))?;
-    }
+    crate::dist::broadcast_optimizer_state(&*collective, optimizer, 0)?;
     Ok(history)
 }
 

@@ -242,8 +242,7 @@ impl CustomOp3 for BatchNormExcitation {
         };
         let out = x.apply_op3_no_bwd(&res.contiguous()?, &grad.contiguous()?, &backward)?;
         let shortcut = backward.shortcut_gradient.take(op)?;
-        let packed = params.dtype() == x.dtype();
-        let (dx, dparams) = backward.slot.gradients(op, &out, x.dims(), params.dims(), packed)?;
+        let (dx, dparams) = backward.slot.gradients(op, &out, x.dims(), params)?;
         Ok((Some(dx), Some(dparams), Some(shortcut)))
     }
 }
@@ -272,22 +271,14 @@ impl CustomOp3 for BatchNormExcitationBackward {
             let (out, dparams) = self.backward(x, &xs, p, y, g)?;
             (T::to_cpu_storage_owned(out), dparams)
         });
-        self.slot.output(op, out, xl.shape().elem_count(), dparams, p.len())
+        self.slot.output(op, out, xl.shape().elem_count(), dparams)
     }
 }
 
 impl BatchNormExcitationBackward {
-    /// dx, followed by the parameters' gradient where `T` is f32; otherwise that gradient
-    /// comes second, in f32. The output gradient `g` masked by the output `y`'s ReLU goes to
+    /// dx, and the parameters' gradient (in f32). The output gradient `g` masked by the output `y`'s ReLU goes to
     /// the shortcut's slot.
-    fn backward<T: Elem>(
-        &self,
-        x: &[T],
-        xs: &Strided4,
-        p: &[f32],
-        y: &[T],
-        g: &[T],
-    ) -> Result<(Vec<T>, Option<Vec<f32>>)> {
+    fn backward<T: Elem>(&self, x: &[T], xs: &Strided4, p: &[f32], y: &[T], g: &[T]) -> Result<(Vec<T>, Vec<f32>)> {
         let [n, c, _, _] = xs.dims;
         let hw = xs.plane_len();
         let (inv_hw, count) = (1.0 / hw as f32, (n * hw) as f32);
@@ -334,8 +325,7 @@ impl BatchNormExcitationBackward {
                 (sx * inv_hw * scale + shift, sgx * scale + sg * shift)
             })
             .unzip();
-        // The parameters are f32: packed after dx only when the input is f32 too.
-        let mut buffers = GradientBuffers::<T>::new(n * c * hw, p.len(), T::DTYPE == DType::F32);
+        let mut buffers = GradientBuffers::<T>::new(n * c * hw, p.len());
         let (dx, dparams) = buffers.split();
         let (dbn, dexcitation) = dparams.split_at_mut(2 * c);
         let (s, dzt) = self.excitation.dense_backward(dense, &z, &sgy, dexcitation)?;

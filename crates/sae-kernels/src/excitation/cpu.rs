@@ -158,9 +158,8 @@ impl ExcitationOp {
         Ok((s, dzt))
     }
 
-    /// The backward pass; `p` as in [`Self::cpu_forward`]. With `packed`, the parameters'
-    /// gradient follows the input's in the returned vector, in `T`; otherwise the vector is
-    /// the input's gradient and the parameters' comes second, in f32 ([`GradientBuffers`]).
+    /// The backward pass; `p` as in [`Self::cpu_forward`]: the input's gradient, and the
+    /// parameters' in f32 ([`GradientBuffers`]).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn cpu_backward<T: Elem>(
         &self,
@@ -169,8 +168,7 @@ impl ExcitationOp {
         p: &[f32],
         g: &[T],
         gl: &Layout,
-        packed: bool,
-    ) -> Result<(Vec<T>, Option<Vec<f32>>)> {
+    ) -> Result<(Vec<T>, Vec<f32>)> {
         let xs = Strided4::new("excitation backward", "input", xl)?;
         let gs = Strided4::new("excitation backward", "output gradient", gl)?;
         if gs.dims != xs.dims {
@@ -210,11 +208,11 @@ impl ExcitationOp {
         let z: Vec<f32> = sums.iter().map(|s| s.0).collect();
         let sgx: Vec<f32> = sums.iter().map(|s| s.1).collect();
 
-        let mut buffers = GradientBuffers::<T>::new(n * c * hw, o.len, packed);
+        let mut buffers = GradientBuffers::<T>::new(n * c * hw, o.len);
         let (dx, dp) = buffers.split();
         let (s, dzt) = self.dense_backward(p, &z, &sgx, dp)?;
 
-        // Pass 2: dx = g·gate(s) + dz/HW, written straight into the packed output.
+        // Pass 2: dx = g·gate(s) + dz/HW.
         dx.par_chunks_mut(hw).with_min_len(min_len).enumerate().for_each(|(plane, dx)| {
             let factor = self.gate.factor(s[plane]);
             let shift = dzt[(plane % c) * n + plane / c] * inv_hw;
@@ -302,9 +300,9 @@ mod tests {
                 let params = DenseParams::packed(&op, &p).unwrap();
                 let plain = op.cpu_forward::<f32>(&x, &layout, &params, None).unwrap();
                 let ended = op.cpu_forward::<f32>(&x, &layout, &params, Some(&r)).unwrap();
-                let (backward, _) = op.cpu_backward::<f32>(&x, &layout, &p, &g, &layout, true).unwrap();
+                let (dx, dparams) = op.cpu_backward::<f32>(&x, &layout, &p, &g, &layout).unwrap();
                 BASELINE_VECTORS.store(false, Ordering::SeqCst);
-                [plain, ended, backward]
+                [plain, ended, dx, dparams]
             };
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             for (k, (wide, baseline)) in run(false).iter().zip(run(true).iter()).enumerate() {

@@ -3,7 +3,7 @@
 //!
 //! Forward: plane sums → gates → scale. Backward: plane sums (with the gradient) → gates →
 //! dense backward → parameter gradients and input gradient, written into one packed output
-//! `[dx | dparams]`, like the CPU kernel.
+//! `[dx | dparams]` (the CPU kernel returns dparams apart, see `ExcitationBackwardOp`).
 
 use super::op::ExcitationOp;
 use crate::layout::{kernel_suffix, KernelStrides};

@@ -36,7 +36,6 @@ pub use op::Gate;
 use crate::cpu::{dispatch_float, same_dtype, unpack, weight_as_f32, GradientSlot};
 use crate::relu::shortcut_slice;
 use crate::Implementation;
-use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, WithDType,
 };
@@ -288,7 +287,7 @@ impl ExcitationOp {
     fn backward(&self, x: &Tensor, params: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
         let op = ExcitationBackwardOp(*self, GradientSlot::default());
         let out = x.apply_op3_no_bwd(params, grad, &op)?;
-        op.1.gradients("excitation backward", &out, x.dims(), params.dims(), params.dtype() == x.dtype())
+        op.1.gradients("excitation backward", &out, x.dims(), params)
     }
 }
 
@@ -520,15 +519,13 @@ impl CustomOp3 for ExcitationBackwardOp {
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = "excitation backward";
-        // f32 master weights with a narrower input: their gradient goes to the slot, in f32.
-        let packed = BackendStorage::dtype(p) == BackendStorage::dtype(x);
         let (out, dparams) = dispatch_float!(op, x, |x: T| {
             let params = weight_as_f32::<T>(op, p, pl)?;
             let g = same_dtype::<T>(op, g)?;
-            let (out, dparams) = self.0.cpu_backward::<T>(x, xl, &params, g, gl, packed)?;
+            let (out, dparams) = self.0.cpu_backward::<T>(x, xl, &params, g, gl)?;
             (T::to_cpu_storage_owned(out), dparams)
         });
-        self.1.output(op, out, xl.shape().elem_count(), dparams, self.0.offsets().len)
+        self.1.output(op, out, xl.shape().elem_count(), dparams)
     }
 
     #[cfg(feature = "cuda")]

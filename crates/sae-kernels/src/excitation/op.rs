@@ -65,10 +65,10 @@ pub(crate) struct ExcitationOp {
     pub gate: Gate,
 }
 
-/// Backward op: (x, packed params, output gradient) → [dx | dparams] packed in one 1-D tensor.
-/// With f32 master weights and a bf16 or f16 input (CPU only), the parameters' gradient is
-/// f32 and comes back in the slot (`.1`) rather than packed after the input's gradient: a
-/// custom op returns one storage of one dtype.
+/// Backward op: (x, packed params, output gradient) → dx on the CPU, with the parameters'
+/// gradient (f32, in a buffer of its own) left in the slot (`.1`): a custom op returns one
+/// storage of one dtype, and a gradient of its own is not copied again by the gradient store.
+/// On CUDA and Metal → `[dx | dparams]` packed in one 1-D tensor.
 #[derive(Debug)]
 pub(crate) struct ExcitationBackwardOp(pub ExcitationOp, pub crate::cpu::GradientSlot);
 
