@@ -344,7 +344,8 @@ pub fn broadcast_optimizer_state(
             .map_err(|e| bad(format!("{name}: {e}")))?;
         tensors.insert(name, t);
     }
-    optimizer.load_state(&tensors, std::path::Path::new("<the optimiser state rank 0 sent>"))
+    optimizer
+        .load_state(&mut |name| Ok(tensors.remove(name)), std::path::Path::new("<the optimiser state rank 0 sent>"))
 }
 
 /// Makes `sae_models`' synchronised BatchNorm sum its statistics over the ranks.

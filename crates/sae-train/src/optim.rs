@@ -16,6 +16,10 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
+/// Where [`Optimizer::load_state`] gets each saved tensor, by name: `None` where it was not
+/// saved (a moment never updated).
+pub type StateSource<'a> = &'a mut dyn FnMut(&str) -> Result<Option<Tensor>>;
+
 /// Optimiser settings, serialised with each run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -96,9 +100,10 @@ pub trait Optimizer: Send {
     /// State as named tensors: `{var}.m`, `{var}.v` (the momentum buffer is `{var}.m`) and
     /// `step` (a one-element tensor).
     fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>>;
-    /// Restores state saved by [`Optimizer::state_tensors`], checking shapes; `path` names the
-    /// file in errors.
-    fn load_state(&mut self, tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()>;
+    /// Restores state saved by [`Optimizer::state_tensors`], checking shapes, asking `tensors`
+    /// for each by name as it goes (so that a file can be read one tensor at a time); `path`
+    /// names the file in errors.
+    fn load_state(&mut self, tensors: StateSource, path: &Path) -> Result<()>;
     /// Hands [`Optimizer::state_tensors`] to `f` one at a time (rank 0's state to the other
     /// ranks). This default builds them all first; [`Adam`] reads each interleaved moment out
     /// as `f` reaches it.
@@ -202,37 +207,39 @@ impl Params {
         Ok(out)
     }
 
-    fn load_state(&mut self, tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-        self.load_state_except(tensors, path, |_| false)
+    fn load_state(&mut self, tensors: StateSource, path: &Path) -> Result<()> {
+        self.load_state_into(tensors, path, |_, _, _| Ok(false))
     }
 
-    /// [`Self::load_state`], but the moments of the variables at the indices where `elsewhere`
-    /// holds are only checked: the caller keeps them (Adam's interleaved pairs).
-    fn load_state_except(
+    /// [`Self::load_state`], offering each moment, once checked, to `take(variable index,
+    /// 0 for m or 1 for v, the tensor or None)` first: where it returns true the caller has
+    /// kept it (Adam's interleaved pairs), and the variable's slot stays empty.
+    fn load_state_into(
         &mut self,
-        tensors: &HashMap<String, Tensor>,
+        tensors: StateSource,
         path: &Path,
-        elsewhere: impl Fn(usize) -> bool,
+        mut take: impl FnMut(usize, usize, Option<&Tensor>) -> Result<bool>,
     ) -> Result<()> {
         let bad = |reason: String| Error::Checkpoint { path: path.to_path_buf(), reason };
-        let step = tensors.get("step").ok_or_else(|| bad("optimiser state has no `step`".into()))?;
+        let step = tensors("step")?.ok_or_else(|| bad("optimiser state has no `step`".into()))?;
         self.step = match step.to_vec1::<i64>().map_err(|e| bad(format!("`step`: {e}")))?.as_slice() {
             &[step] if step >= 0 => step as u64,
             other => return Err(bad(format!("`step` must be one non-negative integer, got {other:?}"))),
         };
         for (i, ((name, var), (m, v))) in self.vars.iter().zip(self.state.iter_mut()).enumerate() {
-            for (suffix, slot) in [("m", m), ("v", v)] {
-                *slot = match tensors.get(&format!("{name}.{suffix}")) {
-                    Some(t) if t.dims() != var.dims() || t.dtype() != var.dtype() => {
-                        return Err(bad(format!(
-                            "optimiser state {name}.{suffix} is {:?} {:?}, expected {:?} {:?}",
-                            t.dtype(),
-                            t.dims(),
-                            var.dtype(),
-                            var.dims()
-                        )))
-                    }
-                    Some(_) if elsewhere(i) => None,
+            for (which, (suffix, slot)) in [("m", m), ("v", v)].into_iter().enumerate() {
+                let t = tensors(&format!("{name}.{suffix}"))?;
+                if let Some(t) = t.as_ref().filter(|t| t.dims() != var.dims() || t.dtype() != var.dtype()) {
+                    return Err(bad(format!(
+                        "optimiser state {name}.{suffix} is {:?} {:?}, expected {:?} {:?}",
+                        t.dtype(),
+                        t.dims(),
+                        var.dtype(),
+                        var.dims()
+                    )));
+                }
+                *slot = match t {
+                    _ if take(i, which, t.as_ref())? => None,
                     Some(t) => Some(Var::from_tensor(&t.to_device(var.device())?)?),
                     None => None,
                 };
@@ -376,20 +383,17 @@ impl Optimizer for Adam {
     /// Interleaved moments are written into their pairs in place (checked first, as the
     /// others): loaded as variables and then interleaved anew, every moment was held three
     /// times at once (the tensors, their copies, the new pairs) while a run resumed.
-    fn load_state(&mut self, tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-        let interleaved: Vec<bool> = self.interleaved.iter().map(Option::is_some).collect();
-        self.params.load_state_except(tensors, path, |i| interleaved[i])?;
-        for ((name, _), pairs) in self.params.vars.iter().zip(&mut self.interleaved) {
-            let Some(pairs) = pairs else { continue };
-            for (which, suffix) in ["m", "v"].into_iter().enumerate() {
-                let slots = pairs.iter_mut().skip(which).step_by(2);
-                match tensors.get(&format!("{name}.{suffix}")) {
-                    Some(t) => slots.zip(t.flatten_all()?.to_vec1::<f32>()?).for_each(|(p, v)| *p = v),
-                    None => slots.for_each(|p| *p = 0.0),
-                }
+    fn load_state(&mut self, tensors: StateSource, path: &Path) -> Result<()> {
+        let interleaved = &mut self.interleaved;
+        self.params.load_state_into(tensors, path, |i, which, t| {
+            let Some(pairs) = &mut interleaved[i] else { return Ok(false) };
+            let slots = pairs.iter_mut().skip(which).step_by(2);
+            match t {
+                Some(t) => slots.zip(t.flatten_all()?.to_vec1::<f32>()?).for_each(|(p, v)| *p = v),
+                None => slots.for_each(|p| *p = 0.0),
             }
-        }
-        Ok(())
+            Ok(true)
+        })
     }
 }
 
@@ -447,7 +451,7 @@ impl Optimizer for Sgd {
         self.params.state_tensors()
     }
 
-    fn load_state(&mut self, tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    fn load_state(&mut self, tensors: StateSource, path: &Path) -> Result<()> {
         self.params.load_state(tensors, path)
     }
 }

@@ -418,8 +418,19 @@ fn damaged_checkpoints_give_clear_errors() {
     std::fs::write(ckpt.join("state.json"), "{ not json").unwrap();
     let err = train(&longer, run, &Device::Cpu, true, &mut LogLines::default()).unwrap_err().to_string();
     assert!(err.contains("epoch-0001") && err.contains("state.json"), "{err}");
-    std::fs::remove_file(ckpt.join("optimizer.safetensors")).unwrap();
     std::fs::write(ckpt.join("state.json"), r#"{"epoch":1,"step":1,"best_top1":0.0,"best_epoch":1}"#).unwrap();
+    // The optimiser's state is read tensor by tensor: a truncated file is caught at its header.
+    let opt_file = ckpt.join("optimizer.safetensors");
+    let good = std::fs::read(&opt_file).unwrap();
+    std::fs::write(&opt_file, &good[..good.len() - 4]).unwrap();
+    let err = train(&longer, run, &Device::Cpu, true, &mut LogLines::default()).unwrap_err().to_string();
+    assert!(
+        err.contains("optimizer.safetensors")
+            && err.contains("not a valid safetensors")
+            && err.contains("the file holds"),
+        "{err}"
+    );
+    std::fs::remove_file(&opt_file).unwrap();
     let err = train(&longer, run, &Device::Cpu, true, &mut LogLines::default()).unwrap_err().to_string();
     assert!(err.contains("optimizer.safetensors"), "{err}");
 }
