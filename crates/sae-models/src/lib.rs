@@ -31,6 +31,7 @@ pub mod precision;
 pub mod registry;
 pub mod resnet;
 pub mod sync_batch_norm;
+pub mod tensor_file;
 
 pub use config::{Arch, Attention, BlockKind, ModelConfig, PaperPreset, Stem};
 pub use convert::{convert_checkpoint, infer_config, read_state_dict};
@@ -42,3 +43,4 @@ pub use precision::Precision;
 pub use registry::{config, create, list};
 pub use sae_kernels::{Gate, Implementation};
 pub use sync_batch_norm::{with_sync_batch_norm, CrossReplicaSum};
+pub use tensor_file::TensorFile;

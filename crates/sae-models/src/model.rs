@@ -5,6 +5,7 @@ use crate::config::{Arch, ModelConfig};
 use crate::init::{SeededVarMap, ShapeRecorder};
 use crate::mobilenet::MobileNetV1;
 use crate::resnet::ResNet;
+use crate::tensor_file::TensorFile;
 use crate::{registry, Error, Precision, Result};
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
@@ -159,62 +160,80 @@ impl Model {
     /// tensors with the same shapes and dtypes; anything else is an error naming the tensor.
     /// PyTorch's bookkeeping is accepted as PyTorch and timm save it: BatchNorm's
     /// `num_batches_tracked` is ignored and 1×1-convolution weights (O, I, 1, 1) load into
-    /// dense layers (O, I), as timm's SE modules store them.
+    /// dense layers (O, I), as timm's SE modules store them. Every check is made on the file's
+    /// header before anything changes; then the tensors are read one at a time
+    /// ([`TensorFile`]), so loading holds one tensor beside the model, not the whole file.
     pub fn load_weights(&self, path: &Path) -> Result<()> {
-        let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-        let loaded = candle_core::safetensors::load_buffer(&bytes, &self.device)
-            .map_err(|e| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() })?;
-        self.load_state_dict(loaded, path)
+        let mut file = TensorFile::open(path)?;
+        let vars = self.named_vars();
+        self.check_state_dict(&vars, file.shapes()?, path)?;
+        for (name, var) in &vars {
+            let t = file
+                .read(name, &self.device)?
+                .ok_or_else(|| Error::MissingTensor { path: path.to_path_buf(), name: name.clone() })?;
+            var.set(&t.reshape(var.dims())?)?;
+        }
+        Ok(())
     }
 
     /// Loads every variable from named tensors (a PyTorch state dict read by the caller), with
     /// the checks and allowances of [`Model::load_weights`]; `source` names the file in errors.
     /// Nothing changes unless every tensor fits.
-    pub fn load_state_dict(&self, mut tensors: HashMap<String, Tensor>, source: &Path) -> Result<()> {
-        let path = source;
+    pub fn load_state_dict(&self, tensors: HashMap<String, Tensor>, source: &Path) -> Result<()> {
         let vars = self.named_vars();
-        tensors.retain(|name, _| {
-            let bookkeeping = name
-                .strip_suffix("num_batches_tracked")
-                .is_some_and(|bn| vars.contains_key(&format!("{bn}running_mean")));
-            !bookkeeping
-        });
-        if let Some(name) = tensors.keys().filter(|k| !vars.contains_key(*k)).min() {
+        let shapes = tensors.iter().map(|(name, t)| (name.clone(), t.dtype(), t.dims().to_vec())).collect();
+        self.check_state_dict(&vars, shapes, source)?;
+        for (name, var) in &vars {
+            var.set(&tensors[name].reshape(var.dims())?.to_device(&self.device)?)?;
+        }
+        Ok(())
+    }
+
+    /// Whether tensors of these names, dtypes and shapes load into `vars` (see
+    /// [`Model::load_weights`]): every variable present with its dtype and its shape (or a
+    /// dense layer's as (O, I, 1, 1)), nothing else but BatchNorm's `num_batches_tracked`.
+    fn check_state_dict(
+        &self,
+        vars: &BTreeMap<String, Var>,
+        shapes: Vec<(String, DType, Vec<usize>)>,
+        path: &Path,
+    ) -> Result<()> {
+        let bookkeeping = |name: &str| {
+            name.strip_suffix("num_batches_tracked").is_some_and(|bn| vars.contains_key(&format!("{bn}running_mean")))
+        };
+        let found: HashMap<String, (DType, Vec<usize>)> = shapes
+            .into_iter()
+            .filter(|(name, _, _)| !bookkeeping(name))
+            .map(|(name, dtype, dims)| (name, (dtype, dims)))
+            .collect();
+        if let Some(name) = found.keys().filter(|k| !vars.contains_key(*k)).min() {
             return Err(Error::UnexpectedTensor {
                 path: path.to_path_buf(),
                 name: name.clone(),
                 model: self.config.name.clone(),
             });
         }
-        // Check everything before changing anything, so a bad file leaves the model intact.
-        for (name, var) in &vars {
-            let t = tensors
-                .get_mut(name)
-                .ok_or_else(|| Error::MissingTensor { path: path.to_path_buf(), name: name.clone() })?;
-            if let (&[o, i], &[to, ti, 1, 1]) = (var.dims(), t.dims()) {
-                if (o, i) == (to, ti) {
-                    *t = t.reshape((o, i))?;
-                }
-            }
-            if t.dims() != var.dims() {
+        for (name, var) in vars {
+            let (dtype, dims) =
+                found.get(name).ok_or_else(|| Error::MissingTensor { path: path.to_path_buf(), name: name.clone() })?;
+            let dense_as_conv =
+                matches!((var.dims(), dims.as_slice()), (&[o, i], &[to, ti, 1, 1]) if (o, i) == (to, ti));
+            if dims != var.dims() && !dense_as_conv {
                 return Err(Error::ShapeMismatch {
                     path: path.to_path_buf(),
                     name: name.clone(),
                     expected: var.dims().to_vec(),
-                    found: t.dims().to_vec(),
+                    found: dims.clone(),
                 });
             }
-            if t.dtype() != var.dtype() {
+            if *dtype != var.dtype() {
                 return Err(Error::DtypeMismatch {
                     path: path.to_path_buf(),
                     name: name.clone(),
                     expected: var.dtype().as_str().to_string(),
-                    found: t.dtype().as_str().to_string(),
+                    found: dtype.as_str().to_string(),
                 });
             }
-        }
-        for (name, var) in &vars {
-            var.set(&tensors[name].to_device(&self.device)?)?;
         }
         Ok(())
     }
