@@ -184,7 +184,10 @@ impl Model {
         let shapes = tensors.iter().map(|(name, t)| (name.clone(), t.dtype(), t.dims().to_vec())).collect();
         self.check_state_dict(&vars, shapes, source)?;
         for (name, var) in &vars {
-            var.set(&tensors[name].reshape(var.dims())?.to_device(&self.device)?)?;
+            let t = tensors
+                .get(name)
+                .ok_or_else(|| Error::MissingTensor { path: source.to_path_buf(), name: name.clone() })?;
+            var.set(&t.reshape(var.dims())?.to_device(&self.device)?)?;
         }
         Ok(())
     }
