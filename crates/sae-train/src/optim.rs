@@ -102,7 +102,8 @@ pub trait Optimizer: Send {
     fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>>;
     /// Restores state saved by [`Optimizer::state_tensors`], checking shapes, asking `tensors`
     /// for each by name as it goes (so that a file can be read one tensor at a time); `path`
-    /// names the file in errors.
+    /// names the file in errors. After an error the state is partly restored: callers drop
+    /// the optimiser (a run that cannot resume stops).
     fn load_state(&mut self, tensors: StateSource, path: &Path) -> Result<()>;
     /// Hands [`Optimizer::state_tensors`] to `f` one at a time (rank 0's state to the other
     /// ranks). This default builds them all first; [`Adam`] reads each interleaved moment out
@@ -380,8 +381,8 @@ impl Optimizer for Adam {
             .map_err(|e| Error::Checkpoint { path: path.to_path_buf(), reason: e.to_string() })
     }
 
-    /// Interleaved moments are written into their pairs in place (checked first, as the
-    /// others): loaded as variables and then interleaved anew, every moment was held three
+    /// Interleaved moments are written into their pairs in place, each as it is read and
+    /// checked: loaded as variables and then interleaved anew, every moment was held three
     /// times at once (the tensors, their copies, the new pairs) while a run resumed.
     fn load_state(&mut self, tensors: StateSource, path: &Path) -> Result<()> {
         let interleaved = &mut self.interleaved;
