@@ -767,29 +767,6 @@ impl GradientSlot {
     }
 }
 
-/// Where a CPU backward kernel writes its input's gradient (`dx`, in the input's type) and
-/// its parameters' (computed in f32, in a buffer of its own for a [`GradientSlot`]).
-pub(crate) struct GradientBuffers<T> {
-    dx: Vec<T>,
-    dparams: Vec<f32>,
-}
-
-impl<T: Elem> GradientBuffers<T> {
-    pub(crate) fn new(numel: usize, params_len: usize) -> Self {
-        Self { dx: uninit::<T>(numel), dparams: uninit::<f32>(params_len) }
-    }
-
-    /// `dx` and the parameters' gradient, for the kernel to write in full.
-    pub(crate) fn split(&mut self) -> (&mut [T], &mut [f32]) {
-        (&mut self.dx, &mut self.dparams)
-    }
-
-    /// `dx` and the parameters' gradient.
-    pub(crate) fn finish(self) -> (Vec<T>, Vec<f32>) {
-        (self.dx, self.dparams)
-    }
-}
-
 /// Splits the 1-D result of a backward op, the gradients of its operands one after another,
 /// into one tensor per operand with the given shapes (views, no copies).
 pub(crate) fn unpack<const K: usize>(packed: &Tensor, shapes: [&[usize]; K]) -> Result<[Tensor; K]> {

@@ -22,7 +22,7 @@ use crate::batch_norm::short::ShortPlanes;
 use crate::batch_norm::{block_end_operands, channel_and_plane_stats, check, check_eps, BatchNormOutput, BatchStats};
 use crate::cpu::{
     copy_converted, dispatch_float, f32_contiguous, min_planes_per_task, plane_f32, read_f32, sum, sum_and_dot, uninit,
-    vectorized, write_f32, Elem, GradientBuffers, GradientSlot,
+    vectorized, write_f32, Elem, GradientSlot,
 };
 use crate::layout::Strided4;
 use crate::Implementation;
@@ -325,8 +325,8 @@ impl BatchNormExcitationBackward {
                 (sx * inv_hw * scale + shift, sgx * scale + sg * shift)
             })
             .unzip();
-        let mut buffers = GradientBuffers::<T>::new(n * c * hw, p.len());
-        let (dx, dparams) = buffers.split();
+        // Both written in full below.
+        let (mut dx, mut dparams) = (uninit::<T>(n * c * hw), uninit::<f32>(p.len()));
         let (dbn, dexcitation) = dparams.split_at_mut(2 * c);
         let (s, dzt) = self.excitation.dense_backward(dense, &z, &sgy, dexcitation)?;
         // dy = gate(s)·g + e per plane, e = dz/HW; BatchNorm's sums over a channel's planes
@@ -360,7 +360,7 @@ impl BatchNormExcitationBackward {
             (a * factor(plane), k, a * shift(plane) + b)
         };
         if let Some(runs) = &runs {
-            input_gradient_runs(x, xs, runs, &masked, &coefficients, dx);
+            input_gradient_runs(x, xs, runs, &masked, &coefficients, &mut dx);
         } else {
             let planes = dx.par_chunks_mut(hw).with_min_len(min_len).enumerate();
             planes.for_each_init(
@@ -379,7 +379,7 @@ impl BatchNormExcitationBackward {
         }
         let masked = Tensor::from_vec(masked, xs.dims.to_vec(), &candle_core::Device::Cpu)?;
         self.shortcut_gradient.put("batch_norm_excitation backward", masked)?;
-        Ok(buffers.finish())
+        Ok((dx, dparams))
     }
 }
 

@@ -4,8 +4,7 @@
 
 use super::op::ExcitationOp;
 use crate::cpu::{
-    axpy, matmul_threads, min_planes_per_task, sum, sum_and_dot, uninit, vectorized, Elem, GradientBuffers, Mat,
-    Products,
+    axpy, matmul_threads, min_planes_per_task, sum, sum_and_dot, uninit, vectorized, Elem, Mat, Products,
 };
 use crate::layout::Strided4;
 use candle_core::{bail, Layout, Result};
@@ -159,7 +158,7 @@ impl ExcitationOp {
     }
 
     /// The backward pass; `p` as in [`Self::cpu_forward`]: the input's gradient, and the
-    /// parameters' in f32 ([`GradientBuffers`]).
+    /// parameters' in f32 (for a [`crate::cpu::GradientSlot`]), each written in full.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn cpu_backward<T: Elem>(
         &self,
@@ -208,9 +207,8 @@ impl ExcitationOp {
         let z: Vec<f32> = sums.iter().map(|s| s.0).collect();
         let sgx: Vec<f32> = sums.iter().map(|s| s.1).collect();
 
-        let mut buffers = GradientBuffers::<T>::new(n * c * hw, o.len);
-        let (dx, dp) = buffers.split();
-        let (s, dzt) = self.dense_backward(p, &z, &sgx, dp)?;
+        let (mut dx, mut dp) = (uninit::<T>(n * c * hw), uninit::<f32>(o.len));
+        let (s, dzt) = self.dense_backward(p, &z, &sgx, &mut dp)?;
 
         // Pass 2: dx = g·gate(s) + dz/HW.
         dx.par_chunks_mut(hw).with_min_len(min_len).enumerate().for_each(|(plane, dx)| {
@@ -225,7 +223,7 @@ impl ExcitationOp {
                 }),
             }
         });
-        Ok(buffers.finish())
+        Ok((dx, dp))
     }
 }
 
