@@ -122,7 +122,7 @@ enum Cmd {
         #[arg(long)]
         python: Option<PathBuf>,
     },
-    /// The heap of one training step (third step, random inputs, Keras Adam) as this
+    /// The heap of the first three training steps (random inputs, Keras Adam) as this
     /// process's allocator counts it: held before, peak, and bytes and allocations made.
     /// Exact and repeatable, where bench-train's resident peaks move by ±15 MB.
     StepHeap {
