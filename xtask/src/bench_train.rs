@@ -1,8 +1,8 @@
 //! `cargo xtask bench-train`: training-step and inference images/s of the paper's models on
 //! CPU, ours (default kernels, and Candle's own ops through the `reference` switch) next to
 //! PyTorch eager measured in the same run by `bench/pytorch/bench_train.py`, written to
-//! `results/train-speed.md` with the GFLOP/s reached and a forward / backward / optimiser
-//! split of our step.
+//! `results/train-speed.md` with the GFLOP/s reached and a forward / backward split of our
+//! step (the optimiser's update inside the backward, as `sae train` runs it).
 
 use crate::project_root;
 use anyhow::{bail, Context, Result};
@@ -62,14 +62,14 @@ const ROWS: &[Row] = &[
     row("senetv2_resnet50", 224, 1, Mode::Infer),
 ];
 
-/// Median step time (and its forward / backward / optimiser parts) after one warm-up step,
-/// over at least 3 steps and `seconds`, and the measuring process's memory.
+/// Median step time (and its forward and backward parts, the optimiser's update inside the
+/// backward as `sae train` runs it) after one warm-up step, over at least 3 steps and
+/// `seconds`, and the measuring process's memory.
 #[derive(Debug, Clone, Copy, Default)]
 struct Timing {
     step: f64,
     forward: f64,
     backward: f64,
-    optimizer: f64,
     memory: Memory,
     /// The most heap live at once from building the model to the last step, above what was
     /// live before (bytes, as `sae_train::allocator::Counting` counts it): exact and the same
@@ -156,11 +156,11 @@ fn measure_ours(r: Row, kernels: Implementation, precision: Precision, seconds: 
     let mode = if r.mode == Mode::Train { "train" } else { "infer" };
     let (size, batch, seconds) = (r.size.to_string(), r.batch.to_string(), seconds.to_string());
     let v = row_process(&[r.model, &size, &batch, mode, kernels.name(), precision.name(), &seconds])?;
-    let &[step, forward, backward, optimizer, baseline, peak, heap] = v.as_slice() else {
-        bail!("bench-train-row printed {} numbers, expected 7", v.len())
+    let &[step, forward, backward, baseline, peak, heap] = v.as_slice() else {
+        bail!("bench-train-row printed {} numbers, expected 6", v.len())
     };
     let memory = Memory { baseline: baseline as u64, peak: peak as u64 };
-    Ok(Timing { step, forward, backward, optimizer, memory, heap: heap as u64 })
+    Ok(Timing { step, forward, backward, memory, heap: heap as u64 })
 }
 
 /// Our f32 sgemm rate ([`gemm_gflops`]) measured in a process of its own, as PyTorch's `a @ b`
@@ -192,7 +192,8 @@ fn row_process(args: &[&str]) -> Result<Vec<f64>> {
 }
 
 /// `xtask bench-train-row MODEL SIZE BATCH train|infer KERNELS PRECISION SECONDS`: one row
-/// measured in this process; prints step, forward, backward and optimiser seconds, then the
+/// measured in this process; prints step, forward and backward seconds (the backward with the
+/// optimiser's update, as `sae train` runs it: `sae_train::backward_with_step`), then the
 /// resident memory before the model was built, the process's peak and the row's heap peak
 /// ([`Timing::heap`]), in bytes.
 /// `xtask bench-train-row sgemm` prints [`gemm_gflops`] for f32 instead.
@@ -216,10 +217,7 @@ pub fn row_in_this_process(args: &[String]) -> Result<()> {
     let row = &row(model, number("size", size)?, number("batch", batch)?, mode);
     let kernels: Implementation = kernels.parse()?;
     let t = measure_here(*row, kernels, precision.parse()?, seconds.parse()?)?;
-    println!(
-        "{} {} {} {} {} {} {}",
-        t.step, t.forward, t.backward, t.optimizer, t.memory.baseline, t.memory.peak, t.heap
-    );
+    println!("{} {} {} {} {} {}", t.step, t.forward, t.backward, t.memory.baseline, t.memory.peak, t.heap);
     Ok(())
 }
 
@@ -255,23 +253,22 @@ impl Setup {
         Ok(Self { device, model, x, y, optimizer })
     }
 
-    /// One training step or inference; its forward, backward and optimiser seconds.
-    fn step(&mut self) -> Result<[f64; 3]> {
+    /// One training step or inference; its forward and backward seconds, the optimiser's
+    /// update inside the backward as in `sae train` (one process, no gradient clipping).
+    fn step(&mut self) -> Result<[f64; 2]> {
         let (device, model, x) = (&self.device, &self.model, &self.x);
         let t0 = Instant::now();
         let Some(optimizer) = self.optimizer.as_mut() else {
             device.with_context(|| model.forward_without_graph(x, false)?.to_dtype(DType::F32))?;
-            return Ok([t0.elapsed().as_secs_f64(), 0.0, 0.0]);
+            return Ok([t0.elapsed().as_secs_f64(), 0.0]);
         };
         let (loss, t1) = device.with_context(|| -> Result<_> {
             let loss = cross_entropy(&model.forward_t(x, true)?, &self.y, 0.0)?;
             loss.to_scalar::<f32>()?;
             Ok((loss, Instant::now()))
         })?;
-        let grads = device.with_context(|| loss.backward_consuming())?;
-        let t2 = Instant::now();
-        device.with_context(|| optimizer.step(&grads))?;
-        Ok([(t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64(), t2.elapsed().as_secs_f64()])
+        device.with_context(|| sae_train::backward_with_step(loss, optimizer.as_mut()))?;
+        Ok([(t1 - t0).as_secs_f64(), t1.elapsed().as_secs_f64()])
     }
 }
 
@@ -286,7 +283,7 @@ fn row_model(command: &str, name: &str) -> Result<&'static str> {
 
 fn measure_here(r: Row, kernels: Implementation, precision: Precision, seconds: f64) -> Result<Timing> {
     let baseline = resident_memory().0;
-    let (heap, parts) = sae_train::allocator::measure(|| -> Result<Vec<[f64; 3]>> {
+    let (heap, parts) = sae_train::allocator::measure(|| -> Result<Vec<[f64; 2]>> {
         let mut setup = Setup::new(r, kernels, precision)?;
         let mut parts = Vec::new();
         setup.step()?;
@@ -302,7 +299,6 @@ fn measure_here(r: Row, kernels: Implementation, precision: Precision, seconds: 
         step: median(parts.iter().map(|p| p.iter().sum()).collect()),
         forward: part(0),
         backward: part(1),
-        optimizer: part(2),
         memory: Memory { baseline, peak: resident_memory().1 },
         heap: (heap.peak - heap.before) as u64,
     })
@@ -523,7 +519,7 @@ pub fn run(seconds: f64, python: Option<PathBuf>, bf16: bool, repeats: usize) ->
             None => ("—".into(), "—".into(), None, "—".into()),
         };
         let split = if r.mode == Mode::Train {
-            format!("{:.0} / {:.0} / {:.0}", ours.forward * 1e3, ours.backward * 1e3, ours.optimizer * 1e3)
+            format!("{:.0} / {:.0}", ours.forward * 1e3, ours.backward * 1e3)
         } else {
             format!("{:.0} / – / –", ours.forward * 1e3)
         };
@@ -585,7 +581,7 @@ pub fn run(seconds: f64, python: Option<PathBuf>, bf16: bool, repeats: usize) ->
         None => writeln!(md, "PyTorch not measured in this run (pass `--python` with a Python that has torch). sgemm 2048³ GFLOP/s, the fastest of {repeats} process(es): `gemm` crate through our 1×1 convolution **{}**.\n", of_peak(peak))?,
     }
     writeln!(md, "Every row is measured in a process of its own (ours, Candle's and PyTorch's), so that its peak resident memory (VmHWM) is its own: *peak MB* is that peak, and in brackets what it rose above the process's resident memory just before the model was built (for PyTorch that baseline includes the loaded torch library).\n")?;
-    writeln!(md, "| model | input | batch | mode | params | ours img/s | Candle img/s | PyTorch img/s | ours / PyTorch | ours GFLOP/s (% of peak) | PyTorch GFLOP/s (% of peak) | ours: fwd / bwd / optimiser ms | peak MB ours | peak MB PyTorch |")?;
+    writeln!(md, "| model | input | batch | mode | params | ours img/s | Candle img/s | PyTorch img/s | ours / PyTorch | ours GFLOP/s (% of peak) | PyTorch GFLOP/s (% of peak) | ours: fwd / bwd with update ms | peak MB ours | peak MB PyTorch |")?;
     writeln!(md, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")?;
     for (before, ours, torch, after) in &lines {
         writeln!(md, "{before} | {} | {} | {after}", of_peak(*ours), torch.map_or("—".into(), of_peak))?;

@@ -185,3 +185,33 @@ fn a_consuming_backward_sums_every_path() -> candle_core::Result<()> {
     assert_eq!(grads.get(&x).expect("x has a gradient").to_vec1::<f32>()?, [6.0, 0.0, 10.0]);
     Ok(())
 }
+
+/// `backward_consuming_with` hands each variable's gradient over once, complete (every path
+/// summed), after every node that reads the variable has had its turn: the hook zeroes each
+/// variable in place and the other's gradient is still computed from the old values. What it
+/// returns is stored; `None` stores nothing; its error ends the pass.
+#[test]
+fn a_consuming_backward_hands_each_variable_its_whole_gradient_once() -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    let x = Var::new(&[1f32, -2.0, 3.0], &dev)?;
+    let w = Var::new(&[0.5f32, 4.0, -1.0], &dev)?;
+    // d/dx Σ (x·w + x·x) = w + 2x, d/dw = x.
+    let loss =
+        || -> candle_core::Result<Tensor> { ((x.as_tensor() * w.as_tensor())? + x.as_tensor().sqr()?)?.sum_all() };
+    let mut seen = Vec::new();
+    let grads = loss()?.backward_consuming_with(&mut |var, grad| {
+        let name = if var.id() == x.id() { "x" } else { "w" };
+        seen.push((name, grad.to_vec1::<f32>()?));
+        var.zero_set()?;
+        Ok((name == "w").then_some(grad))
+    })?;
+    seen.sort_by_key(|(name, _)| *name);
+    assert_eq!(seen, [("w", vec![1.0, -2.0, 3.0]), ("x", vec![2.5, 0.0, 5.0])]);
+    assert!(grads.get(&x).is_none(), "x's gradient was stored though the hook returned None");
+    assert_eq!(grads.get(&w).expect("w's gradient is stored").to_vec1::<f32>()?, [1.0, -2.0, 3.0]);
+    assert_eq!(x.to_vec1::<f32>()?, [0.0; 3]);
+
+    let err = loss()?.backward_consuming_with(&mut |_, _| candle_core::bail!("planted")).unwrap_err();
+    assert!(err.to_string().contains("planted"), "{err}");
+    Ok(())
+}

@@ -29,4 +29,7 @@ pub use metrics::Evaluation;
 pub use optim::{Adam, Optimizer, OptimizerConfig, Schedule, Sgd};
 pub use progress::{default_progress, Bar, LogLines, Progress};
 pub use summary::{read_summary, EpochSummary};
-pub use train::{evaluate, evaluate_all, evaluate_all_with, evaluate_sharded, forward_backward, train, train_with};
+pub use train::{
+    backward_with_step, evaluate, evaluate_all, evaluate_all_with, evaluate_sharded, forward_backward, forward_loss,
+    train, train_with,
+};

@@ -7,7 +7,7 @@
 
 use crate::{Error, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Device, Tensor, TensorId, Var};
 use sae_kernels::{
     adam_interleaved_applies, adam_kernel_takes, adam_update, adam_update_interleaved, AdamStep, Implementation,
 };
@@ -89,8 +89,25 @@ impl OptimizerConfig {
 /// buffers, the step count) saves to named tensors for checkpoints. `Send`, so that a step can
 /// run in the thread pool the forward and backward ran in (`Device::with_context`).
 pub trait Optimizer: Send {
+    /// Starts a step: the step count goes up by one, and [`Optimizer::update`] then updates
+    /// the variables one at a time (during a backward pass: `Tensor::backward_consuming_with`).
+    fn begin_step(&mut self);
+    /// Updates the variable whose tensor has id `var` from its gradient `grad`, as part of the
+    /// step [`Optimizer::begin_step`] started; `false`, and nothing done, where `var` is not one
+    /// of the optimiser's.
+    fn update(&mut self, var: TensorId, grad: &Tensor) -> Result<bool>;
+    /// The ids of the variables' tensors, in the order the optimiser was given them.
+    fn variable_ids(&self) -> Vec<TensorId>;
     /// Applies one update from `grads`. Variables without a gradient are left alone.
-    fn step(&mut self, grads: &GradStore) -> Result<()>;
+    fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.begin_step();
+        for id in self.variable_ids() {
+            if let Some(g) = grads.get_id(id) {
+                self.update(id, g)?;
+            }
+        }
+        Ok(())
+    }
     /// Current learning rate.
     fn lr(&self) -> f64;
     /// Sets the learning rate (schedules call this).
@@ -181,6 +198,8 @@ impl safetensors::View for StateView<'_> {
 /// first step) and the step count.
 struct Params {
     vars: Vec<(String, Var)>,
+    /// Each variable's index in `vars`, by its tensor's id.
+    index: HashMap<TensorId, usize>,
     /// Per variable: (first moment or momentum buffer, second moment).
     state: Vec<(Option<Var>, Option<Var>)>,
     step: u64,
@@ -189,7 +208,12 @@ struct Params {
 impl Params {
     fn new(vars: Vec<(String, Var)>) -> Self {
         let state = vec![(None, None); vars.len()];
-        Self { vars, state, step: 0 }
+        let index = vars.iter().enumerate().map(|(i, (_, var))| (var.id(), i)).collect();
+        Self { vars, index, state, step: 0 }
+    }
+
+    fn ids(&self) -> Vec<TensorId> {
+        self.vars.iter().map(|(_, var)| var.id()).collect()
     }
 
     fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
@@ -248,12 +272,6 @@ impl Params {
         }
         Ok(())
     }
-}
-
-/// Gradients can carry Candle's graph (of the step that made them); detached, the optimiser
-/// state never keeps earlier steps' graphs alive.
-fn gradient(grads: &GradStore, var: &Var) -> Option<Tensor> {
-    grads.get(var).map(Tensor::detach)
 }
 
 /// Adam, Keras form (see [`OptimizerConfig::Adam`]).
@@ -318,38 +336,45 @@ impl Adam {
 }
 
 impl Optimizer for Adam {
-    fn step(&mut self, grads: &GradStore) -> Result<()> {
+    fn begin_step(&mut self) {
         self.params.step += 1;
+    }
+
+    fn update(&mut self, var: TensorId, grad: &Tensor) -> Result<bool> {
+        let Some(&i) = self.params.index.get(&var) else { return Ok(false) };
         let t = self.params.step as i32;
         let alpha = self.lr * (1.0 - self.beta2.powi(t)).sqrt() / (1.0 - self.beta1.powi(t));
         let step = AdamStep { beta1: self.beta1, beta2: self.beta2, eps: self.eps, alpha };
-        let slots = self.params.vars.iter().zip(self.params.state.iter_mut()).zip(self.interleaved.iter_mut());
-        for (((_, var), (m, v)), interleaved) in slots {
-            let Some(g) = gradient(grads, var) else { continue };
-            if self.implementation == Implementation::Fused && adam_interleaved_applies(var, &g) {
-                let pairs = match interleaved {
-                    Some(pairs) => pairs,
-                    None => interleaved.insert(interleave(m.take(), v.take(), var.elem_count())?),
-                };
-                adam_update_interleaved(var, &g, pairs, step)?;
-                continue;
-            }
-            if let Some(pairs) = interleaved.take() {
-                let (m_values, v_values) = deinterleave(&pairs, var)?;
-                (*m, *v) = (Some(Var::from_tensor(&m_values)?), Some(Var::from_tensor(&v_values)?));
-            }
-            let zeros = || Var::zeros(g.shape(), g.dtype(), g.device());
-            let m = match m {
-                Some(m) => m,
-                None => m.insert(zeros()?),
+        let (var, (m, v), interleaved) = (&self.params.vars[i].1, &mut self.params.state[i], &mut self.interleaved[i]);
+        // Detached: the optimiser state never keeps the graph a gradient may carry.
+        let g = grad.detach();
+        if self.implementation == Implementation::Fused && adam_interleaved_applies(var, &g) {
+            let pairs = match interleaved {
+                Some(pairs) => pairs,
+                None => interleaved.insert(interleave(m.take(), v.take(), var.elem_count())?),
             };
-            let v = match v {
-                Some(v) => v,
-                None => v.insert(zeros()?),
-            };
-            adam_update(var, &g, m, v, step, self.implementation)?;
+            adam_update_interleaved(var, &g, pairs, step)?;
+            return Ok(true);
         }
-        Ok(())
+        if let Some(pairs) = interleaved.take() {
+            let (m_values, v_values) = deinterleave(&pairs, var)?;
+            (*m, *v) = (Some(Var::from_tensor(&m_values)?), Some(Var::from_tensor(&v_values)?));
+        }
+        let zeros = || Var::zeros(g.shape(), g.dtype(), g.device());
+        let m = match m {
+            Some(m) => m,
+            None => m.insert(zeros()?),
+        };
+        let v = match v {
+            Some(v) => v,
+            None => v.insert(zeros()?),
+        };
+        adam_update(var, &g, m, v, step, self.implementation)?;
+        Ok(true)
+    }
+
+    fn variable_ids(&self) -> Vec<TensorId> {
+        self.params.ids()
     }
 
     fn lr(&self) -> f64 {
@@ -409,31 +434,39 @@ pub struct Sgd {
 }
 
 impl Optimizer for Sgd {
-    fn step(&mut self, grads: &GradStore) -> Result<()> {
+    fn begin_step(&mut self) {
         self.params.step += 1;
-        for ((_, var), (buffer, _)) in self.params.vars.iter().zip(self.params.state.iter_mut()) {
-            let Some(mut g) = gradient(grads, var) else { continue };
-            let theta = &var.as_tensor().detach();
-            if self.weight_decay != 0.0 && !self.decoupled {
-                g = (g + (theta * self.weight_decay)?)?;
-            }
-            if self.momentum != 0.0 {
-                let b = match buffer {
-                    Some(b) => {
-                        b.set(&((b.as_tensor() * self.momentum)? + &g)?)?;
-                        b
-                    }
-                    None => buffer.insert(Var::from_tensor(&g)?),
-                };
-                g = if self.nesterov { (g + (b.as_tensor() * self.momentum)?)? } else { b.as_tensor().detach() };
-            }
-            let mut new = (theta - (g * self.lr)?)?;
-            if self.weight_decay != 0.0 && self.decoupled {
-                new = (new - (theta * (self.lr * self.weight_decay))?)?;
-            }
-            var.set(&new)?;
+    }
+
+    fn update(&mut self, var: TensorId, grad: &Tensor) -> Result<bool> {
+        let Some(&i) = self.params.index.get(&var) else { return Ok(false) };
+        let (var, (buffer, _)) = (&self.params.vars[i].1, &mut self.params.state[i]);
+        // Detached: the momentum buffer never keeps the graph a gradient may carry.
+        let mut g = grad.detach();
+        let theta = &var.as_tensor().detach();
+        if self.weight_decay != 0.0 && !self.decoupled {
+            g = (g + (theta * self.weight_decay)?)?;
         }
-        Ok(())
+        if self.momentum != 0.0 {
+            let b = match buffer {
+                Some(b) => {
+                    b.set(&((b.as_tensor() * self.momentum)? + &g)?)?;
+                    b
+                }
+                None => buffer.insert(Var::from_tensor(&g)?),
+            };
+            g = if self.nesterov { (g + (b.as_tensor() * self.momentum)?)? } else { b.as_tensor().detach() };
+        }
+        let mut new = (theta - (g * self.lr)?)?;
+        if self.weight_decay != 0.0 && self.decoupled {
+            new = (new - (theta * (self.lr * self.weight_decay))?)?;
+        }
+        var.set(&new)?;
+        Ok(true)
+    }
+
+    fn variable_ids(&self) -> Vec<TensorId> {
+        self.params.ids()
     }
 
     fn lr(&self) -> f64 {

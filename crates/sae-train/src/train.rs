@@ -35,11 +35,6 @@ use std::time::Instant;
 /// graph), the loss (cross-entropy with `label_smoothing`, or the mixed images' blend of two),
 /// and the gradients of the loss divided by `batches_per_step` (accumulated over a step's
 /// batches, they are the gradients of their mean loss).
-///
-/// No tensor of the graph outlives the forward pass but the loss: the accuracy needs only the
-/// logits' values, and the backward pass then frees each activation once its gradient has been
-/// passed on, so the step's peak memory is not the activations and their gradients together
-/// (the activations of a ResNet-50 step at 140×140 are most of its memory).
 pub fn forward_backward(
     forward: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
     x: &Tensor,
@@ -48,6 +43,26 @@ pub fn forward_backward(
     label_smoothing: f64,
     batches_per_step: usize,
 ) -> Result<(Tensor, f32, GradStore)> {
+    let (logits_values, value, loss) = forward_loss(forward, x, labels, mixed, label_smoothing, batches_per_step)?;
+    Ok((logits_values, value, loss.backward_consuming()?))
+}
+
+/// [`forward_backward`] up to the backward pass: the logits' values, the loss's value and the
+/// loss divided by `batches_per_step`, the one tensor of the graph it returns.
+///
+/// No tensor of the graph outlives the forward pass but the loss: the accuracy needs only the
+/// logits' values, and the backward pass (`backward_consuming`) then frees each activation
+/// once its gradient has been passed on, so the step's peak memory is not the activations and
+/// their gradients together (the activations of a ResNet-50 step at 140×140 are most of its
+/// memory).
+pub fn forward_loss(
+    forward: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
+    x: &Tensor,
+    labels: &Tensor,
+    mixed: Option<&Mixed>,
+    label_smoothing: f64,
+    batches_per_step: usize,
+) -> Result<(Tensor, f32, Tensor)> {
     let logits = forward(x)?;
     let mut loss = cross_entropy(&logits, labels, label_smoothing)?;
     if let Some(mixed) = mixed {
@@ -61,7 +76,32 @@ pub fn forward_backward(
     let logits_values = logits.detach();
     drop(logits);
     let loss = if batches_per_step > 1 { (loss / batches_per_step as f64)? } else { loss };
-    Ok((logits_values, value, loss.backward_consuming()?))
+    Ok((logits_values, value, loss))
+}
+
+/// The backward pass of `loss` with `optimizer`'s step taken during it: each variable is
+/// updated as soon as its gradient is complete (`Tensor::backward_consuming_with`), and the
+/// gradient dropped, so that the step never holds all the gradients at once and reads each
+/// one while it is fresh in the cache. Same values as `backward_consuming` followed by
+/// [`Optimizer::step`] (each variable's update depends only on its own gradient); returns the
+/// gradients of the variables the optimiser does not hold.
+pub fn backward_with_step(loss: Tensor, optimizer: &mut dyn Optimizer) -> Result<GradStore> {
+    optimizer.begin_step();
+    // Candle's pass returns Candle's errors: the optimiser's own one is kept here.
+    let mut failed = None;
+    let grads = loss.backward_consuming_with(&mut |var, grad| match optimizer.update(var.id(), &grad) {
+        Ok(true) => Ok(None),
+        Ok(false) => Ok(Some(grad)),
+        Err(e) => {
+            let message = e.to_string();
+            failed = Some(e);
+            Err(candle_core::Error::Msg(message))
+        }
+    });
+    match (grads, failed) {
+        (_, Some(e)) => Err(e),
+        (grads, None) => Ok(grads?),
+    }
 }
 
 /// Trains as `cfg` says, in `dir`. With `resume`, continues the run in `dir` from its last
@@ -382,15 +422,19 @@ impl Run<'_> {
         let mut totals = std::mem::take(&mut self.state.partial);
         let seconds_before = totals.seconds;
         progress.epoch_start(epoch + 1, batches);
+        // One process taking a step after every batch with nothing to do between the backward
+        // pass and the update (no clipping by the global norm) updates each variable during the
+        // backward pass, as soon as its gradient is complete (`backward_with_step`).
+        let update_in_backward = self.collective.world_size() == 1 && per_step == 1 && steps.clip_grad_norm.is_none();
         let mut accumulated: Option<GradStore> = None;
         for (i, batch) in (first..).zip(loader.epoch_from(epoch as u64, first)) {
             let batch = batch?;
             optimizer.set_lr(cfg.schedule.lr(cfg.optimizer.lr(), epoch as f64 + i as f64 / batches as f64));
             let (x, y) = to_tensors(&batch, self.device)?;
             // Forward and backward inside Candle's own CPU thread pool (a no-op on GPUs).
-            let (logits, loss, grads) = self.device.with_context(|| {
+            let (logits, loss, loss_tensor) = self.device.with_context(|| {
                 let forward = |x: &Tensor| self.synchronised(|| self.model.forward_t(x, true));
-                forward_backward(forward, &x, &y, batch.mixed.as_ref(), cfg.label_smoothing, per_step)
+                forward_loss(forward, &x, &y, batch.mixed.as_ref(), cfg.label_smoothing, per_step)
             })?;
             // The batch's totals over all ranks, so that every rank sees the same loss and
             // stops together when it is not finite.
@@ -405,10 +449,15 @@ impl Run<'_> {
                 let step = self.state.step;
                 return Err(Error::NonFiniteLoss { value: loss, epoch, step, dir: self.dir.to_path_buf() });
             }
-            accumulated = Some(match accumulated.take() {
-                None => grads,
-                Some(sum) => add_gradients(sum, &grads, self.model)?,
-            });
+            if update_in_backward {
+                self.device.with_context(|| backward_with_step(loss_tensor, optimizer))?;
+            } else {
+                let grads = self.device.with_context(|| loss_tensor.backward_consuming())?;
+                accumulated = Some(match accumulated.take() {
+                    None => grads,
+                    Some(sum) => add_gradients(sum, &grads, self.model)?,
+                });
+            }
             totals.loss_sum += loss_sum;
             totals.images += images as usize;
             totals.correct += correct as usize;
@@ -416,15 +465,20 @@ impl Run<'_> {
             self.state.batch = i + 1;
             // A step after every `per_step` batches, and after the epoch's last batch.
             if (i + 1).is_multiple_of(per_step) || i + 1 == batches {
-                let mut grads = accumulated.take().expect("a batch was accumulated");
-                average_gradients(&*self.collective, &mut grads, &self.model.trainable_vars(), bucket_bytes())?;
-                if let Some(max_norm) = steps.clip_grad_norm {
-                    clip_grad_norm(&mut grads, self.model, max_norm)?;
+                // None where the update ran in the backward pass.
+                let mut grads = accumulated.take();
+                if let Some(grads) = &mut grads {
+                    average_gradients(&*self.collective, grads, &self.model.trainable_vars(), bucket_bytes())?;
+                    if let Some(max_norm) = steps.clip_grad_norm {
+                        clip_grad_norm(grads, self.model, max_norm)?;
+                    }
                 }
                 // In the pool the forward and backward ran in: the global pool's threads, woken
                 // for the update, would spin beside that pool's (`results/train-profile.md`).
                 self.device.with_context(|| -> Result<()> {
-                    optimizer.step(&grads)?;
+                    if let Some(grads) = &grads {
+                        optimizer.step(grads)?;
+                    }
                     if let (Some(ema), Some(decay)) = (self.ema, steps.ema_decay) {
                         update_ema(ema, self.model, decay)?;
                     }

@@ -229,7 +229,7 @@ impl Tensor {
     pub fn backward(&self) -> Result<GradStore> {
         let mut grads = GradStore::new();
         grads.insert(self, self.ones_like()?.contiguous()?);
-        Self::backpropagate(self.sorted_nodes(), grads)
+        Self::backpropagate(self.sorted_nodes(), grads, &mut |_, grad| Ok(Some(grad)))
     }
 
     /// `backward` of a root given up by the caller (sae patch): the graph is let go of as the
@@ -238,23 +238,44 @@ impl Tensor {
     /// freed only when nothing else holds it: a caller that keeps the logits (or any other
     /// tensor of the graph) keeps everything below them, as with `backward`.
     pub fn backward_consuming(self) -> Result<GradStore> {
+        self.backward_consuming_with(&mut |_, grad| Ok(Some(grad)))
+    }
+
+    /// [`Tensor::backward_consuming`] that hands each variable's gradient to `on_variable`
+    /// as soon as it is complete (sae patch): every node that uses the variable has passed
+    /// its contribution on by then, and no later node of the pass reads the variable, so
+    /// `on_variable` may update it in place (an optimiser step during the backward pass).
+    /// What it returns is stored as the variable's gradient (`None`: nothing is stored).
+    pub fn backward_consuming_with(
+        self,
+        on_variable: &mut dyn FnMut(&Tensor, Tensor) -> Result<Option<Tensor>>,
+    ) -> Result<GradStore> {
         let nodes: Vec<Tensor> = self.sorted_nodes().into_iter().cloned().collect();
         let mut grads = GradStore::new();
         grads.insert(&self, self.ones_like()?.contiguous()?);
         drop(self);
-        Self::backpropagate(nodes, grads)
+        Self::backpropagate(nodes, grads, on_variable)
     }
 
     /// The pass of `backward` over `sorted_nodes` (the root first), `grads` holding the
-    /// root's gradient; each node is dropped once its turn is over (sae patch).
+    /// root's gradient; each node is dropped once its turn is over, and each variable's
+    /// gradient goes through `on_variable` when the pass reaches it (sae patch).
     fn backpropagate<N: std::borrow::Borrow<Tensor>>(
         sorted_nodes: Vec<N>,
         mut grads: GradStore,
+        on_variable: &mut dyn FnMut(&Tensor, Tensor) -> Result<Option<Tensor>>,
     ) -> Result<GradStore> {
         for node in sorted_nodes {
             // `&&Tensor`, as the iteration over references upstream gives it.
             let node: &&Tensor = &node.borrow();
             if node.is_variable() {
+                // The nodes come in reverse topological order: every user of the variable
+                // came before it, so its gradient is complete.
+                if let Some(grad) = grads.remove(node) {
+                    if let Some(grad) = on_variable(node, grad)? {
+                        grads.insert(node, grad);
+                    }
+                }
                 continue;
             }
             let grad = grads
