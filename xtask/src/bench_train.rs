@@ -521,7 +521,7 @@ pub fn run(seconds: f64, python: Option<PathBuf>, bf16: bool, repeats: usize) ->
         let split = if r.mode == Mode::Train {
             format!("{:.0} / {:.0}", ours.forward * 1e3, ours.backward * 1e3)
         } else {
-            format!("{:.0} / – / –", ours.forward * 1e3)
+            format!("{:.0} / –", ours.forward * 1e3)
         };
         let mode = if r.mode == Mode::Train { "train" } else { "inference" };
         let (ours_ips, candle_ips) = (ips(&ours), ips(&candle));

@@ -299,8 +299,10 @@ pub fn broadcast_vars(collective: &dyn Collective, vars: &[(String, Var)], root:
 }
 
 /// Sets every rank's optimiser state to rank `root`'s, one tensor at a time: a header (name,
-/// dtype, shape; empty after the last), then the tensor's bytes. Serialised whole (as before),
-/// rank 0 held its state twice more and the others received it twice — ~460 MB above a
+/// dtype, shape; empty after the last), then the tensor's bytes. Rank `root` sends in the
+/// order `load_state` asks for the tensors (`Optimizer::for_each_state_tensor`), so the
+/// others load each as it arrives and hold one at a time. Serialised whole (as once), rank 0
+/// held its state twice more and the others received it twice — ~460 MB above a
 /// SENetV2-ResNet-50 run's weights and moments, more than its training step's own peak. At
 /// step 0 nothing is sent: every rank built the same optimiser (zero moments).
 pub fn broadcast_optimizer_state(
@@ -317,35 +319,80 @@ pub fn broadcast_optimizer_state(
         return Ok(());
     }
     if collective.rank() == root {
-        optimizer.for_each_state_tensor(&mut |name, t| {
-            let mut header = serde_json::to_vec(&(&name, t.dtype().as_str(), t.dims()))
-                .map_err(|e| Error::Distributed(format!("optimiser state {name}: {e}")))?;
-            collective.broadcast_bytes(&mut header, root)?;
-            let mut data = safetensors::View::data(&t).into_owned();
-            collective.broadcast_bytes(&mut data, root)
-        })?;
+        optimizer.for_each_state_tensor(&mut |name, t| send_state_tensor(collective, &name, &t, root))?;
         return collective.broadcast_bytes(&mut Vec::new(), root);
     }
+    receive_optimizer_state(collective, optimizer, root)
+}
+
+/// One tensor of [`broadcast_optimizer_state`], from rank `root`.
+fn send_state_tensor(collective: &dyn Collective, name: &str, t: &Tensor, root: usize) -> Result<()> {
+    let mut header = serde_json::to_vec(&(name, t.dtype().as_str(), t.dims()))
+        .map_err(|e| Error::Distributed(format!("optimiser state {name}: {e}")))?;
+    collective.broadcast_bytes(&mut header, root)?;
+    let mut data = safetensors::View::data(t).into_owned();
+    collective.broadcast_bytes(&mut data, root)
+}
+
+/// The other ranks' side of [`broadcast_optimizer_state`]: `load_state` asks for each tensor
+/// by name; the next header that arrives is either that tensor's (its bytes are received and
+/// handed over) or a later one's (the asked tensor was not saved; the header waits for its
+/// name). A header left when `load_state` has done means rank `root` sent out of that order:
+/// an error, after the rest is received so that every rank's broadcasts still pair up.
+fn receive_optimizer_state(collective: &dyn Collective, optimizer: &mut dyn Optimizer, root: usize) -> Result<()> {
     let bad = |what: String| Error::Distributed(format!("rank {root} sent an unreadable optimiser state: {what}"));
-    // On the CPU: `load_state` moves each tensor to its variable's device.
-    let mut tensors = std::collections::HashMap::new();
-    loop {
+    // The header received and not yet asked for; `None` inside once the empty one has come.
+    let mut next: Option<Option<(String, DType, Vec<usize>)>> = None;
+    let receive_header = || -> Result<Option<(String, DType, Vec<usize>)>> {
         let mut header = Vec::new();
         collective.broadcast_bytes(&mut header, root)?;
         if header.is_empty() {
-            break;
+            return Ok(None);
         }
         let (name, dtype, dims): (String, String, Vec<usize>) =
             serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
         let dtype: DType = dtype.parse().map_err(|e| bad(format!("{name}: {e}")))?;
-        let mut data = Vec::new();
-        collective.broadcast_bytes(&mut data, root)?;
-        let t = Tensor::from_raw_buffer(&data, dtype, &dims, &candle_core::Device::Cpu)
-            .map_err(|e| bad(format!("{name}: {e}")))?;
-        tensors.insert(name, t);
+        Ok(Some((name, dtype, dims)))
+    };
+    let loaded = optimizer.load_state(
+        &mut |name| {
+            let header = match next.take() {
+                Some(header) => header,
+                None => receive_header()?,
+            };
+            match header {
+                Some((sent, dtype, dims)) if sent == name => {
+                    let mut data = Vec::new();
+                    collective.broadcast_bytes(&mut data, root)?;
+                    // On the CPU: `load_state` moves each tensor to its variable's device.
+                    let t = Tensor::from_raw_buffer(&data, dtype, &dims, &candle_core::Device::Cpu)
+                        .map_err(|e| bad(format!("{name}: {e}")))?;
+                    Ok(Some(t))
+                }
+                other => {
+                    next = Some(other);
+                    Ok(None)
+                }
+            }
+        },
+        std::path::Path::new("<the optimiser state rank 0 sent>"),
+    );
+    // Whatever `load_state` did not take is received, and is an error.
+    let mut left = Vec::new();
+    let mut header = match next {
+        Some(header) => header,
+        None => receive_header()?,
+    };
+    while let Some((name, ..)) = header {
+        collective.broadcast_bytes(&mut Vec::new(), root)?;
+        left.push(name);
+        header = receive_header()?;
     }
-    optimizer
-        .load_state(&mut |name| Ok(tensors.remove(name)), std::path::Path::new("<the optimiser state rank 0 sent>"))
+    loaded?;
+    if !left.is_empty() {
+        return Err(bad(format!("tensors out of the order the optimiser loads them in, or not its own: {left:?}")));
+    }
+    Ok(())
 }
 
 /// Makes `sae_models`' synchronised BatchNorm sum its statistics over the ranks.
@@ -672,6 +719,65 @@ mod tests {
             assert_eq!(state_values(optimizers[0].as_ref()), want, "{config:?}: rank 0 changed");
             assert_eq!(optimizers[1].steps(), 3);
         }
+    }
+
+    /// The receiving ranks load each tensor as it arrives, which needs rank 0 to send in the
+    /// order `load_state` asks.
+    #[test]
+    fn optimisers_hand_their_state_over_in_the_order_they_load_it() {
+        let sgd = crate::optim::OptimizerConfig::paper_sgd();
+        // Adam has two moments per variable, SGD a momentum buffer.
+        for (config, moments) in [(crate::optim::OptimizerConfig::keras_adam(), 2), (sgd, 1)] {
+            let [mut root, _] = optimisers(&config, 3);
+            let mut sent = Vec::new();
+            let mut tensors = std::collections::HashMap::new();
+            root.for_each_state_tensor(&mut |name, t| {
+                sent.push(name.clone());
+                tensors.insert(name, t);
+                Ok(())
+            })
+            .unwrap();
+            let mut asked = Vec::new();
+            let source = &mut |name: &str| {
+                asked.push(name.to_string());
+                Ok(tensors.get(name).cloned())
+            };
+            root.load_state(source, std::path::Path::new("test")).unwrap();
+            asked.retain(|name| tensors.contains_key(name));
+            assert_eq!(sent, asked, "{config:?}");
+            assert_eq!(sent.len(), 1 + moments * 3, "{config:?}: the step and each variable's state: {sent:?}");
+        }
+    }
+
+    /// A state sent in another order is received whole (every broadcast pairs up) and refused,
+    /// not loaded as zeroes where a tensor came later than asked for.
+    #[test]
+    fn a_state_sent_out_of_order_is_an_error() {
+        let mut optimizers = optimisers(&crate::optim::OptimizerConfig::keras_adam(), 2);
+        let mut tensors = Vec::new();
+        optimizers[0]
+            .for_each_state_tensor(&mut |name, t| {
+                tensors.push((name, t));
+                Ok(())
+            })
+            .unwrap();
+        // `step` first still (without it the load fails on that), the moments backwards.
+        tensors[1..].reverse();
+        let slot = Arc::new((std::sync::Mutex::new(Vec::new()), std::sync::Barrier::new(2)));
+        let [_, receiver] = &mut optimizers;
+        let err = std::thread::scope(|s| {
+            let sender = Threads { rank: 0, slot: slot.clone(), broadcasts: Default::default() };
+            let tensors = &tensors;
+            s.spawn(move || {
+                for (name, t) in tensors {
+                    send_state_tensor(&sender, name, t, 0).unwrap();
+                }
+                sender.broadcast_bytes(&mut Vec::new(), 0).unwrap();
+            });
+            let c = Threads { rank: 1, slot: slot.clone(), broadcasts: Default::default() };
+            receive_optimizer_state(&c, receiver.as_mut(), 0).unwrap_err().to_string()
+        });
+        assert!(err.contains("out of the order"), "{err}");
     }
 
     #[test]

@@ -122,20 +122,14 @@ pub trait Optimizer: Send {
     /// names the file in errors. After an error the state is partly restored: callers drop
     /// the optimiser (a run that cannot resume stops).
     fn load_state(&mut self, tensors: StateSource, path: &Path) -> Result<()>;
-    /// Hands [`Optimizer::state_tensors`] to `f` one at a time (rank 0's state to the other
-    /// ranks). This default builds them all first; [`Adam`] reads each interleaved moment out
-    /// as `f` reaches it.
-    fn for_each_state_tensor(&self, f: &mut dyn FnMut(String, Tensor) -> Result<()>) -> Result<()> {
-        self.state_tensors()?.into_iter().try_for_each(|(name, t)| f(name, t))
-    }
-    /// Writes [`Optimizer::state_tensors`] to `path` as safetensors (checkpoints). This default
-    /// builds them all first; [`Adam`] writes its interleaved moments straight from its own
-    /// memory.
-    fn save_state(&self, path: &Path) -> Result<()> {
-        let tensors: HashMap<String, Tensor> = self.state_tensors()?.into_iter().collect();
-        candle_core::safetensors::save(&tensors, path)?;
-        Ok(())
-    }
+    /// Hands [`Optimizer::state_tensors`] to `f` one at a time, in the order
+    /// [`Optimizer::load_state`] asks for them: `step`, then each variable's `m` and `v` in the
+    /// order the optimiser was given the variables (rank 0's state to the other ranks, who
+    /// load each tensor as it arrives).
+    fn for_each_state_tensor(&self, f: &mut dyn FnMut(String, Tensor) -> Result<()>) -> Result<()>;
+    /// Writes [`Optimizer::state_tensors`] to `path` as safetensors (checkpoints), each tensor
+    /// read out of the optimiser's memory only as the writer reaches it.
+    fn save_state(&self, path: &Path) -> Result<()>;
 }
 
 /// One tensor of an optimiser's saved state: a tensor, or one moment (`which`: 0 for m, 1 for
@@ -143,7 +137,14 @@ pub trait Optimizer: Send {
 /// or the file writer needs them.
 enum StateView<'a> {
     Tensor(Tensor),
-    Moment { pairs: &'a [f32], which: usize, var: &'a Var },
+    /// A state tensor the optimiser holds (copied where a tensor is made of it: the updates
+    /// change it in place).
+    State(&'a Var),
+    Moment {
+        pairs: &'a [f32],
+        which: usize,
+        var: &'a Var,
+    },
 }
 
 impl StateView<'_> {
@@ -155,6 +156,7 @@ impl StateView<'_> {
     fn into_tensor(self) -> Result<Tensor> {
         Ok(match self {
             Self::Tensor(t) => t,
+            Self::State(t) => t.as_tensor().copy()?,
             Self::Moment { pairs, which, var } => {
                 Tensor::from_vec(Self::moment(pairs, which).collect(), var.shape(), var.device())?
             }
@@ -166,6 +168,7 @@ impl safetensors::View for StateView<'_> {
     fn dtype(&self) -> safetensors::Dtype {
         match self {
             Self::Tensor(t) => safetensors::View::dtype(t),
+            Self::State(t) => safetensors::View::dtype(t.as_tensor()),
             Self::Moment { .. } => safetensors::Dtype::F32,
         }
     }
@@ -173,6 +176,7 @@ impl safetensors::View for StateView<'_> {
     fn shape(&self) -> &[usize] {
         match self {
             Self::Tensor(t) => t.dims(),
+            Self::State(t) => t.dims(),
             Self::Moment { var, .. } => var.dims(),
         }
     }
@@ -180,6 +184,7 @@ impl safetensors::View for StateView<'_> {
     fn data(&self) -> Cow<'_, [u8]> {
         match self {
             Self::Tensor(t) => safetensors::View::data(t),
+            Self::State(t) => safetensors::View::data(t.as_tensor()),
             Self::Moment { pairs, which, .. } => {
                 Cow::Owned(Self::moment(pairs, *which).flat_map(f32::to_le_bytes).collect())
             }
@@ -189,9 +194,16 @@ impl safetensors::View for StateView<'_> {
     fn data_len(&self) -> usize {
         match self {
             Self::Tensor(t) => safetensors::View::data_len(t),
+            Self::State(t) => safetensors::View::data_len(t.as_tensor()),
             Self::Moment { pairs, .. } => pairs.len() / 2 * std::mem::size_of::<f32>(),
         }
     }
+}
+
+/// Writes `views` to `path` as safetensors, each read out as the writer reaches it.
+fn save_views(views: Vec<(String, StateView<'_>)>, path: &Path) -> Result<()> {
+    safetensors::serialize_to_file(views, None, path)
+        .map_err(|e| Error::Checkpoint { path: path.to_path_buf(), reason: e.to_string() })
 }
 
 /// The variables an optimiser updates, with up to two state tensors each (created at the
@@ -216,20 +228,31 @@ impl Params {
         self.vars.iter().map(|(_, var)| var.id()).collect()
     }
 
-    fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
-        let mut out = BTreeMap::new();
-        for ((name, _), (m, v)) in self.vars.iter().zip(&self.state) {
-            // Copies: the updates change the state in place.
-            if let Some(m) = m {
-                out.insert(format!("{name}.m"), m.as_tensor().copy()?);
-            }
-            if let Some(v) = v {
-                out.insert(format!("{name}.v"), v.as_tensor().copy()?);
+    /// The state in the order [`Optimizer::load_state`] asks for it: `step`, then for each
+    /// variable `m` and `v` where present (`variable_state` gives them as views; where it
+    /// returns `None`, `self.state`'s are taken).
+    fn state_views<'a>(
+        &'a self,
+        variable_state: impl Fn(usize) -> Option<[StateView<'a>; 2]>,
+    ) -> Result<Vec<(String, StateView<'a>)>> {
+        let device = self.vars.first().map(|(_, v)| v.device().clone()).unwrap_or(Device::Cpu);
+        let mut out = vec![("step".to_string(), StateView::Tensor(Tensor::new(&[self.step as i64], &device)?))];
+        for (i, ((name, _), (m, v))) in self.vars.iter().zip(&self.state).enumerate() {
+            let views = match variable_state(i) {
+                Some([m, v]) => [Some(m), Some(v)],
+                None => [m.as_ref().map(StateView::State), v.as_ref().map(StateView::State)],
+            };
+            for (suffix, view) in ["m", "v"].into_iter().zip(views) {
+                if let Some(view) = view {
+                    out.push((format!("{name}.{suffix}"), view));
+                }
             }
         }
-        let device = self.vars.first().map(|(_, v)| v.device().clone()).unwrap_or(Device::Cpu);
-        out.insert("step".into(), Tensor::new(&[self.step as i64], &device)?);
         Ok(out)
+    }
+
+    fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
+        self.state_views(|_| None)?.into_iter().map(|(name, view)| Ok((name, view.into_tensor()?))).collect()
     }
 
     fn load_state(&mut self, tensors: StateSource, path: &Path) -> Result<()> {
@@ -319,19 +342,13 @@ fn deinterleave(pairs: &[f32], var: &Var) -> Result<(Tensor, Tensor)> {
 }
 
 impl Adam {
-    /// The state as [`Optimizer::state_tensors`] names it: the tensors `params` holds, and a
-    /// view of each interleaved variable's two moments.
+    /// The state as [`Optimizer::state_tensors`] names it, in [`Optimizer::load_state`]'s
+    /// order: the tensors `params` holds, and a view of each interleaved variable's moments.
     fn state_views(&self) -> Result<Vec<(String, StateView<'_>)>> {
-        let tensors = self.params.state_tensors()?.into_iter().map(|(name, t)| (name, StateView::Tensor(t)));
-        let mut views: Vec<(String, StateView)> = tensors.collect();
-        for ((name, var), pairs) in self.params.vars.iter().zip(&self.interleaved) {
-            if let Some(pairs) = pairs {
-                for (which, suffix) in ["m", "v"].into_iter().enumerate() {
-                    views.push((format!("{name}.{suffix}"), StateView::Moment { pairs, which, var }));
-                }
-            }
-        }
-        Ok(views)
+        self.params.state_views(|i| {
+            let pairs = self.interleaved[i].as_deref()?;
+            Some([0, 1].map(|which| StateView::Moment { pairs, which, var: &self.params.vars[i].1 }))
+        })
     }
 }
 
@@ -397,13 +414,11 @@ impl Optimizer for Adam {
         self.state_views()?.into_iter().try_for_each(|(name, view)| f(name, view.into_tensor()?))
     }
 
-    /// As [`Optimizer::state_tensors`] writes them, but each interleaved moment is read out of
-    /// the pairs only as the file writer reaches it: built as tensors first, they were a second
-    /// copy of all the moments (twice the weights: 190 MB for ResNet-50) held while the
-    /// checkpoint was written, above a 32×32 training step's own peak.
+    /// Built as tensors first, the moments were a second copy of all of them (twice the
+    /// weights: 190 MB for ResNet-50) held while the checkpoint was written, above a 32×32
+    /// training step's own peak.
     fn save_state(&self, path: &Path) -> Result<()> {
-        safetensors::serialize_to_file(self.state_views()?, None, path)
-            .map_err(|e| Error::Checkpoint { path: path.to_path_buf(), reason: e.to_string() })
+        save_views(self.state_views()?, path)
     }
 
     /// Interleaved moments are written into their pairs in place, each as it is read and
@@ -483,6 +498,14 @@ impl Optimizer for Sgd {
 
     fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
         self.params.state_tensors()
+    }
+
+    fn for_each_state_tensor(&self, f: &mut dyn FnMut(String, Tensor) -> Result<()>) -> Result<()> {
+        self.params.state_views(|_| None)?.into_iter().try_for_each(|(name, view)| f(name, view.into_tensor()?))
+    }
+
+    fn save_state(&self, path: &Path) -> Result<()> {
+        save_views(self.params.state_views(|_| None)?, path)
     }
 
     fn load_state(&mut self, tensors: StateSource, path: &Path) -> Result<()> {
