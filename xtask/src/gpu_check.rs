@@ -821,8 +821,9 @@ fn ours(
     let mut opt = OptimizerConfig::keras_adam().build(net.trainable_vars(), Implementation::Fused);
     let step = timed(device, seconds, || {
         if train {
+            // The update inside the backward pass, as `sae train` takes a step on one device.
             let loss = cross_entropy(&net.forward_t(&x, true)?.to_dtype(DType::F32)?, &y, 0.0)?;
-            opt.step(&loss.backward_consuming()?)?;
+            sae_train::backward_with_step(loss, opt.as_mut())?;
         } else {
             net.forward_without_graph(&x, false)?;
         }
