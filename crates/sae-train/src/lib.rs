@@ -30,6 +30,5 @@ pub use optim::{Adam, Optimizer, OptimizerConfig, Schedule, Sgd};
 pub use progress::{default_progress, Bar, LogLines, Progress};
 pub use summary::{read_summary, EpochSummary};
 pub use train::{
-    backward_with_step, evaluate, evaluate_all, evaluate_all_with, evaluate_sharded, forward_backward, forward_loss,
-    train, train_with,
+    backward_with_step, evaluate, evaluate_all, evaluate_all_with, evaluate_sharded, forward_loss, train, train_with,
 };

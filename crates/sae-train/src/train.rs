@@ -31,30 +31,16 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// One batch's forward pass, loss and backward pass: the logits' values (detached from the
-/// graph), the loss (cross-entropy with `label_smoothing`, or the mixed images' blend of two),
-/// and the gradients of the loss divided by `batches_per_step` (accumulated over a step's
-/// batches, they are the gradients of their mean loss).
-pub fn forward_backward(
-    forward: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
-    x: &Tensor,
-    labels: &Tensor,
-    mixed: Option<&Mixed>,
-    label_smoothing: f64,
-    batches_per_step: usize,
-) -> Result<(Tensor, f32, GradStore)> {
-    let (logits_values, value, loss) = forward_loss(forward, x, labels, mixed, label_smoothing, batches_per_step)?;
-    Ok((logits_values, value, loss.backward_consuming()?))
-}
-
-/// [`forward_backward`] up to the backward pass: the logits' values, the loss's value and the
-/// loss divided by `batches_per_step`, the one tensor of the graph it returns.
+/// One batch's forward pass and loss: the logits' values (detached from the graph), the
+/// loss's value (cross-entropy with `label_smoothing`, or the mixed images' blend of two) and
+/// the loss divided by `batches_per_step`, the one tensor of the graph it returns, ready for
+/// the backward pass (`backward_consuming`, or [`backward_with_step`]; accumulated over a
+/// step's batches, the gradients are those of their mean loss).
 ///
 /// No tensor of the graph outlives the forward pass but the loss: the accuracy needs only the
-/// logits' values, and the backward pass (`backward_consuming`) then frees each activation
-/// once its gradient has been passed on, so the step's peak memory is not the activations and
-/// their gradients together (the activations of a ResNet-50 step at 140×140 are most of its
-/// memory).
+/// logits' values, and the backward pass then frees each activation once its gradient has
+/// been passed on, so the step's peak memory is not the activations and their gradients
+/// together (the activations of a ResNet-50 step at 140×140 are most of its memory).
 pub fn forward_loss(
     forward: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
     x: &Tensor,

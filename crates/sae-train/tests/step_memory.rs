@@ -9,7 +9,7 @@ use sae_models::Model;
 use sae_train::allocator::{measure, Counting};
 use sae_train::metrics::cross_entropy;
 use sae_train::optim::OptimizerConfig;
-use sae_train::{backward_with_step, forward_backward, forward_loss};
+use sae_train::{backward_with_step, forward_loss};
 use std::alloc::System;
 use std::sync::Mutex;
 
@@ -35,9 +35,13 @@ fn the_backward_pass_frees_the_activations_as_it_goes() {
     let labels = Tensor::new(&[1u32, 7, 3, 0], &dev).unwrap();
     let forward = |x: &Tensor| model.forward_t(x, true);
     // Once unmeasured: thread pools and any caches the kernels keep start here.
-    drop(forward_backward(forward, &x, &labels, None, 0.0, 1).unwrap());
+    let step = || {
+        let (_, loss, loss_tensor) = forward_loss(forward, &x, &labels, None, 0.0, 1).unwrap();
+        (loss, loss_tensor.backward_consuming().unwrap())
+    };
+    drop(step());
 
-    let (step, (_, loss, grads)) = peak_of(|| forward_backward(forward, &x, &labels, None, 0.0, 1).unwrap());
+    let (step, (loss, grads)) = peak_of(step);
     let (holding, (held_loss, held_grads)) = peak_of(|| {
         let logits = model.forward_t(&x, true).unwrap();
         let loss = cross_entropy(&logits, &labels, 0.0).unwrap();

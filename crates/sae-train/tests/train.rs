@@ -226,7 +226,7 @@ fn weight_gradients_hold_only_their_own_memory() {
         let x = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &dev).unwrap();
         let labels = Tensor::new(&[1u32, 7], &dev).unwrap();
         let forward = |x: &Tensor| candle_core::ModuleT::forward_t(&model, x, true);
-        let (_, _, grads) = forward_backward(forward, &x, &labels, None, 0.0, 1).unwrap();
+        let grads = forward_loss(forward, &x, &labels, None, 0.0, 1).unwrap().2.backward_consuming().unwrap();
         for (var_name, var) in model.trainable_vars() {
             let g = grads.get(&var).unwrap_or_else(|| panic!("{name}: {var_name} has no gradient"));
             let (storage, _) = g.storage_and_layout();
