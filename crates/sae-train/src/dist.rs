@@ -301,9 +301,9 @@ pub fn broadcast_vars(collective: &dyn Collective, vars: &[(String, Var)], root:
 /// Sets every rank's optimiser state to rank `root`'s, one tensor at a time: a header (name,
 /// dtype, shape; empty after the last), then the tensor's bytes. Rank `root` sends in the
 /// order `load_state` asks for the tensors (`Optimizer::for_each_state_tensor`), so the
-/// others load each as it arrives and hold one at a time. Serialised whole (as once), rank 0
-/// held its state twice more and the others received it twice — ~460 MB above a
-/// SENetV2-ResNet-50 run's weights and moments, more than its training step's own peak. At
+/// others load each as it arrives and hold one at a time. (Serialised whole, as it once was,
+/// rank 0 held its state twice more and the others received it twice — ~460 MB above a
+/// SENetV2-ResNet-50 run's weights and moments, more than its training step's own peak.) At
 /// step 0 nothing is sent: every rank built the same optimiser (zero moments).
 pub fn broadcast_optimizer_state(
     collective: &dyn Collective,
