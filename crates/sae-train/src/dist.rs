@@ -17,7 +17,7 @@
 use crate::optim::Optimizer;
 use crate::{Error, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Shape, Tensor, TensorId, Var};
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
@@ -197,33 +197,91 @@ pub fn average_gradients(
                 None => v.as_tensor().zeros_like(),
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let dtypes: Vec<DType> = taken.iter().map(Tensor::dtype).collect();
-        let mean = match bucket.iter().all(|(_, v)| v.device().is_cpu()) {
-            true => {
-                let mut values = Vec::with_capacity(bucket.iter().map(|(_, v)| v.elem_count()).sum());
-                for g in taken {
-                    values.extend(g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
-                }
-                collective.all_reduce_sum(&mut values)?;
-                let scale = 1.0 / world as f32;
-                values.iter_mut().for_each(|v| *v *= scale);
-                let len = values.len();
-                Tensor::from_vec(values, len, &candle_core::Device::Cpu)?
-            }
-            false => {
-                let flat = taken.iter().map(|g| g.flatten_all()).collect::<candle_core::Result<Vec<_>>>()?;
-                let bucket_sum = collective.all_reduce_sum_tensor(&Tensor::cat(&flat, 0)?)?;
-                drop((flat, taken));
-                (bucket_sum / world as f64)?
-            }
-        };
-        let mut offset = 0;
-        for ((_, v), dtype) in bucket.iter().zip(dtypes) {
-            grads.insert(v, mean.narrow(0, offset, v.elem_count())?.reshape(v.shape())?.to_dtype(dtype)?);
-            offset += v.elem_count();
+        for ((_, v), mean) in bucket.iter().zip(average_bucket(collective, taken)?) {
+            grads.insert(v, mean);
         }
     }
     Ok(())
+}
+
+/// Each of `grads` averaged over the ranks, in its own shape and dtype, with one all-reduce
+/// for them all; each gradient is let go of once copied into the bucket.
+fn average_bucket(collective: &dyn Collective, grads: Vec<Tensor>) -> Result<Vec<Tensor>> {
+    let world = collective.world_size();
+    let layouts: Vec<(Shape, DType)> = grads.iter().map(|g| (g.shape().clone(), g.dtype())).collect();
+    let mean = match grads.iter().all(|g| g.device().is_cpu()) {
+        true => {
+            let mut values = Vec::with_capacity(grads.iter().map(Tensor::elem_count).sum());
+            for g in grads {
+                values.extend(g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+            }
+            collective.all_reduce_sum(&mut values)?;
+            let scale = 1.0 / world as f32;
+            values.iter_mut().for_each(|v| *v *= scale);
+            let len = values.len();
+            Tensor::from_vec(values, len, &candle_core::Device::Cpu)?
+        }
+        false => {
+            let flat = grads.iter().map(|g| g.flatten_all()).collect::<candle_core::Result<Vec<_>>>()?;
+            let bucket_sum = collective.all_reduce_sum_tensor(&Tensor::cat(&flat, 0)?)?;
+            drop((flat, grads));
+            (bucket_sum / world as f64)?
+        }
+    };
+    let mut offset = 0;
+    let mut means = Vec::with_capacity(layouts.len());
+    for (shape, dtype) in layouts {
+        means.push(mean.narrow(0, offset, shape.elem_count())?.reshape(&shape)?.to_dtype(dtype)?);
+        offset += shape.elem_count();
+    }
+    Ok(means)
+}
+
+/// The optimiser's update during a data-parallel backward pass (`crate::backward_with_step`):
+/// gradients are taken in the order the pass completes them, into buckets of about
+/// `bucket_bytes`; each full bucket is averaged over the ranks (one all-reduce, as
+/// [`average_gradients`] does) and its variables updated, and what is left when the pass ends
+/// goes by [`GradientBuckets::flush`]. With one process each gradient goes straight to the
+/// update. Every rank's pass reaches the same variables in the same order (the order is the
+/// model's graph's, whatever the batch), so every rank issues the same all-reduces.
+pub(crate) struct GradientBuckets<'a> {
+    collective: &'a dyn Collective,
+    bucket_bytes: usize,
+    pending: Vec<(TensorId, Tensor)>,
+    bytes: usize,
+}
+
+impl<'a> GradientBuckets<'a> {
+    pub(crate) fn new(collective: &'a dyn Collective, bucket_bytes: usize) -> Self {
+        Self { collective, bucket_bytes, pending: Vec::new(), bytes: 0 }
+    }
+
+    /// Takes the gradient of the optimiser's variable `var`.
+    pub(crate) fn push(&mut self, var: TensorId, grad: Tensor, optimizer: &mut dyn Optimizer) -> Result<()> {
+        if self.collective.world_size() == 1 {
+            optimizer.update(var, &grad)?;
+            return Ok(());
+        }
+        self.bytes += grad.elem_count() * std::mem::size_of::<f32>();
+        self.pending.push((var, grad));
+        if self.bytes >= self.bucket_bytes {
+            self.flush(optimizer)?;
+        }
+        Ok(())
+    }
+
+    /// Averages and applies the gradients taken since the last bucket.
+    pub(crate) fn flush(&mut self, optimizer: &mut dyn Optimizer) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let (vars, grads): (Vec<TensorId>, Vec<Tensor>) = self.pending.drain(..).unzip();
+        self.bytes = 0;
+        for (var, mean) in vars.into_iter().zip(average_bucket(self.collective, grads)?) {
+            optimizer.update(var, &mean)?;
+        }
+        Ok(())
+    }
 }
 
 /// Consecutive ranges of tensors (of `sizes` f32 elements) of at most `bucket_bytes` each,
@@ -778,6 +836,59 @@ mod tests {
             receive_optimizer_state(&c, receiver.as_mut(), 0).unwrap_err().to_string()
         });
         assert!(err.contains("out of the order"), "{err}");
+    }
+
+    /// Two ranks, each with its own images: the update during the backward pass, with buckets
+    /// small enough to make many, leaves the weights bit for bit where averaging all the
+    /// gradients after the pass and then stepping leaves them, on both ranks.
+    #[test]
+    fn the_update_during_a_data_parallel_backward_pass_equals_the_step_after_it() {
+        let model = || {
+            let mut cfg = sae_models::config("seresnet14b", 10).unwrap();
+            cfg.stem = sae_models::Stem::Cifar;
+            sae_models::Model::new(cfg, 5, &Device::Cpu).unwrap()
+        };
+        let weights = |model: &sae_models::Model| -> Vec<f32> {
+            let values = |v: &Var| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            model.trainable_vars().iter().flat_map(|(_, v)| values(v)).collect()
+        };
+        let run = |rank: usize, c: &Threads, during: bool| -> Vec<f32> {
+            let model = model();
+            let mut optimizer = crate::optim::OptimizerConfig::keras_adam()
+                .build(model.trainable_vars(), sae_kernels::Implementation::Fused);
+            let pixels: Vec<f32> = (0..2 * 3 * 8 * 8).map(|i| (i as f32 * 0.37 + rank as f32).sin()).collect();
+            let x = Tensor::from_vec(pixels, (2, 3, 8, 8), &Device::Cpu).unwrap();
+            let labels = Tensor::new(&[rank as u32, 3 + rank as u32], &Device::Cpu).unwrap();
+            for _ in 0..2 {
+                let forward = |x: &Tensor| candle_core::ModuleT::forward_t(&model, x, true);
+                let loss = crate::forward_loss(forward, &x, &labels, None, 0.0, 1).unwrap().2;
+                if during {
+                    crate::train::backward_with_averaged_step(loss, optimizer.as_mut(), c, 64 << 10).unwrap();
+                } else {
+                    let mut grads = loss.backward_consuming().unwrap();
+                    average_gradients(c, &mut grads, &model.trainable_vars(), 64 << 10).unwrap();
+                    optimizer.step(&grads).unwrap();
+                }
+            }
+            weights(&model)
+        };
+        let both_ranks = |during: bool| -> Vec<Vec<f32>> {
+            let slot = Arc::new((std::sync::Mutex::new(Vec::new()), std::sync::Barrier::new(2)));
+            std::thread::scope(|s| {
+                let handles: Vec<_> = (0..2)
+                    .map(|rank| {
+                        let c = Threads { rank, slot: slot.clone(), broadcasts: Default::default() };
+                        s.spawn(move || run(rank, &c, during))
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            })
+        };
+        let (start, after, during) = (weights(&model()), both_ranks(false), both_ranks(true));
+        assert!(after[0] != start, "the steps changed nothing");
+        assert!(after[0] == after[1], "the ranks differ after the step after the pass");
+        assert!(during[0] == during[1], "the ranks differ with the update during the pass");
+        assert!(during[0] == after[0], "the update during the pass differs from the step after it");
     }
 
     #[test]

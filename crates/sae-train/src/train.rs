@@ -15,7 +15,9 @@
 use crate::checkpoint::{self, CheckpointState, PartialEpoch};
 use crate::config::{TrainConfig, CONFIG_FILE};
 use crate::data::{datasets, to_tensors};
-use crate::dist::{average_gradients, broadcast_vars, bucket_bytes, BatchNormSum, Collective, SingleProcess};
+use crate::dist::{
+    average_gradients, broadcast_vars, bucket_bytes, BatchNormSum, Collective, GradientBuckets, SingleProcess,
+};
 use crate::error::io;
 use crate::metrics::{cross_entropy, Accuracy, Evaluation, EvaluationSum};
 use crate::optim::Optimizer;
@@ -23,9 +25,10 @@ use crate::progress::{epoch_line, Progress};
 use crate::summary::{read_summary, write_summary, EpochSummary};
 use crate::{Error, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, ModuleT, Tensor};
+use candle_core::{DType, Device, ModuleT, Tensor, TensorId};
 use sae_data::{Dataset, Loader, LoaderConfig, Mixed};
 use sae_models::Model;
+use std::collections::HashSet;
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
@@ -72,22 +75,43 @@ pub fn forward_loss(
 /// [`Optimizer::step`] (each variable's update depends only on its own gradient); returns the
 /// gradients of the variables the optimiser does not hold.
 pub fn backward_with_step(loss: Tensor, optimizer: &mut dyn Optimizer) -> Result<GradStore> {
+    backward_with_averaged_step(loss, optimizer, &SingleProcess, 0)
+}
+
+/// [`backward_with_step`] for one of several data-parallel ranks: the gradients are averaged
+/// over the ranks in buckets of about `bucket_bytes` as the pass completes them, and each
+/// bucket's variables updated then (`dist::GradientBuckets`). The same values as
+/// `backward_consuming`, `average_gradients` and [`Optimizer::step`].
+pub(crate) fn backward_with_averaged_step(
+    loss: Tensor,
+    optimizer: &mut dyn Optimizer,
+    collective: &dyn Collective,
+    bucket_bytes: usize,
+) -> Result<GradStore> {
     optimizer.begin_step();
-    // Candle's pass returns Candle's errors: the optimiser's own one is kept here.
+    let own: HashSet<TensorId> = optimizer.variable_ids().into_iter().collect();
+    let mut buckets = GradientBuckets::new(collective, bucket_bytes);
+    // Candle's pass returns Candle's errors: the optimiser's or collective's own is kept here.
     let mut failed = None;
-    let grads = loss.backward_consuming_with(&mut |var, grad| match optimizer.update(var.id(), &grad) {
-        Ok(true) => Ok(None),
-        Ok(false) => Ok(Some(grad)),
-        Err(e) => {
-            let message = e.to_string();
-            failed = Some(e);
-            Err(candle_core::Error::Msg(message))
+    let grads = loss.backward_consuming_with(&mut |var, grad| {
+        if !own.contains(&var.id()) {
+            return Ok(Some(grad));
+        }
+        match buckets.push(var.id(), grad, optimizer) {
+            Ok(()) => Ok(None),
+            Err(e) => {
+                let message = e.to_string();
+                failed = Some(e);
+                Err(candle_core::Error::Msg(message))
+            }
         }
     });
-    match (grads, failed) {
-        (_, Some(e)) => Err(e),
-        (grads, None) => Ok(grads?),
+    if let Some(e) = failed {
+        return Err(e);
     }
+    let grads = grads?;
+    buckets.flush(optimizer)?;
+    Ok(grads)
 }
 
 /// Trains as `cfg` says, in `dir`. With `resume`, continues the run in `dir` from its last
@@ -408,10 +432,11 @@ impl Run<'_> {
         let mut totals = std::mem::take(&mut self.state.partial);
         let seconds_before = totals.seconds;
         progress.epoch_start(epoch + 1, batches);
-        // One process taking a step after every batch with nothing to do between the backward
-        // pass and the update (no clipping by the global norm) updates each variable during the
-        // backward pass, as soon as its gradient is complete (`backward_with_step`).
-        let update_in_backward = self.collective.world_size() == 1 && per_step == 1 && steps.clip_grad_norm.is_none();
+        // A step after every batch with nothing to do between the backward pass and the
+        // update (no clipping by the global norm) updates each variable during the backward
+        // pass, as soon as its gradient is complete (and, with several ranks, averaged in its
+        // bucket): `backward_with_averaged_step`.
+        let update_in_backward = per_step == 1 && steps.clip_grad_norm.is_none();
         let mut accumulated: Option<GradStore> = None;
         for (i, batch) in (first..).zip(loader.epoch_from(epoch as u64, first)) {
             let batch = batch?;
@@ -436,7 +461,9 @@ impl Run<'_> {
                 return Err(Error::NonFiniteLoss { value: loss, epoch, step, dir: self.dir.to_path_buf() });
             }
             if update_in_backward {
-                self.device.with_context(|| backward_with_step(loss_tensor, optimizer))?;
+                self.device.with_context(|| {
+                    backward_with_averaged_step(loss_tensor, optimizer, &*self.collective, bucket_bytes())
+                })?;
             } else {
                 let grads = self.device.with_context(|| loss_tensor.backward_consuming())?;
                 accumulated = Some(match accumulated.take() {
