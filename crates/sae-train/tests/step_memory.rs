@@ -20,6 +20,10 @@ static ALLOCATOR: Counting<System> = Counting(System);
 /// would count each other's memory.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1 << 20) as f64
+}
+
 /// Bytes allocated at most while `f` ran, above what was allocated when it began.
 fn peak_of<R>(f: impl FnOnce() -> R) -> (usize, R) {
     let (heap, r) = measure(f);
@@ -66,7 +70,6 @@ fn the_backward_pass_frees_the_activations_as_it_goes() {
     // hold most of the activations and its late ones most of the weights, so that saves a
     // part of the forward's memory, not all of it: 12.5 of 53 MiB here (96.4 MiB held, 83.9
     // let go, on a 2-core AMD EPYC; the same at 224×224: 25.6 of 162.5).
-    let mib = |b: usize| b as f64 / (1 << 20) as f64;
     assert!(
         holding.saturating_sub(step) > forward_only / 8,
         "peak {:.1} MiB, holding the graph {:.1} MiB, the forward's {:.1} MiB",
@@ -97,7 +100,6 @@ fn the_update_during_the_backward_pass_never_holds_all_the_gradients() {
     let (after, ()) = peak_of(|| optimizer.step(&loss().backward_consuming().unwrap()).unwrap());
     let (during, _) = peak_of(|| backward_with_step(loss(), optimizer.as_mut()).unwrap());
     let weights: usize = model.trainable_vars().iter().map(|(_, v)| v.elem_count() * 4).sum();
-    let mib = |b: usize| b as f64 / (1 << 20) as f64;
     assert!(
         after.saturating_sub(during) > weights / 2,
         "peak {:.1} MiB updating during the pass, {:.1} MiB after it; the weights {:.1} MiB",
