@@ -273,11 +273,17 @@ pub struct Subset<D: Dataset> {
 impl<D: Dataset> Subset<D> {
     /// `len` images of `inner` drawn without replacement with `seed` (all when `len` ≥ its size).
     pub fn new(inner: Arc<D>, len: usize, seed: u64) -> Self {
-        let mut indices: Vec<usize> = (0..inner.len()).collect();
+        let indices = Self::indices(inner.len(), len, seed);
+        Self { inner, indices }
+    }
+
+    /// The indices, in order, of the images a [`Subset::new`] of `len` out of `total` reads.
+    pub fn indices(total: usize, len: usize, seed: u64) -> Vec<usize> {
+        let mut indices: Vec<usize> = (0..total).collect();
         indices.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
         indices.truncate(len);
         indices.sort_unstable();
-        Self { inner, indices }
+        indices
     }
 }
 

@@ -81,6 +81,35 @@ fn cifar10_reads_the_official_layout() {
     assert_eq!(test.get(0).unwrap().0.data[0], pixel(100, 0, 0));
 }
 
+/// A split loaded with only some of its images reads exactly what a `Subset` of the whole
+/// split reads, and holds only those images' bytes.
+#[test]
+fn a_cifar_split_loaded_in_part_reads_what_its_subset_reads() {
+    let dir = tmp("c10-part");
+    let dir = dir.path();
+    write_cifar10(dir, 20);
+    let whole = Cifar::load(dir, CifarKind::Cifar10, Split::Train).unwrap();
+    let classes = whole.classes.clone();
+    let subset = Subset::new(Arc::new(whole), 13, 7);
+    let indices = Subset::<Cifar>::indices(100, 13, 7);
+    // Not the first 13 images: a seeded sample of the whole split, from every file.
+    assert_ne!(indices, (0..13).collect::<Vec<_>>());
+    let part = Cifar::load_only(dir, CifarKind::Cifar10, Split::Train, |total| {
+        assert_eq!(total, 100);
+        indices.clone()
+    })
+    .unwrap();
+    assert_eq!((part.len(), part.pixels.len(), &part.classes), (13, 13 * 3072, &classes));
+    for i in 0..13 {
+        let (a, b) = (subset.get(i).unwrap(), part.get(i).unwrap());
+        assert_eq!((a.0.data, a.1), (b.0.data, b.1), "image {i}");
+    }
+    // Unordered, repeated and out-of-range indices: each image once, in order.
+    let part = Cifar::load_only(dir, CifarKind::Cifar10, Split::Train, |_| vec![57, 3, 57, 1000]).unwrap();
+    assert_eq!(part.labels, [3, 7]);
+    assert_eq!(part.get(1).unwrap().0.data[0], pixel(57, 0, 0));
+}
+
 #[test]
 fn cifar100_gives_fine_or_coarse_labels() {
     let dir = tmp("c100");

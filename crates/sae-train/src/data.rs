@@ -26,13 +26,20 @@ pub(crate) fn datasets(cfg: &DataConfig, seed: u64) -> Result<Splits> {
         }
     }
     let size = cfg.input_size;
+    // The images a `Subset` would read, loaded alone: the rest of the split is never held.
+    let sample = |limit: Option<usize>, seed: u64| {
+        move |total: usize| match limit {
+            Some(n) if n < total => Subset::<Cifar>::indices(total, n, seed),
+            _ => (0..total).collect(),
+        }
+    };
     let cifar = |kind| -> Result<_> {
-        let train = Cifar::load(&cfg.dir, kind, Split::Train)?;
-        let test = Cifar::load(&cfg.dir, kind, Split::Test)?;
+        let train = Cifar::load_only(&cfg.dir, kind, Split::Train, sample(cfg.train_images, seed))?;
+        let test = Cifar::load_only(&cfg.dir, kind, Split::Test, sample(cfg.eval_images, seed ^ 1))?;
         let norm = if kind == CifarKind::Cifar10 { Normalize::CIFAR10 } else { Normalize::CIFAR100 };
         Ok(Splits {
-            train: subset(train, cfg.train_images, seed),
-            eval: subset(test, cfg.eval_images, seed ^ 1),
+            train: Box::new(train),
+            eval: Box::new(test),
             train_transform: Transform::PadCropFlip { pad: 4, size },
             eval_transform: Transform::ResizeCenterCrop { resize: size, size },
             normalize: norm,
