@@ -863,7 +863,7 @@ mod tests {
                 let forward = |x: &Tensor| candle_core::ModuleT::forward_t(&model, x, true);
                 let loss = crate::forward_loss(forward, &x, &labels, None, 0.0, 1).unwrap().2;
                 if during {
-                    crate::train::backward_with_averaged_step(loss, optimizer.as_mut(), c, 64 << 10).unwrap();
+                    crate::train::backward_with_averaged_step(loss, optimizer.as_mut(), c, 64 << 10, None).unwrap();
                 } else {
                     let mut grads = loss.backward_consuming().unwrap();
                     average_gradients(c, &mut grads, &model.trainable_vars(), 64 << 10).unwrap();

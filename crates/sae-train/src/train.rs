@@ -75,18 +75,21 @@ pub fn forward_loss(
 /// [`Optimizer::step`] (each variable's update depends only on its own gradient); returns the
 /// gradients of the variables the optimiser does not hold.
 pub fn backward_with_step(loss: Tensor, optimizer: &mut dyn Optimizer) -> Result<GradStore> {
-    backward_with_averaged_step(loss, optimizer, &SingleProcess, 0)
+    backward_with_averaged_step(loss, optimizer, &SingleProcess, 0, None)
 }
 
-/// [`backward_with_step`] for one of several data-parallel ranks: the gradients are averaged
-/// over the ranks in buckets of about `bucket_bytes` as the pass completes them, and each
-/// bucket's variables updated then (`dist::GradientBuckets`). The same values as
-/// `backward_consuming`, `average_gradients` and [`Optimizer::step`].
+/// [`backward_with_step`] for one of several data-parallel ranks, and for the last batch of
+/// an accumulated step: each gradient is first added to its sum over the step's `earlier`
+/// batches ([`backward_adding_into`]), then the gradients are averaged over the ranks in
+/// buckets of about `bucket_bytes` as the pass completes them, and each bucket's variables
+/// updated (`dist::GradientBuckets`). The same values as `backward_consuming`, the sum,
+/// `average_gradients` and [`Optimizer::step`].
 pub(crate) fn backward_with_averaged_step(
     loss: Tensor,
     optimizer: &mut dyn Optimizer,
     collective: &dyn Collective,
     bucket_bytes: usize,
+    mut earlier: Option<GradStore>,
 ) -> Result<GradStore> {
     optimizer.begin_step();
     let own: HashSet<TensorId> = optimizer.variable_ids().into_iter().collect();
@@ -97,6 +100,10 @@ pub(crate) fn backward_with_averaged_step(
         if !own.contains(&var.id()) {
             return Ok(Some(grad));
         }
+        let grad = match earlier.as_mut().and_then(|sum| sum.remove(var)) {
+            Some(sum) => (sum + grad)?,
+            None => grad,
+        };
         match buckets.push(var.id(), grad, optimizer) {
             Ok(()) => Ok(None),
             Err(e) => {
@@ -110,8 +117,34 @@ pub(crate) fn backward_with_averaged_step(
         return Err(e);
     }
     let grads = grads?;
+    // Variables with a gradient from the earlier batches only, in the optimiser's order.
+    if let Some(earlier) = earlier {
+        for id in optimizer.variable_ids() {
+            if let Some(sum) = earlier.get_id(id) {
+                buckets.push(id, sum.clone(), optimizer)?;
+            }
+        }
+    }
     buckets.flush(optimizer)?;
     Ok(grads)
+}
+
+/// The backward pass of one of an accumulated step's batches but its last: the gradient of
+/// each variable in `vars` (the optimiser's) is added to its sum in `sum` as soon as it is
+/// complete, so that the batch's gradients are never all held beside the sum.
+fn backward_adding_into(loss: Tensor, sum: &mut GradStore, vars: &HashSet<TensorId>) -> Result<()> {
+    loss.backward_consuming_with(&mut |var, grad| {
+        if !vars.contains(&var.id()) {
+            return Ok(Some(grad));
+        }
+        let total = match sum.remove(var) {
+            Some(earlier) => (earlier + grad)?,
+            None => grad,
+        };
+        sum.insert(var, total);
+        Ok(None)
+    })?;
+    Ok(())
 }
 
 /// Trains as `cfg` says, in `dir`. With `resume`, continues the run in `dir` from its last
@@ -432,11 +465,13 @@ impl Run<'_> {
         let mut totals = std::mem::take(&mut self.state.partial);
         let seconds_before = totals.seconds;
         progress.epoch_start(epoch + 1, batches);
-        // A step after every batch with nothing to do between the backward pass and the
-        // update (no clipping by the global norm) updates each variable during the backward
-        // pass, as soon as its gradient is complete (and, with several ranks, averaged in its
-        // bucket): `backward_with_averaged_step`.
-        let update_in_backward = per_step == 1 && steps.clip_grad_norm.is_none();
+        // Without clipping by the global norm, which needs every gradient first, each variable
+        // is updated during the backward pass of a step's last batch, as soon as its gradient
+        // is complete (and summed over the step's batches, and averaged over the ranks in its
+        // bucket): `backward_with_averaged_step`; the batches before add theirs to the sum
+        // during their own passes (`backward_adding_into`).
+        let update_in_backward = steps.clip_grad_norm.is_none();
+        let optimizer_vars: HashSet<TensorId> = optimizer.variable_ids().into_iter().collect();
         let mut accumulated: Option<GradStore> = None;
         for (i, batch) in (first..).zip(loader.epoch_from(epoch as u64, first)) {
             let batch = batch?;
@@ -460,10 +495,16 @@ impl Run<'_> {
                 let step = self.state.step;
                 return Err(Error::NonFiniteLoss { value: loss, epoch, step, dir: self.dir.to_path_buf() });
             }
-            if update_in_backward {
+            // A step after every `per_step` batches, and after the epoch's last batch.
+            let last_of_step = (i + 1).is_multiple_of(per_step) || i + 1 == batches;
+            if update_in_backward && last_of_step {
+                let earlier = accumulated.take();
                 self.device.with_context(|| {
-                    backward_with_averaged_step(loss_tensor, optimizer, &*self.collective, bucket_bytes())
+                    backward_with_averaged_step(loss_tensor, optimizer, &*self.collective, bucket_bytes(), earlier)
                 })?;
+            } else if update_in_backward {
+                let sum = accumulated.get_or_insert_with(GradStore::default);
+                self.device.with_context(|| backward_adding_into(loss_tensor, sum, &optimizer_vars))?;
             } else {
                 let grads = self.device.with_context(|| loss_tensor.backward_consuming())?;
                 accumulated = Some(match accumulated.take() {
@@ -476,8 +517,7 @@ impl Run<'_> {
             totals.correct += correct as usize;
             totals.seconds = seconds_before + start.elapsed().as_secs_f64();
             self.state.batch = i + 1;
-            // A step after every `per_step` batches, and after the epoch's last batch.
-            if (i + 1).is_multiple_of(per_step) || i + 1 == batches {
+            if last_of_step {
                 // None where the update ran in the backward pass.
                 let mut grads = accumulated.take();
                 if let Some(grads) = &mut grads {

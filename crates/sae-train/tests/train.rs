@@ -306,23 +306,30 @@ fn updating_during_the_backward_pass_equals_a_step_after_it() {
     }
 }
 
-/// `sae train` in one process updates during the backward pass; with a gradient clip it takes
-/// the step after it. A clip that never binds must not change a thing: the same weights, bit
-/// for bit, and the same summaries.
+/// `sae train` updates during the backward pass (with accumulation, during the last batch's);
+/// with a gradient clip it takes the step after it. A clip that never binds must not change a
+/// thing: the same weights, bit for bit, and the same summaries.
 #[test]
 fn training_with_the_update_in_the_backward_pass_equals_the_separate_step() {
     let data = tmp("in-backward-data");
     let data = data.path();
     write_colour_dataset(data, 4, 2);
-    let runs = [tmp("in-backward"), tmp("separate-step")];
-    let mut histories = Vec::new();
-    for (run, clip) in runs.iter().zip([None, Some(1e30)]) {
-        let mut cfg = small_config("senetv2_resnet14b", data, 1);
-        cfg.steps.clip_grad_norm = clip;
-        histories.push(train(&cfg, run.path(), &Device::Cpu, false, &mut LogLines::default()).unwrap());
+    // Each batch a step, and three batches a step (the sum over the earlier ones added to
+    // during their passes; 40 images in batches of 10: a step of one batch ends the epoch).
+    for accumulate in [1, 3] {
+        let runs = [tmp("in-backward"), tmp("separate-step")];
+        let mut histories = Vec::new();
+        for (run, clip) in runs.iter().zip([None, Some(1e30)]) {
+            let mut cfg = small_config("senetv2_resnet14b", data, 1);
+            cfg.steps.clip_grad_norm = clip;
+            cfg.steps.accumulate = accumulate;
+            histories.push(train(&cfg, run.path(), &Device::Cpu, false, &mut LogLines::default()).unwrap());
+        }
+        let what = format!("accumulating {accumulate}");
+        let same = checkpoint_model_bytes(runs[0].path()) == checkpoint_model_bytes(runs[1].path());
+        assert!(same, "{what}: the weights differ");
+        assert_same_rows(&histories[0], &histories[1]);
     }
-    assert_eq!(checkpoint_model_bytes(runs[0].path()), checkpoint_model_bytes(runs[1].path()));
-    assert_same_rows(&histories[0], &histories[1]);
 }
 
 /// A learnable CIFAR-10-layout problem: class k is a colour (a ramp of hue) plus noise.
