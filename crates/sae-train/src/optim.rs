@@ -115,8 +115,16 @@ pub trait Optimizer: Send {
     /// Steps taken.
     fn steps(&self) -> u64;
     /// State as named tensors: `{var}.m`, `{var}.v` (the momentum buffer is `{var}.m`) and
-    /// `step` (a one-element tensor).
-    fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>>;
+    /// `step` (a one-element tensor); copies, as [`Optimizer::for_each_state_tensor`] makes
+    /// them.
+    fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
+        let mut tensors = BTreeMap::new();
+        self.for_each_state_tensor(&mut |name, t| {
+            tensors.insert(name, t);
+            Ok(())
+        })?;
+        Ok(tensors)
+    }
     /// Restores state saved by [`Optimizer::state_tensors`], checking shapes, asking `tensors`
     /// for each by name as it goes (so that a file can be read one tensor at a time); `path`
     /// names the file in errors. After an error the state is partly restored: callers drop
@@ -249,10 +257,6 @@ impl Params {
             }
         }
         Ok(out)
-    }
-
-    fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
-        self.state_views(|_| None)?.into_iter().map(|(name, view)| Ok((name, view.into_tensor()?))).collect()
     }
 
     fn load_state(&mut self, tensors: StateSource, path: &Path) -> Result<()> {
@@ -406,10 +410,6 @@ impl Optimizer for Adam {
         self.params.step
     }
 
-    fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
-        self.state_views()?.into_iter().map(|(name, view)| Ok((name, view.into_tensor()?))).collect()
-    }
-
     fn for_each_state_tensor(&self, f: &mut dyn FnMut(String, Tensor) -> Result<()>) -> Result<()> {
         self.state_views()?.into_iter().try_for_each(|(name, view)| f(name, view.into_tensor()?))
     }
@@ -494,10 +494,6 @@ impl Optimizer for Sgd {
 
     fn steps(&self) -> u64 {
         self.params.step
-    }
-
-    fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
-        self.params.state_tensors()
     }
 
     fn for_each_state_tensor(&self, f: &mut dyn FnMut(String, Tensor) -> Result<()>) -> Result<()> {
