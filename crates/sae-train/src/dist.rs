@@ -856,6 +856,7 @@ mod tests {
             let model = model();
             let mut optimizer = crate::optim::OptimizerConfig::keras_adam()
                 .build(model.trainable_vars(), sae_kernels::Implementation::Fused);
+            let vars = optimizer.variable_ids().into_iter().collect();
             let pixels: Vec<f32> = (0..2 * 3 * 8 * 8).map(|i| (i as f32 * 0.37 + rank as f32).sin()).collect();
             let x = Tensor::from_vec(pixels, (2, 3, 8, 8), &Device::Cpu).unwrap();
             let labels = Tensor::new(&[rank as u32, 3 + rank as u32], &Device::Cpu).unwrap();
@@ -863,7 +864,8 @@ mod tests {
                 let forward = |x: &Tensor| candle_core::ModuleT::forward_t(&model, x, true);
                 let loss = crate::forward_loss(forward, &x, &labels, None, 0.0, 1).unwrap().2;
                 if during {
-                    crate::train::backward_with_averaged_step(loss, optimizer.as_mut(), c, 64 << 10, None).unwrap();
+                    crate::train::backward_with_averaged_step(loss, optimizer.as_mut(), &vars, c, 64 << 10, None)
+                        .unwrap();
                 } else {
                     let mut grads = loss.backward_consuming().unwrap();
                     average_gradients(c, &mut grads, &model.trainable_vars(), 64 << 10).unwrap();

@@ -75,29 +75,31 @@ pub fn forward_loss(
 /// [`Optimizer::step`] (each variable's update depends only on its own gradient); returns the
 /// gradients of the variables the optimiser does not hold.
 pub fn backward_with_step(loss: Tensor, optimizer: &mut dyn Optimizer) -> Result<GradStore> {
-    backward_with_averaged_step(loss, optimizer, &SingleProcess, 0, None)
+    let vars = optimizer.variable_ids().into_iter().collect();
+    backward_with_averaged_step(loss, optimizer, &vars, &SingleProcess, 0, None)
 }
 
 /// [`backward_with_step`] for one of several data-parallel ranks, and for the last batch of
 /// an accumulated step: each gradient is first added to its sum over the step's `earlier`
 /// batches ([`backward_adding_into`]), then the gradients are averaged over the ranks in
 /// buckets of about `bucket_bytes` as the pass completes them, and each bucket's variables
-/// updated (`dist::GradientBuckets`). The same values as `backward_consuming`, the sum,
+/// updated (`dist::GradientBuckets`). `vars` are the optimiser's variables'
+/// ([`Optimizer::variable_ids`]). The same values as `backward_consuming`, the sum,
 /// `average_gradients` and [`Optimizer::step`].
 pub(crate) fn backward_with_averaged_step(
     loss: Tensor,
     optimizer: &mut dyn Optimizer,
+    vars: &HashSet<TensorId>,
     collective: &dyn Collective,
     bucket_bytes: usize,
     mut earlier: Option<GradStore>,
 ) -> Result<GradStore> {
     optimizer.begin_step();
-    let own: HashSet<TensorId> = optimizer.variable_ids().into_iter().collect();
     let mut buckets = GradientBuckets::new(collective, bucket_bytes);
     // Candle's pass returns Candle's errors: the optimiser's or collective's own is kept here.
     let mut failed = None;
     let grads = loss.backward_consuming_with(&mut |var, grad| {
-        if !own.contains(&var.id()) {
+        if !vars.contains(&var.id()) {
             return Ok(Some(grad));
         }
         let grad = match earlier.as_mut().and_then(|sum| sum.remove(var)) {
@@ -498,9 +500,9 @@ impl Run<'_> {
             // A step after every `per_step` batches, and after the epoch's last batch.
             let last_of_step = (i + 1).is_multiple_of(per_step) || i + 1 == batches;
             if update_in_backward && last_of_step {
-                let earlier = accumulated.take();
+                let (vars, collective, earlier) = (&optimizer_vars, &*self.collective, accumulated.take());
                 self.device.with_context(|| {
-                    backward_with_averaged_step(loss_tensor, optimizer, &*self.collective, bucket_bytes(), earlier)
+                    backward_with_averaged_step(loss_tensor, optimizer, vars, collective, bucket_bytes(), earlier)
                 })?;
             } else if update_in_backward {
                 let sum = accumulated.get_or_insert_with(GradStore::default);
