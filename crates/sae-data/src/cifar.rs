@@ -110,7 +110,7 @@ impl Cifar {
 
     /// [`Cifar::load`], keeping only the images `keep(total)` names (`total`: the split's
     /// images; indices in any order, each kept once and in ascending order, those past the end
-    /// ignored): a seeded sample of a few hundred (`Subset::indices`) holds only their bytes,
+    /// ignored): a seeded sample of a few hundred (`subset_indices`) holds only their bytes,
     /// not the split's 150 MB. The file sizes are read first, so the kept images' bytes are
     /// allocated once (growing by doubling, the whole training set passed through 268 MB of
     /// capacity with the old 134 MB beside it).

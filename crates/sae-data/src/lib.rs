@@ -20,5 +20,5 @@ pub use error::{Error, Result};
 pub use folder::ImageFolder;
 pub use hub::{prepare_cifar, prepare_image_folder, HubSource};
 pub use image_ops::Rgb8Image;
-pub use loader::{Batch, Dataset, Loader, LoaderConfig, Subset};
+pub use loader::{subset_indices, Batch, Dataset, Loader, LoaderConfig, Subset};
 pub use transform::{Normalize, Transform};

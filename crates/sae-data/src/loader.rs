@@ -273,18 +273,18 @@ pub struct Subset<D: Dataset> {
 impl<D: Dataset> Subset<D> {
     /// `len` images of `inner` drawn without replacement with `seed` (all when `len` ≥ its size).
     pub fn new(inner: Arc<D>, len: usize, seed: u64) -> Self {
-        let indices = Self::indices(inner.len(), len, seed);
+        let indices = subset_indices(inner.len(), len, seed);
         Self { inner, indices }
     }
+}
 
-    /// The indices, in order, of the images a [`Subset::new`] of `len` out of `total` reads.
-    pub fn indices(total: usize, len: usize, seed: u64) -> Vec<usize> {
-        let mut indices: Vec<usize> = (0..total).collect();
-        indices.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
-        indices.truncate(len);
-        indices.sort_unstable();
-        indices
-    }
+/// The indices, in order, of the images a [`Subset::new`] of `len` out of `total` reads.
+pub fn subset_indices(total: usize, len: usize, seed: u64) -> Vec<usize> {
+    let mut indices: Vec<usize> = (0..total).collect();
+    indices.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+    indices.truncate(len);
+    indices.sort_unstable();
+    indices
 }
 
 impl<D: Dataset> Dataset for Subset<D> {

@@ -91,7 +91,7 @@ fn a_cifar_split_loaded_in_part_reads_what_its_subset_reads() {
     let whole = Cifar::load(dir, CifarKind::Cifar10, Split::Train).unwrap();
     let classes = whole.classes.clone();
     let subset = Subset::new(Arc::new(whole), 13, 7);
-    let indices = Subset::<Cifar>::indices(100, 13, 7);
+    let indices = subset_indices(100, 13, 7);
     // Not the first 13 images: a seeded sample of the whole split, from every file.
     assert_ne!(indices, (0..13).collect::<Vec<_>>());
     let part = Cifar::load_only(dir, CifarKind::Cifar10, Split::Train, |total| {

@@ -5,7 +5,8 @@ use crate::config::{DataConfig, DatasetKind};
 use crate::Result;
 use candle_core::{Device, Tensor};
 use sae_data::{
-    Batch, Cifar, CifarKind, Dataset, ImageFolder, LabelSet, Loader, LoaderConfig, Normalize, Split, Subset, Transform,
+    subset_indices, Batch, Cifar, CifarKind, Dataset, ImageFolder, LabelSet, Loader, LoaderConfig, Normalize, Split,
+    Subset, Transform,
 };
 use std::sync::Arc;
 
@@ -29,7 +30,7 @@ pub(crate) fn datasets(cfg: &DataConfig, seed: u64) -> Result<Splits> {
     // The images a `Subset` would read, loaded alone: the rest of the split is never held.
     let sample = |limit: Option<usize>, seed: u64| {
         move |total: usize| match limit {
-            Some(n) if n < total => Subset::<Cifar>::indices(total, n, seed),
+            Some(n) if n < total => subset_indices(total, n, seed),
             _ => (0..total).collect(),
         }
     };
