@@ -192,9 +192,24 @@ fn main() {
     sae_kernels::shorten_candle_spin();
     sae_train::allocator::keep_freed_memory();
     if let Err(e) = run(Cli::parse()) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", error_message(&e));
         std::process::exit(1);
     }
+}
+
+/// `e` and its causes joined by ": ", as `{e:#}` prints them, but a cause whose text its
+/// parent already ends with left out: the libraries' I/O errors name the file and say what the
+/// system said, and also give the system's error as their source.
+fn error_message(e: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in e.chain().map(|cause| cause.to_string()) {
+        if message.is_empty() {
+            message = cause;
+        } else if !message.ends_with(&cause) {
+            message = format!("{message}: {cause}");
+        }
+    }
+    message
 }
 
 fn run(cli: Cli) -> Result<()> {

@@ -258,8 +258,9 @@ fn data_dir(data: &str, dataset: Option<DatasetArg>) -> Result<(PathBuf, Option<
 fn dataset_kind(dir: &Path, given: Option<DatasetArg>) -> Result<DatasetKind> {
     let arg = match given {
         Some(a) => a,
-        None if dir.join("data_batch_1.bin").is_file() => DatasetArg::Cifar10,
-        None if dir.join("train.bin").is_file() => DatasetArg::Cifar100,
+        // Either split's file: `sae eval` needs only the test split.
+        None if dir.join("data_batch_1.bin").is_file() || dir.join("test_batch.bin").is_file() => DatasetArg::Cifar10,
+        None if dir.join("train.bin").is_file() || dir.join("test.bin").is_file() => DatasetArg::Cifar100,
         None if dir.join("train").is_dir() => DatasetArg::Folder,
         None => bail!(
             "{}: not a CIFAR-10/100 binary directory or a folder with train/ and val/ (or pass --dataset)",
@@ -279,7 +280,7 @@ fn class_count(kind: DatasetKind, dir: &Path) -> Result<usize> {
         DatasetKind::Cifar10 => 10,
         DatasetKind::Cifar100Fine => 100,
         DatasetKind::Cifar100Coarse => 20,
-        DatasetKind::Folder => sae_data::ImageFolder::open(&dir.join("train"))?.classes.len(),
+        DatasetKind::Folder => sae_data::ImageFolder::class_names(&dir.join("train"))?.len(),
     })
 }
 

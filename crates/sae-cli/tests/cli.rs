@@ -118,6 +118,16 @@ fn bad_input_fails_with_a_message_naming_it() {
     assert!(stderr(&out).contains("unknown precision \"fp8\"; known precisions: f32, bf16"), "{}", stderr(&out));
     let out = sae(&["predict", "--model", "resnet18", "--weights", s(&dir.join("missing.safetensors")), "x.png"]);
     assert!(!out.status.success() && stderr(&out).contains("missing.safetensors"), "{}", stderr(&out));
+    // A CIFAR-10 directory with its test batch alone: training names the missing file, and
+    // says what the system said once.
+    let test_only = dir.join("test-only");
+    std::fs::create_dir_all(&test_only).unwrap();
+    std::fs::write(test_only.join("test_batch.bin"), vec![0u8; 3073]).unwrap();
+    let out = sae(&["train", "--model", "resnet14b", "--data", s(&test_only), "--out", s(&dir.join("r"))]);
+    let message = stderr(&out);
+    assert!(!out.status.success() && message.contains("data_batch_1.bin: "), "{message}");
+    let system = message.rsplit("data_batch_1.bin: ").next().unwrap().trim();
+    assert_eq!(message.matches(system).count(), 1, "{message}");
 }
 
 #[test]
@@ -238,9 +248,19 @@ fn train_eval_resume_and_fine_tune() {
     let png = image::open(run.join("confusion.png")).unwrap();
     assert!(png.width() >= 360);
 
-    // Weights + data give the same numbers as the run (the run's best is epoch 1 or 2).
+    // Evaluation reads the test split alone: a directory without the training batches gives
+    // the same numbers as the run's own data.
     let last = sae(&["eval", s(&run), "--last", "--json"]);
     assert!(last.status.success(), "{}", stderr(&last));
+    let test_only = dir.join("cifar-test-only");
+    std::fs::create_dir_all(&test_only).unwrap();
+    for file in ["test_batch.bin", "batches.meta.txt"] {
+        std::fs::copy(data.join(file), test_only.join(file)).unwrap();
+    }
+    let alone =
+        sae(&["eval", s(&run), "--last", "--json", "--data", s(&test_only), "--confusion", s(&dir.join("c.png"))]);
+    assert!(alone.status.success(), "{}", stderr(&alone));
+    assert_eq!(stdout(&alone), stdout(&last));
 
     // Fine-tune on a 3-class folder from the CIFAR run's weights: the head is replaced.
     let folder = dir.join("folder");

@@ -29,6 +29,12 @@ pub struct ImageFolder {
 impl ImageFolder {
     /// Scans `root`, taking the classes from its sub-folders in sorted order.
     pub fn open(root: &Path) -> Result<Self> {
+        Self::with_classes(root, Self::class_names(root)?)
+    }
+
+    /// The classes [`Self::open`] takes from `root`: its sub-folders' names, sorted, without
+    /// scanning their images (what another split's labels need).
+    pub fn class_names(root: &Path) -> Result<Vec<String>> {
         let mut classes: Vec<String> = std::fs::read_dir(root)
             .map_err(io(root))?
             .flatten()
@@ -39,7 +45,7 @@ impl ImageFolder {
         if classes.is_empty() {
             return Err(Error::Format { path: root.to_path_buf(), reason: "no class folders".into() });
         }
-        Self::with_classes(root, classes)
+        Ok(classes)
     }
 
     /// Scans `root` with the classes listed in `classes_file` (first word of each non-empty

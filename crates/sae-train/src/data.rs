@@ -13,52 +13,85 @@ use std::sync::Arc;
 /// The two splits of a run's data with their transforms.
 pub(crate) struct Splits {
     pub train: Box<dyn Dataset>,
-    pub eval: Box<dyn Dataset>,
     pub train_transform: Transform,
-    pub eval_transform: Transform,
+    pub eval: EvalSplit,
+}
+
+/// A run's evaluation split with its transform, and the normalisation both splits share.
+pub(crate) struct EvalSplit {
+    pub data: Box<dyn Dataset>,
+    pub transform: Transform,
     pub normalize: Normalize,
 }
 
-pub(crate) fn datasets(cfg: &DataConfig, seed: u64) -> Result<Splits> {
-    fn subset<D: Dataset + 'static>(d: D, limit: Option<usize>, seed: u64) -> Box<dyn Dataset> {
-        match limit {
-            Some(n) if n < d.len() => Box::new(Subset::new(Arc::new(d), n, seed)),
-            _ => Box::new(d),
-        }
+/// The CIFAR layout of `dataset`, or `None` for an image folder.
+fn cifar_kind(dataset: DatasetKind) -> Option<CifarKind> {
+    match dataset {
+        DatasetKind::Cifar10 => Some(CifarKind::Cifar10),
+        DatasetKind::Cifar100Fine => Some(CifarKind::Cifar100(LabelSet::Fine)),
+        DatasetKind::Cifar100Coarse => Some(CifarKind::Cifar100(LabelSet::Coarse)),
+        DatasetKind::Folder => None,
     }
+}
+
+/// Which of a split's `total` images a run with `limit` reads: a `Subset`'s sample, or all.
+/// CIFAR splits load only these (the rest of the file is never held).
+fn sample(limit: Option<usize>, seed: u64) -> impl FnOnce(usize) -> Vec<usize> {
+    move |total| match limit {
+        Some(n) if n < total => subset_indices(total, n, seed),
+        _ => (0..total).collect(),
+    }
+}
+
+/// `split` as a run with `limit` reads it: a seeded `Subset` of it, or all of it.
+fn subset<D: Dataset + 'static>(split: D, limit: Option<usize>, seed: u64) -> Box<dyn Dataset> {
+    match limit {
+        Some(n) if n < split.len() => Box::new(Subset::new(Arc::new(split), n, seed)),
+        _ => Box::new(split),
+    }
+}
+
+pub(crate) fn datasets(cfg: &DataConfig, seed: u64) -> Result<Splits> {
     let size = cfg.input_size;
-    // The images a `Subset` would read, loaded alone: the rest of the split is never held.
-    let sample = |limit: Option<usize>, seed: u64| {
-        move |total: usize| match limit {
-            Some(n) if n < total => subset_indices(total, n, seed),
-            _ => (0..total).collect(),
-        }
-    };
-    let cifar = |kind| -> Result<_> {
-        let train = Cifar::load_only(&cfg.dir, kind, Split::Train, sample(cfg.train_images, seed))?;
-        let test = Cifar::load_only(&cfg.dir, kind, Split::Test, sample(cfg.eval_images, seed ^ 1))?;
-        let norm = if kind == CifarKind::Cifar10 { Normalize::CIFAR10 } else { Normalize::CIFAR100 };
-        Ok(Splits {
-            train: Box::new(train),
-            eval: Box::new(test),
+    match cifar_kind(cfg.dataset) {
+        Some(kind) => Ok(Splits {
+            train: Box::new(Cifar::load_only(&cfg.dir, kind, Split::Train, sample(cfg.train_images, seed))?),
             train_transform: Transform::PadCropFlip { pad: 4, size },
-            eval_transform: Transform::ResizeCenterCrop { resize: size, size },
-            normalize: norm,
-        })
-    };
-    match cfg.dataset {
-        DatasetKind::Cifar10 => cifar(CifarKind::Cifar10),
-        DatasetKind::Cifar100Fine => cifar(CifarKind::Cifar100(LabelSet::Fine)),
-        DatasetKind::Cifar100Coarse => cifar(CifarKind::Cifar100(LabelSet::Coarse)),
-        DatasetKind::Folder => {
+            eval: eval_split(cfg, seed, None)?,
+        }),
+        None => {
             let train = ImageFolder::open(&cfg.dir.join("train"))?;
-            // val/ may lack some classes (few validation images); its labels follow train/'s.
-            let val = ImageFolder::open_split_of(&cfg.dir.join("val"), &train.classes)?;
+            let eval = eval_split(cfg, seed, Some(&train.classes))?;
             Ok(Splits {
                 train: subset(train, cfg.train_images, seed),
-                eval: subset(val, cfg.eval_images, seed ^ 1),
                 train_transform: Transform::RandomResizedCropFlip { size },
-                eval_transform: Transform::ResizeCenterCrop { resize: (size * 256 + 112) / 224, size },
+                eval,
+            })
+        }
+    }
+}
+
+/// The evaluation split of `cfg`, read without the training split. An image folder's `val/`
+/// takes its labels from `train/`'s classes: `train_classes` where the caller has them, else
+/// `train/`'s folder names (its images are not scanned).
+fn eval_split(cfg: &DataConfig, seed: u64, train_classes: Option<&[String]>) -> Result<EvalSplit> {
+    let (size, seed) = (cfg.input_size, seed ^ 1);
+    match cifar_kind(cfg.dataset) {
+        Some(kind) => Ok(EvalSplit {
+            data: Box::new(Cifar::load_only(&cfg.dir, kind, Split::Test, sample(cfg.eval_images, seed))?),
+            transform: Transform::ResizeCenterCrop { resize: size, size },
+            normalize: if kind == CifarKind::Cifar10 { Normalize::CIFAR10 } else { Normalize::CIFAR100 },
+        }),
+        None => {
+            let classes = match train_classes {
+                Some(classes) => classes.to_vec(),
+                None => ImageFolder::class_names(&cfg.dir.join("train"))?,
+            };
+            // val/ may lack some classes (few validation images); its labels follow train/'s.
+            let val = ImageFolder::open_split_of(&cfg.dir.join("val"), &classes)?;
+            Ok(EvalSplit {
+                data: subset(val, cfg.eval_images, seed),
+                transform: Transform::ResizeCenterCrop { resize: (size * 256 + 112) / 224, size },
                 normalize: Normalize::IMAGENET,
             })
         }
@@ -77,8 +110,8 @@ pub type DatasetLoader = Loader<Box<dyn Dataset>>;
 /// The evaluation split of `cfg` as a loader of batches of `batch_size`, and its class names:
 /// what `sae eval` evaluates a model on.
 pub fn eval_loader(cfg: &DataConfig, seed: u64, batch_size: usize) -> Result<(DatasetLoader, Vec<String>)> {
-    let splits = datasets(cfg, seed)?;
-    let classes = splits.eval.classes().to_vec();
+    let eval = eval_split(cfg, seed, None)?;
+    let classes = eval.data.classes().to_vec();
     let loader_cfg = LoaderConfig { batch_size, shuffle: false, drop_last: false, seed, prefetch: 3 };
-    Ok((Loader::new(Arc::new(splits.eval), splits.eval_transform, splits.normalize, loader_cfg)?, classes))
+    Ok((Loader::new(Arc::new(eval.data), eval.transform, eval.normalize, loader_cfg)?, classes))
 }

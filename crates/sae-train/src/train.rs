@@ -213,39 +213,43 @@ pub fn train_with(
         state: CheckpointState { world_size: world, ..CheckpointState::default() },
         collective: collective.clone(),
     };
-    // Rank 0 opens the run; the others learn how that went (an error included, so that they
-    // stop too), and then take its weights.
-    let opened = match is_root {
-        true => (|| {
-            if !resume {
-                start_fresh()?;
-            }
-            let history = run.open(resume, optimizer.as_mut())?;
-            // A resume that found no checkpoint yet starts as a new run does.
-            if resume && run.state.epoch == 0 && run.state.step == 0 {
-                start_fresh()?;
-            }
-            Ok(history)
-        })(),
-        false => Ok(Vec::new()),
-    };
-    let mut history = share_opening(&mut run, opened, optimizer.as_mut())?;
-
-    let splits = datasets(&cfg.data, cfg.seed)?;
-    let classes = splits.train.classes().len();
-    if classes != cfg.model.num_classes {
-        return Err(Error::Config(format!(
+    // Every rank reads its data first, so that data that cannot be read leaves no run behind
+    // (as a bad init file does not). Rank 0 then opens the run; the others learn how that went
+    // (an error included, so that they stop too), and then take its weights.
+    let data = datasets(&cfg.data, cfg.seed).and_then(|splits| match splits.train.classes().len() {
+        classes if classes == cfg.model.num_classes => Ok(splits),
+        classes => Err(Error::Config(format!(
             "the dataset has {classes} classes but the model has {} outputs",
             cfg.model.num_classes
-        )));
-    }
+        ))),
+    });
+    let (splits, opened) = match data {
+        Err(e) => (None, Err(e)),
+        Ok(splits) if is_root => (
+            Some(splits),
+            (|| {
+                if !resume {
+                    start_fresh()?;
+                }
+                let history = run.open(resume, optimizer.as_mut())?;
+                // A resume that found no checkpoint yet starts as a new run does.
+                if resume && run.state.epoch == 0 && run.state.step == 0 {
+                    start_fresh()?;
+                }
+                Ok(history)
+            })(),
+        ),
+        Ok(splits) => (Some(splits), Ok(Vec::new())),
+    };
+    let mut history = share_opening(&mut run, opened, optimizer.as_mut())?;
+    let splits = splits.expect("share_opening returns this rank's data error");
     let loader_cfg =
         LoaderConfig { batch_size: cfg.batch_size, shuffle: true, drop_last: true, seed: cfg.seed, prefetch: 3 };
-    let train_loader = Loader::new(Arc::new(splits.train), splits.train_transform, splits.normalize, loader_cfg)?
+    let train_loader = Loader::new(Arc::new(splits.train), splits.train_transform, splits.eval.normalize, loader_cfg)?
         .with_augmentation(cfg.augment.trivial_augment, cfg.augment.mixing())
         .with_shard(rank, world)?;
     let eval_cfg = LoaderConfig { shuffle: false, drop_last: false, ..loader_cfg };
-    let eval_loader = Loader::new(Arc::new(splits.eval), splits.eval_transform, splits.normalize, eval_cfg)?
+    let eval_loader = Loader::new(Arc::new(splits.eval.data), splits.eval.transform, splits.eval.normalize, eval_cfg)?
         .with_shard(rank, world)?;
     if train_loader.batches_per_epoch() == 0 {
         return Err(Error::Config(format!(
@@ -743,7 +747,7 @@ mod tests {
         };
         let splits = crate::data::datasets(&data, 4).unwrap();
         let cfg = LoaderConfig { batch_size: 4, shuffle: true, drop_last: true, seed: 4, prefetch: 1 };
-        let loader = Loader::new(Arc::new(splits.train), splits.train_transform, splits.normalize, cfg).unwrap();
+        let loader = Loader::new(Arc::new(splits.train), splits.train_transform, splits.eval.normalize, cfg).unwrap();
         let model = |seed| Model::new(config("resnet14b", 10).unwrap(), seed, &Device::Cpu).unwrap();
         let (recalibrated, by_hand) = (model(1), model(1));
         recalibrate_bn(&recalibrated, &loader, 2, 3, &Device::Cpu).unwrap();

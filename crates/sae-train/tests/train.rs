@@ -637,6 +637,29 @@ fn init_weights_fine_tune_with_a_new_head() {
     assert!(!bad_run.join("config.json").exists(), "a failed start leaves no run behind");
 }
 
+/// Data that cannot be read, or whose classes are not the model's outputs, stops a run before
+/// it writes anything: the same command with the data mended then starts it.
+#[test]
+fn unreadable_or_mismatched_data_leaves_no_run_behind() {
+    let data = tmp("bad-data");
+    let data = data.path();
+    write_colour_dataset(data, 2, 1);
+    let run = tmp("bad-data-run");
+    let run = run.path().join("run");
+    let mut cfg = small_config("resnet14b", data, 1);
+    std::fs::rename(data.join("data_batch_3.bin"), data.join("kept.bin")).unwrap();
+    let err = train(&cfg, &run, &Device::Cpu, false, &mut LogLines::default()).unwrap_err().to_string();
+    assert!(err.contains("data_batch_3.bin"), "{err}");
+    assert!(!run.exists(), "unreadable data leaves no run behind");
+    std::fs::rename(data.join("kept.bin"), data.join("data_batch_3.bin")).unwrap();
+    cfg.model.num_classes = 7;
+    let err = train(&cfg, &run, &Device::Cpu, false, &mut LogLines::default()).unwrap_err().to_string();
+    assert!(err.contains("the dataset has 10 classes but the model has 7 outputs"), "{err}");
+    assert!(!run.exists(), "a class mismatch leaves no run behind");
+    cfg.model.num_classes = 10;
+    train(&cfg, &run, &Device::Cpu, false, &mut LogLines::default()).unwrap();
+}
+
 /// bf16 mixed precision learns what f32 learns: the same short run (fixed data, seed and
 /// batch order) in both precisions ends within 1 point of top-1, and the run records which
 /// precision ran.
