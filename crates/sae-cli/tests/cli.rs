@@ -318,6 +318,13 @@ fn train_eval_resume_and_fine_tune() {
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out).lines().count(), 4);
+    // A folder's val/ without one of train/'s classes is evaluated with train/'s labels.
+    std::fs::remove_dir_all(folder.join("val/class0")).unwrap();
+    let out = sae(&["eval", s(&tuned), "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let e: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    let per_class: Vec<_> = e["per_class"].as_array().unwrap().iter().map(|c| c["images"].as_u64()).collect();
+    assert_eq!((e["images"].as_u64(), per_class), (Some(8), vec![Some(0), Some(4), Some(4)]));
 }
 
 #[test]
