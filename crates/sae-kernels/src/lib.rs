@@ -29,6 +29,8 @@
 //!   excitation, shortcut, ReLU), pooling from BatchNorm's statistics pass.
 //! * [`conv2d`] — 2-D convolution with any stride, padding and groups, forward and backward,
 //!   as im2col + matrix multiply (Candle's CPU input gradient is a direct loop).
+//! * [`add_channel_bias`] — a convolution's bias, with a backward that sums the gradient per
+//!   channel plane by plane (Candle's broadcast reduces element by element; CPU only).
 //! * [`relu`] — ReLU with a one-pass backward (Candle's is four passes); [`add_relu`], a residual
 //!   addition and its ReLU as one op.
 //! * [`max_pool2d`] — 2-D max-pool with padding and any stride, with a backward pass.
@@ -41,6 +43,7 @@ use candle_core::{DType, Tensor};
 
 pub mod adam;
 pub mod batch_norm;
+pub mod bias;
 mod cast;
 pub mod conv;
 mod cpu;
@@ -71,6 +74,7 @@ pub use batch_norm::{
     batch_norm_eval, batch_norm_eval_affine, batch_norm_train, batch_norm_train_add_relu, batch_norm_train_reference,
     channel_affine, BatchNormOutput,
 };
+pub use bias::add_channel_bias;
 pub use cast::cast;
 pub use conv::{conv2d, conv2d_affine, conv2d_reference, Conv2dConfig};
 pub use depthwise::{depthwise_conv2d, depthwise_conv2d_reference, DepthwiseConfig};

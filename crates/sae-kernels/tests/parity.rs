@@ -1528,3 +1528,87 @@ fn assert_bf16_residual_end(what: &str, got: &[f32], want: &[f32], probe: &Tenso
     let mask: Vec<f32> = got.iter().zip(probe).map(|(&y, p)| if y > 0.0 { p } else { 0.0 }).collect();
     assert_eq!(values(shortcut_grad), mask, "{what}: shortcut gradient");
 }
+
+/// (N, C, H, W) cases of a convolution's bias: batch 1, 1×1 planes (layer 4 at 32×32), odd
+/// sizes, and planes longer than a vector.
+const BIAS_CASES: &[[usize; 4]] = &[[2, 5, 3, 4], [1, 3, 1, 1], [3, 16, 7, 7], [2, 4, 1, 37], [1, 2, 19, 17]];
+
+#[test]
+fn channel_bias_fused_matches_reference_forward_and_backward() {
+    for (i, &[n, c, h, w]) in BIAS_CASES.iter().enumerate() {
+        for strided in [false, true] {
+            let what = format!("{:?} strided={strided}", [n, c, h, w]);
+            let (xv, x) = input(60 + i as u64, n, c, h, w, strided, DType::F32);
+            let b = var(70 + i as u64, &[c], DType::F32);
+            assert_fused_matches_reference(&what, &[("x", &xv), ("bias", &b)], 8, F32_TOL, |imp| {
+                add_channel_bias(&x, b.as_tensor(), imp).unwrap()
+            });
+        }
+    }
+}
+
+/// The bias gradient is the output gradient summed over (N, H, W), by hand in f64; the input
+/// gradient is the output gradient itself.
+#[test]
+fn channel_bias_gradients_match_hand_sums() {
+    let [n, c, h, w] = [3, 4, 5, 6];
+    let (xv, x) = input(80, n, c, h, w, false, DType::F32);
+    let b = var(81, &[c], DType::F32);
+    let out = add_channel_bias(&x, b.as_tensor(), Implementation::Fused).unwrap();
+    let grads = probe_loss(&out, 82).unwrap().backward().unwrap();
+    let probe: Vec<f32> = randn(82, &[n, c, h, w], DType::F32).flatten_all().unwrap().to_vec1().unwrap();
+    let by_hand: Vec<f64> = (0..c)
+        .map(|ci| {
+            (0..n).flat_map(|ni| (0..h * w).map(move |k| (ni * c + ci) * h * w + k)).map(|i| probe[i] as f64).sum()
+        })
+        .collect();
+    let by_hand = Tensor::from_vec(by_hand, c, &Device::Cpu).unwrap();
+    assert_close("d/dbias", grads.get(&b).unwrap(), &by_hand, (1e-5, 1e-6));
+    let probe = randn(82, &[n, c, h, w], DType::F32);
+    assert_close("d/dx", grads.get(&xv).unwrap(), &probe, (0.0, 0.0));
+}
+
+/// In bf16 and f16 the forward is the reference's bit for bit (one rounding of the f32 sum),
+/// and the bias gradient, summed in f32 and f64, is within the type's rounding of the f32
+/// reference on the same values (Candle's own bf16 reduction adds in bf16).
+#[test]
+fn channel_bias_in_bf16_and_f16_matches_the_reference() {
+    for dtype in [DType::BF16, DType::F16] {
+        for (i, &[n, c, h, w]) in BIAS_CASES.iter().enumerate() {
+            let what = format!("{dtype:?} {:?}", [n, c, h, w]);
+            let (xv, x) = input(90 + i as u64, n, c, h, w, false, dtype);
+            let b = var(100 + i as u64, &[c], dtype);
+            let fused = add_channel_bias(&x, b.as_tensor(), Implementation::Fused).unwrap();
+            let reference = add_channel_bias(&x, b.as_tensor(), Implementation::Reference).unwrap();
+            assert_close(&format!("{what} forward"), &fused, &reference, (0.0, 0.0));
+            let grads = probe_loss(&fused, 9).unwrap().backward().unwrap();
+            let wide = |t: &Tensor| Var::from_tensor(&t.to_dtype(DType::F32).unwrap()).unwrap();
+            let (x32, b32) = (wide(&x), wide(b.as_tensor()));
+            let probe = randn(9, &[n, c, h, w], dtype).to_dtype(DType::F32).unwrap();
+            let out32 = add_channel_bias(x32.as_tensor(), b32.as_tensor(), Implementation::Reference).unwrap();
+            let grads32 = (out32 * probe).unwrap().sum_all().unwrap().backward().unwrap();
+            assert_close(&format!("{what} d/dbias"), grads.get(&b).unwrap(), grads32.get(&b32).unwrap(), BF16_TOL);
+            assert_close(&format!("{what} d/dx"), grads.get(&xv).unwrap(), grads32.get(&x32).unwrap(), BF16_TOL);
+        }
+    }
+}
+
+#[test]
+fn channel_bias_reference_gradients_match_finite_differences() {
+    let (xv, x) = input(11, 2, 3, 2, 3, false, DType::F64);
+    let b = var(12, &[3], DType::F64);
+    let f = || probe_loss(&add_channel_bias(&x, b.as_tensor(), Implementation::Reference)?, 13);
+    check_finite_differences("channel bias x", &xv, &f);
+    check_finite_differences("channel bias", &b, &f);
+}
+
+#[test]
+fn channel_bias_rejects_bad_shapes_and_dtypes() {
+    let x = randn(1, &[2, 3, 4, 4], DType::F32);
+    for imp in Implementation::ALL {
+        let err = |x: &Tensor, b: &Tensor| add_channel_bias(x, b, imp).unwrap_err().to_string();
+        assert!(err(&x, &randn(2, &[4], DType::F32)).contains("must be (3)"), "{imp:?}");
+        assert!(err(&x, &randn(2, &[3], DType::BF16)).contains("dtype"), "{imp:?}");
+        assert!(err(&randn(3, &[2, 3, 16], DType::F32), &randn(2, &[3], DType::F32)).contains("(N, C, H, W)"));
+    }
+}

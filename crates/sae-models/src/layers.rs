@@ -116,7 +116,7 @@ impl Module for Conv2d {
             sae_kernels::conv2d(x, &self.weight, cfg, self.kernels)?
         };
         match &self.bias {
-            Some(b) => y.broadcast_add(&cast(b, x.dtype())?.reshape((1, (), 1, 1))?),
+            Some(b) => sae_kernels::add_channel_bias(&y, &cast(b, x.dtype())?, self.kernels),
             None => Ok(y),
         }
     }
