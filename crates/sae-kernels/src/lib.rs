@@ -32,7 +32,7 @@
 //! * [`add_channel_bias`] — a convolution's bias, with a backward that sums the gradient per
 //!   channel plane by plane (Candle's broadcast reduces element by element; CPU only).
 //! * [`relu`] — ReLU with a one-pass backward (Candle's is four passes); [`add_relu`], a residual
-//!   addition and its ReLU as one op.
+//!   addition and its ReLU as one op; [`relu6`], MobileNet's activation (CPU only).
 //! * [`max_pool2d`] — 2-D max-pool with padding and any stride, with a backward pass.
 //! * [`depthwise_conv2d`] — depthwise 2-D convolution (groups = channels), forward and
 //!   backward, without Candle's one-convolution-per-group loop.
@@ -83,7 +83,7 @@ pub use excitation::{
     excitation_reference, ExcitationGradients, ExcitationWeights, Gate,
 };
 pub use max_pool::{max_pool2d, max_pool2d_reference, MaxPoolConfig};
-pub use relu::{add_relu, relu};
+pub use relu::{add_relu, relu, relu6, relu6_reference};
 
 /// Shortens how long Candle's CPU worker threads spin after each of its elementwise ops,
 /// unless `CANDLE_BARRIER_POOL_SPIN_LIMIT` is set already; call it first thing in `main`,

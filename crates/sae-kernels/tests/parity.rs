@@ -1612,3 +1612,50 @@ fn channel_bias_rejects_bad_shapes_and_dtypes() {
         assert!(err(&randn(3, &[2, 3, 16], DType::F32), &randn(2, &[3], DType::F32)).contains("(N, C, H, W)"));
     }
 }
+
+/// Values over (−8, 8) with exact ties at 0 and 6 (where `relu6`'s gradient is 0 in both
+/// implementations) and a few exactly inside.
+fn relu6_input(seed: u64, shape: &[usize], dtype: DType) -> Var {
+    let v: Vec<f32> = randn(seed, shape, DType::F32).flatten_all().unwrap().to_vec1().unwrap();
+    let ties = [0.0, 6.0, 3.0, -0.0, 5.5];
+    let v: Vec<f32> = v.iter().enumerate().map(|(i, x)| if i % 7 == 0 { ties[i / 7 % 5] } else { 8.0 * x }).collect();
+    Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()).unwrap()
+}
+
+#[test]
+fn relu6_fused_matches_reference_forward_and_backward() {
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for (i, shape) in [&[2, 5, 3, 4][..], &[1, 1, 1, 1], &[3, 70_001], &[9]].iter().enumerate() {
+            let x = relu6_input(110 + i as u64, shape, dtype);
+            let run = |imp| {
+                let y = relu6(&x, imp).unwrap();
+                let g = probe_loss(&y, 5).unwrap().backward().unwrap().get(&x).unwrap().clone();
+                (y, g)
+            };
+            let ((y_ref, g_ref), (y, g)) = (run(Implementation::Reference), run(Implementation::Fused));
+            // Exact: one comparison and no arithmetic per element.
+            assert_close(&format!("{dtype:?} {shape:?} forward"), &y, &y_ref, (0.0, 0.0));
+            assert_close(&format!("{dtype:?} {shape:?} d/dx"), &g, &g_ref, (0.0, 0.0));
+        }
+    }
+}
+
+#[test]
+fn relu6_matches_hand_computed_values_and_gradients() {
+    let x =
+        Var::from_tensor(&Tensor::new(&[-1f32, 0.0, 0.5, 6.0, 7.0, 3.0, -0.0, 5.999], &Device::Cpu).unwrap()).unwrap();
+    for imp in Implementation::ALL {
+        let y = relu6(&x, imp).unwrap();
+        assert_eq!(y.to_vec1::<f32>().unwrap(), [0.0, 0.0, 0.5, 6.0, 6.0, 3.0, 0.0, 5.999], "{imp:?}");
+        let g = y.sum_all().unwrap().backward().unwrap().get(&x).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(g, [0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0], "{imp:?}");
+    }
+}
+
+#[test]
+fn relu6_reference_gradient_matches_finite_differences() {
+    // Away from the kinks: values in (0.5, 5.5) and beyond (−1, 7).
+    let v: Vec<f64> = (0..24).map(|i| [-1.5, 0.7, 2.0, 5.2, 6.8, 3.3][i % 6] + 0.01 * i as f64).collect();
+    let x = Var::from_tensor(&Tensor::from_vec(v, (2, 3, 4), &Device::Cpu).unwrap()).unwrap();
+    check_finite_differences("relu6 x", &x, &|| probe_loss(&relu6_reference(&x)?, 3));
+}

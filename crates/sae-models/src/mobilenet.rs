@@ -9,6 +9,7 @@ use crate::config::{Arch, ModelConfig, Stem};
 use crate::layers::{ConvBn, ConvSpec, Linear};
 use candle_core::{DType, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
+use sae_kernels::Implementation;
 
 /// (output channels at α = 1, stride) of the 13 depthwise-separable blocks.
 pub(crate) const BLOCKS: [(usize, usize); 13] = [
@@ -27,16 +28,13 @@ pub(crate) const BLOCKS: [(usize, usize); 13] = [
     (1024, 1),
 ];
 
-fn relu6(x: &Tensor) -> Result<Tensor> {
-    x.clamp(0f32, 6f32)
-}
-
 /// MobileNet v1.
 #[derive(Debug, Clone)]
 pub struct MobileNetV1 {
     stem: ConvBn,
     blocks: Vec<(ConvBn, ConvBn)>,
     classifier: Linear,
+    kernels: Implementation,
 }
 
 impl MobileNetV1 {
@@ -61,7 +59,7 @@ impl MobileNetV1 {
             in_ch = out;
         }
         let classifier = Linear::new(in_ch, cfg.num_classes, vb.pp("classifier"))?;
-        Ok(Self { stem, blocks, classifier })
+        Ok(Self { stem, blocks, classifier, kernels: cfg.kernels })
     }
 
     /// Multiply-accumulates of the convolutions and dense layers for one `h` × `w` image.
@@ -82,6 +80,7 @@ impl MobileNetV1 {
     /// activations are freed once the next layer has its output.
     pub(crate) fn forward_graph(&self, x: &Tensor, train: bool, graph: bool) -> Result<Tensor> {
         let cut = |y: Tensor| if graph { y } else { y.detach() };
+        let relu6 = |y: &Tensor| sae_kernels::relu6(y, self.kernels);
         let mut y = cut(relu6(&self.stem.forward_t(x, train)?)?);
         for (dw, pw) in &self.blocks {
             y = cut(relu6(&dw.forward_t(&y, train)?)?);
