@@ -192,7 +192,7 @@ struct ReproduceArgs {
     /// `paper` (the article's settings), `cpu` (scaled for a 2-core CPU) or `smoke` (minutes).
     #[arg(long, value_enum, default_value_t = reproduce::PresetName::Cpu)]
     preset: reproduce::PresetName,
-    /// Seeds, comma-separated; one run per model and seed. Default: the preset's (cpu: 0–4
+    /// Seeds, comma-separated; one run per model and seed. Default: the preset's (cpu: 0–19
     /// for Tables 2 and 3, 0–2 for Table 4; paper and smoke: 0).
     #[arg(long, value_delimiter = ',')]
     seeds: Option<Vec<u64>>,

@@ -162,11 +162,12 @@ fn preset(table: Table, name: PresetName) -> Preset {
             ..base
         },
         // Scaled for the 2-core CPU machine: native 32×32 CIFAR input, a uniform subset of the
-        // training set, fewer epochs; several seeds (one run cannot separate the models), as
-        // many as fit about three hours here (a seed of Table 2 is ~25 minutes of training
-        // alone on the 2-core machine, of Table 4 45–55).
+        // training set, fewer epochs; several seeds (one run cannot separate the models). A
+        // seed of Table 2 is ~5 minutes alone on the 2-core Zen 5 EPYC (`results/table2.md`):
+        // 12 seeds resolved gaps of ~0.9 points on the last-three-epoch mean there, and 20 take
+        // under two hours. A seed of Table 4 was 45–55 minutes before the bias kernel.
         (PresetName::Cpu, Table::Two | Table::Three) => {
-            Preset { train_images: Some(10_000), eval_images: Some(2_000), seeds: 5, ..base }
+            Preset { train_images: Some(10_000), eval_images: Some(2_000), seeds: 20, ..base }
         }
         // Adam, not the paper's SGD: SGD at lr 0.01 is tuned for 1,000 classes and batch 256.
         // With 10 classes and batch 32 each step moves every logit by the batch's class
