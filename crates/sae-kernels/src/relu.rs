@@ -183,15 +183,7 @@ impl CustomOp2 for ReluBackward {
     }
 
     fn cpu_fwd(&self, y: &CpuStorage, yl: &Layout, g: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = dispatch_float!("relu backward", y, |y: T| {
-            let y = contiguous("relu backward", "output", y, yl)?;
-            let g = contiguous("relu backward", "output gradient", same_dtype::<T>("relu backward", g)?, gl)?;
-            if y.len() != g.len() {
-                bail!("relu backward: output has {} elements, its gradient {}", y.len(), g.len())
-            }
-            T::to_cpu_storage_owned(map2(y, g, |y, g| if y > 0.0 { g } else { 0.0 }))
-        });
-        Ok((out, yl.shape().clone()))
+        gradient_where("relu backward", y, yl, g, gl, |y| y > 0.0)
     }
 
     #[cfg(feature = "cuda")]
@@ -230,16 +222,28 @@ impl CustomOp2 for Relu6Backward {
     }
 
     fn cpu_fwd(&self, y: &CpuStorage, yl: &Layout, g: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
-        const OP: &str = "relu6 backward";
-        let out = dispatch_float!(OP, y, |y: T| {
-            let y = contiguous(OP, "output", y, yl)?;
-            let g = contiguous(OP, "output gradient", same_dtype::<T>(OP, g)?, gl)?;
-            if y.len() != g.len() {
-                bail!("{OP}: output has {} elements, its gradient {}", y.len(), g.len())
-            }
-            // The output is strictly inside (0, 6) exactly where the input is.
-            T::to_cpu_storage_owned(map2(y, g, |y, g| if y > 0.0 && y < 6.0 { g } else { 0.0 }))
-        });
-        Ok((out, yl.shape().clone()))
+        // The output is strictly inside (0, 6) exactly where the input is.
+        gradient_where("relu6 backward", y, yl, g, gl, |y| y > 0.0 && y < 6.0)
     }
+}
+
+/// An activation's input gradient from its output `y` and output gradient `g`: `g` where
+/// `passes(y)`, else 0.
+fn gradient_where(
+    op: &str,
+    y: &CpuStorage,
+    yl: &Layout,
+    g: &CpuStorage,
+    gl: &Layout,
+    passes: impl Fn(f32) -> bool + Sync,
+) -> Result<(CpuStorage, Shape)> {
+    let out = dispatch_float!(op, y, |y: T| {
+        let y = contiguous(op, "output", y, yl)?;
+        let g = contiguous(op, "output gradient", same_dtype::<T>(op, g)?, gl)?;
+        if y.len() != g.len() {
+            bail!("{op}: output has {} elements, its gradient {}", y.len(), g.len())
+        }
+        T::to_cpu_storage_owned(map2(y, g, |y, g| if passes(y) { g } else { 0.0 }))
+    });
+    Ok((out, yl.shape().clone()))
 }
