@@ -102,10 +102,7 @@ pub(crate) fn backward_with_averaged_step(
         if !vars.contains(&var.id()) {
             return Ok(Some(grad));
         }
-        let grad = match earlier.as_mut().and_then(|sum| sum.remove(var)) {
-            Some(sum) => (sum + grad)?,
-            None => grad,
-        };
+        let grad = plus_earlier(earlier.as_mut(), var, grad)?;
         match buckets.push(var.id(), grad, optimizer) {
             Ok(()) => Ok(None),
             Err(e) => {
@@ -139,14 +136,20 @@ fn backward_adding_into(loss: Tensor, sum: &mut GradStore, vars: &HashSet<Tensor
         if !vars.contains(&var.id()) {
             return Ok(Some(grad));
         }
-        let total = match sum.remove(var) {
-            Some(earlier) => (earlier + grad)?,
-            None => grad,
-        };
+        let total = plus_earlier(Some(sum), var, grad)?;
         sum.insert(var, total);
         Ok(None)
     })?;
     Ok(())
+}
+
+/// `grad` plus `var`'s sum over a step's earlier batches, taken out of `sum`; `grad` itself
+/// where there is none.
+fn plus_earlier(sum: Option<&mut GradStore>, var: &Tensor, grad: Tensor) -> candle_core::Result<Tensor> {
+    match sum.and_then(|sum| sum.remove(var)) {
+        Some(earlier) => earlier + grad,
+        None => Ok(grad),
+    }
 }
 
 /// Trains as `cfg` says, in `dir`. With `resume`, continues the run in `dir` from its last
