@@ -1,6 +1,7 @@
 """PyTorch side of `cargo xtask bench-train`: the same networks as sae's registry (ResNet-50,
 SE-ResNet-50, SENetV2-ResNet-50, SENetV2-ResNet-14b with the ImageNet stem, r = 32, K = 4, the
-`u + u*s` gate, no convolution bias), timed the same way, on CPU with a fixed thread count or
+`u + u*s` gate, no convolution bias; or in the paper's Keras convention, a row's fifth field
+`keras`: a bias on every convolution and BatchNorm eps 1.001e-5), timed the same way, on CPU with a fixed thread count or
 on CUDA (`cargo xtask gpu-check`: synchronised steps, cuDNN benchmark mode, and the variant
 `channels_last_bf16`: channels-last memory format with bf16 autocast), and with bf16 autocast
 alone (`autocast_bf16`, bench-train's `--bf16` rows on CPU).
@@ -9,7 +10,7 @@ Prints one JSON object per line: a `matmul` line (this machine's sgemm GFLOP/s t
 PyTorch; not with --skip-matmul), then one line per requested row with its parameter count,
 images/s and resident memory (before the model was built, and the process's peak).
 
-    python bench_train.py --threads 2 --seconds 10 --rows resnet50:32:16:train,resnet50:140:1:infer
+    python bench_train.py --threads 2 --seconds 10 --rows resnet50:32:16:train,resnet50:140:1:infer,senetv2_resnet50:64:32:train:keras
     python bench_train.py --device cuda --variant channels_last_bf16 --rows senetv2_resnet50:224:64:train
 """
 
@@ -42,19 +43,21 @@ class Excitation(nn.Module):
         return x + x * s
 
 
-def conv_bn(cin, cout, k, stride):
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout))
+def conv_bn(cin, cout, k, stride, keras):
+    """Convolution + BatchNorm; in the Keras convention with a convolution bias and Keras's eps."""
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=keras),
+                         nn.BatchNorm2d(cout, eps=1.001e-5 if keras else 1e-5))
 
 
 class Bottleneck(nn.Module):
-    def __init__(self, cin, planes, stride, attention):
+    def __init__(self, cin, planes, stride, attention, keras):
         super().__init__()
         out = planes * 4
-        self.c1 = conv_bn(cin, planes, 1, 1)
-        self.c2 = conv_bn(planes, planes, 3, stride)
-        self.c3 = conv_bn(planes, out, 1, 1)
+        self.c1 = conv_bn(cin, planes, 1, 1, keras)
+        self.c2 = conv_bn(planes, planes, 3, stride, keras)
+        self.c3 = conv_bn(planes, out, 1, 1, keras)
         self.se = {"none": None, "se": Excitation(out, 32, 1), "sae": Excitation(out, 32, 4)}[attention]
-        self.down = conv_bn(cin, out, 1, stride) if stride != 1 or cin != out else None
+        self.down = conv_bn(cin, out, 1, stride, keras) if stride != 1 or cin != out else None
 
     def forward(self, x):
         y = F.relu(self.c1(x))
@@ -66,14 +69,14 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, layers, attention, num_classes):
+    def __init__(self, layers, attention, num_classes, keras=False):
         super().__init__()
-        self.stem = conv_bn(3, 64, 7, 2)
+        self.stem = conv_bn(3, 64, 7, 2, keras)
         blocks, cin = [], 64
         for stage, count in enumerate(layers):
             planes = 64 << stage
             for i in range(count):
-                blocks.append(Bottleneck(cin, planes, 2 if stage > 0 and i == 0 else 1, attention))
+                blocks.append(Bottleneck(cin, planes, 2 if stage > 0 and i == 0 else 1, attention, keras))
                 cin = planes * 4
         self.blocks = nn.Sequential(*blocks)
         self.fc = nn.Linear(cin, num_classes)
@@ -124,11 +127,11 @@ def resident_bytes():
     return 0
 
 
-def bench_row(name, size, batch, mode, seconds, device, variant):
+def bench_row(name, size, batch, mode, seconds, device, variant, convention="pytorch"):
     baseline = resident_bytes()
     torch.manual_seed(0)
     layers, attention = MODELS[name]
-    model = ResNet(layers, attention, 100).to(device)
+    model = ResNet(layers, attention, 100, keras=convention == "keras").to(device)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 100, (batch,), device=device)
     autocast = contextlib.nullcontext
@@ -166,7 +169,8 @@ def bench_row(name, size, batch, mode, seconds, device, variant):
     # ru_maxrss is in KiB on Linux: the peak of the whole process, this row being its only one
     # when `cargo xtask bench-train` runs it.
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"model": name, "size": size, "batch": batch, "mode": mode, "variant": variant, "params": params,
+    return {"model": name, "size": size, "batch": batch, "mode": mode, "variant": variant,
+            "convention": convention, "params": params,
             "baseline_rss": baseline, "peak_rss": peak,
             "images_per_second": batch / median, "steps": steps}
 
@@ -175,7 +179,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--rows", default="", help="model:size:batch:train|infer, comma-separated")
+    ap.add_argument("--rows", default="", help="model:size:batch:train|infer[:keras], comma-separated")
     ap.add_argument("--skip-matmul", action="store_true", help="no matmul line (bench-train times it once)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--variant", default="eager", choices=["eager", "autocast_bf16", "channels_last_bf16"])
@@ -191,9 +195,12 @@ def main():
         print(json.dumps({"matmul_gflops": 2 * 2048**3 / median / 1e9, "torch": torch.__version__,
                           "threads": torch.get_num_threads()}), flush=True)
     for row in filter(None, args.rows.split(",")):
-        name, size, batch, mode = row.split(":")
-        print(json.dumps(bench_row(name, int(size), int(batch), mode, args.seconds, device, args.variant)),
-              flush=True)
+        name, size, batch, mode, *convention = row.split(":")
+        convention = convention[0] if convention else "pytorch"
+        if convention not in ("pytorch", "keras"):
+            ap.error(f"row {row}: convention {convention!r} is neither pytorch nor keras")
+        print(json.dumps(bench_row(name, int(size), int(batch), mode, args.seconds, device, args.variant,
+                                   convention)), flush=True)
 
 
 if __name__ == "__main__":
