@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use clap::{Parser, Subcommand, ValueEnum};
 use rayon::prelude::*;
+use sae_data::{Normalize, Transform};
 use sae_models::{config, list, read_labels, Model, ModelConfig, Preprocess};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -58,7 +59,8 @@ enum Command {
     },
     /// Exports a model in eval mode with its weights.
     #[command(
-        after_help = "Example:\n  sae export --weights seresnet50.safetensors --config seresnet50.json --out seresnet50.onnx"
+        after_help = "Examples:\n  sae export --weights seresnet50.safetensors --config seresnet50.json --out seresnet50.onnx\n  \
+                      sae export --run runs/a --out a.onnx"
     )]
     Export {
         #[command(flatten)]
@@ -71,18 +73,18 @@ enum Command {
         out: PathBuf,
     },
     /// Top-k classes of images (JPEG or PNG files, or folders of them), as a table or JSON lines.
-    #[command(
-        after_help = "Example:\n  sae predict --weights w.safetensors --config w.json --labels labels.txt --top 3 photos/"
-    )]
+    #[command(after_help = "Examples:\n  sae predict --run runs/a photos/\n  \
+                      sae predict --weights w.safetensors --config w.json --labels labels.txt --top 3 photos/")]
     Predict {
         #[command(flatten)]
         model: ModelArgs,
-        /// Class names, one per line.
+        /// Class names, one per line (default: a run's own).
         #[arg(long)]
         labels: Option<PathBuf>,
-        /// Centre-crop side length (ImageNet preprocessing: resize to 256/224 of it, crop, normalise).
-        #[arg(long, default_value_t = 224)]
-        size: usize,
+        /// Centre-crop side length (ImageNet preprocessing: resize to 256/224 of it, crop,
+        /// normalise) [default: 224]. A run's images are prepared as its evaluation prepared them.
+        #[arg(long, conflicts_with = "run")]
+        size: Option<usize>,
         /// Classes per image.
         #[arg(long, default_value_t = 5)]
         top: usize,
@@ -146,17 +148,23 @@ enum Format {
     Onnx,
 }
 
-/// Which model, and its weights.
+/// Which model, and its weights: a training run, or weights with their config or model name.
 #[derive(clap::Args)]
 struct ModelArgs {
+    /// A run directory of `sae train`: its model and best checkpoint (or --last).
+    #[arg(long, conflicts_with_all = ["weights", "config", "model"])]
+    run: Option<PathBuf>,
+    /// With --run: its last checkpoint instead of the best.
+    #[arg(long, requires = "run")]
+    last: bool,
     /// Weights in safetensors (from training, `Model::save` or `sae convert`).
-    #[arg(long)]
-    weights: PathBuf,
+    #[arg(long, required_unless_present = "run")]
+    weights: Option<PathBuf>,
     /// The model's config JSON (written by `sae convert`, or `model` in a run's config.json).
     #[arg(long, conflicts_with = "model")]
     config: Option<PathBuf>,
     /// A registered model name (see `sae models`), with --classes.
-    #[arg(long, required_unless_present = "config")]
+    #[arg(long, required_unless_present_any = ["config", "run"])]
     model: Option<String>,
     /// Classifier outputs, with --model.
     #[arg(long, default_value_t = 1000)]
@@ -164,15 +172,22 @@ struct ModelArgs {
 }
 
 impl ModelArgs {
-    fn load(&self) -> Result<Model> {
+    /// The model with its weights, and the run's config where it came from a run.
+    fn load(&self) -> Result<(Model, Option<sae_train::TrainConfig>)> {
+        if let Some(run) = &self.run {
+            let (model, cfg) = train::load_run(run, self.last, &Device::Cpu)?;
+            return Ok((model, Some(cfg)));
+        }
+        let weights = self.weights.as_ref().context("give --run, or --weights with --config or --model")?;
         let cfg = match (&self.config, &self.model) {
             (Some(path), _) => read_config(path)?,
             (None, Some(name)) => config(name, self.classes)?,
             (None, None) => bail!("give --config or --model"),
         };
         let name = cfg.name.clone();
-        Model::load(cfg, &self.weights, &Device::Cpu)
-            .with_context(|| format!("loading {name} weights from {}", self.weights.display()))
+        let model = Model::load(cfg, weights, &Device::Cpu)
+            .with_context(|| format!("loading {name} weights from {}", weights.display()))?;
+        Ok((model, None))
     }
 }
 
@@ -229,7 +244,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Export { model, format: Format::Onnx, out } => {
-            let model = model.load()?;
+            let (model, _) = model.load()?;
             sae_models::export_onnx(&model, &out).with_context(|| format!("writing {}", out.display()))?;
             eprintln!("wrote {} (ONNX opset {})", out.display(), sae_models::onnx::OPSET);
             Ok(())
@@ -304,29 +319,73 @@ fn image_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// How `predict` turns an image file into an input.
+enum Preparation {
+    /// A run's: its evaluation transform and normalisation, the same arithmetic `sae eval` runs.
+    Run(Transform, Normalize),
+    /// ImageNet's evaluation preprocessing at a size.
+    Imagenet(Preprocess),
+}
+
+impl Preparation {
+    fn load(&self, path: &Path) -> Result<Tensor> {
+        match self {
+            Preparation::Run(transform, normalize) => {
+                let image = sae_data::Rgb8Image::open(path)?;
+                let size = transform.size();
+                let mut input = vec![0f32; 3 * size * size];
+                // The evaluation transform draws nothing at random: seed, epoch and index do not matter.
+                transform.apply(&image, *normalize, 0, 0, 0, &mut input);
+                Ok(Tensor::from_vec(input, (3, size, size), &Device::Cpu)?)
+            }
+            Preparation::Imagenet(preprocess) => Ok(preprocess.load(path)?),
+        }
+    }
+}
+
 fn predict(
     model: &ModelArgs,
     labels: Option<&Path>,
-    size: usize,
+    size: Option<usize>,
     top: usize,
     batch: usize,
     json: bool,
     inputs: &[PathBuf],
 ) -> Result<()> {
-    let model = model.load()?;
+    let (model_args, (model, run)) = (model, model.load()?);
     let classes = model.config().num_classes;
-    let labels = match labels {
-        Some(path) => {
-            let names = read_labels(path).with_context(|| format!("reading labels {}", path.display()))?;
-            if names.len() != classes {
-                bail!("{} has {} names but the model has {classes} classes", path.display(), names.len());
-            }
-            Some(names)
+    // The class names, and the file they came from.
+    let labels = match (labels, &model_args.run) {
+        (Some(path), _) => {
+            Some((read_labels(path).with_context(|| format!("reading labels {}", path.display()))?, path.to_path_buf()))
         }
-        None => None,
+        (None, Some(dir)) => {
+            let names = sae_train::config::read_class_names(dir)?;
+            if names.is_none() {
+                eprintln!(
+                    "{} has no {} (a run from before it was kept): classes are shown by index; --labels names them",
+                    dir.display(),
+                    sae_train::config::CLASSES_FILE
+                );
+            }
+            names.map(|names| (names, dir.join(sae_train::config::CLASSES_FILE)))
+        }
+        (None, None) => None,
     };
+    if let Some((names, path)) = &labels {
+        if names.len() != classes {
+            bail!("{} has {} names but the model has {classes} classes", path.display(), names.len());
+        }
+    }
+    let labels = labels.map(|(names, _)| names);
     let files = image_files(inputs)?;
-    let preprocess = Preprocess::imagenet(size);
+    let preprocess = match &run {
+        Some(cfg) => {
+            let (transform, normalize) = sae_train::data::eval_preprocessing(&cfg.data);
+            Preparation::Run(transform, normalize)
+        }
+        None => Preparation::Imagenet(Preprocess::imagenet(size.unwrap_or(224))),
+    };
     let mut out = std::io::stdout().lock();
     let progress = Progress::new(files.len(), "predicting");
     for chunk in files.chunks(batch) {
@@ -421,4 +480,36 @@ fn data_check(dir: &Path) -> Result<()> {
         bail!("{} of {} images under {} cannot be decoded", bad.len(), files.len(), dir.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A CIFAR-10 run's images are its evaluation's: at the run's own 32×32 the centre crop
+    /// keeps every pixel, normalised with CIFAR-10's statistics (ImageNet's would differ).
+    #[test]
+    fn a_cifar_run_prepares_images_as_its_evaluation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.png");
+        let pixel = |x: u32, y: u32| image::Rgb([(7 * x + y) as u8, (3 * y) as u8, (x * y % 251) as u8]);
+        image::RgbImage::from_fn(32, 32, pixel).save(&path).unwrap();
+        let data = sae_train::DataConfig {
+            dataset: sae_train::DatasetKind::Cifar10,
+            dir: dir.path().into(),
+            input_size: 32,
+            train_images: None,
+            eval_images: None,
+        };
+        let (transform, normalize) = sae_train::data::eval_preprocessing(&data);
+        let input = Preparation::Run(transform, normalize).load(&path).unwrap();
+        assert_eq!(input.dims(), [3, 32, 32]);
+        let input: Vec<Vec<Vec<f32>>> = input.to_vec3().unwrap();
+        let Normalize { mean, std } = Normalize::CIFAR10;
+        for (y, x, c) in (0..32).flat_map(|y| (0..32).flat_map(move |x| (0..3).map(move |c| (y, x, c)))) {
+            let expected = (pixel(x, y)[c] as f32 / 255.0 - mean[c]) / std[c];
+            let got = input[c][y as usize][x as usize];
+            assert!((got - expected).abs() < 1e-5, "channel {c} at ({x}, {y}): {got} against {expected}");
+        }
+    }
 }

@@ -490,22 +490,23 @@ fn train_rank(a: &TrainArgs, host: std::sync::Arc<dyn sae_train::Collective>) ->
     Ok(())
 }
 
+/// A run's model with the weights it is evaluated with (`sae_train::checkpoint::run_weights`)
+/// in its precision, and its config.
+pub fn load_run(run: &Path, last: bool, dev: &Device) -> Result<(Model, TrainConfig)> {
+    let cfg = TrainConfig::read(run).with_context(|| format!("{}: not a run directory", run.display()))?;
+    let weights = sae_train::checkpoint::run_weights(run, last)?;
+    let mut model = Model::load(cfg.model.clone(), &weights, dev)
+        .with_context(|| format!("loading {} weights from {}", cfg.model.name, weights.display()))?;
+    model.set_precision(cfg.precision);
+    Ok((model, cfg))
+}
+
 /// `sae eval`.
 pub fn eval(a: &EvalArgs) -> Result<()> {
     let dev = device(&a.device)?;
     let (model, data, seed, confusion) = match (&a.run, &a.weights) {
         (Some(run), _) => {
-            let cfg = TrainConfig::read(run).with_context(|| format!("{}: not a run directory", run.display()))?;
-            let dir = if a.last { None } else { sae_train::checkpoint::best_dir(run)? };
-            let dir = match dir {
-                Some(d) => d,
-                None => sae_train::checkpoint::last_dir(run)?
-                    .with_context(|| format!("{} has no checkpoint yet", run.display()))?,
-            };
-            // Evaluate the weight average when the run kept one, as training did.
-            let weights = if dir.join("ema.safetensors").is_file() { "ema.safetensors" } else { "model.safetensors" };
-            let mut model = Model::load(cfg.model.clone(), &dir.join(weights), &dev)?;
-            model.set_precision(cfg.precision);
+            let (model, cfg) = load_run(run, a.last, &dev)?;
             let data = a.data.apply(Some(cfg.data.clone()))?;
             (model, data, cfg.seed, Some(a.confusion.clone().unwrap_or_else(|| run.join("confusion.png"))))
         }

@@ -318,6 +318,26 @@ fn train_eval_resume_and_fine_tune() {
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out).lines().count(), 4);
+    // A run predicts with its class names and its checkpoint: each image's top class as
+    // `sae eval` counted it (its confusion matrix, a row per true class).
+    assert_eq!(std::fs::read_to_string(tuned.join("classes.txt")).unwrap(), "class0\nclass1\nclass2\n");
+    let out = sae(&["predict", "--run", s(&tuned), "--top", "1", "--json", s(&folder.join("val"))]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut counted = vec![vec![0u64; 3]; 3];
+    for line in stdout(&out).lines() {
+        let p: serde_json::Value = serde_json::from_str(line).unwrap();
+        let truth = (0..3).find(|c| p["image"].as_str().unwrap().contains(&format!("class{c}/"))).unwrap();
+        let class = p["top"][0]["class"].as_u64().unwrap();
+        assert_eq!(p["top"][0]["label"], format!("class{class}"));
+        counted[truth][class as usize] += 1;
+    }
+    let out = sae(&["eval", s(&tuned), "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let e: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(e["confusion"], serde_json::json!(counted));
+    // A run's images are prepared as its evaluation prepared them, so --size is refused.
+    let out = sae(&["predict", "--run", s(&tuned), "--size", "32", s(&folder.join("val"))]);
+    assert!(!out.status.success() && stderr(&out).contains("--size"), "{}", stderr(&out));
     // A folder's val/ without one of train/'s classes is evaluated with train/'s labels.
     std::fs::remove_dir_all(folder.join("val/class0")).unwrap();
     let out = sae(&["eval", s(&tuned), "--json"]);

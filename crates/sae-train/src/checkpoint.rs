@@ -173,6 +173,22 @@ pub fn last_dir(run: &Path) -> Result<Option<PathBuf>> {
     Ok(read_pointer(run, "last")?.map(|n| checkpoints(run).join(n)))
 }
 
+/// The weights a run is evaluated with: its best checkpoint's (the last's with `last`, or
+/// while it has no best), the exponential moving average where the run kept one, as its own
+/// evaluation used.
+pub fn run_weights(run: &Path, last: bool) -> Result<PathBuf> {
+    let best = if last { None } else { best_dir(run)? };
+    let dir = match best {
+        Some(dir) => dir,
+        None => last_dir(run)?.ok_or_else(|| Error::Checkpoint {
+            path: run.to_path_buf(),
+            reason: "the run has no checkpoint yet".into(),
+        })?,
+    };
+    let ema = dir.join("ema.safetensors");
+    Ok(if ema.is_file() { ema } else { dir.join("model.safetensors") })
+}
+
 /// Loads one checkpoint directory.
 pub fn load_dir(
     dir: &Path,

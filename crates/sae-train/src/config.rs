@@ -189,3 +189,17 @@ impl TrainConfig {
 
 /// The file a run's config is saved in.
 pub const CONFIG_FILE: &str = "config.json";
+
+/// The file a run's class names are saved in, one per line in label order, so that its
+/// predictions can be named without its data (`sae predict --run`).
+pub const CLASSES_FILE: &str = "classes.txt";
+
+/// A run's class names from its [`CLASSES_FILE`]; `None` for a run written before it was kept.
+pub fn read_class_names(dir: &Path) -> Result<Option<Vec<String>>> {
+    let path = dir.join(CLASSES_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(Some(text.lines().map(str::to_string).collect())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io(&path)(e)),
+    }
+}

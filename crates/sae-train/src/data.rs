@@ -71,16 +71,29 @@ pub(crate) fn datasets(cfg: &DataConfig, seed: u64) -> Result<Splits> {
     }
 }
 
+/// How `cfg`'s evaluation split turns an image into an input: the centre crop of its input
+/// size (a folder's after resizing to 256/224 of it, as ImageNet evaluation does) and its
+/// dataset's normalisation. `sae predict --run` prepares images the same way.
+pub fn eval_preprocessing(cfg: &DataConfig) -> (Transform, Normalize) {
+    let size = cfg.input_size;
+    match cifar_kind(cfg.dataset) {
+        Some(CifarKind::Cifar10) => (Transform::ResizeCenterCrop { resize: size, size }, Normalize::CIFAR10),
+        Some(CifarKind::Cifar100(_)) => (Transform::ResizeCenterCrop { resize: size, size }, Normalize::CIFAR100),
+        None => (Transform::ResizeCenterCrop { resize: (size * 256 + 112) / 224, size }, Normalize::IMAGENET),
+    }
+}
+
 /// The evaluation split of `cfg`, read without the training split. An image folder's `val/`
 /// takes its labels from `train/`'s classes: `train_classes` where the caller has them, else
 /// `train/`'s folder names (its images are not scanned).
 fn eval_split(cfg: &DataConfig, seed: u64, train_classes: Option<&[String]>) -> Result<EvalSplit> {
-    let (size, seed) = (cfg.input_size, seed ^ 1);
+    let seed = seed ^ 1;
+    let (transform, normalize) = eval_preprocessing(cfg);
     match cifar_kind(cfg.dataset) {
         Some(kind) => Ok(EvalSplit {
             data: Box::new(Cifar::load_only(&cfg.dir, kind, Split::Test, sample(cfg.eval_images, seed))?),
-            transform: Transform::ResizeCenterCrop { resize: size, size },
-            normalize: if kind == CifarKind::Cifar10 { Normalize::CIFAR10 } else { Normalize::CIFAR100 },
+            transform,
+            normalize,
         }),
         None => {
             let classes = match train_classes {
@@ -89,11 +102,7 @@ fn eval_split(cfg: &DataConfig, seed: u64, train_classes: Option<&[String]>) -> 
             };
             // val/ may lack some classes (few validation images); its labels follow train/'s.
             let val = ImageFolder::open_split_of(&cfg.dir.join("val"), &classes)?;
-            Ok(EvalSplit {
-                data: subset(val, cfg.eval_images, seed),
-                transform: Transform::ResizeCenterCrop { resize: (size * 256 + 112) / 224, size },
-                normalize: Normalize::IMAGENET,
-            })
+            Ok(EvalSplit { data: subset(val, cfg.eval_images, seed), transform, normalize })
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The training loop.
 //!
-//! A run directory holds `config.json` (the resolved [`TrainConfig`]), `summary.csv` (one row
-//! per epoch), `train.log`, `curves.png`, and `checkpoints/epoch-NNNN/` (`model.safetensors`,
+//! A run directory holds `config.json` (the resolved [`TrainConfig`]), `classes.txt` (the
+//! data's class names in label order), `summary.csv` (one row per epoch), `train.log`, `curves.png`, and `checkpoints/epoch-NNNN/` (`model.safetensors`,
 //! `optimizer.safetensors`, `state.json`), with `checkpoints/last.json` and
 //! `checkpoints/best.json` naming the latest and the best (by eval top-1). Every file is written to a temporary name and renamed, so a
 //! killed run leaves the last complete checkpoint, and `resume` continues from it with the
@@ -13,7 +13,7 @@
 //! gradients are averaged before each step, and rank 0 alone writes the run directory.
 
 use crate::checkpoint::{self, CheckpointState, PartialEpoch};
-use crate::config::{TrainConfig, CONFIG_FILE};
+use crate::config::{TrainConfig, CLASSES_FILE, CONFIG_FILE};
 use crate::data::{datasets, to_tensors};
 use crate::dist::{
     average_gradients, broadcast_vars, bucket_bytes, BatchNormSum, Collective, GradientBuckets, SingleProcess,
@@ -228,9 +228,9 @@ pub fn train_with(
     });
     let (splits, opened) = match data {
         Err(e) => (None, Err(e)),
-        Ok(splits) if is_root => (
-            Some(splits),
-            (|| {
+        Ok(splits) if is_root => {
+            let classes = splits.train.classes().join("\n") + "\n";
+            let opened = (|| {
                 if !resume {
                     start_fresh()?;
                 }
@@ -239,9 +239,12 @@ pub fn train_with(
                 if resume && run.state.epoch == 0 && run.state.step == 0 {
                     start_fresh()?;
                 }
+                // Written on every opening, so that a run from before it was kept gains it.
+                sae_fs::write_atomic(&dir.join(CLASSES_FILE), classes.as_bytes())?;
                 Ok(history)
-            })(),
-        ),
+            })();
+            (Some(splits), opened)
+        }
         Ok(splits) => (Some(splits), Ok(Vec::new())),
     };
     let mut history = share_opening(&mut run, opened, optimizer.as_mut())?;
