@@ -243,9 +243,14 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Export { model, format: Format::Onnx, out } => {
-            let (model, _) = model.load()?;
-            sae_models::export_onnx(&model, &out).with_context(|| format!("writing {}", out.display()))?;
+        Command::Export { model: model_args, format: Format::Onnx, out } => {
+            let (model, run) = model_args.load()?;
+            let metadata = match (&model_args.run, &run) {
+                (Some(dir), Some(cfg)) => run_metadata(dir, cfg)?,
+                _ => Vec::new(),
+            };
+            sae_models::export_onnx_with_metadata(&model, &out, &metadata)
+                .with_context(|| format!("writing {}", out.display()))?;
             eprintln!("wrote {} (ONNX opset {})", out.display(), sae_models::onnx::OPSET);
             Ok(())
         }
@@ -264,6 +269,26 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Eval(args) => train::eval(&args),
     }
+}
+
+/// What an exported run's ONNX file says of its input and output, in its `metadata_props`:
+/// `class_names` (a JSON array in output order, where the run kept them) and `preprocessing`
+/// (JSON: the shorter side resized to `resize`, a centre crop of `crop`, RGB scaled to 0–1,
+/// then `mean` subtracted and divided by `std` channel by channel: what `sae eval` does).
+fn run_metadata(dir: &Path, cfg: &sae_train::TrainConfig) -> Result<Vec<(String, String)>> {
+    let mut metadata = Vec::new();
+    if let Some(names) = sae_train::config::read_class_names(dir)? {
+        metadata.push(("class_names".into(), serde_json::to_string(&names)?));
+    }
+    let (transform, Normalize { mean, std }) = sae_train::data::eval_preprocessing(&cfg.data);
+    let Transform::ResizeCenterCrop { resize, size } = transform else {
+        bail!("the run's evaluation transform {transform:?} is not a centre crop")
+    };
+    // Each value as f32 prints it (0.485, not 0.48500001430511475).
+    let decimal = |v: [f32; 3]| v.map(|x| x.to_string().parse::<f64>().expect("an f32 prints as a number"));
+    let preprocessing = serde_json::json!({"resize": resize, "crop": size, "mean": decimal(mean), "std": decimal(std)});
+    metadata.push(("preprocessing".into(), preprocessing.to_string()));
+    Ok(metadata)
 }
 
 fn models(classes: usize, size: usize, json: bool) -> Result<()> {

@@ -335,6 +335,20 @@ fn train_eval_resume_and_fine_tune() {
     assert!(out.status.success(), "{}", stderr(&out));
     let e: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
     assert_eq!(e["confusion"], serde_json::json!(counted));
+    // Its ONNX export says what the outputs are and how to prepare an input (the folder's
+    // 16×16: resize to 18, ImageNet's statistics); onnxruntime reading them back is in
+    // sae-models' tests/onnx.rs.
+    let onnx = dir.join("tuned.onnx");
+    let out = sae(&["export", "--run", s(&tuned), "--out", s(&onnx)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let bytes = String::from_utf8_lossy(&std::fs::read(&onnx).unwrap()).into_owned();
+    for text in [
+        r#"class_names"#,
+        r#"["class0","class1","class2"]"#,
+        r#"{"crop":16,"mean":[0.485,0.456,0.406],"resize":18,"std":[0.229,0.224,0.225]}"#,
+    ] {
+        assert!(bytes.contains(text), "{text} not in the ONNX file");
+    }
     // A run's images are prepared as its evaluation prepared them, so --size is refused.
     let out = sae(&["predict", "--run", s(&tuned), "--size", "32", s(&folder.join("val"))]);
     assert!(!out.status.success() && stderr(&out).contains("--size"), "{}", stderr(&out));

@@ -38,7 +38,7 @@ pub use convert::{convert_checkpoint, infer_config, read_state_dict};
 pub use error::{Error, Result};
 pub use inference::{read_labels, Prediction, Preprocess, IMAGENET_MEAN, IMAGENET_STD};
 pub use model::{is_running_stat, Model, ParamCounts};
-pub use onnx::export_onnx;
+pub use onnx::{export_onnx, export_onnx_with_metadata};
 pub use precision::Precision;
 pub use registry::{config, create, list};
 pub use sae_kernels::{Gate, Implementation};

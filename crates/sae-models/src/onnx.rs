@@ -10,6 +10,10 @@
 //! `u + u ⊙ s` gate). The input `input` is (batch, C, height, width) with batch and size
 //! free; the output `logits` is (batch, classes).
 //!
+//! [`export_onnx_with_metadata`] also writes key-value strings into the model's
+//! `metadata_props` (onnxruntime: `session.get_modelmeta().custom_metadata_map`); `sae export
+//! --run` puts a run's class names and preprocessing there.
+//!
 //! The protobuf is written by hand (a few message types of `onnx.proto`, proto2 encoding), so
 //! the export needs no protobuf compiler or generated code.
 
@@ -25,6 +29,11 @@ const IR_VERSION: i64 = 8;
 
 /// Writes the eval-mode ONNX graph of `model`, weights included, to `path` (atomically).
 pub fn export_onnx(model: &Model, path: &Path) -> Result<()> {
+    export_onnx_with_metadata(model, path, &[])
+}
+
+/// [`export_onnx`] with `metadata` as the model's `metadata_props`, (key, value) in order.
+pub fn export_onnx_with_metadata(model: &Model, path: &Path, metadata: &[(String, String)]) -> Result<()> {
     let cfg = model.config();
     let tensors: BTreeMap<String, Tensor> =
         model.named_vars().into_iter().map(|(name, var)| (name, var.as_tensor().clone())).collect();
@@ -110,7 +119,7 @@ pub fn export_onnx(model: &Model, path: &Path) -> Result<()> {
             g.head(&y, "classifier")?
         }
     };
-    let bytes = g.model_proto(&logits, cfg.in_channels, cfg.num_classes, &cfg.name);
+    let bytes = g.model_proto(&logits, cfg.in_channels, cfg.num_classes, &cfg.name, metadata);
     Ok(sae_fs::write_atomic(path, &bytes)?)
 }
 
@@ -264,7 +273,14 @@ impl GraphBuilder {
     }
 
     /// The serialised `ModelProto`, with `logits` renamed as the graph's output.
-    fn model_proto(mut self, logits: &str, channels: usize, classes: usize, name: &str) -> Vec<u8> {
+    fn model_proto(
+        mut self,
+        logits: &str,
+        channels: usize,
+        classes: usize,
+        name: &str,
+        metadata: &[(String, String)],
+    ) -> Vec<u8> {
         // The last node's output becomes `logits`.
         let identity = {
             let mut p = Vec::new();
@@ -301,6 +317,13 @@ impl GraphBuilder {
         field_bytes(&mut opset, 1, b"");
         field_varint(&mut opset, 2, OPSET as u64);
         field_bytes(&mut model, 8, &opset);
+        for (key, value) in metadata {
+            // A StringStringEntryProto: key = 1, value = 2.
+            let mut entry = Vec::new();
+            field_bytes(&mut entry, 1, key.as_bytes());
+            field_bytes(&mut entry, 2, value.as_bytes());
+            field_bytes(&mut model, 14, &entry);
+        }
         model
     }
 }

@@ -2,7 +2,7 @@
 //! with onnxruntime, the venv of `bench/pytorch/`); skipped with a message otherwise.
 
 use candle_core::{Device, ModuleT, Tensor};
-use sae_models::{config, export_onnx, Model, ModelConfig, Stem};
+use sae_models::{config, export_onnx_with_metadata, Model, ModelConfig, Stem};
 use std::path::Path;
 use std::process::Command;
 
@@ -41,8 +41,17 @@ fn exported_graphs_give_our_logits_in_onnxruntime() {
         let x = images(2, 48);
         let ours = model.forward_t(&x, false).unwrap();
         let onnx = dir.join(format!("{i}.onnx"));
-        export_onnx(&model, &onnx).unwrap();
+        // The first graph also carries metadata (non-ASCII and empty values included).
+        let metadata: Vec<(String, String)> = if i == 0 {
+            [("class_names", r#"["chat", "Hund", "ε"]"#), ("preprocessing", "{}"), ("empty", "")]
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .to_vec()
+        } else {
+            Vec::new()
+        };
+        export_onnx_with_metadata(&model, &onnx, &metadata).unwrap();
         let (input, output) = (dir.join(format!("{i}.in.f32")), dir.join(format!("{i}.out.f32")));
+        let metadata_out = dir.join(format!("{i}.metadata.json"));
         let raw: Vec<u8> =
             x.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().flat_map(|v| v.to_le_bytes()).collect();
         std::fs::write(&input, raw).unwrap();
@@ -52,9 +61,13 @@ fn exported_graphs_give_our_logits_in_onnxruntime() {
             .arg(&input)
             .args(["2", "3", "48", "48"])
             .arg(&output)
+            .arg(&metadata_out)
             .status()
             .expect("running onnxruntime");
         assert!(status.success(), "{what}: onnxruntime failed on {}", onnx.display());
+        let read: std::collections::HashMap<String, String> =
+            serde_json::from_str(&std::fs::read_to_string(&metadata_out).unwrap()).unwrap();
+        assert_eq!(read, metadata.into_iter().collect(), "{what}: metadata as onnxruntime reads it");
         let theirs: Vec<f32> =
             std::fs::read(&output).unwrap().chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
         let ours = ours.flatten_all().unwrap().to_vec1::<f32>().unwrap();
