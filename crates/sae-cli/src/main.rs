@@ -1,7 +1,8 @@
 //! `sae`: the command-line tool for the models of this workspace, built on the library crates
 //! only. Subcommands: `train`, `eval`, `models` (every registered model with parameters and MACs), `convert`
 //! (torchvision/timm checkpoints → our weights and config), `export` (ONNX), `predict`
-//! (top-k classes of images) and `data check` (decode every image of a folder dataset).
+//! (top-k classes of images), `compare` (runs of several settings over their seeds) and `data
+//! check` (decode every image of a folder dataset).
 //! Errors print with their causes and exit with status 1.
 
 use anyhow::{bail, Context, Result};
@@ -19,6 +20,7 @@ use std::path::{Path, PathBuf};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod compare;
 mod train;
 
 #[derive(Parser)]
@@ -112,6 +114,18 @@ enum Command {
     #[command(after_help = "Examples:\n  sae eval runs/a --json\n  \
                             sae eval --weights w.safetensors --config w.json --data ~/data/imagenette --confusion c.png")]
     Eval(Box<train::EvalArgs>),
+    /// Compares runs of several settings over their seeds: evaluation top-1 per setting as
+    /// mean ± std with a 95 % interval, and each pair's difference with its interval, p-value
+    /// and verdict (paired by seed where the settings share seeds). A setting is everything in
+    /// a run's config.json but its seed.
+    #[command(after_help = "Examples:\n  \
+                            for seed in 0 1 2 3 4; do\n    \
+                              sae train --config base.json --model senetv2_resnet18 --seed $seed --out runs/v2-$seed\n    \
+                              sae train --config base.json --model seresnet18 --seed $seed --out runs/se-$seed\n  \
+                            done\n  \
+                            sae compare runs/\n  \
+                            sae compare runs/v2-* runs/se-* --json")]
+    Compare(compare::CompareArgs),
     /// Times the gradient all-reduce of data-parallel training between the processes of
     /// `mpirun` (one JSON line from rank 0: seconds, algorithm and bus GB/s).
     #[command(after_help = "Example (a ResNet-50's gradient, 25.6 M floats):\n  \
@@ -268,6 +282,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Eval(args) => train::eval(&args),
+        Command::Compare(args) => compare::compare(&args),
     }
 }
 

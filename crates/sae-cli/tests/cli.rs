@@ -489,3 +489,98 @@ fn several_processes_without_mpi_support_are_an_error_not_independent_runs() {
     assert!(err.contains("2 processes") && err.contains("--features mpi"), "{err}");
     assert!(!dir.join("run").exists());
 }
+
+/// `sae compare` on runs written by hand around one real run's config: two settings (two
+/// learning rates) over seeds 0–2, checked against a hand calculation, an unfinished run left
+/// out, and the errors.
+#[test]
+fn compare_runs_over_seeds() {
+    let dir = scratch("compare");
+    let dir = dir.path();
+    let data = dir.join("cifar");
+    write_cifar10(&data, 1);
+    let real = dir.join("real");
+    let args = [
+        "train",
+        "--model",
+        "resnet14b",
+        "--data",
+        s(&data),
+        "--input-size",
+        "8",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "10",
+        "--out",
+        s(&real),
+    ];
+    let out = sae(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(real.join("config.json")).unwrap()).unwrap();
+    cfg["epochs"] = 3.into();
+    let runs = dir.join("runs");
+    // Evaluation top-1 of epochs 1–3: the last-three mean is the middle value, 5 below the last.
+    let write_run = |name: &str, lr: f64, seed: u64, top1: &[f64]| {
+        let run = runs.join(name);
+        std::fs::create_dir_all(&run).unwrap();
+        let mut cfg = cfg.clone();
+        cfg["optimizer"]["lr"] = lr.into();
+        cfg["seed"] = seed.into();
+        std::fs::write(run.join("config.json"), cfg.to_string()).unwrap();
+        let mut csv =
+            "epoch,train_loss,train_top1,eval_loss,eval_top1,eval_top5,lr,seconds,images_per_second\n".to_string();
+        for (e, t) in top1.iter().enumerate() {
+            csv += &format!("{},1.0,50.0,1.0,{t},90.0,{lr},1.0,100.0\n", e + 1);
+        }
+        std::fs::write(run.join("summary.csv"), csv).unwrap();
+    };
+    for (seed, last) in [(0, 50.0), (1, 52.0), (2, 54.0)] {
+        write_run(&format!("a{seed}"), 0.05, seed, &[last - 10.0, last - 5.0, last]);
+    }
+    for (seed, last) in [(0, 48.0), (1, 49.0), (2, 53.0)] {
+        write_run(&format!("b{seed}"), 0.1, seed, &[last - 10.0, last - 5.0, last]);
+    }
+    write_run("b3-unfinished", 0.1, 3, &[10.0]);
+    let out = sae(&["compare", s(&runs)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("b3-unfinished: 1 of 3 epochs finished, left out"), "{}", stderr(&out));
+    let table = stdout(&out);
+    // a: 50, 52, 54 → 52 ± 2, half-width t(0.975, 2) · 2 / √3 = 4.97. b: 48, 49, 53 → 50 ± 2.65
+    // (half-width 6.57). Paired a − b: 2, 3, 1 → 2 ± 1, half-width 2.48, t = 2√3 on 2 degrees of
+    // freedom: p = 1 − 2√3 / √14 = 0.074.
+    for row in [
+        "| optimizer.lr=0.05 | 3 | 0, 1, 2 | 3/3 | 52.00 ± 2.00 [47.03, 56.97] | 47.00 ± 2.00 [42.03, 51.97] | 90.00 ± 0.00 [90.00, 90.00] |",
+        "| optimizer.lr=0.1 | 3 | 0, 1, 2 | 3/3 | 50.00 ± 2.65 [43.43, 56.57] | 45.00 ± 2.65 [38.43, 51.57] |",
+        "| optimizer.lr=0.05 | optimizer.lr=0.1 | paired over 3 seeds | +2.00 [-0.48, +4.48] | 0.074 | not resolved | +2.00 [-0.48, +4.48] | 0.074 | not resolved |",
+    ] {
+        assert!(table.contains(row), "{row}\nnot in\n{table}");
+    }
+    let out = sae(&["compare", s(&runs), "--unfinished", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let j: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(j["settings"][1]["runs"].as_array().unwrap().len(), 4);
+    assert!((j["settings"][0]["top1"]["mean"].as_f64().unwrap() - 52.0).abs() < 1e-9);
+    assert!(
+        (j["comparisons"][0]["top1"]["p"].as_f64().unwrap() - (1.0 - 2.0 * 3f64.sqrt() / 14f64.sqrt())).abs() < 1e-6
+    );
+
+    // Two runs of one setting and seed cannot be told apart by seed.
+    std::fs::create_dir_all(runs.join("copy")).unwrap();
+    for file in ["config.json", "summary.csv"] {
+        std::fs::copy(runs.join("a1").join(file), runs.join("copy").join(file)).unwrap();
+    }
+    let out = sae(&["compare", s(&runs)]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("the same setting with the same seed 1"),
+        "{}",
+        stderr(&out)
+    );
+    let out = sae(&["compare", s(&data)]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("neither a run directory nor a folder of runs"),
+        "{}",
+        stderr(&out)
+    );
+}
