@@ -10,6 +10,7 @@ use sae_data::{CifarKind, HubSource, LabelSet};
 use sae_models::{config, PaperPreset, Precision};
 use sae_train::plot::Series;
 use sae_train::stats::{self, mean_std, Verdict};
+use sae_train::summary::last_three_top1;
 use sae_train::{read_summary, DataConfig, DatasetKind, EpochSummary, OptimizerConfig, Schedule, TrainConfig};
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
@@ -280,13 +281,6 @@ pub fn reproduce(table: Table, opts: &Options) -> Result<Vec<ModelRuns>> {
     Ok(results)
 }
 
-/// A run's evaluation top-1 averaged over its last three epochs (steadier than the last
-/// epoch alone); 0 for a run without epochs.
-fn last3_top1(run: &[EpochSummary]) -> f64 {
-    let tail = &run[run.len().saturating_sub(3)..];
-    tail.iter().map(|s| s.eval_top1).sum::<f64>() / tail.len().max(1) as f64
-}
-
 /// Standard deviation over seeds of the per-seed differences `x − y`.
 fn paired_spread(x: &[f64], y: &[f64]) -> f64 {
     mean_std(&x.iter().zip(y).map(|(p, q)| p - q).collect::<Vec<_>>()).1
@@ -315,20 +309,10 @@ impl RowStats {
     fn new(runs: &[Vec<EpochSummary>]) -> Self {
         let last: Vec<&EpochSummary> = runs.iter().filter_map(|r| r.last()).collect();
         // Mean ± sample std [95 % interval] over seeds; with one seed there is no spread.
-        let with_spread = |v: Vec<f64>| -> (f64, String) {
-            let (mean, std) = mean_std(&v);
-            let e = stats::mean_interval(&v);
-            let text = if v.len() > 1 {
-                let (lo, hi) = e.interval();
-                format!("{mean:.2} ± {std:.2} [{lo:.2}, {hi:.2}]")
-            } else {
-                format!("{mean:.2}")
-            };
-            (mean, text)
-        };
+        let with_spread = |v: Vec<f64>| (mean_std(&v).0, stats::mean_spread_text(&v));
         let (top1, top1_text) = with_spread(last.iter().map(|s| s.eval_top1).collect());
         let (_, top5_text) = with_spread(last.iter().map(|s| s.eval_top5).collect());
-        let last3: Vec<f64> = runs.iter().map(|r| last3_top1(r)).collect();
+        let last3: Vec<f64> = runs.iter().map(|r| last_three_top1(r)).collect();
         Self {
             top1,
             top1_text,
@@ -436,7 +420,7 @@ fn comparisons(results: &[ModelRuns]) -> String {
         let (_, runs) = results.iter().find(|(m, _)| m == name)?;
         let runs: Vec<&Vec<EpochSummary>> = runs.iter().filter(|r| !r.is_empty()).collect();
         let last = runs.iter().map(|r| r[r.len() - 1].eval_top1).collect();
-        Some((last, runs.iter().map(|r| last3_top1(r)).collect()))
+        Some((last, runs.iter().map(|r| last_three_top1(r)).collect()))
     };
     let cell = |x: &[f64], y: &[f64]| -> (String, Verdict, f64) {
         let e = stats::paired(x, y);

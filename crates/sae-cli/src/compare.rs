@@ -9,7 +9,8 @@
 
 use anyhow::{bail, Context, Result};
 use sae_train::stats::{self, Estimate, Verdict};
-use sae_train::{read_summary, EpochSummary, TrainConfig};
+use sae_train::summary::last_three_top1;
+use sae_train::{read_summary, TrainConfig};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -70,7 +71,7 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
             seed: cfg.seed,
             top1: last.eval_top1,
             top5: last.eval_top5,
-            last3: last3_top1(&history),
+            last3: last_three_top1(&history),
             epochs: (last.epoch, cfg.epochs),
             dir,
         };
@@ -134,12 +135,6 @@ fn run_dirs(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
 
 fn describe(paths: &[PathBuf]) -> String {
     paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
-}
-
-/// Evaluation top-1 averaged over the run's last three epochs (steadier than the last alone).
-fn last3_top1(history: &[EpochSummary]) -> f64 {
-    let tail = &history[history.len().saturating_sub(3)..];
-    tail.iter().map(|s| s.eval_top1).sum::<f64>() / tail.len() as f64
 }
 
 /// A run's config without its seed: what makes runs the same setting.
@@ -206,16 +201,6 @@ fn setting_names(settings: &[Setting]) -> Vec<String> {
             }
         })
         .collect()
-}
-
-/// Mean ± sample std [95 % interval] of `values` (the mean alone for one run).
-fn with_spread(values: &[f64]) -> String {
-    let (mean, std) = stats::mean_std(values);
-    if values.len() < 2 {
-        return format!("{mean:.2}");
-    }
-    let (lo, hi) = stats::mean_interval(values).interval();
-    format!("{mean:.2} ± {std:.2} [{lo:.2}, {hi:.2}]")
 }
 
 fn settings_json(settings: &[Setting], names: &[String]) -> Vec<Value> {
@@ -304,9 +289,9 @@ fn render(settings: &[Setting], names: &[String], comparisons: &[Value]) -> Stri
             "| {name} | {} | {} | {epochs} | {} | {} | {} |\n",
             s.runs.len(),
             seeds.join(", "),
-            with_spread(&values(|r| r.top1)),
-            with_spread(&values(|r| r.last3)),
-            with_spread(&values(|r| r.top5)),
+            stats::mean_spread_text(&values(|r| r.top1)),
+            stats::mean_spread_text(&values(|r| r.last3)),
+            stats::mean_spread_text(&values(|r| r.top5)),
         );
     }
     if comparisons.is_empty() {

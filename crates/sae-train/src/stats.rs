@@ -130,6 +130,17 @@ pub fn mean_interval(v: &[f64]) -> Estimate {
     Estimate { mean, half_width, p_value: f64::NAN }
 }
 
+/// `values` as the reports print them over seeds: "mean ± sample std [95 % interval]", two
+/// decimals; the mean alone for one value (no spread to tell).
+pub fn mean_spread_text(values: &[f64]) -> String {
+    let (mean, std) = mean_std(values);
+    if values.len() < 2 {
+        return format!("{mean:.2}");
+    }
+    let (lo, hi) = mean_interval(values).interval();
+    format!("{mean:.2} ± {std:.2} [{lo:.2}, {hi:.2}]")
+}
+
 /// The difference of means `a − b` with Welch's t-test (unequal variances, Welch–Satterthwaite
 /// degrees of freedom): 95 % interval and two-sided p-value.
 pub fn welch(a: &[f64], b: &[f64]) -> Estimate {

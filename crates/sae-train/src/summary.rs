@@ -67,6 +67,13 @@ impl EpochSummary {
     }
 }
 
+/// A run's evaluation top-1 averaged over its last three epochs (steadier than the last epoch
+/// alone); 0 for a run without epochs.
+pub fn last_three_top1(history: &[EpochSummary]) -> f64 {
+    let tail = &history[history.len().saturating_sub(3)..];
+    tail.iter().map(|s| s.eval_top1).sum::<f64>() / tail.len().max(1) as f64
+}
+
 /// Reads a run's `summary.csv`.
 pub fn read_summary(dir: &Path) -> Result<Vec<EpochSummary>> {
     let path = dir.join("summary.csv");
