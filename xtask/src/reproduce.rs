@@ -506,17 +506,7 @@ fn comparisons(results: &[ModelRuns]) -> String {
 
 /// Mean evaluation top-1 over seeds, per epoch, one bold line per model over thin lines per seed.
 fn top1_series(results: &[ModelRuns]) -> Vec<Series> {
-    results
-        .iter()
-        .map(|(model, runs)| {
-            let epochs = runs.iter().map(Vec::len).min().unwrap_or(0);
-            let points = (0..epochs)
-                .map(|e| ((e + 1) as f64, runs.iter().map(|r| r[e].eval_top1).sum::<f64>() / runs.len() as f64))
-                .collect();
-            let runs = runs.iter().map(|r| r.iter().map(|s| (s.epoch as f64, s.eval_top1)).collect()).collect();
-            Series { label: model.clone(), points, runs }
-        })
-        .collect()
+    results.iter().map(|(model, runs)| Series::eval_top1_over_seeds(model.clone(), runs)).collect()
 }
 
 /// Writes `opts.out` (markdown) and the plot beside it (`.png`).

@@ -8,9 +8,10 @@
 //! have not finished their epochs are left out unless asked for.
 
 use anyhow::{bail, Context, Result};
+use sae_train::plot::Series;
 use sae_train::stats::{self, Estimate, Verdict};
 use sae_train::summary::last_three_top1;
-use sae_train::{read_summary, TrainConfig};
+use sae_train::{read_summary, EpochSummary, TrainConfig};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -28,6 +29,10 @@ pub struct CompareArgs {
     /// Also compare runs that have not finished their epochs (at their last finished one).
     #[arg(long)]
     pub unfinished: bool,
+    /// Also plot evaluation top-1 per epoch to this PNG: each setting's mean over its seeds,
+    /// over a thin line per run.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
 }
 
 /// One run's outcome.
@@ -40,6 +45,7 @@ struct RunResult {
     last3: f64,
     /// Epochs done and planned.
     epochs: (usize, usize),
+    history: Vec<EpochSummary>,
 }
 
 /// The runs of one setting, in the order given.
@@ -74,6 +80,7 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
             last3: last_three_top1(&history),
             epochs: (last.epoch, cfg.epochs),
             dir,
+            history,
         };
         let config = flatten(&setting_of(&cfg)?);
         match settings.iter_mut().find(|s| s.config == config) {
@@ -99,6 +106,18 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
     }
     let names = setting_names(&settings);
     let comparisons = comparisons(&settings, &names);
+    if let Some(path) = &a.plot {
+        let series: Vec<Series> = settings
+            .iter()
+            .zip(&names)
+            .map(|(s, name)| {
+                let histories: Vec<Vec<EpochSummary>> = s.runs.iter().map(|r| r.history.clone()).collect();
+                Series::eval_top1_over_seeds(name.clone(), &histories)
+            })
+            .collect();
+        sae_train::plot::plot_comparison(&series, "evaluation top-1, mean over seeds", "top-1 %", path)?;
+        eprintln!("plot: {}", path.display());
+    }
     let mut out = std::io::stdout().lock();
     if a.json {
         writeln!(out, "{}", json!({"settings": settings_json(&settings, &names), "comparisons": comparisons}))?;

@@ -557,8 +557,10 @@ fn compare_runs_over_seeds() {
     ] {
         assert!(table.contains(row), "{row}\nnot in\n{table}");
     }
-    let out = sae(&["compare", s(&runs), "--unfinished", "--json"]);
+    let plot = dir.join("compare.png");
+    let out = sae(&["compare", s(&runs), "--unfinished", "--json", "--plot", s(&plot)]);
     assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(image::open(&plot).unwrap().width(), 900);
     let j: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
     assert_eq!(j["settings"][1]["runs"].as_array().unwrap().len(), 4);
     assert!((j["settings"][0]["top1"]["mean"].as_f64().unwrap() - 52.0).abs() < 1e-9);

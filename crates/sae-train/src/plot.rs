@@ -38,6 +38,19 @@ pub struct Series {
     pub runs: Vec<Vec<(f64, f64)>>,
 }
 
+impl Series {
+    /// Evaluation top-1 per epoch of `runs` (one setting's seeds): their mean over the epochs
+    /// every run has, over each run's own line.
+    pub fn eval_top1_over_seeds(label: String, runs: &[Vec<EpochSummary>]) -> Series {
+        let epochs = runs.iter().map(Vec::len).min().unwrap_or(0);
+        let points = (0..epochs)
+            .map(|e| ((e + 1) as f64, runs.iter().map(|r| r[e].eval_top1).sum::<f64>() / runs.len() as f64))
+            .collect();
+        let runs = runs.iter().map(|r| r.iter().map(|s| (s.epoch as f64, s.eval_top1)).collect()).collect();
+        Series { label, points, runs }
+    }
+}
+
 /// Renders `draw` on a `width` × `height` canvas and writes it to `path` as PNG.
 fn render(
     path: &Path,
