@@ -216,6 +216,7 @@ fn run_config_and_summary_never_panic() {
             input_size: 32,
             train_images: Some(100),
             eval_images: None,
+            val_fraction: None,
         },
         optimizer: OptimizerConfig::keras_adam(),
         schedule: sae_train::Schedule::Constant,

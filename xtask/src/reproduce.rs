@@ -226,6 +226,7 @@ fn run_config(table: Table, data: TableData, opts: &Options, model: &str, seed: 
             input_size: p.input_size,
             train_images: p.train_images,
             eval_images: p.eval_images,
+            val_fraction: None,
         },
         optimizer: p.optimizer,
         schedule: p.schedule,

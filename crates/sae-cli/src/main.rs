@@ -540,6 +540,7 @@ mod tests {
             input_size: 32,
             train_images: None,
             eval_images: None,
+            val_fraction: None,
         };
         let (transform, normalize) = sae_train::data::eval_preprocessing(&data);
         let input = Preparation::Run(transform, normalize).load(&path).unwrap();

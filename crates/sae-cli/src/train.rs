@@ -43,6 +43,10 @@ pub struct DataArgs {
     /// Evaluate on a seeded subset of this many images.
     #[arg(long)]
     pub eval_images: Option<usize>,
+    /// For a folder without val/ (class folders in train/ or at the top): hold out this
+    /// fraction of each class's images for evaluation, the same images for every seed.
+    #[arg(long)]
+    pub val_fraction: Option<f64>,
 }
 
 /// Every setting of a run; each overrides the config file when given.
@@ -262,8 +266,10 @@ fn dataset_kind(dir: &Path, given: Option<DatasetArg>) -> Result<DatasetKind> {
         None if dir.join("data_batch_1.bin").is_file() || dir.join("test_batch.bin").is_file() => DatasetArg::Cifar10,
         None if dir.join("train.bin").is_file() || dir.join("test.bin").is_file() => DatasetArg::Cifar100,
         None if dir.join("train").is_dir() => DatasetArg::Folder,
+        // Class folders at the top (torchvision's `ImageFolder` layout), evaluated on a held-out fraction.
+        None if has_class_folders(dir) => DatasetArg::Folder,
         None => bail!(
-            "{}: not a CIFAR-10/100 binary directory or a folder with train/ and val/ (or pass --dataset)",
+            "{}: not a CIFAR-10/100 binary directory or a folder of class folders (train/ and val/, or class folders with --val-fraction; or pass --dataset)",
             dir.display()
         ),
     };
@@ -275,12 +281,18 @@ fn dataset_kind(dir: &Path, given: Option<DatasetArg>) -> Result<DatasetKind> {
     })
 }
 
+/// Whether `dir` holds a folder with JPEG or PNG images in it (a class folder).
+fn has_class_folders(dir: &Path) -> bool {
+    let entries = |d: &Path| std::fs::read_dir(d).into_iter().flatten().flatten().map(|e| e.path());
+    entries(dir).any(|sub| sub.is_dir() && entries(&sub).any(|f| sae_data::folder::is_image_file(&f)))
+}
+
 fn class_count(kind: DatasetKind, dir: &Path) -> Result<usize> {
     Ok(match kind {
         DatasetKind::Cifar10 => 10,
         DatasetKind::Cifar100Fine => 100,
         DatasetKind::Cifar100Coarse => 20,
-        DatasetKind::Folder => sae_data::ImageFolder::class_names(&dir.join("train"))?.len(),
+        DatasetKind::Folder => sae_data::ImageFolder::class_names(&sae_train::data::folder_train_root(dir))?.len(),
     })
 }
 
@@ -299,6 +311,7 @@ impl DataArgs {
                     input_size: keep.as_ref().map_or(input_size, |b| b.input_size),
                     train_images: keep.as_ref().and_then(|b| b.train_images),
                     eval_images: keep.as_ref().and_then(|b| b.eval_images),
+                    val_fraction: keep.as_ref().and_then(|b| b.val_fraction),
                 }
             }
             (None, Some(base)) => base,
@@ -310,6 +323,7 @@ impl DataArgs {
         set(&mut cfg.input_size, self.input_size);
         set(&mut cfg.train_images, self.train_images.map(Some));
         set(&mut cfg.eval_images, self.eval_images.map(Some));
+        set(&mut cfg.val_fraction, self.val_fraction.map(Some));
         Ok(cfg)
     }
 }

@@ -586,3 +586,49 @@ fn compare_runs_over_seeds() {
         stderr(&out)
     );
 }
+
+/// A folder of class folders without val/ (torchvision's layout) trains with a held-out
+/// fraction of each class, which `sae eval` evaluates again; without the fraction the error
+/// says how to give it, and a folder with val/ refuses one.
+#[test]
+fn a_folder_without_val_holds_out_a_fraction_of_each_class() {
+    let dir = scratch("val-fraction");
+    let dir = dir.path();
+    let flat = dir.join("flat");
+    for (c, colour) in [(0u8, [250u8, 10, 10]), (1, [10, 250, 10]), (2, [10, 10, 250])] {
+        let d = flat.join(format!("class{c}"));
+        std::fs::create_dir_all(&d).unwrap();
+        for i in 0..4u8 {
+            image::RgbImage::from_pixel(12, 12, image::Rgb([colour[0], colour[1] ^ i, colour[2]]))
+                .save(d.join(format!("{i}.png")))
+                .unwrap();
+        }
+    }
+    let train = |data: &Path, run: &Path, extra: &[&str]| {
+        let mut args = vec!["train", "--model", "resnet14b", "--data", s(data), "--input-size", "8"];
+        args.extend(["--epochs", "1", "--batch-size", "3", "--out", s(run)]);
+        args.extend(extra);
+        sae(&args)
+    };
+    let out = train(&flat, &dir.join("refused"), &[]);
+    assert!(!out.status.success() && stderr(&out).contains("--val-fraction 0.1"), "{}", stderr(&out));
+    let run = dir.join("run");
+    let out = train(&flat, &run, &["--val-fraction", "0.25"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!((cfg["data"]["dataset"].as_str(), cfg["data"]["val_fraction"].as_f64()), (Some("folder"), Some(0.25)));
+    // One image of each class's four held out and evaluated.
+    let out = sae(&["eval", s(&run), "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let e: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    let per_class: Vec<_> = e["per_class"].as_array().unwrap().iter().map(|c| c["images"].as_u64()).collect();
+    assert_eq!((e["images"].as_u64(), per_class), (Some(3), vec![Some(1); 3]));
+    // With val/ beside train/, evaluation uses it and a fraction is refused.
+    let split = dir.join("split");
+    std::fs::create_dir_all(&split).unwrap();
+    std::fs::rename(&flat, split.join("train")).unwrap();
+    std::fs::create_dir_all(split.join("val/class0")).unwrap();
+    let out = train(&split, &dir.join("both"), &["--val-fraction", "0.25"]);
+    assert!(!out.status.success() && stderr(&out).contains("is a validation split"), "{}", stderr(&out));
+}

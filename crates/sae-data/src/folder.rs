@@ -92,6 +92,34 @@ impl ImageFolder {
         Ok(split)
     }
 
+    /// Splits off `fraction` (between 0 and 1) of each class's images for evaluation, for a
+    /// folder without a validation split; returns (training, evaluation), both with all the
+    /// classes. Which images go is fixed by a hash of each file's name (FNV-1a), not by a seed
+    /// or the order the files are listed in: runs of different seeds evaluate on the same
+    /// images, and an image added later does not reshuffle the others. A class of n ≥ 2 images
+    /// gives round(n · fraction) of them, at least one and at most n − 1; a class of one image
+    /// gives none.
+    pub fn split_by_fraction(self, fraction: f64) -> Result<(Self, Self)> {
+        if !(fraction > 0.0 && fraction < 1.0) {
+            return Err(Error::Invalid(format!("the evaluation fraction must lie between 0 and 1, got {fraction}")));
+        }
+        let (mut train, mut eval) = (Vec::new(), Vec::new());
+        for label in 0..self.classes.len() as u32 {
+            let mut class: Vec<&(PathBuf, u32)> = self.samples.iter().filter(|(_, l)| *l == label).collect();
+            let n = class.len();
+            let held_out = if n < 2 { 0 } else { ((n as f64 * fraction).round() as usize).clamp(1, n - 1) };
+            class.sort_by_key(|(path, _)| (fnv1a(path.file_name().map_or(&[][..], |f| f.as_encoded_bytes())), path));
+            let (to_eval, to_train) = class.split_at(held_out);
+            eval.extend(to_eval.iter().map(|&s| s.clone()));
+            train.extend(to_train.iter().map(|&s| s.clone()));
+        }
+        // Each split in the order the folder lists them: by class, then file name.
+        for split in [&mut train, &mut eval] {
+            split.sort_by(|(pa, la), (pb, lb)| la.cmp(lb).then_with(|| pa.cmp(pb)));
+        }
+        Ok((Self { samples: train, classes: self.classes.clone() }, Self { samples: eval, classes: self.classes }))
+    }
+
     fn with_classes(root: &Path, classes: Vec<String>) -> Result<Self> {
         let mut samples = Vec::new();
         for (label, class) in classes.iter().enumerate() {
@@ -110,6 +138,11 @@ impl ImageFolder {
         }
         Ok(Self { samples, classes })
     }
+}
+
+/// 64-bit FNV-1a of `bytes`: a fixed hash, the same on every machine and Rust version.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
 impl Dataset for ImageFolder {

@@ -246,6 +246,52 @@ fn a_split_takes_the_other_splits_classes() {
     assert!(err.contains("zz") && err.contains("not one of the 3 classes"), "{err}");
 }
 
+/// A folder without a validation split gives a fraction of each class to evaluation: the
+/// counts round(n · f) within [1, n − 1], disjoint splits that cover the folder, the same
+/// images however the files came to be listed (a hash of the name decides, not a seed), and an
+/// image added later leaves the other images where they were.
+#[test]
+fn a_fraction_of_each_class_is_held_out_by_file_name() {
+    let dir = tmp("split");
+    let root = dir.path();
+    let sizes = [("a", 10), ("b", 3), ("c", 1)];
+    for (class, n) in sizes {
+        std::fs::create_dir_all(root.join(class)).unwrap();
+        for i in 0..n {
+            RgbImage::from_pixel(4, 4, Rgb([i as u8, 0, 0])).save(root.join(class).join(format!("{i}.png"))).unwrap();
+        }
+    }
+    let (train, eval) = ImageFolder::open(root).unwrap().split_by_fraction(0.25).unwrap();
+    let count = |f: &ImageFolder, label: u32| f.samples.iter().filter(|(_, l)| *l == label).count();
+    // a: round(2.5) = 3 (rounded half away from zero); b: round(0.75) = 1; c: one image keeps it.
+    assert_eq!([count(&eval, 0), count(&eval, 1), count(&eval, 2)], [3, 1, 0]);
+    assert_eq!([count(&train, 0), count(&train, 1), count(&train, 2)], [7, 2, 1]);
+    assert_eq!((train.classes.len(), eval.classes.len()), (3, 3));
+    let mut all: Vec<PathBuf> = train.samples.iter().chain(&eval.samples).map(|(p, _)| p.clone()).collect();
+    all.sort();
+    let mut listed: Vec<PathBuf> = ImageFolder::open(root).unwrap().samples.into_iter().map(|(p, _)| p).collect();
+    listed.sort();
+    assert_eq!(all, listed);
+    // The listing order does not matter.
+    let mut reversed = ImageFolder::open(root).unwrap();
+    reversed.samples.reverse();
+    assert_eq!(reversed.split_by_fraction(0.25).unwrap().1.samples, eval.samples);
+    // A new image in class b (3 → 4 images, still one held out) moves no other image: b's
+    // held-out image is the one before or the new one, and the other classes keep theirs.
+    RgbImage::from_pixel(4, 4, Rgb([9, 0, 0])).save(root.join("b").join("new.png")).unwrap();
+    let (_, eval_after) = ImageFolder::open(root).unwrap().split_by_fraction(0.25).unwrap();
+    let of_class =
+        |f: &ImageFolder, b: bool| f.samples.iter().filter(|(_, l)| (*l == 1) == b).cloned().collect::<Vec<_>>();
+    assert_eq!(of_class(&eval_after, false), of_class(&eval, false));
+    let b_after = of_class(&eval_after, true);
+    assert_eq!(b_after.len(), 1);
+    assert!(b_after == of_class(&eval, true) || b_after[0].0.ends_with("new.png"), "{b_after:?}");
+    for bad in [0.0, 1.0, -0.5, f64::NAN] {
+        let err = ImageFolder::open(root).unwrap().split_by_fraction(bad).unwrap_err().to_string();
+        assert!(err.contains("between 0 and 1"), "{err}");
+    }
+}
+
 #[test]
 fn bad_folders_and_images_give_errors_naming_them() {
     let root = tmp("folder-bad");

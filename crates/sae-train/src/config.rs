@@ -18,7 +18,8 @@ pub enum DatasetKind {
     Cifar100Fine,
     /// CIFAR-100 binary directory, 20 coarse labels.
     Cifar100Coarse,
-    /// ImageNet-style folder with `train/` and `val/`.
+    /// ImageNet-style folder: `train/` and `val/`, or with [`DataConfig::val_fraction`] the
+    /// class folders alone (in `train/` or at the top).
     Folder,
 }
 
@@ -35,6 +36,10 @@ pub struct DataConfig {
     pub train_images: Option<usize>,
     /// Evaluate on this many images (a seeded uniform subset), or all.
     pub eval_images: Option<usize>,
+    /// For a folder without `val/`: the fraction of each class's images held out for
+    /// evaluation (`sae_data::ImageFolder::split_by_fraction`: the same images for every seed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_fraction: Option<f64>,
 }
 
 /// Everything that determines a run.

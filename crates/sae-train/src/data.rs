@@ -2,12 +2,13 @@
 //! augmentation and normalisation, and batches as tensors.
 
 use crate::config::{DataConfig, DatasetKind};
-use crate::Result;
+use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 use sae_data::{
     subset_indices, Batch, Cifar, CifarKind, Dataset, ImageFolder, LabelSet, Loader, LoaderConfig, Normalize, Split,
     Subset, Transform,
 };
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// The two splits of a run's data with their transforms.
@@ -60,8 +61,17 @@ pub(crate) fn datasets(cfg: &DataConfig, seed: u64) -> Result<Splits> {
             eval: eval_split(cfg, seed, None)?,
         }),
         None => {
-            let train = ImageFolder::open(&cfg.dir.join("train"))?;
-            let eval = eval_split(cfg, seed, Some(&train.classes))?;
+            let (train, eval) = match cfg.val_fraction {
+                Some(fraction) => {
+                    let (train, held_out) = held_out_folder(cfg, fraction)?;
+                    (train, folder_eval_split(cfg, held_out, seed))
+                }
+                None => {
+                    let train = ImageFolder::open(&folder_train_root(&cfg.dir))?;
+                    let eval = eval_split(cfg, seed, Some(&train.classes))?;
+                    (train, eval)
+                }
+            };
             Ok(Splits {
                 train: subset(train, cfg.train_images, seed),
                 train_transform: Transform::RandomResizedCropFlip { size },
@@ -69,6 +79,37 @@ pub(crate) fn datasets(cfg: &DataConfig, seed: u64) -> Result<Splits> {
             })
         }
     }
+}
+
+/// Where a folder dataset's class folders are: `train/`, or the folder itself when it has no
+/// `train/` (class folders at the top, as torchvision's `ImageFolder` takes them).
+pub fn folder_train_root(dir: &Path) -> PathBuf {
+    let train = dir.join("train");
+    if train.is_dir() {
+        train
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+/// A folder's training images and the `fraction` of each class held out for evaluation, for a
+/// folder without `val/` (one with `val/` is evaluated on it: the fraction is refused there).
+fn held_out_folder(cfg: &DataConfig, fraction: f64) -> Result<(ImageFolder, ImageFolder)> {
+    let val = cfg.dir.join("val");
+    if val.is_dir() {
+        return Err(Error::Config(format!(
+            "{} is a validation split: evaluation uses it, so a held-out fraction ({fraction}) is not taken",
+            val.display()
+        )));
+    }
+    Ok(ImageFolder::open(&folder_train_root(&cfg.dir))?.split_by_fraction(fraction)?)
+}
+
+/// A folder's evaluation split from its images (the run's `seed`), with the folder's
+/// evaluation transform.
+fn folder_eval_split(cfg: &DataConfig, images: ImageFolder, seed: u64) -> EvalSplit {
+    let (transform, normalize) = eval_preprocessing(cfg);
+    EvalSplit { data: subset(images, cfg.eval_images, eval_seed(seed)), transform, normalize }
 }
 
 /// How `cfg`'s evaluation split turns an image into an input: the centre crop of its input
@@ -87,24 +128,40 @@ pub fn eval_preprocessing(cfg: &DataConfig) -> (Transform, Normalize) {
 /// takes its labels from `train/`'s classes: `train_classes` where the caller has them, else
 /// `train/`'s folder names (its images are not scanned).
 fn eval_split(cfg: &DataConfig, seed: u64, train_classes: Option<&[String]>) -> Result<EvalSplit> {
-    let seed = seed ^ 1;
-    let (transform, normalize) = eval_preprocessing(cfg);
     match cifar_kind(cfg.dataset) {
-        Some(kind) => Ok(EvalSplit {
-            data: Box::new(Cifar::load_only(&cfg.dir, kind, Split::Test, sample(cfg.eval_images, seed))?),
-            transform,
-            normalize,
-        }),
+        Some(kind) => {
+            let (transform, normalize) = eval_preprocessing(cfg);
+            let sample = sample(cfg.eval_images, eval_seed(seed));
+            Ok(EvalSplit {
+                data: Box::new(Cifar::load_only(&cfg.dir, kind, Split::Test, sample)?),
+                transform,
+                normalize,
+            })
+        }
         None => {
+            if let Some(fraction) = cfg.val_fraction {
+                return Ok(folder_eval_split(cfg, held_out_folder(cfg, fraction)?.1, seed));
+            }
+            let val = cfg.dir.join("val");
+            if !val.is_dir() {
+                return Err(Error::Config(format!(
+                    "{} has no val/ to evaluate on: hold out a fraction of each class's images with --val-fraction 0.1 (`val_fraction` in a config)",
+                    cfg.dir.display()
+                )));
+            }
             let classes = match train_classes {
                 Some(classes) => classes.to_vec(),
-                None => ImageFolder::class_names(&cfg.dir.join("train"))?,
+                None => ImageFolder::class_names(&folder_train_root(&cfg.dir))?,
             };
             // val/ may lack some classes (few validation images); its labels follow train/'s.
-            let val = ImageFolder::open_split_of(&cfg.dir.join("val"), &classes)?;
-            Ok(EvalSplit { data: subset(val, cfg.eval_images, seed), transform, normalize })
+            Ok(folder_eval_split(cfg, ImageFolder::open_split_of(&val, &classes)?, seed))
         }
     }
+}
+
+/// The seed of a run's evaluation subset: another stream than its training subset's.
+fn eval_seed(seed: u64) -> u64 {
+    seed ^ 1
 }
 
 pub(crate) fn to_tensors(batch: &Batch, device: &Device) -> Result<(Tensor, Tensor)> {

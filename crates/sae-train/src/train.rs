@@ -750,6 +750,7 @@ mod tests {
             input_size: 16,
             train_images: None,
             eval_images: None,
+            val_fraction: None,
         };
         let splits = crate::data::datasets(&data, 4).unwrap();
         let cfg = LoaderConfig { batch_size: 4, shuffle: true, drop_last: true, seed: 4, prefetch: 1 };

@@ -369,6 +369,7 @@ fn small_config(model: &str, data: &Path, epochs: usize) -> TrainConfig {
             input_size: 16,
             train_images: None,
             eval_images: None,
+            val_fraction: None,
         },
         optimizer: OptimizerConfig::keras_adam(),
         schedule: Schedule::Constant,
