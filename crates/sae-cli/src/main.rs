@@ -62,7 +62,10 @@ enum Command {
     /// Exports a model in eval mode with its weights.
     #[command(
         after_help = "Examples:\n  sae export --weights seresnet50.safetensors --config seresnet50.json --out seresnet50.onnx\n  \
-                      sae export --run runs/a --out a.onnx"
+                      sae export --run runs/a --out a.onnx\n  \
+                      sae export --run runs/tuned-seresnet50 --format pytorch --out tuned.safetensors\n  \
+                      # then in Python: timm.create_model(\"seresnet50\", num_classes=N)\n  \
+                      #     .load_state_dict(safetensors.torch.load_file(\"tuned.safetensors\"))"
     )]
     Export {
         #[command(flatten)]
@@ -160,6 +163,10 @@ enum DataCommand {
 enum Format {
     /// ONNX, opset 17.
     Onnx,
+    /// A PyTorch state dict in safetensors that torchvision's or timm's model of the same
+    /// architecture loads strictly (ResNets and ResNeXts in PyTorch's conventions, plain or
+    /// with timm's SE).
+    Pytorch,
 }
 
 /// Which model, and its weights: a training run, or weights with their config or model name.
@@ -254,6 +261,16 @@ fn run(cli: Cli) -> Result<()> {
                 cfg.name,
                 cfg.num_classes,
                 dst.with_extension("json").display()
+            );
+            Ok(())
+        }
+        Command::Export { model: model_args, format: Format::Pytorch, out } => {
+            let (model, _) = model_args.load()?;
+            sae_models::export_pytorch_state_dict(&model, &out)
+                .with_context(|| format!("writing {}", out.display()))?;
+            eprintln!(
+                "wrote {} (a PyTorch state dict: `model.load_state_dict(safetensors.torch.load_file(...))`)",
+                out.display()
             );
             Ok(())
         }

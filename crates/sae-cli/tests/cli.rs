@@ -59,6 +59,37 @@ fn convert_export_and_predict_chain() {
     let bytes = std::fs::read(&onnx).unwrap();
     assert!(bytes.len() > 40_000_000 && bytes.windows(9).any(|w| w == b"fc.weight"), "{} bytes", bytes.len());
 
+    // Back to a PyTorch state dict (PyTorch loading it is in sae-models' tests/torch_interop.rs):
+    // every tensor as it was, and each BatchNorm's num_batches_tracked; converted again, the
+    // same weights.
+    let back = dir.join("back.safetensors");
+    let out = sae(&["export", "--weights", s(&dst), "--config", s(&cfg), "--format", "pytorch", "--out", s(&back)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let exported = candle_core::safetensors::load(&back, &candle_core::Device::Cpu).unwrap();
+    let batch_norms = tensors.keys().filter(|k| k.ends_with("running_mean")).count();
+    assert_eq!(exported.len(), tensors.len() - 1 + batch_norms);
+    for (name, t) in &tensors {
+        let e = &exported[name];
+        if name != "bn1.num_batches_tracked" {
+            let diff =
+                (t - e).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert_eq!(diff, 0.0, "{name}");
+        }
+    }
+    let again = dir.join("again.safetensors");
+    assert!(sae(&["convert", s(&back), s(&again)]).status.success());
+    assert_eq!(std::fs::read(&again).unwrap(), std::fs::read(&dst).unwrap());
+    // A model without a PyTorch counterpart is refused by name.
+    let v2 = dir.join("v2.safetensors");
+    sae_models::Model::from_name("senetv2_resnet14b", 3, 1, &candle_core::Device::Cpu).unwrap().save(&v2).unwrap();
+    let args = ["export", "--model", "senetv2_resnet14b", "--classes", "3", "--weights", s(&v2), "--format", "pytorch"];
+    let out = sae(&[&args[..], &["--out", s(&back)]].concat());
+    assert!(
+        !out.status.success() && stderr(&out).contains("SaE module has no torchvision or timm counterpart"),
+        "{}",
+        stderr(&out)
+    );
+
     let images = dir.join("images");
     std::fs::create_dir_all(images.join("sub")).unwrap();
     for (i, path) in ["a.png", "sub/b.jpg"].iter().enumerate() {

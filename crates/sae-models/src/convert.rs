@@ -137,3 +137,84 @@ pub fn convert_checkpoint(src: &Path, dst: &Path) -> Result<ModelConfig> {
     sae_fs::write_atomic(&dst.with_extension("json"), cfg.to_json().as_bytes())?;
     Ok(cfg)
 }
+
+/// Why no torchvision or timm model takes `cfg`'s weights as they are, or `None` when one does:
+/// a ResNet or ResNeXt with the ImageNet stem, no convolution biases and PyTorch's BatchNorm ε,
+/// plain (torchvision's and timm's) or with timm's SE module (reduction 16 rounded to a
+/// multiple of 8, the `u ⊙ s` gate: [`ModelConfig::with_timm_se`]).
+pub fn pytorch_incompatibility(cfg: &ModelConfig) -> Option<String> {
+    let why = if !matches!(cfg.arch, Arch::Resnet { .. }) {
+        "only ResNets and ResNeXts have a torchvision or timm counterpart".to_string()
+    } else if cfg.stem != Stem::Imagenet {
+        "torchvision's and timm's ResNets have the ImageNet stem, not the CIFAR one".to_string()
+    } else if cfg.conv_bias {
+        "its convolutions carry biases (the paper's Keras convention), which torchvision's and timm's do not"
+            .to_string()
+    } else if cfg.bn_eps != 1e-5 {
+        format!("its BatchNorm ε is {}, where torchvision and timm use 1e-5", cfg.bn_eps)
+    } else {
+        match cfg.attention {
+            Attention::None => return None,
+            Attention::Se if cfg.gate == Gate::S && cfg.reduction == 16 && cfg.reduction_divisor == Some(8) => {
+                return None
+            }
+            Attention::Se => {
+                "its SE module is not timm's (timm: reduction 16 rounded to a multiple of 8, gate u·s)".to_string()
+            }
+            Attention::Sae => "SENetV2's SaE module has no torchvision or timm counterpart".to_string(),
+        }
+    };
+    Some(format!("{}: {why}; export it as ONNX instead", cfg.name))
+}
+
+/// Writes `model`'s weights as a PyTorch state dict in safetensors (atomically) that torchvision's
+/// or timm's model of the same architecture loads strictly
+/// (`model.load_state_dict(safetensors.torch.load_file(path))`): our names are theirs, SE
+/// layers' weights become timm's 1×1 convolutions, and every BatchNorm gets the
+/// `num_batches_tracked` PyTorch keeps (0: ours does not count; PyTorch reads it only without a
+/// momentum). An error names what has no counterpart ([`pytorch_incompatibility`]).
+pub fn export_pytorch_state_dict(model: &Model, path: &Path) -> Result<()> {
+    if let Some(why) = pytorch_incompatibility(model.config()) {
+        return Err(Error::InvalidConfig(why));
+    }
+    let mut tensors = HashMap::new();
+    for (name, var) in model.named_vars() {
+        let t = var.as_tensor().to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+        let t = if name.contains(".se.fc") && t.rank() == 2 { t.unsqueeze(2)?.unsqueeze(3)? } else { t };
+        if let Some(bn) = name.strip_suffix("running_mean") {
+            tensors.insert(format!("{bn}num_batches_tracked"), Tensor::new(0i64, &Device::Cpu)?);
+        }
+        tensors.insert(name, t);
+    }
+    sae_fs::write_atomic_with(path, |tmp| Ok(candle_core::safetensors::save(&tensors, tmp)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Which configs go back to torchvision or timm, and the reason named for the others.
+    #[test]
+    fn only_configs_with_a_pytorch_counterpart_export_as_a_state_dict() {
+        let cfg = |name: &str| config(name, 10).unwrap();
+        for ok in [cfg("resnet50"), cfg("resnext50_32x4d"), cfg("seresnet50").with_timm_se()] {
+            assert_eq!(pytorch_incompatibility(&ok), None, "{}", ok.name);
+        }
+        let keras = cfg("resnet50").with_paper_preset(crate::PaperPreset::Cifar10);
+        let cifar = ModelConfig { stem: Stem::Cifar, ..cfg("resnet18") };
+        for (bad, reason) in [
+            (cfg("senetv2_resnet50"), "SaE module has no torchvision or timm counterpart"),
+            (cfg("seresnet50"), "SE module is not timm's"),
+            (keras, "carry biases"),
+            (cifar, "CIFAR"),
+            (cfg("mobilenet_v1"), "only ResNets"),
+        ] {
+            let why = pytorch_incompatibility(&bad).unwrap_or_default();
+            assert!(why.contains(reason) && why.contains("ONNX"), "{}: {why}", bad.name);
+        }
+        let model = Model::new(cfg("senetv2_resnet14b"), 0, &Device::Cpu).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let err = export_pytorch_state_dict(&model, &dir.path().join("x.safetensors")).unwrap_err().to_string();
+        assert!(err.contains("SaE"), "{err}");
+    }
+}

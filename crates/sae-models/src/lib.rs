@@ -34,7 +34,9 @@ pub mod sync_batch_norm;
 pub mod tensor_file;
 
 pub use config::{Arch, Attention, BlockKind, ModelConfig, PaperPreset, Stem};
-pub use convert::{convert_checkpoint, infer_config, read_state_dict};
+pub use convert::{
+    convert_checkpoint, export_pytorch_state_dict, infer_config, pytorch_incompatibility, read_state_dict,
+};
 pub use error::{Error, Result};
 pub use inference::{read_labels, Prediction, Preprocess, IMAGENET_MEAN, IMAGENET_STD};
 pub use model::{is_running_stat, Model, ParamCounts};

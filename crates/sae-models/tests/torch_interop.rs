@@ -3,10 +3,12 @@
 //! `SAE_TORCH_PYTHON` names a Python with torch, torchvision and timm, that script writes
 //! torchvision `resnet18`, `resnet50`, `resnext50_32x4d` and timm `resnet50` and `seresnet50`
 //! with random weights and BatchNorm statistics, as `.pth` and `.safetensors`, with PyTorch's
-//! logits for a fixed input; each is converted, loaded, and must give PyTorch's logits.
+//! logits for a fixed input; each is converted, loaded, and must give PyTorch's logits, and
+//! exported back (`export_pytorch_state_dict`) it must load strictly into the PyTorch model and
+//! give those logits there.
 
 use candle_core::{DType, Device, ModuleT, Tensor};
-use sae_models::{convert_checkpoint, read_state_dict, Model, ModelConfig};
+use sae_models::{convert_checkpoint, export_pytorch_state_dict, read_state_dict, Model, ModelConfig};
 use std::path::Path;
 use std::process::Command;
 
@@ -63,6 +65,29 @@ fn torchvision_and_timm_checkpoints_give_pytorchs_logits() {
             let scale = max_abs(expected);
             assert!(diff <= 1e-5 * scale, "{file}.{format}: logits differ by {diff} (scale {scale})");
         }
+        // And back: our weights as a state dict that the PyTorch model loads strictly and
+        // that gives its logits again.
+        let ours = dir.join(format!("{file}-pth-converted.safetensors"));
+        let cfg = ModelConfig::from_json(&std::fs::read_to_string(ours.with_extension("json")).unwrap()).unwrap();
+        let model = Model::load(cfg, &ours, &Device::Cpu).unwrap();
+        let back = dir.join(format!("{file}-back.safetensors"));
+        export_pytorch_state_dict(&model, &back).unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/pytorch/load_state_dict.py");
+        let out = Command::new(&python)
+            .arg(&script)
+            .arg(file)
+            .arg(&back)
+            .arg(dir.join(format!("{file}.io.safetensors")))
+            .output()
+            .expect("running the load script");
+        assert!(
+            out.status.success(),
+            "{file}: PyTorch did not load our state dict: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let (diff, scale) = (v["max_diff"].as_f64().unwrap(), v["scale"].as_f64().unwrap());
+        assert!(diff <= 1e-5 * scale, "{file}: PyTorch's logits from our state dict differ by {diff} (scale {scale})");
     }
 }
 
