@@ -59,7 +59,8 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
     let mut settings: Vec<Setting> = Vec::new();
     for dir in run_dirs(&a.runs)? {
         let cfg = TrainConfig::read(&dir).with_context(|| format!("{}: not a run directory", dir.display()))?;
-        let history = read_summary(&dir)?;
+        // A run writes its summary after its first epoch.
+        let history = if dir.join("summary.csv").is_file() { read_summary(&dir)? } else { Vec::new() };
         let Some(last) = history.last() else {
             eprintln!("{}: no epoch finished yet, left out", dir.display());
             continue;

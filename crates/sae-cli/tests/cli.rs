@@ -574,9 +574,13 @@ fn compare_runs_over_seeds() {
         write_run(&format!("b{seed}"), 0.1, seed, &[last - 10.0, last - 5.0, last]);
     }
     write_run("b3-unfinished", 0.1, 3, &[10.0]);
+    // A run that has not finished an epoch has no summary yet.
+    write_run("b4-just-started", 0.1, 4, &[]);
+    std::fs::remove_file(runs.join("b4-just-started/summary.csv")).unwrap();
     let out = sae(&["compare", s(&runs)]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("b3-unfinished: 1 of 3 epochs finished, left out"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("b4-just-started: no epoch finished yet, left out"), "{}", stderr(&out));
     let table = stdout(&out);
     // a: 50, 52, 54 → 52 ± 2, half-width t(0.975, 2) · 2 / √3 = 4.97. b: 48, 49, 53 → 50 ± 2.65
     // (half-width 6.57). Paired a − b: 2, 3, 1 → 2 ± 1, half-width 2.48, t = 2√3 on 2 degrees of
