@@ -1,6 +1,7 @@
 //! `sae`: the command-line tool for the models of this workspace, built on the library crates
 //! only. Subcommands: `train`, `eval`, `models` (every registered model with parameters and MACs), `convert`
-//! (torchvision/timm checkpoints → our weights and config), `export` (ONNX), `predict`
+//! (torchvision/timm checkpoints → our weights and config), `export` (ONNX, or a state dict
+//! for torchvision/timm), `predict`
 //! (top-k classes of images), `compare` (runs of several settings over their seeds) and `data
 //! check` (decode every image of a folder dataset).
 //! Errors print with their causes and exit with status 1.
@@ -401,7 +402,7 @@ impl Preparation {
 }
 
 fn predict(
-    model: &ModelArgs,
+    model_args: &ModelArgs,
     labels: Option<&Path>,
     size: Option<usize>,
     top: usize,
@@ -409,7 +410,7 @@ fn predict(
     json: bool,
     inputs: &[PathBuf],
 ) -> Result<()> {
-    let (model_args, (model, run)) = (model, model.load()?);
+    let (model, run) = model_args.load()?;
     let classes = model.config().num_classes;
     // The class names, and the file they came from.
     let labels = match (labels, &model_args.run) {
