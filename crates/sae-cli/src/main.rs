@@ -164,9 +164,9 @@ enum DataCommand {
 enum Format {
     /// ONNX, opset 17.
     Onnx,
-    /// A PyTorch state dict in safetensors that torchvision's or timm's model of the same
-    /// architecture loads strictly (ResNets and ResNeXts in PyTorch's conventions, plain or
-    /// with timm's SE).
+    /// A PyTorch state dict in safetensors, with the model's config beside it (.json): for
+    /// bench/pytorch/senetv2.py's network of that config (any ResNet, SE or SENetV2 model),
+    /// and for torchvision's or timm's model where one has the architecture.
     Pytorch,
 }
 
@@ -269,10 +269,19 @@ fn run(cli: Cli) -> Result<()> {
             let (model, _) = model_args.load()?;
             sae_models::export_pytorch_state_dict(&model, &out)
                 .with_context(|| format!("writing {}", out.display()))?;
+            let config = out.with_extension("json");
             eprintln!(
-                "wrote {} (a PyTorch state dict: `model.load_state_dict(safetensors.torch.load_file(...))`)",
+                "wrote {} and its config {}: in PyTorch, `senetv2.from_config(json.load(open(\"{}\")))` \
+                 (bench/pytorch/senetv2.py) then `.load_state_dict(safetensors.torch.load_file(\"{}\"))`",
+                out.display(),
+                config.display(),
+                config.display(),
                 out.display()
             );
+            match sae_models::pytorch_incompatibility(model.config()) {
+                None => eprintln!("torchvision's or timm's {} loads it too", model.config().name),
+                Some(why) => eprintln!("no torchvision or timm model takes it: {why}"),
+            }
             Ok(())
         }
         Command::Export { model: model_args, format: Format::Onnx, out } => {

@@ -164,18 +164,25 @@ pub fn pytorch_incompatibility(cfg: &ModelConfig) -> Option<String> {
             Attention::Sae => "SENetV2's SaE module has no torchvision or timm counterpart".to_string(),
         }
     };
-    Some(format!("{}: {why}; export it as ONNX instead", cfg.name))
+    Some(format!("{}: {why}", cfg.name))
 }
 
-/// Writes `model`'s weights as a PyTorch state dict in safetensors (atomically) that torchvision's
-/// or timm's model of the same architecture loads strictly
-/// (`model.load_state_dict(safetensors.torch.load_file(path))`): our names are theirs, SE
-/// layers' weights become timm's 1×1 convolutions, and every BatchNorm gets the
+/// Writes `model`'s weights as a PyTorch state dict in safetensors, and its config beside it
+/// (`path` with the extension `json`), both atomically. The state dict loads strictly
+/// (`model.load_state_dict(safetensors.torch.load_file(path))`) into the network that
+/// `bench/pytorch/senetv2.py` builds from that config, for every model of the ResNet family
+/// (SENetV2's included), and into torchvision's or timm's model of the same architecture where
+/// one exists ([`pytorch_incompatibility`] says why not): our names are theirs, the excitation's
+/// dense layers are stored as timm's 1×1 convolutions, and every BatchNorm gets the
 /// `num_batches_tracked` PyTorch keeps (0: ours does not count; PyTorch reads it only without a
-/// momentum). An error names what has no counterpart ([`pytorch_incompatibility`]).
+/// momentum). MobileNet is refused.
 pub fn export_pytorch_state_dict(model: &Model, path: &Path) -> Result<()> {
-    if let Some(why) = pytorch_incompatibility(model.config()) {
-        return Err(Error::InvalidConfig(why));
+    let cfg = model.config();
+    if !matches!(cfg.arch, Arch::Resnet { .. }) {
+        return Err(Error::InvalidConfig(format!(
+            "{}: only the ResNet family exports as a PyTorch state dict; export it as ONNX",
+            cfg.name
+        )));
     }
     let mut tensors = HashMap::new();
     for (name, var) in model.named_vars() {
@@ -186,7 +193,8 @@ pub fn export_pytorch_state_dict(model: &Model, path: &Path) -> Result<()> {
         }
         tensors.insert(name, t);
     }
-    sae_fs::write_atomic_with(path, |tmp| Ok(candle_core::safetensors::save(&tensors, tmp)?))
+    sae_fs::write_atomic_with(path, |tmp| -> Result<()> { Ok(candle_core::safetensors::save(&tensors, tmp)?) })?;
+    Ok(sae_fs::write_atomic(&path.with_extension("json"), cfg.to_json().as_bytes())?)
 }
 
 #[cfg(test)]
@@ -195,7 +203,7 @@ mod tests {
 
     /// Which configs go back to torchvision or timm, and the reason named for the others.
     #[test]
-    fn only_configs_with_a_pytorch_counterpart_export_as_a_state_dict() {
+    fn which_configs_torchvision_and_timm_take() {
         let cfg = |name: &str| config(name, 10).unwrap();
         for ok in [cfg("resnet50"), cfg("resnext50_32x4d"), cfg("seresnet50").with_timm_se()] {
             assert_eq!(pytorch_incompatibility(&ok), None, "{}", ok.name);
@@ -210,11 +218,11 @@ mod tests {
             (cfg("mobilenet_v1"), "only ResNets"),
         ] {
             let why = pytorch_incompatibility(&bad).unwrap_or_default();
-            assert!(why.contains(reason) && why.contains("ONNX"), "{}: {why}", bad.name);
+            assert!(why.contains(reason), "{}: {why}", bad.name);
         }
-        let model = Model::new(cfg("senetv2_resnet14b"), 0, &Device::Cpu).unwrap();
+        let model = Model::new(cfg("mobilenet_v1"), 0, &Device::Cpu).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let err = export_pytorch_state_dict(&model, &dir.path().join("x.safetensors")).unwrap_err().to_string();
-        assert!(err.contains("SaE"), "{err}");
+        assert!(err.contains("only the ResNet family"), "{err}");
     }
 }

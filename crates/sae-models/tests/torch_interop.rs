@@ -94,3 +94,59 @@ fn torchvision_and_timm_checkpoints_give_pytorchs_logits() {
 fn max_abs(t: &Tensor) -> f32 {
     t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
 }
+
+/// Every model of the ResNet family, SENetV2's included, goes to PyTorch as a state dict that
+/// `bench/pytorch/senetv2.py` loads strictly into the network it builds from the exported config,
+/// and gives our logits there (an implementation written apart from ours: SaE's branches,
+/// both gates, Keras biases and ε, the CIFAR stem, basic blocks, groups).
+#[test]
+fn our_models_load_into_the_pytorch_module_and_give_our_logits() {
+    let Some(python) = std::env::var_os("SAE_TORCH_PYTHON") else {
+        eprintln!("skipped: set SAE_TORCH_PYTHON to a Python with torch");
+        return;
+    };
+    let dir = tempfile::Builder::new().prefix("sae-torch-module-").tempdir().unwrap();
+    let dir = dir.path();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/pytorch/load_state_dict.py");
+    let base = |name: &str| sae_models::config(name, 10).unwrap();
+    let cases = [
+        base("senetv2_resnet14b"),
+        ModelConfig { gate: sae_models::Gate::S, ..base("senetv2_resnet14b") },
+        base("senetv2_resnet50").with_paper_preset(sae_models::PaperPreset::Cifar10),
+        ModelConfig { stem: sae_models::Stem::Cifar, ..base("seresnet18") },
+        base("senetv2_resnext50_32x4d"),
+    ];
+    for (i, cfg) in cases.into_iter().enumerate() {
+        let what = format!("{} (gate {:?}, conv bias {}, stem {:?})", cfg.name, cfg.gate, cfg.conv_bias, cfg.stem);
+        let model = Model::new(cfg, 3, &Device::Cpu).unwrap();
+        let images = |n: usize, seed: usize| {
+            let v: Vec<f32> = (0..n * 3 * 40 * 40).map(|j| (((j + seed) * 31 % 97) as f32 / 48.0) - 1.0).collect();
+            Tensor::from_vec(v, (n, 3, 40, 40), &Device::Cpu).unwrap()
+        };
+        // Training-mode passes give the running statistics values of their own.
+        for seed in 0..3 {
+            model.forward_t(&images(4, seed), true).unwrap();
+        }
+        let x = images(2, 7);
+        let logits = model.forward_t(&x, false).unwrap();
+        let io = dir.join(format!("{i}.io.safetensors"));
+        candle_core::safetensors::save(
+            &[("input", x), ("logits", logits)].into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            &io,
+        )
+        .unwrap();
+        let state = dir.join(format!("{i}.safetensors"));
+        export_pytorch_state_dict(&model, &state).unwrap();
+        let out = Command::new(&python)
+            .arg(&script)
+            .arg(state.with_extension("json"))
+            .arg(&state)
+            .arg(&io)
+            .output()
+            .expect("running the load script");
+        assert!(out.status.success(), "{what}: PyTorch did not load it: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let (diff, scale) = (v["max_diff"].as_f64().unwrap(), v["scale"].as_f64().unwrap());
+        assert!(diff <= 1e-5 * scale, "{what}: PyTorch's logits differ from ours by {diff} (scale {scale})");
+    }
+}
