@@ -265,18 +265,27 @@ fn comparisons(settings: &[Setting], names: &[String]) -> Vec<Value> {
             let (a, b) = (&settings[i].runs, &settings[j].runs);
             let shared: Vec<(&RunResult, &RunResult)> =
                 a.iter().filter_map(|x| b.iter().find(|y| y.seed == x.seed).map(|y| (x, y))).collect();
-            let (method, last, last3) = if shared.len() >= 2 {
+            // Paired: also the seeds a 1-point gap in the last-three-epoch mean would need at the
+            // spread of the per-seed differences (80 % power, 5 % level).
+            let (method, last, last3, seeds_for_1_point) = if shared.len() >= 2 {
                 let pick = |f: fn(&RunResult) -> f64| -> (Vec<f64>, Vec<f64>) {
                     shared.iter().map(|(x, y)| (f(x), f(y))).unzip()
                 };
                 let ((xl, yl), (x3, y3)) = (pick(|r| r.top1), pick(|r| r.last3));
-                (format!("paired over {} seeds", shared.len()), stats::paired(&xl, &yl), stats::paired(&x3, &y3))
+                let spread = stats::mean_std(&x3.iter().zip(&y3).map(|(x, y)| x - y).collect::<Vec<_>>()).1;
+                (
+                    format!("paired over {} seeds", shared.len()),
+                    stats::paired(&xl, &yl),
+                    stats::paired(&x3, &y3),
+                    json!(stats::seeds_needed_paired(1.0, spread)),
+                )
             } else {
                 let all = |runs: &[RunResult], f: fn(&RunResult) -> f64| runs.iter().map(f).collect::<Vec<_>>();
                 (
                     format!("Welch, {} against {} runs", a.len(), b.len()),
                     stats::welch(&all(a, |r| r.top1), &all(b, |r| r.top1)),
                     stats::welch(&all(a, |r| r.last3), &all(b, |r| r.last3)),
+                    Value::Null,
                 )
             };
             let estimate = |e: &Estimate| {
@@ -286,7 +295,7 @@ fn comparisons(settings: &[Setting], names: &[String]) -> Vec<Value> {
             };
             out.push(json!({
                 "a": names[i], "b": names[j], "method": method,
-                "top1": estimate(&last), "top1_last3": estimate(&last3),
+                "top1": estimate(&last), "top1_last3": estimate(&last3), "seeds_for_1_point": seeds_for_1_point,
             }));
         }
     }
@@ -317,8 +326,8 @@ fn render(settings: &[Setting], names: &[String], comparisons: &[Value]) -> Stri
     if comparisons.is_empty() {
         return md;
     }
-    md += "\nDifferences in evaluation top-1 (a − b, percentage points): mean [95 % interval], p-value of no difference, and the verdict on \"a > b\" at the 5 % level.\n\n";
-    md += "| a | b | test | last epoch | p | verdict | last 3 epochs | p | verdict |\n|---|---|---|---|---|---|---|---|---|\n";
+    md += "\nDifferences in evaluation top-1 (a − b, percentage points): mean [95 % interval], p-value of no difference, and the verdict on \"a > b\" at the 5 % level; with seeds in common, the seeds a 1-point gap in the last-three-epoch mean would need at the spread seen (80 % power).\n\n";
+    md += "| a | b | test | last epoch | p | verdict | last 3 epochs | p | verdict | seeds for 1 point |\n|---|---|---|---|---|---|---|---|---|---|\n";
     for c in comparisons {
         let cell = |e: &Value| {
             let d = e["difference"].as_f64().unwrap_or(f64::NAN);
@@ -330,12 +339,13 @@ fn render(settings: &[Setting], names: &[String], comparisons: &[Value]) -> Stri
             format!("{d:+.2}{interval} | {p} | {}", e["verdict"].as_str().unwrap_or(""))
         };
         md += &format!(
-            "| {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} |\n",
             c["a"].as_str().unwrap_or(""),
             c["b"].as_str().unwrap_or(""),
             c["method"].as_str().unwrap_or(""),
             cell(&c["top1"]),
             cell(&c["top1_last3"]),
+            c["seeds_for_1_point"].as_u64().map_or("—".to_string(), |n| n.to_string()),
         );
     }
     md
