@@ -184,6 +184,12 @@ pub fn export_pytorch_state_dict(model: &Model, path: &Path) -> Result<()> {
             cfg.name
         )));
     }
+    if path.extension().is_some_and(|e| e == "json") {
+        return Err(Error::InvalidConfig(format!(
+            "{}: the state dict's path ends in .json, the name its config takes",
+            path.display()
+        )));
+    }
     let mut tensors = HashMap::new();
     for (name, var) in model.named_vars() {
         let t = var.as_tensor().to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
@@ -224,5 +230,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = export_pytorch_state_dict(&model, &dir.path().join("x.safetensors")).unwrap_err().to_string();
         assert!(err.contains("only the ResNet family"), "{err}");
+        let model = Model::new(cfg("resnet18"), 0, &Device::Cpu).unwrap();
+        let err = export_pytorch_state_dict(&model, &dir.path().join("x.json")).unwrap_err().to_string();
+        assert!(err.contains("the name its config takes"), "{err}");
     }
 }
