@@ -45,10 +45,11 @@ struct RunResult {
     last3: f64,
     /// Epochs done and planned.
     epochs: (usize, usize),
+    /// Every finished epoch, for the plot.
     history: Vec<EpochSummary>,
 }
 
-/// The runs of one setting, in the order given.
+/// The runs of one setting, by seed.
 struct Setting {
     config: BTreeMap<String, String>,
     runs: Vec<RunResult>,
