@@ -110,6 +110,7 @@ enum Command {
         after_help = "Examples:\n  sae train --model senetv2_resnet18 --data ~/data/imagenette --input-size 128 \\\n      \
                             --epochs 30 --optimizer sgd --lr 0.1 --schedule cosine --warmup-epochs 2 --out runs/a\n  \
                             sae train --config runs/a/config.json --seed 1 --out runs/b\n  \
+                            sae train --config runs/a/config.json --seeds 0-4 --out runs/a5   # then: sae compare runs/a5\n  \
                             sae train --out runs/a --resume"
     )]
     Train(Box<train::TrainArgs>),
@@ -123,12 +124,10 @@ enum Command {
     /// and verdict (paired by seed where the settings share seeds). A setting is everything in
     /// a run's config.json but its seed.
     #[command(after_help = "Examples:\n  \
-                            for seed in 0 1 2 3 4; do\n    \
-                              sae train --config base.json --model senetv2_resnet18 --seed $seed --out runs/v2-$seed\n    \
-                              sae train --config base.json --model seresnet18 --seed $seed --out runs/se-$seed\n  \
-                            done\n  \
-                            sae compare runs/\n  \
-                            sae compare runs/v2-* runs/se-* --json")]
+                            sae train --config base.json --model senetv2_resnet18 --seeds 0-4 --out runs/v2\n  \
+                            sae train --config base.json --model seresnet18 --seeds 0-4 --out runs/se\n  \
+                            sae compare runs/v2 runs/se --plot top1.png\n  \
+                            sae compare runs/*/seed-* --json")]
     Compare(compare::CompareArgs),
     /// Times the gradient all-reduce of data-parallel training between the processes of
     /// `mpirun` (one JSON line from rank 0: seconds, algorithm and bus GB/s).

@@ -136,6 +136,10 @@ pub struct TrainArgs {
     /// Seed of initialisation, shuffling and augmentation.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Several runs, one per seed (`0-4` or `0,3,7`), each in --out/seed-N, one after another;
+    /// a run already there is resumed, or kept when finished. `sae compare` takes --out.
+    #[arg(long, conflicts_with_all = ["seed", "resume"], value_parser = parse_seeds)]
+    pub seeds: Option<Seeds>,
     /// Label smoothing ε.
     #[arg(long)]
     pub label_smoothing: Option<f64>,
@@ -461,11 +465,62 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     result
 }
 
+/// The seeds of `--seeds`, in the order given.
+#[derive(Debug, Clone)]
+pub struct Seeds(Vec<u64>);
+
+/// `0-4` (both ends included) or `0,3,7`, or both mixed: `0-2,10`.
+fn parse_seeds(text: &str) -> Result<Seeds, String> {
+    let mut seeds = Vec::new();
+    for part in text.split(',').map(str::trim) {
+        let number =
+            |s: &str| s.trim().parse::<u64>().map_err(|_| format!("{s:?} in {text:?} is not a seed (a whole number)"));
+        match part.split_once('-') {
+            Some((from, to)) => {
+                let (from, to) = (number(from)?, number(to)?);
+                if from > to {
+                    return Err(format!("{part:?}: the range runs backwards"));
+                }
+                seeds.extend(from..=to);
+            }
+            None => seeds.push(number(part)?),
+        }
+    }
+    let mut unique = seeds.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    if unique.len() != seeds.len() {
+        return Err(format!("{text:?} names a seed twice"));
+    }
+    Ok(Seeds(seeds))
+}
+
 fn train_rank(a: &TrainArgs, host: std::sync::Arc<dyn sae_train::Collective>) -> Result<()> {
     let is_root = host.rank() == 0;
     // One GPU per process of a machine.
     let dev = sae_train::device(&a.device, sae_train::dist::local_rank())?;
     let collective = sae_train::dist::for_device(host, &dev)?;
+    if let Some(Seeds(seeds)) = &a.seeds {
+        let base = train_config(a)?;
+        let mut last_top1 = Vec::new();
+        for &seed in seeds {
+            let cfg = TrainConfig { seed, ..base.clone() };
+            let dir = a.out.join(format!("seed-{seed}"));
+            // A run already there goes on (or, finished, is kept); its config must match.
+            let resume = dir.join(sae_train::config::CONFIG_FILE).is_file();
+            let history = train_one(&cfg, &dir, &dev, resume, is_root, collective.clone())?;
+            last_top1.extend(history.last().map(|e| e.eval_top1));
+        }
+        if is_root && last_top1.len() > 1 {
+            eprintln!(
+                "{} seeds: eval top-1 {} (mean ± std [95 % interval]); `sae compare {}` compares them with other settings",
+                last_top1.len(),
+                sae_train::stats::mean_spread_text(&last_top1),
+                a.out.display()
+            );
+        }
+        return Ok(());
+    }
     let cfg = if a.resume {
         let mut cfg = TrainConfig::read(&a.out).with_context(|| format!("resuming the run in {}", a.out.display()))?;
         if let Some(e) = a.epochs {
@@ -475,6 +530,18 @@ fn train_rank(a: &TrainArgs, host: std::sync::Arc<dyn sae_train::Collective>) ->
     } else {
         train_config(a)?
     };
+    train_one(&cfg, &a.out, &dev, a.resume, is_root, collective).map(drop)
+}
+
+/// Trains (or resumes) one run of `cfg` in `dir`, with the progress lines of `sae train`.
+fn train_one(
+    cfg: &TrainConfig,
+    dir: &Path,
+    dev: &Device,
+    resume: bool,
+    is_root: bool,
+    collective: std::sync::Arc<dyn sae_train::Collective>,
+) -> Result<Vec<sae_train::EpochSummary>> {
     let world = collective.world_size();
     if is_root {
         let processes = match world {
@@ -491,17 +558,17 @@ fn train_rank(a: &TrainArgs, host: std::sync::Arc<dyn sae_train::Collective>) ->
             cfg.data.dir.display(),
             cfg.epochs,
             cfg.batch_size,
-            cfg.precision.describe(&dev),
-            a.out.display()
+            cfg.precision.describe(dev),
+            dir.display()
         );
     }
     let mut progress = sae_train::default_progress();
-    let history = sae_train::train_with(&cfg, &a.out, &dev, a.resume, progress.as_mut(), collective.clone())
-        .with_context(|| format!("training {} in {}", cfg.model.name, a.out.display()))?;
+    let history = sae_train::train_with(cfg, dir, dev, resume, progress.as_mut(), collective)
+        .with_context(|| format!("training {} in {}", cfg.model.name, dir.display()))?;
     if let (Some(last), true) = (history.last(), is_root) {
         eprintln!("done: eval top-1 {:.2}%, top-5 {:.2}% after {} epochs", last.eval_top1, last.eval_top5, last.epoch);
     }
-    Ok(())
+    Ok(history)
 }
 
 /// A run's model with the weights it is evaluated with (`sae_train::checkpoint::run_weights`)

@@ -672,3 +672,49 @@ fn a_folder_without_val_holds_out_a_fraction_of_each_class() {
     let out = train(&split, &dir.join("both"), &["--val-fraction", "0.25"]);
     assert!(!out.status.success() && stderr(&out).contains("is a validation split"), "{}", stderr(&out));
 }
+
+/// `--seeds` trains one run per seed under --out, keeps finished runs when run again, refuses a
+/// changed setting for runs already there, and names bad seed lists.
+#[test]
+fn seeds_train_one_run_each_and_keep_finished_ones() {
+    let dir = scratch("seeds");
+    let dir = dir.path();
+    let data = dir.join("cifar");
+    write_cifar10(&data, 1);
+    let out = dir.join("runs");
+    let train = |extra: &[&str]| {
+        let mut args = vec!["train", "--model", "resnet14b", "--data", s(&data), "--input-size", "8", "--epochs", "1"];
+        args.extend(["--batch-size", "10", "--out", s(&out)]);
+        args.extend(extra);
+        sae(&args)
+    };
+    let first = train(&["--seeds", "0,1"]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    for seed in [0u64, 1] {
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join(format!("seed-{seed}/config.json"))).unwrap())
+                .unwrap();
+        assert_eq!(cfg["seed"], seed);
+    }
+    assert!(stderr(&first).contains("2 seeds: eval top-1"), "{}", stderr(&first));
+    // Again: both runs are finished and kept, with the same results.
+    let summary = std::fs::read_to_string(out.join("seed-1/summary.csv")).unwrap();
+    let again = train(&["--seeds", "0-1"]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert_eq!(std::fs::read_to_string(out.join("seed-1/summary.csv")).unwrap(), summary);
+    let last_line = |o: &Output| stderr(o).lines().last().unwrap_or_default().to_string();
+    assert_eq!(last_line(&again), last_line(&first));
+    // Another setting over the same runs is refused, not mixed in.
+    let changed = train(&["--seeds", "0-1", "--lr", "0.01"]);
+    assert!(
+        !changed.status.success() && stderr(&changed).contains("made with a different config"),
+        "{}",
+        stderr(&changed)
+    );
+    for (bad, message) in [("1-0", "runs backwards"), ("0,x", "is not a seed"), ("0,0-1", "names a seed twice")] {
+        let out = train(&["--seeds", bad]);
+        assert!(!out.status.success() && stderr(&out).contains(message), "{bad}: {}", stderr(&out));
+    }
+    let out = train(&["--seeds", "0-1", "--seed", "3"]);
+    assert!(!out.status.success() && stderr(&out).contains("cannot be used with"), "{}", stderr(&out));
+}
