@@ -506,7 +506,8 @@ fn train_rank(a: &TrainArgs, host: std::sync::Arc<dyn sae_train::Collective>) ->
         for &seed in seeds {
             let cfg = TrainConfig { seed, ..base.clone() };
             let dir = a.out.join(format!("seed-{seed}"));
-            // A run already there goes on (or, finished, is kept); its config must match.
+            // A run already there goes on (or, finished, is kept); its config must match. Rank
+            // 0's look decides (`train_with` hands its opening to the others).
             let resume = dir.join(sae_train::config::CONFIG_FILE).is_file();
             let history = train_one(&cfg, &dir, &dev, resume, is_root, collective.clone())?;
             last_top1.extend(history.last().map(|e| e.eval_top1));
