@@ -664,6 +664,13 @@ fn a_folder_without_val_holds_out_a_fraction_of_each_class() {
     let e: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
     let per_class: Vec<_> = e["per_class"].as_array().unwrap().iter().map(|c| c["images"].as_u64()).collect();
     assert_eq!((e["images"].as_u64(), per_class), (Some(3), vec![Some(1); 3]));
+    // Its weights with its config.json evaluate as the run does: the config's data section (input
+    // size, held-out fraction) under the --data given.
+    let (weights, config) = (run.join("checkpoints/epoch-0001/model.safetensors"), run.join("config.json"));
+    let args = ["eval", "--weights", s(&weights), "--config", s(&config), "--data", s(&flat), "--json"];
+    let by_weights = sae(&args);
+    assert!(by_weights.status.success(), "{}", stderr(&by_weights));
+    assert_eq!(stdout(&by_weights), stdout(&out));
     // With val/ beside train/, evaluation uses it and a fraction is refused.
     let split = dir.join("split");
     std::fs::create_dir_all(&split).unwrap();
