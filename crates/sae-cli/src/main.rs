@@ -55,7 +55,8 @@ enum Command {
     #[command(after_help = "Example:\n  sae convert seresnet50_timm.pth seresnet50.safetensors\n  \
                             # then: sae predict --weights seresnet50.safetensors --config seresnet50.json cat.jpg")]
     Convert {
-        /// The PyTorch checkpoint.
+        /// The PyTorch checkpoint, or `hf:OWNER/NAME[@REVISION]` (a Hub model repository's
+        /// weights, e.g. hf:timm/seresnet50.a1_in1k).
         src: PathBuf,
         /// Where our weights go; the config goes beside them with the extension .json.
         dst: PathBuf,
@@ -251,12 +252,13 @@ fn error_message(e: &anyhow::Error) -> String {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Models { classes, size, json } => models(classes, size, json),
-        Command::Convert { src, dst } => {
+        Command::Convert { src: spec, dst } => {
+            let src = sae_data::resolve_weights(&spec)?;
             let cfg =
-                sae_models::convert_checkpoint(&src, &dst).with_context(|| format!("converting {}", src.display()))?;
+                sae_models::convert_checkpoint(&src, &dst).with_context(|| format!("converting {}", spec.display()))?;
             eprintln!(
                 "{} → {} ({}, {} classes) and {}",
-                src.display(),
+                spec.display(),
                 dst.display(),
                 cfg.name,
                 cfg.num_classes,

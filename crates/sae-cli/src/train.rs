@@ -178,8 +178,10 @@ pub struct TrainArgs {
     /// With both mixup and CutMix, the probability of CutMix.
     #[arg(long)]
     pub mix_switch_prob: Option<f64>,
-    /// Start from these weights (safetensors or a PyTorch checkpoint); a head of another class
-    /// count is replaced (fine-tuning).
+    /// Start from these weights (safetensors or a PyTorch checkpoint, or `hf:OWNER/NAME[@REV]`,
+    /// e.g. hf:timm/resnet50.a1_in1k, downloaded from the Hugging Face Hub); a head of another
+    /// class count is replaced (fine-tuning), and from a plain ResNet's weights an SE-ResNet's or
+    /// SENetV2's excitation modules start fresh.
     #[arg(long)]
     pub init: Option<PathBuf>,
     /// `fused` kernels or the `reference` Candle compositions.

@@ -72,10 +72,20 @@ impl HubSource {
     fn repo_handle(&self) -> Repo {
         Repo::with_revision(self.repo.clone(), RepoType::Dataset, self.revision.clone())
     }
+
+    /// "owner/name@revision", for messages.
+    fn label(&self) -> String {
+        format!("{}@{}", self.repo, self.revision)
+    }
 }
 
 fn hub_error(source: &HubSource, file: &str, reason: impl std::fmt::Display) -> Error {
-    Error::Invalid(format!("{}@{} file {file}: {reason}", source.repo, source.revision))
+    repo_error(&source.label(), file, reason)
+}
+
+/// An error about `file` of the repository `repo` ("owner/name@revision").
+fn repo_error(repo: &str, file: &str, reason: impl std::fmt::Display) -> Error {
+    Error::Invalid(format!("{repo} file {file}: {reason}"))
 }
 
 fn offline() -> bool {
@@ -91,12 +101,39 @@ pub fn hub_cache() -> Cache {
 /// with `HF_HUB_OFFLINE` set, only the cache is looked at. The file's SHA-256 is checked
 /// against the content hash it was stored under.
 pub fn fetch(source: &HubSource, file: &str) -> Result<PathBuf> {
-    let cached = hub_cache().repo(source.repo_handle()).get(file);
+    fetch_from(source.repo_handle(), &source.label(), file)
+}
+
+/// [`fetch`] of a model repository's file: pretrained weights (`timm/resnet50.a1_in1k`'s
+/// `model.safetensors`), for `sae train --init hf:…` and `sae convert hf:…`.
+pub fn fetch_model_file(repo: &str, revision: &str, file: &str) -> Result<PathBuf> {
+    let handle = Repo::with_revision(repo.to_string(), RepoType::Model, revision.to_string());
+    fetch_from(handle, &format!("{repo}@{revision}"), file)
+}
+
+/// The local path of weights named by `spec`: `spec` itself, or for `hf:OWNER/NAME[@REVISION]`
+/// the Hub model repository's `model.safetensors` (timm's layout), or its `pytorch_model.bin`
+/// where it has none, fetched into the Hub cache ([`fetch_model_file`]).
+pub fn resolve_weights(spec: &Path) -> Result<PathBuf> {
+    let Some(repo) = spec.to_str().and_then(|s| s.strip_prefix("hf:")) else { return Ok(spec.to_path_buf()) };
+    let (repo, revision) = repo.split_once('@').unwrap_or((repo, "main"));
+    if repo.split('/').count() != 2 || repo.split('/').any(str::is_empty) {
+        return Err(Error::Invalid(format!("{}: expected hf:OWNER/NAME or hf:OWNER/NAME@REVISION", spec.display())));
+    }
+    fetch_model_file(repo, revision, "model.safetensors").or_else(|safetensors| {
+        fetch_model_file(repo, revision, "pytorch_model.bin")
+            .map_err(|bin| Error::Invalid(format!("no weights in hf:{repo}@{revision}: {safetensors}; {bin}")))
+    })
+}
+
+/// [`fetch`] from the repository `handle`, named `label` in errors.
+fn fetch_from(handle: Repo, label: &str, file: &str) -> Result<PathBuf> {
+    let cached = hub_cache().repo(handle.clone()).get(file);
     let path = match cached {
         Some(p) => p,
         None if offline() => {
-            return Err(hub_error(
-                source,
+            return Err(repo_error(
+                label,
                 file,
                 format!("HF_HUB_OFFLINE is set and the file is not in the cache at {}", hub_cache().path().display()),
             ))
@@ -105,17 +142,17 @@ pub fn fetch(source: &HubSource, file: &str) -> Result<PathBuf> {
             let api = hf_hub::api::sync::ApiBuilder::from_env()
                 .with_progress(false)
                 .build()
-                .map_err(|e| hub_error(source, file, e))?;
-            api.repo(source.repo_handle()).download(file).map_err(|e| hub_error(source, file, e))?
+                .map_err(|e| repo_error(label, file, e))?;
+            api.repo(handle).download(file).map_err(|e| repo_error(label, file, e))?
         }
     };
-    verify(source, file, &path)?;
+    verify(label, file, &path)?;
     Ok(path)
 }
 
 /// Checks a cached file against the hash in its blob's name: the Hub serves large (LFS) files
 /// under their SHA-256, and `hf-hub` stores them as `blobs/<that hash>`.
-fn verify(source: &HubSource, file: &str, path: &Path) -> Result<()> {
+fn verify(label: &str, file: &str, path: &Path) -> Result<()> {
     let blob = std::fs::canonicalize(path).map_err(io(path))?;
     let expected = blob.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
     if expected.len() != 64 || !expected.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -127,8 +164,8 @@ fn verify(source: &HubSource, file: &str, path: &Path) -> Result<()> {
     std::io::copy(&mut f, &mut hasher).map_err(io(&blob))?;
     let actual: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
     if actual != expected {
-        return Err(hub_error(
-            source,
+        return Err(repo_error(
+            label,
             file,
             format!(
                 "{} has SHA-256 {actual}, but the Hub served it as {expected}: delete it and download again",

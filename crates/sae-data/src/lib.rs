@@ -18,7 +18,7 @@ pub use augment::{Mixed, Mixing};
 pub use cifar::{Cifar, CifarKind, LabelSet, Split};
 pub use error::{Error, Result};
 pub use folder::ImageFolder;
-pub use hub::{prepare_cifar, prepare_image_folder, HubSource};
+pub use hub::{fetch_model_file, prepare_cifar, prepare_image_folder, resolve_weights, HubSource};
 pub use image_ops::Rgb8Image;
 pub use loader::{subset_indices, Batch, Dataset, Loader, LoaderConfig, Subset};
 pub use transform::{Normalize, Transform};

@@ -92,6 +92,12 @@ impl Hub {
         self.files.lock().unwrap().insert(format!("/datasets/{repo}/resolve/main/{file}"), (bytes, etag));
     }
 
+    /// A file of a model repository (served without the `/datasets` prefix).
+    fn put_model(&self, repo: &str, file: &str, bytes: Vec<u8>) {
+        let sha: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+        self.files.lock().unwrap().insert(format!("/{repo}/resolve/main/{file}"), (bytes, sha));
+    }
+
     fn serve(self: Arc<Self>) -> String {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -317,4 +323,30 @@ fn hub_download_converts_verifies_caches_and_works_offline() {
     // A missing file on the server is an error naming it.
     let err = prepare_cifar(CifarKind::Cifar10, &source("test/absent", &["x.parquet"], &["y.parquet"], &c10));
     assert!(err.unwrap_err().to_string().contains("test/absent"));
+
+    // A model repository's file (pretrained weights): downloaded into the Hub cache's model
+    // layout, checked, then read from the cache, offline too.
+    let weights = b"the bytes of a weights file".to_vec();
+    hub.put_model("test/tiny-model", "model.safetensors", weights.clone());
+    let path = sae_data::fetch_model_file("test/tiny-model", "main", "model.safetensors").unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), weights);
+    assert!(home.join("hub/models--test--tiny-model").is_dir(), "not in the Hub cache's model layout");
+    let served = hub.requests.load(Ordering::SeqCst);
+    std::env::set_var("HF_HUB_OFFLINE", "1");
+    assert_eq!(sae_data::fetch_model_file("test/tiny-model", "main", "model.safetensors").unwrap(), path);
+    std::env::remove_var("HF_HUB_OFFLINE");
+    assert_eq!(hub.requests.load(Ordering::SeqCst), served);
+    let err = sae_data::fetch_model_file("test/tiny-model", "main", "pytorch_model.bin").unwrap_err().to_string();
+    assert!(err.contains("test/tiny-model@main file pytorch_model.bin"), "{err}");
+    // `hf:` weights specs: model.safetensors, else pytorch_model.bin; a local path stays itself.
+    let spec = |s: &str| sae_data::resolve_weights(std::path::Path::new(s));
+    assert_eq!(spec("hf:test/tiny-model").unwrap(), path);
+    assert_eq!(spec("hf:test/tiny-model@main").unwrap(), path);
+    hub.put_model("test/bin-only", "pytorch_model.bin", b"torch.save bytes".to_vec());
+    assert!(spec("hf:test/bin-only").unwrap().ends_with("pytorch_model.bin"));
+    let err = spec("hf:test/empty").unwrap_err().to_string();
+    assert!(err.contains("no weights in hf:test/empty@main") && err.contains("pytorch_model.bin"), "{err}");
+    let err = spec("hf:no-owner").unwrap_err().to_string();
+    assert!(err.contains("expected hf:OWNER/NAME"), "{err}");
+    assert_eq!(spec("runs/a/model.safetensors").unwrap(), std::path::PathBuf::from("runs/a/model.safetensors"));
 }

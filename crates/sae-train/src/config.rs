@@ -125,8 +125,11 @@ pub struct StepConfig {
     /// Also checkpoint every this many optimiser steps, so that a killed run loses at most
     /// that many; it resumes mid-epoch.
     pub checkpoint_every: Option<usize>,
-    /// Weights to start from (safetensors or a PyTorch checkpoint) instead of the seeded
-    /// initialisation; a classifier head of another class count is left freshly initialised.
+    /// Weights to start from instead of the seeded initialisation: safetensors or a PyTorch
+    /// checkpoint, or `hf:OWNER/NAME[@REVISION]` (a Hub model repository's weights, as timm
+    /// publishes them: `sae_data::resolve_weights`). A classifier head of another class count,
+    /// and the excitation modules where the weights are a plain ResNet's, keep their fresh
+    /// initialisation.
     pub init: Option<PathBuf>,
     /// Before each evaluation, this many training batches (the epoch's first) go through the
     /// evaluated model in training mode, without gradients, to recalibrate BatchNorm's running

@@ -359,14 +359,20 @@ impl Progress for Silent {
 /// head whose class count differs keeps the model's fresh initialisation (fine-tuning);
 /// every other tensor must match.
 fn load_init(model: &Model, init: &Path) -> Result<()> {
-    let mut tensors = sae_models::read_state_dict(init)?;
+    let path = sae_data::resolve_weights(init)?;
+    let mut tensors = sae_models::read_state_dict(&path)?;
+    // A plain ResNet's weights start an SE-ResNet or SENetV2: its excitation modules, of which
+    // the file has none, keep their initialisation (a file with some is loaded strictly).
+    let is_excitation = |name: &str| name.contains(".se.");
+    let plain = !tensors.keys().any(|name| is_excitation(name));
     for (name, var) in model.named_vars() {
         let is_head = name.starts_with("fc.") || name.starts_with("classifier.");
-        if is_head && tensors.get(&name).is_some_and(|t| t.dims() != var.dims()) {
+        let new_head = is_head && tensors.get(&name).is_some_and(|t| t.dims() != var.dims());
+        if new_head || (plain && is_excitation(&name)) {
             tensors.insert(name, var.as_tensor().copy()?);
         }
     }
-    Ok(model.load_state_dict(tensors, init)?)
+    Ok(model.load_state_dict(tensors, &path)?)
 }
 
 /// Runs the first `batches` training batches of `epoch` through `model` in training mode,

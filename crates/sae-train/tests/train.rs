@@ -638,6 +638,42 @@ fn init_weights_fine_tune_with_a_new_head() {
     assert!(!bad_run.join("config.json").exists(), "a failed start leaves no run behind");
 }
 
+/// A plain ResNet's weights start a SENetV2: the backbone is the ResNet's, the SaE modules keep
+/// the seeded initialisation of the run. An SE-ResNet's weights are refused for it (their SE
+/// layers are not SaE's).
+#[test]
+fn init_from_a_plain_resnet_starts_the_excitation_fresh() {
+    let data = tmp("init-plain-data");
+    let data = data.path();
+    write_colour_dataset(data, 2, 1);
+    let source = sae_models::Model::new(config("resnet14b", 7).unwrap(), 9, &Device::Cpu).unwrap();
+    let weights = data.join("resnet.safetensors");
+    source.save(&weights).unwrap();
+    let mut cfg = small_config("senetv2_resnet14b", data, 1);
+    cfg.model.stem = source.config().stem;
+    cfg.optimizer =
+        OptimizerConfig::Sgd { lr: 0.0, momentum: 0.0, nesterov: false, weight_decay: 0.0, decoupled: false };
+    cfg.steps.init = Some(weights.clone());
+    let run = tmp("init-plain-run");
+    let run = run.path();
+    train(&cfg, run, &Device::Cpu, false, &mut LogLines::default()).unwrap();
+    let trained = sae_models::Model::new(cfg.model.clone(), 0, &Device::Cpu).unwrap();
+    trained.load_weights(&run.join("checkpoints/epoch-0001/model.safetensors")).unwrap();
+    let seeded = sae_models::Model::new(cfg.model.clone(), cfg.seed, &Device::Cpu).unwrap();
+    let values = |v: &candle_core::Var| v.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let (from, got, fresh) = (source.named_vars(), trained.named_vars(), seeded.named_vars());
+    assert_eq!(values(&got["layer2.0.conv1.weight"]), values(&from["layer2.0.conv1.weight"]));
+    for name in ["layer2.0.se.fc1.3.weight", "layer4.0.se.fc2.bias"] {
+        assert_eq!(values(&got[name]), values(&fresh[name]), "{name}");
+    }
+    let se = sae_models::Model::new(config("seresnet14b", 7).unwrap(), 9, &Device::Cpu).unwrap();
+    se.save(&weights).unwrap();
+    let err = train(&cfg, &tmp("init-se-run").path().join("run"), &Device::Cpu, false, &mut LogLines::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("unexpected tensor \"layer1.0.se.fc1.bias\""), "{err}");
+}
+
 /// Data that cannot be read, or whose classes are not the model's outputs, stops a run before
 /// it writes anything: the same command with the data mended then starts it.
 #[test]
