@@ -19,6 +19,7 @@ pub mod plot;
 pub mod progress;
 pub mod stats;
 pub mod summary;
+pub mod tensorboard;
 pub mod train;
 
 pub use config::{AugmentConfig, DataConfig, DatasetKind, StepConfig, TrainConfig};

@@ -1,7 +1,8 @@
 //! The training loop.
 //!
 //! A run directory holds `config.json` (the resolved [`TrainConfig`]), `classes.txt` (the
-//! data's class names in label order), `summary.csv` (one row per epoch), `train.log`, `curves.png`, and `checkpoints/epoch-NNNN/` (`model.safetensors`,
+//! data's class names in label order), `summary.csv` (one row per epoch), TensorBoard's
+//! `events.out.tfevents.*` (the same scalars, [`crate::tensorboard`]), `train.log`, `curves.png`, and `checkpoints/epoch-NNNN/` (`model.safetensors`,
 //! `optimizer.safetensors`, `state.json`), with `checkpoints/last.json` and
 //! `checkpoints/best.json` naming the latest and the best (by eval top-1). Every file is written to a temporary name and renamed, so a
 //! killed run leaves the last complete checkpoint, and `resume` continues from it with the
@@ -274,6 +275,8 @@ pub fn train_with(
             .map_err(io(&log_path))?;
     }
 
+    // TensorBoard's event file, opened at the first epoch this opening logs.
+    let mut events: Option<crate::tensorboard::EventWriter> = None;
     for epoch in run.state.epoch..cfg.epochs {
         let trained = run.train_epoch(optimizer.as_mut(), &train_loader, epoch, progress)?;
         let start = Instant::now();
@@ -302,6 +305,12 @@ pub fn train_with(
             write_summary(dir, &history)?;
             crate::plot::plot_run(&history, &cfg.model.name, &dir.join("curves.png"))?;
             checkpoint::save(dir, &model, ema.as_ref(), optimizer.as_ref(), &mut run.state, Some(eval_top1))?;
+            // After the checkpoint: a resume logs no epoch twice.
+            let writer = match &mut events {
+                Some(writer) => writer,
+                None => events.insert(crate::tensorboard::EventWriter::create(dir)?),
+            };
+            writer.epoch(history.last().expect("just pushed"))?;
         }
     }
     // The others wait for rank 0's last files, so that what they read next is complete.

@@ -723,3 +723,68 @@ fn bf16_run_ends_within_one_point_of_the_f32_run() {
     assert!(f32_top1 >= 90.0, "the f32 run did not learn the problem: {f32_top1} %");
     assert!((bf16_top1 - f32_top1).abs() <= 1.0, "bf16 ended at {bf16_top1} %, f32 at {f32_top1} %");
 }
+
+/// A run's TensorBoard events: whole records (lengths and CRC-32Cs check), the file version
+/// first, one event per epoch; a resume adds a file with only the epochs after its checkpoint.
+/// With `SAE_TORCH_PYTHON` naming a Python with `tensorboard`, TensorBoard's own reader gets
+/// each epoch's scalars of summary.csv.
+#[test]
+fn tensorboard_reads_every_epoch_once() {
+    let data = tmp("tb-data");
+    let data = data.path();
+    write_colour_dataset(data, 2, 1);
+    let run = tmp("tb-run");
+    let run = run.path();
+    train(&small_config("resnet14b", data, 1), run, &Device::Cpu, false, &mut LogLines::default()).unwrap();
+    train(&small_config("resnet14b", data, 2), run, &Device::Cpu, true, &mut LogLines::default()).unwrap();
+    let mut files: Vec<_> = std::fs::read_dir(run)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("events.out.tfevents."))
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 2, "{files:?}");
+    let masked = |b: &[u8]| sae_train::tensorboard::crc32c(b).rotate_right(15).wrapping_add(0xa282_ead8);
+    let mut events = 0;
+    for file in &files {
+        let bytes = std::fs::read(file).unwrap();
+        let mut at = 0;
+        let mut first = true;
+        while at < bytes.len() {
+            let len_bytes = &bytes[at..at + 8];
+            let len = u64::from_le_bytes(len_bytes.try_into().unwrap()) as usize;
+            assert_eq!(u32::from_le_bytes(bytes[at + 8..at + 12].try_into().unwrap()), masked(len_bytes));
+            let data = &bytes[at + 12..at + 12 + len];
+            assert_eq!(u32::from_le_bytes(bytes[at + 12 + len..at + 16 + len].try_into().unwrap()), masked(data));
+            let is_version = data.windows(13).any(|w| w == b"brain.Event:2");
+            assert_eq!(is_version, first, "{}: the file version comes first, once", file.display());
+            events += !is_version as usize;
+            first = false;
+            at += 16 + len;
+        }
+    }
+    assert_eq!(events, 2, "one event per epoch over both files");
+    let Some(python) = std::env::var_os("SAE_TORCH_PYTHON") else { return };
+    let read = "import json, sys\n\
+                from tensorboard.backend.event_processing.event_accumulator import EventAccumulator\n\
+                ea = EventAccumulator(sys.argv[1]); ea.Reload()\n\
+                print(json.dumps({t: [[e.step, e.value] for e in ea.Scalars(t)] for t in ea.Tags()['scalars']}))";
+    let out = std::process::Command::new(python).args(["-c", read]).arg(run).output().unwrap();
+    if !out.status.success() {
+        eprintln!("skipped TensorBoard's reader: {}", String::from_utf8_lossy(&out.stderr));
+        return;
+    }
+    let scalars: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let summary = read_summary(run).unwrap();
+    type Field = fn(&EpochSummary) -> f64;
+    let tags: [(&str, Field); 2] = [("eval/top1", |s| s.eval_top1), ("train/loss", |s| s.train_loss)];
+    for (tag, value) in tags {
+        let points = scalars[tag].as_array().unwrap_or_else(|| panic!("no {tag} in {scalars}"));
+        assert_eq!(points.len(), 2, "{tag}: {points:?}");
+        for (p, s) in points.iter().zip(&summary) {
+            assert_eq!(p[0].as_u64(), Some(s.epoch as u64));
+            let (got, want) = (p[1].as_f64().unwrap(), value(s));
+            assert!((got - want).abs() <= 1e-4 * want.abs().max(1.0), "{tag} epoch {}: {got} against {want}", s.epoch);
+        }
+    }
+}
