@@ -193,7 +193,7 @@ struct ReproduceArgs {
     #[arg(long, value_enum, default_value_t = reproduce::PresetName::Cpu)]
     preset: reproduce::PresetName,
     /// Seeds, comma-separated; one run per model and seed. Default: the preset's (cpu: 0–19
-    /// for Tables 2 and 3, 0–2 for Table 4; paper and smoke: 0).
+    /// for Tables 2 and 3, 0–9 for Table 4; paper and smoke: 0).
     #[arg(long, value_delimiter = ',')]
     seeds: Option<Vec<u64>>,
     /// CIFAR-100 label set: `coarse` (20, the paper's heads) or `fine` (100).

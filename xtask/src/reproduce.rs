@@ -166,7 +166,8 @@ fn preset(table: Table, name: PresetName) -> Preset {
         // training set, fewer epochs; several seeds (one run cannot separate the models). A
         // seed of Table 2 is ~5 minutes alone on the 2-core Zen 5 EPYC (`results/table2.md`):
         // 12 seeds resolved gaps of ~0.9 points on the last-three-epoch mean there, and 20 take
-        // under two hours. A seed of Table 4 was 45–55 minutes before the bias kernel.
+        // under two hours. A seed of Table 4 was 45–55 minutes before the bias kernel, about 10
+        // on the Zen 5 after it (`results/table4.md`: 10 seeds in under two hours).
         (PresetName::Cpu, Table::Two | Table::Three) => {
             Preset { train_images: Some(10_000), eval_images: Some(2_000), seeds: 20, ..base }
         }
@@ -175,7 +176,7 @@ fn preset(table: Table, name: PresetName) -> Preset {
         // frequencies times the squared norm of the features' shared mean (~4,000 at
         // initialisation), and the run diverged to chance (measured: train loss 6.0, eval top-1
         // 10.00 % after the first epoch at 64×64); lr 0.001 still oscillated.
-        (PresetName::Cpu, Table::Four) => Preset { input_size: 64, seeds: 3, ..base },
+        (PresetName::Cpu, Table::Four) => Preset { input_size: 64, seeds: 10, ..base },
         // Five epochs, not three: three tiny epochs' train loss moves by as much from epoch to
         // epoch as it falls (measured over seeds 0–5 of the Table 3 test: the fall from the
         // first epoch to the third was as small as 0.1 and summation order alone flipped its
