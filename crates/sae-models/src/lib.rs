@@ -28,6 +28,7 @@ pub mod mobilenet;
 pub mod model;
 pub mod onnx;
 pub mod precision;
+pub mod protobuf;
 pub mod registry;
 pub mod resnet;
 pub mod sync_batch_norm;

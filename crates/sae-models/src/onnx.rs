@@ -18,6 +18,7 @@
 //! the export needs no protobuf compiler or generated code.
 
 use crate::config::{Arch, Attention, BlockKind, Stem};
+use crate::protobuf::{field_bytes, field_varint};
 use crate::{Error, Gate, Model, Result};
 use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
@@ -384,23 +385,4 @@ fn float(name: &str, v: f32) -> Vec<u8> {
     p.extend_from_slice(&v.to_le_bytes());
     field_varint(&mut p, 20, 1); // FLOAT
     p
-}
-
-fn varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-fn field_varint(out: &mut Vec<u8>, field: u64, v: u64) {
-    varint(out, field << 3);
-    varint(out, v);
-}
-
-fn field_bytes(out: &mut Vec<u8>, field: u64, bytes: &[u8]) {
-    varint(out, (field << 3) | 2);
-    varint(out, bytes.len() as u64);
-    out.extend_from_slice(bytes);
 }

@@ -12,6 +12,7 @@
 use crate::error::io;
 use crate::summary::EpochSummary;
 use crate::Result;
+use sae_models::protobuf::{field_bytes, field_varint};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -96,25 +97,6 @@ fn scalar_event(wall_time: f64, step: u64, scalars: &[(&str, f64)]) -> Vec<u8> {
     let mut event = event_header(wall_time, step);
     field_bytes(&mut event, 5, &summary);
     event
-}
-
-fn varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-fn field_varint(out: &mut Vec<u8>, field: u64, v: u64) {
-    varint(out, field << 3);
-    varint(out, v);
-}
-
-fn field_bytes(out: &mut Vec<u8>, field: u64, bytes: &[u8]) {
-    varint(out, (field << 3) | 2);
-    varint(out, bytes.len() as u64);
-    out.extend_from_slice(bytes);
 }
 
 /// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), bit by bit: records are small.
