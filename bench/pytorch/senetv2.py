@@ -1,5 +1,5 @@
-"""sae's ResNet family in PyTorch: ResNet, ResNeXt, SE-ResNet and SENetV2 (SaE) ResNets, built
-from an sae model config, with sae's tensor names, so that a state dict written by
+"""sae's models in PyTorch: ResNet, ResNeXt, SE-ResNet and SENetV2 (SaE) ResNets, and MobileNet
+v1, built from an sae model config, with sae's tensor names, so that a state dict written by
 `sae export --format pytorch` loads into it strictly. One file, needing torch only.
 
     import json, senetv2
@@ -11,7 +11,8 @@ Everything sae's config can say is followed: basic or bottleneck blocks, groups 
 (ResNeXt), the ImageNet (7x7/2 conv, 3x3/2 max-pool) or CIFAR (3x3/1 conv) stem, convolution
 biases (the paper's Keras convention), BatchNorm epsilon, and the excitation: none, SE (one
 reduction layer) or SaE (K reduction layers side by side, concatenated), reduction r with
-timm's optional rounding of C / r, and the gate `u * s` or `u + u * s`. MobileNet is not here.
+timm's optional rounding of C / r, and the gate `u * s` or `u + u * s`; for MobileNet v1 the
+width multiplier and the stem's stride.
 """
 
 import torch
@@ -121,7 +122,46 @@ class ResNet(nn.Module):
         return self.fc(y.mean((2, 3)))
 
 
+# MobileNet v1's 13 depthwise-separable blocks: (output channels, stride).
+MOBILENET_BLOCKS = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2)] + [(512, 1)] * 5 + [(1024, 2), (1024, 1)]
+
+
+class MobileNetV1(nn.Module):
+    """conv_stem/bn1, then blocks.i.{conv_dw, bn1, conv_pw, bn2}, ReLU6 after every BatchNorm."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        alpha, bias, eps = cfg["arch"]["width_multiplier"], cfg["conv_bias"], cfg["bn_eps"]
+
+        def width(c):
+            return max(1, int(c * alpha))
+
+        def conv_bn(cin, cout, stride, groups, conv, bn, owner):
+            k = 3 if groups > 1 or conv == "conv_stem" else 1
+            setattr(owner, conv, nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=bias))
+            setattr(owner, bn, nn.BatchNorm2d(cout, eps=eps))
+
+        conv_bn(cfg["in_channels"], width(32), 2 if cfg["stem"] == "imagenet" else 1, 1, "conv_stem", "bn1", self)
+        self.blocks = nn.ModuleList()
+        cin = width(32)
+        for out, stride in MOBILENET_BLOCKS:
+            block = nn.Module()
+            conv_bn(cin, cin, stride, cin, "conv_dw", "bn1", block)
+            conv_bn(cin, width(out), 1, 1, "conv_pw", "bn2", block)
+            self.blocks.append(block)
+            cin = width(out)
+        self.classifier = nn.Linear(cin, cfg["num_classes"])
+
+    def forward(self, x):
+        y = F.relu6(self.bn1(self.conv_stem(x)))
+        for b in self.blocks:
+            y = F.relu6(b.bn1(b.conv_dw(y)))
+            y = F.relu6(b.bn2(b.conv_pw(y)))
+        return self.classifier(y.mean((2, 3)))
+
+
 def from_config(cfg):
     """The network of an sae model config: a dict of `sae export --format pytorch`'s (or `sae
     convert`'s) .json, or a run's config.json, whose "model" it takes."""
-    return ResNet(cfg if "arch" in cfg else cfg["model"])
+    cfg = cfg if "arch" in cfg else cfg["model"]
+    return MobileNetV1(cfg) if cfg["arch"]["family"] == "mobilenet_v1" else ResNet(cfg)

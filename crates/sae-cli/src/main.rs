@@ -165,8 +165,8 @@ enum Format {
     /// ONNX, opset 17.
     Onnx,
     /// A PyTorch state dict in safetensors, with the model's config beside it (.json): for
-    /// bench/pytorch/senetv2.py's network of that config (any ResNet, SE or SENetV2 model),
-    /// and for torchvision's or timm's model where one has the architecture.
+    /// bench/pytorch/senetv2.py's network of that config (any model of `sae models`), and for
+    /// torchvision's or timm's model where one has the architecture.
     Pytorch,
 }
 

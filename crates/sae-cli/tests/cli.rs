@@ -79,8 +79,8 @@ fn convert_export_and_predict_chain() {
     let again = dir.join("again.safetensors");
     assert!(sae(&["convert", s(&back), s(&again)]).status.success());
     assert_eq!(std::fs::read(&again).unwrap(), std::fs::read(&dst).unwrap());
-    // SENetV2 goes to sae's own PyTorch module (PyTorch loading it is in tests/torch_interop.rs),
-    // with its config beside it; MobileNet is refused.
+    // SENetV2 and MobileNet go to sae's own PyTorch module (PyTorch loading them is in
+    // tests/torch_interop.rs), with the config beside the weights.
     let v2 = dir.join("v2.safetensors");
     sae_models::Model::from_name("senetv2_resnet14b", 3, 1, &candle_core::Device::Cpu).unwrap().save(&v2).unwrap();
     let args = ["export", "--model", "senetv2_resnet14b", "--classes", "3", "--weights", s(&v2), "--format", "pytorch"];
@@ -92,7 +92,8 @@ fn convert_export_and_predict_chain() {
     let args =
         ["export", "--model", "mobilenet_v1", "--classes", "3", "--weights", s(&mobilenet), "--format", "pytorch"];
     let out = sae(&[&args[..], &["--out", s(&back)]].concat());
-    assert!(!out.status.success() && stderr(&out).contains("only the ResNet family"), "{}", stderr(&out));
+    assert!(out.status.success() && stderr(&out).contains("only ResNets and ResNeXts"), "{}", stderr(&out));
+    assert!(std::fs::read_to_string(dir.join("back.json")).unwrap().contains("mobilenet_v1"));
 
     let images = dir.join("images");
     std::fs::create_dir_all(images.join("sub")).unwrap();

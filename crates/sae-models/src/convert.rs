@@ -170,20 +170,14 @@ pub fn pytorch_incompatibility(cfg: &ModelConfig) -> Option<String> {
 /// Writes `model`'s weights as a PyTorch state dict in safetensors, and its config beside it
 /// (`path` with the extension `json`), both atomically. The state dict loads strictly
 /// (`model.load_state_dict(safetensors.torch.load_file(path))`) into the network that
-/// `bench/pytorch/senetv2.py` builds from that config, for every model of the ResNet family
-/// (SENetV2's included), and into torchvision's or timm's model of the same architecture where
-/// one exists ([`pytorch_incompatibility`] says why not): our names are theirs, the excitation's
-/// dense layers are stored as timm's 1×1 convolutions, and every BatchNorm gets the
-/// `num_batches_tracked` PyTorch keeps (0: ours does not count; PyTorch reads it only without a
-/// momentum). MobileNet is refused.
+/// `bench/pytorch/senetv2.py` builds from that config, for every model of the registry
+/// (SENetV2's and MobileNet's included), and into torchvision's or timm's model of the same
+/// architecture where one exists ([`pytorch_incompatibility`] says why not): our names are
+/// theirs, the excitation's dense layers are stored as timm's 1×1 convolutions, and every
+/// BatchNorm gets the `num_batches_tracked` PyTorch keeps (0: ours does not count; PyTorch
+/// reads it only without a momentum).
 pub fn export_pytorch_state_dict(model: &Model, path: &Path) -> Result<()> {
     let cfg = model.config();
-    if !matches!(cfg.arch, Arch::Resnet { .. }) {
-        return Err(Error::InvalidConfig(format!(
-            "{}: only the ResNet family exports as a PyTorch state dict; export it as ONNX",
-            cfg.name
-        )));
-    }
     if path.extension().is_some_and(|e| e == "json") {
         return Err(Error::InvalidConfig(format!(
             "{}: the state dict's path ends in .json, the name its config takes",
@@ -226,10 +220,7 @@ mod tests {
             let why = pytorch_incompatibility(&bad).unwrap_or_default();
             assert!(why.contains(reason), "{}: {why}", bad.name);
         }
-        let model = Model::new(cfg("mobilenet_v1"), 0, &Device::Cpu).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let err = export_pytorch_state_dict(&model, &dir.path().join("x.safetensors")).unwrap_err().to_string();
-        assert!(err.contains("only the ResNet family"), "{err}");
         let model = Model::new(cfg("resnet18"), 0, &Device::Cpu).unwrap();
         let err = export_pytorch_state_dict(&model, &dir.path().join("x.json")).unwrap_err().to_string();
         assert!(err.contains("the name its config takes"), "{err}");

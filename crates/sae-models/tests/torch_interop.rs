@@ -95,10 +95,10 @@ fn max_abs(t: &Tensor) -> f32 {
     t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
 }
 
-/// Every model of the ResNet family, SENetV2's included, goes to PyTorch as a state dict that
+/// Every model of the registry, SENetV2's and MobileNet's included, goes to PyTorch as a state dict that
 /// `bench/pytorch/senetv2.py` loads strictly into the network it builds from the exported config,
 /// and gives our logits there (an implementation written apart from ours: SaE's branches,
-/// both gates, Keras biases and ε, the CIFAR stem, basic blocks, groups).
+/// both gates, Keras biases and ε, the CIFAR stem, basic blocks, groups, MobileNet's ReLU6).
 #[test]
 fn our_models_load_into_the_pytorch_module_and_give_our_logits() {
     let Some(python) = std::env::var_os("SAE_TORCH_PYTHON") else {
@@ -115,6 +115,7 @@ fn our_models_load_into_the_pytorch_module_and_give_our_logits() {
         base("senetv2_resnet50").with_paper_preset(sae_models::PaperPreset::Cifar10),
         ModelConfig { stem: sae_models::Stem::Cifar, ..base("seresnet18") },
         base("senetv2_resnext50_32x4d"),
+        base("mobilenet_v1").with_paper_preset(sae_models::PaperPreset::Cifar10),
     ];
     for (i, cfg) in cases.into_iter().enumerate() {
         let what = format!("{} (gate {:?}, conv bias {}, stem {:?})", cfg.name, cfg.gate, cfg.conv_bias, cfg.stem);
