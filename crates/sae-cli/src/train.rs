@@ -85,19 +85,20 @@ pub struct TrainArgs {
     /// BatchNorm ε.
     #[arg(long)]
     pub bn_eps: Option<f64>,
-    /// `adam` (Keras form) or `sgd` (momentum, PyTorch form).
-    #[arg(long, value_parser = ["adam", "sgd"])]
+    /// `adam` (Keras form), `adamw` (PyTorch's AdamW: decoupled weight decay, default 1e-2) or
+    /// `sgd` (momentum, PyTorch form).
+    #[arg(long, value_parser = ["adam", "adamw", "sgd"])]
     pub optimizer: Option<String>,
     /// Learning rate.
     #[arg(long)]
     pub lr: Option<f64>,
-    /// Adam's β₁.
+    /// Adam's (and AdamW's) β₁.
     #[arg(long)]
     pub beta1: Option<f64>,
     /// Adam's β₂.
     #[arg(long)]
     pub beta2: Option<f64>,
-    /// Adam's ε.
+    /// Adam's (and AdamW's) ε.
     #[arg(long)]
     pub adam_eps: Option<f64>,
     /// SGD momentum.
@@ -106,7 +107,7 @@ pub struct TrainArgs {
     /// SGD Nesterov momentum.
     #[arg(long)]
     pub nesterov: bool,
-    /// SGD weight decay.
+    /// Weight decay: SGD's (L2, or --decoupled), AdamW's (decoupled).
     #[arg(long)]
     pub weight_decay: Option<f64>,
     /// SGD weight decay decoupled from the gradient (AdamW style) instead of L2.
@@ -397,6 +398,9 @@ pub fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
         Some("adam") if !matches!(cfg.optimizer, OptimizerConfig::Adam { .. }) => {
             cfg.optimizer = OptimizerConfig::keras_adam()
         }
+        Some("adamw") if !matches!(cfg.optimizer, OptimizerConfig::AdamW { .. }) => {
+            cfg.optimizer = OptimizerConfig::pytorch_adamw()
+        }
         Some("sgd") if !matches!(cfg.optimizer, OptimizerConfig::Sgd { .. }) => {
             cfg.optimizer = OptimizerConfig::paper_sgd()
         }
@@ -412,9 +416,19 @@ pub fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
             set(beta2, a.beta2);
             set(eps, a.adam_eps);
         }
+        OptimizerConfig::AdamW { lr, beta1, beta2, eps, weight_decay } => {
+            if a.momentum.is_some() || a.nesterov || a.decoupled {
+                bail!("--momentum, --nesterov and --decoupled are SGD settings (--optimizer sgd); AdamW's weight decay is decoupled");
+            }
+            set(lr, a.lr);
+            set(beta1, a.beta1);
+            set(beta2, a.beta2);
+            set(eps, a.adam_eps);
+            set(weight_decay, a.weight_decay);
+        }
         OptimizerConfig::Sgd { lr, momentum, nesterov, weight_decay, decoupled } => {
             if a.beta1.is_some() || a.beta2.is_some() || a.adam_eps.is_some() {
-                bail!("--beta1, --beta2 and --adam-eps are Adam settings (--optimizer adam)");
+                bail!("--beta1, --beta2 and --adam-eps are Adam settings (--optimizer adam or adamw)");
             }
             set(lr, a.lr);
             set(momentum, a.momentum);

@@ -421,6 +421,20 @@ fn train_refuses_inconsistent_settings() {
         &run,
     ]);
     assert!(!out.status.success() && stderr(&out).contains("Adam settings"), "{}", stderr(&out));
+    let out = sae(&[
+        "train",
+        "--model",
+        "resnet14b",
+        "--data",
+        s(&data),
+        "--optimizer",
+        "adamw",
+        "--momentum",
+        "0.9",
+        "--out",
+        &run,
+    ]);
+    assert!(!out.status.success() && stderr(&out).contains("AdamW's weight decay is decoupled"), "{}", stderr(&out));
     let out = sae(&["train", "--model", "resnet14b", "--data", s(dir), "--out", &run]);
     assert!(!out.status.success() && stderr(&out).contains("not a CIFAR-10/100 binary directory"), "{}", stderr(&out));
     let out = sae(&["train", "--model", "resnet14b", "--data", s(&data), "--ema-decay", "1.5", "--out", &run]);
@@ -548,6 +562,10 @@ fn compare_runs_over_seeds() {
         "1",
         "--batch-size",
         "10",
+        "--optimizer",
+        "adamw",
+        "--weight-decay",
+        "0.05",
         "--out",
         s(&real),
     ];
@@ -555,6 +573,11 @@ fn compare_runs_over_seeds() {
     assert!(out.status.success(), "{}", stderr(&out));
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(real.join("config.json")).unwrap()).unwrap();
+    // PyTorch's AdamW defaults but the decay given.
+    assert_eq!(
+        cfg["optimizer"],
+        serde_json::json!({"kind": "adamw", "lr": 0.001, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.05})
+    );
     cfg["epochs"] = 3.into();
     let runs = dir.join("runs");
     // Evaluation top-1 of epochs 1–3: the last-three mean is the middle value, 5 below the last.

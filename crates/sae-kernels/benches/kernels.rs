@@ -279,7 +279,7 @@ pub const ADAM_PARAMS: usize = 4 << 20;
 /// One Adam step over [`ADAM_PARAMS`] parameters: the reference (Candle ops), the three fused
 /// passes over moment tensors, and the one pass over interleaved moments the optimiser runs.
 fn adam_benches(c: &mut Criterion) {
-    let step = AdamStep { beta1: 0.9, beta2: 0.999, eps: 1e-7, alpha: 1e-4 };
+    let step = AdamStep::adam(0.9, 0.999, 1e-7, 1e-4);
     let theta = Var::from_tensor(&randn(1, &[ADAM_PARAMS])).unwrap();
     let grad = randn(2, &[ADAM_PARAMS]);
     let zeros = || Var::zeros(ADAM_PARAMS, DType::F32, &Device::Cpu).unwrap();

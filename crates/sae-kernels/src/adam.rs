@@ -5,10 +5,11 @@
 //! pass of a 32×32 batch). Here the moments and the parameters are updated where they are:
 //!
 //! ```text
-//! m ← β₁·m + (1 − β₁)·g      v ← β₂·v + (1 − β₂)·g²      θ ← θ − α·m / (√v + ε)
+//! m ← β₁·m + (1 − β₁)·g      v ← β₂·v + (1 − β₂)·g²      θ ← d·θ − α·m / (√v + ε)
 //! ```
 //!
-//! with `α` the step's learning rate, bias corrections folded in by the caller. The fused
+//! with `α` the step's learning rate, bias corrections folded in by the caller, and `d` the
+//! decoupled weight decay's factor (AdamW's `1 − lr·wd`; 1 for Adam, which leaves θ as it is). The fused
 //! kernel takes contiguous `f32` on the CPU; anything else runs [`adam_update_reference`], the
 //! same update composed of Candle ops, which writes its results into the same variables.
 //!
@@ -34,6 +35,16 @@ pub struct AdamStep {
     pub eps: f64,
     /// Step size, bias corrections included.
     pub alpha: f64,
+    /// θ's factor before the step: `1 − lr·wd` for AdamW's decoupled weight decay, 1 for Adam
+    /// (θ·1 is θ exactly: Adam's results do not change).
+    pub decay: f64,
+}
+
+impl AdamStep {
+    /// Adam's step (no weight decay).
+    pub fn adam(beta1: f64, beta2: f64, eps: f64, alpha: f64) -> Self {
+        Self { beta1, beta2, eps, alpha, decay: 1.0 }
+    }
 }
 
 /// Applies one Adam step to `theta` with gradient `grad`, updating `theta` and the moments `m`
@@ -57,7 +68,7 @@ pub fn adam_update(
     }
     m.inplace_op2(grad, &Moment { decay: step.beta1 as f32, square: false })?;
     v.inplace_op2(grad, &Moment { decay: step.beta2 as f32, square: true })?;
-    theta.inplace_op3(m, v, &Apply { alpha: step.alpha as f32, eps: step.eps as f32 })
+    theta.inplace_op3(m, v, &Apply { alpha: step.alpha as f32, eps: step.eps as f32, decay: step.decay as f32 })
 }
 
 /// Whether the fused kernels take this tensor (a parameter, gradient or moment): contiguous
@@ -87,11 +98,11 @@ pub fn adam_update_interleaved(theta: &Var, grad: &Tensor, moments: &mut [f32], 
 
 /// The Adam step composed of Candle ops, the definition the fused update is tested against.
 pub fn adam_update_reference(theta: &Var, grad: &Tensor, m: &Var, v: &Var, step: AdamStep) -> Result<()> {
-    let AdamStep { beta1, beta2, eps, alpha } = step;
+    let AdamStep { beta1, beta2, eps, alpha, decay } = step;
     let m_new = ((m.as_tensor() * beta1)? + (grad * (1.0 - beta1))?)?;
     let v_new = ((v.as_tensor() * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
     let update = (m_new.div(&(v_new.sqrt()? + eps)?)? * alpha)?;
-    theta.set(&(theta.as_tensor() - update)?)?;
+    theta.set(&((theta.as_tensor() * decay)? - update)?)?;
     m.set(&m_new)?;
     v.set(&v_new)
 }
@@ -102,10 +113,11 @@ struct Moment {
     square: bool,
 }
 
-/// `θ ← θ − α·m / (√v + ε)`.
+/// `θ ← d·θ − α·m / (√v + ε)`.
 struct Apply {
     alpha: f32,
     eps: f32,
+    decay: f32,
 }
 
 /// The whole step with the moments in the optimiser's memory (see [`adam_update_interleaved`]).
@@ -123,14 +135,14 @@ impl InplaceOp2 for Interleaved<'_> {
         let (theta, g) =
             (f32_contiguous_mut("adam", "updated tensor", dst, dst_l)?, f32_contiguous("adam", "gradient", g, gl)?);
         let Ok(mut moments) = self.moments.lock() else { bail!("adam: the moments' lock is poisoned") };
-        let AdamStep { beta1, beta2, eps, alpha } = self.step;
-        let (beta1, beta2, eps, alpha) = (beta1 as f32, beta2 as f32, eps as f32, alpha as f32);
+        let AdamStep { beta1, beta2, eps, alpha, decay } = self.step;
+        let (beta1, beta2, eps, alpha, decay) = (beta1 as f32, beta2 as f32, eps as f32, alpha as f32, decay as f32);
         theta.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).zip(moments.par_chunks_mut(2 * CHUNK)).for_each(
             |((theta, g), mv)| {
                 vectorized!(for ((t, &g), mv) in theta.iter_mut().zip(g).zip(mv.chunks_exact_mut(2)) {
                     let m = beta1 * mv[0] + (1.0 - beta1) * g;
                     let v = beta2 * mv[1] + (1.0 - beta2) * g * g;
-                    *t -= alpha * m / (v.sqrt() + eps);
+                    *t = decay * *t - alpha * m / (v.sqrt() + eps);
                     mv[0] = m;
                     mv[1] = v;
                 })
@@ -184,7 +196,7 @@ impl InplaceOp3 for Apply {
         );
         theta.par_chunks_mut(CHUNK).zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK))).for_each(|(t, (m, v))| {
             for ((t, &m), &v) in t.iter_mut().zip(m).zip(v) {
-                *t -= self.alpha * m / (v.sqrt() + self.eps);
+                *t = self.decay * *t - self.alpha * m / (v.sqrt() + self.eps);
             }
         });
         Ok(())
@@ -212,14 +224,15 @@ mod tests {
         let theta1 = Var::new(init.as_slice(), &Device::Cpu)?;
         let mut moments = vec![0f32; 2 * n];
         for t in 1..=3 {
-            let step = AdamStep { beta1: 0.9, beta2: 0.999, eps: 1e-7, alpha: 1e-3 * t as f64 };
+            // AdamW's decay too (1 − lr·wd), which both apply to θ before the step.
+            let step = AdamStep { decay: 1.0 - 1e-3 * t as f64, ..AdamStep::adam(0.9, 0.999, 1e-7, 1e-3 * t as f64) };
             adam_update(&theta3, &g, &m, &v, step, Implementation::Fused)?;
             adam_update_interleaved(&theta1, &g, &mut moments, step)?;
         }
         assert_eq!(theta1.to_vec1::<f32>()?, theta3.to_vec1::<f32>()?);
         let (ms, vs): (Vec<f32>, Vec<f32>) = moments.chunks_exact(2).map(|p| (p[0], p[1])).unzip();
         assert_eq!((ms, vs), (m.to_vec1::<f32>()?, v.to_vec1::<f32>()?));
-        let step = AdamStep { beta1: 0.9, beta2: 0.999, eps: 1e-7, alpha: 1e-3 };
+        let step = AdamStep::adam(0.9, 0.999, 1e-7, 1e-3);
         let err = adam_update_interleaved(&theta1, &g, &mut moments[1..], step).unwrap_err().to_string();
         assert!(err.contains(&format!("{}", 2 * n - 1)), "{err}");
         let err = adam_update_interleaved(&theta1, &g.to_dtype(DType::F64)?, &mut moments, step).unwrap_err();

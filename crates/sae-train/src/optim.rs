@@ -35,6 +35,22 @@ pub enum OptimizerConfig {
         /// ε (Keras 1e-7).
         eps: f64,
     },
+    /// AdamW, PyTorch's form (`torch.optim.AdamW`, timm's usual optimiser): weight decay
+    /// decoupled from the gradient, `θ ← θ·(1 − lr·wd)`, then Adam with bias-corrected moments
+    /// and ε added to the corrected `√v̂`: `θ −= lr·m̂/(√v̂ + ε)`.
+    #[serde(rename = "adamw")]
+    AdamW {
+        /// Learning rate (PyTorch default 1e-3).
+        lr: f64,
+        /// β₁ (0.9).
+        beta1: f64,
+        /// β₂ (0.999).
+        beta2: f64,
+        /// ε (PyTorch 1e-8).
+        eps: f64,
+        /// Decoupled weight decay (PyTorch default 1e-2).
+        weight_decay: f64,
+    },
     /// SGD with momentum (PyTorch form: `b = μb + g`, step `g + μb` with Nesterov, else `b`).
     Sgd {
         /// Learning rate.
@@ -56,6 +72,11 @@ impl OptimizerConfig {
         OptimizerConfig::Adam { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-7 }
     }
 
+    /// PyTorch's AdamW defaults: lr 1e-3, β (0.9, 0.999), ε 1e-8, weight decay 1e-2.
+    pub fn pytorch_adamw() -> Self {
+        OptimizerConfig::AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2 }
+    }
+
     /// The paper's ImageNet optimiser: SGD, momentum 0.9, L2 weight decay 1e-4, lr 0.01.
     pub fn paper_sgd() -> Self {
         OptimizerConfig::Sgd { lr: 0.01, momentum: 0.9, nesterov: false, weight_decay: 1e-4, decoupled: false }
@@ -64,7 +85,9 @@ impl OptimizerConfig {
     /// The base learning rate.
     pub fn lr(&self) -> f64 {
         match self {
-            OptimizerConfig::Adam { lr, .. } | OptimizerConfig::Sgd { lr, .. } => *lr,
+            OptimizerConfig::Adam { lr, .. } | OptimizerConfig::AdamW { lr, .. } | OptimizerConfig::Sgd { lr, .. } => {
+                *lr
+            }
         }
     }
 
@@ -75,7 +98,13 @@ impl OptimizerConfig {
         match *self {
             OptimizerConfig::Adam { lr, beta1, beta2, eps } => {
                 let interleaved = vars.iter().map(|(_, var)| moments_up_front(var, implementation)).collect();
-                Box::new(Adam { lr, beta1, beta2, eps, implementation, params: Params::new(vars), interleaved })
+                let adamw = None;
+                Box::new(Adam { lr, beta1, beta2, eps, adamw, implementation, params: Params::new(vars), interleaved })
+            }
+            OptimizerConfig::AdamW { lr, beta1, beta2, eps, weight_decay } => {
+                let interleaved = vars.iter().map(|(_, var)| moments_up_front(var, implementation)).collect();
+                let adamw = Some(weight_decay);
+                Box::new(Adam { lr, beta1, beta2, eps, adamw, implementation, params: Params::new(vars), interleaved })
             }
             OptimizerConfig::Sgd { lr, momentum, nesterov, weight_decay, decoupled } => {
                 Box::new(Sgd { lr, momentum, nesterov, weight_decay, decoupled, params: Params::new(vars) })
@@ -301,12 +330,15 @@ impl Params {
     }
 }
 
-/// Adam, Keras form (see [`OptimizerConfig::Adam`]).
+/// Adam, Keras form (see [`OptimizerConfig::Adam`]), or AdamW, PyTorch's
+/// ([`OptimizerConfig::AdamW`]).
 pub struct Adam {
     lr: f64,
     beta1: f64,
     beta2: f64,
     eps: f64,
+    /// AdamW's decoupled weight decay; `None` for Keras's Adam.
+    adamw: Option<f64>,
     implementation: Implementation,
     params: Params,
     /// Per variable, with the fused kernels on the CPU: its moments as (m, v) pairs, updated
@@ -364,8 +396,16 @@ impl Optimizer for Adam {
     fn update(&mut self, var: TensorId, grad: &Tensor) -> Result<bool> {
         let Some(&i) = self.params.index.get(&var) else { return Ok(false) };
         let t = self.params.step as i32;
-        let alpha = self.lr * (1.0 - self.beta2.powi(t)).sqrt() / (1.0 - self.beta1.powi(t));
-        let step = AdamStep { beta1: self.beta1, beta2: self.beta2, eps: self.eps, alpha };
+        let (correction1, correction2) = (1.0 - self.beta1.powi(t), 1.0 - self.beta2.powi(t));
+        let alpha = self.lr * correction2.sqrt() / correction1;
+        let step = match self.adamw {
+            None => AdamStep::adam(self.beta1, self.beta2, self.eps, alpha),
+            // PyTorch's lr·m̂/(√v̂ + ε) is α·m/(√v + ε·√(1 − β₂ᵗ)) with Keras's α.
+            Some(wd) => AdamStep {
+                decay: 1.0 - self.lr * wd,
+                ..AdamStep::adam(self.beta1, self.beta2, self.eps * correction2.sqrt(), alpha)
+            },
+        };
         let (var, (m, v), interleaved) = (&self.params.vars[i].1, &mut self.params.state[i], &mut self.interleaved[i]);
         // Detached: the optimiser state never keeps the graph a gradient may carry.
         let g = grad.detach();

@@ -46,6 +46,34 @@ fn adam_matches_keras_by_hand() {
     }
 }
 
+/// AdamW against PyTorch's algorithm (`torch.optim.AdamW`'s documentation) written out in f64:
+/// the decay `θ ← θ(1 − lr·wd)` first, then bias-corrected moments with ε added to `√v̂`. A
+/// large ε and a small gradient make ε's place matter (Keras's form would miss by ~10 %), and
+/// a large decay makes the decay's.
+#[test]
+fn adamw_matches_pytorch_by_hand() {
+    let (lr, b1, b2, eps, wd) = (0.1, 0.9, 0.999, 1e-3, 0.1);
+    let grad = |x: f64| 0.01 * x + 0.002;
+    let (mut theta, mut m, mut v) = (1.0f64, 0.0, 0.0);
+    let mut want = Vec::new();
+    for t in 1..=4 {
+        let g = grad(theta);
+        theta *= 1.0 - lr * wd;
+        m = b1 * m + (1.0 - b1) * g;
+        v = b2 * v + (1.0 - b2) * g * g;
+        let (m_hat, v_hat) = (m / (1.0 - b1.powi(t)), v / (1.0 - b2.powi(t)));
+        theta -= lr * m_hat / (v_hat.sqrt() + eps);
+        want.push(theta);
+    }
+    let cfg = OptimizerConfig::AdamW { lr, beta1: b1, beta2: b2, eps, weight_decay: wd };
+    for implementation in Implementation::ALL {
+        let got = run_optimizer_with(cfg.clone(), implementation, 1.0, |x| grad(x as f64) as f32, 4);
+        for (g, w) in got.iter().zip(&want) {
+            assert!((*g as f64 - w).abs() < 1e-5, "{implementation}: {got:?} against {want:?}");
+        }
+    }
+}
+
 fn adam_by_hand(t: &[f32]) {
     let alpha1 = 1e-3 * (1.0f64 - 0.999).sqrt() / (1.0 - 0.9);
     let theta1 = 1.0 - alpha1 * 0.2 / (0.004f64.sqrt() + 1e-7);
@@ -156,7 +184,7 @@ fn adam_runs_the_update_its_kernel_switch_names() {
         let (m, v) = (zeros(), zeros());
         for t in 1..=3 {
             let alpha = 1e-3 * (1.0 - 0.999f64.powi(t)).sqrt() / (1.0 - 0.9f64.powi(t));
-            let step = sae_kernels::AdamStep { beta1: 0.9, beta2: 0.999, eps: 1e-7, alpha };
+            let step = sae_kernels::AdamStep::adam(0.9, 0.999, 1e-7, alpha);
             match implementation {
                 Implementation::Reference => sae_kernels::adam_update_reference(&theta, &g, &m, &v, step),
                 Implementation::Fused => sae_kernels::adam_update(&theta, &g, &m, &v, step, Implementation::Fused),
