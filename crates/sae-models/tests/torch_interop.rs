@@ -115,6 +115,7 @@ fn our_models_load_into_the_pytorch_module_and_give_our_logits() {
         base("senetv2_resnet50").with_paper_preset(sae_models::PaperPreset::Cifar10),
         ModelConfig { stem: sae_models::Stem::Cifar, ..base("seresnet18") },
         base("senetv2_resnext50_32x4d"),
+        base("seresnet50").with_timm_se(),
         base("mobilenet_v1").with_paper_preset(sae_models::PaperPreset::Cifar10),
     ];
     for (i, cfg) in cases.into_iter().enumerate() {
