@@ -1,4 +1,5 @@
-//! CIFAR-10 and CIFAR-100 from the Hugging Face Hub, for users with the internet.
+//! Datasets (CIFAR-10, CIFAR-100, any image-classification dataset) and model weights from the
+//! Hugging Face Hub, for users with the internet.
 //!
 //! The Hub's dataset repositories hold each split as parquet shards: an image column (a struct
 //! of PNG `bytes` and a `path`) and integer label columns; the class names are in the
@@ -9,6 +10,8 @@
 //! and checks every image and label, and writes the split in the official binary layout
 //! beside the cache (`HF_HOME/sae-datasets/…`), so that [`crate::Cifar::load`] reads it like a
 //! download from the CIFAR homepage. Conversion happens once: a finished directory is reused.
+//! Any image-classification dataset becomes an ImageNet-style folder ([`prepare_image_folder`]),
+//! and model repositories' weight files come through the same cache ([`resolve_weights`]).
 
 use crate::cifar::{CifarKind, Split, IMAGE_BYTES};
 use crate::error::{io, Error, Result};

@@ -2,7 +2,8 @@
 //!
 //! A run directory holds `config.json` (the resolved [`TrainConfig`]), `classes.txt` (the
 //! data's class names in label order), `summary.csv` (one row per epoch), TensorBoard's
-//! `events.out.tfevents.*` (the same scalars, [`crate::tensorboard`]), `train.log`, `curves.png`, and `checkpoints/epoch-NNNN/` (`model.safetensors`,
+//! `events.out.tfevents.*` (the same scalars, [`crate::tensorboard`]), `train.log`,
+//! `curves.png`, and `checkpoints/epoch-NNNN/` (`model.safetensors`,
 //! `optimizer.safetensors`, `state.json`), with `checkpoints/last.json` and
 //! `checkpoints/best.json` naming the latest and the best (by eval top-1). Every file is written to a temporary name and renamed, so a
 //! killed run leaves the last complete checkpoint, and `resume` continues from it with the
@@ -364,9 +365,10 @@ impl Progress for Silent {
     fn epoch_end(&mut self, _summary: &EpochSummary) {}
 }
 
-/// Loads the `init` weights (safetensors or a PyTorch checkpoint) into `model`. A classifier
-/// head whose class count differs keeps the model's fresh initialisation (fine-tuning);
-/// every other tensor must match.
+/// Loads the `init` weights into `model`: safetensors or a PyTorch checkpoint, or `hf:…` from
+/// the Hub (`sae_data::resolve_weights`). A classifier head whose class count differs keeps the
+/// model's fresh initialisation (fine-tuning), and so do the excitation modules where the
+/// weights are a plain ResNet's; every other tensor must match.
 fn load_init(model: &Model, init: &Path) -> Result<()> {
     let path = sae_data::resolve_weights(init)?;
     let mut tensors = sae_models::read_state_dict(&path)?;
