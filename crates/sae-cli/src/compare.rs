@@ -39,14 +39,31 @@ pub struct CompareArgs {
 struct RunResult {
     dir: PathBuf,
     seed: u64,
-    /// Evaluation top-1 and top-5 of the last epoch, and top-1 averaged over the last three.
-    top1: f64,
-    top5: f64,
-    last3: f64,
-    /// Epochs done and planned.
-    epochs: (usize, usize),
-    /// Every finished epoch, for the plot.
+    /// Epochs the run's config plans.
+    planned_epochs: usize,
+    /// Every finished epoch (one at least: runs without are left out).
     history: Vec<EpochSummary>,
+}
+
+impl RunResult {
+    fn last(&self) -> &EpochSummary {
+        self.history.last().expect("a compared run has finished an epoch")
+    }
+
+    /// Evaluation top-1 of the last epoch.
+    fn top1(&self) -> f64 {
+        self.last().eval_top1
+    }
+
+    /// Evaluation top-5 of the last epoch.
+    fn top5(&self) -> f64 {
+        self.last().eval_top5
+    }
+
+    /// Evaluation top-1 averaged over the last three epochs.
+    fn last3(&self) -> f64 {
+        last_three_top1(&self.history)
+    }
 }
 
 /// The runs of one setting, by seed.
@@ -75,15 +92,7 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
             );
             continue;
         }
-        let run = RunResult {
-            seed: cfg.seed,
-            top1: last.eval_top1,
-            top5: last.eval_top5,
-            last3: last_three_top1(&history),
-            epochs: (last.epoch, cfg.epochs),
-            dir,
-            history,
-        };
+        let run = RunResult { seed: cfg.seed, planned_epochs: cfg.epochs, dir, history };
         let config = flatten(&setting_of(&cfg)?);
         match settings.iter_mut().find(|s| s.config == config) {
             Some(s) => {
@@ -237,12 +246,12 @@ fn settings_json(settings: &[Setting], names: &[String]) -> Vec<Value> {
             json!({
                 "setting": name,
                 "runs": s.runs.iter().map(|r| json!({
-                    "dir": r.dir.display().to_string(), "seed": r.seed, "top1": r.top1, "top5": r.top5,
-                    "top1_last3": r.last3, "epochs": r.epochs.0, "epochs_planned": r.epochs.1,
+                    "dir": r.dir.display().to_string(), "seed": r.seed, "top1": r.top1(), "top5": r.top5(),
+                    "top1_last3": r.last3(), "epochs": r.last().epoch, "epochs_planned": r.planned_epochs,
                 })).collect::<Vec<_>>(),
-                "top1": summary(s.runs.iter().map(|r| r.top1).collect()),
-                "top5": summary(s.runs.iter().map(|r| r.top5).collect()),
-                "top1_last3": summary(s.runs.iter().map(|r| r.last3).collect()),
+                "top1": summary(s.runs.iter().map(|r| r.top1()).collect()),
+                "top5": summary(s.runs.iter().map(|r| r.top5()).collect()),
+                "top1_last3": summary(s.runs.iter().map(|r| r.last3()).collect()),
             })
         })
         .collect()
@@ -272,7 +281,7 @@ fn comparisons(settings: &[Setting], names: &[String]) -> Vec<Value> {
                 let pick = |f: fn(&RunResult) -> f64| -> (Vec<f64>, Vec<f64>) {
                     shared.iter().map(|(x, y)| (f(x), f(y))).unzip()
                 };
-                let ((xl, yl), (x3, y3)) = (pick(|r| r.top1), pick(|r| r.last3));
+                let ((xl, yl), (x3, y3)) = (pick(|r| r.top1()), pick(|r| r.last3()));
                 let spread = stats::mean_std(&x3.iter().zip(&y3).map(|(x, y)| x - y).collect::<Vec<_>>()).1;
                 (
                     format!("paired over {} seeds", shared.len()),
@@ -284,8 +293,8 @@ fn comparisons(settings: &[Setting], names: &[String]) -> Vec<Value> {
                 let all = |runs: &[RunResult], f: fn(&RunResult) -> f64| runs.iter().map(f).collect::<Vec<_>>();
                 (
                     format!("Welch, {} against {} runs", a.len(), b.len()),
-                    stats::welch(&all(a, |r| r.top1), &all(b, |r| r.top1)),
-                    stats::welch(&all(a, |r| r.last3), &all(b, |r| r.last3)),
+                    stats::welch(&all(a, |r| r.top1()), &all(b, |r| r.top1())),
+                    stats::welch(&all(a, |r| r.last3()), &all(b, |r| r.last3())),
                     Value::Null,
                 )
             };
@@ -311,17 +320,17 @@ fn render(settings: &[Setting], names: &[String], comparisons: &[Value]) -> Stri
     for (s, name) in settings.iter().zip(names) {
         let values = |f: fn(&RunResult) -> f64| s.runs.iter().map(f).collect::<Vec<_>>();
         let seeds: Vec<String> = s.runs.iter().map(|r| r.seed.to_string()).collect();
-        let done: Vec<usize> = s.runs.iter().map(|r| r.epochs.0).collect();
+        let done: Vec<usize> = s.runs.iter().map(|r| r.last().epoch).collect();
         let (min, max) = (done.iter().min().copied().unwrap_or(0), done.iter().max().copied().unwrap_or(0));
-        let planned = s.runs[0].epochs.1;
+        let planned = s.runs[0].planned_epochs;
         let epochs = if min == max { format!("{min}/{planned}") } else { format!("{min}–{max}/{planned}") };
         md += &format!(
             "| {name} | {} | {} | {epochs} | {} | {} | {} |\n",
             s.runs.len(),
             seeds.join(", "),
-            stats::mean_spread_text(&values(|r| r.top1)),
-            stats::mean_spread_text(&values(|r| r.last3)),
-            stats::mean_spread_text(&values(|r| r.top5)),
+            stats::mean_spread_text(&values(|r| r.top1())),
+            stats::mean_spread_text(&values(|r| r.last3())),
+            stats::mean_spread_text(&values(|r| r.top5())),
         );
     }
     if comparisons.is_empty() {
