@@ -97,14 +97,10 @@ impl OptimizerConfig {
     pub fn build(&self, vars: Vec<(String, Var)>, implementation: Implementation) -> Box<dyn Optimizer> {
         match *self {
             OptimizerConfig::Adam { lr, beta1, beta2, eps } => {
-                let interleaved = vars.iter().map(|(_, var)| moments_up_front(var, implementation)).collect();
-                let adamw = None;
-                Box::new(Adam { lr, beta1, beta2, eps, adamw, implementation, params: Params::new(vars), interleaved })
+                Box::new(Adam::new(vars, implementation, [lr, beta1, beta2, eps], None))
             }
             OptimizerConfig::AdamW { lr, beta1, beta2, eps, weight_decay } => {
-                let interleaved = vars.iter().map(|(_, var)| moments_up_front(var, implementation)).collect();
-                let adamw = Some(weight_decay);
-                Box::new(Adam { lr, beta1, beta2, eps, adamw, implementation, params: Params::new(vars), interleaved })
+                Box::new(Adam::new(vars, implementation, [lr, beta1, beta2, eps], Some(weight_decay)))
             }
             OptimizerConfig::Sgd { lr, momentum, nesterov, weight_decay, decoupled } => {
                 Box::new(Sgd { lr, momentum, nesterov, weight_decay, decoupled, params: Params::new(vars) })
@@ -378,6 +374,17 @@ fn deinterleave(pairs: &[f32], var: &Var) -> Result<(Tensor, Tensor)> {
 }
 
 impl Adam {
+    /// Over `vars` with `[lr, β₁, β₂, ε]`, and AdamW's decoupled weight decay where given.
+    fn new(
+        vars: Vec<(String, Var)>,
+        implementation: Implementation,
+        [lr, beta1, beta2, eps]: [f64; 4],
+        adamw: Option<f64>,
+    ) -> Self {
+        let interleaved = vars.iter().map(|(_, var)| moments_up_front(var, implementation)).collect();
+        Adam { lr, beta1, beta2, eps, adamw, implementation, params: Params::new(vars), interleaved }
+    }
+
     /// The state as [`Optimizer::state_tensors`] names it, in [`Optimizer::load_state`]'s
     /// order: the tensors `params` holds, and a view of each interleaved variable's moments.
     fn state_views(&self) -> Result<Vec<(String, StateView<'_>)>> {
