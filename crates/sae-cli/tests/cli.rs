@@ -18,6 +18,20 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// Class folders `class0`–`class2` under `dir`, four `side`×`side` PNGs each: red, green or blue
+/// (learnable), each image a shade apart.
+fn write_colour_classes(dir: &Path, side: u32) {
+    for (c, colour) in [(0u8, [250u8, 10, 10]), (1, [10, 250, 10]), (2, [10, 10, 250])] {
+        let d = dir.join(format!("class{c}"));
+        std::fs::create_dir_all(&d).unwrap();
+        for i in 0..4u8 {
+            image::RgbImage::from_pixel(side, side, image::Rgb([colour[0], colour[1] ^ i, colour[2]]))
+                .save(d.join(format!("{i}.png")))
+                .unwrap();
+        }
+    }
+}
+
 #[test]
 fn models_lists_every_model_with_known_counts() {
     let out = sae(&["models", "--json"]);
@@ -301,15 +315,7 @@ fn train_eval_resume_and_fine_tune() {
     // Fine-tune on a 3-class folder from the CIFAR run's weights: the head is replaced.
     let folder = dir.join("folder");
     for split in ["train", "val"] {
-        for (c, colour) in [(0u8, [250u8, 10, 10]), (1, [10, 250, 10]), (2, [10, 10, 250])] {
-            let d = folder.join(split).join(format!("class{c}"));
-            std::fs::create_dir_all(&d).unwrap();
-            for i in 0..4u8 {
-                image::RgbImage::from_pixel(20, 20, image::Rgb([colour[0], colour[1] ^ i, colour[2]]))
-                    .save(d.join(format!("{i}.png")))
-                    .unwrap();
-            }
-        }
+        write_colour_classes(&folder.join(split), 20);
     }
     let weights = run.join("checkpoints/epoch-0002/model.safetensors");
     let tuned = dir.join("tuned");
@@ -659,15 +665,7 @@ fn a_folder_without_val_holds_out_a_fraction_of_each_class() {
     let dir = scratch("val-fraction");
     let dir = dir.path();
     let flat = dir.join("flat");
-    for (c, colour) in [(0u8, [250u8, 10, 10]), (1, [10, 250, 10]), (2, [10, 10, 250])] {
-        let d = flat.join(format!("class{c}"));
-        std::fs::create_dir_all(&d).unwrap();
-        for i in 0..4u8 {
-            image::RgbImage::from_pixel(12, 12, image::Rgb([colour[0], colour[1] ^ i, colour[2]]))
-                .save(d.join(format!("{i}.png")))
-                .unwrap();
-        }
-    }
+    write_colour_classes(&flat, 12);
     let train = |data: &Path, run: &Path, extra: &[&str]| {
         let mut args = vec!["train", "--model", "resnet14b", "--data", s(data), "--input-size", "8"];
         args.extend(["--epochs", "1", "--batch-size", "3", "--out", s(run)]);
