@@ -1,7 +1,7 @@
 //! `sae train` as two MPI ranks (`mpirun -np 2`, one thread each) on generated CIFAR-10 files:
 //! the same weights as one process with twice the batch, sharded evaluation with the
 //! single-process counts, learning, a killed or hung rank ending the run with a clear error,
-//! and resuming after it. Needs OpenMPI's `mpirun` (`.ci/run` installs it).
+//! resuming after it, and `--seeds` (a run per seed, finished ones kept). Needs OpenMPI's `mpirun` (`.ci/run` installs it).
 #![cfg(feature = "mpi")]
 
 use candle_core::{Device, Tensor};
@@ -277,4 +277,46 @@ fn a_hung_rank_ends_the_run_after_the_collective_timeout() {
     assert!(!status.success());
     assert!(err.contains("rank 0 of 2") && err.contains("waited 10 s") && err.contains("stopped or hangs"), "{err}");
     assert!(took < Duration::from_secs(40), "took {took:?}");
+}
+
+/// `--seeds` under two ranks: a run per seed, each made by both processes; run again with more
+/// seeds, the finished run is kept (both ranks take rank 0's look at its directory, also for
+/// the new seed's, which rank 0 creates while rank 1 may not have looked yet) and only the new
+/// seed trains.
+#[test]
+fn two_ranks_train_a_run_per_seed_and_keep_finished_ones() {
+    let dir = scratch("mpi-seeds");
+    let dir = dir.path();
+    let data = dir.join("cifar");
+    write_cifar10(&data, 1);
+    let out = dir.join("runs");
+    let train = |seeds: &str| -> Output {
+        let args = ["train", "--model", "resnet14b", "--data", s(&data), "--input-size", "8", "--epochs", "1"];
+        let tail = ["--batch-size", "5", "--seeds", seeds, "--out", s(&out)];
+        run(mpirun(&[&args[..], &tail[..]].concat(), &[]))
+    };
+    let stderr = |o: &Output| String::from_utf8_lossy(&o.stderr).to_string();
+    let first = train("0");
+    assert!(stderr(&first).contains("× 2 processes"), "{}", stderr(&first));
+    let summary = std::fs::read_to_string(out.join("seed-0/summary.csv")).unwrap();
+    let last = std::fs::read_to_string(out.join("seed-0/checkpoints/last.json")).unwrap();
+
+    let second = train("0-1");
+    let err = stderr(&second);
+    assert_eq!(std::fs::read_to_string(out.join("seed-0/summary.csv")).unwrap(), summary, "seed 0 was trained again");
+    assert_eq!(std::fs::read_to_string(out.join("seed-0/checkpoints/last.json")).unwrap(), last);
+    // Rank 0 alone reports: one line per seed's run and one for the two seeds.
+    assert_eq!(err.matches("2 seeds: eval top-1").count(), 1, "{err}");
+    assert_eq!(err.matches("training resnet14b").count(), 2, "{err}");
+    for seed in [0u64, 1] {
+        let run = out.join(format!("seed-{seed}"));
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+        assert_eq!(cfg["seed"], seed);
+        assert_eq!(evals(&run).len(), 1, "seed {seed}");
+        // Made by two processes: one alone may not resume it.
+        let one = sae().args(["train", "--out", s(&run), "--resume", "--epochs", "2"]).output().unwrap();
+        let one_err = String::from_utf8_lossy(&one.stderr);
+        assert!(!one.status.success() && one_err.contains("trained by 2 process(es)"), "seed {seed}: {one_err}");
+    }
 }
