@@ -202,7 +202,7 @@ impl ModelArgs {
         }
         let weights = self.weights.as_ref().context("give --run, or --weights with --config or --model")?;
         let cfg = match (&self.config, &self.model) {
-            (Some(path), _) => read_config(path)?,
+            (Some(path), _) => read_config(path)?.model,
             (None, Some(name)) => config(name, self.classes)?,
             (None, None) => bail!("give --config or --model"),
         };
@@ -213,16 +213,30 @@ impl ModelArgs {
     }
 }
 
-/// A model config: a `ModelConfig` JSON, or a run's `config.json` (its `model` field).
-fn read_config(path: &Path) -> Result<ModelConfig> {
+/// What `--config` gives: a model, and the data section where the file is a run's `config.json`.
+struct ConfigFile {
+    model: ModelConfig,
+    /// How the run's images were prepared (input size, held-out fraction); `None` for a model
+    /// config (`sae convert`'s).
+    data: Option<sae_train::DataConfig>,
+}
+
+/// A model config: a `ModelConfig` JSON, or a run's `config.json` (its `model` and `data` fields).
+fn read_config(path: &Path) -> Result<ConfigFile> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let value: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
     let model = value.get("model").filter(|m| m.is_object()).unwrap_or(&value);
-    let cfg: ModelConfig =
+    let model: ModelConfig =
         serde_json::from_value(model.clone()).with_context(|| format!("{}: not a model config", path.display()))?;
-    cfg.validate().with_context(|| format!("{}", path.display()))?;
-    Ok(cfg)
+    model.validate().with_context(|| format!("{}", path.display()))?;
+    let data = value
+        .get("data")
+        .map(|data| {
+            serde_json::from_value(data.clone()).with_context(|| format!("{}: its data section", path.display()))
+        })
+        .transpose()?;
+    Ok(ConfigFile { model, data })
 }
 
 fn main() {

@@ -599,19 +599,6 @@ pub fn load_run(run: &Path, last: bool, dev: &Device) -> Result<(Model, TrainCon
     Ok((model, cfg))
 }
 
-/// The data section of a run's config.json; `None` for a model config (`sae convert`'s).
-fn data_section(path: &Path) -> Result<Option<DataConfig>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
-    value
-        .get("data")
-        .map(|data| {
-            serde_json::from_value(data.clone()).with_context(|| format!("{}: its data section", path.display()))
-        })
-        .transpose()
-}
-
 /// `sae eval`.
 pub fn eval(a: &EvalArgs) -> Result<()> {
     let dev = device(&a.device)?;
@@ -624,12 +611,12 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         (None, Some(weights)) => {
             // A run's config.json also says how its images were prepared (input size, held-out
             // fraction): the data flags go on top of that.
-            let run_data = a.config.as_deref().map(data_section).transpose()?.flatten();
+            let file = a.config.as_deref().map(crate::read_config).transpose()?;
+            let (model, run_data) = file.map_or((None, None), |f| (Some(f.model), f.data));
             let data = a.data.apply(run_data)?;
-            let classes = class_count(data.dataset, &data.dir)?;
-            let cfg = match (&a.config, &a.model) {
-                (Some(path), _) => crate::read_config(path)?,
-                (None, Some(name)) => config(name, classes)?,
+            let cfg = match (model, &a.model) {
+                (Some(cfg), _) => cfg,
+                (None, Some(name)) => config(name, class_count(data.dataset, &data.dir)?)?,
                 (None, None) => bail!("give --config or --model with --weights"),
             };
             let model =
