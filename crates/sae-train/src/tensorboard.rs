@@ -1,13 +1,19 @@
-//! TensorBoard event files: a run's per-epoch scalars in `events.out.tfevents.*`, so that
-//! `tensorboard --logdir runs/` shows runs made here beside PyTorch's.
+//! TensorBoard event files: a run's scalars in `events.out.tfevents.*`, so that
+//! `tensorboard --logdir runs/` shows runs made here beside PyTorch's: each optimiser step's
+//! training loss, top-1 and learning rate under `step/…` (at the step's number, counted from 1
+//! over the whole run), and each epoch's summary (at the epoch's number).
 //!
 //! The format is TensorFlow's record file of `Event` protocol buffers, written by hand (a few
 //! fields of `event.proto` and `summary.proto`, proto3 encoding): each record is its length
 //! (u64, little-endian), the masked CRC-32C of those 8 bytes, the event, and the masked CRC-32C
-//! of the event. The first event names the file version; each later one holds an epoch's
-//! scalars under their tags. A resumed run opens a new file beside the old ones (TensorBoard
-//! reads every file of a directory), and logs only epochs the old files do not have: an epoch
-//! is logged after its checkpoint.
+//! of the event. The first event names the file version, the second is a `SessionLog` START at
+//! the first step this opening logs; the later ones hold scalars under their tags.
+//!
+//! Every opening of a run (a resume) writes a new file beside the old ones, which TensorBoard
+//! reads in order. A run killed after its last checkpoint has logged steps that its resume
+//! trains and logs again: the START tells TensorBoard to drop what earlier files logged at or
+//! after that step (as `SummaryWriter(purge_step=…)` does in PyTorch), so that each step shows
+//! once. Epochs are logged after their checkpoint, so none is logged twice.
 
 use crate::error::io;
 use crate::summary::EpochSummary;
@@ -26,8 +32,8 @@ pub struct EventWriter {
 impl EventWriter {
     /// Creates `dir/events.out.tfevents.<seconds>.<host>.sae` (a name of its own for every
     /// opening: a resume does not append to a file TensorBoard may be reading) and writes the
-    /// file-version event.
-    pub fn create(dir: &Path) -> Result<Self> {
+    /// file-version event and a START at `first_step`, the first step this opening logs.
+    pub fn create(dir: &Path, first_step: u64) -> Result<Self> {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
         let host = if host.is_empty() { "localhost".to_string() } else { host };
@@ -44,22 +50,38 @@ impl EventWriter {
         let mut event = event_header(now.as_secs_f64(), 0);
         field_bytes(&mut event, 3, b"brain.Event:2");
         writer.write_record(&event)?;
+        let mut start = event_header(now.as_secs_f64(), first_step);
+        // `session_log` (field 7): a `SessionLog` whose `status` (field 1) is START (1).
+        field_bytes(&mut start, 7, &[0x08, 0x01]);
+        writer.write_record(&start)?;
         Ok(writer)
     }
 
     /// Writes `summary`'s scalars at its epoch (the step TensorBoard plots them at).
     pub fn epoch(&mut self, summary: &EpochSummary) -> Result<()> {
-        let scalars = [
-            ("train/loss", summary.train_loss),
-            ("train/top1", summary.train_top1),
-            ("eval/loss", summary.eval_loss),
-            ("eval/top1", summary.eval_top1),
-            ("eval/top5", summary.eval_top5),
-            ("lr", summary.lr),
-            ("images_per_second", summary.images_per_second),
-        ];
+        self.scalars(
+            summary.epoch as u64,
+            &[
+                ("train/loss", summary.train_loss),
+                ("train/top1", summary.train_top1),
+                ("eval/loss", summary.eval_loss),
+                ("eval/top1", summary.eval_top1),
+                ("eval/top5", summary.eval_top5),
+                ("lr", summary.lr),
+                ("images_per_second", summary.images_per_second),
+            ],
+        )
+    }
+
+    /// Writes an optimiser step's scalars: its training loss and top-1 (over the step's
+    /// batches, on all processes) and learning rate, at the step's number.
+    pub fn step(&mut self, step: u64, loss: f64, top1: f64, lr: f64) -> Result<()> {
+        self.scalars(step, &[("step/train_loss", loss), ("step/train_top1", top1), ("step/lr", lr)])
+    }
+
+    fn scalars(&mut self, step: u64, scalars: &[(&str, f64)]) -> Result<()> {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        self.write_record(&scalar_event(now.as_secs_f64(), summary.epoch as u64, &scalars))
+        self.write_record(&scalar_event(now.as_secs_f64(), step, scalars))
     }
 
     /// One record: length, its masked CRC, the data, its masked CRC; flushed, so that a

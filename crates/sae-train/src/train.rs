@@ -2,7 +2,7 @@
 //!
 //! A run directory holds `config.json` (the resolved [`TrainConfig`]), `classes.txt` (the
 //! data's class names in label order), `summary.csv` (one row per epoch), TensorBoard's
-//! `events.out.tfevents.*` (the same scalars, [`crate::tensorboard`]), `train.log`,
+//! `events.out.tfevents.*` (the same scalars and each step's, [`crate::tensorboard`]), `train.log`,
 //! `curves.png`, and `checkpoints/epoch-NNNN/` (`model.safetensors`,
 //! `optimizer.safetensors`, `state.json`), with `checkpoints/last.json` and
 //! `checkpoints/best.json` naming the latest and the best (by eval top-1). Every file is written to a temporary name and renamed, so a
@@ -217,6 +217,7 @@ pub fn train_with(
         ema: ema.as_ref(),
         state: CheckpointState { world_size: world, ..CheckpointState::default() },
         collective: collective.clone(),
+        events: None,
     };
     // Every rank reads its data first, so that data that cannot be read leaves no run behind
     // (as a bad init file does not). Rank 0 then opens the run; the others learn how that went
@@ -276,8 +277,6 @@ pub fn train_with(
             .map_err(io(&log_path))?;
     }
 
-    // TensorBoard's event file, opened at the first epoch this opening logs.
-    let mut events: Option<crate::tensorboard::EventWriter> = None;
     for epoch in run.state.epoch..cfg.epochs {
         let trained = run.train_epoch(optimizer.as_mut(), &train_loader, epoch, progress)?;
         let start = Instant::now();
@@ -307,11 +306,8 @@ pub fn train_with(
             crate::plot::plot_run(&history, &cfg.model.name, &dir.join("curves.png"))?;
             checkpoint::save(dir, &model, ema.as_ref(), optimizer.as_ref(), &mut run.state, Some(eval_top1))?;
             // After the checkpoint: a resume logs no epoch twice.
-            let writer = match &mut events {
-                Some(writer) => writer,
-                None => events.insert(crate::tensorboard::EventWriter::create(dir)?),
-            };
-            writer.epoch(history.last().expect("just pushed"))?;
+            let first_step = run.state.step as u64 + 1;
+            run.events(first_step)?.epoch(history.last().expect("just pushed"))?;
         }
     }
     // The others wait for rank 0's last files, so that what they read next is complete.
@@ -423,9 +419,19 @@ struct Run<'a> {
     ema: Option<&'a Model>,
     state: CheckpointState,
     collective: Arc<dyn Collective>,
+    /// Rank 0's TensorBoard file of this opening, created at the first step it logs.
+    events: Option<crate::tensorboard::EventWriter>,
 }
 
 impl Run<'_> {
+    /// Rank 0's event file, created on first use with its START at `first_step`.
+    fn events(&mut self, first_step: u64) -> Result<&mut crate::tensorboard::EventWriter> {
+        if self.events.is_none() {
+            self.events = Some(crate::tensorboard::EventWriter::create(self.dir, first_step)?);
+        }
+        Ok(self.events.as_mut().expect("just created"))
+    }
+
     /// Runs `f` with BatchNorm's statistics taken over all ranks, when the run asks for that.
     fn synchronised<R>(&self, f: impl FnOnce() -> R) -> R {
         match self.cfg.steps.sync_bn && self.collective.world_size() > 1 {
@@ -502,6 +508,8 @@ impl Run<'_> {
         let update_in_backward = steps.clip_grad_norm.is_none();
         let optimizer_vars: HashSet<TensorId> = optimizer.variable_ids().into_iter().collect();
         let mut accumulated: Option<GradStore> = None;
+        // The current step's loss sum, images and correct top-1 over its batches (and ranks).
+        let mut step_sums = [0.0f64; 3];
         for (i, batch) in (first..).zip(loader.epoch_from(epoch as u64, first)) {
             let batch = batch?;
             optimizer.set_lr(cfg.schedule.lr(cfg.optimizer.lr(), epoch as f64 + i as f64 / batches as f64));
@@ -544,6 +552,7 @@ impl Run<'_> {
             totals.loss_sum += loss_sum;
             totals.images += images as usize;
             totals.correct += correct as usize;
+            step_sums = [step_sums[0] + loss_sum, step_sums[1] + images, step_sums[2] + correct];
             totals.seconds = seconds_before + start.elapsed().as_secs_f64();
             self.state.batch = i + 1;
             if last_of_step {
@@ -567,6 +576,11 @@ impl Run<'_> {
                     Ok(())
                 })?;
                 self.state.step += 1;
+                if self.collective.rank() == 0 {
+                    let [loss_sum, images, correct] = std::mem::take(&mut step_sums);
+                    let step = self.state.step as u64;
+                    self.events(step)?.step(step, loss_sum / images, 100.0 * correct / images, optimizer.lr())?;
+                }
                 let due = steps.checkpoint_every.is_some_and(|n| self.state.step.is_multiple_of(n));
                 if due && i + 1 < batches && self.collective.rank() == 0 {
                     self.state.partial = totals.clone();

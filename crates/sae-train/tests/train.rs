@@ -599,9 +599,10 @@ fn a_run_killed_mid_epoch_resumes_from_its_last_step_checkpoint_with_the_same_re
     let full = train(&cfg, straight, &Device::Cpu, false, &mut LogLines::default()).unwrap();
     let killed = tmp("kill-killed");
     let killed = killed.path();
-    // Killed in epoch 2 at its 7th batch: the last checkpoint is after its 6th (step 5 + 3).
+    // Killed in epoch 2 after its 8th batch: the last checkpoint is after its 6th (step 5 + 3),
+    // and step 9 (its 7th and 8th batches) was trained and logged after it.
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        train(&cfg, killed, &Device::Cpu, false, &mut KillAfter { after: 17, seen: 0 })
+        train(&cfg, killed, &Device::Cpu, false, &mut KillAfter { after: 18, seen: 0 })
     }));
     assert!(outcome.is_err(), "the run was not killed");
     let last = std::fs::read_to_string(killed.join("checkpoints/last.json")).unwrap();
@@ -616,6 +617,23 @@ fn a_run_killed_mid_epoch_resumes_from_its_last_step_checkpoint_with_the_same_re
     let ema = |run: &Path| std::fs::read(run.join("checkpoints/epoch-0002/ema.safetensors")).unwrap();
     assert_eq!(ema(straight), ema(killed), "weight averages differ after resume");
     assert_same_rows(&full, &resumed);
+    // TensorBoard: the resume's file starts at step 9, which the killed opening logged too; as
+    // TensorBoard keeps the later file's steps from there on, the run shows the uninterrupted
+    // run's steps, each once, with the same values.
+    let files = tensorboard_files(killed);
+    assert_eq!(files.len(), 2);
+    assert!(files[0].iter().any(|e| matches!(e, Logged::Scalars(9, v) if v[0].0 == "step/train_loss")));
+    assert_eq!(files[1][1], Logged::Start(9));
+    assert_eq!(step_losses(killed), step_losses(straight));
+    assert_eq!(step_losses(straight).iter().map(|(step, _)| *step).collect::<Vec<_>>(), (1..=10).collect::<Vec<_>>());
+    if let Some(read) = tensorboard_reads(killed) {
+        let points = read["step/train_loss"].as_array().unwrap();
+        let want = step_losses(straight);
+        assert_eq!(points.len(), want.len(), "{points:?}");
+        for (p, (step, loss)) in points.iter().zip(&want) {
+            assert_eq!((p[0].as_u64(), p[1].as_f64().map(|v| v as f32)), (Some(*step), Some(*loss)));
+        }
+    }
     // Killed within the first epoch, before any summary was written, it resumes too.
     let early = tmp("kill-early");
     let early = early.path();
@@ -752,47 +770,123 @@ fn bf16_run_ends_within_one_point_of_the_f32_run() {
     assert!((bf16_top1 - f32_top1).abs() <= 1.0, "bf16 ended at {bf16_top1} %, f32 at {f32_top1} %");
 }
 
-/// A run's TensorBoard events: whole records (lengths and CRC-32Cs check), the file version
-/// first, one event per epoch; a resume adds a file with only the epochs after its checkpoint.
-/// With `SAE_TORCH_PYTHON` naming a Python with `tensorboard`, TensorBoard's own reader gets
-/// each epoch's scalars of summary.csv.
-#[test]
-fn tensorboard_reads_every_epoch_once() {
-    let data = tmp("tb-data");
-    let data = data.path();
-    write_colour_dataset(data, 2, 1);
-    let run = tmp("tb-run");
-    let run = run.path();
-    train(&small_config("resnet14b", data, 1), run, &Device::Cpu, false, &mut LogLines::default()).unwrap();
-    train(&small_config("resnet14b", data, 2), run, &Device::Cpu, true, &mut LogLines::default()).unwrap();
+/// What an event of a run's TensorBoard files holds, decoded here apart from the writer.
+#[derive(Debug, PartialEq)]
+enum Logged {
+    Version,
+    /// A `SessionLog` START at this step.
+    Start(u64),
+    /// Scalars (tag, value) at this step.
+    Scalars(u64, Vec<(String, f32)>),
+}
+
+/// The protobuf fields of `bytes`: (number, varint value or bytes); fixed-width values as bytes.
+fn proto_fields(mut bytes: &[u8]) -> Vec<(u64, u64, &[u8])> {
+    fn varint(bytes: &mut &[u8]) -> u64 {
+        let (mut value, mut shift) = (0u64, 0);
+        loop {
+            let byte = bytes[0];
+            *bytes = &bytes[1..];
+            value |= ((byte & 0x7f) as u64) << shift;
+            shift += 7;
+            if byte & 0x80 == 0 {
+                return value;
+            }
+        }
+    }
+    let mut fields = Vec::new();
+    while !bytes.is_empty() {
+        let key = varint(&mut bytes);
+        let (number, wire) = (key >> 3, key & 7);
+        let len = match wire {
+            0 => {
+                fields.push((number, varint(&mut bytes), &[][..]));
+                continue;
+            }
+            1 => 8,
+            2 => varint(&mut bytes) as usize,
+            5 => 4,
+            other => panic!("wire type {other}"),
+        };
+        fields.push((number, 0, &bytes[..len]));
+        bytes = &bytes[len..];
+    }
+    fields
+}
+
+/// The events of each of a run's TensorBoard files, in the order TensorBoard reads them (by
+/// name); every record's length and data CRC-32C checked.
+fn tensorboard_files(run: &Path) -> Vec<Vec<Logged>> {
     let mut files: Vec<_> = std::fs::read_dir(run)
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("events.out.tfevents."))
         .collect();
     files.sort();
-    assert_eq!(files.len(), 2, "{files:?}");
     let masked = |b: &[u8]| sae_train::tensorboard::crc32c(b).rotate_right(15).wrapping_add(0xa282_ead8);
-    let mut events = 0;
-    for file in &files {
-        let bytes = std::fs::read(file).unwrap();
-        let mut at = 0;
-        let mut first = true;
-        while at < bytes.len() {
-            let len_bytes = &bytes[at..at + 8];
-            let len = u64::from_le_bytes(len_bytes.try_into().unwrap()) as usize;
-            assert_eq!(u32::from_le_bytes(bytes[at + 8..at + 12].try_into().unwrap()), masked(len_bytes));
-            let data = &bytes[at + 12..at + 12 + len];
-            assert_eq!(u32::from_le_bytes(bytes[at + 12 + len..at + 16 + len].try_into().unwrap()), masked(data));
-            let is_version = data.windows(13).any(|w| w == b"brain.Event:2");
-            assert_eq!(is_version, first, "{}: the file version comes first, once", file.display());
-            events += !is_version as usize;
-            first = false;
-            at += 16 + len;
+    let decode = |data: &[u8]| {
+        let fields = proto_fields(data);
+        let step = fields.iter().find(|f| f.0 == 2).map_or(0, |f| f.1);
+        if fields.iter().any(|f| f.0 == 3 && f.2 == b"brain.Event:2") {
+            return Logged::Version;
+        }
+        if let Some(log) = fields.iter().find(|f| f.0 == 7) {
+            assert_eq!(proto_fields(log.2), [(1, 1, &[][..])], "a START");
+            return Logged::Start(step);
+        }
+        let summary = fields.iter().find(|f| f.0 == 5).expect("a summary");
+        let values = proto_fields(summary.2)
+            .iter()
+            .map(|value| {
+                let value = proto_fields(value.2);
+                let tag = String::from_utf8(value[0].2.to_vec()).unwrap();
+                (tag, f32::from_le_bytes(value[1].2.try_into().unwrap()))
+            })
+            .collect();
+        Logged::Scalars(step, values)
+    };
+    files
+        .iter()
+        .map(|file| {
+            let bytes = std::fs::read(file).unwrap();
+            let mut events = Vec::new();
+            let mut at = 0;
+            while at < bytes.len() {
+                let len_bytes = &bytes[at..at + 8];
+                let len = u64::from_le_bytes(len_bytes.try_into().unwrap()) as usize;
+                assert_eq!(u32::from_le_bytes(bytes[at + 8..at + 12].try_into().unwrap()), masked(len_bytes));
+                let data = &bytes[at + 12..at + 12 + len];
+                assert_eq!(u32::from_le_bytes(bytes[at + 12 + len..at + 16 + len].try_into().unwrap()), masked(data));
+                events.push(decode(data));
+                at += 16 + len;
+            }
+            events
+        })
+        .collect()
+}
+
+/// The run's per-step training loss as TensorBoard shows it: by step, a later file's value from
+/// its START on replacing what earlier files logged there.
+fn step_losses(run: &Path) -> Vec<(u64, f32)> {
+    let mut losses = std::collections::BTreeMap::new();
+    for events in tensorboard_files(run) {
+        for event in events {
+            match event {
+                Logged::Start(step) => losses.retain(|s, _| *s < step),
+                Logged::Scalars(step, values) if values[0].0 == "step/train_loss" => {
+                    assert!(losses.insert(step, values[0].1).is_none(), "step {step} logged twice in one opening");
+                }
+                _ => (),
+            }
         }
     }
-    assert_eq!(events, 2, "one event per epoch over both files");
-    let Some(python) = std::env::var_os("SAE_TORCH_PYTHON") else { return };
+    losses.into_iter().collect()
+}
+
+/// With `SAE_TORCH_PYTHON` naming a Python with `tensorboard`, every scalar tag of the run as
+/// TensorBoard's own reader gives it: `{tag: [[step, value], …]}`.
+fn tensorboard_reads(run: &Path) -> Option<serde_json::Value> {
+    let python = std::env::var_os("SAE_TORCH_PYTHON")?;
     let read = "import json, sys\n\
                 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator\n\
                 ea = EventAccumulator(sys.argv[1]); ea.Reload()\n\
@@ -800,10 +894,45 @@ fn tensorboard_reads_every_epoch_once() {
     let out = std::process::Command::new(python).args(["-c", read]).arg(run).output().unwrap();
     if !out.status.success() {
         eprintln!("skipped TensorBoard's reader: {}", String::from_utf8_lossy(&out.stderr));
-        return;
+        return None;
     }
-    let scalars: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    Some(serde_json::from_slice(&out.stdout).unwrap())
+}
+
+/// A run's TensorBoard events: whole records, the file version first and a START at the first
+/// step each opening logs; every step's scalars and every epoch's once (a resume adds a file
+/// with only the steps and epochs after its checkpoint). TensorBoard's own reader, where there
+/// is one, gets each epoch's scalars of summary.csv and every step.
+#[test]
+fn tensorboard_logs_every_step_and_epoch_once() {
+    let data = tmp("tb-data");
+    let data = data.path();
+    write_colour_dataset(data, 2, 1);
+    let run = tmp("tb-run");
+    let run = run.path();
+    train(&small_config("resnet14b", data, 1), run, &Device::Cpu, false, &mut LogLines::default()).unwrap();
+    train(&small_config("resnet14b", data, 2), run, &Device::Cpu, true, &mut LogLines::default()).unwrap();
+    // 20 images in batches of 10: two steps per epoch.
+    let files = tensorboard_files(run);
+    assert_eq!(files.len(), 2, "{files:?}");
     let summary = read_summary(run).unwrap();
+    for (n, events) in files.iter().enumerate() {
+        let (first_step, epoch) = (2 * n as u64 + 1, &summary[n]);
+        assert_eq!(events[..2], [Logged::Version, Logged::Start(first_step)]);
+        let tags = |e: &Logged| match e {
+            Logged::Scalars(step, values) => (*step, values.iter().map(|v| v.0.clone()).collect::<Vec<_>>()),
+            other => panic!("{other:?} after the file's start"),
+        };
+        let step_tags = vec!["step/train_loss".to_string(), "step/train_top1".into(), "step/lr".into()];
+        assert_eq!(tags(&events[2]), (first_step, step_tags.clone()));
+        assert_eq!(tags(&events[3]), (first_step + 1, step_tags));
+        assert_eq!(events.len(), 5);
+        let Logged::Scalars(step, values) = &events[4] else { unreachable!() };
+        assert_eq!(*step, epoch.epoch as u64);
+        let eval_top1 = values.iter().find(|v| v.0 == "eval/top1").unwrap().1;
+        assert_eq!(eval_top1, epoch.eval_top1 as f32);
+    }
+    let Some(scalars) = tensorboard_reads(run) else { return };
     type Field = fn(&EpochSummary) -> f64;
     let tags: [(&str, Field); 2] = [("eval/top1", |s| s.eval_top1), ("train/loss", |s| s.train_loss)];
     for (tag, value) in tags {
@@ -815,4 +944,7 @@ fn tensorboard_reads_every_epoch_once() {
             assert!((got - want).abs() <= 1e-4 * want.abs().max(1.0), "{tag} epoch {}: {got} against {want}", s.epoch);
         }
     }
+    let steps: Vec<u64> =
+        scalars["step/train_loss"].as_array().unwrap().iter().map(|p| p[0].as_u64().unwrap()).collect();
+    assert_eq!(steps, [1, 2, 3, 4]);
 }
