@@ -3,9 +3,11 @@
 //! sample std with a 95 % Student-t interval, and for each pair of settings the difference with
 //! its interval, p-value and verdict, paired by seed where the settings share seeds.
 //!
-//! A setting is everything in a run's `config.json` but its seed; each is named by the fewest
-//! fields that tell the settings apart (`model.name=seresnet18`, `optimizer.lr=0.1`). Runs that
-//! have not finished their epochs are left out unless asked for.
+//! A setting is everything in a run's `config.json` but its seed and the fields `--ignore` names
+//! (runs made from another copy of the data, `data.dir`, or with the other kernel switch,
+//! `model.kernels`, are otherwise other settings); each is named by the fewest fields that tell
+//! the settings apart (`model.name=seresnet18`, `optimizer.lr=0.1`). Runs that have not
+//! finished their epochs are left out unless asked for.
 
 use anyhow::{bail, Context, Result};
 use sae_train::plot::Series;
@@ -33,6 +35,10 @@ pub struct CompareArgs {
     /// over a thin line per run.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    /// A config field that does not make runs different settings, by its dotted path
+    /// (`data.dir`) or a whole section (`data`); may be repeated.
+    #[arg(long, value_name = "FIELD")]
+    pub ignore: Vec<String>,
 }
 
 /// One run's outcome.
@@ -75,6 +81,9 @@ struct Setting {
 /// `sae compare`.
 pub fn compare(a: &CompareArgs) -> Result<()> {
     let mut settings: Vec<Setting> = Vec::new();
+    let ignored = |key: &str| a.ignore.iter().any(|f| ignored_by(key, f));
+    // Every field of the runs' configs, so that an `--ignore` that names none is an error.
+    let mut fields = std::collections::BTreeSet::new();
     for dir in run_dirs(&a.runs)? {
         let cfg = TrainConfig::read(&dir).with_context(|| format!("{}: not a run directory", dir.display()))?;
         // A run writes its summary after its first epoch.
@@ -93,7 +102,9 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
             continue;
         }
         let run = RunResult { seed: cfg.seed, planned_epochs: cfg.epochs, dir, history };
-        let config = flatten(&setting_of(&cfg)?);
+        let mut config = flatten(&setting_of(&cfg)?);
+        fields.extend(config.keys().cloned());
+        config.retain(|key, _| !ignored(key));
         match settings.iter_mut().find(|s| s.config == config) {
             Some(s) => {
                 if let Some(twin) = s.runs.iter().find(|r| r.seed == run.seed) {
@@ -111,6 +122,14 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
     }
     if settings.is_empty() {
         bail!("no run to compare among {}", describe(&a.runs));
+    }
+    if let Some(unknown) = a.ignore.iter().find(|f| !fields.iter().any(|key| ignored_by(key, f))) {
+        let sections: std::collections::BTreeSet<&str> =
+            fields.iter().map(|k| k.split('.').next().unwrap_or(k)).collect();
+        bail!(
+            "--ignore {unknown}: no run's config has that field (fields are dotted paths such as data.dir, or sections: {})",
+            sections.into_iter().collect::<Vec<_>>().join(", ")
+        );
     }
     for s in &mut settings {
         s.runs.sort_by_key(|r| r.seed);
@@ -165,6 +184,12 @@ fn run_dirs(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
 
 fn describe(paths: &[PathBuf]) -> String {
     paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+}
+
+/// Whether `--ignore field` covers the config field `key`: the field itself, or one of its
+/// section.
+fn ignored_by(key: &str, field: &str) -> bool {
+    key.strip_prefix(field).is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
 }
 
 /// A run's config without its seed: what makes runs the same setting.

@@ -655,6 +655,40 @@ fn compare_runs_over_seeds() {
         "{}",
         stderr(&out)
     );
+
+    // Setting a's seed 2 trained from another copy of the data: another setting, unless
+    // `--ignore` says the field does not matter.
+    let moved = dir.join("moved");
+    for seed in 0..3 {
+        let (from, to) = (runs.join(format!("a{seed}")), moved.join(format!("a{seed}")));
+        std::fs::create_dir_all(&to).unwrap();
+        std::fs::copy(from.join("summary.csv"), to.join("summary.csv")).unwrap();
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(from.join("config.json")).unwrap()).unwrap();
+        if seed == 2 {
+            cfg["data"]["dir"] = "/elsewhere/cifar".into();
+        }
+        std::fs::write(to.join("config.json"), cfg.to_string()).unwrap();
+    }
+    let settings = |extra: &[&str]| {
+        let out = sae(&[&["compare", s(&moved), "--json"], extra].concat());
+        assert!(out.status.success(), "{}", stderr(&out));
+        let j: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+        let names = j["settings"].as_array().unwrap().iter();
+        names
+            .map(|s| (s["setting"].as_str().unwrap().to_string(), s["runs"].as_array().unwrap().len()))
+            .collect::<Vec<_>>()
+    };
+    let two = settings(&[]);
+    assert_eq!(two.len(), 2, "{two:?}");
+    assert!(two[0].0.starts_with("data.dir="), "{two:?}");
+    for ignore in ["data.dir", "data"] {
+        assert_eq!(settings(&["--ignore", ignore]), [("all runs".to_string(), 3)]);
+    }
+    let out = sae(&["compare", s(&moved), "--ignore", "data.folder"]);
+    let err = stderr(&out);
+    assert!(!out.status.success() && err.contains("--ignore data.folder: no run's config has that field"), "{err}");
+    assert!(err.contains("data, epochs,"), "{err}");
 }
 
 /// A folder of class folders without val/ (torchvision's layout) trains with a held-out
