@@ -123,12 +123,12 @@ enum Command {
     /// Compares runs of several settings over their seeds: evaluation top-1 per setting as
     /// mean ± std with a 95 % interval, and each pair's difference with its interval, p-value
     /// and verdict (paired by seed where the settings share seeds). A setting is everything in
-    /// a run's config.json but its seed.
+    /// a run's config.json but its seed and the fields named by --ignore.
     #[command(after_help = "Examples:\n  \
                             sae train --config base.json --model senetv2_resnet18 --seeds 0-4 --out runs/v2\n  \
                             sae train --config base.json --model seresnet18 --seeds 0-4 --out runs/se\n  \
                             sae compare runs/v2 runs/se --plot top1.png\n  \
-                            sae compare runs/*/seed-* --json")]
+                            sae compare runs/*/seed-* --json --ignore data.dir")]
     Compare(compare::CompareArgs),
     /// Times the gradient all-reduce of data-parallel training between the processes of
     /// `mpirun` (one JSON line from rank 0: seconds, algorithm and bus GB/s).
