@@ -33,19 +33,7 @@ fn read_estimates(dir: &Path, out: &mut Estimates) -> Result<()> {
     Ok(())
 }
 
-/// CPU model and hardware threads of this machine.
-pub fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    format!("{cpu}, {threads} hardware threads")
-}
+pub use sae_train::bench::machine;
 
 /// Elements of a shape written `16x256x35x35` at the end of a group name.
 fn elements(group: &str) -> usize {

@@ -6,10 +6,10 @@
 
 use crate::project_root;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, ModuleT, Tensor};
+use candle_core::{DType, Device, Tensor};
 use sae_kernels::Implementation;
 use sae_models::{PaperPreset, Precision};
-use sae_train::metrics::cross_entropy;
+use sae_train::bench::{median, Bench, Mode, WARM_STAT_FORWARDS};
 use sae_train::optim::OptimizerConfig;
 use std::fmt::Write;
 use std::path::PathBuf;
@@ -17,16 +17,6 @@ use std::process::Command;
 use std::time::Instant;
 
 const CLASSES: usize = 100;
-
-/// Training-mode forwards before inference is timed (BatchNorm momentum 0.1: 1 − 0.9²⁰ = 88 %
-/// of the way to the batch statistics). `bench/pytorch/bench_train.py` does the same.
-const WARM_STAT_FORWARDS: usize = 20;
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Mode {
-    Train,
-    Infer,
-}
 
 /// One measured configuration.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -169,11 +159,6 @@ fn resident_memory() -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
-pub(crate) fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 /// Median seconds of `f` over at least `min_calls` calls and `seconds`, after two warm-up
 /// calls; what `f` returns is dropped inside the timing (as a step drops its tensors).
 pub(crate) fn median_seconds<T>(seconds: f64, min_calls: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
@@ -264,55 +249,11 @@ pub fn row_in_this_process(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// A row's model, inputs and (for training) optimiser, ready to run steps.
-struct Setup {
-    device: Device,
-    model: sae_models::Model,
-    x: Tensor,
-    y: Tensor,
-    optimizer: Option<Box<dyn sae_train::optim::Optimizer>>,
-}
-
-impl Setup {
-    fn new(r: Row, kernels: Implementation, precision: Precision) -> Result<Self> {
-        let device = Device::Cpu;
-        let mut cfg = r.config()?;
-        cfg.kernels = kernels;
-        let mut model = sae_models::Model::new(cfg, 0, &device)?;
-        model.set_precision(precision);
-        let x = Tensor::randn(0f32, 1.0, (r.batch, 3, r.size, r.size), &device)?;
-        let labels: Vec<u32> = (0..r.batch as u32).map(|i| i * 37 % CLASSES as u32).collect();
-        let y = Tensor::new(labels.as_slice(), &device)?;
-        // Only for training: its moments (twice the weights) are allocated when it is built.
-        let optimizer =
-            (r.mode == Mode::Train).then(|| OptimizerConfig::keras_adam().build(model.trainable_vars(), kernels));
-        if r.mode == Mode::Infer {
-            // Realistic running statistics for eval mode: with the initial ones the activations
-            // are unnormalised, and their values slow some kernels down (both ours and PyTorch's).
-            for _ in 0..WARM_STAT_FORWARDS {
-                device.with_context(|| model.forward_without_graph(&x, true))?;
-            }
-        }
-        Ok(Self { device, model, x, y, optimizer })
-    }
-
-    /// One training step or inference; its forward and backward seconds, the optimiser's
-    /// update inside the backward as in `sae train` (one process, no gradient clipping).
-    fn step(&mut self) -> Result<[f64; 2]> {
-        let (device, model, x) = (&self.device, &self.model, &self.x);
-        let t0 = Instant::now();
-        let Some(optimizer) = self.optimizer.as_mut() else {
-            device.with_context(|| model.forward_without_graph(x, false)?.to_dtype(DType::F32))?;
-            return Ok([t0.elapsed().as_secs_f64(), 0.0]);
-        };
-        let (loss, t1) = device.with_context(|| -> Result<_> {
-            let loss = cross_entropy(&model.forward_t(x, true)?, &self.y, 0.0)?;
-            loss.to_scalar::<f32>()?;
-            Ok((loss, Instant::now()))
-        })?;
-        device.with_context(|| sae_train::backward_with_step(loss, optimizer.as_mut()))?;
-        Ok([(t1 - t0).as_secs_f64(), t1.elapsed().as_secs_f64()])
-    }
+/// A row's model, inputs and (for training) Keras Adam, ready to run steps.
+fn setup(r: Row, kernels: Implementation, precision: Precision) -> Result<Bench> {
+    let mut cfg = r.config()?;
+    cfg.kernels = kernels;
+    Ok(Bench::new(cfg, precision, r.size, r.batch, r.mode, &OptimizerConfig::keras_adam(), &Device::Cpu)?)
 }
 
 /// `name` as the rows of the report hold it (`&'static str`), or an error naming `command`.
@@ -326,22 +267,14 @@ fn row_model(command: &str, name: &str) -> Result<&'static str> {
 
 fn measure_here(r: Row, kernels: Implementation, precision: Precision, seconds: f64) -> Result<Timing> {
     let baseline = resident_memory().0;
-    let (heap, parts) = sae_train::allocator::measure(|| -> Result<Vec<[f64; 2]>> {
-        let mut setup = Setup::new(r, kernels, precision)?;
-        let mut parts = Vec::new();
-        setup.step()?;
-        let start = Instant::now();
-        while parts.len() < 3 || start.elapsed().as_secs_f64() < seconds {
-            parts.push(setup.step()?);
-        }
-        Ok(parts)
+    let (heap, timing) = sae_train::allocator::measure(|| -> Result<_> {
+        Ok(sae_train::bench::measure(&mut setup(r, kernels, precision)?, seconds, 3)?)
     });
-    let parts = parts?;
-    let part = |i: usize| median(parts.iter().map(|p| p[i]).collect());
+    let timing = timing?;
     Ok(Timing {
-        step: median(parts.iter().map(|p| p.iter().sum()).collect()),
-        forward: part(0),
-        backward: part(1),
+        step: timing.step,
+        forward: timing.forward,
+        backward: timing.backward,
         memory: Memory { baseline, peak: resident_memory().1 },
         heap: (heap.peak - heap.before) as u64,
     })
@@ -361,7 +294,7 @@ pub fn step_heap(
 ) -> Result<sae_train::allocator::HeapUse> {
     let model = row_model("step-heap", model)?;
     let r = row(model, size, batch, Mode::Train);
-    let mut setup = Setup::new(r, kernels, precision)?;
+    let mut setup = setup(r, kernels, precision)?;
     let mut measure_step = |n: usize| -> Result<sae_train::allocator::HeapUse> {
         let (heap, step) = sae_train::allocator::measure(|| setup.step());
         step?;

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod benchmark;
 mod compare;
 mod train;
 
@@ -130,6 +131,14 @@ enum Command {
                             sae compare runs/v2 runs/se --plot top1.png\n  \
                             sae compare runs/*/seed-* --json --ignore data.dir")]
     Compare(compare::CompareArgs),
+    /// Images/s of models on this machine: inference and training steps on random inputs, with
+    /// the median step, its forward and backward parts, and the GFLOP/s they reach (as timm's
+    /// benchmark.py reports PyTorch models).
+    #[command(after_help = "Examples:\n  \
+                            sae benchmark --model resnet50,seresnet50,senetv2_resnet50 --batch-size 16\n  \
+                            sae benchmark --model all --input-size 32 --mode train --csv speed.csv\n  \
+                            sae benchmark --config runs/a/config.json --precision bf16")]
+    Benchmark(benchmark::BenchmarkArgs),
     /// Times the gradient all-reduce of data-parallel training between the processes of
     /// `mpirun` (one JSON line from rank 0: seconds, algorithm and bus GB/s).
     #[command(after_help = "Example (a ResNet-50's gradient, 25.6 M floats):\n  \
@@ -219,6 +228,8 @@ struct ConfigFile {
     /// How the run's images were prepared (input size, held-out fraction); `None` for a model
     /// config (`sae convert`'s).
     data: Option<sae_train::DataConfig>,
+    /// The precision the run trained in; `None` for a model config.
+    precision: Option<sae_models::Precision>,
 }
 
 /// A model config: a `ModelConfig` JSON, or a run's `config.json` (its `model` and `data` fields).
@@ -236,7 +247,11 @@ fn read_config(path: &Path) -> Result<ConfigFile> {
             serde_json::from_value(data.clone()).with_context(|| format!("{}: its data section", path.display()))
         })
         .transpose()?;
-    Ok(ConfigFile { model, data })
+    let precision = value
+        .get("precision")
+        .map(|p| serde_json::from_value(p.clone()).with_context(|| format!("{}: its precision", path.display())))
+        .transpose()?;
+    Ok(ConfigFile { model, data, precision })
 }
 
 fn main() {
@@ -325,6 +340,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Eval(args) => train::eval(&args),
         Command::Compare(args) => compare::compare(&args),
+        Command::Benchmark(args) => benchmark::benchmark(&args),
     }
 }
 

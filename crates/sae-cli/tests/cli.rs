@@ -781,3 +781,71 @@ fn seeds_train_one_run_each_and_keep_finished_ones() {
     let out = train(&["--seeds", "0-1", "--seed", "3"]);
     assert!(!out.status.success() && stderr(&out).contains("cannot be used with"), "{}", stderr(&out));
 }
+
+/// `sae benchmark`: a line per model and mode whose numbers agree with each other and with
+/// `sae models` (images/s is the batch over the median step; GFLOP/s two FLOP per
+/// multiply-accumulate, three passes' worth for training), the same rows in its CSV, a run's
+/// input size and precision by default, and errors for bad input.
+#[test]
+fn benchmark_reports_rows_that_agree() {
+    let dir = scratch("benchmark");
+    let dir = dir.path();
+    let csv = dir.join("speed.csv");
+    let args = ["benchmark", "--model", "resnet14b,seresnet14b", "--classes", "10", "--input-size", "32"];
+    let out = sae(&[&args[..], &["--batch-size", "2", "--seconds", "0", "--json", "--csv", s(&csv)]].concat());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rows: Vec<serde_json::Value> = stdout(&out).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let models = sae(&["models", "--classes", "10", "--size", "32", "--json"]);
+    let models: Vec<serde_json::Value> = stdout(&models).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let expected = [("resnet14b", "infer"), ("resnet14b", "train"), ("seresnet14b", "infer"), ("seresnet14b", "train")];
+    assert_eq!(rows.len(), expected.len(), "{rows:?}");
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs();
+    for (row, (model, mode)) in rows.iter().zip(expected) {
+        assert_eq!((row["model"].as_str(), row["mode"].as_str()), (Some(model), Some(mode)));
+        let counts = models.iter().find(|m| m["model"] == model).unwrap();
+        assert_eq!((&row["params"], &row["macs"]), (&counts["params"], &counts["macs"]));
+        assert_eq!((row["input_size"].as_u64(), row["precision"].as_str()), (Some(32), Some("f32")));
+        let f = |key: &str| row[key].as_f64().unwrap();
+        assert!(f("step_seconds") > 0.0 && row["steps"].as_u64().unwrap() >= 3, "{row}");
+        assert!(close(f("images_per_second"), 2.0 / f("step_seconds")), "{row}");
+        let passes = if mode == "train" { 3.0 } else { 1.0 };
+        assert!(close(f("gflops"), 2.0 * passes * f("macs") * 2.0 / f("step_seconds") / 1e9), "{row}");
+        assert_eq!(f("backward_seconds") > 0.0, mode == "train", "{row}");
+    }
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 5);
+    let header: Vec<&str> = lines[0].split(',').collect();
+    for (line, row) in lines[1..].iter().zip(&rows) {
+        let fields: Vec<&str> = line.split(',').collect();
+        let field = |key: &str| fields[header.iter().position(|h| *h == key).unwrap()];
+        assert_eq!(field("model"), row["model"].as_str().unwrap());
+        // (serde_json reads floats to within an ulp or so.)
+        assert!(close(field("step_seconds").parse::<f64>().unwrap(), row["step_seconds"].as_f64().unwrap()), "{line}");
+    }
+
+    // A run's config: its model, input size and precision unless given.
+    let data = dir.join("cifar");
+    write_cifar10(&data, 1);
+    let run = dir.join("run");
+    let train = ["train", "--model", "resnet14b", "--data", s(&data), "--input-size", "16", "--epochs", "1"];
+    let out = sae(&[&train[..], &["--batch-size", "10", "--precision", "bf16", "--out", s(&run)]].concat());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let config = run.join("config.json");
+    let out =
+        sae(&["benchmark", "--config", s(&config), "--mode", "infer", "--batch-size", "1", "--seconds", "0", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let row: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!((row["model"].as_str(), row["input_size"].as_u64()), (Some("resnet14b"), Some(16)));
+    assert_eq!((row["precision"].as_str(), row["mode"].as_str()), (Some("bf16"), Some("infer")));
+
+    for (bad, message) in [
+        (&["--model", "resnet13"][..], "resnet13"),
+        (&["--model", "resnet14b", "--batch-size", "0"], "--batch-size must be at least 1"),
+        (&["--model", "resnet14b", "--seconds=-1"], "--seconds -1 is not a duration"),
+        (&["--model", "resnet14b", "--input-size", "0", "--seconds", "0"], "benchmarking resnet14b (infer) at 0×0"),
+    ] {
+        let out = sae(&[&["benchmark"][..], bad].concat());
+        assert!(!out.status.success() && stderr(&out).contains(message), "{bad:?}: {}", stderr(&out));
+    }
+}

@@ -7,6 +7,7 @@
 //! (`summary.csv`), `progress` (bar or log lines), `plot` (`curves.png`).
 
 pub mod allocator;
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
