@@ -506,6 +506,9 @@ fn parity_cases() -> Vec<ParityCase> {
             Implementation::Fused,
             Box::new(|t, imp| add_relu(&t[0], &t[1], imp)),
         ),
+        // Held to the CPU kernel as the ReLUs above: no gradient at exactly 0 and 6.
+        case("relu6", &[&[4, 16, 9, 9]], Implementation::Fused, Box::new(|t, imp| relu6(&t[0], imp))),
+        case("add_channel_bias", &[&[4, 16, 9, 9], &[16]], r, Box::new(|t, imp| add_channel_bias(&t[0], &t[1], imp))),
     ]
 }
 

@@ -13,7 +13,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape,
 use rayon::prelude::*;
 
 /// `x + bias[c]` for every element of channel `c` of `x` (N, C, H, W); `bias` (C) has `x`'s
-/// dtype. The fused kernel runs on the CPU for f32, bf16 and f16; elsewhere Candle's
+/// dtype. The fused kernels run on the CPU and CUDA for f32, bf16 and f16; elsewhere Candle's
 /// `broadcast_add`, the reference.
 pub fn add_channel_bias(x: &Tensor, bias: &Tensor, implementation: Implementation) -> Result<Tensor> {
     let c = match x.dims() {
@@ -29,7 +29,7 @@ pub fn add_channel_bias(x: &Tensor, bias: &Tensor, implementation: Implementatio
         )
     }
     match implementation {
-        Implementation::Fused if x.device().is_cpu() && crate::has_fused_kernel(x) => {
+        Implementation::Fused if crate::has_fused_kernel(x) => {
             x.contiguous()?.apply_op2(&bias.contiguous()?, ChannelBias)
         }
         _ => x.broadcast_add(&bias.reshape((1, c, 1, 1))?),
@@ -79,6 +79,17 @@ impl CustomOp2 for ChannelBias {
         Ok((out, xl.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((crate::cuda_ops::channel_bias(x, xl, b, bl)?, xl.shape().clone()))
+    }
+
     fn bwd(&self, _x: &Tensor, _b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let bias_grad = grad.contiguous()?.apply_op1_no_bwd(&ChannelSums)?;
         Ok((Some(grad.clone()), Some(bias_grad)))
@@ -108,5 +119,11 @@ impl CustomOp1 for ChannelSums {
             T::to_cpu_storage_owned(sums)
         });
         Ok((out, Shape::from(c)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, g: &candle_core::CudaStorage, gl: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let c = gl.dims().get(1).copied().unwrap_or(0);
+        Ok((crate::cuda_ops::channel_sums(g, gl)?, Shape::from(c)))
     }
 }

@@ -514,15 +514,49 @@ pub(crate) fn relu(x: &CudaStorage, xl: &Layout, y: Option<(&CudaStorage, &Layou
     by_dtype!("relu", x, run(x, xl, y))
 }
 
-/// The gradient through a ReLU from its (contiguous) output and output gradient.
-pub(crate) fn relu_backward(out: &CudaStorage, ol: &Layout, dy: &CudaStorage, dl: &Layout) -> Result<CudaStorage> {
+/// `min(max(x, 0), 6)` of a contiguous operand.
+pub(crate) fn relu6(x: &CudaStorage, xl: &Layout) -> Result<CudaStorage> {
+    fn run<T: CudaDType + DeviceRepr + WithDType>(x: &CudaStorage, xl: &Layout) -> Result<CudaStorage> {
+        let op = "relu6";
+        let dev = x.device();
+        let count = xl.shape().elem_count();
+        let xv = contiguous::<T>(op, "input", x, xl)?;
+        let out = unsafe { dev.alloc::<T>(count)? };
+        let f = function!(dev, op, "relu6_fwd", T::DTYPE);
+        let mut b = f.builder();
+        b.arg(&xv);
+        b.arg(&count);
+        b.arg(&out);
+        unsafe { b.launch(elementwise(count)) }.w()?;
+        Ok(wrap(out, dev))
+    }
+    by_dtype!("relu6", x, run(x, xl))
+}
+
+/// Which activation [`activation_backward`] differentiates.
+#[derive(Clone, Copy)]
+pub(crate) enum Activation {
+    /// The gradient passes where the output is positive.
+    Relu,
+    /// The gradient passes where the output is strictly inside (0, 6).
+    Relu6,
+}
+
+/// The gradient through a ReLU or ReLU6 from its (contiguous) output and output gradient.
+pub(crate) fn activation_backward(
+    activation: Activation,
+    out: &CudaStorage,
+    ol: &Layout,
+    dy: &CudaStorage,
+    dl: &Layout,
+) -> Result<CudaStorage> {
     fn run<T: CudaDType + DeviceRepr + WithDType>(
+        (op, kernel): (&str, &str),
         out: &CudaStorage,
         ol: &Layout,
         dy: &CudaStorage,
         dl: &Layout,
     ) -> Result<CudaStorage> {
-        let op = "relu backward";
         same_dtype(op, "gradient", out, dy)?;
         let count = ol.shape().elem_count();
         if dl.shape().elem_count() != count {
@@ -531,7 +565,7 @@ pub(crate) fn relu_backward(out: &CudaStorage, ol: &Layout, dy: &CudaStorage, dl
         let dev = out.device();
         let (o, d) = (contiguous::<T>(op, "output", out, ol)?, contiguous::<T>(op, "output gradient", dy, dl)?);
         let dx = unsafe { dev.alloc::<T>(count)? };
-        let f = function!(dev, op, "relu_bwd", T::DTYPE);
+        let f = function!(dev, op, kernel, T::DTYPE);
         let mut b = f.builder();
         b.arg(&o);
         b.arg(&d);
@@ -540,5 +574,58 @@ pub(crate) fn relu_backward(out: &CudaStorage, ol: &Layout, dy: &CudaStorage, dl
         unsafe { b.launch(elementwise(count)) }.w()?;
         Ok(wrap(dx, dev))
     }
-    by_dtype!("relu backward", out, run(out, ol, dy, dl))
+    let names = match activation {
+        Activation::Relu => ("relu backward", "relu_bwd"),
+        Activation::Relu6 => ("relu6 backward", "relu6_bwd"),
+    };
+    by_dtype!(names.0, out, run(names, out, ol, dy, dl))
+}
+
+/// `x + bias[c]` of a contiguous (N, C, H, W) `x` and its (C) bias.
+pub(crate) fn channel_bias(x: &CudaStorage, xl: &Layout, bias: &CudaStorage, bl: &Layout) -> Result<CudaStorage> {
+    fn run<T: CudaDType + DeviceRepr + WithDType>(
+        x: &CudaStorage,
+        xl: &Layout,
+        bias: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<CudaStorage> {
+        let op = "add_channel_bias";
+        same_dtype(op, "bias", x, bias)?;
+        let g = KernelGeometry::planes(op, xl)?;
+        if bl.shape().elem_count() != g.c as usize {
+            bail!("{op}: the bias has {} values for {} channels", bl.shape().elem_count(), g.c)
+        }
+        let dev = x.device();
+        let (xv, bv) = (contiguous::<T>(op, "input", x, xl)?, contiguous::<T>(op, "bias", bias, bl)?);
+        let count = g.input_len();
+        let out = unsafe { dev.alloc::<T>(count)? };
+        let f = function!(dev, op, "channel_bias", T::DTYPE);
+        let mut b = f.builder();
+        b.arg(&xv);
+        b.arg(&bv);
+        b.arg(&g);
+        b.arg(&out);
+        unsafe { b.launch(elementwise(count)) }.w()?;
+        Ok(wrap(out, dev))
+    }
+    by_dtype!("add_channel_bias", x, run(x, xl, bias, bl))
+}
+
+/// The per-channel sums (C) of a contiguous (N, C, H, W) gradient: a bias's gradient.
+pub(crate) fn channel_sums(grad: &CudaStorage, gl: &Layout) -> Result<CudaStorage> {
+    fn run<T: CudaDType + DeviceRepr + WithDType>(grad: &CudaStorage, gl: &Layout) -> Result<CudaStorage> {
+        let op = "add_channel_bias backward";
+        let g = KernelGeometry::planes(op, gl)?;
+        let dev = grad.device();
+        let gv = contiguous::<T>(op, "gradient", grad, gl)?;
+        let sums = unsafe { dev.alloc::<T>(g.c as usize)? };
+        let f = function!(dev, op, "channel_sums", T::DTYPE);
+        let mut b = f.builder();
+        b.arg(&gv);
+        b.arg(&g);
+        b.arg(&sums);
+        unsafe { b.launch(per_block(g.c as usize)) }.w()?;
+        Ok(wrap(sums, dev))
+    }
+    by_dtype!("add_channel_bias backward", grad, run(grad, gl))
 }

@@ -24,14 +24,14 @@ pub fn relu(x: &Tensor, implementation: Implementation) -> Result<Tensor> {
 /// `min(max(x, 0), 6)` element-wise (MobileNet's activation), with the gradient passed where
 /// `0 < x < 6` and 0 elsewhere, as PyTorch's `hardtanh` (Candle's `clamp` passes half at
 /// `x = 0` and `x = 6`, which MobileNet meets: a depthwise window of zeros gives an exact 0).
-/// The fused kernel runs on the CPU for f32/f16/bf16; elsewhere [`relu6_reference`]. Both
+/// The fused kernels run on the CPU and CUDA for f32/f16/bf16; elsewhere [`relu6_reference`]. Both
 /// differ from a plain `clamp` in speed too: its backward builds equality masks for both
 /// operands of a `maximum` and a `minimum` against broadcast scalars, and a MobileNet v1
 /// training step at 32×32 spent ~45 % of its time in those passes (`perf` of `sae train`, the
 /// Zen 5 EPYC).
 pub fn relu6(x: &Tensor, implementation: Implementation) -> Result<Tensor> {
     match implementation {
-        Implementation::Fused if x.device().is_cpu() && crate::has_fused_kernel(x) => x.contiguous()?.apply_op1(Relu6),
+        Implementation::Fused if crate::has_fused_kernel(x) => x.contiguous()?.apply_op1(Relu6),
         _ => relu6_reference(x),
     }
 }
@@ -194,7 +194,7 @@ impl CustomOp2 for ReluBackward {
         g: &candle_core::CudaStorage,
         gl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((crate::cuda_ops::relu_backward(y, yl, g, gl)?, yl.shape().clone()))
+        Ok((crate::cuda_ops::activation_backward(crate::cuda_ops::Activation::Relu, y, yl, g, gl)?, yl.shape().clone()))
     }
 }
 
@@ -211,6 +211,11 @@ impl CustomOp1 for Relu6 {
         Ok((out, l.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, x: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((crate::cuda_ops::relu6(x, l)?, l.shape().clone()))
+    }
+
     fn bwd(&self, _x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(res.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &Relu6Backward)?))
     }
@@ -224,6 +229,20 @@ impl CustomOp2 for Relu6Backward {
     fn cpu_fwd(&self, y: &CpuStorage, yl: &Layout, g: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
         // The output is strictly inside (0, 6) exactly where the input is.
         gradient_where("relu6 backward", y, yl, g, gl, |y| y > 0.0 && y < 6.0)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        y: &candle_core::CudaStorage,
+        yl: &Layout,
+        g: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((
+            crate::cuda_ops::activation_backward(crate::cuda_ops::Activation::Relu6, y, yl, g, gl)?,
+            yl.shape().clone(),
+        ))
     }
 }
 

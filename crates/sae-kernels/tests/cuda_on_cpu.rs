@@ -477,6 +477,31 @@ fn ops_kernels_on_the_cpu_match_the_reference() {
         let mask = af.gt(0.0).unwrap().to_dtype(DType::F32).unwrap();
         assert_close(&what("relu dx", &dims), &dx, &(&bf * mask).unwrap(), F32_TOL);
         checked += 3;
+
+        // ReLU6 (values at exactly 0 and 6 among them, where no gradient passes) and its
+        // backward, against the reference composition and its rule.
+        let scaled = (randn(15, &dims, DType::F32) * 5.0).unwrap().to_dtype(dtype).unwrap().flatten_all().unwrap();
+        let edges = Tensor::new(&[0f32, 6.0, -0.0, 7.5], &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        let x6 =
+            Tensor::cat(&[&edges, &scaled.narrow(0, 4, count - 4).unwrap()], 0).unwrap().reshape(&dims[..]).unwrap();
+        let x6f = x6.to_dtype(DType::F32).unwrap();
+        let y = h.run(11, none, [0; 5], [0; 5], false, count, &[&bytes(&x6)], dtype, &dims);
+        assert_close(&what("relu6", &dims), &y, &relu6_reference(&x6f).unwrap(), F32_TOL);
+        let y6 = x6.clamp(0f32, 6f32).unwrap();
+        let dx = h.run(12, none, [0; 5], [0; 5], false, count, &[&bytes(&y6), &bytes(&b)], dtype, &dims);
+        let inside = x6f.gt(0.0).unwrap().minimum(&x6f.lt(6.0).unwrap()).unwrap().to_dtype(DType::F32).unwrap();
+        assert_close(&what("relu6 dx", &dims), &dx, &(&bf * inside).unwrap(), F32_TOL);
+        // A convolution's bias per channel, and the bias gradient: the sums of each channel.
+        let [n, c, hh, ww] = dims;
+        let geometry = [n, c, hh, ww, 1, 1, hh, ww, 1, 0];
+        let bias = randn(16, &[c], dtype);
+        let y = h.run(13, geometry, [0; 5], [0; 5], false, 0, &[&bytes(&a), &bytes(&bias)], dtype, &dims);
+        let biased = af.broadcast_add(&bias.to_dtype(DType::F32).unwrap().reshape((1, c, 1, 1)).unwrap()).unwrap();
+        let rounded = |t: Tensor| t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+        assert_close(&what("add_channel_bias", &dims), &y, &rounded(biased), tol);
+        let sums = h.run(14, geometry, [0; 5], [0; 5], false, 0, &[&bytes(&b)], dtype, &[c]);
+        assert_close(&what("add_channel_bias dbias", &dims), &sums, &rounded(bf.sum((0, 2, 3)).unwrap()), tol);
+        checked += 4;
     }
-    assert_eq!(checked, 5 * (6 + 6 + 9 + 33 + 3));
+    assert_eq!(checked, 5 * (6 + 6 + 9 + 33 + 3 + 4));
 }

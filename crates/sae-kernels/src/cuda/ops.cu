@@ -273,6 +273,40 @@ template <typename T> __device__ void relu_bwd(const T *out, const T *dy, size_t
     SAE_FOR_EACH(e, count) dx[e] = to_f(out[e]) > 0.0f ? dy[e] : from_f<T>(0.0f);
 }
 
+// ReLU6 (MobileNet's activation): min(max(x, 0), 6), NaN kept as Rust's f32::clamp keeps it.
+template <typename T> __device__ void relu6_fwd(const T *x, size_t count, T *out) {
+    SAE_FOR_EACH(e, count) {
+        const float v = to_f(x[e]);
+        out[e] = from_f<T>(v < 0.0f ? 0.0f : (v > 6.0f ? 6.0f : v));
+    }
+}
+
+// dx = dy where ReLU6's output is strictly inside (0, 6) (hardtanh's rule), else 0.
+template <typename T> __device__ void relu6_bwd(const T *out, const T *dy, size_t count, T *dx) {
+    SAE_FOR_EACH(e, count) {
+        const float y = to_f(out[e]);
+        dx[e] = y > 0.0f && y < 6.0f ? dy[e] : from_f<T>(0.0f);
+    }
+}
+
+// ---- bias.rs: contiguous (N, C, H, W) operands, the bias (C) ----
+
+// out = x + bias[c], rounded once to T.
+template <typename T> __device__ void channel_bias(const T *x, const T *bias, Geometry g, T *out) {
+    const size_t plane = (size_t)g.h * g.w, count = (size_t)g.n * g.c * plane;
+    SAE_FOR_EACH(e, count) out[e] = from_f<T>(to_f(x[e]) + to_f(bias[e / plane % g.c]));
+}
+
+// sums[c] = Σ over (N, H, W) of channel c of the gradient: one block per channel, summed in f64.
+template <typename T> __device__ void channel_sums(const T *grad, Geometry g, T *sums) {
+    const uint32_t c = blockIdx.x;
+    const size_t plane = (size_t)g.h * g.w, count = (size_t)g.n * plane;
+    double acc = 0.0;
+    for (size_t k = threadIdx.x; k < count; k += blockDim.x) acc += to_f(grad[(k / plane * g.c + c) * plane + k % plane]);
+    acc = block_total(acc);
+    if (threadIdx.x == 0) sums[c] = from_f<T>((float)acc);
+}
+
 #define SAE_OPS(T, SUFFIX)                                                                                             \
     extern "C" __global__ void sae_im2col_##SUFFIX(const T *x, Strides4 xs, Geometry g, T *col) {                      \
         im2col(x, xs, g, col);                                                                                         \
@@ -319,6 +353,16 @@ template <typename T> __device__ void relu_bwd(const T *out, const T *dy, size_t
     }                                                                                                                  \
     extern "C" __global__ void sae_relu_bwd_##SUFFIX(const T *out, const T *dy, size_t count, T *dx) {                 \
         relu_bwd(out, dy, count, dx);                                                                                  \
+    }                                                                                                                  \
+    extern "C" __global__ void sae_relu6_fwd_##SUFFIX(const T *x, size_t count, T *out) { relu6_fwd(x, count, out); }  \
+    extern "C" __global__ void sae_relu6_bwd_##SUFFIX(const T *out, const T *dy, size_t count, T *dx) {                \
+        relu6_bwd(out, dy, count, dx);                                                                                 \
+    }                                                                                                                  \
+    extern "C" __global__ void sae_channel_bias_##SUFFIX(const T *x, const T *bias, Geometry g, T *out) {              \
+        channel_bias(x, bias, g, out);                                                                                 \
+    }                                                                                                                  \
+    extern "C" __global__ void sae_channel_sums_##SUFFIX(const T *grad, Geometry g, T *sums) {                         \
+        channel_sums(grad, g, sums);                                                                                   \
     }
 
 SAE_OPS(float, f32)

@@ -21,6 +21,10 @@
 //  8  x, a, dy, mean, inv_std (f32)    BatchNorm / channel affine [dx | da | db]
 //  9  x, y                             relu(x + y) (y empty: relu(x))
 // 10  out, dy                          ReLU's dx
+// 11  x                                relu6(x)
+// 12  out, dy                          ReLU6's dx
+// 13  x, bias                          x + bias per channel (contiguous x)
+// 14  grad                             per-channel sums of the gradient
 #include "cuda_emulation.h"
 #include "ops.cu"
 
@@ -126,6 +130,30 @@ void run(uint64_t op, const Launch &l, Geometry g, Strides4 xs, Strides4 gs, uin
         std::vector<T> dx(count);
         sae_launch(relu_bwd<T>, l.elementwise(count), l.block, 0, b.get<T>(0), b.get<T>(1), count, dx.data());
         write(out, dx);
+        break;
+    }
+    case 11: {
+        std::vector<T> y(count);
+        sae_launch(relu6_fwd<T>, l.elementwise(count), l.block, 0, b.get<T>(0), count, y.data());
+        write(out, y);
+        break;
+    }
+    case 12: {
+        std::vector<T> dx(count);
+        sae_launch(relu6_bwd<T>, l.elementwise(count), l.block, 0, b.get<T>(0), b.get<T>(1), count, dx.data());
+        write(out, dx);
+        break;
+    }
+    case 13: {
+        std::vector<T> y(in_len);
+        sae_launch(channel_bias<T>, l.elementwise(in_len), l.block, 0, b.get<T>(0), b.get<T>(1), g, y.data());
+        write(out, y);
+        break;
+    }
+    case 14: {
+        std::vector<T> sums(g.c);
+        sae_launch(channel_sums<T>, g.c, l.block, 0, b.get<T>(0), g, sums.data());
+        write(out, sums);
         break;
     }
     default:
