@@ -2,7 +2,9 @@
 //! inputs (`sae_train::bench`), as timm's `benchmark.py` reports them for PyTorch models: per
 //! model and mode the median step, its forward and backward parts, images/s and the GFLOP/s
 //! that makes (2 FLOP per multiply-accumulate of the forward, three times that for a training
-//! step).
+//! step). With `--pytorch PYTHON`, the same networks in PyTorch eager beside them: the
+//! `bench/pytorch` scripts, built into the binary, run by that Python in a process per model
+//! and mode.
 
 use anyhow::{bail, Context, Result};
 use sae_kernels::Implementation;
@@ -59,6 +61,96 @@ pub struct BenchmarkArgs {
     /// Also write the results to this CSV file.
     #[arg(long)]
     pub csv: Option<PathBuf>,
+    /// Also time the same networks in PyTorch eager with this Python (it needs torch): each
+    /// config's network as bench/pytorch/senetv2.py builds it, with the same input size, batch,
+    /// threads and optimiser, bf16 as `torch.autocast`, and its parameter count checked equal.
+    #[arg(long, value_name = "PYTHON")]
+    pub pytorch: Option<PathBuf>,
+}
+
+/// The PyTorch scripts `--pytorch` runs, as they are in the repository.
+const SENETV2_PY: &str = include_str!("../../../bench/pytorch/senetv2.py");
+const BENCHMARK_PY: &str = include_str!("../../../bench/pytorch/benchmark.py");
+
+/// One model and mode as PyTorch ran it.
+struct TorchTiming {
+    images_per_second: f64,
+    step: f64,
+    params: usize,
+    version: String,
+}
+
+/// The scripts written to a directory of their own for the run of `sae benchmark`, removed
+/// when dropped.
+struct TorchScripts {
+    dir: PathBuf,
+    python: PathBuf,
+}
+
+impl TorchScripts {
+    fn new(python: &std::path::Path) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("sae-benchmark-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let scripts = Self { dir, python: python.to_path_buf() };
+        for (name, text) in [("senetv2.py", SENETV2_PY), ("benchmark.py", BENCHMARK_PY)] {
+            let path = scripts.dir.join(name);
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(scripts)
+    }
+
+    /// Times `cfg` in PyTorch as `a` asks, in a process of its own.
+    fn time(
+        &self,
+        a: &BenchmarkArgs,
+        cfg: &ModelConfig,
+        size: usize,
+        mode: Mode,
+        precision: Precision,
+    ) -> Result<TorchTiming> {
+        let config = self.dir.join("model.json");
+        std::fs::write(&config, serde_json::to_vec(cfg)?).with_context(|| format!("writing {}", config.display()))?;
+        let mut cmd = std::process::Command::new(&self.python);
+        cmd.arg(self.dir.join("benchmark.py")).arg(&config);
+        for (flag, value) in [
+            ("--size", size.to_string()),
+            ("--batch", a.batch_size.to_string()),
+            ("--mode", mode.name().to_string()),
+            ("--seconds", a.seconds.to_string()),
+            ("--threads", rayon::current_num_threads().to_string()),
+            ("--optimizer", a.optimizer.clone()),
+            ("--device", if a.device == "cuda" { "cuda" } else { "cpu" }.to_string()),
+        ] {
+            cmd.args([flag, value.as_str()]);
+        }
+        if precision == Precision::Bf16 {
+            cmd.arg("--bf16");
+        }
+        let out = cmd.output().with_context(|| format!("running {} (--pytorch)", self.python.display()))?;
+        if !out.status.success() {
+            bail!(
+                "PyTorch ({}) failed on {}: {}",
+                self.python.display(),
+                cfg.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let row: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("reading what {} printed", self.python.display()))?;
+        let number = |key: &str| row[key].as_f64().with_context(|| format!("PyTorch's {key} missing in {row}"));
+        Ok(TorchTiming {
+            images_per_second: number("images_per_second")?,
+            step: number("step_seconds")?,
+            params: number("params")? as usize,
+            version: row["torch"].as_str().unwrap_or("?").to_string(),
+        })
+    }
+}
+
+impl Drop for TorchScripts {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// Which steps `sae benchmark` times.
@@ -90,6 +182,8 @@ struct Measured {
     /// Multiply-accumulates of one image's forward.
     macs: u64,
     timing: sae_train::bench::Timing,
+    /// PyTorch's, with `--pytorch`.
+    torch: Option<TorchTiming>,
 }
 
 impl Measured {
@@ -136,6 +230,7 @@ pub fn benchmark(a: &BenchmarkArgs) -> Result<()> {
         _ => OptimizerConfig::Sgd { lr: 0.1, momentum: 0.9, nesterov: false, weight_decay: 1e-4, decoupled: false },
     };
     let device = crate::train::device(&a.device)?;
+    let torch = a.pytorch.as_deref().map(TorchScripts::new).transpose()?;
     eprintln!(
         "{}; {}, {} kernels, {size}×{size} inputs, batch {}, {} s per model and mode",
         sae_train::bench::machine(),
@@ -146,11 +241,15 @@ pub fn benchmark(a: &BenchmarkArgs) -> Result<()> {
     );
     let mut out = std::io::stdout().lock();
     if !a.json {
-        writeln!(
+        write!(
             out,
             "{:<26} {:<5} {:>9} {:>7} {:>9} {:>9} {:>8} {:>8} {:>8}",
             "model", "mode", "params", "GMACs", "images/s", "step ms", "fwd ms", "bwd ms", "GFLOP/s"
         )?;
+        if torch.is_some() {
+            write!(out, " {:>10} {:>9}", "PyTorch/s", "ours/PyT")?;
+        }
+        writeln!(out)?;
     }
     let mut rows = Vec::new();
     for cfg in configs {
@@ -159,26 +258,43 @@ pub fn benchmark(a: &BenchmarkArgs) -> Result<()> {
         for &mode in a.mode.modes() {
             let cfg = ModelConfig { kernels: a.kernels, ..cfg.clone() };
             let measured = (|| -> Result<Measured> {
-                let mut bench = Bench::new(cfg, precision, size, a.batch_size, mode, &optimizer, &device)?;
+                let mut bench = Bench::new(cfg.clone(), precision, size, a.batch_size, mode, &optimizer, &device)?;
                 let macs = bench.model().macs(size, size);
                 let timing = sae_train::bench::measure(&mut bench, a.seconds, 3)?;
-                Ok(Measured { model: name.clone(), mode, params, macs, timing })
+                drop(bench);
+                let torch = match &torch {
+                    Some(scripts) => {
+                        let t = scripts.time(a, &cfg, size, mode, precision)?;
+                        if t.params != params {
+                            bail!("PyTorch's network has {} parameters, ours {params}: not the same network", t.params);
+                        }
+                        Some(t)
+                    }
+                    None => None,
+                };
+                Ok(Measured { model: name.clone(), mode, params, macs, timing, torch })
             })()
             .with_context(|| {
                 format!("benchmarking {name} ({}) at {size}×{size}, batch {}", mode.name(), a.batch_size)
             })?;
             let (t, batch) = (&measured.timing, a.batch_size);
             if a.json {
-                let row = json!({
+                let mut row = json!({
                     "model": measured.model, "mode": mode.name(), "input_size": size, "batch_size": batch,
                     "precision": precision.name(), "kernels": a.kernels.name(), "params": params, "macs": measured.macs,
                     "images_per_second": measured.images_per_second(batch), "step_seconds": t.step,
                     "forward_seconds": t.forward, "backward_seconds": t.backward, "steps": t.steps,
                     "gflops": measured.gflops(batch),
                 });
+                if let Some(torch) = &measured.torch {
+                    row["pytorch"] = json!({
+                        "images_per_second": torch.images_per_second, "step_seconds": torch.step,
+                        "params": torch.params, "version": torch.version,
+                    });
+                }
                 writeln!(out, "{row}")?;
             } else {
-                writeln!(
+                write!(
                     out,
                     "{:<26} {:<5} {:>8.2}M {:>7.2} {:>9.1} {:>9.1} {:>8.1} {:>8} {:>8.0}",
                     measured.model,
@@ -191,17 +307,23 @@ pub fn benchmark(a: &BenchmarkArgs) -> Result<()> {
                     if mode == Mode::Train { format!("{:.1}", 1e3 * t.backward) } else { "–".into() },
                     measured.gflops(batch)
                 )?;
+                if let Some(torch) = &measured.torch {
+                    let ratio = measured.images_per_second(batch) / torch.images_per_second;
+                    write!(out, " {:>10.1} {:>8.2}×", torch.images_per_second, ratio)?;
+                }
+                writeln!(out)?;
             }
             out.flush()?;
             rows.push(measured);
         }
     }
     if let Some(path) = &a.csv {
-        let mut csv = String::from("model,mode,input_size,batch_size,precision,kernels,params,macs,images_per_second,step_seconds,forward_seconds,backward_seconds,steps,gflops\n");
+        let mut csv = String::from("model,mode,input_size,batch_size,precision,kernels,params,macs,images_per_second,step_seconds,forward_seconds,backward_seconds,steps,gflops,pytorch_images_per_second,pytorch_step_seconds\n");
         for m in &rows {
             let (t, batch) = (&m.timing, a.batch_size);
+            let torch = m.torch.as_ref().map_or(",".to_string(), |t| format!("{},{}", t.images_per_second, t.step));
             csv += &format!(
-                "{},{},{size},{batch},{},{},{},{},{},{},{},{},{},{}\n",
+                "{},{},{size},{batch},{},{},{},{},{},{},{},{},{},{},{torch}\n",
                 m.model,
                 m.mode.name(),
                 precision.name(),

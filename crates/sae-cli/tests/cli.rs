@@ -849,3 +849,41 @@ fn benchmark_reports_rows_that_agree() {
         assert!(!out.status.success() && stderr(&out).contains(message), "{bad:?}: {}", stderr(&out));
     }
 }
+
+/// `sae benchmark --pytorch PYTHON`: the same networks in PyTorch beside ours (each row's
+/// PyTorch timing, and its parameter count equal to ours), in f32 and bf16 autocast; a Python
+/// that cannot run is an error naming it. Needs `SAE_TORCH_PYTHON` (a Python with torch) for
+/// the comparison itself.
+#[test]
+fn benchmark_beside_pytorch() {
+    let out = sae(&["benchmark", "--model", "resnet14b", "--seconds", "0", "--pytorch", "/nonexistent/python"]);
+    assert!(!out.status.success() && stderr(&out).contains("/nonexistent/python"), "{}", stderr(&out));
+    let Some(python) = std::env::var_os("SAE_TORCH_PYTHON") else {
+        eprintln!("skipped: SAE_TORCH_PYTHON is not set");
+        return;
+    };
+    let python = python.to_string_lossy().to_string();
+    // A process per model and mode: few of them, as each imports torch.
+    for (models, mode, precision, count) in
+        [("senetv2_resnet14b,mobilenet_v1", "both", "f32", 4), ("seresnet14b", "train", "bf16", 1)]
+    {
+        let args = ["benchmark", "--model", models, "--classes", "10", "--input-size", "32", "--batch-size", "2"];
+        let tail = ["--mode", mode, "--seconds", "0", "--precision", precision, "--pytorch", &python, "--json"];
+        // One thread on both sides: PyTorch's OpenMP threads wait for each other by spinning, and
+        // beside the other tests' processes on a small machine a step then takes a second.
+        let out = Command::new(env!("CARGO_BIN_EXE_sae"))
+            .args([&args[..], &tail[..]].concat())
+            .env("RAYON_NUM_THREADS", "1")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        let rows: Vec<serde_json::Value> = stdout(&out).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(rows.len(), count);
+        for row in &rows {
+            let torch = &row["pytorch"];
+            assert_eq!(torch["params"], row["params"], "{row}");
+            let (ips, step) = (torch["images_per_second"].as_f64().unwrap(), torch["step_seconds"].as_f64().unwrap());
+            assert!(step > 0.0 && (ips * step - 2.0).abs() < 1e-9, "{row}");
+        }
+    }
+}
