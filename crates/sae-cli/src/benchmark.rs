@@ -119,7 +119,7 @@ impl TorchScripts {
             ("--seconds", a.seconds.to_string()),
             ("--threads", rayon::current_num_threads().to_string()),
             ("--optimizer", a.optimizer.clone()),
-            ("--device", if a.device == "cuda" { "cuda" } else { "cpu" }.to_string()),
+            ("--device", a.device.clone()),
         ] {
             cmd.args([flag, value.as_str()]);
         }
@@ -230,6 +230,9 @@ pub fn benchmark(a: &BenchmarkArgs) -> Result<()> {
         _ => OptimizerConfig::Sgd { lr: 0.1, momentum: 0.9, nesterov: false, weight_decay: 1e-4, decoupled: false },
     };
     let device = crate::train::device(&a.device)?;
+    if a.pytorch.is_some() && a.device == "metal" {
+        bail!("--pytorch times PyTorch on the CPU or CUDA, not on Metal");
+    }
     let torch = a.pytorch.as_deref().map(TorchScripts::new).transpose()?;
     eprintln!(
         "{}; {}, {} kernels, {size}×{size} inputs, batch {}, {} s per model and mode",
