@@ -576,8 +576,8 @@ impl Run<'_> {
                     Ok(())
                 })?;
                 self.state.step += 1;
+                let [loss_sum, images, correct] = std::mem::take(&mut step_sums);
                 if self.collective.rank() == 0 {
-                    let [loss_sum, images, correct] = std::mem::take(&mut step_sums);
                     let step = self.state.step as u64;
                     self.events(step)?.step(step, loss_sum / images, 100.0 * correct / images, optimizer.lr())?;
                 }
