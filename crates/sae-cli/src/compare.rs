@@ -186,8 +186,8 @@ fn describe(paths: &[PathBuf]) -> String {
     paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
 }
 
-/// Whether `--ignore field` covers the config field `key`: the field itself, or one of its
-/// section.
+/// Whether `--ignore field` covers the config field `key`: the field itself, or a field of
+/// that section.
 fn ignored_by(key: &str, field: &str) -> bool {
     key.strip_prefix(field).is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
 }

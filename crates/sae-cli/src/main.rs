@@ -222,7 +222,8 @@ impl ModelArgs {
     }
 }
 
-/// What `--config` gives: a model, and the data section where the file is a run's `config.json`.
+/// What `--config` gives: a model, and where the file is a run's `config.json`, its data
+/// section and precision.
 struct ConfigFile {
     model: ModelConfig,
     /// How the run's images were prepared (input size, held-out fraction); `None` for a model
@@ -232,7 +233,8 @@ struct ConfigFile {
     precision: Option<sae_models::Precision>,
 }
 
-/// A model config: a `ModelConfig` JSON, or a run's `config.json` (its `model` and `data` fields).
+/// A model config: a `ModelConfig` JSON, or a run's `config.json` (its `model`, `data` and
+/// `precision` fields).
 fn read_config(path: &Path) -> Result<ConfigFile> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let value: serde_json::Value =
