@@ -792,7 +792,8 @@ fn benchmark_reports_rows_that_agree() {
     let dir = dir.path();
     let csv = dir.join("speed.csv");
     let args = ["benchmark", "--model", "resnet14b,seresnet14b", "--classes", "10", "--input-size", "32"];
-    let out = sae(&[&args[..], &["--batch-size", "2", "--seconds", "0", "--json", "--csv", s(&csv)]].concat());
+    let tail = ["--batch-size", "2", "--seconds", "0", "--repeats", "2", "--json", "--csv", s(&csv)];
+    let out = sae(&[&args[..], &tail[..]].concat());
     assert!(out.status.success(), "{}", stderr(&out));
     let rows: Vec<serde_json::Value> = stdout(&out).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let models = sae(&["models", "--classes", "10", "--size", "32", "--json"]);
@@ -805,6 +806,7 @@ fn benchmark_reports_rows_that_agree() {
         let counts = models.iter().find(|m| m["model"] == model).unwrap();
         assert_eq!((&row["params"], &row["macs"]), (&counts["params"], &counts["macs"]));
         assert_eq!((row["input_size"].as_u64(), row["precision"].as_str()), (Some(32), Some("f32")));
+        assert_eq!(row["repeats"].as_u64(), Some(2));
         let f = |key: &str| row[key].as_f64().unwrap();
         assert!(f("step_seconds") > 0.0 && row["steps"].as_u64().unwrap() >= 3, "{row}");
         assert!(close(f("images_per_second"), 2.0 / f("step_seconds")), "{row}");
@@ -842,6 +844,7 @@ fn benchmark_reports_rows_that_agree() {
     for (bad, message) in [
         (&["--model", "resnet13"][..], "resnet13"),
         (&["--model", "resnet14b", "--batch-size", "0"], "--batch-size must be at least 1"),
+        (&["--model", "resnet14b", "--repeats", "0"], "--repeats must be at least 1"),
         (&["--model", "resnet14b", "--seconds=-1"], "--seconds -1 is not a duration"),
         (&["--model", "resnet14b", "--input-size", "0", "--seconds", "0"], "benchmarking resnet14b (infer) at 0×0"),
     ] {
