@@ -18,7 +18,7 @@
 //! the export needs no protobuf compiler or generated code.
 
 use crate::config::{Arch, Attention, BlockKind, Stem};
-use crate::protobuf::{field_bytes, field_varint};
+use crate::protobuf::{field_bytes, field_f32, field_varint};
 use crate::{Error, Gate, Model, Result};
 use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
@@ -381,8 +381,7 @@ fn ints(name: &str, v: &[i64]) -> Vec<u8> {
 fn float(name: &str, v: f32) -> Vec<u8> {
     let mut p = Vec::new();
     field_bytes(&mut p, 1, name.as_bytes());
-    p.push((2 << 3) | 5); // field 2, 32-bit
-    p.extend_from_slice(&v.to_le_bytes());
+    field_f32(&mut p, 2, v);
     field_varint(&mut p, 20, 1); // FLOAT
     p
 }

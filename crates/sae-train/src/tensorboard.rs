@@ -18,7 +18,7 @@
 use crate::error::io;
 use crate::summary::EpochSummary;
 use crate::Result;
-use sae_models::protobuf::{field_bytes, field_varint};
+use sae_models::protobuf::{field_bytes, field_f32, field_f64, field_varint};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -52,7 +52,9 @@ impl EventWriter {
         writer.write_record(&event)?;
         let mut start = event_header(now.as_secs_f64(), first_step);
         // `session_log` (field 7): a `SessionLog` whose `status` (field 1) is START (1).
-        field_bytes(&mut start, 7, &[0x08, 0x01]);
+        let mut log = Vec::new();
+        field_varint(&mut log, 1, 1);
+        field_bytes(&mut start, 7, &log);
         writer.write_record(&start)?;
         Ok(writer)
     }
@@ -99,8 +101,8 @@ impl EventWriter {
 
 /// An `Event` with its wall time (field 1, double) and step (field 2, int64).
 fn event_header(wall_time: f64, step: u64) -> Vec<u8> {
-    let mut event = vec![0x09];
-    event.extend_from_slice(&wall_time.to_le_bytes());
+    let mut event = Vec::new();
+    field_f64(&mut event, 1, wall_time);
     field_varint(&mut event, 2, step);
     event
 }
@@ -112,8 +114,7 @@ fn scalar_event(wall_time: f64, step: u64, scalars: &[(&str, f64)]) -> Vec<u8> {
     for (tag, value) in scalars {
         let mut v = Vec::new();
         field_bytes(&mut v, 1, tag.as_bytes());
-        v.push(0x15); // field 2, 32-bit
-        v.extend_from_slice(&(*value as f32).to_le_bytes());
+        field_f32(&mut v, 2, *value as f32);
         field_bytes(&mut summary, 1, &v);
     }
     let mut event = event_header(wall_time, step);
