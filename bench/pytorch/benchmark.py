@@ -48,7 +48,8 @@ def main():
         model.train()
         params = model.parameters()
         opt = {
-            "sgd": lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4),
+            # sae's defaults (OptimizerConfig::default_named).
+            "sgd": lambda: torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4),
             "adam": lambda: torch.optim.Adam(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-7),
             "adamw": lambda: torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2),
         }[args.optimizer]()

@@ -45,8 +45,8 @@ pub struct BenchmarkArgs {
     /// `fused` kernels or the `reference` Candle compositions.
     #[arg(long, default_value = "fused")]
     pub kernels: Implementation,
-    /// The optimiser a training step updates the weights with: `sgd` (momentum, as timm's
-    /// benchmark), `adam` (Keras form) or `adamw`.
+    /// The optimiser a training step updates the weights with, with `sae train`'s defaults:
+    /// `sgd` (momentum, as timm's benchmark), `adam` (Keras form) or `adamw`.
     #[arg(long, default_value = "sgd", value_parser = ["sgd", "adam", "adamw"])]
     pub optimizer: String,
     /// Seconds to time each model and mode, after a warm-up step (3 steps at least).
@@ -241,11 +241,8 @@ pub fn benchmark(a: &BenchmarkArgs) -> Result<()> {
     };
     let size = a.input_size.or(run_data.map(|d| d.input_size)).unwrap_or(224);
     let precision = a.precision.or(run_precision).unwrap_or_default();
-    let optimizer = match a.optimizer.as_str() {
-        "adam" => OptimizerConfig::keras_adam(),
-        "adamw" => OptimizerConfig::pytorch_adamw(),
-        _ => OptimizerConfig::Sgd { lr: 0.1, momentum: 0.9, nesterov: false, weight_decay: 1e-4, decoupled: false },
-    };
+    let optimizer =
+        OptimizerConfig::default_named(&a.optimizer).with_context(|| format!("unknown optimizer {}", a.optimizer))?;
     let device = crate::train::device(&a.device)?;
     if a.pytorch.is_some() && a.device == "metal" {
         bail!("--pytorch times PyTorch on the CPU or CUDA, not on Metal");

@@ -394,17 +394,9 @@ pub fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
     set(&mut cfg.model.cardinality, a.cardinality);
     set(&mut cfg.model.conv_bias, a.conv_bias);
     set(&mut cfg.model.bn_eps, a.bn_eps);
-    match a.optimizer.as_deref() {
-        Some("adam") if !matches!(cfg.optimizer, OptimizerConfig::Adam { .. }) => {
-            cfg.optimizer = OptimizerConfig::keras_adam()
-        }
-        Some("adamw") if !matches!(cfg.optimizer, OptimizerConfig::AdamW { .. }) => {
-            cfg.optimizer = OptimizerConfig::pytorch_adamw()
-        }
-        Some("sgd") if !matches!(cfg.optimizer, OptimizerConfig::Sgd { .. }) => {
-            cfg.optimizer = OptimizerConfig::paper_sgd()
-        }
-        _ => {}
+    // Another optimiser than the config file's starts from its defaults.
+    if let Some(name) = a.optimizer.as_deref().filter(|&name| name != cfg.optimizer.name()) {
+        cfg.optimizer = OptimizerConfig::default_named(name).with_context(|| format!("unknown optimizer {name}"))?;
     }
     match &mut cfg.optimizer {
         OptimizerConfig::Adam { lr, beta1, beta2, eps } => {

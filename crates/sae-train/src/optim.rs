@@ -82,6 +82,26 @@ impl OptimizerConfig {
         OptimizerConfig::Sgd { lr: 0.01, momentum: 0.9, nesterov: false, weight_decay: 1e-4, decoupled: false }
     }
 
+    /// The defaults of the optimiser named `name` as the command lines name them (the config's
+    /// `kind`): `adam` Keras's Adam, `adamw` PyTorch's AdamW, `sgd` the paper's SGD.
+    pub fn default_named(name: &str) -> Option<Self> {
+        match name {
+            "adam" => Some(Self::keras_adam()),
+            "adamw" => Some(Self::pytorch_adamw()),
+            "sgd" => Some(Self::paper_sgd()),
+            _ => None,
+        }
+    }
+
+    /// This optimiser's name, as [`Self::default_named`] takes it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            OptimizerConfig::Adam { .. } => "adam",
+            OptimizerConfig::AdamW { .. } => "adamw",
+            OptimizerConfig::Sgd { .. } => "sgd",
+        }
+    }
+
     /// The base learning rate.
     pub fn lr(&self) -> f64 {
         match self {
