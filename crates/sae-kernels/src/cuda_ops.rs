@@ -533,18 +533,9 @@ pub(crate) fn relu6(x: &CudaStorage, xl: &Layout) -> Result<CudaStorage> {
     by_dtype!("relu6", x, run(x, xl))
 }
 
-/// Which activation [`activation_backward`] differentiates.
-#[derive(Clone, Copy)]
-pub(crate) enum Activation {
-    /// The gradient passes where the output is positive.
-    Relu,
-    /// The gradient passes where the output is strictly inside (0, 6).
-    Relu6,
-}
-
 /// The gradient through a ReLU or ReLU6 from its (contiguous) output and output gradient.
 pub(crate) fn activation_backward(
-    activation: Activation,
+    activation: crate::relu::Activation,
     out: &CudaStorage,
     ol: &Layout,
     dy: &CudaStorage,
@@ -574,10 +565,11 @@ pub(crate) fn activation_backward(
         unsafe { b.launch(elementwise(count)) }.w()?;
         Ok(wrap(dx, dev))
     }
-    let names = match activation {
-        Activation::Relu => ("relu backward", "relu_bwd"),
-        Activation::Relu6 => ("relu6 backward", "relu6_bwd"),
+    let kernel = match activation {
+        crate::relu::Activation::Relu => "relu_bwd",
+        crate::relu::Activation::Relu6 => "relu6_bwd",
     };
+    let names = (activation.backward_name(), kernel);
     by_dtype!(names.0, out, run(names, out, ol, dy, dl))
 }
 

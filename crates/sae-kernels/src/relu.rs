@@ -82,7 +82,7 @@ pub(crate) fn shortcut_slice<'a, T: Elem>(op: &str, r: &'a CpuStorage, rl: &Layo
 
 /// `grad · (output > 0)`: the gradient through a ReLU, from its output.
 pub(crate) fn relu_gradient(output: &Tensor, grad: &Tensor) -> Result<Tensor> {
-    output.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &ReluBackward)
+    output.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &Activation::Relu)
 }
 
 struct Relu;
@@ -91,11 +91,26 @@ struct AddRelu;
 
 struct Relu6;
 
-/// (output, output gradient) → input gradient of [`relu6`].
-struct Relu6Backward;
+/// An activation whose input gradient comes from its output: as a `CustomOp2`, (output,
+/// output gradient) → input gradient.
+#[derive(Clone, Copy)]
+pub(crate) enum Activation {
+    /// The gradient passes where the output is positive.
+    Relu,
+    /// The gradient passes where the output is strictly inside (0, 6), exactly where the input
+    /// is ([`relu6`]).
+    Relu6,
+}
 
-/// (output, output gradient) → input gradient.
-struct ReluBackward;
+impl Activation {
+    /// The backward op's name in errors.
+    pub(crate) fn backward_name(self) -> &'static str {
+        match self {
+            Activation::Relu => "relu backward",
+            Activation::Relu6 => "relu6 backward",
+        }
+    }
+}
 
 /// Elements per rayon task.
 const CHUNK: usize = 1 << 15;
@@ -177,13 +192,20 @@ impl CustomOp2 for AddRelu {
     }
 }
 
-impl CustomOp2 for ReluBackward {
+impl CustomOp2 for Activation {
     fn name(&self) -> &'static str {
-        "sae-relu-backward"
+        match self {
+            Activation::Relu => "sae-relu-backward",
+            Activation::Relu6 => "sae-relu6-backward",
+        }
     }
 
     fn cpu_fwd(&self, y: &CpuStorage, yl: &Layout, g: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
-        gradient_where("relu backward", y, yl, g, gl, |y| y > 0.0)
+        // One predicate per op, so that the element loop has no branch on the activation.
+        match self {
+            Activation::Relu => gradient_where(self.backward_name(), y, yl, g, gl, |y| y > 0.0),
+            Activation::Relu6 => gradient_where(self.backward_name(), y, yl, g, gl, |y| y > 0.0 && y < 6.0),
+        }
     }
 
     #[cfg(feature = "cuda")]
@@ -194,7 +216,7 @@ impl CustomOp2 for ReluBackward {
         g: &candle_core::CudaStorage,
         gl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((crate::cuda_ops::activation_backward(crate::cuda_ops::Activation::Relu, y, yl, g, gl)?, yl.shape().clone()))
+        Ok((crate::cuda_ops::activation_backward(*self, y, yl, g, gl)?, yl.shape().clone()))
     }
 }
 
@@ -217,32 +239,7 @@ impl CustomOp1 for Relu6 {
     }
 
     fn bwd(&self, _x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(res.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &Relu6Backward)?))
-    }
-}
-
-impl CustomOp2 for Relu6Backward {
-    fn name(&self) -> &'static str {
-        "sae-relu6-backward"
-    }
-
-    fn cpu_fwd(&self, y: &CpuStorage, yl: &Layout, g: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
-        // The output is strictly inside (0, 6) exactly where the input is.
-        gradient_where("relu6 backward", y, yl, g, gl, |y| y > 0.0 && y < 6.0)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        y: &candle_core::CudaStorage,
-        yl: &Layout,
-        g: &candle_core::CudaStorage,
-        gl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((
-            crate::cuda_ops::activation_backward(crate::cuda_ops::Activation::Relu6, y, yl, g, gl)?,
-            yl.shape().clone(),
-        ))
+        Ok(Some(res.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &Activation::Relu6)?))
     }
 }
 
