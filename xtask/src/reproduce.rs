@@ -165,8 +165,8 @@ fn preset(table: Table, name: PresetName) -> Preset {
         // Scaled for the 2-core CPU machine: native 32×32 CIFAR input, a uniform subset of the
         // training set, fewer epochs; several seeds (one run cannot separate the models). A
         // seed of Table 2 is ~5 minutes alone on the 2-core Zen 5 EPYC (`results/table2.md`):
-        // 12 seeds resolved gaps of ~0.9 points on the last-three-epoch mean there, and 20 take
-        // under two hours. A seed of Table 4 was 45–55 minutes before the bias kernel, about 10
+        // its 20 seeds take under two hours and resolve gaps of ~0.9 points on the
+        // last-three-epoch mean there. A seed of Table 4 was 45–55 minutes before the bias kernel, about 10
         // on the Zen 5 after it (`results/table4.md`: 10 seeds in under two hours).
         (PresetName::Cpu, Table::Two | Table::Three) => {
             Preset { train_images: Some(10_000), eval_images: Some(2_000), seeds: 20, ..base }
